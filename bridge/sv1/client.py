@@ -176,9 +176,15 @@ class ClientSession:
         return request_id
 
     def _release_held(self) -> None:
-        while self._held and self._may_send(self._held[0][0]):
+        """Send every held request that may go now, keeping their relative order."""
+        still_held: deque[tuple[str, list[Any] | Raw, Any]] = deque()
+        while self._held:
             method, params, context = self._held.popleft()
-            self._send(method, params, context)
+            if self._may_send(method):
+                self._send(method, params, context)
+            else:
+                still_held.append((method, params, context))
+        self._held = still_held
 
     def respond(self, request_id: RequestId, result: Any = None, error: Any = None) -> None:
         """Answer a request the pool sent (``client.get_version``, ``mining.ping``)."""
