@@ -87,3 +87,14 @@ async def close_quietly(stream: trio.abc.Stream | None) -> None:
             await trio.aclose_forcefully(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line account of a network error, including the TLS reason trio wraps."""
+    parts = []
+    while exc is not None and len(parts) < 3:
+        text = str(exc) or type(exc).__name__
+        if text not in parts:
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return ": ".join(parts)

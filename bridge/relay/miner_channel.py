@@ -198,7 +198,8 @@ class MinerChannel:
         pending = PendingRequest(event.id, method, now + self.request_timeout)
         if kind is Subscribe:
             params = event.params
-            pending.upstream_id = upstream.subscribe(params.user_agent, params.session_id, context=pending)
+            session_id = None if params.session_id is None else str(params.session_id)
+            pending.upstream_id = upstream.subscribe(params.user_agent, session_id, context=pending)
         else:
             pending.upstream_id = upstream.request(method, _params(event.params), context=pending)
         if event.id is not None:
@@ -221,9 +222,9 @@ class MinerChannel:
             elif kind is SetExtranonce:
                 miner.send_request(None, "mining.set_extranonce", params_list(event.params))
             elif kind is SetVersionMask:
-                miner.set_version_mask(event.params[0])
+                miner.set_version_mask(event.mask)
             elif kind is ShowMessage:
-                miner.show_message(event.params[0])
+                miner.show_message(event.text)
             elif kind is GetVersion or kind is Ping:
                 miner.send_request(event.id, event.__struct_config__.tag, event.params)
             elif kind is UnknownPoolRequest:
@@ -258,6 +259,11 @@ class MinerChannel:
         Closing the rig's connection lets its own failover (or a reconnect to this
         proxy, which opens a fresh upstream) take over, as cgminer expects.
         """
+        for event, _received_at in self._early:  # never reached an upstream
+            request_id = getattr(event, "id", None)
+            if type(event) is not MinerResponse and request_id is not None:
+                self._pending.append(PendingRequest(request_id, event.__struct_config__.tag, now))
+        self._early.clear()
         for pending in self._pending:
             if pending.answered:
                 continue
@@ -270,6 +276,8 @@ class MinerChannel:
                     f"Upstream pool connection lost before its verdict ({reason}); share not confirmed",
                     result=FALSE,
                 )
+            else:
+                self.miner.respond_error(pending.miner_id, 20, f"Upstream pool unavailable: {reason}")
         self._pending.clear()
         self._close(f"upstream lost: {reason}")
 

@@ -274,15 +274,17 @@ class ClientSession:
             self.difficulty = difficulty
         elif kind is SetExtranonce:
             params = message.params
-            if not is_hex(params.extranonce1) or len(params.extranonce1) % 2:
+            extranonce1 = params.extranonce1
+            if extranonce1 is not None and (not is_hex(extranonce1) or len(extranonce1) % 2):
                 return ProtocolViolation("mining.set_extranonce extranonce1 is not hex", line=line)
-            self.extranonce1 = params.extranonce1
+            if extranonce1 is not None:
+                self.extranonce1 = extranonce1
             if params.extranonce2_size is not None:
                 self.extranonce2_size = params.extranonce2_size
         elif kind is SetVersionMask:
-            if not is_hex(message.params[0], 8):
+            if not is_hex(message.mask, 8):
                 return ProtocolViolation("mining.set_version_mask mask is not 8 hex digits", line=line)
-            self.version_mask = message.params[0]
+            self.version_mask = message.mask
         return message
 
     def _reply(self, request_id: Any, line: bytes) -> ClientEvent | None:

@@ -14,12 +14,14 @@ class ProtocolViolation(Struct, frozen=True):
 
     ``fatal`` violations (invalid JSON, an oversized line) mean the connection
     must be closed; the others have already been answered where the protocol
-    wants an answer, and the connection goes on.
+    wants an answer (``code`` says with which error), and the connection goes on.
     """
 
     reason: str
     fatal: bool = False
     line: bytes = b""
+    code: int | None = None
+    """The SV1 error code already sent back, if the session answered."""
 
 
 class Reply(Struct, frozen=True):

@@ -48,7 +48,7 @@ class SubscribeParams(Struct, array_like=True, frozen=True, omit_defaults=True):
     """
 
     user_agent: str | None = None
-    session_id: str | None = None
+    session_id: str | int | None = None
     host: str | None = None
     port: int | str | None = None
 
@@ -77,8 +77,20 @@ class SubmitParams(Struct, array_like=True, frozen=True, omit_defaults=True):
 
 
 class SetExtranonceParams(Struct, array_like=True, frozen=True, omit_defaults=True):
-    extranonce1: str
+    extranonce1: str | None = None
     extranonce2_size: int | None = None
+
+
+class DifficultyParams(Struct, array_like=True, frozen=True):
+    difficulty: int | float
+
+
+class TextParams(Struct, array_like=True, frozen=True):
+    text: str
+
+
+class NumberParams(Struct, array_like=True, frozen=True):
+    value: int
 
 
 class NotifyParams(Struct, array_like=True, frozen=True):
@@ -135,23 +147,23 @@ class ExtranonceSubscribe(Request, tag="mining.extranonce.subscribe", frozen=Tru
 
 
 class SuggestDifficulty(Request, tag="mining.suggest_difficulty", frozen=True):
-    params: tuple[int | float]
+    params: DifficultyParams
 
     @property
     def difficulty(self) -> float:
-        return self.params[0]
+        return self.params.difficulty
 
 
 class SuggestTarget(Request, tag="mining.suggest_target", frozen=True):
-    params: tuple[str]
+    params: TextParams
 
     @property
     def target(self) -> str:
-        return self.params[0]
+        return self.params.text
 
 
 class MultiVersion(Request, tag="mining.multi_version", frozen=True):
-    params: tuple[int]
+    params: NumberParams
 
 
 class GetTransactions(Request, tag="mining.get_transactions", frozen=True):
@@ -183,11 +195,11 @@ class Notify(Request, tag="mining.notify", frozen=True):
 
 
 class SetDifficulty(Request, tag="mining.set_difficulty", frozen=True):
-    params: tuple[int | float]
+    params: DifficultyParams
 
     @property
     def difficulty(self) -> float:
-        return self.params[0]
+        return self.params.difficulty
 
 
 class SetExtranonce(Request, tag="mining.set_extranonce", frozen=True):
@@ -197,7 +209,11 @@ class SetExtranonce(Request, tag="mining.set_extranonce", frozen=True):
 
 
 class SetVersionMask(Request, tag="mining.set_version_mask", frozen=True):
-    params: tuple[str]
+    params: TextParams
+
+    @property
+    def mask(self) -> str:
+        return self.params.text
 
 
 class Reconnect(Request, tag="client.reconnect", frozen=True):
@@ -207,7 +223,11 @@ class Reconnect(Request, tag="client.reconnect", frozen=True):
 
 
 class ShowMessage(Request, tag="client.show_message", frozen=True):
-    params: tuple[str]
+    params: TextParams
+
+    @property
+    def text(self) -> str:
+        return self.params.text
 
 
 class GetVersion(Request, tag="client.get_version", frozen=True):

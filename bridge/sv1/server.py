@@ -43,6 +43,7 @@ from bridge.sv1.messages import (
     NULL,
     Authorize,
     Configure,
+    DifficultyParams,
     Envelope,
     ExtranonceSubscribe,
     MinerRequest,
@@ -60,6 +61,7 @@ from bridge.sv1.messages import (
     ShowMessage,
     Submit,
     Subscribe,
+    TextParams,
     error_value,
     number,
 )
@@ -175,21 +177,22 @@ class ServerSession:
             reason = f"Unknown method {method!r}"
         if answerable:
             self.respond_error(request_id, 20, reason)
+            return ProtocolViolation(reason, line=line, code=20)
         return ProtocolViolation(reason, line=line)
 
     def _check_submit(self, submit: Submit, line: bytes) -> ServerEvent:
         self._submits += 1
         if not self.subscribed:
             self.respond_error(submit.id, 25, "Not subscribed", result=FALSE)
-            return ProtocolViolation("mining.submit before mining.subscribe", line=line)
+            return ProtocolViolation("mining.submit before mining.subscribe", line=line, code=25)
         if not self.authorized_workers:
             self.respond_error(submit.id, 24, "Unauthorized worker", result=FALSE)
-            return ProtocolViolation("mining.submit before a successful mining.authorize", line=line)
+            return ProtocolViolation("mining.submit before a successful mining.authorize", line=line, code=24)
         try:
             return normalise_submit(submit)
         except ValueError as exc:
             self.respond_error(submit.id, 20, str(exc), result=FALSE)
-            return ProtocolViolation(str(exc), line=line)
+            return ProtocolViolation(str(exc), line=line, code=20)
 
     def _track(self, request: Struct) -> ServerEvent:
         kind = type(request)
@@ -275,21 +278,21 @@ class ServerSession:
         self._emit(_encode(Notify(params=params)), hold=True)
 
     def set_difficulty(self, difficulty: float) -> None:
-        self._emit(_encode(SetDifficulty(params=(number(difficulty),))), hold=True)
+        self._emit(_encode(SetDifficulty(params=DifficultyParams(number(difficulty)))), hold=True)
 
     def set_extranonce(self, extranonce1: str, extranonce2_size: int) -> None:
         params = SetExtranonceParams(extranonce1, extranonce2_size)
         self._emit(_encode(SetExtranonce(params=params)), hold=True)
 
     def set_version_mask(self, mask: str) -> None:
-        self._emit(_encode(SetVersionMask(params=(mask,))), hold=True)
+        self._emit(_encode(SetVersionMask(params=TextParams(mask))), hold=True)
 
     def reconnect(self, params: list[Any] | None = None) -> None:
         """``client.reconnect``; ``[]`` (the default) means "the same server"."""
         self._emit(_encode(Reconnect(params=params or [])), hold=True)
 
     def show_message(self, text: str) -> None:
-        self._emit(_encode(ShowMessage(params=(text,))), hold=True)
+        self._emit(_encode(ShowMessage(params=TextParams(text))), hold=True)
 
     def send_request(self, request_id: RequestId, method: str, params: list[Any] | Raw) -> None:
         """Send (or relay) any request or notification to the miner."""

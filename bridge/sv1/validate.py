@@ -8,11 +8,13 @@ SV1 error reply (miner side) or a protocol violation event (pool side).
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from bridge.sv1.messages import NotifyParams, Submit
 
-_HEX = frozenset("0123456789abcdefABCDEF")
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 # extranonce2 is at most 16 bytes even where miners accept it (cgminer: 2..16).
 MAX_EXTRANONCE2_HEX = 32
@@ -22,7 +24,7 @@ def is_hex(text: str, length: int | None = None) -> bool:
     """True when ``text`` is hex digits (of exactly ``length`` characters, if given)."""
     if length is not None and len(text) != length:
         return False
-    return bool(text) and _HEX.issuperset(text)
+    return _HEX.fullmatch(text) is not None
 
 
 def hex32(value: str | int, field: str) -> str:
@@ -67,9 +69,9 @@ def check_notify(params: NotifyParams) -> None:
         value = getattr(params, name)
         if len(value) % 2 or (value and not is_hex(value)):
             raise ValueError(f"mining.notify {name} is not hex")
-    for entry in params.merkle_branch:
-        if not is_hex(entry, 64):
-            raise ValueError("mining.notify merkle branch entries must be 64 hex digits")
+    branch = params.merkle_branch
+    if any(len(entry) != 64 for entry in branch) or (branch and not is_hex("".join(branch))):
+        raise ValueError("mining.notify merkle branch entries must be 64 hex digits")
     for name in ("version", "nbits", "ntime"):
         if not is_hex(getattr(params, name), 8):
             raise ValueError(f"mining.notify {name} must be 8 hex digits")

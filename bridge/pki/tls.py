@@ -1,0 +1,280 @@
+"""``ssl.SSLContext`` factories for the control channel, and what to check after a handshake.
+
+Control channel (miner-side proxy ⇄ pool-side sidecar):
+
+- TLS 1.3 only (in 1.2 the client certificate would cross the network in clear);
+- both sides present certificates from the private CA and trust only that CA (never the
+  system store); ``VERIFY_X509_STRICT`` on both ends, as Python 3.13 does by default;
+- the proxy checks the sidecar's host name (or IP) against its certificate; there is no
+  switch to turn verification off;
+- OpenSSL verifies the chain, the extended key usage (serverAuth / clientAuth) and the
+  validity period, with no leeway, **on full handshakes only**. A TLS 1.3 resumed
+  session skips all of that, and OpenSSL never consults our revocation list. So the
+  sidecar calls :func:`check_miner_peer` after every handshake, resumed ones included;
+  it re-reads the peer's identity and applies validity (with leeway) and revocation.
+
+Backup pools reached directly over ``stratum+ssl://`` use :func:`public_client_context`.
+
+Treat a context as fixed once built: to rotate a certificate or CA, build a new context
+and use it for new connections (reference/security.md §4.5). Session tickets belong to
+the context that issued them, so connections after a swap make full handshakes.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from bridge.errors import PKIError
+from bridge.pki.authority import CertificateAuthority
+from bridge.pki.bundle import read_bundle
+from bridge.pki.identity import (
+    DEFAULT_CLOCK_SKEW_LEEWAY,
+    CertificateIdentity,
+    check_validity,
+    identity_from_der,
+    split_hosts,
+)
+from bridge.pki.revocation import RevocationList
+
+StrPath = str | os.PathLike[str]
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+def _require_file(path: StrPath, what: str, hint: str) -> None:
+    if not Path(path).is_file():
+        raise PKIError(f"{what} not found: {os.fspath(path)}; {hint}")
+
+
+def _load_certificate_and_key(
+    context: ssl.SSLContext, cert_file: StrPath, key_file: StrPath | None, hint: str
+) -> None:
+    _require_file(cert_file, "certificate file", hint)
+    if key_file is not None:
+        _require_file(key_file, "private key file", hint)
+    try:
+        context.load_cert_chain(certfile=cert_file, keyfile=key_file)
+    except ssl.SSLError as error:
+        raise PKIError(
+            f"cannot use certificate {os.fspath(cert_file)} with key "
+            f"{os.fspath(key_file) if key_file is not None else '(same file)'}: {error.reason or error}; "
+            "check that the key belongs to the certificate, or re-issue both"
+        ) from None
+
+
+def _load_private_ca(
+    context: ssl.SSLContext, ca_file: StrPath | None = None, ca_data: str | None = None
+) -> None:
+    if ca_file is not None:
+        _require_file(
+            ca_file, "CA certificate", "pass the ca.pem of the StratumRM CA (`stratumrm pki init` creates it)"
+        )
+    try:
+        context.load_verify_locations(cafile=ca_file, cadata=ca_data)
+    except ssl.SSLError as error:
+        raise PKIError(
+            f"cannot load the CA certificate {ca_file or '(from bundle)'}: {error.reason or error}"
+        ) from None
+
+
+def _control_channel_context(*, server_side: bool) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    return context
+
+
+def server_context(cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath) -> ssl.SSLContext:
+    """Sidecar side: TLS 1.3 only, presents ``cert_file``, requires a client certificate
+    issued by the CA in ``ca_file`` (strict X.509 verification, clientAuth usage)."""
+    context = _control_channel_context(server_side=True)
+    _load_certificate_and_key(
+        context, cert_file, key_file, "issue one with `stratumrm pki issue-pool NAME --dns HOST`"
+    )
+    _load_private_ca(context, ca_file)
+    return context
+
+
+def client_context(cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath) -> ssl.SSLContext:
+    """Miner side: TLS 1.3 only, presents ``cert_file``/``key_file`` (``key_file`` None means
+    the key is in ``cert_file``), trusts only ``ca_file``, checks the sidecar's host name.
+
+    Callers must pass ``server_hostname`` when wrapping (``trio.SSLStream`` or
+    ``wrap_socket``): without it wrapping raises ``ValueError``, by design.
+    """
+    context = _control_channel_context(server_side=False)
+    _load_certificate_and_key(
+        context, cert_file, key_file, "issue one with `stratumrm pki issue-miner NAME --account ACCOUNT`"
+    )
+    _load_private_ca(context, ca_file)
+    return context
+
+
+def client_context_from_bundle(bundle_file: StrPath) -> ssl.SSLContext:
+    """Like :func:`client_context`, from one bundle file (``stratumrm proxy --bundle``).
+
+    Only the bundle's CA certificate becomes a trust anchor (not its leaf).
+    """
+    contents = read_bundle(bundle_file)
+    context = _control_channel_context(server_side=False)
+    _load_certificate_and_key(context, bundle_file, None, "re-issue it with `stratumrm pki renew NAME`")
+    _load_private_ca(context, ca_data=contents.ca_certificate_pem.decode("ascii"))
+    return context
+
+
+def public_client_context(ca_file: StrPath | None = None) -> ssl.SSLContext:
+    """For ordinary ``stratum+ssl://`` pools: TLS 1.2 or later, host name checked.
+
+    Trusts the system store, or only ``ca_file`` when one is given (for a pool with a
+    self-signed or private certificate). Verification flags are Python's defaults for
+    ``create_default_context`` (strict from 3.13), because public pools are not ours.
+    """
+    if ca_file is not None:
+        _require_file(ca_file, "pool CA certificate", "pass the PEM file of the pool's certificate or CA")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except ssl.SSLError as error:
+        raise PKIError(f"cannot load the pool CA file {ca_file}: {error.reason or error}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def public_server_context(cert_file: StrPath, key_file: StrPath | None) -> ssl.SSLContext:
+    """An ordinary ``stratum+ssl://`` pool endpoint: TLS 1.2 or later, no client certificate.
+
+    StratumRM itself never serves this; the reference pool uses it in tests and the demo.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_certificate_and_key(context, cert_file, key_file, "issue one with `stratumrm pki issue-pool`")
+    return context
+
+
+# --------------------------------------------------------------------------- after the handshake
+
+
+class HasPeerCertificate(Protocol):
+    """``ssl.SSLObject``, ``ssl.SSLSocket`` and ``trio.SSLStream`` all qualify."""
+
+    def getpeercert(self, binary_form: bool = ...) -> Any: ...
+
+
+def peer_certificate_der(tls: HasPeerCertificate) -> bytes:
+    """The peer's leaf certificate as DER, after a handshake (full or resumed)."""
+    der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise PKIError("the peer presented no certificate; it needs one issued by the StratumRM CA")
+    return bytes(der)
+
+
+def peer_identity(tls: HasPeerCertificate) -> CertificateIdentity:
+    """Role, name, serial, accounts and validity of the peer's certificate."""
+    return identity_from_der(peer_certificate_der(tls))
+
+
+def check_miner_peer(
+    tls: HasPeerCertificate,
+    revocations: RevocationList,
+    *,
+    now: datetime,
+    leeway: timedelta = DEFAULT_CLOCK_SKEW_LEEWAY,
+) -> CertificateIdentity:
+    """What the sidecar runs after every handshake, resumed ones included.
+
+    Returns the miner's identity, or raises :class:`PKIError` when the certificate is not
+    a miner certificate, is outside its validity period (± ``leeway``) or is revoked.
+    Call :meth:`RevocationList.reload_if_changed` separately (periodically), and re-check
+    live sessions against a reloaded list with :meth:`RevocationList.is_revoked`.
+    """
+    identity = peer_identity(tls)
+    if identity.role != "miner":
+        raise PKIError(
+            f"the peer presented a {identity.role} certificate ({identity.name!r}), not a miner certificate"
+        )
+    check_validity(identity, now=now, leeway=leeway)
+    if revocations.is_revoked(identity.serial):
+        raise PKIError(
+            f"{identity.describe()} is revoked; issue a new one with `stratumrm pki renew {identity.name}`"
+        )
+    return identity
+
+
+# --------------------------------------------------------------------------- test and demo PKI
+
+
+@dataclass(frozen=True)
+class TestPKI:
+    """Paths of a throw-away PKI made by :func:`make_test_pki`."""
+
+    __test__ = False  # not a pytest test class
+
+    authority: CertificateAuthority
+    directory: Path
+    ca_certificate: Path
+    ca_key: Path
+    revocations: Path
+    pool_certificate: Path
+    pool_key: Path
+    miner_bundle: Path
+    pool_name: str
+    miner_name: str
+    accounts: tuple[str, ...]
+
+    @property
+    def ca_cert(self) -> Path:
+        """Short alias of :attr:`ca_certificate`."""
+        return self.ca_certificate
+
+    def server_context(self) -> ssl.SSLContext:
+        """Sidecar context (mutual TLS 1.3) with the test pool certificate."""
+        return server_context(self.pool_certificate, self.pool_key, self.ca_certificate)
+
+    def client_context(self) -> ssl.SSLContext:
+        """Miner-side proxy context from the test bundle."""
+        return client_context_from_bundle(self.miner_bundle)
+
+
+def server_context_for_pool_tls(test_pki: TestPKI) -> ssl.SSLContext:
+    """A plain ``stratum+ssl://`` pool context with the test PKI's pool certificate.
+
+    Clients verify it with ``public_client_context(test_pki.ca_certificate)``.
+    """
+    return public_server_context(test_pki.pool_certificate, test_pki.pool_key)
+
+
+def make_test_pki(
+    directory: StrPath,
+    pool_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    accounts: tuple[str, ...] = ("alice",),
+    *,
+    pool_name: str = "test-pool",
+    miner_name: str = "test-miner",
+) -> TestPKI:
+    """A CA, a sidecar certificate for ``pool_hosts`` and a miner bundle for ``accounts``."""
+    authority = CertificateAuthority.create(directory)
+    dns_names, ip_addresses = split_hosts(pool_hosts)
+    pool = authority.issue_pool(pool_name, dns_names=dns_names, ip_addresses=ip_addresses)
+    miner = authority.issue_miner(miner_name, accounts=accounts)
+    assert (
+        pool.key_path is not None and pool.pool_certificate_path is not None and miner.bundle_path is not None
+    )
+    return TestPKI(
+        authority=authority,
+        directory=authority.directory,
+        ca_certificate=authority.ca_certificate_path,
+        ca_key=authority.ca_key_path,
+        revocations=authority.revocations_path,
+        pool_certificate=pool.pool_certificate_path,
+        pool_key=pool.key_path,
+        miner_bundle=miner.bundle_path,
+        pool_name=pool_name,
+        miner_name=miner_name,
+        accounts=tuple(accounts),
+    )
