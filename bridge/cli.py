@@ -68,6 +68,32 @@ def proxy(listen, upstreams, upstream_ca, submit_timeout, opening_timeout, verbo
     _run_forever(server.serve, host, port)
 
 
+@cli.command()
+@click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds to run; 0 runs until Ctrl-C.")
+@click.option("--miners", type=click.IntRange(1, 500), default=5, show_default=True, help="Reference miners (profiles cycle: cgminer, cpuminer, bfgminer, bmminer, bitaxe).")
+@click.option("--difficulty", type=float, default=0.0001, show_default=True, help="Pool share difficulty (fractional; lower means more shares).")
+@click.option("--hashrate", type=float, default=None, help="Cap each miner at this many hashes per second (default: as fast as the CPU allows).")
+@click.option("-v", "--verbose", count=True, help="Show the components' logs.")
+def demo(duration, miners, difficulty, hashrate, verbose) -> None:
+    """Run the whole chain on 127.0.0.1 and check every share's tally."""
+    from bridge import demo as demo_module
+
+    setup_logging(verbose, quiet=verbose == 0)
+    status = demo_module.main(duration or None, miners, difficulty, hashrate)
+    sys.exit(status)
+
+
+@cli.command()
+@click.option("--iterations", type=click.IntRange(1000), default=50_000, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=7, show_default=True, help="Runs per measure; the median is printed.")
+def bench(iterations, repeats) -> None:
+    """Benchmarks: SV1 decode/re-encode cost per message."""
+    from bridge.bench import codec
+
+    click.echo(f"SV1 codec, median of {repeats} runs of {iterations} messages (python {sys.version.split()[0]})")
+    click.echo(codec.report(codec.run(iterations, repeats)))
+
+
 def _run_forever(serve, *args) -> None:
     try:
         trio.run(serve, *args)
@@ -82,12 +108,10 @@ def _register_optional() -> None:
     from bridge.testing.commands import testpool
     from bridge.testing.miner_command import testminer
 
+    from bridge.pki.commands import pki
+
     cli.add_command(testpool)
     cli.add_command(testminer)
-    try:
-        from bridge.pki.commands import pki
-    except ImportError:  # pragma: no cover - during development only
-        return
     cli.add_command(pki)
 
 

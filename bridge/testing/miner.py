@@ -1687,6 +1687,16 @@ class Miner:
     def statistics(self) -> MinerStatistics:
         return msgspec.structs.replace(self.protocol.statistics(), connect_failures=self.connect_failures)
 
+    def finish(self) -> None:
+        """Stop finding shares; :meth:`run` returns once every submitted share is answered.
+
+        Shares still without a verdict after ``share_timeout`` are given up on
+        (counted as lost), so this always ends.
+        """
+        protocol = self.protocol
+        protocol.config = msgspec.structs.replace(protocol.config, max_shares=protocol.submitted_count)
+        self._check_finished()
+
     def stop(self) -> None:
         """Stop mining: :meth:`run` returns soon after (callable from any trio task)."""
         self._stop_requested = True
