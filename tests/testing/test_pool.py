@@ -871,7 +871,7 @@ async def test_testpool_command_serves_and_prints_a_summary() -> None:
     assert process.stdout is not None
     output = b""
     try:
-        with trio.fail_after(15):
+        with trio.fail_after(45):
             while b"testpool: listening on" not in output or not output.endswith(b"\n"):
                 chunk = await process.stdout.receive_some(4096)
                 assert chunk, output
