@@ -24,6 +24,7 @@ from bridge.pki.identity import (
 )
 from bridge.pki.revocation import RevocationList
 from bridge.pki.tls import (
+    HostCheckingClientContext,
     TestPKI,
     check_miner_peer,
     client_context,
@@ -32,13 +33,16 @@ from bridge.pki.tls import (
     peer_certificate_der,
     peer_identity,
     public_client_context,
+    public_server_context,
     server_context,
+    server_context_for_pool_tls,
 )
 
 __all__ = [
     "DEFAULT_CLOCK_SKEW_LEEWAY",
     "CertificateAuthority",
     "CertificateIdentity",
+    "HostCheckingClientContext",
     "Issuance",
     "IssuedCertificate",
     "RevocationList",
@@ -56,7 +60,9 @@ __all__ = [
     "peer_certificate_der",
     "peer_identity",
     "public_client_context",
+    "public_server_context",
     "read_bundle",
     "server_context",
+    "server_context_for_pool_tls",
     "write_bundle",
 ]

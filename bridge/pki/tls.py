@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -83,8 +84,39 @@ def _load_private_ca(
         ) from None
 
 
+class HostCheckingClientContext(ssl.SSLContext):
+    """A client context that refuses to wrap a connection without ``server_hostname``.
+
+    ``wrap_socket`` already refuses that when ``check_hostname`` is set, but ``wrap_bio``,
+    which ``trio.SSLStream`` uses, does not: the handshake then succeeds against *any*
+    certificate the CA signed, without a host name check. Every client context built
+    here is of this class, so forgetting ``server_hostname`` fails loudly instead.
+    """
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if not server_side and self.check_hostname and not server_hostname:
+            raise ValueError(
+                "server_hostname is required: pass the host name or IP address the pool's "
+                "certificate was issued for (e.g. trio.SSLStream(..., server_hostname=host))"
+            )
+        return super().wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname, session=session
+        )
+
+
 def _control_channel_context(*, server_side: bool) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    context = (
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if server_side
+        else HostCheckingClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    )
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_X509_STRICT
@@ -133,16 +165,25 @@ def public_client_context(ca_file: StrPath | None = None) -> ssl.SSLContext:
     """For ordinary ``stratum+ssl://`` pools: TLS 1.2 or later, host name checked.
 
     Trusts the system store, or only ``ca_file`` when one is given (for a pool with a
-    self-signed or private certificate). Verification flags are Python's defaults for
-    ``create_default_context`` (strict from 3.13), because public pools are not ours.
+    self-signed or private certificate). Verification flags follow what Python's
+    ``create_default_context`` uses (strict and partial-chain from 3.13), because
+    public pools' certificates are not ours to fix. Wrapping needs ``server_hostname``.
     """
-    if ca_file is not None:
-        _require_file(ca_file, "pool CA certificate", "pass the PEM file of the pool's certificate or CA")
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    except ssl.SSLError as error:
-        raise PKIError(f"cannot load the pool CA file {ca_file}: {error.reason or error}") from None
+    context = HostCheckingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if sys.version_info >= (3, 13):  # as create_default_context() does from 3.13
+        context.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
+    if ca_file is None:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        return context
+    _require_file(ca_file, "pool CA certificate", "pass the PEM file of the pool's certificate or CA")
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except ssl.SSLError as error:
+        raise PKIError(
+            f"cannot load the pool CA file {os.fspath(ca_file)}: {error.reason or error}; "
+            "pass a PEM file with the pool's certificate or CA"
+        ) from None
     return context
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from bridge.errors import PKIError
 from bridge.pki.authority import CertificateAuthority
@@ -225,6 +226,14 @@ async def test_check_miner_peer_judges_validity_by_the_callers_clock(test_pki: T
     )
     assert isinstance(outcome.server_error, PKIError)
     assert "expired" in str(outcome.server_error)
+
+
+async def test_client_contexts_refuse_to_skip_the_host_name_check(test_pki: TestPKI) -> None:
+    # wrap_bio (trio.SSLStream) would otherwise skip the host name check silently.
+    left, _right = trio.testing.memory_stream_pair()
+    for context in (test_pki.client_context(), public_client_context(test_pki.ca_certificate)):
+        with pytest.raises(ValueError, match="server_hostname is required"):
+            trio.SSLStream(left, context)
 
 
 def test_public_client_context_defaults() -> None:
