@@ -40,16 +40,21 @@ def cli() -> None:
     "upstreams",
     multiple=True,
     required=True,
-    help="Pool URL: stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT.",
+    help="Pool URL: stratumrm://SIDECAR:PORT, stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT.",
 )
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="This proxy's certificate (stratumrm:// upstreams).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="The pool operator's CA certificate.")
+@click.option("--bundle", type=click.Path(exists=True, dir_okay=False), help="Certificate, key and CA in one file (from stratumrm pki issue-miner), instead of --cert/--key/--ca.")
 @click.option("--upstream-ca", type=click.Path(exists=True, dir_okay=False), help="CA file to verify stratum+ssl pools (default: system trust store).")
 @click.option("--submit-timeout", default=60.0, show_default=True, help="Seconds to wait for a pool's verdict before answering the rig with an explicit error.")
 @click.option("--opening-timeout", default=10.0, show_default=True, help="Seconds a new connection may stay silent before it is closed.")
+@click.option("--share-batch-window", default=0.0, show_default=True, help="Seconds to hold UDP shares so several share a datagram (e.g. 0.001 for large farms).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def proxy(listen, upstreams, upstream_ca, submit_timeout, opening_timeout, verbose) -> None:
+def proxy(listen, upstreams, cert, key, ca, bundle, upstream_ca, submit_timeout, opening_timeout, share_batch_window, verbose) -> None:
     """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream."""
     from bridge.net.miner_proxy import MinerProxy
-    from bridge.pki.tls import public_client_context
+    from bridge.pki.tls import client_context, client_context_from_bundle, public_client_context
 
     setup_logging(verbose)
     try:
@@ -58,13 +63,28 @@ def proxy(listen, upstreams, upstream_ca, submit_timeout, opening_timeout, verbo
     except BridgeError as exc:
         raise click.UsageError(str(exc)) from None
     url = urls[0]
-    if url.transport == "stratumrm":
-        raise click.UsageError(
-            "stratumrm:// upstreams need the StratumRM transport, which this build does not have yet; "
-            "use stratum+tcp:// or stratum+ssl://"
-        )
-    context = public_client_context(upstream_ca) if url.tls else None
-    server = MinerProxy(url, upstream_ssl_context=context, submit_timeout=submit_timeout, opening_timeout=opening_timeout)
+    try:
+        if url.transport == "stratumrm":
+            if bundle:
+                context = client_context_from_bundle(bundle)
+            elif cert and key and ca:
+                context = client_context(cert, key, ca)
+            else:
+                raise click.UsageError(
+                    "a stratumrm:// upstream needs this proxy's certificate: pass --bundle FILE "
+                    "(from 'stratumrm pki issue-miner') or --cert, --key and --ca"
+                )
+        else:
+            context = public_client_context(upstream_ca) if url.tls else None
+    except BridgeError as exc:
+        raise click.ClickException(str(exc)) from None
+    server = MinerProxy(
+        url,
+        upstream_ssl_context=context,
+        submit_timeout=submit_timeout,
+        opening_timeout=opening_timeout,
+        share_batch_window=share_batch_window,
+    )
     _run_forever(server.serve, host, port)
 
 

@@ -20,6 +20,7 @@ import trio
 from msgspec import Struct
 
 from bridge.config import UpstreamURL
+from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.sv1_upstream import SV1Upstream
 from bridge.net.tcp import close_quietly, describe_error, peer_name, tune_stream
 from bridge.relay.miner_channel import MinerChannel
@@ -49,6 +50,7 @@ class MinerProxy:
         upstream: UpstreamURL,
         *,
         upstream_ssl_context: ssl.SSLContext | None = None,
+        share_batch_window: float = 0.0,
         opening_timeout: float = 10.0,
         submit_timeout: float = 60.0,
         connect_timeout: float = 10.0,
@@ -67,15 +69,27 @@ class MinerProxy:
         self._unconfirmed = 0
         self._live: set[MinerChannel] = set()
         self.port: int | None = None
+        self.link: StratumRMLink | None = None
+        if upstream.transport == "stratumrm":
+            if upstream_ssl_context is None:
+                raise ValueError("a stratumrm:// upstream needs the proxy's certificate (TLS client context)")
+            self.link = StratumRMLink(
+                upstream, upstream_ssl_context, connect_timeout=connect_timeout, batch_window=share_batch_window
+            )
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         log.info("proxy listening on %s:%d, upstream %s", host, self.port, self.upstream)
-        task_status.started(self.port)
-        await trio.serve_listeners(self._handle, listeners)
+        async with trio.open_nursery() as nursery:
+            if self.link is not None:
+                await nursery.start(self.link.run)
+            task_status.started(self.port)
+            await trio.serve_listeners(self._handle, listeners)
 
-    async def _open_upstream(self) -> SV1Upstream:
+    async def _open_upstream(self, peer: str) -> SV1Upstream | RMUpstreamHandle:
+        if self.link is not None:
+            return await self.link.open_handle(peer)
         return await SV1Upstream.connect(
             self.upstream, ssl_context=self.upstream_ssl_context, timeout=self.connect_timeout
         )
@@ -128,7 +142,7 @@ class _RigConnection:
         self.channel = channel
         self.stream = stream
         self.peer = peer
-        self.upstream: SV1Upstream | None = None
+        self.upstream: SV1Upstream | RMUpstreamHandle | None = None
         self._miner_lock = trio.Lock()
         self._wake_timer = trio.Event()
         self._done = trio.Event()
@@ -203,7 +217,7 @@ class _RigConnection:
     async def _run_upstream(self) -> None:
         channel = self.channel
         try:
-            upstream = await self.proxy._open_upstream()
+            upstream = await self.proxy._open_upstream(self.peer)
         except (OSError, trio.BrokenResourceError, ValueError) as exc:
             detail = describe_error(exc)
             log.warning("rig %s: cannot reach upstream %s: %s", self.peer, self.proxy.upstream, detail)

@@ -1,0 +1,277 @@
+"""The trio driver of a StratumRM upstream: one TLS control connection and one UDP flow
+to a sidecar, shared by every rig of the miner-side proxy.
+
+The protocol lives in :class:`~bridge.relay.rm_upstream.StratumRMConnection`; this
+module connects (TLS 1.3 with the proxy's certificate, host name checked), runs
+the control reader, the UDP reader, the timer and the writer, and hands each rig
+connection an :class:`RMUpstreamHandle` with the same ``session`` / ``flush`` /
+``receive`` / ``aclose`` shape as a plain SV1 upstream, so the proxy's per-rig
+code is the same for both.
+
+The connection is opened when the first rig needs it and shared until it fails;
+then every channel on it ends (rigs get explicit errors for pending shares and are
+released), and the next rig opens a fresh connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import ssl
+
+import trio
+
+from bridge import __version__
+from bridge.config import UpstreamURL
+from bridge.net.tcp import close_quietly, describe_error, open_stream
+from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
+
+log = logging.getLogger("bridge.proxy.stratumrm")
+
+RECEIVE_SIZE = 65536
+
+
+class RMUpstreamHandle:
+    """One rig's view of the shared StratumRM connection (an upstream, like SV1Upstream)."""
+
+    def __init__(self, link: "StratumRMLink", channel: RMChannel) -> None:
+        self.link = link
+        self.session = channel
+        self._wake = trio.Event()
+        self._lost: str | None = None
+
+    async def flush(self) -> None:
+        self.link.kick()
+
+    def _events_ready(self) -> None:
+        self._wake.set()
+
+    async def receive(self) -> list | None:
+        """The channel's next events; raises ConnectionError once the channel is over."""
+        while True:
+            channel = self.session
+            if channel.events:
+                events, channel.events = channel.events, []
+                closed = [e for e in events if type(e) is ChannelClosed]
+                if closed:
+                    self._lost = closed[0].reason
+                    events = [e for e in events if type(e) is not ChannelClosed]
+                if events:
+                    return events
+            if self._lost is not None:
+                raise ConnectionError(self._lost)
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    async def aclose(self) -> None:
+        self.link.close_channel(self)
+
+
+class StratumRMLink:
+    """The proxy's connection to one sidecar (control + UDP), opened on demand."""
+
+    def __init__(
+        self,
+        url: UpstreamURL,
+        ssl_context: ssl.SSLContext,
+        *,
+        connect_timeout: float = 10.0,
+        batch_window: float = 0.0,
+        detect_blocks: bool = True,
+    ) -> None:
+        self.url = url
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.batch_window = batch_window
+        self.detect_blocks = detect_blocks
+        self.connection: StratumRMConnection | None = None
+        self._handles: dict[int, RMUpstreamHandle] = {}
+        self._stream: trio.abc.Stream | None = None
+        self._udp: trio.socket.SocketType | None = None
+        self._ready = trio.Event()
+        self._connecting = False
+        self._kick = trio.Event()
+        self._timer_wake = trio.Event()
+        self._progress = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.failure: str | None = None
+        self.connections_made = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the link's tasks; start it once in the proxy's nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def kick(self) -> None:
+        """Something is queued to send (or a deadline moved): wake the writer and the timer."""
+        self._kick.set()
+        self._timer_wake.set()
+
+    async def open_handle(self, peer: str) -> RMUpstreamHandle:
+        """A channel for a new rig; connects first if there is no live connection."""
+        connection = await self._live_connection()
+        handle = RMUpstreamHandle(self, connection.open_channel(peer))
+        self._handles[handle.session.ch] = handle
+        self.kick()
+        return handle
+
+    def close_channel(self, handle: RMUpstreamHandle) -> None:
+        self._handles.pop(handle.session.ch, None)
+        connection = self.connection
+        if connection is not None and handle.session.ch in connection.channels:
+            connection.close_channel(handle.session)
+            self.kick()
+
+    async def _live_connection(self) -> StratumRMConnection:
+        if self.connection is not None and self.connection.close_reason is None and self._ready.is_set():
+            return self.connection
+        if not self._connecting:
+            self._connecting = True
+            self._ready = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._connect_and_serve)
+        await self._ready.wait()
+        if self.connection is None or self.connection.close_reason is not None:
+            raise ConnectionError(self.failure or "StratumRM connection failed")
+        return self.connection
+
+    async def _connect_and_serve(self) -> None:
+        url = self.url
+        connection = StratumRMConnection(agent=f"stratumrm/{__version__}", detect_blocks=self.detect_blocks)
+        try:
+            stream = await open_stream(url.host, url.port, ssl_context=self.ssl_context, timeout=self.connect_timeout)
+        except (OSError, trio.BrokenResourceError, ValueError) as exc:
+            self.failure = f"cannot connect to sidecar {url}: {describe_error(exc)}"
+            log.warning("%s; check the address, the certificates (stratumrm pki) and that the sidecar runs", self.failure)
+            self._connecting = False
+            self._ready.set()
+            return
+        self._stream = stream
+        self.connection = connection
+        self.connections_made += 1
+        connection.start(trio.current_time())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_control, connection, stream, nursery.cancel_scope)
+                nursery.start_soon(self._write, connection, stream, nursery.cancel_scope)
+                nursery.start_soon(self._timers, connection, nursery.cancel_scope)
+                with trio.move_on_after(self.connect_timeout):
+                    while not connection.ready and connection.close_reason is None:
+                        await self._step_wait()
+                if not connection.ready:
+                    connection._fail(connection.close_reason or "no answer to rm.hello")
+                else:
+                    await self._open_udp(connection, nursery)
+                    log.info("StratumRM session with %s ready (%s)", url,
+                             "UDP on port %s" % connection.hello.udp_port if connection.hello.udp_port else "TLS only")
+                self._connecting = False
+                self._ready.set()
+                while connection.close_reason is None:
+                    await self._step_wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            reason = connection.close_reason or "closed"
+            self.failure = reason
+            log.warning("StratumRM session with %s ended: %s", url, reason)
+            connection.connection_lost(reason)
+            self._deliver()
+            self._handles.clear()
+            self._connecting = False
+            self._ready.set()
+            await close_quietly(stream)
+            if self._udp is not None:
+                self._udp.close()
+                self._udp = None
+
+    async def _step_wait(self) -> None:
+        """Wait until the connection has processed something (callers re-check their condition)."""
+        event = trio.Event()
+        self._progress = event
+        await event.wait()
+
+    def _stepped(self) -> None:
+        self._progress.set()
+
+    async def _open_udp(self, connection: StratumRMConnection, nursery: trio.Nursery) -> None:
+        hello = connection.hello
+        if hello is None or not hello.udp_port:
+            return
+        host = hello.udp_host or self.url.host
+        info = await trio.socket.getaddrinfo(host, hello.udp_port, type=socket.SOCK_DGRAM)
+        family, _, _, _, address = info[0]
+        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        await udp.connect(address)
+        self._udp = udp
+        nursery.start_soon(self._read_udp, connection, udp)
+        self.kick()
+
+    def _deliver(self) -> None:
+        """Wake every rig whose channel has events."""
+        connection = self.connection
+        for handle in list(self._handles.values()):
+            if handle.session.events:
+                handle._events_ready()
+        if connection is not None:
+            self.kick()
+        self._stepped()
+
+    async def _read_control(self, connection: StratumRMConnection, stream, scope: trio.CancelScope) -> None:
+        while connection.close_reason is None:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                connection._fail(f"control connection error: {describe_error(exc)}")
+                break
+            if not data:
+                connection._fail("sidecar closed the control connection")
+                break
+            connection.receive_control(data, trio.current_time())
+            self._deliver()
+        self._stepped()
+
+    async def _read_udp(self, connection: StratumRMConnection, udp) -> None:
+        while True:
+            try:
+                data, address = await udp.recvfrom(2048)
+            except OSError as exc:  # ICMP port unreachable and friends: UDP looks blocked
+                log.debug("UDP receive error: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            connection.receive_datagram(data, address, trio.current_time())
+            self._deliver()
+
+    async def _write(self, connection: StratumRMConnection, stream, scope: trio.CancelScope) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick = trio.Event()
+            if self.batch_window and connection._queued_records:
+                await trio.sleep(self.batch_window)
+            data = connection.data_to_send()
+            datagrams = connection.datagrams_to_send()
+            if datagrams and self._udp is not None:
+                for datagram in datagrams:
+                    try:
+                        await self._udp.send(datagram)
+                    except OSError as exc:
+                        log.debug("UDP send error: %s", exc)
+            if data:
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    connection._fail(f"control connection error: {describe_error(exc)}")
+                    self._stepped()
+                    return
+
+    async def _timers(self, connection: StratumRMConnection, scope: trio.CancelScope) -> None:
+        while connection.close_reason is None:
+            deadline = connection.next_deadline()
+            self._timer_wake = trio.Event()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._timer_wake.wait()
+                continue
+            connection.on_timer(trio.current_time())
+            self._deliver()
+        self._stepped()

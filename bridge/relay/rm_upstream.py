@@ -1,0 +1,727 @@
+"""The proxy side of StratumRM, sans-IO: one control connection, its UDP flow, its channels.
+
+A :class:`StratumRMConnection` is what the miner-side proxy holds toward one
+sidecar. Every rig connection becomes an :class:`RMChannel` on it; the channel
+implements the upstream-session vocabulary of
+:class:`~bridge.relay.miner_channel.MinerChannel` (``subscribe``, ``submit``,
+``request``, ``respond_raw``, ``cancel``), so a miner channel cannot tell it from
+a plain SV1 pool connection. Events for a channel pile up in ``channel.events``;
+the driver hands them to the rig's miner channel after every step.
+
+What crosses the wire is specified in bridge/wire/PROTOCOL.md ("Control
+channel"). The parts that are this module's job:
+
+- **Share delivery.** A ``mining.submit`` becomes a binary SHARE record when its
+  job has a handle, its worker was authorized on the channel, its hex is lower
+  case and UDP is up; otherwise a channel ``mining.submit`` over TLS. Records
+  queued in one step go out together as a SHARE_BATCH when the driver calls
+  :meth:`datagrams_to_send`.
+- **No share silently lost.** Every share has a deadline of one RTO (RFC 6298
+  estimator over share→verdict round trips, Karn's rule). A first timeout sends
+  it again over UDP with a new packet number, a second over TLS, which is
+  reliable. The first verdict for any copy settles the share; the sidecar's
+  duplicate set makes copies harmless.
+- **Fallback.** UDP counts as up once a PROBE is answered. Three shares in a row
+  that needed the TLS copy mark it down; it is probed again every
+  ``probe_interval`` and comes back on the next PROBE_ACK.
+- **Block candidates.** When the share's hash meets the network target of the
+  job's nbits (computed here from the job, the channel's extranonce1 and the
+  version mask), it goes over UDP with the URGENT flag and over TLS at once.
+- **Liveness.** ``rm.ping`` after ``heartbeat`` idle seconds; a sidecar silent
+  for ``dead_after`` is dead and every channel ends with explicit errors.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any, Callable
+
+import msgspec
+from msgspec import UNSET, Raw, Struct
+
+from bridge.mining.share import Job as MiningJob
+from bridge.mining.share import roll_version
+from bridge.errors import LineTooLong
+from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
+from bridge.sv1.framing import LineBuffer
+from bridge.sv1.messages import (
+    FALSE,
+    NULL,
+    TRUE,
+    POOL_METHODS,
+    Notify,
+    NotifyParams,
+    PoolRequest,
+    Response,
+    SubmitParams,
+    error_value,
+    params_list,
+)
+from bridge.sv1.validate import check_notify
+from bridge.wire import control
+from bridge.wire.control import ControlDecodeError, ControlLine
+from bridge.wire.datagram import (
+    BATCH_MAX_SHARES,
+    Probe,
+    ProbeAck,
+    Share,
+    ShareBatch,
+)
+from bridge.wire.keys import KeyMaterial, KeySet, Role
+from bridge.wire.receiver import Accepted, DatagramReceiver
+from bridge.wire.rtt import RttEstimator
+
+_decode_pool_request = msgspec.json.Decoder(PoolRequest).decode
+_encode = msgspec.json.Encoder().encode
+
+JOBS_PER_CHANNEL = 256
+JOBS_KEPT = 4096
+UDP_FAILURES_BEFORE_FALLBACK = 3
+DEFAULT_VERSION_MASK = 0x1FFFE000
+
+
+class ChannelClosed(Struct, frozen=True):
+    """The sidecar ended a channel (pool connection lost or refused)."""
+
+    reason: str
+
+
+class ConnectionStatistics(Struct, frozen=True):
+    ready: bool
+    udp_up: bool
+    channels: int
+    shares: int
+    shares_udp: int
+    shares_tls: int
+    retransmissions_udp: int
+    retransmissions_tls: int
+    block_candidates: int
+    settled: int
+    pending: int
+    udp_fallbacks: int
+    datagrams_sent: int
+    datagram_bytes_sent: int
+    control_bytes_sent: int
+    control_bytes_received: int
+    notify_lines: int
+    srtt_ms: float | None
+    rto_ms: float
+
+
+class _Share:
+    """One rig share on its way: where copies went and who waits for the verdict."""
+
+    __slots__ = ("serial", "channel", "params", "context", "record", "job", "tries", "sent_at",
+                 "deadline", "refs", "tls_ids", "settled", "urgent")
+
+    def __init__(self, serial: int, channel: "RMChannel", params: SubmitParams, context: Any) -> None:
+        self.serial = serial
+        self.channel = channel
+        self.params = params
+        self.context = context
+        self.record: Share | None = None
+        self.job: int | None = None
+        self.tries = 0
+        self.sent_at = 0.0
+        self.deadline = 0.0
+        self.refs: list[tuple[int, int, int]] = []
+        self.tls_ids: list[int] = []
+        self.settled = False
+        self.urgent = False
+
+
+class RMChannel:
+    """One rig's connection carried over the StratumRM connection (an upstream session)."""
+
+    def __init__(self, connection: "StratumRMConnection", ch: int) -> None:
+        self.connection = connection
+        self.ch = ch
+        self.events: list[Any] = []
+        self.closed = False
+        self._next_id = 1
+        self._pending: dict[int, tuple[str, Any]] = {}
+        self.workers: list[str] = []
+        self.job_handles: OrderedDict[str, int] = OrderedDict()
+        self.extranonce1: bytes | None = None
+        self.version_mask = DEFAULT_VERSION_MASK
+
+    # ----------------------------------------------------- upstream session API
+
+    def subscribe(self, user_agent: str | None, session_id: str | None = None, context: Any = None) -> int:
+        params: list[Any] = []
+        if user_agent is not None or session_id is not None:
+            params.append(user_agent)
+        if session_id is not None:
+            params.append(session_id)
+        return self.request("mining.subscribe", params, context)
+
+    def request(self, method: str, params: list[Any] | Raw, context: Any = None) -> int:
+        if method == "mining.authorize" and isinstance(params, list) and params and isinstance(params[0], str):
+            if params[0] not in self.workers:
+                self.workers.append(params[0])
+        return self._send_request(method, params, context)
+
+    def _send_request(self, method: str, params: list[Any] | Raw, context: Any) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        self._pending[request_id] = (method, context)
+        self.connection._write(control.encode_channel_request(self.ch, request_id, method, params))
+        return request_id
+
+    def submit(self, params: SubmitParams, context: Any = None) -> int:
+        return self.connection._submit(self, params, context)
+
+    def respond_raw(self, response: Any) -> None:
+        self.connection._write(
+            control.encode_channel_response(self.ch, response.id, response.result, response.error, response.reject_reason)
+        )
+
+    def cancel(self, request_id: int) -> None:
+        """Forget a request (its verdict is no longer wanted)."""
+        if self._pending.pop(request_id, None) is None:
+            self.connection._forget_share(request_id)
+
+    # -------------------------------------------------------------- from wire
+
+    def _response(self, line: ControlLine) -> None:
+        pending = self._pending.pop(line.id, None) if type(line.id) is int else None
+        if pending is None:
+            return
+        method, context = pending
+        response = Response(line.id, line.result, line.error, line.reject_reason)
+        if method == "mining.submit" and isinstance(context, _Share):
+            self.connection._settle(context, response, self.connection._now, via_udp=False)
+            return
+        if method == "mining.subscribe":
+            self._learn_extranonce(response)
+        elif method == "mining.configure":
+            self._learn_mask(response)
+        self.events.append(Reply(method, context, response, line.id))
+
+    def _learn_extranonce(self, response: Response) -> None:
+        if response.result is UNSET:
+            return
+        try:
+            result = msgspec.json.decode(response.result)
+            self.extranonce1 = bytes.fromhex(result[1])
+        except (ValueError, TypeError, IndexError, KeyError, msgspec.DecodeError):
+            self.extranonce1 = None
+
+    def _learn_mask(self, response: Response) -> None:
+        try:
+            result = msgspec.json.decode(response.result) if response.result is not UNSET else None
+            if isinstance(result, dict) and result.get("version-rolling") is True:
+                self.version_mask = int(result["version-rolling.mask"], 16)
+        except (ValueError, TypeError, KeyError, msgspec.DecodeError):
+            pass
+
+    def _notification(self, line: ControlLine, raw_line: bytes) -> None:
+        method = line.method
+        if method in POOL_METHODS:
+            try:
+                message = _decode_pool_request(raw_line)
+            except msgspec.ValidationError as exc:
+                self.events.append(ProtocolViolation(f"malformed {method} from the sidecar: {exc}"))
+                return
+            if method == "mining.set_extranonce" and message.params.extranonce1:
+                try:
+                    self.extranonce1 = bytes.fromhex(message.params.extranonce1)
+                except ValueError:
+                    pass
+            elif method == "mining.set_version_mask":
+                try:
+                    self.version_mask = int(message.mask, 16)
+                except ValueError:
+                    pass
+            self.events.append(message)
+        else:
+            request_id = line.id if isinstance(line.id, (int, str)) else None
+            self.events.append(UnknownPoolRequest(request_id, method, line.params))
+
+    def _deliver_job(self, handle: int, notify: NotifyParams) -> None:
+        handles = self.job_handles
+        handles[notify.job_id] = handle
+        handles.move_to_end(notify.job_id)
+        while len(handles) > JOBS_PER_CHANNEL:
+            handles.popitem(last=False)
+        self.events.append(Notify(params=notify))
+
+    def _fail_pending(self, reason: str) -> None:
+        self.closed = True
+        self._pending.clear()
+        self.events.append(ChannelClosed(reason))
+
+
+class StratumRMConnection:
+    """One control connection to a sidecar and the UDP flow that goes with it."""
+
+    def __init__(
+        self,
+        *,
+        agent: str = "stratumrm",
+        detect_blocks: bool = True,
+        probe_interval: float = 10.0,
+        min_rto: float = 0.020,
+        initial_rto: float = 0.200,
+        max_rto: float = 2.0,
+        randbits: Callable[[int], int] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.detect_blocks = detect_blocks
+        self.probe_interval = probe_interval
+        self._lines = LineBuffer(control.MAX_CONTROL_LINE)
+        self._out: list[bytes] = []
+        self._datagrams: list[bytes] = []
+        self._queued_records: list[_Share] = []
+        self._urgent_records: list[_Share] = []
+        self.channels: dict[int, RMChannel] = {}
+        self._next_ch = 1
+        self._jobs: OrderedDict[int, NotifyParams] = OrderedDict()
+        self._mining_jobs: OrderedDict[int, MiningJob] = OrderedDict()
+        self._shares: dict[int, _Share] = {}
+        self._timeline: deque[_Share] = deque()
+        self._refs: dict[tuple[int, int, int], _Share] = {}
+        self._next_serial = 1
+        self.rtt = RttEstimator(min_rto=min_rto, initial_rto=initial_rto, max_rto=max_rto)
+        self.ready = False
+        self.hello: control.HelloResult | None = None
+        self.close_reason: str | None = None
+        self._keys: KeySet | None = None
+        self._receiver = DatagramReceiver(Role.PROXY)
+        self._session_key = object()
+        self.udp_up = False
+        self._udp_failures = 0
+        self._next_probe: float | None = None
+        self._probe_id = 0
+        self._last_sent = 0.0
+        self._last_received = 0.0
+        self._now = 0.0
+        self._randbits = randbits
+        # statistics
+        self._shares_total = 0
+        self._shares_udp = 0
+        self._shares_tls = 0
+        self._retx_udp = 0
+        self._retx_tls = 0
+        self._blocks = 0
+        self._settled = 0
+        self._fallbacks = 0
+        self._datagrams_sent = 0
+        self._datagram_bytes = 0
+        self._control_sent = 0
+        self._control_received = 0
+        self._notify_lines = 0
+
+    # ------------------------------------------------------------------ output
+
+    def start(self, now: float) -> None:
+        """Queue ``rm.hello``; call once the TLS handshake is done."""
+        self._now = self._last_received = self._last_sent = now
+        hello = control.Hello(version=control.PROTOCOL_VERSION, features=list(control.FEATURES), agent=self.agent)
+        self._write(control.encode_rm("rm.hello", hello, 1))
+
+    def _write(self, line: bytes) -> None:
+        self._out.append(line)
+
+    def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        self._control_sent += len(data)
+        self._last_sent = self._now
+        return data
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """Seal queued share records (batched) and probes; the driver sends them to the UDP peer."""
+        if self._queued_records or self._urgent_records:
+            self._seal_records(self._urgent_records, urgent=True)
+            self._seal_records(self._queued_records, urgent=False)
+        datagrams, self._datagrams = self._datagrams, []
+        self._datagrams_sent += len(datagrams)
+        self._datagram_bytes += sum(len(d) for d in datagrams)
+        return datagrams
+
+    def _seal_records(self, shares: list[_Share], *, urgent: bool) -> None:
+        keys = self._keys
+        live = [s for s in shares if not s.settled]
+        shares.clear()
+        if keys is None:
+            return
+        sealer = keys.sealer
+        for start in range(0, len(live), BATCH_MAX_SHARES):
+            group = live[start:start + BATCH_MAX_SHARES]
+            body = group[0].record if len(group) == 1 else ShareBatch(tuple(s.record for s in group))
+            sealed = sealer.seal(body, urgent=urgent)
+            for index, share in enumerate(group):
+                ref = (sealer.epoch, sealed.pn, index)
+                share.refs.append(ref)
+                self._refs[ref] = share
+            self._datagrams.append(sealed.data)
+
+    # ---------------------------------------------------------------- channels
+
+    def open_channel(self, peer: str = "") -> RMChannel:
+        ch = self._next_ch
+        self._next_ch += 1
+        channel = RMChannel(self, ch)
+        self.channels[ch] = channel
+        self._write(control.encode_rm("rm.open", control.Open(ch=ch, peer=peer)))
+        return channel
+
+    def close_channel(self, channel: RMChannel, reason: str = "rig disconnected") -> None:
+        if self.channels.pop(channel.ch, None) is None:
+            return
+        channel.closed = True
+        self._write(control.encode_rm("rm.close", control.Close(ch=channel.ch, reason=reason)))
+        for share in [s for s in self._shares.values() if s.channel is channel]:
+            self._drop_share(share)
+
+    # ------------------------------------------------------------------ shares
+
+    def _submit(self, channel: RMChannel, params: SubmitParams, context: Any) -> int:
+        serial = self._next_serial
+        self._next_serial += 1
+        share = _Share(serial, channel, params, context)
+        self._shares[serial] = share
+        self._shares_total += 1
+        share.record = self._record_for(channel, params)
+        now = self._now
+        share.sent_at = now
+        if share.record is not None and self.detect_blocks and self._is_block_candidate(channel, share):
+            share.urgent = True
+            self._blocks += 1
+            self._urgent_records.append(share)
+            self._send_tls(share)
+            share.tries = 2
+        elif share.record is not None and self.udp_up:
+            self._queued_records.append(share)
+            self._shares_udp += 1
+            share.tries = 1
+        else:
+            self._send_tls(share)
+            share.tries = 2
+        share.deadline = now + self.rtt.rto
+        self._timeline.append(share)
+        return serial
+
+    def _record_for(self, channel: RMChannel, params: SubmitParams) -> Share | None:
+        handle = channel.job_handles.get(params.job_id)
+        if handle is None or params.worker not in channel.workers:
+            return None
+        en2, ntime, nonce, bits = params.extranonce2, params.ntime, params.nonce, params.version_bits
+        if not (en2.islower() or en2.isdigit()) or len(en2) > 16:
+            return None
+        for field in (ntime, nonce, bits):
+            if field is not None and not (field.islower() or field.isdigit()):
+                return None
+        index = channel.workers.index(params.worker)
+        return Share(
+            channel_id=channel.ch,
+            job_handle=handle,
+            extranonce2=bytes.fromhex(en2),
+            ntime=int(ntime, 16),
+            nonce=int(nonce, 16),
+            version_bits=None if bits is None else int(bits, 16),
+            worker_index=index or None,
+        )
+
+    def _is_block_candidate(self, channel: RMChannel, share: _Share) -> bool:
+        record = share.record
+        assert record is not None
+        if channel.extranonce1 is None:
+            return False
+        job = self._mining_job(record.job_handle)
+        if job is None:
+            return False
+        version = job.version_int
+        if record.version_bits is not None:
+            version = roll_version(version, record.version_bits, channel.version_mask)
+        try:
+            value = job.share_hash(channel.extranonce1, record.extranonce2, record.ntime, record.nonce, version)
+        except ValueError:
+            return False
+        return value <= job.network_target
+
+    def _mining_job(self, handle: int) -> MiningJob | None:
+        job = self._mining_jobs.get(handle)
+        if job is None:
+            notify = self._jobs.get(handle)
+            if notify is None:
+                return None
+            try:
+                job = MiningJob.from_notify_fields(
+                    notify.job_id, notify.prevhash, notify.coinb1, notify.coinb2,
+                    notify.merkle_branch, notify.version, notify.nbits, notify.ntime,
+                )
+            except ValueError:
+                return None
+            self._mining_jobs[handle] = job
+            while len(self._mining_jobs) > 64:
+                self._mining_jobs.popitem(last=False)
+        return job
+
+    def _send_tls(self, share: _Share) -> None:
+        self._shares_tls += 1
+        request_id = share.channel._send_request("mining.submit", params_list(share.params), share)
+        share.tls_ids.append(request_id)
+
+    def _settle(self, share: _Share, response: Response, now: float, *, via_udp: bool) -> None:
+        if share.settled:
+            return
+        share.settled = True
+        self._settled += 1
+        if via_udp:
+            self._udp_failures = 0
+            self.rtt.on_answer(share.sent_at, now, transmissions=share.tries)
+        elif share.tries >= 2 and share.record is not None and not share.urgent and self.udp_up:
+            self._udp_failures += 1
+            if self._udp_failures >= UDP_FAILURES_BEFORE_FALLBACK:
+                self._udp_down(now)
+        self._drop_share(share)
+        if not share.channel.closed:
+            share.channel.events.append(Reply("mining.submit", share.context, response, share.serial))
+
+    def _drop_share(self, share: _Share) -> None:
+        share.settled = True
+        self._shares.pop(share.serial, None)
+        for ref in share.refs:
+            self._refs.pop(ref, None)
+        for request_id in share.tls_ids:
+            share.channel._pending.pop(request_id, None)
+
+    def _forget_share(self, serial: int) -> None:
+        share = self._shares.get(serial)
+        if share is not None:
+            self._drop_share(share)
+
+    def _results(self, results: control.Results, now: float) -> None:
+        refs = self._refs
+        for epoch, pn, index, verdict in results.v:
+            share = refs.get((epoch, pn, index))
+            if share is None:
+                continue
+            if verdict == control.ACCEPTED_VERDICT:
+                response = Response(None, TRUE, NULL)
+            elif isinstance(verdict, dict):
+                result = verdict.get("result", UNSET)
+                reason = verdict.get("reject-reason", UNSET)
+                response = Response(
+                    None,
+                    UNSET if result is UNSET else Raw(_encode(result)),
+                    Raw(_encode(verdict.get("error"))),
+                    reason if isinstance(reason, str) else UNSET,
+                )
+            else:
+                response = Response(None, FALSE, error_value(20, "unreadable verdict from the sidecar"))
+            self._settle(share, response, now, via_udp=True)
+
+    # ------------------------------------------------------------------- input
+
+    def receive_control(self, data: bytes, now: float) -> None:
+        """Bytes from the TLS control connection. Sets :attr:`close_reason` on a fatal error."""
+        self._now = now
+        self._last_received = now
+        self._control_received += len(data)
+        try:
+            lines = self._lines.feed(data)
+        except LineTooLong as exc:
+            self._fail(f"control line too long: {exc}")
+            return
+        for raw in lines:
+            try:
+                self._line(raw, now)
+            except ControlDecodeError as exc:
+                self._fail(str(exc))
+                return
+            if self.close_reason is not None:
+                return
+
+    def _line(self, raw: bytes, now: float) -> None:
+        line = control.decode_line(raw)
+        if line.ch is not None:
+            channel = self.channels.get(line.ch)
+            if channel is None:
+                return  # a channel we closed; its last lines cross ours
+            if line.is_response:
+                channel._response(line)
+            else:
+                channel._notification(line, raw)
+            return
+        method = line.method
+        if method is UNSET:
+            if line.id == 1 and not self.ready:
+                self._hello_result(line)
+            return
+        if not isinstance(method, str) or not method.startswith("rm."):
+            raise ControlDecodeError(f"unexpected line from the sidecar: {raw[:120]!r}")
+        params = control.decode_params(method, line.params)
+        if method == "rm.job":
+            self._notify_lines += 1
+            try:
+                check_notify(params.notify)
+            except ValueError as exc:
+                raise ControlDecodeError(f"rm.job with a bad notify: {exc}") from None
+            self._jobs[params.job] = params.notify
+            while len(self._jobs) > JOBS_KEPT:
+                self._jobs.popitem(last=False)
+        elif method == "rm.notify":
+            self._notify_lines += 1
+            notify = self._jobs.get(params.job)
+            if notify is None:
+                raise ControlDecodeError(f"rm.notify for unknown job {params.job}")
+            for ch in params.ch:
+                channel = self.channels.get(ch)
+                if channel is not None:
+                    channel._deliver_job(params.job, notify)
+        elif method == "rm.results":
+            self._results(params, now)
+        elif method == "rm.keys":
+            self._new_keys(params, now)
+        elif method == "rm.close":
+            channel = self.channels.pop(params.ch, None)
+            if channel is not None:
+                for share in [s for s in self._shares.values() if s.channel is channel]:
+                    self._drop_share(share)
+                channel._fail_pending(f"sidecar closed the channel: {params.reason}")
+        elif method == "rm.ping":
+            self._write(control.encode_rm("rm.pong", params))
+        elif method == "rm.pong":
+            pass
+        elif method == "rm.error":
+            self._fail(f"sidecar error: {params.reason}")
+        else:
+            raise ControlDecodeError(f"{method} is not for the proxy")
+
+    def _hello_result(self, line: ControlLine) -> None:
+        if bytes(line.error) != b"null" or line.result is UNSET:
+            self._fail(f"sidecar refused rm.hello: {bytes(line.error).decode(errors='replace')}")
+            return
+        try:
+            self.hello = msgspec.json.decode(line.result, type=control.HelloResult)
+        except msgspec.DecodeError as exc:
+            raise ControlDecodeError(f"bad rm.hello result: {exc}") from None
+        if self.hello.version != control.PROTOCOL_VERSION:
+            self._fail(f"sidecar speaks StratumRM {self.hello.version}, this proxy speaks {control.PROTOCOL_VERSION}")
+            return
+        self.ready = True
+
+    def _new_keys(self, keys: control.Keys, now: float) -> None:
+        try:
+            material = KeyMaterial(int(keys.conn_id, 16), keys.epoch, bytes.fromhex(keys.secret))
+        except ValueError as exc:
+            raise ControlDecodeError(f"bad rm.keys: {exc}") from None
+        key_set = KeySet.derive(material, Role.PROXY)
+        if self._keys is None:
+            self._receiver.add_session(self._session_key, key_set.opener)
+        else:
+            self._receiver.rekey(self._session_key, key_set.opener, now)
+        self._keys = key_set
+        if not self.udp_up:
+            self._probe(now)
+
+    def receive_datagram(self, data: bytes, address: Any, now: float) -> None:
+        self._now = now
+        result = self._receiver.receive(data, address, now)
+        if type(result) is Accepted and isinstance(result.body, ProbeAck):
+            if not self.udp_up:
+                self.udp_up = True
+                self._udp_failures = 0
+                self._next_probe = None
+
+    def _probe(self, now: float) -> None:
+        if self._keys is None:
+            return
+        self._probe_id = (self._probe_id + 1) & 0xFFFFFFFF
+        self._datagrams.append(self._keys.sealer.seal(Probe(self._probe_id)).data)
+        self._next_probe = now + (1.0 if not self.udp_up else self.probe_interval)
+
+    def _udp_down(self, now: float) -> None:
+        self.udp_up = False
+        self._fallbacks += 1
+        self._udp_failures = 0
+        self._next_probe = now + self.probe_interval
+
+    def _fail(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+
+    def connection_lost(self, reason: str) -> None:
+        """The control connection is gone: every channel ends."""
+        self._fail(reason)
+        for channel in list(self.channels.values()):
+            channel._fail_pending(f"StratumRM connection lost: {reason}")
+        self.channels.clear()
+        self._shares.clear()
+        self._refs.clear()
+        self._timeline.clear()
+
+    # -------------------------------------------------------------------- time
+
+    def next_deadline(self) -> float | None:
+        timeline = self._timeline
+        while timeline and timeline[0].settled:
+            timeline.popleft()
+        candidates = [t for t in (self._next_probe,) if t is not None]
+        if timeline:
+            candidates.append(timeline[0].deadline)
+        if self.hello is not None:
+            candidates.append(self._last_sent + self.hello.heartbeat)
+            candidates.append(self._last_received + self.hello.dead_after)
+        return min(candidates) if candidates else None
+
+    def on_timer(self, now: float) -> None:
+        self._now = now
+        hello = self.hello
+        if hello is not None:
+            if now - self._last_received >= hello.dead_after:
+                self._fail(f"sidecar silent for {hello.dead_after:g} s")
+                return
+            if now - self._last_sent >= hello.heartbeat:
+                self._write(control.encode_rm("rm.ping", control.Ping(t=now)))
+        if self._next_probe is not None and now >= self._next_probe:
+            self._probe(now)
+        timeline = self._timeline
+        retried: list[_Share] = []
+        while timeline and (timeline[0].settled or timeline[0].deadline <= now):
+            share = timeline.popleft()
+            if share.settled:
+                continue
+            self.rtt.on_timeout()
+            if share.tries == 1 and self.udp_up and share.record is not None:
+                self._retx_udp += 1
+                self._queued_records.append(share)
+            elif share.tries <= 2 and not share.tls_ids:
+                self._retx_tls += 1
+                self._send_tls(share)
+            else:
+                continue  # over TLS already: TCP delivers it; the rig's timeout bounds the wait
+            share.tries += 1
+            share.sent_at = now
+            share.deadline = now + self.rtt.rto
+            retried.append(share)
+        timeline.extend(retried)
+
+    def statistics(self) -> ConnectionStatistics:
+        rtt = self.rtt
+        return ConnectionStatistics(
+            ready=self.ready,
+            udp_up=self.udp_up,
+            channels=len(self.channels),
+            shares=self._shares_total,
+            shares_udp=self._shares_udp,
+            shares_tls=self._shares_tls,
+            retransmissions_udp=self._retx_udp,
+            retransmissions_tls=self._retx_tls,
+            block_candidates=self._blocks,
+            settled=self._settled,
+            pending=len(self._shares),
+            udp_fallbacks=self._fallbacks,
+            datagrams_sent=self._datagrams_sent,
+            datagram_bytes_sent=self._datagram_bytes,
+            control_bytes_sent=self._control_sent,
+            control_bytes_received=self._control_received,
+            notify_lines=self._notify_lines,
+            srtt_ms=None if rtt.srtt is None else rtt.srtt * 1000,
+            rto_ms=rtt.rto * 1000,
+        )
