@@ -1,0 +1,239 @@
+"""The proxy side of StratumRM, driven sans-IO against a hand-made sidecar."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from bridge.relay.rm_upstream import ChannelClosed, StratumRMConnection
+from bridge.sv1.events import Reply
+from bridge.sv1.messages import Notify, SubmitParams
+from bridge.sv1.rejects import read_verdict
+from bridge.wire import control
+from bridge.wire.datagram import DatagramType, Probe, ProbeAck, Share, ShareBatch, decode_body, parse_header
+from bridge.wire.keys import KeyMaterial, KeySet, Role
+
+NOTIFY = [
+    "6b05d75700000037", "36b6b33055f3556c2919c92af2fc9ddeeee9c69503e3f3e7f193bdcf00000000",
+    "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff21016d000415d9056b0447544e010c",
+    "0a636b706f6f6cffffffff0200f2052a01000000160014751e76e8199196d454941c45d1b3a323f1433bd600000000",
+    [], "20000000", "1d00ffff", "6b05d915", True,
+]
+
+
+class FakeSidecar:
+    """Just enough of a sidecar: answers hello, hands out keys, opens datagrams."""
+
+    def __init__(self, conn: StratumRMConnection) -> None:
+        self.conn = conn
+        self.material = KeyMaterial(0x1122334455667788, 1, bytes(range(32)))
+        self.keys = KeySet.derive(self.material, Role.SIDECAR)
+        self.lines: list[dict] = []
+
+    def send(self, *lines: bytes, now: float = 0.0) -> None:
+        self.conn.receive_control(b"".join(lines), now)
+
+    def read(self) -> list[dict]:
+        new = [json.loads(line) for line in self.conn.data_to_send().decode().splitlines()]
+        self.lines.extend(new)
+        return new
+
+    def open(self, datagram: bytes):
+        header = parse_header(datagram)
+        plaintext = self.keys.opener.open(datagram)
+        assert plaintext is not None, "datagram does not authenticate under the session key"
+        return header, decode_body(header.type, plaintext)
+
+    def start(self, *, udp: bool = True, now: float = 0.0, dead_after: float = 1000.0) -> None:
+        self.conn.start(now)
+        hello = self.read()[0]
+        assert hello["method"] == "rm.hello" and hello["params"]["version"] == 1
+        result = control.HelloResult(version=1, udp_port=3334 if udp else None, dead_after=dead_after)
+        self.send(control.encode_rm_result(1, result), now=now)
+        if udp:
+            keys = control.Keys(conn_id=f"{self.material.conn_id:016x}", epoch=1, secret=self.material.secret.hex())
+            self.send(control.encode_rm("rm.keys", keys), now=now)
+            [probe] = self.conn.datagrams_to_send()
+            header, body = self.open(probe)
+            assert isinstance(body, Probe)
+            ack = self.keys.sealer.seal(ProbeAck(body.probe_id)).data
+            self.conn.receive_datagram(ack, ("127.0.0.1", 3334), now)
+            assert self.conn.udp_up
+
+
+def channel_ready(conn: StratumRMConnection, sidecar: FakeSidecar, *, nbits: str = "1d00ffff"):
+    channel = conn.open_channel("10.0.0.2:4028")
+    channel.subscribe("cgminer/4.11.1", context="sub")
+    channel.request("mining.authorize", ["alice.rig1", "x"], context="auth")
+    sent = sidecar.read()
+    assert [m.get("method") for m in sent] == ["rm.open", "mining.subscribe", "mining.authorize"]
+    assert sent[1]["ch"] == channel.ch and sent[1]["params"] == ["cgminer/4.11.1"]
+    sidecar.send(
+        control.encode_channel_response(channel.ch, sent[1]["id"], msgspec.Raw(b'[[["mining.notify","ab"]],"5ad7056b",8]'), msgspec.Raw(b"null")),
+        control.encode_channel_response(channel.ch, sent[2]["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")),
+    )
+    notify = list(NOTIFY)
+    notify[6] = nbits
+    sidecar.send(
+        b'{"id":null,"method":"rm.job","params":{"job":7,"notify":' + json.dumps(notify).encode() + b"}}\n",
+        control.encode_rm("rm.notify", control.NotifyChannels(job=7, ch=[channel.ch])),
+    )
+    events = channel.events
+    channel.events = []
+    assert [type(e) for e in events] == [Reply, Reply, Notify]
+    assert events[0].context == "sub" and events[2].params.job_id == NOTIFY[0]
+    return channel
+
+
+SUBMIT = SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", "0a029ed1")
+
+
+def test_handshake_keys_and_probe_bring_udp_up() -> None:
+    conn = StratumRMConnection()
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    assert conn.ready and conn.udp_up
+
+
+def test_a_share_goes_as_one_sealed_record_and_its_verdict_comes_back() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    serial = channel.submit(SUBMIT, context="rig-id-4")
+    [datagram] = conn.datagrams_to_send()
+    header, body = sidecar.open(datagram)
+    assert header.type == DatagramType.SHARE and isinstance(body, Share)
+    assert (body.channel_id, body.job_handle, body.extranonce2, body.ntime, body.nonce) == (
+        channel.ch, 7, bytes.fromhex("0100000000000000"), 0x6B05D915, 0x0A029ED1)
+    assert body.version_bits is None and body.worker_index is None
+    assert len(datagram) <= 60
+    sidecar.send(control.encode_rm("rm.results", control.Results(v=[(1, header.pn, 0, 1)])), now=0.004)
+    [reply] = channel.events
+    assert reply.context == "rig-id-4" and reply.accepted and reply.request_id == serial
+    assert conn.rtt.srtt == pytest.approx(0.004)
+    assert conn.statistics().pending == 0
+
+
+def test_shares_of_one_step_share_a_datagram_and_rejects_keep_the_pools_words() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    for i in range(3):
+        channel.submit(msgspec.structs.replace(SUBMIT, nonce=f"{i:08x}"), context=i)
+    [datagram] = conn.datagrams_to_send()
+    header, body = sidecar.open(datagram)
+    assert isinstance(body, ShareBatch) and len(body.shares) == 3
+    verdicts = [(1, header.pn, 0, 1), (1, header.pn, 1, {"result": False, "error": None, "reject-reason": "Stale"}),
+                (1, header.pn, 2, {"result": None, "error": [23, "low difficulty share", None]})]
+    sidecar.send(control.encode_rm("rm.results", control.Results(v=verdicts)))
+    replies = {r.context: r for r in channel.events}
+    assert replies[0].accepted
+    assert replies[1].response.reject_reason == "Stale" and read_verdict(replies[1].response).code == 21
+    assert read_verdict(replies[2].response).code == 23
+
+
+def test_no_verdict_means_udp_retransmission_then_tls_and_repeated_failures_fall_back() -> None:
+    conn = StratumRMConnection(detect_blocks=False, initial_rto=0.1)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    for attempt in range(3):
+        now = attempt * 10.0
+        channel.submit(msgspec.structs.replace(SUBMIT, nonce=f"{attempt:08x}"), context=attempt)
+        conn._now = now
+        [first] = conn.datagrams_to_send()
+        conn.on_timer(now + 5)  # past any RTO
+        [again] = conn.datagrams_to_send()
+        assert sidecar.open(again)[0].pn > sidecar.open(first)[0].pn
+        conn.on_timer(now + 9)
+        tls = [m for m in sidecar.read() if m.get("method") == "mining.submit"]
+        assert len(tls) == 1 and tls[0]["params"][4] == f"{attempt:08x}"
+        sidecar.send(control.encode_channel_response(channel.ch, tls[0]["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")))
+        [reply] = channel.events
+        channel.events = []
+        assert reply.accepted and reply.context == attempt
+    stats = conn.statistics()
+    assert stats.retransmissions_udp == 3 and stats.retransmissions_tls == 3
+    assert not conn.udp_up and stats.udp_fallbacks == 1
+    # While UDP is down shares go over TLS at once.
+    channel.submit(msgspec.structs.replace(SUBMIT, nonce="ffffffff"), context="down")
+    assert conn.datagrams_to_send() == []
+    assert [m["method"] for m in sidecar.read() if "method" in m] == ["mining.submit"]
+
+
+def test_a_late_udp_verdict_after_the_tls_one_is_ignored() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    channel.submit(SUBMIT, context="x")
+    [first] = conn.datagrams_to_send()
+    conn.on_timer(5)
+    conn.datagrams_to_send()
+    conn.on_timer(10)
+    [tls] = [m for m in sidecar.read() if m.get("method") == "mining.submit"]
+    sidecar.send(control.encode_channel_response(channel.ch, tls["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")))
+    sidecar.send(control.encode_rm("rm.results", control.Results(v=[(1, sidecar.open(first)[0].pn, 0, 1)])))
+    assert len(channel.events) == 1
+
+
+def test_block_candidates_go_over_udp_urgent_and_tls_at_once() -> None:
+    conn = StratumRMConnection(detect_blocks=True)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar, nbits="2100ffff")  # a target so easy that every hash is a block
+    channel.submit(SUBMIT, context="block")
+    [datagram] = conn.datagrams_to_send()
+    header, _ = sidecar.open(datagram)
+    assert header.urgent
+    assert [m["method"] for m in sidecar.read() if "method" in m] == ["mining.submit"]
+    assert conn.statistics().block_candidates == 1
+
+
+def test_unknown_job_or_worker_goes_over_tls() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    channel.submit(msgspec.structs.replace(SUBMIT, job_id="unknown"), context=1)
+    channel.submit(msgspec.structs.replace(SUBMIT, worker="bob.rig"), context=2)
+    channel.submit(msgspec.structs.replace(SUBMIT, nonce="0A029ED1"), context=3)
+    assert conn.datagrams_to_send() == []
+    assert len([m for m in sidecar.read() if m.get("method") == "mining.submit"]) == 3
+
+
+def test_sidecar_closing_a_channel_and_going_silent() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(dead_after=5.0)
+    channel = channel_ready(conn, sidecar)
+    sidecar.send(control.encode_rm("rm.close", control.Close(ch=channel.ch, reason="pool connection refused")))
+    assert isinstance(channel.events[-1], ChannelClosed) and "pool connection refused" in channel.events[-1].reason
+    other = conn.open_channel()
+    conn.on_timer(1.5)
+    assert any(m.get("method") == "rm.ping" for m in sidecar.read())
+    conn.on_timer(6.0)
+    assert conn.close_reason and "silent" in conn.close_reason
+    conn.connection_lost(conn.close_reason)
+    assert isinstance(other.events[-1], ChannelClosed)
+
+
+@pytest.mark.parametrize("line", [b"not json\n", b'{"id":null,"method":"rm.bogus","params":{}}\n',
+                                  b'{"id":null,"method":"rm.notify","params":{"job":99,"ch":[1]}}\n'])
+def test_malformed_control_lines_close_the_connection_with_a_reason(line) -> None:
+    conn = StratumRMConnection()
+    FakeSidecar(conn).start()
+    conn.receive_control(line, 0.0)
+    assert conn.close_reason
+
+
+def test_refused_hello_closes_with_the_sidecars_words() -> None:
+    conn = StratumRMConnection()
+    conn.start(0.0)
+    conn.data_to_send()
+    conn.receive_control(b'{"id":1,"result":null,"error":[1,"unsupported StratumRM version 1"]}\n', 0.0)
+    assert "unsupported StratumRM version" in conn.close_reason
