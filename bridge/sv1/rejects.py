@@ -84,10 +84,9 @@ def read_verdict(response: Response) -> Verdict:
         return Verdict(False, code, message)
     if isinstance(error, dict):
         message = str(error.get("message", ""))
-        code = error.get("code")
-        if not isinstance(code, int) or not 20 <= code <= 25:
-            code = _code_from_text(message)
-        return Verdict(False, code, message)
+        raw_code = error.get("code")
+        standard = isinstance(raw_code, int) and not isinstance(raw_code, bool) and 20 <= raw_code <= 25
+        return Verdict(False, raw_code if standard else _code_from_text(message), message)
     if isinstance(error, str):
         return Verdict(False, _code_from_text(error), error)
     return Verdict(False, OTHER, "rejected")

@@ -237,3 +237,31 @@ def test_refused_hello_closes_with_the_sidecars_words() -> None:
     conn.data_to_send()
     conn.receive_control(b'{"id":1,"result":null,"error":[1,"unsupported StratumRM version 1"]}\n', 0.0)
     assert "unsupported StratumRM version" in conn.close_reason
+
+
+def test_udp_comes_back_after_a_fallback_when_a_probe_is_answered() -> None:
+    conn = StratumRMConnection(detect_blocks=False, probe_interval=10.0)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel_ready(conn, sidecar)
+    conn._udp_down(0.0)
+    assert not conn.udp_up and conn.datagrams_to_send() == []
+    conn.on_timer(10.0)  # the re-probe is due
+    [probe] = conn.datagrams_to_send()
+    header, body = sidecar.open(probe)
+    assert isinstance(body, Probe)
+    conn.receive_datagram(sidecar.keys.sealer.seal(ProbeAck(body.probe_id)).data, ("127.0.0.1", 3334), 10.5)
+    assert conn.udp_up
+
+
+def test_forged_probe_acks_do_not_bring_udp_up() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    conn._udp_down(0.0)
+    forged = bytearray(sidecar.keys.sealer.seal(ProbeAck(1)).data)
+    forged[-1] ^= 1
+    conn.receive_datagram(bytes(forged), ("127.0.0.1", 3334), 1.0)
+    stranger = KeySet.derive(KeyMaterial(0x1122334455667788, 1, bytes(32)), Role.SIDECAR)
+    conn.receive_datagram(stranger.sealer.seal(ProbeAck(1)).data, ("127.0.0.1", 3334), 1.0)
+    assert not conn.udp_up
