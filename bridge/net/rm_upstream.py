@@ -153,6 +153,7 @@ class StratumRMLink:
         self.connection = connection
         self.connections_made += 1
         connection.start(trio.current_time())
+        self.kick()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_control, connection, stream, nursery.cancel_scope)
@@ -206,6 +207,7 @@ class StratumRMLink:
         await udp.connect(address)
         self._udp = udp
         nursery.start_soon(self._read_udp, connection, udp)
+        connection.probe(trio.current_time())  # keys may have come before the socket
         self.kick()
 
     def _deliver(self) -> None:

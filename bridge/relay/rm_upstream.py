@@ -21,8 +21,9 @@ channel"). The parts that are this module's job:
   it again over UDP with a new packet number, a second over TLS, which is
   reliable. The first verdict for any copy settles the share; the sidecar's
   duplicate set makes copies harmless.
-- **Fallback.** UDP counts as up once a PROBE is answered. Three shares in a row
-  that needed the TLS copy mark it down; it is probed again every
+- **Fallback.** UDP counts as up once a PROBE is answered. Three timer expiries
+  in a row that had to send shares over TLS after their UDP retransmission, with
+  no UDP verdict in between, mark it down; it is probed again every
   ``probe_interval`` and comes back on the next PROBE_ACK.
 - **Block candidates.** When the share's hash meets the network target of the
   job's nbits (computed here from the job, the channel's extranonce1 and the
@@ -292,6 +293,7 @@ class StratumRMConnection:
         self.udp_up = False
         self._udp_failures = 0
         self._next_probe: float | None = None
+        self._probe_retry = 0.1
         self._probe_id = 0
         self._last_sent = 0.0
         self._last_received = 0.0
@@ -474,10 +476,6 @@ class StratumRMConnection:
         if via_udp:
             self._udp_failures = 0
             self.rtt.on_answer(share.sent_at, now, transmissions=share.tries)
-        elif share.tries >= 2 and share.record is not None and not share.urgent and self.udp_up:
-            self._udp_failures += 1
-            if self._udp_failures >= UDP_FAILURES_BEFORE_FALLBACK:
-                self._udp_down(now)
         self._drop_share(share)
         if not share.channel.closed:
             share.channel.events.append(Reply("mining.submit", share.context, response, share.serial))
@@ -618,7 +616,7 @@ class StratumRMConnection:
             self._receiver.rekey(self._session_key, key_set.opener, now)
         self._keys = key_set
         if not self.udp_up:
-            self._probe(now)
+            self.probe(now)
 
     def receive_datagram(self, data: bytes, address: Any, now: float) -> None:
         self._now = now
@@ -628,18 +626,22 @@ class StratumRMConnection:
                 self.udp_up = True
                 self._udp_failures = 0
                 self._next_probe = None
+                self._probe_retry = 0.1
 
-    def _probe(self, now: float) -> None:
+    def probe(self, now: float) -> None:
+        """Send a PROBE now; unanswered, it is repeated after 0.1, 0.2, 0.4 … s up to ``probe_interval``."""
         if self._keys is None:
             return
         self._probe_id = (self._probe_id + 1) & 0xFFFFFFFF
         self._datagrams.append(self._keys.sealer.seal(Probe(self._probe_id)).data)
-        self._next_probe = now + (1.0 if not self.udp_up else self.probe_interval)
+        self._next_probe = now + self._probe_retry
+        self._probe_retry = min(self._probe_retry * 2, self.probe_interval)
 
     def _udp_down(self, now: float) -> None:
         self.udp_up = False
         self._fallbacks += 1
         self._udp_failures = 0
+        self._probe_retry = self.probe_interval
         self._next_probe = now + self.probe_interval
 
     def _fail(self, reason: str) -> None:
@@ -680,19 +682,20 @@ class StratumRMConnection:
             if now - self._last_sent >= hello.heartbeat:
                 self._write(control.encode_rm("rm.ping", control.Ping(t=now)))
         if self._next_probe is not None and now >= self._next_probe:
-            self._probe(now)
+            self.probe(now)
         timeline = self._timeline
         retried: list[_Share] = []
+        escalated = False
         while timeline and (timeline[0].settled or timeline[0].deadline <= now):
             share = timeline.popleft()
             if share.settled:
                 continue
-            self.rtt.on_timeout()
             if share.tries == 1 and self.udp_up and share.record is not None:
                 self._retx_udp += 1
                 self._queued_records.append(share)
             elif share.tries <= 2 and not share.tls_ids:
                 self._retx_tls += 1
+                escalated = escalated or share.record is not None
                 self._send_tls(share)
             else:
                 continue  # over TLS already: TCP delivers it; the rig's timeout bounds the wait
@@ -700,6 +703,17 @@ class StratumRMConnection:
             share.sent_at = now
             share.deadline = now + self.rtt.rto
             retried.append(share)
+        if escalated and self.udp_up:
+            # A timer expiry that had to fall back to TLS after a UDP retransmission;
+            # several in a row with no UDP verdict in between mean UDP is blocked.
+            self._udp_failures += 1
+            if self._udp_failures >= UDP_FAILURES_BEFORE_FALLBACK:
+                self._udp_down(now)
+        if retried:
+            self.rtt.on_timeout()  # one back-off per timer expiry, however many shares it covers
+            rto = self.rtt.rto
+            for share in retried:
+                share.deadline = now + rto
         timeline.extend(retried)
 
     def statistics(self) -> ConnectionStatistics:

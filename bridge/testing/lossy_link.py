@@ -207,6 +207,13 @@ class LossyLink:
         self._port: int | None = None
         self._upstream_port: int | None = None
 
+    def set_impairment(self, *, to_target: Impairment | None = None, to_client: Impairment | None = None) -> None:
+        """Change what either direction does from now on (e.g. block UDP, then unblock it)."""
+        if to_target is not None:
+            self._up.impairment = to_target
+        if to_client is not None:
+            self._down.impairment = to_client
+
     @property
     def port(self) -> int | None:
         """The bound listening port, once :meth:`serve` has started."""

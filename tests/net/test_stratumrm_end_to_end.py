@@ -1,0 +1,164 @@
+"""The whole StratumRM chain on real sockets: rigs -> proxy => (lossy UDP) => sidecar -> pool.
+
+Shares are hashed for real by the reference miners and validated for real by the
+reference pool; the tally (pool's accepted set == miners' accepted set, nothing
+twice at the pool, every submit answered) is what proves delivery.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from bridge.testing.chain import start_chain
+from bridge.testing.lossy_link import Impairment
+from bridge.testing.miner import Miner
+from bridge.testing.pool import PoolConfig
+
+PROFILES = ["cgminer", "cpuminer", "bfgminer", "bmminer", "bitaxe"]
+
+
+def share_keys(records) -> set:
+    return {(r.job_id, r.extranonce1, r.extranonce2, r.ntime, r.nonce, r.version_bits) for r in records}
+
+
+def assert_tally(miners: list[Miner], pool) -> None:
+    assert not [share for miner in miners for share in miner.unanswered()], "every submit must be answered"
+    accepted = [share for miner in miners for share in miner.accepted]
+    assert share_keys(accepted) == share_keys(pool.accepted)
+    assert len(pool.accepted) == len(share_keys(pool.accepted)), "a share reached the pool twice"
+    assert pool.statistics().duplicates == 0
+
+
+async def run_miners(miners: list[Miner], timeout: float) -> None:
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for miner in miners:
+                nursery.start_soon(miner.run)
+
+
+async def test_every_profile_over_stratumrm_gets_true_verdicts(tmp_path) -> None:
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=tuple(PROFILES), pool_config=PoolConfig(difficulty=0.00005))
+        chain.pool.reject_next(2, 23)
+        miners = [Miner(chain.miner_url, f"{p}.rig1", profile=p, max_shares=4) for p in PROFILES]
+        await run_miners(miners, 60)
+        assert_tally(miners, chain.pool)
+        rejected = [s for m in miners for s in m.rejected]
+        assert len(rejected) == 2 and {s.verdict.code for s in rejected} == {23}
+        link = chain.proxy.link.connection.statistics()
+        assert link.udp_up and link.shares == 20 and link.shares_udp >= 10  # the first may beat the UDP probe
+        assert chain.sidecar.statistics().shares_forwarded == 20
+        nursery.cancel_scope.cancel()
+
+
+async def test_thousands_of_shares_through_a_lossy_duplicating_reordering_link(tmp_path) -> None:
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(
+            nursery, tmp_path, accounts=tuple(PROFILES), pool_config=PoolConfig(difficulty=2e-7),
+            loss=20, duplicate=5, reorder=5, seed=7,
+        )
+        # Small hashing chunks, so shares leave one by one rather than in batches.
+        miners = [
+            Miner(chain.miner_url, f"{p}.rig1", profile=p, max_shares=600, hashrate=150_000, chunk_size=256)
+            for p in PROFILES
+        ]
+        await run_miners(miners, 150)
+        assert_tally(miners, chain.pool)
+        assert len(chain.pool.accepted) == 3000
+        link_stats = chain.link.statistics().to_target
+        # Shares leave in batches of up to 32, so a few dozen datagrams carry them all.
+        assert link_stats.dropped >= 5 and link_stats.duplicated + link_stats.reordered >= 1
+        proxy = chain.proxy.link.connection.statistics()
+        assert proxy.retransmissions_udp > 0 and proxy.shares_udp > 2000
+        sidecar = chain.sidecar.statistics()
+        assert sidecar.duplicates_from_cache + sidecar.duplicates_joined + sidecar.datagram_drops.get("replayed", 0) > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path) -> None:
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("rig",), loss=0.001, seed=3,
+                                  pool_config=PoolConfig(difficulty=0.00002))
+        blocked = Impairment(loss=100)
+        miner = Miner(chain.miner_url, "rig.one", profile="cgminer")
+        nursery.start_soon(miner.run)
+        connection = None
+        with trio.fail_after(60):
+            while len(miner.accepted) < 3:
+                await trio.sleep(0.05)
+            connection = chain.proxy.link.connection
+            assert connection.udp_up
+            chain.link.set_impairment(to_target=blocked, to_client=blocked)
+            before = len(miner.accepted)
+            while connection.udp_up or len(miner.accepted) < before + 10:
+                await trio.sleep(0.05)
+            assert connection.statistics().udp_fallbacks == 1
+            chain.link.set_impairment(to_target=Impairment(), to_client=Impairment())
+            connection.probe_interval = 0.2
+            connection._next_probe = trio.current_time()
+            chain.proxy.link.kick()
+            while not connection.udp_up:
+                await trio.sleep(0.05)
+            udp_before = connection.statistics().shares_udp
+            while connection.statistics().shares_udp < udp_before + 3:
+                await trio.sleep(0.05)
+        miner.finish()
+        with trio.fail_after(10):
+            while miner.statistics().pending:
+                await trio.sleep(0.05)
+        miner.stop()
+        assert_tally([miner], chain.pool)
+        nursery.cancel_scope.cancel()
+
+
+async def test_block_candidates_travel_both_ways_and_reach_the_pool_once(tmp_path) -> None:
+    async with trio.open_nursery() as nursery:
+        config = PoolConfig(difficulty=0.00005, nbits="207fffff", new_block_on_solve=False)
+        chain = await start_chain(nursery, tmp_path, accounts=("solo",), pool_config=config)
+        miner = Miner(chain.miner_url, "solo.rig", profile="bmminer", max_shares=6)
+        await run_miners([miner], 60)
+        assert_tally([miner], chain.pool)
+        proxy = chain.proxy.link.connection.statistics()
+        assert proxy.block_candidates >= 1
+        assert chain.pool.statistics().blocks == proxy.block_candidates
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_pool_behind_the_sidecar_gets_rigs_an_explicit_error(tmp_path) -> None:
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("wait",), submit_timeout=1.5)
+        miner = Miner(chain.miner_url, "wait.rig", profile="cpuminer")
+        nursery.start_soon(miner.run)
+        with trio.fail_after(30):
+            while miner.statistics().jobs == 0:
+                await trio.sleep(0.05)
+            chain.pool.stall(True)
+            while not miner.rejected:
+                await trio.sleep(0.05)
+        verdict = miner.rejected[0].verdict
+        assert verdict.code == 20 and "not confirmed" in verdict.message
+        miner.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def test_pool_loss_behind_the_sidecar_releases_the_rig_which_comes_back(tmp_path) -> None:
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("back",))
+        miner = Miner(chain.miner_url, "back.rig", profile="cgminer", reconnect_delay=0.2)
+        nursery.start_soon(miner.run)
+        with trio.fail_after(40):
+            while miner.statistics().jobs == 0:
+                await trio.sleep(0.05)
+            chain.pool.drop_connections(rst=True)
+            while miner.statistics().disconnects == 0:
+                await trio.sleep(0.05)
+            before = len(miner.accepted)
+            while len(miner.accepted) < before + 2:
+                await trio.sleep(0.05)
+        miner.finish()
+        with trio.fail_after(10):
+            while miner.statistics().pending:
+                await trio.sleep(0.05)
+        miner.stop()
+        assert share_keys(miner.accepted) == share_keys(chain.pool.accepted)
+        nursery.cancel_scope.cancel()
