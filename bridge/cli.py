@@ -93,13 +93,14 @@ def proxy(listen, upstreams, cert, key, ca, bundle, upstream_ca, submit_timeout,
 @click.option("--miners", type=click.IntRange(1, 500), default=5, show_default=True, help="Reference miners (profiles cycle: cgminer, cpuminer, bfgminer, bmminer, bitaxe).")
 @click.option("--difficulty", type=float, default=0.0001, show_default=True, help="Pool share difficulty (fractional; lower means more shares).")
 @click.option("--hashrate", type=float, default=None, help="Cap each miner at this many hashes per second (default: as fast as the CPU allows).")
+@click.option("--loss", type=click.FloatRange(0, 100), default=0.0, show_default=True, help="Percent of UDP datagrams a lossy link drops (also duplicates and reorders a quarter as many).")
 @click.option("-v", "--verbose", count=True, help="Show the components' logs.")
-def demo(duration, miners, difficulty, hashrate, verbose) -> None:
-    """Run the whole chain on 127.0.0.1 and check every share's tally."""
+def demo(duration, miners, difficulty, hashrate, loss, verbose) -> None:
+    """Run the whole chain on 127.0.0.1 (pool, sidecar, proxy, miners) and check every share's tally."""
     from bridge import demo as demo_module
 
     setup_logging(verbose, quiet=verbose == 0)
-    status = demo_module.main(duration or None, miners, difficulty, hashrate)
+    status = demo_module.main(duration or None, miners, difficulty, hashrate, loss)
     sys.exit(status)
 
 

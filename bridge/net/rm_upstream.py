@@ -176,7 +176,7 @@ class StratumRMLink:
         finally:
             reason = connection.close_reason or "closed"
             self.failure = reason
-            log.warning("StratumRM session with %s ended: %s", url, reason)
+            (log.info if reason == "closed" else log.warning)("StratumRM session with %s ended: %s", url, reason)
             connection.connection_lost(reason)
             self._deliver()
             self._handles.clear()

@@ -160,5 +160,9 @@ async def test_pool_loss_behind_the_sidecar_releases_the_rig_which_comes_back(tm
             while miner.statistics().pending:
                 await trio.sleep(0.05)
         miner.stop()
-        assert share_keys(miner.accepted) == share_keys(chain.pool.accepted)
+        # A share in flight when the pool died may have been accepted by the pool
+        # while the rig was told it is not confirmed; nothing else may differ.
+        unconfirmed = share_keys(s for s in miner.rejected if "not confirmed" in s.verdict.message)
+        assert share_keys(miner.accepted) <= share_keys(chain.pool.accepted)
+        assert share_keys(chain.pool.accepted) - share_keys(miner.accepted) <= unconfirmed
         nursery.cancel_scope.cancel()
