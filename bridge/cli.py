@@ -129,11 +129,13 @@ def _register_optional() -> None:
     from bridge.testing.commands import testpool
     from bridge.testing.miner_command import testminer
 
+    from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
 
     cli.add_command(testpool)
     cli.add_command(testminer)
     cli.add_command(pki)
+    cli.add_command(sidecar)
 
 
 def main() -> None:

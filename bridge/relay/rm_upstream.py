@@ -76,6 +76,7 @@ _decode_pool_request = msgspec.json.Decoder(PoolRequest).decode
 _encode = msgspec.json.Encoder().encode
 
 JOBS_PER_CHANNEL = 256
+MAX_WORKERS_PER_CHANNEL = 256
 JOBS_KEPT = 4096
 UDP_FAILURES_BEFORE_FALLBACK = 3
 DEFAULT_VERSION_MASK = 0x1FFFE000
@@ -158,7 +159,9 @@ class RMChannel:
 
     def request(self, method: str, params: list[Any] | Raw, context: Any = None) -> int:
         if method == "mining.authorize" and isinstance(params, list) and params and isinstance(params[0], str):
-            if params[0] not in self.workers:
+            # Worker indexes count every authorize request in order (PROTOCOL.md C6),
+            # repeats and refusals included, exactly as the sidecar counts them.
+            if len(self.workers) < MAX_WORKERS_PER_CHANNEL:
                 self.workers.append(params[0])
         return self._send_request(method, params, context)
 

@@ -76,7 +76,7 @@ class Keys(Struct, frozen=True, kw_only=True):
     conn_id: str
     epoch: int
     secret: str
-    grace: float = 10.0
+    grace: float = 2.0
 
 
 class Open(Struct, frozen=True, kw_only=True):

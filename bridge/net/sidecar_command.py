@@ -1,0 +1,154 @@
+"""``stratumrm sidecar``: run the pool-side end of StratumRM next to the pool software.
+
+It terminates StratumRM for miner-side proxies (TLS 1.3 control channel with
+mutual certificates on ``--listen``, UDP shares on the same port number unless
+``--udp-port`` says otherwise) and opens one plain Stratum V1 connection to
+``--pool`` per rig. It refuses to start without its certificate, key and CA:
+there is no unauthenticated mode. Stops on Ctrl-C or SIGTERM.
+
+The lead registers it with ``cli.add_command(sidecar)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+import click
+import trio
+
+from bridge.config import parse_listen, parse_upstream_url
+from bridge.errors import BridgeError
+
+if TYPE_CHECKING:
+    from bridge.net.sidecar import SidecarServer
+
+__all__ = ["parse_advertise", "sidecar"]
+
+MISSING_CERTIFICATES = (
+    "the sidecar does not run without certificates: {missing} {verb} missing. "
+    "Create a CA with `stratumrm pki init`, then this sidecar's certificate with "
+    "`stratumrm pki issue-pool NAME --dns HOST` (or --ip ADDRESS); it prints the "
+    "--cert, --key and --ca to pass here"
+)
+
+
+def parse_advertise(text: str) -> tuple[str | None, int | None]:
+    """``HOST``, ``HOST:PORT``, ``[V6]:PORT``, a bare IPv6 address, or ``:PORT``."""
+    text = text.strip()
+    if not text:
+        raise BridgeError("--advertise is empty; write HOST, HOST:PORT or :PORT")
+    host: str | None
+    port_text: str | None = None
+    if text.startswith("["):
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise BridgeError(f"--advertise {text!r}: write an IPv6 address as [ADDRESS]:PORT")
+        host, port_text = inside, rest[1:] or None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host = text  # a name, an IPv4 address or a bare IPv6 address
+    host = host or None
+    port = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise BridgeError(f"--advertise {text!r}: the port must be a number from 1 to 65535")
+        port = int(port_text)
+    return host, port
+
+
+def _setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.command("sidecar")
+@click.option("--listen", default="0.0.0.0:3334", show_default=True, help="HOST:PORT where proxies connect (TLS, and UDP on the same port).")
+@click.option("--pool", "pool_url", metavar="URL", help="The pool software: stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT.")
+@click.option("--pool-ca", type=click.Path(dir_okay=False), help="CA file to verify a stratum+ssl pool (default: the system trust store).")
+@click.option("--cert", type=click.Path(dir_okay=False), help="This sidecar's certificate (`stratumrm pki issue-pool`).")
+@click.option("--key", type=click.Path(dir_okay=False), help="The private key of --cert.")
+@click.option("--ca", type=click.Path(dir_okay=False), help="The StratumRM CA certificate proxies' certificates are checked against.")
+@click.option("--revocations", type=click.Path(dir_okay=False), help="Revocation list to enforce and watch (the CA's revocations.pem).")
+@click.option("--udp-port", type=click.IntRange(0, 65535), default=None, help="UDP port for shares (default: the --listen port number).")
+@click.option("--no-udp", is_flag=True, help="Offer no UDP: shares travel over the TLS control channel.")
+@click.option("--advertise", metavar="HOST[:PORT]", help="UDP address to tell proxies (a sidecar behind NAT).")
+@click.option("--rekey-interval", type=click.FloatRange(min=1.0), default=3600.0, show_default=True, help="Seconds between new UDP keys.")
+@click.option("--dead-after", type=click.FloatRange(min=0.5), default=5.0, show_default=True, help="Seconds of silence after which a proxy is dead.")
+@click.option("-v", "--verbose", count=True, help="Debug logging.")
+def sidecar(
+    listen: str,
+    pool_url: str | None,
+    pool_ca: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+    revocations: str | None,
+    udp_port: int | None,
+    no_udp: bool,
+    advertise: str | None,
+    rekey_interval: float,
+    dead_after: float,
+    verbose: int,
+) -> None:
+    """Pool-side sidecar: terminate StratumRM and relay each rig to the pool."""
+    from bridge.net.sidecar import SidecarServer
+    from bridge.pki.revocation import RevocationList
+    from bridge.pki.tls import public_client_context, server_context
+
+    missing = [name for name, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if not value]
+    if missing:
+        raise click.UsageError(
+            MISSING_CERTIFICATES.format(missing=", ".join(missing), verb="is" if len(missing) == 1 else "are")
+        )
+    assert cert is not None and key is not None and ca is not None
+    if not pool_url:
+        raise click.UsageError("--pool is required: the pool software, e.g. --pool stratum+tcp://127.0.0.1:3333")
+    try:
+        host, port = parse_listen(listen)
+        pool = parse_upstream_url(pool_url)
+        if pool.transport == "stratumrm":
+            raise BridgeError("--pool is the pool software itself: stratum+tcp:// or stratum+ssl://, not stratumrm://")
+        advertise_host, advertise_port = parse_advertise(advertise) if advertise else (None, None)
+        context = server_context(cert, key, ca)
+        pool_context = public_client_context(pool_ca) if pool.tls else None
+        revocation_list = RevocationList(revocations, ca) if revocations else None
+    except BridgeError as exc:
+        raise click.UsageError(str(exc)) from None
+    _setup_logging(verbose)
+    server = SidecarServer(
+        pool,
+        context,
+        pool_ssl_context=pool_context,
+        udp=not no_udp,
+        udp_port=udp_port,
+        advertise_host=advertise_host,
+        advertise_port=advertise_port,
+        rekey_interval=rekey_interval,
+        heartbeat=min(1.0, dead_after / 5),
+        dead_after=dead_after,
+        revocations=revocation_list,
+    )
+    try:
+        trio.run(_serve_until_signalled, server, host, port)
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve on {listen}: {exc}; is the address in use or the port privileged?") from None
+
+
+async def _serve_until_signalled(server: SidecarServer, host: str, port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, host, port)
+        if threading.current_thread() is threading.main_thread():
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
