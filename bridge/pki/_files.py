@@ -18,6 +18,7 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.errors import PKIError
@@ -103,6 +104,30 @@ def read_bytes(path: Path, what: str, hint: str) -> bytes:
         raise PKIError(f"{what} {path} is a directory, not a file; {hint}") from None
     except PermissionError:
         raise PKIError(f"no permission to read the {what} {path}; run as its owner or fix its mode") from None
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What ``stat`` says about a file; when it changes, the content may have changed.
+
+    Watchers (the revocation list, certificates reloaded without a restart) compare
+    stamps every few seconds and read the file only when its stamp moved: an atomic
+    replacement gives a new inode, an in-place write a new size or mtime.
+    """
+
+    device: int
+    inode: int
+    size: int
+    modified_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp | None:
+        """The stamp of ``path``, or None when it does not exist (yet)."""
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 @contextlib.contextmanager

@@ -98,6 +98,11 @@ def read_bundle(path: str | os.PathLike[str]) -> BundleContents:
     data = read_bytes(
         bundle_path, "miner bundle", "create one with `stratumrm pki issue-miner NAME --account ACCOUNT`"
     )
+    return parse_bundle(data, bundle_path)
+
+
+def parse_bundle(data: bytes, bundle_path: str | os.PathLike[str]) -> BundleContents:
+    """:func:`read_bundle` on bytes already read from ``bundle_path`` (named in errors)."""
     blocks = [(match.group(1).decode(), match.group(0)) for match in _PEM_BLOCK.finditer(data)]
     certificate_blocks = [block for kind, block in blocks if kind == "CERTIFICATE"]
     key_blocks = [block for kind, block in blocks if kind.endswith("PRIVATE KEY")]

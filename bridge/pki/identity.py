@@ -70,6 +70,18 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SERIAL_PATTERN = re.compile(r"(?:0x)?([0-9a-f:]+)", re.IGNORECASE)
 
 
+class CertificateRefused(PKIError):
+    """A certificate that may not be used now; :attr:`kind` says why, in a word or two.
+
+    The kinds (``"expired"``, ``"not yet valid"``, ``"revoked"``, ``"not a miner
+    certificate"``, ``"CA not valid"``) are what the sidecar counts refusals by.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 # --------------------------------------------------------------------------- names
 
 
@@ -329,16 +341,18 @@ def check_validity(
     now: datetime,
     leeway: timedelta = DEFAULT_CLOCK_SKEW_LEEWAY,
 ) -> None:
-    """Raise :class:`PKIError` unless ``now`` is inside the validity period ± ``leeway``."""
+    """Raise :class:`CertificateRefused` unless ``now`` is inside the validity period ± ``leeway``."""
     validity = identity.validity_at(now, leeway)
     if validity is Validity.NOT_YET_VALID:
-        raise PKIError(
+        raise CertificateRefused(
+            "not yet valid",
             f"{identity.describe()} is not valid before {identity.not_valid_before.isoformat()} "
             f"(now {now.isoformat()}, leeway {leeway.total_seconds():g} s); "
             "check the clocks (NTP) of the CA host and of this host"
         )
     if validity is Validity.EXPIRED:
-        raise PKIError(
+        raise CertificateRefused(
+            "expired",
             f"{identity.describe()} expired at {identity.not_valid_after.isoformat()} "
             f"(now {now.isoformat()}, leeway {leeway.total_seconds():g} s); "
             f"issue a new one with `stratumrm pki renew {identity.name}`"

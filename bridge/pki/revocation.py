@@ -24,33 +24,34 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import msgspec
 from cryptography import x509
 
 from bridge.errors import PKIError
-from bridge.pki._files import read_bytes
+from bridge.pki._files import FileStamp, read_bytes
 from bridge.pki.identity import format_serial
 
 
-@dataclass(frozen=True)
-class _FileStamp:
-    """What ``stat`` says about a file; when it changes, the content may have changed."""
+#: A list whose nextUpdate is this close is flagged, so someone re-publishes it in time.
+REPUBLISH_WARNING = timedelta(days=3)
 
-    device: int
-    inode: int
-    size: int
-    modified_ns: int
 
-    @classmethod
-    def of(cls, path: Path) -> _FileStamp | None:
-        try:
-            status = os.stat(path)
-        except FileNotFoundError:
-            return None
-        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+class RevocationStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The revocation list in use, as statistics and the status endpoint show it."""
+
+    file: str
+    crl_number: int
+    revoked: int
+    this_update: datetime | None
+    next_update: datetime | None
+    stale: bool
+    """Past nextUpdate: still enforced, but re-publish it (``stratumrm pki crl``)."""
+    due_soon: bool
+    """nextUpdate is less than :data:`REPUBLISH_WARNING` away."""
+    reloads: int
 
 
 def load_ca_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
@@ -102,7 +103,7 @@ class RevocationList:
     def __init__(self, path: str | os.PathLike[str], ca_certificate_path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._ca_certificate = load_ca_certificate(ca_certificate_path)
-        self._stamp: _FileStamp | None = None
+        self._stamp: FileStamp | None = None
         self._content_sha256 = b""
         self._revoked: dict[int, datetime] = {}
         self.crl_number = -1
@@ -110,7 +111,7 @@ class RevocationList:
         self.next_update: datetime | None = None
         self.reload_count = 0
         """How many times a new list was loaded (the first load counts)."""
-        self._load(self._read(), _FileStamp.of(self.path))
+        self._load(self._read(), FileStamp.of(self.path))
 
     # ---------------------------------------------------------------- queries
 
@@ -132,18 +133,32 @@ class RevocationList:
     def __len__(self) -> int:
         return len(self._revoked)
 
+    def status(self, now: datetime) -> RevocationStatus:
+        """A snapshot for statistics: what is loaded and whether it needs re-publishing."""
+        next_update = self.next_update
+        return RevocationStatus(
+            file=str(self.path),
+            crl_number=self.crl_number,
+            revoked=len(self._revoked),
+            this_update=self.this_update,
+            next_update=next_update,
+            stale=self.is_stale(now),
+            due_soon=next_update is not None and next_update - now < REPUBLISH_WARNING,
+            reloads=self.reload_count,
+        )
+
     # ---------------------------------------------------------------- reloading
 
-    def reload_if_changed(self) -> bool:
+    def reload_if_changed(self, *, force: bool = False) -> bool:
         """Re-read the file if it changed; return True when a new list was loaded.
 
         Cheap when nothing changed (one ``stat``). When device, inode, size or mtime
-        differ, the file is read and hashed; identical content is not parsed again.
-        On an invalid or older file this raises :class:`PKIError`, keeps the list in
-        use, and tries again on the next call.
+        differ, or ``force`` is set (SIGHUP), the file is read and hashed; identical
+        content is not parsed again. On an invalid or older file this raises
+        :class:`PKIError`, keeps the list in use, and tries again on the next call.
         """
-        stamp = _FileStamp.of(self.path)
-        if stamp is not None and stamp == self._stamp:
+        stamp = FileStamp.of(self.path)
+        if not force and stamp is not None and stamp == self._stamp:
             return False
         content = self._read()
         if hashlib.sha256(content).digest() == self._content_sha256:
@@ -159,7 +174,7 @@ class RevocationList:
             "create it with `stratumrm pki init` (it starts empty) or pass DIR/revocations.pem",
         )
 
-    def _load(self, content: bytes, stamp: _FileStamp | None) -> None:
+    def _load(self, content: bytes, stamp: FileStamp | None) -> None:
         crl = parse_revocation_list(content, self._ca_certificate, str(self.path))
         number = crl_number_of(crl)
         if number < self.crl_number:

@@ -12,6 +12,10 @@ Control channel (miner-side proxy ⇄ pool-side sidecar):
   session skips all of that, and OpenSSL never consults our revocation list. So the
   sidecar calls :func:`check_miner_peer` after every handshake, resumed ones included;
   it re-reads the peer's identity and applies validity (with leeway) and revocation.
+  The sidecar's context is built with ``check_time=False``: OpenSSL then leaves the
+  validity period to that one check, so the configured clock-skew leeway means the
+  same on full and resumed handshakes, and an expired or not yet valid certificate is
+  refused with an ``rm.error`` that says so instead of an anonymous handshake failure.
 
 Backup pools reached directly over ``stratum+ssl://`` use :func:`public_client_context`.
 
@@ -25,10 +29,13 @@ from __future__ import annotations
 import os
 import ssl
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+
+from cryptography import x509
 
 from bridge.errors import PKIError
 from bridge.pki.authority import CertificateAuthority
@@ -36,8 +43,10 @@ from bridge.pki.bundle import read_bundle
 from bridge.pki.identity import (
     DEFAULT_CLOCK_SKEW_LEEWAY,
     CertificateIdentity,
+    CertificateRefused,
     check_validity,
     identity_from_der,
+    identity_of,
     split_hosts,
 )
 from bridge.pki.revocation import RevocationList
@@ -123,10 +132,23 @@ def _control_channel_context(*, server_side: bool) -> ssl.SSLContext:
     return context
 
 
-def server_context(cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath) -> ssl.SSLContext:
+#: OpenSSL's ``X509_V_FLAG_NO_CHECK_TIME`` (1.1.0 and later); Python has no name for it.
+VERIFY_NO_CHECK_TIME = 0x200000
+
+
+def server_context(
+    cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath, *, check_time: bool = True
+) -> ssl.SSLContext:
     """Sidecar side: TLS 1.3 only, presents ``cert_file``, requires a client certificate
-    issued by the CA in ``ca_file`` (strict X.509 verification, clientAuth usage)."""
+    issued by the CA in ``ca_file`` (strict X.509 verification, clientAuth usage).
+
+    ``check_time=False`` leaves the validity period of the client's certificate and of
+    the CA out of OpenSSL's verification; only pass it when :func:`check_miner_peer`
+    (with ``ca``) runs after every handshake, as the sidecar does.
+    """
     context = _control_channel_context(server_side=True)
+    if not check_time:
+        context.verify_flags |= VERIFY_NO_CHECK_TIME
     _load_certificate_and_key(
         context, cert_file, key_file, "issue one with `stratumrm pki issue-pool NAME --dns HOST`"
     )
@@ -222,29 +244,136 @@ def peer_identity(tls: HasPeerCertificate) -> CertificateIdentity:
 
 def check_miner_peer(
     tls: HasPeerCertificate,
-    revocations: RevocationList,
+    revocations: RevocationList | None,
     *,
     now: datetime,
     leeway: timedelta = DEFAULT_CLOCK_SKEW_LEEWAY,
+    cas: Sequence[x509.Certificate] = (),
 ) -> CertificateIdentity:
     """What the sidecar runs after every handshake, resumed ones included.
 
-    Returns the miner's identity, or raises :class:`PKIError` when the certificate is not
-    a miner certificate, is outside its validity period (± ``leeway``) or is revoked.
-    Call :meth:`RevocationList.reload_if_changed` separately (periodically), and re-check
-    live sessions against a reloaded list with :meth:`RevocationList.is_revoked`.
+    Returns the miner's identity, or raises :class:`CertificateRefused` (a
+    :class:`PKIError`; its ``kind`` says why) when the certificate is not a miner
+    certificate, is outside its validity period (± ``leeway``) or is revoked. With
+    ``cas`` (the CAs the context trusts), the CA that issued the certificate must be
+    inside its own validity period too: pass them when the context was built with
+    ``check_time=False``. Call :meth:`RevocationList.reload_if_changed` separately
+    (periodically), and re-check live sessions against a reloaded list with
+    :meth:`RevocationList.is_revoked`.
     """
-    identity = peer_identity(tls)
+    try:
+        certificate = x509.load_der_x509_certificate(peer_certificate_der(tls))
+    except ValueError as error:
+        raise PKIError(f"peer certificate is not valid DER X.509: {error}") from None
+    identity = identity_of(certificate)
     if identity.role != "miner":
-        raise PKIError(
-            f"the peer presented a {identity.role} certificate ({identity.name!r}), not a miner certificate"
+        raise CertificateRefused(
+            "not a miner certificate",
+            f"the peer presented a {identity.role} certificate ({identity.name!r}), not a miner "
+            "certificate; a proxy needs a bundle from `stratumrm pki issue-miner NAME --account ACCOUNT`",
         )
+    if cas:
+        _check_issuer_validity(certificate, cas, now, leeway)
     check_validity(identity, now=now, leeway=leeway)
-    if revocations.is_revoked(identity.serial):
-        raise PKIError(
-            f"{identity.describe()} is revoked; issue a new one with `stratumrm pki renew {identity.name}`"
+    if revocations is not None and revocations.is_revoked(identity.serial):
+        revoked_at = revocations.revocation_date(identity.serial)
+        since = f" since {revoked_at:%Y-%m-%d %H:%M} UTC" if revoked_at is not None else ""
+        raise CertificateRefused(
+            "revoked",
+            f"{identity.describe()} is revoked{since}; if this proxy should connect again, issue it "
+            f"a new certificate (`stratumrm pki renew {identity.name}`) and install the bundle",
         )
     return identity
+
+
+def _key_identifier(certificate: x509.Certificate, kind: type[x509.ExtensionType]) -> bytes | None:
+    try:
+        value = certificate.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    return getattr(value, "key_identifier", None) or getattr(value, "digest", None)
+
+
+def _check_issuer_validity(
+    certificate: x509.Certificate, cas: Sequence[x509.Certificate], now: datetime, leeway: timedelta
+) -> None:
+    """The CA among ``cas`` that issued ``certificate`` must be valid at ``now`` (± ``leeway``)."""
+    authority_key = _key_identifier(certificate, x509.AuthorityKeyIdentifier)
+    issuers = [
+        ca
+        for ca in cas
+        if ca.subject == certificate.issuer
+        and (authority_key is None or _key_identifier(ca, x509.SubjectKeyIdentifier) in (None, authority_key))
+    ]
+    if any(ca.not_valid_before_utc - leeway <= now <= ca.not_valid_after_utc + leeway for ca in issuers):
+        return
+    if not issuers:
+        raise CertificateRefused(
+            "unknown CA", "the certificate's issuer is not among the CAs this sidecar trusts (--ca)"
+        )
+    ca = issuers[0]
+    raise CertificateRefused(
+        "CA not valid",
+        f"the CA that issued it ({ca.subject.rfc4514_string()}) is valid from "
+        f"{ca.not_valid_before_utc:%Y-%m-%d %H:%M} to {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
+        "not now; check this host's clock, or move to a new CA (README, Operator guide: certificates)",
+    )
+
+
+def explain_handshake_failure(error: BaseException) -> tuple[str, str]:
+    """Why a sidecar's TLS handshake with a client failed: ``(kind, advice)``.
+
+    ``kind`` is a short word for counting (``"no certificate"``, ``"unknown CA"`` ...);
+    the advice says, for the operator, what the client did and what to do about it.
+    """
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return "connection lost", (
+            "the client closed the connection during the TLS handshake; if it is a proxy, its log "
+            "says why (often: it does not trust this sidecar's certificate, or dialled a host name "
+            "the certificate does not name)"
+        )
+    reason = getattr(cause, "reason", None) or ""
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        message = cause.verify_message or str(cause)
+        code = cause.verify_code
+        if code in (18, 19, 20, 21, 2):  # self-signed, self-signed in chain, unknown issuer, ...
+            return "unknown CA", (
+                f"its certificate was not issued by this sidecar's CA ({message}); give that proxy "
+                "a bundle from the CA in --ca (`stratumrm pki issue-miner NAME --account ACCOUNT`)"
+            )
+        if code == 10:
+            return "expired", f"its certificate has expired ({message}); renew it: `stratumrm pki renew NAME`"
+        if code == 9:
+            return "not yet valid", f"its certificate is not valid yet ({message}); check both hosts' clocks (NTP)"
+        if code == 26:
+            return "not a miner certificate", (
+                f"its certificate is not for TLS clients ({message}); proxies need a bundle from "
+                "`stratumrm pki issue-miner`"
+            )
+        return "certificate refused", f"its certificate failed verification ({message})"
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no certificate", (
+            "the client presented no certificate; every proxy needs a bundle from this CA "
+            "(`stratumrm pki issue-miner NAME --account ACCOUNT`, then `stratumrm proxy --bundle FILE`)"
+        )
+    if reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE"):
+        return "TLS version", "the client does not speak TLS 1.3, which StratumRM requires; upgrade it"
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG"):
+        return "not TLS", (
+            "the client did not speak TLS (a rig or a scanner on the sidecar's port?); rigs connect "
+            "to `stratumrm proxy`, which connects here"
+        )
+    if reason.startswith(("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+                          "TLSV1_ALERT_DECRYPT_ERROR", "SSLV3_ALERT_CERTIFICATE_EXPIRED")):
+        return "sidecar certificate refused", (
+            f"the client refused this sidecar's certificate ({reason}); the proxy must trust this CA "
+            "and dial a host name or address the sidecar certificate names "
+            "(`stratumrm pki issue-pool NAME --dns HOST --ip ADDRESS`)"
+        )
+    return "handshake failed", f"TLS error: {reason or cause}"
 
 
 # --------------------------------------------------------------------------- test and demo PKI
