@@ -37,16 +37,32 @@ After every input the driver carries out the session's commands at once
 that arrives in a datagram is on its way to the pool before the next datagram is
 read.
 
-Certificates: the TLS handshake itself refuses clients without a certificate of
-the configured CA. After it, the peer must present a *miner* certificate; with a
-revocation list it must not be revoked (checked after every handshake, resumed
-ones included, and again whenever the list changes), and its accounts are the
-only ones the proxy may authorize, unless ``enforce_accounts`` is off.
+Certificates
+============
+
+- The TLS handshake itself refuses clients without a certificate of the configured
+  CA (the log says which: no certificate, another CA, not TLS 1.3, not TLS at all).
+- After **every** handshake, resumed ones included, :func:`~bridge.pki.tls.check_miner_peer`
+  runs: the peer must present a *miner* certificate, inside its validity period and
+  its CA's, with the ``clock_skew`` leeway (with :class:`~bridge.pki.rotation.ServerCredentials`
+  OpenSSL leaves time to this check, so the leeway holds for full and resumed
+  handshakes alike), and not revoked. Then at most ``max_connections_per_cert``
+  control connections may be open per certificate. A refused proxy gets an
+  ``rm.error`` saying why before the close; the log says what happened and what to do.
+- The certificate's accounts are the only ones the proxy may authorize (unless
+  ``enforce_accounts`` is off); each refused account is logged once per channel
+  with the certificate's name.
+- Housekeeping, every ``reload_interval`` seconds and on :meth:`SidecarServer.reload`
+  (SIGHUP): the revocation list is re-read when it changed, and the live sessions of
+  newly revoked certificates are closed at once; with ``ServerCredentials``, a
+  renewed certificate and key are loaded and used for the next handshakes while live
+  sessions continue. Certificates (its own, the CA, the proxies') that expire within
+  ``expiry_warning`` are logged once a day and listed by :meth:`SidecarServer.warnings`.
 
 Logging goes to ``bridge.sidecar``: proxies connecting (with the certificate's
-name and accounts) and leaving, channels opening and closing at info; failed
-handshakes, pool connection failures and protocol errors (with what to do) at
-warning.
+name and accounts) and leaving, channels opening and closing, reloads at info;
+refusals, failed handshakes, pool connection failures, expiring certificates and
+protocol errors (with what to do) at warning.
 """
 
 from __future__ import annotations
@@ -56,7 +72,7 @@ import math
 import socket
 import ssl
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
@@ -71,11 +87,21 @@ from bridge.net.tcp import (
     peer_name,
     tune_stream,
 )
-from bridge.pki.identity import CertificateIdentity, check_validity
-from bridge.pki.revocation import RevocationList
-from bridge.pki.tls import check_miner_peer, peer_identity
+from bridge.pki.identity import DEFAULT_CLOCK_SKEW_LEEWAY, CertificateIdentity, CertificateRefused
+from bridge.pki.revocation import RevocationList, RevocationStatus
+from bridge.pki.rotation import (
+    DEFAULT_EXPIRY_WARNING,
+    DEFAULT_RELOAD_INTERVAL,
+    CertificateStatus,
+    Reminders,
+    ServerCredentials,
+    expiry_warning,
+    identity_status,
+)
+from bridge.pki.tls import check_miner_peer, explain_handshake_failure
 from bridge.relay.sidecar import (
     DEFAULT_BATCH_WINDOW,
+    AccountRefused,
     DEFAULT_DEAD_AFTER,
     DEFAULT_HEARTBEAT,
     DEFAULT_REKEY_INTERVAL,
@@ -86,9 +112,10 @@ from bridge.relay.sidecar import (
     SidecarSessionStatistics,
     WritePool,
 )
+from bridge.wire.control import ErrorNotice, encode_rm
 from bridge.wire.receiver import DEFAULT_BURST, DEFAULT_GRACE, DEFAULT_RATE
 
-__all__ = ["SidecarServer", "SidecarStatistics"]
+__all__ = ["ConnectedCertificate", "SidecarServer", "SidecarStatistics"]
 
 log = logging.getLogger("bridge.sidecar")
 
@@ -101,6 +128,10 @@ MAX_POOL_BACKLOG = 4 * 1024 * 1024
 #: How long the last lines (rm.error, final verdicts) may take to go out on close.
 CLOSE_FLUSH_TIMEOUT = 1.0
 HOUSEKEEPING_INTERVAL = 1.0
+#: Control connections one certificate may hold at once (``--max-connections-per-cert``).
+DEFAULT_MAX_CONNECTIONS_PER_CERT = 4
+#: How long a refused proxy has to take its ``rm.error`` before the close.
+REFUSAL_FLUSH_TIMEOUT = 1.0
 _UDP_BIND_ATTEMPTS = 8
 _SUMMED = (
     "channels_opened",
@@ -110,6 +141,7 @@ _SUMMED = (
     "duplicates_from_cache",
     "duplicates_joined",
     "shares_refused",
+    "authorizations_refused",
     "accepted",
     "rejected",
     "verdicts_udp",
@@ -123,13 +155,26 @@ _SUMMED = (
 )
 
 
-class SidecarStatistics(Struct, frozen=True):
-    """Counters over every control connection so far, open ones included."""
+class ConnectedCertificate(CertificateStatus, frozen=True, kw_only=True):
+    """A miner certificate with live control connections."""
+
+    accounts: tuple[str, ...]
+    connections: int
+
+
+class SidecarStatistics(Struct, frozen=True, kw_only=True):
+    """Counters over every control connection so far, open ones included, and certificates."""
 
     sessions_active: int
     sessions_total: int
+    handshakes_full: int
+    handshakes_resumed: int
     handshake_failures: int
+    """TLS handshakes that failed (no certificate, another CA, not TLS 1.3 ...)."""
     certificate_refusals: int
+    """Completed handshakes refused afterwards (expired, revoked, over the cap ...)."""
+    refusals: dict[str, int]
+    """Every refused connection by kind, both of the above."""
     closed_by_reason: dict[str, int]
     channels_open: int
     channels_opened: int
@@ -140,6 +185,7 @@ class SidecarStatistics(Struct, frozen=True):
     duplicates_from_cache: int
     duplicates_joined: int
     shares_refused: int
+    authorizations_refused: int
     accepted: int
     rejected: int
     verdicts_udp: int
@@ -154,16 +200,28 @@ class SidecarStatistics(Struct, frozen=True):
     datagrams_accepted: int
     datagram_drops: dict[str, int]
     """Every drop reason of the shared UDP pipeline, zeros included."""
+    certificate: CertificateStatus | None
+    """This sidecar's certificate (None when it was given a bare SSL context)."""
+    ca_certificates: list[CertificateStatus]
+    certificate_reloads: int
+    revocations: RevocationStatus | None
+    connected_certificates: list[ConnectedCertificate]
 
 
 class SidecarServer:
     """Terminates StratumRM for proxies and opens one SV1 connection to ``pool`` per channel.
 
-    ``ssl_context`` is the control channel's server context (mutual TLS 1.3).
-    ``udp_port`` None binds UDP on the TCP port's number; ``udp`` False offers no
-    UDP at all (shares then come over TLS). ``advertise_host``/``advertise_port``
-    go into the hello result instead of the bound port and the host the proxy
-    dialled (for a sidecar behind NAT).
+    ``ssl_context`` is the control channel's server context (mutual TLS 1.3): a
+    :class:`~bridge.pki.rotation.ServerCredentials`, reloaded from disk when its files
+    change, or a fixed ``ssl.SSLContext``. ``udp_port`` None binds UDP on the TCP
+    port's number; ``udp`` False offers no UDP at all (shares then come over TLS).
+    ``advertise_host``/``advertise_port`` go into the hello result instead of the
+    bound port and the host the proxy dialled (for a sidecar behind NAT).
+    ``clock_skew`` is the leeway on validity periods, ``max_connections_per_cert``
+    the cap on live control connections per certificate (None: no cap),
+    ``expiry_warning`` the window in which certificates count as expiring soon, and
+    ``reload_interval`` how often the revocation list and certificate files are
+    looked at.
     """
 
     def __init__(
@@ -187,13 +245,24 @@ class SidecarServer:
         handshake_timeout: float = 10.0,
         enforce_accounts: bool = True,
         revocations: RevocationList | None = None,
+        clock_skew: timedelta = DEFAULT_CLOCK_SKEW_LEEWAY,
+        max_connections_per_cert: int | None = DEFAULT_MAX_CONNECTIONS_PER_CERT,
+        expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING,
+        reload_interval: float = DEFAULT_RELOAD_INTERVAL,
     ) -> None:
         if pool.transport == "stratumrm":
             raise ValueError("the sidecar's pool is plain Stratum V1: stratum+tcp:// or stratum+ssl://")
         if pool.tls and pool_ssl_context is None:
             raise ValueError(f"{pool} needs a TLS context (public_client_context)")
+        if max_connections_per_cert is not None and max_connections_per_cert < 1:
+            raise ValueError("max_connections_per_cert must be at least 1 (or None for no cap)")
         self.pool = pool
-        self.ssl_context = ssl_context
+        if isinstance(ssl_context, ServerCredentials):
+            self.credentials: ServerCredentials | None = ssl_context
+            self._fixed_context: ssl.SSLContext | None = None
+        else:
+            self.credentials = None
+            self._fixed_context = ssl_context
         self.pool_ssl_context = pool_ssl_context if pool.tls else None
         self.udp = udp
         self.requested_udp_port = udp_port
@@ -207,17 +276,35 @@ class SidecarServer:
         self.handshake_timeout = handshake_timeout
         self.enforce_accounts = enforce_accounts
         self.revocations = revocations
+        self.clock_skew = clock_skew
+        self.max_connections_per_cert = max_connections_per_cert
+        self.expiry_warning = expiry_warning
+        self.reload_interval = reload_interval
         self.intake = SidecarIntake(rate=udp_rate, burst=udp_burst, grace=key_grace)
         self.port: int | None = None
         self.udp_port: int | None = None
         self._udp_socket: trio.socket.SocketType | None = None
         self._connections: dict[SidecarSession, _ProxyConnection] = {}
         self._sessions_total = 0
+        self._handshakes_full = 0
+        self._handshakes_resumed = 0
         self._handshake_failures = 0
         self._certificate_refusals = 0
+        self._refusals: Counter[str] = Counter()
+        self._per_certificate: Counter[bytes] = Counter()
         self._pool_connect_failures = 0
         self._closed: Counter[str] = Counter()
         self._finished: Counter[str] = Counter()
+        self._revocation_error: str | None = None
+        self._reminders = Reminders()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The context of the next handshake (a reloaded certificate shows here)."""
+        if self.credentials is not None:
+            return self.credentials.context
+        assert self._fixed_context is not None
+        return self._fixed_context
 
     # ------------------------------------------------------------------ serving
 
@@ -235,11 +322,13 @@ class SidecarServer:
             f", UDP shares on port {self.udp_port}" if self.udp_port is not None else ", no UDP",
             self.pool,
         )
+        self._log_certificates()
         try:
             async with trio.open_nursery() as nursery:
                 if udp_socket is not None:
                     nursery.start_soon(self._receive_datagrams, udp_socket)
                 nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self._watch_files)
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
                 task_status.started(self.port)
         finally:
@@ -288,22 +377,183 @@ class SidecarServer:
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
             self.intake.purge(trio.current_time())
-            revocations = self.revocations
-            if revocations is None:
-                continue
-            try:
-                changed = revocations.reload_if_changed()
-            except PKIError as exc:
-                log.warning("revocation list not reloaded: %s", exc)
-                continue
-            if changed:
-                log.info("revocation list reloaded: %d revoked certificates", len(revocations))
-                for connection in list(self._connections.values()):
-                    identity = connection.identity
-                    if revocations.is_revoked(identity.serial):
-                        log.warning("closing the session of %s: the certificate was revoked", identity.describe())
-                        connection.session.close(f"{identity.describe()} was revoked", trio.current_time())
-                        connection.step()
+
+    async def _watch_files(self) -> None:
+        while True:
+            await trio.sleep(self.reload_interval)
+            self.reload()
+
+    # ------------------------------------------------------------------ certificates
+
+    def reload(self, *, force: bool = False) -> None:
+        """Look at the revocation list and this sidecar's certificate files now.
+
+        Runs every ``reload_interval`` seconds; ``force`` (SIGHUP) re-reads the files
+        even when their stamps did not move. A changed revocation list closes the live
+        sessions of newly revoked certificates; a renewed certificate and key serve the
+        next handshakes. A file that does not load is reported and the previous one
+        stays in force. Then the warnings (expiring certificates ...) are logged, each
+        once a day.
+        """
+        self._reload_revocations(force)
+        self._reload_credentials(force)
+        self._log_warnings()
+
+    def _reload_revocations(self, force: bool) -> None:
+        revocations = self.revocations
+        if revocations is None:
+            return
+        try:
+            changed = revocations.reload_if_changed(force=force)
+        except PKIError as exc:
+            self._revocation_error = str(exc)
+            return
+        self._revocation_error = None
+        if not changed:
+            return
+        log.info(
+            "revocation list %s reloaded: CRL number %d, %d revoked certificates",
+            revocations.path, revocations.crl_number, len(revocations),
+        )
+        for connection in list(self._connections.values()):
+            identity = connection.identity
+            if revocations.is_revoked(identity.serial) and not connection.session.closed:
+                channels = len(connection.session.channels)
+                log.warning(
+                    "closing the session of proxy %s: %s was revoked; its %d channels end now, and the "
+                    "proxy is refused until it has a new certificate",
+                    connection.peer, identity.describe(), channels,
+                )
+                connection.session.close(f"{identity.describe()} was revoked", trio.current_time())
+                connection.step()
+
+    def _reload_credentials(self, force: bool) -> None:
+        credentials = self.credentials
+        if credentials is None:
+            return
+        try:
+            changed = credentials.reload_if_changed(force=force)
+        except PKIError:
+            return  # credentials.last_error says why; _log_warnings reports it
+        if changed:
+            status = credentials.status(datetime.now(UTC), self.expiry_warning)
+            assert status is not None
+            log.info(
+                "certificate reloaded from %s: %s certificate %r (serial %s, valid until %s UTC); new "
+                "handshakes use it, the %d live sessions continue",
+                credentials.certificate_file, status.role, status.name, status.serial,
+                f"{status.not_after:%Y-%m-%d %H:%M}", len(self._connections),
+            )
+
+    def _log_certificates(self) -> None:
+        """At start: what this sidecar presents and enforces."""
+        now = datetime.now(UTC)
+        if self.credentials is not None:
+            status = self.credentials.status(now, self.expiry_warning)
+            if status is not None:
+                log.info(
+                    "presenting %s certificate %r (serial %s, valid until %s UTC) from %s; watching it for renewal",
+                    status.role, status.name, status.serial, f"{status.not_after:%Y-%m-%d %H:%M}", status.file,
+                )
+        if self.revocations is not None:
+            log.info(
+                "enforcing the revocation list %s (CRL number %d, %d revoked); watching it for changes",
+                self.revocations.path, self.revocations.crl_number, len(self.revocations),
+            )
+        self._log_warnings()
+
+    def warnings(self, now: datetime | None = None) -> list[str]:
+        """What needs the operator: certificates expiring soon, a stale revocation list ..."""
+        return [message for _key, message in self._warnings(now or datetime.now(UTC))]
+
+    def _warnings(self, now: datetime) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+
+        def add(key: str, message: str | None) -> None:
+            if message is not None:
+                found.append((key, message))
+
+        credentials = self.credentials
+        if credentials is not None:
+            status = credentials.status(now, self.expiry_warning)
+            if status is not None:
+                cert_file, key_file = credentials.files[0], credentials.files[1]
+                add(
+                    f"certificate {status.serial}",
+                    expiry_warning(
+                        status,
+                        "this sidecar's certificate",
+                        f"renew it (`stratumrm pki renew {status.name}`) and copy the new certificate and key "
+                        f"over {cert_file} and {key_file}; the sidecar loads them without a restart",
+                    ),
+                )
+            for ca in credentials.ca_statuses(now, self.expiry_warning):
+                add(
+                    f"ca {ca.serial}",
+                    expiry_warning(ca, "the CA certificate", "move to a new CA before then (README, Operator guide)"),
+                )
+            if credentials.last_error is not None:
+                add("certificate reload", f"certificate not reloaded: {credentials.last_error}")
+        revocations = self.revocations
+        if revocations is None:
+            add(
+                "no revocation list",
+                "no revocation list (--revocations): revoked certificates are not refused; pass the CA's "
+                "revocations.pem",
+            )
+        else:
+            crl = revocations.status(now)
+            due = f"{crl.next_update:%Y-%m-%d %H:%M} UTC" if crl.next_update is not None else "?"
+            if crl.stale:
+                add(
+                    "revocation list stale",
+                    f"the revocation list {crl.file} passed its next update ({due}); it is still enforced, "
+                    "but re-publish it with `stratumrm pki crl` and copy it here",
+                )
+            elif crl.due_soon:
+                add(
+                    "revocation list due",
+                    f"the revocation list {crl.file} is due for re-publication at {due}; run "
+                    "`stratumrm pki crl` and copy it here",
+                )
+            if self._revocation_error is not None:
+                add("revocation list error", f"revocation list not reloaded: {self._revocation_error}")
+        for peer in self._connected_certificates(now):
+            add(
+                f"peer {peer.serial}",
+                expiry_warning(
+                    peer,
+                    "the miner certificate",
+                    f"{peer.connections} connected proxy connection(s) use it: renew it "
+                    f"(`stratumrm pki renew {peer.name}`) and install the new bundle on that proxy",
+                ),
+            )
+        return found
+
+    def _log_warnings(self) -> None:
+        now = trio.current_time()
+        found = self._warnings(datetime.now(UTC))
+        for key, message in found:
+            if self._reminders.due(key, now):
+                log.warning("%s", message)
+        self._reminders.retain(key for key, _message in found)
+
+    def _connected_certificates(self, now: datetime) -> list[ConnectedCertificate]:
+        by_certificate: dict[bytes, tuple[CertificateIdentity, int]] = {}
+        for connection in self._connections.values():
+            identity = connection.identity
+            _identity, count = by_certificate.get(identity.sha256_fingerprint, (identity, 0))
+            by_certificate[identity.sha256_fingerprint] = (identity, count + 1)
+        return [
+            ConnectedCertificate(
+                **identity_status(identity, now, self.expiry_warning),
+                accounts=identity.accounts,
+                connections=count,
+            )
+            for identity, count in by_certificate.values()
+        ]
+
+    # ------------------------------------------------------------------ connections
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         tune_stream(tcp)
@@ -313,38 +563,60 @@ class SidecarServer:
             identity = await self._handshake(tls, peer)
             if identity is None:
                 return
-            connection = _ProxyConnection(self, tls, peer, identity)
-            self._connections[connection.session] = connection
-            self._sessions_total += 1
-            accounts = ", ".join(identity.accounts) or "none"
-            log.info("proxy %s connected: %s, accounts %s", peer, identity.describe(), accounts)
-            try:
-                reason = await connection.run()
-            except Exception:
-                # A bug must not take the other proxies' sessions down with this one.
-                log.exception("proxy %s (%s): internal error, closing this connection", peer, identity.name)
-                reason = "internal error"
-            finally:
-                del self._connections[connection.session]
-                connection.session.connection_lost("connection closed", trio.current_time())
-                self._account_finished(connection.session)
-            self._closed[reason.split(":", 1)[0]] += 1
-            stats = connection.session.statistics()
-            if connection.session.protocol_error is not None:
-                log.warning(
-                    "proxy %s (%s) sent a malformed control line: %s; connection closed. "
-                    "Check that the proxy runs a StratumRM version this sidecar speaks (1); "
-                    "other proxies are not affected",
-                    peer, identity.name, connection.session.protocol_error,
+            fingerprint = identity.sha256_fingerprint
+            limit = self.max_connections_per_cert
+            if limit is not None and self._per_certificate[fingerprint] >= limit:
+                await self._refuse(
+                    tls, peer, "connection limit",
+                    f"{identity.describe()} already holds {self._per_certificate[fingerprint]} control "
+                    f"connections, the limit (--max-connections-per-cert {limit}); one proxy needs one, so "
+                    "several proxies probably share a bundle: give each its own "
+                    "(`stratumrm pki issue-miner NAME --account ACCOUNT`), or raise the limit",
+                    tls.session_reused,
                 )
-            log.info(
-                "proxy %s (%s) disconnected: %s; %d channels, %d shares forwarded (%d UDP, %d TLS), "
-                "%d duplicates answered from cache",
-                peer, identity.name, reason, stats.channels_opened, stats.shares_forwarded,
-                stats.shares_udp, stats.shares_tls, stats.duplicates_from_cache + stats.duplicates_joined,
-            )
+                return
+            self._per_certificate[fingerprint] += 1
+            try:
+                await self._serve_proxy(tls, peer, identity)
+            finally:
+                self._per_certificate[fingerprint] -= 1
+                if not self._per_certificate[fingerprint]:
+                    del self._per_certificate[fingerprint]
         finally:
             await close_quietly(tls)
+
+    async def _serve_proxy(self, tls: trio.SSLStream, peer: str, identity: CertificateIdentity) -> None:
+        """One accepted proxy, from its first control line to its disconnection."""
+        connection = _ProxyConnection(self, tls, peer, identity)
+        self._connections[connection.session] = connection
+        self._sessions_total += 1
+        accounts = ", ".join(identity.accounts) or "none"
+        log.info("proxy %s connected: %s, accounts %s", peer, identity.describe(), accounts)
+        try:
+            reason = await connection.run()
+        except Exception:
+            # A bug must not take the other proxies' sessions down with this one.
+            log.exception("proxy %s (%s): internal error, closing this connection", peer, identity.name)
+            reason = "internal error"
+        finally:
+            del self._connections[connection.session]
+            connection.session.connection_lost("connection closed", trio.current_time())
+            self._account_finished(connection.session)
+        self._closed[reason.split(":", 1)[0]] += 1
+        stats = connection.session.statistics()
+        if connection.session.protocol_error is not None:
+            log.warning(
+                "proxy %s (%s) sent a malformed control line: %s; connection closed. "
+                "Check that the proxy runs a StratumRM version this sidecar speaks (1); "
+                "other proxies are not affected",
+                peer, identity.name, connection.session.protocol_error,
+            )
+        log.info(
+            "proxy %s (%s) disconnected: %s; %d channels, %d shares forwarded (%d UDP, %d TLS), "
+            "%d duplicates answered from cache",
+            peer, identity.name, reason, stats.channels_opened, stats.shares_forwarded,
+            stats.shares_udp, stats.shares_tls, stats.duplicates_from_cache + stats.duplicates_joined,
+        )
 
     async def _handshake(self, tls: trio.SSLStream, peer: str) -> CertificateIdentity | None:
         """Run the TLS handshake and check the certificate; None (logged, counted) if refused."""
@@ -352,34 +624,53 @@ class SidecarServer:
             try:
                 await tls.do_handshake()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                kind, advice = explain_handshake_failure(exc)
                 self._handshake_failures += 1
-                log.warning(
-                    "TLS handshake with %s failed: %s; a proxy needs a certificate issued by this "
-                    "sidecar's CA (`stratumrm pki issue-miner NAME --account ACCOUNT`)",
-                    peer, describe_error(exc),
-                )
+                self._refusals[kind] += 1
+                log.warning("TLS handshake with %s failed: %s", peer, advice)
                 return None
         if scope.cancelled_caught:
             self._handshake_failures += 1
-            log.warning("TLS handshake with %s timed out after %g s", peer, self.handshake_timeout)
+            self._refusals["handshake timeout"] += 1
+            log.warning(
+                "TLS handshake with %s timed out after %g s: the client connected but did not finish "
+                "the handshake (a port scanner, or a link too slow for --handshake-timeout)",
+                peer, self.handshake_timeout,
+            )
             return None
+        resumed = bool(tls.session_reused)
+        if resumed:
+            self._handshakes_resumed += 1
+        else:
+            self._handshakes_full += 1
+        # A resumed TLS 1.3 session skips OpenSSL's certificate checks, and with
+        # ServerCredentials OpenSSL leaves validity periods to us anyway: check it all here.
         try:
-            if self.revocations is not None:
-                identity = check_miner_peer(tls, self.revocations, now=datetime.now(UTC))
-            else:
-                # A resumed TLS 1.3 session skips OpenSSL's checks: repeat role and validity.
-                identity = peer_identity(tls)
-                if identity.role != "miner":
-                    raise PKIError(
-                        f"the peer presented a {identity.role} certificate ({identity.name!r}), "
-                        "not a miner certificate; issue one with `stratumrm pki issue-miner`"
-                    )
-                check_validity(identity, now=datetime.now(UTC))
+            return check_miner_peer(
+                tls,
+                self.revocations,
+                now=datetime.now(UTC),
+                leeway=self.clock_skew,
+                cas=self.credentials.ca_certificates if self.credentials is not None else (),
+            )
+        except CertificateRefused as exc:
+            await self._refuse(tls, peer, exc.kind, str(exc), resumed)
         except PKIError as exc:
-            self._certificate_refusals += 1
-            log.warning("refusing %s: %s", peer, exc)
-            return None
-        return identity
+            await self._refuse(tls, peer, "not a StratumRM certificate", str(exc), resumed)
+        return None
+
+    async def _refuse(self, tls: trio.SSLStream, peer: str, kind: str, message: str, resumed: bool) -> None:
+        """Count and log a refused proxy, and tell it why (``rm.error``) before the close."""
+        self._certificate_refusals += 1
+        self._refusals[kind] += 1
+        how = "after a resumed TLS session" if resumed else "after the TLS handshake"
+        log.warning("refused proxy %s %s: %s", peer, how, message)
+        notice = encode_rm("rm.error", ErrorNotice(reason=f"refused by the sidecar: {message}"))
+        with trio.move_on_after(REFUSAL_FLUSH_TIMEOUT):
+            try:
+                await tls.send_all(notice)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     def _account_finished(self, session: SidecarSession) -> None:
         stats = session.statistics()
@@ -397,17 +688,27 @@ class SidecarServer:
             for name in _SUMMED:
                 totals[name] += getattr(stats, name)
         udp = self.intake.statistics()
+        now = datetime.now(UTC)
+        credentials = self.credentials
         return SidecarStatistics(
             sessions_active=len(self._connections),
             sessions_total=self._sessions_total,
+            handshakes_full=self._handshakes_full,
+            handshakes_resumed=self._handshakes_resumed,
             handshake_failures=self._handshake_failures,
             certificate_refusals=self._certificate_refusals,
+            refusals=dict(self._refusals),
             closed_by_reason=dict(self._closed),
             channels_open=sum(s.channels_open for s in live),
             pool_connect_failures=self._pool_connect_failures,
             datagrams_received=udp.datagrams,
             datagrams_accepted=udp.accepted,
             datagram_drops=dict(udp.dropped),
+            certificate=credentials.status(now, self.expiry_warning) if credentials is not None else None,
+            ca_certificates=credentials.ca_statuses(now, self.expiry_warning) if credentials is not None else [],
+            certificate_reloads=credentials.reloads if credentials is not None else 0,
+            revocations=self.revocations.status(now) if self.revocations is not None else None,
+            connected_certificates=self._connected_certificates(now),
             **{name: totals[name] for name in _SUMMED},
         )
 
@@ -507,7 +808,21 @@ class _ProxyConnection:
                     if link is not None:
                         link.cancel_scope.cancel()
                         log.info("proxy %s channel %d closed: %s", self.peer, command.ch, command.reason)
+        for refusal in session.refusals():
+            self._log_refusal(refusal)
         self._wake.set()
+
+    def _log_refusal(self, refusal: AccountRefused) -> None:
+        identity = self.identity
+        covered = ", ".join(identity.accounts) or "none"
+        log.warning(
+            "proxy %s channel %d: refused %s for %r with error 24 (unauthorized worker): %s names "
+            "the accounts %s, not %r. If this proxy should mine for %r, issue a certificate that names "
+            "it too (`stratumrm pki issue-miner NEWNAME --account %s`), install that bundle on the proxy "
+            "and revoke the old one; otherwise correct the rig's worker name",
+            self.peer, refusal.ch, refusal.method, refusal.worker, identity.describe(), covered,
+            refusal.account, refusal.account, " --account ".join((*identity.accounts, refusal.account)),
+        )
 
     # ------------------------------------------------------------------ control channel
 

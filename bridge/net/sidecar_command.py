@@ -6,6 +6,11 @@ mutual certificates on ``--listen``, UDP shares on the same port number unless
 ``--pool`` per rig. It refuses to start without its certificate, key and CA:
 there is no unauthenticated mode. Stops on Ctrl-C or SIGTERM.
 
+It watches ``--revocations``, ``--cert`` and ``--key`` (every few seconds, and at
+once on SIGHUP): a new revocation list closes the sessions of newly revoked
+certificates, a renewed certificate and key serve the next handshakes while live
+sessions go on. ``--status-listen`` serves ``GET /status`` for ``stratumrm status``.
+
 The lead registers it with ``cli.add_command(sidecar)``.
 """
 
@@ -15,6 +20,7 @@ import logging
 import signal
 import sys
 import threading
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import click
@@ -25,6 +31,8 @@ from bridge.errors import BridgeError
 
 if TYPE_CHECKING:
     from bridge.net.sidecar import SidecarServer
+
+log = logging.getLogger("bridge.sidecar")
 
 __all__ = ["parse_advertise", "sidecar"]
 
@@ -82,6 +90,10 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--advertise", metavar="HOST[:PORT]", help="UDP address to tell proxies (a sidecar behind NAT).")
 @click.option("--rekey-interval", type=click.FloatRange(min=1.0), default=3600.0, show_default=True, help="Seconds between new UDP keys.")
 @click.option("--dead-after", type=click.FloatRange(min=0.5), default=5.0, show_default=True, help="Seconds of silence after which a proxy is dead.")
+@click.option("--clock-skew", type=click.FloatRange(min=0.0), default=10.0, show_default=True, help="Seconds of leeway on certificates' validity periods (clocks that disagree).")
+@click.option("--max-connections-per-cert", type=click.IntRange(min=0), default=4, show_default=True, help="Control connections one miner certificate may hold at once (0: no limit).")
+@click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when a certificate expires within this many days.")
+@click.option("--status-listen", metavar="HOST:PORT", help="Serve GET /status (JSON statistics) here, e.g. 127.0.0.1:9101, for `stratumrm status`.")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def sidecar(
     listen: str,
@@ -96,12 +108,21 @@ def sidecar(
     advertise: str | None,
     rekey_interval: float,
     dead_after: float,
+    clock_skew: float,
+    max_connections_per_cert: int,
+    cert_warn_days: float,
+    status_listen: str | None,
     verbose: int,
 ) -> None:
-    """Pool-side sidecar: terminate StratumRM and relay each rig to the pool."""
+    """Pool-side sidecar: terminate StratumRM and relay each rig to the pool.
+
+    Reloads --revocations, --cert and --key when they change (and on SIGHUP)
+    without dropping sessions.
+    """
     from bridge.net.sidecar import SidecarServer
     from bridge.pki.revocation import RevocationList
-    from bridge.pki.tls import public_client_context, server_context
+    from bridge.pki.rotation import ServerCredentials
+    from bridge.pki.tls import public_client_context
 
     missing = [name for name, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if not value]
     if missing:
@@ -117,7 +138,9 @@ def sidecar(
         if pool.transport == "stratumrm":
             raise BridgeError("--pool is the pool software itself: stratum+tcp:// or stratum+ssl://, not stratumrm://")
         advertise_host, advertise_port = parse_advertise(advertise) if advertise else (None, None)
-        context = server_context(cert, key, ca)
+        status_address = parse_listen(status_listen) if status_listen else None
+        warn_window = timedelta(days=cert_warn_days)
+        credentials = ServerCredentials(cert, key, ca, expiry_warning=warn_window)
         pool_context = public_client_context(pool_ca) if pool.tls else None
         revocation_list = RevocationList(revocations, ca) if revocations else None
     except BridgeError as exc:
@@ -125,7 +148,7 @@ def sidecar(
     _setup_logging(verbose)
     server = SidecarServer(
         pool,
-        context,
+        credentials,
         pool_ssl_context=pool_context,
         udp=not no_udp,
         udp_port=udp_port,
@@ -135,20 +158,35 @@ def sidecar(
         heartbeat=min(1.0, dead_after / 5),
         dead_after=dead_after,
         revocations=revocation_list,
+        clock_skew=timedelta(seconds=clock_skew),
+        max_connections_per_cert=max_connections_per_cert or None,
+        expiry_warning=warn_window,
     )
     try:
-        trio.run(_serve_until_signalled, server, host, port)
+        trio.run(_serve_until_signalled, server, host, port, status_address)
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {listen}: {exc}; is the address in use or the port privileged?") from None
 
 
-async def _serve_until_signalled(server: SidecarServer, host: str, port: int) -> None:
+async def _serve_until_signalled(
+    server: SidecarServer, host: str, port: int, status_address: tuple[str, int] | None = None
+) -> None:
+    """Serve until SIGTERM; SIGHUP re-reads the revocation list and certificate files."""
+    from bridge.stats.status import StatusServer
+
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
+        if status_address is not None:
+            status_server = StatusServer("sidecar", server.statistics, server.warnings)
+            await nursery.start(status_server.serve, *status_address)
         if threading.current_thread() is threading.main_thread():
-            with trio.open_signal_receiver(signal.SIGTERM) as signals:
-                async for _ in signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: re-reading the revocation list and certificate files")
+                        server.reload(force=True)
+                        continue
                     nursery.cancel_scope.cancel()
                     break

@@ -205,11 +205,14 @@ class _Credentials:
     def certificate_file(self) -> Path | None:
         return self.files[0] if self.files else None
 
-    def status(self, now: datetime) -> CertificateStatus | None:
-        """The certificate in use, its expiry and whether that is within the warning window."""
+    def status(self, now: datetime, window: timedelta | None = None) -> CertificateStatus | None:
+        """The certificate in use, its expiry and whether that is within the warning window
+        (``window``, or the one given at construction)."""
         if self._certificate is None:
             return None
-        return certificate_status(self._certificate, now, self.expiry_window, file=self.certificate_file)
+        return certificate_status(
+            self._certificate, now, self.expiry_window if window is None else window, file=self.certificate_file
+        )
 
     # ------------------------------------------------------------------ reloading
 
@@ -300,10 +303,10 @@ class ServerCredentials(_Credentials):
         self.ca_certificates = tuple(cas)
         return context, certificate
 
-    def ca_statuses(self, now: datetime) -> list[CertificateStatus]:
-        return [
-            certificate_status(ca, now, self.expiry_window, file=self.files[2]) for ca in self.ca_certificates
-        ]
+    def ca_statuses(self, now: datetime, window: timedelta | None = None) -> list[CertificateStatus]:
+        """The trusted CAs' expiry, like :meth:`status`."""
+        window = self.expiry_window if window is None else window
+        return [certificate_status(ca, now, window, file=self.files[2]) for ca in self.ca_certificates]
 
 
 class ClientTLSStatistics(msgspec.Struct, frozen=True, kw_only=True):

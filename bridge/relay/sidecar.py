@@ -28,6 +28,8 @@ Outputs, taken by the driver after every input:
   within its anti-amplification budget);
 - :meth:`SidecarSession.commands`: :class:`OpenPool`, :class:`WritePool` and
   :class:`ClosePool` for the channels' pool connections, in order;
+- :meth:`SidecarSession.refusals`: :class:`AccountRefused` notes, one per account
+  and channel, for the driver to log with the certificate's name;
 - :attr:`SidecarSession.close_reason` once the control connection must close
   (``rm.error`` is already queued when the close is ours).
 
@@ -182,6 +184,7 @@ from bridge.wire.receiver import (
 __all__ = [
     "AGENT",
     "DEFAULT_BATCH_WINDOW",
+    "AccountRefused",
     "DEFAULT_SHARE_CACHE",
     "ClosePool",
     "OpenPool",
@@ -209,6 +212,8 @@ MAX_CONTROL_BACKLOG: Final = 16 * 1024 * 1024
 #: Job ids remembered per channel (C5) and worker names per channel (worker_index is a u8).
 MAX_JOBS_PER_CHANNEL: Final = 256
 MAX_WORKERS_PER_CHANNEL: Final = 256
+#: Account refusals kept for the driver to log (it takes them after every input).
+MAX_PENDING_REFUSALS: Final = 1024
 #: Copies of one in-flight share that may wait for its verdict.
 MAX_WAITERS_PER_SHARE: Final = 64
 #: Lines from a pool may be long (a notify with a full merkle branch is ~1.5 KB).
@@ -251,6 +256,19 @@ class ClosePool(Struct, frozen=True):
 PoolCommand = OpenPool | WritePool | ClosePool
 
 
+class AccountRefused(Struct, frozen=True):
+    """A request for an account the certificate does not name, answered with error 24.
+
+    Reported once per account and channel (a rig that insists is not logged per share).
+    """
+
+    ch: int
+    method: str
+    """``mining.authorize`` or ``mining.submit``."""
+    worker: str
+    account: str
+
+
 class OutgoingDatagram(NamedTuple):
     """A sealed datagram and the (authenticated, budgeted) address to send it to."""
 
@@ -279,6 +297,8 @@ class SidecarSessionStatistics(Struct, frozen=True):
     """Copies that arrived while the first was still with the pool, answered with its verdict."""
     shares_refused: int
     """Shares answered with an error without reaching the pool (unknown channel, job or worker ...)."""
+    authorizations_refused: int
+    """``mining.authorize`` requests for an account the certificate does not name (error 24)."""
     accepted: int
     rejected: int
     verdicts_udp: int
@@ -401,7 +421,7 @@ class _JobEntry:
 class _Channel:
     """One rig connection at the proxy and its pool connection here."""
 
-    __slots__ = ("ch", "connected", "jobs", "peer", "pool", "workers")
+    __slots__ = ("ch", "connected", "jobs", "peer", "pool", "refused_accounts", "workers")
 
     def __init__(self, ch: int, peer: str) -> None:
         self.ch = ch
@@ -409,6 +429,7 @@ class _Channel:
         self.pool = ClientSession(max_line=MAX_LINE_FROM_POOL)
         self.connected = False
         self.workers: list[str] = []
+        self.refused_accounts: set[str] = set()
         self.jobs: OrderedDict[str, int] = OrderedDict()
 
 
@@ -496,6 +517,7 @@ class SidecarSession:
         self._out_size = 0
         self._datagrams: list[OutgoingDatagram] = []
         self._commands: list[PoolCommand] = []
+        self._refusals: list[AccountRefused] = []
         self._dirty: dict[int, None] = {}
         self._now = now
         self._last_received = now
@@ -528,6 +550,7 @@ class SidecarSession:
         self._from_cache = 0
         self._joined = 0
         self._refused = 0
+        self._authorizations_refused = 0
         self._accepted = 0
         self._rejected = 0
         self._verdicts_udp = 0
@@ -605,6 +628,13 @@ class SidecarSession:
         if not self._commands:
             return []
         out, self._commands = self._commands, []
+        return out
+
+    def refusals(self) -> list[AccountRefused]:
+        """Account refusals since the last call (for the driver's log)."""
+        if not self._refusals:
+            return []
+        out, self._refusals = self._refusals, []
         return out
 
     def next_deadline(self) -> float | None:
@@ -817,6 +847,8 @@ class SidecarSession:
             channel.workers.append(worker)
         if self.accounts is None or _account(worker) in self.accounts:
             return True
+        self._authorizations_refused += 1
+        self._account_refused(channel, "mining.authorize", worker)
         if message.id is not None:
             self._write_channel(
                 channel.ch,
@@ -831,6 +863,16 @@ class SidecarSession:
                 ),
             )
         return False
+
+    def _account_refused(self, channel: _Channel, method: str, worker: str) -> None:
+        """Note a refusal for the driver's log, once per account and channel."""
+        account = _account(worker)
+        refused = channel.refused_accounts
+        if account in refused or len(refused) >= MAX_WORKERS_PER_CHANNEL:
+            return
+        refused.add(account)
+        if len(self._refusals) < MAX_PENDING_REFUSALS:
+            self._refusals.append(AccountRefused(channel.ch, method, worker, account))
 
     def _relay_request(self, channel: _Channel, method: str, params: Raw, request_id: Any) -> None:
         try:
@@ -855,6 +897,7 @@ class SidecarSession:
             params = None  # the pool will say what is wrong with it
         if params is not None:
             if self.accounts is not None and _account(params.worker) not in self.accounts:
+                self._account_refused(channel, "mining.submit", params.worker)
                 self._refuse_tls(channel.ch, message.id, UNAUTHORIZED, "Unauthorized worker")
                 return
             key = self._tls_share_key(channel, params)
@@ -892,6 +935,7 @@ class SidecarSession:
             return
         worker = channel.workers[index]
         if self.accounts is not None and _account(worker) not in self.accounts:
+            self._account_refused(channel, "mining.submit", worker)
             self._refuse_udp(ref, UNAUTHORIZED, "Unauthorized worker")
             return
         size = channel.pool.extranonce2_size
@@ -1345,6 +1389,7 @@ class SidecarSession:
             duplicates_from_cache=self._from_cache,
             duplicates_joined=self._joined,
             shares_refused=self._refused,
+            authorizations_refused=self._authorizations_refused,
             accepted=self._accepted,
             rejected=self._rejected,
             verdicts_udp=self._verdicts_udp,
