@@ -11,6 +11,16 @@ code is the same for both.
 The connection is opened when the first rig needs it and shared until it fails;
 then every channel on it ends (rigs get explicit errors for pending shares and are
 released), and the next rig opens a fresh connection.
+
+TLS: the proxy's certificate comes from a :class:`~bridge.pki.rotation.ClientCredentials`
+(a plain ``ssl.SSLContext`` is wrapped in a fixed one). Each new connection first asks
+it to reload the bundle if the file changed, so a renewed bundle is used from the next
+connection on while the live one carries on. Once the sidecar's first line arrived (TLS
+1.3 tickets come after the handshake), the session is remembered and offered on the
+next connection to the same sidecar: a resumed handshake skips the certificate
+signatures on both sides (the sidecar still checks the certificate and the revocation
+list after it). Resumption is best effort; without a usable ticket the handshake is
+simply a full one.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ import trio
 
 from bridge import __version__
 from bridge.config import UpstreamURL
-from bridge.net.tcp import close_quietly, describe_error, open_stream
+from bridge.errors import PKIError
+from bridge.net.tcp import close_quietly, describe_error, tune_stream
+from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
 
 log = logging.getLogger("bridge.proxy.stratumrm")
@@ -74,14 +86,16 @@ class StratumRMLink:
     def __init__(
         self,
         url: UpstreamURL,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | ClientCredentials,
         *,
         connect_timeout: float = 10.0,
         batch_window: float = 0.0,
         detect_blocks: bool = True,
     ) -> None:
         self.url = url
-        self.ssl_context = ssl_context
+        self.credentials = (
+            ssl_context if isinstance(ssl_context, ClientCredentials) else ClientCredentials.fixed(ssl_context)
+        )
         self.connect_timeout = connect_timeout
         self.batch_window = batch_window
         self.detect_blocks = detect_blocks
@@ -97,6 +111,11 @@ class StratumRMLink:
         self._nursery: trio.Nursery | None = None
         self.failure: str | None = None
         self.connections_made = 0
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The context the next connection will use."""
+        return self.credentials.context
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the link's tasks; start it once in the proxy's nursery."""
@@ -141,9 +160,11 @@ class StratumRMLink:
     async def _connect_and_serve(self) -> None:
         url = self.url
         connection = StratumRMConnection(agent=f"stratumrm/{__version__}", detect_blocks=self.detect_blocks)
+        address = (url.host, url.port)
         try:
-            stream = await open_stream(url.host, url.port, ssl_context=self.ssl_context, timeout=self.connect_timeout)
+            stream, context = await self._open_tls()
         except (OSError, trio.BrokenResourceError, ValueError) as exc:
+            self.credentials.forget_session(address)
             self.failure = f"cannot connect to sidecar {url}: {describe_error(exc)}"
             log.warning("%s; check the address, the certificates (stratumrm pki) and that the sidecar runs", self.failure)
             self._connecting = False
@@ -164,7 +185,11 @@ class StratumRMLink:
                         await self._step_wait()
                 if not connection.ready:
                     connection._fail(connection.close_reason or "no answer to rm.hello")
+                    self.failure = connection.close_reason  # not the previous connection's
+                    self.credentials.forget_session(address)
                 else:
+                    # The hello result came after the tickets: this session can resume.
+                    self.credentials.remember_session(address, context, stream.session)
                     await self._open_udp(connection, nursery)
                     log.info("StratumRM session with %s ready (%s)", url,
                              "UDP on port %s" % connection.hello.udp_port if connection.hello.udp_port else "TLS only")
@@ -186,6 +211,38 @@ class StratumRMLink:
             if self._udp is not None:
                 self._udp.close()
                 self._udp = None
+
+    async def _open_tls(self) -> tuple[trio.SSLStream, ssl.SSLContext]:
+        """Connect and run the TLS handshake, resuming the last session when possible."""
+        url = self.url
+        credentials = self.credentials
+        try:
+            if credentials.reload_if_changed():
+                certificate = credentials.certificate
+                serial = f"{certificate.serial_number:X}" if certificate is not None else "?"
+                log.info("certificate reloaded from %s (serial %s); new connections use it",
+                         credentials.certificate_file, serial)
+        except PKIError as exc:
+            log.warning("certificate not reloaded: %s", exc)
+        context = credentials.context
+        session = credentials.session_for((url.host, url.port))
+        with trio.move_on_after(self.connect_timeout):
+            tcp = await trio.open_tcp_stream(url.host, url.port)
+            tune_stream(tcp)
+            tls = trio.SSLStream(tcp, context, server_hostname=url.host, https_compatible=False)
+            if session is not None:
+                try:
+                    tls.session = session
+                except (ValueError, ssl.SSLError):
+                    credentials.forget_session((url.host, url.port))
+            try:
+                await tls.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(tcp)
+                raise
+            credentials.note_handshake(tls.session_reused)
+            return tls, context
+        raise OSError(f"connecting to {url.host}:{url.port} timed out after {self.connect_timeout:g} s")
 
     async def _step_wait(self) -> None:
         """Wait until the connection has processed something (callers re-check their condition)."""

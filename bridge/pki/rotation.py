@@ -243,8 +243,8 @@ class _Credentials:
         except PKIError as error:
             if first:
                 raise
-            self.last_error = str(error)
-            raise PKIError(f"{error}; still using the certificate loaded before") from None
+            self.last_error = f"{error}; still using the certificate loaded before"
+            raise PKIError(self.last_error) from None
         self._context, self._certificate = context, certificate
         self._stamps, self._digest = stamps, digest
         self.last_error = None

@@ -1,0 +1,174 @@
+"""What ``stratumrm proxy`` runs around :class:`~bridge.net.miner_proxy.MinerProxy`.
+
+- A :class:`CertificateWatcher` looks at the proxy's bundle (or ``--cert/--key/--ca``)
+  every few seconds and at once on SIGHUP. A renewed bundle is loaded for the next
+  connection to the sidecar; the live connection and every rig on it carry on. It logs
+  reloads, files that do not load (the previous certificate stays in use), and a
+  certificate that expires within the warning window, once a day.
+- With ``status_listen``, a :class:`~bridge.stats.status.StatusServer` serves
+  ``GET /status``: :class:`ProxyStatus` (the proxy's counters, its certificate and
+  its handshakes, full and resumed) and the watcher's warnings.
+
+:class:`ProxyService` runs all of it next to ``MinerProxy.serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+from msgspec import Struct
+
+from bridge.errors import PKIError
+from bridge.net.miner_proxy import MinerProxy, ProxyStatistics
+from bridge.pki.rotation import (
+    DEFAULT_RELOAD_INTERVAL,
+    ClientCredentials,
+    ClientTLSStatistics,
+    Reminders,
+    expiry_warning,
+)
+from bridge.stats.status import StatusServer
+
+__all__ = ["CertificateWatcher", "ProxyService", "ProxyStatus"]
+
+log = logging.getLogger("bridge.proxy")
+
+
+class ProxyStatus(Struct, frozen=True, kw_only=True):
+    """The proxy's ``GET /status`` statistics."""
+
+    proxy: ProxyStatistics
+    tls: ClientTLSStatistics | None
+    """This proxy's certificate (expiry included) and its handshakes with the sidecar."""
+
+
+class CertificateWatcher:
+    """Reloads a proxy's certificate files when they change, and warns before they expire."""
+
+    def __init__(self, credentials: ClientCredentials, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL) -> None:
+        self.credentials = credentials
+        self.reload_interval = reload_interval
+        self._reminders = Reminders()
+
+    async def run(self) -> None:
+        """Poll until cancelled (a ``stat`` per file each time)."""
+        self.log_status()
+        while True:
+            await trio.sleep(self.reload_interval)
+            self.reload()
+
+    def log_status(self) -> None:
+        status = self.credentials.status(datetime.now(UTC))
+        if status is not None:
+            log.info(
+                "presenting %s certificate %r (serial %s, valid until %s UTC) from %s; watching it for renewal",
+                status.role, status.name, status.serial, f"{status.not_after:%Y-%m-%d %H:%M}", status.file,
+            )
+        self._log_warnings()
+
+    def reload(self, *, force: bool = False) -> bool:
+        """Reload if the files changed (``force``: re-read them anyway); True on a new certificate."""
+        credentials = self.credentials
+        try:
+            changed = credentials.reload_if_changed(force=force)
+        except PKIError:
+            changed = False  # credentials.last_error says why; the warnings report it
+        if changed:
+            status = credentials.status(datetime.now(UTC))
+            assert status is not None
+            log.info(
+                "certificate reloaded from %s: %s certificate %r (serial %s, valid until %s UTC); the next "
+                "connection to the sidecar uses it, the live one carries on",
+                status.file, status.role, status.name, status.serial, f"{status.not_after:%Y-%m-%d %H:%M}",
+            )
+        self._log_warnings()
+        return changed
+
+    def warnings(self, now: datetime | None = None) -> list[str]:
+        return [message for _key, message in self._warnings(now or datetime.now(UTC))]
+
+    def _warnings(self, now: datetime) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        credentials = self.credentials
+        status = credentials.status(now)
+        if status is not None:
+            where = credentials.certificate_file
+            message = expiry_warning(
+                status,
+                "this proxy's certificate",
+                f"ask the pool operator for a renewed bundle (`stratumrm pki renew {status.name}`) and copy it "
+                f"over {where}; the proxy uses it from its next connection, without a restart",
+            )
+            if message is not None:
+                found.append((f"certificate {status.serial}", message))
+        if credentials.last_error is not None:
+            found.append(("certificate reload", f"certificate not reloaded: {credentials.last_error}"))
+        return found
+
+    def _log_warnings(self) -> None:
+        now = trio.current_time()
+        found = self._warnings(datetime.now(UTC))
+        for key, message in found:
+            if self._reminders.due(key, now):
+                log.warning("%s", message)
+        self._reminders.retain(key for key, _message in found)
+
+
+def proxy_status(proxy: MinerProxy, credentials: ClientCredentials | None) -> ProxyStatus:
+    return ProxyStatus(
+        proxy=proxy.statistics(),
+        tls=credentials.statistics(datetime.now(UTC)) if credentials is not None else None,
+    )
+
+
+class ProxyService:
+    """A :class:`MinerProxy` with its certificate watcher, SIGHUP and status endpoint.
+
+    ``credentials`` must be the object the proxy's upstream context came from
+    (``MinerProxy(url, upstream_ssl_context=credentials)``), so that what the watcher
+    reloads is what the next connection to the sidecar uses; None for SV1 upstreams.
+    """
+
+    def __init__(
+        self,
+        proxy: MinerProxy,
+        *,
+        credentials: ClientCredentials | None = None,
+        status_listen: tuple[str, int] | None = None,
+        reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+    ) -> None:
+        self.proxy = proxy
+        self.credentials = credentials
+        self.status_listen = status_listen
+        self.watcher = (
+            CertificateWatcher(credentials, reload_interval=reload_interval) if credentials is not None else None
+        )
+        self.status: StatusServer | None = None
+
+    def statistics(self) -> ProxyStatus:
+        return proxy_status(self.proxy, self.credentials)
+
+    def warnings(self) -> list[str]:
+        return self.watcher.warnings() if self.watcher is not None else []
+
+    async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve rigs on ``host:port`` (and the status endpoint) until cancelled; reports the port."""
+        watcher = self.watcher
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.proxy.serve, host, port)
+            if watcher is not None and watcher.credentials.files:
+                nursery.start_soon(watcher.run)
+            if self.status_listen is not None:
+                self.status = StatusServer("proxy", self.statistics, self.warnings)
+                await nursery.start(self.status.serve, *self.status_listen)
+            task_status.started(self.proxy.port)
+            if watcher is not None and threading.current_thread() is threading.main_thread():
+                with trio.open_signal_receiver(signal.SIGHUP) as signals:
+                    async for _ in signals:
+                        log.info("SIGHUP: re-reading the certificate files")
+                        watcher.reload(force=True)
