@@ -189,10 +189,14 @@ def _echo_issuance(verb: str, authority: CertificateAuthority, issuance: Issuanc
     if record.role == "pool":
         click.echo(
             f"Run: stratumrm sidecar --cert {issuance.pool_certificate_path} --key {issuance.key_path} "
-            f"--ca {authority.ca_certificate_path} --revocations {authority.revocations_path}"
+            f"--ca {authority.ca_certificate_path} --revocations {authority.revocations_path} "
+            "--pool stratum+tcp://POOL:PORT"
         )
     else:
-        click.echo(f"Install on the rig or gateway: stratumrm proxy --bundle {issuance.bundle_path}")
+        click.echo(
+            f"Install on the rig or gateway: stratumrm proxy --bundle {issuance.bundle_path} "
+            "--upstream stratumrm://SIDECAR:PORT (copy the bundle there; it holds the private key)"
+        )
 
 
 @pki.command("issue-pool")
