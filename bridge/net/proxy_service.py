@@ -50,7 +50,9 @@ class ProxyStatus(Struct, frozen=True, kw_only=True):
 class CertificateWatcher:
     """Reloads a proxy's certificate files when they change, and warns before they expire."""
 
-    def __init__(self, credentials: ClientCredentials, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL) -> None:
+    def __init__(
+        self, credentials: ClientCredentials, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL
+    ) -> None:
         self.credentials = credentials
         self.reload_interval = reload_interval
         self._reminders = Reminders()
@@ -67,7 +69,11 @@ class CertificateWatcher:
         if status is not None:
             log.info(
                 "presenting %s certificate %r (serial %s, valid until %s UTC) from %s; watching it for renewal",
-                status.role, status.name, status.serial, f"{status.not_after:%Y-%m-%d %H:%M}", status.file,
+                status.role,
+                status.name,
+                status.serial,
+                f"{status.not_after:%Y-%m-%d %H:%M}",
+                status.file,
             )
         self._log_warnings()
 
@@ -84,7 +90,11 @@ class CertificateWatcher:
             log.info(
                 "certificate reloaded from %s: %s certificate %r (serial %s, valid until %s UTC); the next "
                 "connection to the sidecar uses it, the live one carries on",
-                status.file, status.role, status.name, status.serial, f"{status.not_after:%Y-%m-%d %H:%M}",
+                status.file,
+                status.role,
+                status.name,
+                status.serial,
+                f"{status.not_after:%Y-%m-%d %H:%M}",
             )
         self._log_warnings()
         return changed
@@ -146,7 +156,9 @@ class ProxyService:
         self.credentials = credentials
         self.status_listen = status_listen
         self.watcher = (
-            CertificateWatcher(credentials, reload_interval=reload_interval) if credentials is not None else None
+            CertificateWatcher(credentials, reload_interval=reload_interval)
+            if credentials is not None
+            else None
         )
         self.status: StatusServer | None = None
 

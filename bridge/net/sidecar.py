@@ -101,10 +101,10 @@ from bridge.pki.rotation import (
 from bridge.pki.tls import check_miner_peer, explain_handshake_failure
 from bridge.relay.sidecar import (
     DEFAULT_BATCH_WINDOW,
-    AccountRefused,
     DEFAULT_DEAD_AFTER,
     DEFAULT_HEARTBEAT,
     DEFAULT_REKEY_INTERVAL,
+    AccountRefused,
     ClosePool,
     OpenPool,
     SidecarIntake,
@@ -227,7 +227,7 @@ class SidecarServer:
     def __init__(
         self,
         pool: UpstreamURL,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | ServerCredentials,
         *,
         pool_ssl_context: ssl.SSLContext | None = None,
         udp: bool = True,
@@ -490,7 +490,12 @@ class SidecarServer:
             for ca in credentials.ca_statuses(now, self.expiry_warning):
                 add(
                     f"ca {ca.serial}",
-                    expiry_warning(ca, "the CA certificate", "move to a new CA before then (README, Operator guide)"),
+                    expiry_warning(
+                        ca,
+                        "the CA certificate",
+                        "before then, create a new CA (`stratumrm pki --dir NEWDIR init`) and issue every "
+                        "sidecar and proxy a certificate from it",
+                    ),
                 )
             if credentials.last_error is not None:
                 add("certificate reload", f"certificate not reloaded: {credentials.last_error}")

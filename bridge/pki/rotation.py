@@ -81,6 +81,7 @@ def certificate_status(
     file: StrPath | None = None,
 ) -> CertificateStatus:
     """Describe ``certificate`` at ``now``; ``expiring_soon`` when it ends within ``window``."""
+    role: str
     try:
         identity = identity_of(certificate)
         role, name = identity.role, identity.name
@@ -211,7 +212,10 @@ class _Credentials:
         if self._certificate is None:
             return None
         return certificate_status(
-            self._certificate, now, self.expiry_window if window is None else window, file=self.certificate_file
+            self._certificate,
+            now,
+            self.expiry_window if window is None else window,
+            file=self.certificate_file,
         )
 
     # ------------------------------------------------------------------ reloading
@@ -296,7 +300,10 @@ class ServerCredentials(_Credentials):
         cert_file, key_file, ca_file = self.files
         certificate = _load_certificates(contents[0], cert_file, "certificate")[0]
         _require_role(
-            certificate, "pool", cert_file, "the sidecar presents a pool certificate (`stratumrm pki issue-pool`)"
+            certificate,
+            "pool",
+            cert_file,
+            "the sidecar presents a pool certificate (`stratumrm pki issue-pool`)",
         )
         cas = _load_certificates(contents[2], ca_file, "CA certificate")
         context = server_context(cert_file, key_file, ca_file, check_time=self.check_time)
@@ -391,7 +398,9 @@ class ClientCredentials(_Credentials):
             return None
         return session
 
-    def remember_session(self, address: object, context: ssl.SSLContext, session: ssl.SSLSession | None) -> None:
+    def remember_session(
+        self, address: object, context: ssl.SSLContext, session: ssl.SSLSession | None
+    ) -> None:
         """Keep ``session`` for the next connection to ``address``.
 
         Take it only after application data arrived: TLS 1.3 tickets come after the

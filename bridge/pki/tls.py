@@ -316,8 +316,21 @@ def _check_issuer_validity(
         "CA not valid",
         f"the CA that issued it ({ca.subject.rfc4514_string()}) is valid from "
         f"{ca.not_valid_before_utc:%Y-%m-%d %H:%M} to {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
-        "not now; check this host's clock, or move to a new CA (README, Operator guide: certificates)",
+        "not now; check this host's clock, or create a new CA (`stratumrm pki --dir NEWDIR init`) and "
+        "issue every sidecar and proxy a certificate from it",
     )
+
+
+#: TLS alerts a client sends when it does not accept the sidecar's certificate.
+_CLIENT_REFUSED_OUR_CERTIFICATE = frozenset(
+    {
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "TLSV1_ALERT_DECRYPT_ERROR",
+    }
+)
 
 
 def explain_handshake_failure(error: BaseException) -> tuple[str, str]:
@@ -329,13 +342,13 @@ def explain_handshake_failure(error: BaseException) -> tuple[str, str]:
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
-    if cause is None:
+    reason = getattr(cause, "reason", None) or ""
+    if cause is None or isinstance(cause, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
         return "connection lost", (
             "the client closed the connection during the TLS handshake; if it is a proxy, its log "
             "says why (often: it does not trust this sidecar's certificate, or dialled a host name "
-            "the certificate does not name)"
+            "the certificate does not name: `stratumrm pki issue-pool NAME --dns HOST --ip ADDRESS`)"
         )
-    reason = getattr(cause, "reason", None) or ""
     if isinstance(cause, ssl.SSLCertVerificationError):
         message = cause.verify_message or str(cause)
         code = cause.verify_code
@@ -366,8 +379,7 @@ def explain_handshake_failure(error: BaseException) -> tuple[str, str]:
             "the client did not speak TLS (a rig or a scanner on the sidecar's port?); rigs connect "
             "to `stratumrm proxy`, which connects here"
         )
-    if reason.startswith(("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
-                          "TLSV1_ALERT_DECRYPT_ERROR", "SSLV3_ALERT_CERTIFICATE_EXPIRED")):
+    if reason in _CLIENT_REFUSED_OUR_CERTIFICATE:
         return "sidecar certificate refused", (
             f"the client refused this sidecar's certificate ({reason}); the proxy must trust this CA "
             "and dial a host name or address the sidecar certificate names "

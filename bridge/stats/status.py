@@ -26,7 +26,7 @@ import ipaddress
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,7 +45,13 @@ STATUS_PATH = "/status"
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 MAX_CONCURRENT_REQUESTS = 16
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 class StatusDocument(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,7 +109,9 @@ class StatusServer:
         if not _is_loopback(host):
             log.warning(
                 "status endpoint on %s:%d is reachable from other hosts; it shows certificate names and "
-                "accounts, so keep it on 127.0.0.1 or a management network", host, self.port,
+                "accounts, so keep it on 127.0.0.1 or a management network",
+                host,
+                self.port,
             )
         log.info("status on http://%s:%d%s", _url_host(host), self.port, STATUS_PATH)
         async with trio.open_nursery() as nursery:
@@ -187,9 +195,11 @@ def status_url(url: str) -> str:
     if parts.scheme != "http" or not parts.hostname:
         raise BridgeError(f"--url {url!r}: write http://HOST:PORT, the --status-listen address of the role")
     try:
-        parts.port
+        port = parts.port
     except ValueError:
-        raise BridgeError(f"--url {url!r}: the port must be a number") from None
+        port = None
+    if port is None:
+        raise BridgeError(f"--url {url!r}: write http://HOST:PORT with the port number of --status-listen")
     path = parts.path.rstrip("/") or STATUS_PATH
     return f"http://{parts.netloc}{path}"
 
@@ -202,7 +212,9 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         with opener.open(target, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as error:
-        raise BridgeError(f"{target} answered {error.code} {error.reason}; is this a StratumRM status endpoint?") from None
+        raise BridgeError(
+            f"{target} answered {error.code} {error.reason}; is this a StratumRM status endpoint?"
+        ) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise BridgeError(
@@ -254,7 +266,9 @@ def _scalar(value: Any) -> str:
     return str(value)
 
 
-def _walk(value: Any, path: str, certificates: list[tuple[str, dict[str, Any]]], counters: list[tuple[str, str]]) -> None:
+def _walk(
+    value: Any, path: str, certificates: list[tuple[str, dict[str, Any]]], counters: list[tuple[str, str]]
+) -> None:
     if _is_certificate(value):
         certificates.append((path, value))
     elif isinstance(value, dict):
@@ -272,9 +286,12 @@ def _walk(value: Any, path: str, certificates: list[tuple[str, dict[str, Any]]],
         counters.append((path, _scalar(value)))
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def format_status(document: dict[str, Any], url: str = "") -> str:
@@ -291,8 +308,10 @@ def format_status(document: dict[str, Any], url: str = "") -> str:
         rows = [("CERTIFICATE", "ROLE", "NAME", "SERIAL", "NOT AFTER", "DAYS LEFT", "STATE")]
         for path, certificate in certificates:
             state = (
-                "EXPIRED" if certificate.get("expired")
-                else "EXPIRES SOON" if certificate.get("expiring_soon")
+                "EXPIRED"
+                if certificate.get("expired")
+                else "EXPIRES SOON"
+                if certificate.get("expiring_soon")
                 else "ok"
             )
             extra = []

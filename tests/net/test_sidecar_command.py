@@ -57,18 +57,40 @@ async def first_line(stream: trio.SSLStream) -> dict[str, Any]:
     return json.loads(data.split(b"\n", 1)[0])
 
 
-async def test_the_sidecar_command_reloads_on_sighup_caps_connections_and_serves_status(tmp_path: Path) -> None:
+async def test_the_sidecar_command_reloads_on_sighup_caps_connections_and_serves_status(
+    tmp_path: Path,
+) -> None:
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
     port, status_port = free_port(), free_port()
     log_path = tmp_path / "sidecar.log"
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "bridge", "sidecar", "--listen", f"{LOCALHOST}:{port}", "--no-udp",
-                "--pool", "stratum+tcp://127.0.0.1:9", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key),
-                "--ca", str(pki.ca_certificate), "--revocations", str(pki.revocations),
-                "--status-listen", f"{LOCALHOST}:{status_port}", "--max-connections-per-cert", "1",
-                "--cert-warn-days", "400", "--clock-skew", "30",
+                sys.executable,
+                "-m",
+                "bridge",
+                "sidecar",
+                "--listen",
+                f"{LOCALHOST}:{port}",
+                "--no-udp",
+                "--pool",
+                "stratum+tcp://127.0.0.1:9",
+                "--cert",
+                str(pki.pool_certificate),
+                "--key",
+                str(pki.pool_key),
+                "--ca",
+                str(pki.ca_certificate),
+                "--revocations",
+                str(pki.revocations),
+                "--status-listen",
+                f"{LOCALHOST}:{status_port}",
+                "--max-connections-per-cert",
+                "1",
+                "--cert-warn-days",
+                "400",
+                "--clock-skew",
+                "30",
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -76,7 +98,9 @@ async def test_the_sidecar_command_reloads_on_sighup_caps_connections_and_serves
     url = f"http://{LOCALHOST}:{status_port}"
     try:
         document = await wait_for_status(url, process)
-        assert document["role"] == "sidecar" and document["statistics"]["certificate"]["name"] == pki.pool_name
+        assert (
+            document["role"] == "sidecar" and document["statistics"]["certificate"]["name"] == pki.pool_name
+        )
         assert any("this sidecar's certificate" in w for w in document["warnings"])  # 365 days < 400
         shown = await trio.to_thread.run_sync(partial(CliRunner().invoke, status, ["--url", url]))
         assert shown.exit_code == WARNINGS_EXIT_STATUS and "EXPIRES SOON" in shown.output
@@ -85,7 +109,10 @@ async def test_the_sidecar_command_reloads_on_sighup_caps_connections_and_serves
         first, answer = await hello(port, context)
         assert answer["id"] == 1 and answer["result"]["version"] == 1
         second, answer = await hello(port, context)
-        assert answer["method"] == "rm.error" and "already holds 1 control connections" in answer["params"]["reason"]
+        assert (
+            answer["method"] == "rm.error"
+            and "already holds 1 control connections" in answer["params"]["reason"]
+        )
         await trio.aclose_forcefully(second)
 
         pki.authority.revoke(pki.miner_name)

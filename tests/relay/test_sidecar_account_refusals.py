@@ -13,10 +13,24 @@ def test_refused_accounts_are_reported_once_per_account_and_channel() -> None:
     assert harness.session.refusals() == [AccountRefused(3, "mining.authorize", "bob.rig1", "bob")]
     assert harness.session.refusals() == []  # taken
     harness.send({"ch": 3, "id": 20, "method": "mining.authorize", "params": ["bob.rig2", "x"]})
-    harness.send({"ch": 3, "id": 21, "method": "mining.submit", "params": ["bob.rig1", "j1", "0000002a", "6554a2c1", "00000001"]})
+    harness.send(
+        {
+            "ch": 3,
+            "id": 21,
+            "method": "mining.submit",
+            "params": ["bob.rig1", "j1", "0000002a", "6554a2c1", "00000001"],
+        }
+    )
     harness.datagram(harness.seal(harness.share(worker_index=1)))
     assert harness.session.refusals() == []  # bob again, on the same channel: counted, not reported
-    harness.send({"ch": 3, "id": 22, "method": "mining.submit", "params": ["carol.rig1", "j1", "0000002b", "6554a2c1", "00000001"]})
+    harness.send(
+        {
+            "ch": 3,
+            "id": 22,
+            "method": "mining.submit",
+            "params": ["carol.rig1", "j1", "0000002b", "6554a2c1", "00000001"],
+        }
+    )
     assert harness.session.refusals() == [AccountRefused(3, "mining.submit", "carol.rig1", "carol")]
     harness.open_channel(4, "bob.rig9")  # another channel: reported again
     assert harness.session.refusals() == [AccountRefused(4, "mining.authorize", "bob.rig9", "bob")]
