@@ -6,6 +6,7 @@
 - :mod:`bridge.pki.bundle`     one-file miner bundles (certificate, CA, key)
 - :mod:`bridge.pki.revocation` the revocation list the sidecar watches and reloads
 - :mod:`bridge.pki.tls`        ``ssl.SSLContext`` factories and post-handshake checks
+- :mod:`bridge.pki.rotation`   certificates reloaded from disk, expiry status, TLS session memory
 - :mod:`bridge.pki.commands`   the ``stratumrm pki`` click group
 
 The click group is not imported here, so drivers can use the library without click.
@@ -23,6 +24,7 @@ from bridge.pki.identity import (
     identity_from_pem,
 )
 from bridge.pki.revocation import RevocationList
+from bridge.pki.rotation import CertificateStatus, ClientCredentials, ServerCredentials
 from bridge.pki.tls import (
     HostCheckingClientContext,
     TestPKI,
@@ -42,10 +44,13 @@ __all__ = [
     "DEFAULT_CLOCK_SKEW_LEEWAY",
     "CertificateAuthority",
     "CertificateIdentity",
+    "CertificateStatus",
+    "ClientCredentials",
     "HostCheckingClientContext",
     "Issuance",
     "IssuedCertificate",
     "RevocationList",
+    "ServerCredentials",
     "TestPKI",
     "Validity",
     "account_of_username",
