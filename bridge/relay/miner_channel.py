@@ -1,12 +1,12 @@
 """The sans-IO core of one miner connection through the miner-side proxy.
 
-A :class:`MinerChannel` joins two sessions: a
-:class:`~bridge.sv1.server.ServerSession` facing the rig, and an *upstream
-session* facing the pool. The upstream session is anything with the
+A :class:`MinerChannel` joins two sides: a
+:class:`~bridge.sv1.server.ServerSession` facing the rig, and one or more
+*upstream sessions* facing pools. An upstream session is anything with the
 :class:`~bridge.sv1.client.ClientSession` request/event vocabulary: a plain SV1
-connection (``stratum+tcp://``, ``stratum+ssl://``) today, a StratumRM channel
-later. The channel never touches a socket or a clock: the driver feeds it bytes
-and events with the current time ``now``, asks :meth:`next_deadline`, calls
+connection (``stratum+tcp://``, ``stratum+ssl://``) or a StratumRM channel. The
+channel never touches a socket or a clock: the driver feeds it bytes and events
+with the current time ``now``, asks :meth:`next_deadline`, calls
 :meth:`on_timer`, and writes what the sessions queued.
 
 Transparency rules (reference/stratum-v1.md §4.6, design brief §5):
@@ -28,26 +28,69 @@ Transparency rules (reference/stratum-v1.md §4.6, design brief §5):
 Connections that are not Stratum at all (a TLS ClientHello from bfgminer's
 probe, an HTTP scanner, silence) are recognised before any upstream is opened:
 :attr:`wants_upstream` only turns true after the first valid Stratum request.
+
+Legs and upstream changes (failover)
+====================================
+
+Each upstream session of the channel is a :class:`Leg`. The *current* leg gets
+the rig's requests and its notifications reach the rig. Changing upstream
+(:meth:`MinerChannel.switch_upstream`) opens a *joining* leg on which the rig's
+handshake is **replayed** as the rig sent it: ``mining.configure``,
+``mining.subscribe`` with the rig's user agent, ``mining.authorize`` for every
+worker the rig authorized (with its password), its last difficulty
+suggestion, ``mining.extranonce.subscribe``. The replies are the channel's own;
+the pool's notifications are held. Once the subscribe and every replayed
+authorize are answered successfully the switch completes:
+
+- a rig that has not had its subscribe result yet gets the new pool's (its
+  unanswered handshake requests are simply forwarded to the new leg: the rig
+  never sees the first upstream);
+- a rig that sent ``mining.extranonce.subscribe`` gets
+  ``mining.set_extranonce [extranonce1, extranonce2_size]`` of the new session
+  (and ``mining.set_version_mask`` if the mask changed), then the held
+  ``mining.set_difficulty`` and the first ``mining.notify`` with ``clean_jobs``
+  forced to true, so it drops the old work at once.
+
+Rigs that did not subscribe to extranonce changes (cgminer ignores
+``mining.set_extranonce``) are not given a joining leg: :meth:`request_reconnect`
+sends ``client.reconnect`` (``[]``, or ``[host, port]`` for cpuminer, which
+ignores ``[]``) and closes, after the verdicts of the shares in flight came back
+(or ``drain_timeout`` passed); the rig reconnects to the proxy and gets a
+session on the upstream the failover policy picks.
+
+The previous leg is *draining*: shares whose job it sent still go to it and
+its verdicts still reach the rig; its notifications do not. A submit is routed
+by its job id (the leg that sent the job; when two legs sent the same id the
+newest wins). A share on a job of a leg that is gone is answered locally,
+``[21, "Stale: …", null]`` with ``result: false``, and never reaches another
+pool, where the job id might mean something else (reference §4.3). When a leg is
+lost its pending requests get explicit errors (shares: "not confirmed"). The
+driver retires a draining leg (:meth:`retire_drained`) once it has no pending
+share and ``drain_timeout`` passed since the switch.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Protocol
 
 import msgspec
-from msgspec import Raw, Struct
+from msgspec import UNSET, Raw, Struct
 
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
 from bridge.sv1.framing import DEFAULT_MAX_LINE
 from bridge.sv1.messages import (
     FALSE,
+    Authorize,
+    Configure,
+    ExtranonceSubscribe,
     GetVersion,
     MinerResponse,
     Notify,
     Ping,
     Reconnect,
     RequestId,
+    Response,
     SetDifficulty,
     SetExtranonce,
     SetVersionMask,
@@ -55,9 +98,17 @@ from bridge.sv1.messages import (
     Submit,
     Subscribe,
     SubmitParams,
+    SuggestDifficulty,
+    SuggestTarget,
     params_list,
 )
 from bridge.sv1.server import ServerSession
+
+JOBS_PER_LEG = 256
+"""Job ids remembered per leg for routing submits."""
+OLD_JOBS_KEPT = 1024
+"""Job ids of retired legs remembered to answer their shares as stale."""
+POOL_REQUESTS_KEPT = 64
 
 
 class UpstreamSession(Protocol):
@@ -70,17 +121,72 @@ class UpstreamSession(Protocol):
     def cancel(self, request_id: int) -> None: ...
 
 
+class Leg:
+    """One upstream session of the channel: current, joining, draining or gone."""
+
+    __slots__ = (
+        "session", "key", "state", "jobs", "pending", "held", "extranonce1", "extranonce2_size",
+        "version_mask", "replays", "failure", "force_clean", "switched_at", "forward_handshake",
+    )
+
+    def __init__(self, session: UpstreamSession, key: Any, state: str) -> None:
+        self.session = session
+        self.key = key
+        self.state = state  # "current", "joining", "draining", "gone"
+        self.jobs: OrderedDict[str, None] = OrderedDict()
+        self.pending = 0  # unanswered submits
+        self.held: list[Any] = []
+        self.extranonce1: str | None = None
+        self.extranonce2_size: int | None = None
+        self.version_mask: str | None = None
+        self.replays = 0  # replayed requests still unanswered
+        self.failure: str | None = None
+        self.force_clean = False
+        self.switched_at = 0.0
+        self.forward_handshake = False
+
+    def remember_job(self, job_id: str) -> None:
+        jobs = self.jobs
+        jobs[job_id] = None
+        jobs.move_to_end(job_id)
+        if len(jobs) > JOBS_PER_LEG:
+            jobs.popitem(last=False)
+
+    def __repr__(self) -> str:
+        return f"<Leg {self.key!r} {self.state}>"
+
+
 class PendingRequest:
     """A rig's request on its way to the pool; the context of the upstream request."""
 
-    __slots__ = ("miner_id", "method", "deadline", "upstream_id", "answered")
+    __slots__ = ("miner_id", "method", "deadline", "upstream_id", "answered", "leg", "event")
 
-    def __init__(self, miner_id: RequestId, method: str, deadline: float) -> None:
+    def __init__(self, miner_id: RequestId, method: str, deadline: float, leg: Leg | None = None, event: Any = None) -> None:
         self.miner_id = miner_id
         self.method = method
         self.deadline = deadline
         self.upstream_id: int | None = None
         self.answered = False
+        self.leg = leg
+        self.event = event
+
+
+class _Replay:
+    """The context of a request the channel replays on a joining leg (the rig never sees its answer)."""
+
+    __slots__ = ("leg", "method")
+
+    def __init__(self, leg: Leg, method: str) -> None:
+        self.leg = leg
+        self.method = method
+
+
+class SwitchResult(Struct, frozen=True):
+    """How a switch to ``leg`` ended: ``ok``, or failed with ``reason``."""
+
+    leg: Any
+    ok: bool
+    reason: str = ""
 
 
 class MinerChannelStatistics(Struct, frozen=True):
@@ -92,6 +198,10 @@ class MinerChannelStatistics(Struct, frozen=True):
     pending: int
     notifies: int
     violations: int
+    switches: int = 0
+    extranonce_changes: int = 0
+    reconnects_sent: int = 0
+    stale_local: int = 0
 
 
 # What a connection that is not Stratum looks like in its first bytes.
@@ -104,6 +214,8 @@ _NOT_STRATUM = (
     (b"SSH-", "an SSH client"),
 )
 
+_HANDSHAKE = (Configure, Subscribe, Authorize, ExtranonceSubscribe, SuggestDifficulty, SuggestTarget)
+
 
 def identify_non_stratum(first_bytes: bytes) -> str | None:
     """Name what a connection's first bytes are if they are clearly not Stratum."""
@@ -113,25 +225,64 @@ def identify_non_stratum(first_bytes: bytes) -> str | None:
     return None
 
 
+def _subscribe_values(response: Response) -> tuple[str, int] | None:
+    """``(extranonce1, extranonce2_size)`` of a successful subscribe result."""
+    if response.result is UNSET or bytes(response.error) != b"null":
+        return None
+    try:
+        result = msgspec.json.decode(response.result)
+        extranonce1, size = result[1], result[2]
+    except (msgspec.DecodeError, TypeError, IndexError, KeyError):
+        return None
+    if not isinstance(extranonce1, str) or isinstance(size, bool) or not isinstance(size, int):
+        return None
+    return extranonce1, size
+
+
+def _configured_mask(response: Response) -> str | None:
+    if response.result is UNSET:
+        return None
+    try:
+        result = msgspec.json.decode(response.result)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(result, dict) and result.get("version-rolling") is True:
+        mask = result.get("version-rolling.mask")
+        return mask if isinstance(mask, str) else None
+    return None
+
+
 class MinerChannel:
-    """One rig connection relayed to one upstream session."""
+    """One rig connection relayed to its upstream session(s)."""
 
     def __init__(
         self,
         *,
         submit_timeout: float = 60.0,
         request_timeout: float = 60.0,
+        drain_timeout: float = 10.0,
         max_line: int = DEFAULT_MAX_LINE,
     ) -> None:
         self.miner = ServerSession(max_line=max_line)
-        self.upstream: UpstreamSession | None = None
         self.submit_timeout = submit_timeout
         self.request_timeout = request_timeout
+        self.drain_timeout = drain_timeout
         self.wants_upstream = False
         self.close_reason: str | None = None
+        self.leg: Leg | None = None
+        self.legs: list[Leg] = []
         self._first_bytes = True
         self._early: list[Any] = []
         self._pending: deque[PendingRequest] = deque()
+        # What the rig did in its handshake, to replay on a new upstream.
+        self._handshake: list[tuple[Any, PendingRequest | None]] = []
+        self._authorized: dict[str, str | None] = {}
+        self.rig_extranonce: tuple[str, int] | None = None
+        self.rig_version_mask: str | None = None
+        self._old_jobs: OrderedDict[str, None] = OrderedDict()
+        self._pool_requests: OrderedDict[Any, Leg] = OrderedDict()
+        self._switch_results: list[SwitchResult] = []
+        self._reconnect: tuple[list[Any], float, str] | None = None
         self._submitted = 0
         self._accepted = 0
         self._rejected = 0
@@ -139,10 +290,41 @@ class MinerChannel:
         self._lost = 0
         self._notifies = 0
         self._violations = 0
+        self._switches = 0
+        self._extranonce_changes = 0
+        self._reconnects = 0
+        self._stale_local = 0
 
     @property
     def closed(self) -> bool:
         return self.close_reason is not None
+
+    @property
+    def upstream(self) -> UpstreamSession | None:
+        """The current leg's session (None before the first attach or after a loss)."""
+        return None if self.leg is None else self.leg.session
+
+    @property
+    def extranonce_subscribed(self) -> bool:
+        return self.miner.extranonce_subscribed
+
+    @property
+    def subscribed(self) -> bool:
+        """The rig has had its subscribe result."""
+        return self.miner.subscribed
+
+    @property
+    def authorized_workers(self) -> dict[str, str | None]:
+        """Worker names the rig authorized successfully, with their passwords."""
+        return self._authorized
+
+    @property
+    def switching(self) -> bool:
+        return any(leg.state == "joining" for leg in self.legs)
+
+    @property
+    def reconnecting(self) -> bool:
+        return self._reconnect is not None
 
     def _close(self, reason: str) -> None:
         if self.close_reason is None:
@@ -169,117 +351,458 @@ class MinerChannel:
                     return
                 continue
             self.wants_upstream = True
-            if self.upstream is None:
-                self._early.append((event, now))
+            if self.leg is None and not self.miner.subscribed:
+                self._early.append(event)  # waits for the (next) upstream
             else:
                 self._forward(event, now)
+        self._check_reconnect(now)
 
-    def attach_upstream(self, upstream: UpstreamSession, now: float) -> None:
-        """The driver has connected the upstream; pass it what the rig already sent."""
-        self.upstream = upstream
+    def attach_upstream(self, upstream: UpstreamSession, now: float, key: Any = None) -> Leg:
+        """The first upstream session is connected: pass it what the rig already sent."""
+        leg = Leg(upstream, key, "current")
+        self.leg = leg
+        self.legs.append(leg)
         early, self._early = self._early, []
-        for event, _received_at in early:
+        for event in early:
             self._forward(event, now)
+        return leg
 
     def _forward(self, event: Any, now: float) -> None:
-        upstream = self.upstream
-        assert upstream is not None
         kind = type(event)
         if kind is MinerResponse:
-            upstream.respond_raw(event)
+            leg = self._pool_requests.pop(event.id, None) if event.id is not None else None
+            if leg is None or leg.state == "gone":
+                leg = self.leg
+            if leg is not None and leg.state != "gone":
+                leg.session.respond_raw(event)
             return
         if kind is Submit:
-            self._submitted += 1
-            pending = PendingRequest(event.id, "mining.submit", now + self.submit_timeout)
-            pending.upstream_id = upstream.submit(event.params, context=pending)
-            self._pending.append(pending)
+            self._submit(event, now)
             return
         method = event.__struct_config__.tag
-        pending = PendingRequest(event.id, method, now + self.request_timeout)
-        if kind is Subscribe:
-            params = event.params
-            session_id = None if params.session_id is None else str(params.session_id)
-            pending.upstream_id = upstream.subscribe(params.user_agent, session_id, context=pending)
-        else:
-            pending.upstream_id = upstream.request(method, _params(event.params), context=pending)
+        pending = PendingRequest(event.id, method, now + self.request_timeout, event=event)
+        if kind in _HANDSHAKE:
+            self._handshake.append((event, pending if event.id is not None else None))
+            if kind is Authorize and event.id is None:
+                self._authorized.setdefault(event.params.user, event.params.password)
+        leg = self.leg
+        if leg is None:
+            if event.id is not None:
+                pending.answered = True
+                self.miner.respond_error(event.id, 20, "Upstream pool unavailable: the proxy is changing upstream")
+            return
+        self._send_on(leg, event, pending)
         if event.id is not None:
             self._pending.append(pending)
 
+    def _send_on(self, leg: Leg, event: Any, pending: PendingRequest) -> None:
+        pending.leg = leg
+        kind = type(event)
+        if kind is Subscribe:
+            params = event.params
+            session_id = None if params.session_id is None else str(params.session_id)
+            pending.upstream_id = leg.session.subscribe(params.user_agent, session_id, context=pending)
+        else:
+            pending.upstream_id = leg.session.request(
+                event.__struct_config__.tag, _params(event.params), context=pending
+            )
+
+    def _submit(self, event: Submit, now: float) -> None:
+        self._submitted += 1
+        job_id = event.params.job_id
+        leg = self._leg_for_job(job_id)
+        if leg is None:
+            self._stale_local += 1
+            if job_id in self._old_jobs:
+                message = "Stale: job from a previous upstream pool, which is gone; share not submitted"
+                code = 21
+            else:
+                message = "No upstream pool connection (the proxy is changing upstream); share not submitted"
+                code = 20
+            self.miner.respond_error(event.id, code, message, result=FALSE)
+            return
+        pending = PendingRequest(event.id, "mining.submit", now + self.submit_timeout, leg)
+        pending.upstream_id = leg.session.submit(event.params, context=pending)
+        leg.pending += 1
+        self._pending.append(pending)
+
+    def _leg_for_job(self, job_id: str) -> Leg | None:
+        current = self.leg
+        if len(self.legs) == 1 and current is not None and not self._old_jobs:
+            return current  # the common case: one upstream, never changed
+        if current is not None and job_id in current.jobs:
+            return current
+        for leg in reversed(self.legs):
+            if leg.state == "draining" and job_id in leg.jobs:
+                return leg
+        if job_id in self._old_jobs:
+            return None
+        return current
+
     # -------------------------------------------------------------- pool side
 
-    def upstream_events(self, events: list[Any], now: float) -> None:
-        """Events from the upstream session."""
-        miner = self.miner
+    def upstream_events(self, events: list[Any], now: float, leg: Leg | None = None) -> None:
+        """Events from an upstream session (the current leg's unless ``leg`` is given)."""
+        leg = self.leg if leg is None else leg
+        if leg is None or leg.state == "gone":
+            return
         for event in events:
             kind = type(event)
             if kind is Reply:
-                self._reply(event)
-            elif kind is Notify:
-                self._notifies += 1
-                miner.notify(event.params)
-            elif kind is SetDifficulty:
-                miner.set_difficulty(event.difficulty)
-            elif kind is SetExtranonce:
-                miner.send_request(None, "mining.set_extranonce", params_list(event.params))
-            elif kind is SetVersionMask:
-                miner.set_version_mask(event.mask)
-            elif kind is ShowMessage:
-                miner.show_message(event.text)
-            elif kind is GetVersion or kind is Ping:
-                miner.send_request(event.id, event.__struct_config__.tag, event.params)
-            elif kind is UnknownPoolRequest:
-                miner.send_request(event.id, event.method, event.params)
-            elif kind is Reconnect:
-                # The pool wants its miners elsewhere (or back). The rig's upstream
-                # is this proxy, so ask the rig to come back here and close: the
-                # next connection goes upstream afresh.
-                miner.reconnect([])
-                self._close(f"pool sent client.reconnect {msgspec.json.encode(event.params).decode()}")
+                self._reply(event, now)
             elif kind is ProtocolViolation:
                 self._violations += 1
                 if event.fatal:
-                    self.upstream_lost(f"pool protocol violation: {event.reason}", now)
+                    # The driver sees the leg gone and closes its connection.
+                    self.upstream_lost(f"pool protocol violation: {event.reason}", now, leg=leg, release=False)
+                    return
+            elif leg.state == "current":
+                self._notification(leg, event, now)
+            elif leg.state == "joining":
+                leg.held.append(event)
+            # a draining leg's notifications are dropped: the rig works for the new upstream
+            if leg.state == "gone":
+                return
+        self._check_reconnect(now)
 
-    def _reply(self, reply: Reply) -> None:
-        pending: PendingRequest = reply.context
+    def _notification(self, leg: Leg, event: Any, now: float) -> None:
+        miner = self.miner
+        kind = type(event)
+        if kind is Notify:
+            self._notifies += 1
+            params = event.params
+            leg.remember_job(params.job_id)
+            if leg.force_clean:
+                leg.force_clean = False
+                if not params.clean_jobs:
+                    params = msgspec.structs.replace(params, clean_jobs=True)
+            miner.notify(params)
+        elif kind is SetDifficulty:
+            miner.set_difficulty(event.difficulty)
+        elif kind is SetExtranonce:
+            values = event.params
+            if values.extranonce1 is not None:
+                leg.extranonce1 = values.extranonce1
+                size = values.extranonce2_size
+                if size is not None:
+                    leg.extranonce2_size = size
+                if leg.extranonce2_size is not None:
+                    self.rig_extranonce = (values.extranonce1, leg.extranonce2_size)
+            miner.send_request(None, "mining.set_extranonce", params_list(event.params))
+        elif kind is SetVersionMask:
+            leg.version_mask = self.rig_version_mask = event.mask
+            miner.set_version_mask(event.mask)
+        elif kind is ShowMessage:
+            miner.show_message(event.text)
+        elif kind is GetVersion or kind is Ping:
+            self._remember_pool_request(event.id, leg)
+            miner.send_request(event.id, event.__struct_config__.tag, event.params)
+        elif kind is UnknownPoolRequest:
+            self._remember_pool_request(event.id, leg)
+            miner.send_request(event.id, event.method, event.params)
+        elif kind is Reconnect:
+            # The pool wants its miners elsewhere (or back). The rig's upstream
+            # is this proxy, so ask the rig to come back here and close: the
+            # next connection goes upstream afresh.
+            miner.reconnect([])
+            self._close(f"pool sent client.reconnect {msgspec.json.encode(event.params).decode()}")
+
+    def _remember_pool_request(self, request_id: Any, leg: Leg) -> None:
+        if request_id is None:
+            return
+        requests = self._pool_requests
+        requests[request_id] = leg
+        requests.move_to_end(request_id)
+        if len(requests) > POOL_REQUESTS_KEPT:
+            requests.popitem(last=False)
+
+    def _reply(self, reply: Reply, now: float) -> None:
+        context = reply.context
+        if type(context) is _Replay:
+            self._replay_answered(context, reply, now)
+            return
+        pending: PendingRequest | None = context
         if pending is None or pending.answered:
             return  # answered already (timed out) or a request of our own
         pending.answered = True
-        if pending.method == "mining.submit":
+        method = pending.method
+        if method == "mining.submit":
+            if pending.leg is not None:
+                pending.leg.pending -= 1
             if reply.accepted:
                 self._accepted += 1
             else:
                 self._rejected += 1
+        elif method == "mining.subscribe":
+            values = _subscribe_values(reply.response)
+            if values is not None:
+                self.rig_extranonce = values
+                if pending.leg is not None:
+                    pending.leg.extranonce1, pending.leg.extranonce2_size = values
+        elif method == "mining.configure":
+            mask = _configured_mask(reply.response)
+            if mask is not None:
+                self.rig_version_mask = mask
+                if pending.leg is not None:
+                    pending.leg.version_mask = mask
+        elif method == "mining.authorize" and reply.accepted and isinstance(pending.event, Authorize):
+            self._authorized.setdefault(pending.event.params.user, pending.event.params.password)
         if pending.miner_id is not None:
             self.miner.respond_raw(msgspec.structs.replace(reply.response, id=pending.miner_id))
 
-    def upstream_lost(self, reason: str, now: float) -> None:
-        """The upstream is gone: answer every pending request, then release the rig.
+    def upstream_lost(self, reason: str, now: float, *, leg: Leg | None = None, release: bool = True) -> None:
+        """An upstream session is gone: answer its pending requests with explicit errors.
 
-        Closing the rig's connection lets its own failover (or a reconnect to this
-        proxy, which opens a fresh upstream) take over, as cgminer expects.
+        With ``release`` (the default, and what a proxy without failover does) the
+        rig is then released: closing its connection lets its own failover (or a
+        reconnect to this proxy, which opens a fresh upstream) take over, as cgminer
+        expects. Without, the channel stays open for :meth:`switch_upstream` or
+        :meth:`request_reconnect`; a rig that has not had its subscribe result yet
+        keeps its unanswered handshake requests for the next upstream.
         """
-        for event, _received_at in self._early:  # never reached an upstream
+        leg = self.leg if leg is None else leg
+        if leg is None:
+            if not release:
+                return  # never attached: what the rig sent waits for the next upstream
+            for event in self._early:
+                request_id = getattr(event, "id", None)
+                if type(event) is not MinerResponse and request_id is not None:
+                    self._error(PendingRequest(request_id, event.__struct_config__.tag, now), reason)
+            self._early.clear()
+            self._close(f"upstream lost: {reason}")
+            return
+        if leg.state == "gone":
+            return
+        was = leg.state
+        leg.state = "gone"
+        leg.failure = reason
+        for job_id in leg.jobs:
+            self._remember_old_job(job_id)
+        keep_handshake = not release and was == "current" and not self.miner.subscribed
+        retried: list[PendingRequest] = []
+        for pending in self._pending:
+            if pending.answered or pending.leg is not leg:
+                continue
+            if keep_handshake and pending.method != "mining.submit" and pending.event is not None:
+                pending.answered = True  # forwarded again to the next upstream
+                retried.append(pending)
+                continue
+            self._error(pending, reason)
+        if retried:
+            again = {id(p) for p in retried}
+            self._handshake = [(e, p) for e, p in self._handshake if p is None or id(p) not in again]
+            self._early[:0] = [p.event for p in retried]
+        if was == "joining":
+            self._switch_results.append(SwitchResult(leg, False, reason))
+        self.legs.remove(leg)
+        if leg is self.leg:
+            self.leg = None
+            if release:
+                self._answer_everything(reason)
+                self._close(f"upstream lost: {reason}")
+        self._check_reconnect(now)
+
+    def _error(self, pending: PendingRequest, reason: str) -> None:
+        pending.answered = True
+        if pending.method == "mining.submit":
+            self._lost += 1
+            if pending.leg is not None:
+                pending.leg.pending -= 1
+            self.miner.respond_error(
+                pending.miner_id,
+                20,
+                f"Upstream pool connection lost before its verdict ({reason}); share not confirmed",
+                result=FALSE,
+            )
+        elif pending.miner_id is not None:
+            self.miner.respond_error(pending.miner_id, 20, f"Upstream pool unavailable: {reason}")
+
+    def _answer_everything(self, reason: str) -> None:
+        for pending in self._pending:
+            if not pending.answered:
+                self._error(pending, reason)
+        for event in self._early:
             request_id = getattr(event, "id", None)
             if type(event) is not MinerResponse and request_id is not None:
-                self._pending.append(PendingRequest(request_id, event.__struct_config__.tag, now))
+                self._error(PendingRequest(request_id, event.__struct_config__.tag, 0.0), reason)
         self._early.clear()
-        for pending in self._pending:
-            if pending.answered:
-                continue
-            pending.answered = True
-            if pending.method == "mining.submit":
-                self._lost += 1
-                self.miner.respond_error(
-                    pending.miner_id,
-                    20,
-                    f"Upstream pool connection lost before its verdict ({reason}); share not confirmed",
-                    result=FALSE,
-                )
-            else:
-                self.miner.respond_error(pending.miner_id, 20, f"Upstream pool unavailable: {reason}")
-        self._pending.clear()
-        self._close(f"upstream lost: {reason}")
+
+    def _remember_old_job(self, job_id: str) -> None:
+        old = self._old_jobs
+        old[job_id] = None
+        old.move_to_end(job_id)
+        if len(old) > OLD_JOBS_KEPT:
+            old.popitem(last=False)
+
+    # ------------------------------------------------------------- switching
+
+    def switch_upstream(self, upstream: UpstreamSession, now: float, key: Any = None) -> Leg:
+        """Start moving the rig to a new upstream session (see the module docs).
+
+        For a rig that has had its subscribe result, call this only if it
+        subscribed to extranonce changes (:attr:`extranonce_subscribed`); others
+        need :meth:`request_reconnect`. The outcome comes from :meth:`take_switch_results`.
+        """
+        for leg in self.legs:
+            if leg.state == "joining":  # a switch already under way is abandoned
+                self._abandon(leg, "superseded by another switch")
+        leg = Leg(upstream, key, "joining")
+        leg.switched_at = now
+        self.legs.append(leg)
+        if self.leg is None and not self.miner.subscribed:
+            # The rig has not seen any upstream yet: it simply gets this one.
+            leg.state = "current"
+            self.leg = leg
+            for event, pending in self._handshake:
+                # id-null requests, and a configure answered already (it goes out at once)
+                if pending is None or (pending.answered and type(event) is Configure):
+                    self._replay(leg, event)
+            early, self._early = self._early, []
+            for event in early:
+                self._forward(event, now)
+            self._switches += 1
+            self._switch_results.append(SwitchResult(leg, True))
+            return leg
+        subscribed_again = False
+        for event, pending in self._handshake:
+            kind = type(event)
+            if pending is not None and not pending.answered:
+                continue  # still on its way on the current leg
+            if kind is Subscribe:
+                if subscribed_again:
+                    continue
+                subscribed_again = True
+            elif kind is Authorize:
+                if event.params.user not in self._authorized:
+                    continue  # the rig's own authorize failed: do not replay it
+            self._replay(leg, event)
+        if not subscribed_again:
+            self._replay(leg, Subscribe(id=0))
+        return leg
+
+    def _replay(self, leg: Leg, event: Any) -> None:
+        kind = type(event)
+        context = _Replay(leg, event.__struct_config__.tag)
+        if kind is Subscribe:
+            # Not the old session id: it names a session of another pool.
+            leg.session.subscribe(event.params.user_agent, None, context=context)
+        else:
+            leg.session.request(event.__struct_config__.tag, _params(event.params), context=context)
+        if kind is Subscribe or kind is Authorize:
+            # Only these are waited for: pools may leave the others unanswered
+            # (ckpool ignores suggest_difficulty and extranonce.subscribe).
+            leg.replays += 1
+
+    def _replay_answered(self, context: _Replay, reply: Reply, now: float) -> None:
+        leg = context.leg
+        if leg.state == "gone":
+            return
+        response = reply.response
+        if context.method == "mining.configure":
+            leg.version_mask = _configured_mask(response)
+            if leg.state == "current" and leg.version_mask is not None and self.rig_version_mask is not None \
+                    and leg.version_mask != self.rig_version_mask:
+                self.miner.set_version_mask(leg.version_mask)  # the answer came after the switch
+                self.rig_version_mask = leg.version_mask
+            return
+        if context.method not in ("mining.subscribe", "mining.authorize"):
+            return
+        leg.replays -= 1
+        if context.method == "mining.subscribe":
+            values = _subscribe_values(response)
+            if values is None:
+                self._abandon(leg, f"subscribe refused by the new upstream: {bytes(response.error).decode(errors='replace')}")
+                return
+            leg.extranonce1, leg.extranonce2_size = values
+        elif not reply.accepted:
+            self._abandon(leg, f"authorize refused by the new upstream: {bytes(response.error).decode(errors='replace')}")
+            return
+        if leg.state == "joining" and leg.replays == 0 and leg.extranonce1 is not None:
+            self._complete_switch(leg, now)
+
+    def _abandon(self, leg: Leg, reason: str) -> None:
+        if leg.state != "joining":
+            return
+        leg.state = "gone"
+        leg.failure = reason
+        self.legs.remove(leg)
+        self._switch_results.append(SwitchResult(leg, False, reason))
+
+    def _complete_switch(self, leg: Leg, now: float) -> None:
+        old = self.leg
+        if old is not None and old.state == "current":
+            old.state = "draining"
+            old.switched_at = now
+        leg.state = "current"
+        self.leg = leg
+        self._switches += 1
+        miner = self.miner
+        assert leg.extranonce1 is not None and leg.extranonce2_size is not None
+        values = (leg.extranonce1, leg.extranonce2_size)
+        if values != self.rig_extranonce:
+            self._extranonce_changes += 1
+            miner.set_extranonce(*values)
+            self.rig_extranonce = values
+        if leg.version_mask is not None and self.rig_version_mask is not None and leg.version_mask != self.rig_version_mask:
+            miner.set_version_mask(leg.version_mask)
+            self.rig_version_mask = leg.version_mask
+        leg.force_clean = True
+        held, leg.held = leg.held, []
+        for event in held:
+            self._notification(leg, event, now)
+            if self.closed:
+                break
+        self._switch_results.append(SwitchResult(leg, True))
+
+    def take_switch_results(self) -> list[SwitchResult]:
+        results, self._switch_results = self._switch_results, []
+        return results
+
+    def fail_leg(self, leg: Leg, reason: str, now: float) -> None:
+        """Give up on a leg whose upstream is declared down: its pending requests get explicit errors."""
+        self.upstream_lost(reason, now, leg=leg, release=False)
+
+    def retire_drained(self, now: float) -> list[Leg]:
+        """Draining legs done with: no share pending and ``drain_timeout`` passed. The driver closes them."""
+        done = [
+            leg for leg in self.legs
+            if leg.state == "draining" and leg.pending <= 0 and now >= leg.switched_at + self.drain_timeout
+        ]
+        for leg in done:
+            self.upstream_lost("upstream changed", now, leg=leg, release=False)
+        return done
+
+    def request_reconnect(self, reason: str, now: float, params: list[Any] | None = None) -> None:
+        """Send ``client.reconnect`` (then close) once the shares in flight have their verdicts.
+
+        The verdicts are waited for at most ``drain_timeout`` seconds; shares still
+        unanswered then get explicit errors.
+        """
+        if self._reconnect is None and not self.closed:
+            for leg in self.legs:
+                if leg.state == "joining":
+                    self._abandon(leg, "the rig is reconnected instead")
+            self._reconnect = (params or [], now + self.drain_timeout, reason)
+            self._check_reconnect(now)
+
+    def _check_reconnect(self, now: float) -> None:
+        plan = self._reconnect
+        if plan is None or self.closed:
+            return
+        params, deadline, reason = plan
+        waiting = [p for p in self._pending if not p.answered and p.method == "mining.submit"]
+        if waiting and now < deadline:
+            return
+        for pending in waiting:
+            self._error(pending, f"{reason}; no verdict within {self.drain_timeout:g} s")
+        self._reconnects += 1
+        self.miner.reconnect(params)
+        self._close(f"client.reconnect sent: {reason}")
+
+    def release(self, reason: str) -> None:
+        """Close the rig's connection on purpose (answering what is pending first)."""
+        self._answer_everything(reason)
+        self._close(reason)
 
     # ------------------------------------------------------------------ time
 
@@ -287,7 +810,13 @@ class MinerChannel:
         pending = self._pending
         while pending and pending[0].answered:
             pending.popleft()
-        return pending[0].deadline if pending else None
+        deadlines = [pending[0].deadline] if pending else []
+        if self._reconnect is not None and not self.closed:
+            deadlines.append(self._reconnect[1])
+        for leg in self.legs:
+            if leg.state == "draining" and leg.pending <= 0:
+                deadlines.append(leg.switched_at + self.drain_timeout)
+        return min(deadlines) if deadlines else None
 
     def on_timer(self, now: float) -> None:
         """Answer requests whose verdict did not come in time."""
@@ -297,9 +826,12 @@ class MinerChannel:
             if request.answered:
                 continue
             request.answered = True
-            if self.upstream is not None and request.upstream_id is not None:
-                self.upstream.cancel(request.upstream_id)
+            leg = request.leg
+            if leg is not None and leg.state != "gone" and request.upstream_id is not None:
+                leg.session.cancel(request.upstream_id)
             if request.method == "mining.submit":
+                if leg is not None:
+                    leg.pending -= 1
                 self._timed_out += 1
                 self.miner.respond_error(
                     request.miner_id,
@@ -310,6 +842,7 @@ class MinerChannel:
             # Other requests the pool leaves unanswered (ckpool ignores
             # suggest_difficulty and extranonce.subscribe) stay unanswered, as
             # they would be on a direct connection.
+        self._check_reconnect(now)
 
     def statistics(self) -> MinerChannelStatistics:
         return MinerChannelStatistics(
@@ -321,6 +854,10 @@ class MinerChannel:
             pending=sum(1 for p in self._pending if not p.answered),
             notifies=self._notifies,
             violations=self._violations,
+            switches=self._switches,
+            extranonce_changes=self._extranonce_changes,
+            reconnects_sent=self._reconnects,
+            stale_local=self._stale_local,
         )
 
 
