@@ -1,31 +1,64 @@
-"""The miner-side proxy's trio driver: accept rigs, relay each one upstream.
+"""The miner-side proxy's trio driver: accept rigs, relay each one upstream, fail over.
 
-Everything protocol-shaped happens in :class:`~bridge.relay.miner_channel.MinerChannel`;
-this module only moves bytes, keeps time and closes sockets. One nursery per rig
-connection runs three tasks: the rig reader, the upstream reader (started once the
-rig has said something that is Stratum) and a timer for verdict deadlines.
+Everything protocol-shaped happens in the sans-IO cores:
+:class:`~bridge.relay.miner_channel.MinerChannel` (one rig and its upstream
+sessions) and :class:`~bridge.relay.failover.FailoverPolicy` (upstream health,
+who goes where, pacing, the no-upstream policy). This module moves bytes, keeps
+time, closes sockets, and executes the policy's decisions:
+
+- one nursery per rig connection runs the rig reader, a timer for verdict
+  deadlines, and one reader per upstream session (*leg*) of the rig;
+- one task per upstream runs its :class:`~bridge.net.upstreams.Probe` (started
+  once a worker name is known: ``probe_user``, or the first rig's successful
+  ``mining.authorize``), and one task runs the policy's timer and actions;
+- a ``MoveRig`` decision becomes, for the rig: a fresh session on the target
+  opened transparently if the rig has not had its subscribe result yet; a new
+  session with the handshake replayed and ``mining.set_extranonce`` plus a clean
+  job if the rig sent ``mining.extranonce.subscribe``; otherwise
+  ``client.reconnect`` (``[]``, ``[host, port]`` for cpuminer) and a close once
+  its shares in flight have their verdicts, after which the rig comes back and
+  is placed on the target. When the source upstream is declared down (lost,
+  silent, lagging …), its pending shares are answered at once with explicit
+  errors; when it is alive (fail-back, rebalance) they keep their verdict path.
 
 A connection that says nothing Stratum within ``opening_timeout`` (a port scanner,
 a stuck client) or opens with bytes that are clearly not Stratum is closed and
 counted by reason; other rigs are unaffected.
+
+Every detection and switch is logged by ``bridge.proxy.failover`` with its reason
+and counted in :meth:`MinerProxy.statistics`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import ssl
 from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
 import trio
 from msgspec import Struct
 
-from bridge.config import UpstreamURL
-from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
-from bridge.net.sv1_upstream import SV1Upstream
-from bridge.net.tcp import close_quietly, describe_error, peer_name, tune_stream
-from bridge.relay.miner_channel import MinerChannel
+from bridge.config import UpstreamEntry, UpstreamURL
+from bridge.net.rm_upstream import StratumRMLink
+from bridge.net.tcp import close_quietly, describe_error, peer_name, socket_of, tune_stream
+from bridge.net.upstreams import KEEPALIVE_METHODS, NETWORK_ERRORS, Probe, Session, Upstream
+from bridge.relay.failover import (
+    FailoverConfig,
+    FailoverPolicy,
+    FailoverStatistics,
+    MoveRig,
+    ReleaseRigs,
+    SendKeepalive,
+    UpstreamSpec,
+)
+from bridge.relay.miner_channel import Leg, MinerChannel
 
 log = logging.getLogger("bridge.proxy")
+failover_log = logging.getLogger("bridge.proxy.failover")
 
 RECEIVE_SIZE = 16384
 # ckpool's limit for a line from a client; rigs never come close.
@@ -40,79 +73,180 @@ class ProxyStatistics(Struct, frozen=True):
     accepted: int
     rejected: int
     unconfirmed: int
+    switches: int = 0
+    """Rigs moved to another upstream session without reconnecting (handshake replayed)."""
+    extranonce_changes: int = 0
+    """``mining.set_extranonce`` sent to rigs that subscribed to it."""
+    reconnects_sent: int = 0
+    """``client.reconnect`` sent to move rigs that did not."""
+    stale_local: int = 0
+    """Shares answered by the proxy because the upstream that sent their job is gone."""
+    failover: FailoverStatistics | None = None
 
 
 class MinerProxy:
-    """Accepts Stratum V1 rigs and relays each over its own upstream session."""
+    """Accepts Stratum V1 rigs and relays each over its own upstream session, with failover.
+
+    ``upstream`` is one URL or the ordered list of :class:`~bridge.config.UpstreamEntry`.
+    ``upstream_ssl_context`` is the proxy's TLS client context (or
+    :class:`~bridge.pki.rotation.ClientCredentials`) for ``stratumrm://`` upstreams;
+    ``pool_ssl_context`` verifies ``stratum+ssl://`` pools (default:
+    ``upstream_ssl_context`` when it is a plain context, as with one upstream).
+    """
 
     def __init__(
         self,
-        upstream: UpstreamURL,
+        upstream: UpstreamURL | Sequence[UpstreamEntry],
         *,
-        upstream_ssl_context: ssl.SSLContext | None = None,
+        upstream_ssl_context: Any = None,
+        pool_ssl_context: ssl.SSLContext | None = None,
         share_batch_window: float = 0.0,
         opening_timeout: float = 10.0,
         submit_timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        failover: FailoverConfig | None = None,
+        drain_timeout: float = 10.0,
+        probe_user: str | None = None,
+        probe_password: str | None = None,
+        keepalive: str = "authorize",
     ) -> None:
-        self.upstream = upstream
+        entries = [UpstreamEntry(upstream)] if isinstance(upstream, UpstreamURL) else list(upstream)
+        if not entries:
+            raise ValueError("at least one upstream is needed")
+        if keepalive not in KEEPALIVE_METHODS + ("none",):
+            raise ValueError(f"keepalive must be one of authorize, ping, none; got {keepalive!r}")
+        if pool_ssl_context is None and isinstance(upstream_ssl_context, ssl.SSLContext):
+            pool_ssl_context = upstream_ssl_context
+        self.upstreams = [
+            Upstream(
+                index,
+                entry,
+                ssl_context=upstream_ssl_context if entry.url.transport == "stratumrm" else pool_ssl_context,
+                connect_timeout=connect_timeout,
+                batch_window=share_batch_window,
+            )
+            for index, entry in enumerate(entries)
+        ]
+        self.upstream = entries[0].url
         self.upstream_ssl_context = upstream_ssl_context
         self.opening_timeout = opening_timeout
         self.submit_timeout = submit_timeout
         self.connect_timeout = connect_timeout
+        self.drain_timeout = drain_timeout
+        config = failover or FailoverConfig()
+        if keepalive == "none":
+            config = _replace(config, keepalive_interval=None)
+        self.policy = FailoverPolicy(
+            [UpstreamSpec(u.name, u.entry.priority, u.entry.weight) for u in self.upstreams], config
+        )
+        self.probes = [Probe(u, self.policy, self.wake_policy, keepalive=keepalive) for u in self.upstreams]
+        self.probe_user = probe_user
+        self.probe_password = probe_password
+        if probe_user:
+            self._set_probe_identity(probe_user, probe_password)
+        self._rig_ids = itertools.count(1)
+        self._rigs: dict[int, _RigConnection] = {}
         self._accepted_connections = 0
         self._active = 0
         self._closed: Counter[str] = Counter()
-        self._submitted = 0
-        self._accepted = 0
-        self._rejected = 0
-        self._unconfirmed = 0
-        self._live: set[MinerChannel] = set()
+        self._totals: Counter[str] = Counter()
+        self._policy_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self.port: int | None = None
-        self.link: StratumRMLink | None = None
-        if upstream.transport == "stratumrm":
-            if upstream_ssl_context is None:
-                raise ValueError("a stratumrm:// upstream needs the proxy's certificate (TLS client context)")
-            self.link = StratumRMLink(
-                upstream, upstream_ssl_context, connect_timeout=connect_timeout, batch_window=share_batch_window
-            )
+        # The first StratumRM link (what single-upstream callers and tests look at).
+        self.link: StratumRMLink | None = next((u.link for u in self.upstreams if u.link is not None), None)
+
+    # ------------------------------------------------------------ serving
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
-        log.info("proxy listening on %s:%d, upstream %s", host, self.port, self.upstream)
+        log.info(
+            "proxy listening on %s:%d, upstream%s %s", host, self.port, "s" if len(self.upstreams) > 1 else "",
+            ", ".join(f"{u.url} (priority {u.entry.priority}, weight {u.entry.weight:g})" if len(self.upstreams) > 1
+                      else str(u.url) for u in self.upstreams),
+        )
         async with trio.open_nursery() as nursery:
-            if self.link is not None:
-                await nursery.start(self.link.run)
+            for upstream in self.upstreams:
+                if upstream.link is not None:
+                    await nursery.start(upstream.link.run)
+            self._nursery = nursery
+            for probe in self.probes:
+                nursery.start_soon(probe.run)
+            nursery.start_soon(self._run_policy)
             task_status.started(self.port)
             await trio.serve_listeners(self._handle, listeners)
 
-    async def _open_upstream(self, peer: str) -> SV1Upstream | RMUpstreamHandle:
-        if self.link is not None:
-            return await self.link.open_handle(peer)
-        return await SV1Upstream.connect(
-            self.upstream, ssl_context=self.upstream_ssl_context, timeout=self.connect_timeout
-        )
+    def wake_policy(self) -> None:
+        self._policy_wake.set()
+
+    def _set_probe_identity(self, user: str, password: str | None) -> None:
+        for probe in self.probes:
+            probe.set_identity(user, password)
+
+    def learned_worker(self, user: str, password: str | None) -> None:
+        """A rig authorized: the probes borrow the first worker name (pools see a real worker)."""
+        if self.probes[0].identity is None:
+            failover_log.info("probes authorize as %s (the first rig's worker name)", user)
+            self._set_probe_identity(user, password)
+
+    async def _run_policy(self) -> None:
+        policy = self.policy
+        while True:
+            now = trio.current_time()
+            deadline = policy.next_deadline(now)
+            if deadline is None or deadline > now:
+                self._policy_wake = trio.Event()
+                with trio.move_on_at(math.inf if deadline is None else deadline):
+                    await self._policy_wake.wait()
+                continue
+            actions = policy.on_timer(now)
+            for event in policy.take_events():
+                level = logging.WARNING if event.kind in ("detection", "outage", "release") and "usable again" not in event.message else logging.INFO
+                failover_log.log(level, "%s", event.message)
+            for action in actions:
+                kind = type(action)
+                if kind is SendKeepalive:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self.probes[action.upstream].keepalive)
+                elif kind is MoveRig:
+                    rig = self._rigs.get(action.rig)
+                    if rig is None:
+                        policy.removed(action.rig)
+                    else:
+                        rig.move(action)
+                elif kind is ReleaseRigs:
+                    for rig_id in action.rigs:
+                        rig = self._rigs.get(rig_id)
+                        if rig is not None:
+                            rig.release(f"released: {action.reason}")
+            await trio.lowlevel.checkpoint()
+
+    # ------------------------------------------------------------ rigs
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         tune_stream(stream)
         peer = peer_name(stream)
         self._accepted_connections += 1
         self._active += 1
-        channel = MinerChannel(submit_timeout=self.submit_timeout, max_line=MAX_LINE_FROM_MINER)
-        connection = _RigConnection(self, channel, stream, peer)
-        self._live.add(channel)
+        channel = MinerChannel(
+            submit_timeout=self.submit_timeout, drain_timeout=self.drain_timeout, max_line=MAX_LINE_FROM_MINER
+        )
+        rig_id = next(self._rig_ids)
+        connection = _RigConnection(self, rig_id, channel, stream, peer)
+        self._rigs[rig_id] = connection
         reason = "proxy shutting down"
         try:
             reason = await connection.run()
         finally:
             self._active -= 1
-            self._live.discard(channel)
+            self._rigs.pop(rig_id, None)
+            self.policy.removed(rig_id)
+            self.wake_policy()
             stats = channel.statistics()
-            self._submitted += stats.submitted
-            self._accepted += stats.accepted
-            self._rejected += stats.rejected
-            self._unconfirmed += stats.timed_out + stats.lost_upstream
+            for name in ("submitted", "accepted", "rejected", "switches", "extranonce_changes", "reconnects_sent", "stale_local"):
+                self._totals[name] += getattr(stats, name)
+            self._totals["unconfirmed"] += stats.timed_out + stats.lost_upstream
             self._closed[reason.split(":", 1)[0]] += 1
             await close_quietly(stream)
         log.info(
@@ -122,32 +256,55 @@ class MinerProxy:
 
     def statistics(self) -> ProxyStatistics:
         """Counters over every rig connection so far, open ones included."""
-        live = [channel.statistics() for channel in self._live]
+        totals = Counter(self._totals)
+        for rig in self._rigs.values():
+            stats = rig.channel.statistics()
+            for name in ("submitted", "accepted", "rejected", "switches", "extranonce_changes", "reconnects_sent", "stale_local"):
+                totals[name] += getattr(stats, name)
+            totals["unconfirmed"] += stats.timed_out + stats.lost_upstream
         return ProxyStatistics(
             connections_accepted=self._accepted_connections,
             connections_active=self._active,
             closed_by_reason=dict(self._closed),
-            submitted=self._submitted + sum(s.submitted for s in live),
-            accepted=self._accepted + sum(s.accepted for s in live),
-            rejected=self._rejected + sum(s.rejected for s in live),
-            unconfirmed=self._unconfirmed + sum(s.timed_out + s.lost_upstream for s in live),
+            submitted=totals["submitted"],
+            accepted=totals["accepted"],
+            rejected=totals["rejected"],
+            unconfirmed=totals["unconfirmed"],
+            switches=totals["switches"],
+            extranonce_changes=totals["extranonce_changes"],
+            reconnects_sent=totals["reconnects_sent"],
+            stale_local=totals["stale_local"],
+            failover=self.policy.statistics(trio.current_time()) if _in_trio() else None,
         )
+
+
+class _LegTask:
+    __slots__ = ("leg", "session", "upstream", "scope")
+
+    def __init__(self, leg: Leg, session: Session, upstream: Upstream) -> None:
+        self.leg = leg
+        self.session = session
+        self.upstream = upstream
+        self.scope = trio.CancelScope()
 
 
 class _RigConnection:
     """The tasks of one rig connection."""
 
-    def __init__(self, proxy: MinerProxy, channel: MinerChannel, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, proxy: MinerProxy, rig_id: int, channel: MinerChannel, stream: trio.SocketStream, peer: str) -> None:
         self.proxy = proxy
+        self.id = rig_id
         self.channel = channel
         self.stream = stream
         self.peer = peer
-        self.upstream: SV1Upstream | RMUpstreamHandle | None = None
+        self.legs: dict[int, _LegTask] = {}  # id(leg) -> task
         self._miner_lock = trio.Lock()
         self._wake_timer = trio.Event()
         self._done = trio.Event()
-        self._connecting = False
+        self._placing = False
+        self._moving = False
         self._nursery: trio.Nursery | None = None
+        self._learned = False
 
     async def run(self) -> str:
         channel = self.channel
@@ -163,8 +320,10 @@ class _RigConnection:
             with trio.move_on_after(2):
                 await self._flush()
         finally:
-            if self.upstream is not None:
-                await self.upstream.aclose()
+            self._nursery = None
+            for task in list(self.legs.values()):
+                await task.session.aclose()
+            self.legs.clear()
         return channel.close_reason or "closed"
 
     def _finish(self, reason: str | None = None) -> None:
@@ -177,19 +336,50 @@ class _RigConnection:
             data = self.channel.miner.data_to_send()
             if data:
                 await self.stream.send_all(data)
-        if self.upstream is not None:
-            await self.upstream.flush()
+        for task in list(self.legs.values()):
+            try:
+                await task.session.flush()
+            except NETWORK_ERRORS:
+                pass  # its reader sees the failure
 
     async def _step(self) -> None:
-        """After feeding the channel: write, wake the timer, notice closing."""
+        """After feeding the channel: write, settle switches and legs, wake the timer, notice closing."""
+        channel = self.channel
+        proxy = self.proxy
+        now = trio.current_time()
+        for result in channel.take_switch_results():
+            task = self.legs.get(id(result.leg))
+            if task is None:
+                continue
+            if result.ok:
+                proxy.policy.attached(self.id, task.upstream.index, now)
+                log.debug("rig %s now on %s", self.peer, task.upstream.name)
+            else:
+                failover_log.info("rig %s: switch to %s failed: %s", self.peer, task.upstream.name, result.reason)
+                proxy.policy.move_failed(self.id, task.upstream.index, result.reason, now)
+            proxy.wake_policy()
+        channel.retire_drained(now)
+        for key, task in list(self.legs.items()):
+            if task.leg.state == "gone":
+                task.scope.cancel()
+                del self.legs[key]
+                self._spawn(task.session.aclose)
+        if not self._learned and channel.authorized_workers:
+            self._learned = True
+            user, password = next(iter(channel.authorized_workers.items()))
+            proxy.learned_worker(user, password)
         try:
             await self._flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._finish(f"write failed: {exc}")
             return
         self._wake_timer.set()
-        if self.channel.closed:
+        if channel.closed:
             self._finish()
+
+    def _spawn(self, function, *args) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(function, *args)
 
     async def _read_rig(self) -> None:
         channel = self.channel
@@ -203,10 +393,9 @@ class _RigConnection:
                 self._finish("rig closed the connection")
                 return
             channel.miner_data(data, trio.current_time())
-            if channel.wants_upstream and not self._connecting:
-                self._connecting = True
-                assert self._nursery is not None
-                self._nursery.start_soon(self._run_upstream)
+            if channel.wants_upstream and not self._placing:
+                self._placing = True
+                self._place()
             await self._step()
 
     async def _opening_watchdog(self) -> None:
@@ -214,33 +403,123 @@ class _RigConnection:
         if not self.channel.wants_upstream:
             self._finish(f"idle: no Stratum request within {self.proxy.opening_timeout:g} s")
 
-    async def _run_upstream(self) -> None:
+    # ------------------------------------------------------------ placement and moves
+
+    def _place(self) -> None:
+        proxy = self.proxy
+        target = proxy.policy.assign(self.id, trio.current_time())
+        if target is None:
+            self.channel.upstream_lost("no upstream pool is usable", trio.current_time())
+            return
+        self._spawn(self._open_leg, proxy.upstreams[target], None)
+
+    def move(self, action: MoveRig) -> None:
+        """Execute the policy's decision to move this rig (called from the policy task)."""
         channel = self.channel
+        proxy = self.proxy
+        if channel.closed or channel.reconnecting or self._nursery is None:
+            return
+        target = proxy.upstreams[action.target]
+        source = self._current_task()
+        if source is not None and action.source is not None and proxy.policy.unreachable(action.source):
+            # Its verdicts are not coming: answer the shares in flight now.
+            reason = proxy.policy.down_reason(action.source) or "upstream down"
+            channel.fail_leg(source.leg, f"{source.upstream.name} is down ({reason})", trio.current_time())
+        if not channel.subscribed:
+            if channel.leg is not None:
+                # Still in its handshake on a live upstream: leave it there.
+                proxy.policy.attached(self.id, self.legs[id(channel.leg)].upstream.index, trio.current_time())
+                return
+            self._spawn(self._open_leg, target, action)
+        elif channel.extranonce_subscribed:
+            self._spawn(self._open_leg, target, action)
+        else:
+            channel.request_reconnect(f"moving to {target.name}: {action.reason}", trio.current_time(), self._reconnect_params())
+        self._spawn(self._step)
+
+    def release(self, reason: str) -> None:
+        self.channel.release(reason)
+        self._spawn(self._step)
+
+    def _current_task(self) -> _LegTask | None:
+        leg = self.channel.leg
+        return None if leg is None else self.legs.get(id(leg))
+
+    def _reconnect_params(self) -> list[Any]:
+        """``[]`` ("this server again"); cpuminer ignores that and needs a host and port."""
+        agent = (self.channel.miner.user_agent or "").lower()
+        if not agent.startswith(("cpuminer", "minerd")):
+            return []
+        sock = socket_of(self.stream)
         try:
-            upstream = await self.proxy._open_upstream(self.peer)
-        except (OSError, trio.BrokenResourceError, ValueError) as exc:
+            host, port = sock.getsockname()[:2] if sock is not None else (None, None)
+        except OSError:
+            return []
+        return [] if host is None else [host, port]
+
+    async def _open_leg(self, upstream: Upstream, action: MoveRig | None) -> None:
+        channel = self.channel
+        proxy = self.proxy
+        policy = proxy.policy
+        try:
+            session = await upstream.open_session(self.peer)
+        except NETWORK_ERRORS as exc:
             detail = describe_error(exc)
-            log.warning("rig %s: cannot reach upstream %s: %s", self.peer, self.proxy.upstream, detail)
-            channel.upstream_lost(f"cannot connect to {self.proxy.upstream}: {detail}", trio.current_time())
+            now = trio.current_time()
+            failover_log.info("rig %s: cannot open a session on %s: %s", self.peer, upstream.name, detail)
+            if self.proxy.probes[upstream.index].session is None and not policy.is_down(upstream.index):
+                policy.lost(upstream.index, f"cannot connect: {detail}", now, connect_failed=True)
+            policy.move_failed(self.id, upstream.index, detail, now)
+            proxy.wake_policy()
+            if not channel.subscribed and channel.leg is None and not any(policy.usable(u.index) for u in proxy.upstreams):
+                # Nothing to offer a rig that has not even subscribed: release it now,
+                # with the reason, so its own backup pool takes over.
+                channel.upstream_lost(f"cannot connect to {upstream.url}: {detail}", now)
             await self._step()
             return
-        self.upstream = upstream
-        channel.attach_upstream(upstream.session, trio.current_time())
+        if channel.closed:
+            await session.aclose()
+            return
+        now = trio.current_time()
+        if channel.leg is None and not channel.subscribed and not channel.switching and action is None:
+            leg = channel.attach_upstream(session.session, now, key=upstream.index)
+            policy.attached(self.id, upstream.index, now)
+        else:
+            leg = channel.switch_upstream(session.session, now, key=upstream.index)
+        task = _LegTask(leg, session, upstream)
+        self.legs[id(leg)] = task
+        self._spawn(self._read_leg, task)
         await self._step()
-        while not channel.closed:
-            try:
-                events = await upstream.receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                events, reason = None, f"pool connection error: {describe_error(exc)}"
-            else:
-                reason = "pool closed the connection"
-            if events is None:
-                log.warning("rig %s: upstream %s lost: %s", self.peer, self.proxy.upstream, reason)
-                channel.upstream_lost(reason, trio.current_time())
+
+    async def _read_leg(self, task: _LegTask) -> None:
+        channel = self.channel
+        proxy = self.proxy
+        index = task.upstream.index
+        with task.scope:
+            while task.leg.state != "gone" and not channel.closed:
+                try:
+                    events = await task.session.receive()
+                except NETWORK_ERRORS as exc:
+                    events, reason = None, f"pool connection error: {describe_error(exc)}"
+                else:
+                    reason = "pool closed the connection"
+                now = trio.current_time()
+                if events is None:
+                    was_current = task.leg is channel.leg
+                    log.info("rig %s: upstream %s lost: %s", self.peer, task.upstream.name, reason)
+                    channel.upstream_lost(reason, now, leg=task.leg, release=False)
+                    if was_current:
+                        proxy.policy.detached(self.id, reason, now)
+                        proxy.wake_policy()
+                    await self._step()
+                    return
+                proxy.policy.traffic(index, now)
+                was_current = task.leg is channel.leg
+                channel.upstream_events(events, now, leg=task.leg)
+                if was_current and task.leg.state == "gone" and not channel.closed:
+                    proxy.policy.detached(self.id, task.leg.failure or "upstream session ended", now)
+                    proxy.wake_policy()
                 await self._step()
-                return
-            channel.upstream_events(events, trio.current_time())
-            await self._step()
 
     async def _timers(self) -> None:
         channel = self.channel
@@ -252,3 +531,17 @@ class _RigConnection:
                 continue
             channel.on_timer(trio.current_time())
             await self._step()
+
+
+def _replace(config: FailoverConfig, **changes: Any) -> FailoverConfig:
+    import msgspec
+
+    return msgspec.structs.replace(config, **changes)
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
