@@ -387,10 +387,10 @@ class _RigConnection:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._finish(f"rig connection error: {exc}")
+                self._finish(channel.reconnect_reason or f"rig connection error: {exc}")
                 return
             if not data:
-                self._finish("rig closed the connection")
+                self._finish(channel.reconnect_reason or "rig closed the connection")
                 return
             channel.miner_data(data, trio.current_time())
             if channel.wants_upstream and not self._placing:

@@ -54,9 +54,13 @@ authorize are answered successfully the switch completes:
 Rigs that did not subscribe to extranonce changes (cgminer ignores
 ``mining.set_extranonce``) are not given a joining leg: :meth:`request_reconnect`
 sends ``client.reconnect`` (``[]``, or ``[host, port]`` for cpuminer, which
-ignores ``[]``) and closes, after the verdicts of the shares in flight came back
-(or ``drain_timeout`` passed); the rig reconnects to the proxy and gets a
-session on the upstream the failover policy picks.
+ignores ``[]``) after the verdicts of the shares in flight came back (or
+``drain_timeout`` passed); the rig reconnects to the proxy and gets a session on
+the upstream the failover policy picks. The connection lingers until the rig
+closes it (at most ``RECONNECT_LINGER``): a share the rig sent before it read the
+reconnect still reaches its pool, which credits it, though the rig, gone, never
+reads the verdict (cgminer counts it "lost due to stratum disconnect"). That
+window, one proxy-to-rig trip, is the only way a share can go unanswered.
 
 The previous leg is *draining*: shares whose job it sent still go to it and
 its verdicts still reach the rig; its notifications do not. A submit is routed
@@ -104,6 +108,8 @@ from bridge.sv1.messages import (
 )
 from bridge.sv1.server import ServerSession
 
+RECONNECT_LINGER = 2.0
+"""Seconds the rig's connection stays open after ``client.reconnect`` (rigs close it at once)."""
 JOBS_PER_LEG = 256
 """Job ids remembered per leg for routing submits."""
 OLD_JOBS_KEPT = 1024
@@ -283,6 +289,9 @@ class MinerChannel:
         self._pool_requests: OrderedDict[Any, Leg] = OrderedDict()
         self._switch_results: list[SwitchResult] = []
         self._reconnect: tuple[list[Any], float, str] | None = None
+        self._reconnect_sent: float | None = None
+        self.reconnect_reason: str | None = None
+        """Set once ``client.reconnect`` went out: why (the close reason, whoever closes)."""
         self._submitted = 0
         self._accepted = 0
         self._rejected = 0
@@ -789,6 +798,10 @@ class MinerChannel:
         plan = self._reconnect
         if plan is None or self.closed:
             return
+        if self._reconnect_sent is not None:
+            if now >= self._reconnect_sent:
+                self.release(self.reconnect_reason or "client.reconnect sent")
+            return
         params, deadline, reason = plan
         waiting = [p for p in self._pending if not p.answered and p.method == "mining.submit"]
         if waiting and now < deadline:
@@ -797,7 +810,10 @@ class MinerChannel:
             self._error(pending, f"{reason}; no verdict within {self.drain_timeout:g} s")
         self._reconnects += 1
         self.miner.reconnect(params)
-        self._close(f"client.reconnect sent: {reason}")
+        # Linger: a share the rig sent before it read the reconnect is still
+        # relayed (the pool credits it), and answered if the rig still listens.
+        self._reconnect_sent = now + RECONNECT_LINGER
+        self.reconnect_reason = f"client.reconnect sent: {reason}"
 
     def release(self, reason: str) -> None:
         """Close the rig's connection on purpose (answering what is pending first)."""
@@ -811,7 +827,9 @@ class MinerChannel:
         while pending and pending[0].answered:
             pending.popleft()
         deadlines = [pending[0].deadline] if pending else []
-        if self._reconnect is not None and not self.closed:
+        if self._reconnect_sent is not None and not self.closed:
+            deadlines.append(self._reconnect_sent)
+        elif self._reconnect is not None and not self.closed:
             deadlines.append(self._reconnect[1])
         for leg in self.legs:
             if leg.state == "draining" and leg.pending <= 0:

@@ -79,8 +79,11 @@ target is a block (logged, counted, and followed by a new block unless
 checking them; :meth:`~ReferencePool.stall` turns the pool into a blackhole
 (sockets stay open, nothing is read, answered or sent);
 :meth:`~ReferencePool.drop_connections` closes every miner connection, with a
-TCP reset if asked; :meth:`~ReferencePool.stop_jobs` stops every
-``mining.notify``; :meth:`~ReferencePool.new_block` moves the chain on;
+TCP reset if asked; :meth:`~ReferencePool.kill` resets every connection and
+stops listening (a crashed pool; :meth:`~ReferencePool.serve` again restores
+it); :meth:`~ReferencePool.stop_jobs` stops every ``mining.notify``;
+:meth:`~ReferencePool.new_block` moves the chain on (to a given prevhash, so
+several pools can share one chain and one can be left lagging);
 :meth:`~ReferencePool.request_reconnect` sends ``client.reconnect``.
 
 Memory is bounded: lines are limited to ``max_line`` bytes (ckpool's 1024 by
@@ -92,6 +95,7 @@ current block, remembered sessions to those younger than
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -551,6 +555,7 @@ class ReferencePool:
         self._duplicates = 0
         self._blocks_found = 0
         self._share_accepted = trio.Event()
+        self._serve_scopes: set[trio.CancelScope] = set()
 
     # ------------------------------------------------------------- public state
 
@@ -646,10 +651,36 @@ class ReferencePool:
         log.info("dropping %d connections%s", len(connections), " with RST" if rst else "")
         return len(connections)
 
-    def new_block(self) -> None:
-        """Move to the next block and send its first job (clean) to every connection."""
+    def kill(self) -> int:
+        """Die like a crashed pool process: every connection reset, the listening sockets closed.
+
+        New connections are refused until :meth:`serve` runs again (on the same
+        port, to restore the pool; jobs, shares and sessions are kept). Returns how
+        many connections were reset.
+        """
+        count = self.drop_connections(rst=True)
+        for scope in list(self._serve_scopes):
+            scope.cancel()
+        log.info("killed: %d connections reset, not listening", count)
+        return count
+
+    @property
+    def prevhash(self) -> str:
+        """The previous-block hash (``mining.notify`` form) of the block being worked on."""
+        return self._block.prevhash
+
+    def new_block(self, prevhash: str | None = None) -> None:
+        """Move to the next block and send its first job (clean) to every connection.
+
+        ``prevhash`` (``mining.notify`` form) puts pools on one chain: give two
+        pools the same value and they announce the same block, as real pools on
+        one network do; a pool that is not told lags.
+        """
         old_block = self._block
         self._block = self._make_block(serial=old_block.serial + 1, height=old_block.height + 1)
+        if prevhash is not None:
+            prevhash_to_header(prevhash)  # checks the form
+            self._block = dataclasses.replace(self._block, prevhash=prevhash)
         for job_id in self._jobs:
             self._remember_stale(job_id)
         self._jobs.clear()
@@ -713,12 +744,17 @@ class ReferencePool:
             self.config.extranonce2_size,
         )
         handler = functools.partial(self._serve_connection, ssl_context=ssl_context)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._job_timer)
-            if self.config.block_interval is not None:
-                nursery.start_soon(self._block_timer, self.config.block_interval)
-            await nursery.start(trio.serve_listeners, handler, listeners)
-            task_status.started(bound_port)
+        with trio.CancelScope() as scope:
+            self._serve_scopes.add(scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._job_timer)
+                    if self.config.block_interval is not None:
+                        nursery.start_soon(self._block_timer, self.config.block_interval)
+                    await nursery.start(trio.serve_listeners, handler, listeners)
+                    task_status.started(bound_port)
+            finally:
+                self._serve_scopes.discard(scope)
 
     async def _job_timer(self) -> None:
         interval = self.config.notify_interval
