@@ -1,7 +1,7 @@
 """The ``stratumrm`` command line.
 
 Roles: ``proxy`` (miner side), ``sidecar`` (pool side, with the StratumRM issue);
-tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``.
+tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import logging
 import sys
 
 import click
-import trio
 
 from bridge import __version__
 from bridge.config import parse_listen, parse_upstream_url
 from bridge.errors import BridgeError
+from bridge.runtime import run_until_interrupted
 
 
 def setup_logging(verbose: int, quiet: bool = False) -> None:
@@ -50,25 +50,38 @@ def cli() -> None:
 @click.option("--submit-timeout", default=60.0, show_default=True, help="Seconds to wait for a pool's verdict before answering the rig with an explicit error.")
 @click.option("--opening-timeout", default=10.0, show_default=True, help="Seconds a new connection may stay silent before it is closed.")
 @click.option("--share-batch-window", default=0.0, show_default=True, help="Seconds to hold UDP shares so several share a datagram (e.g. 0.001 for large farms).")
+@click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when this proxy's certificate expires within this many days.")
+@click.option("--status-listen", metavar="HOST:PORT", help="Serve GET /status (JSON statistics) here, e.g. 127.0.0.1:9100, for `stratumrm status`.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def proxy(listen, upstreams, cert, key, ca, bundle, upstream_ca, submit_timeout, opening_timeout, share_batch_window, verbose) -> None:
-    """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream."""
+def proxy(listen, upstreams, cert, key, ca, bundle, upstream_ca, submit_timeout, opening_timeout, share_batch_window, cert_warn_days, status_listen, verbose) -> None:
+    """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream.
+
+    A renewed --bundle (or --cert/--key) is picked up without a restart (checked every
+    few seconds and on SIGHUP) and used from the next connection to the sidecar.
+    """
+    from datetime import timedelta
+
     from bridge.net.miner_proxy import MinerProxy
-    from bridge.pki.tls import client_context, client_context_from_bundle, public_client_context
+    from bridge.net.proxy_service import ProxyService
+    from bridge.pki.rotation import ClientCredentials
+    from bridge.pki.tls import public_client_context
 
     setup_logging(verbose)
     try:
         host, port = parse_listen(listen)
         urls = [parse_upstream_url(u) for u in upstreams]
+        status_address = parse_listen(status_listen) if status_listen else None
     except BridgeError as exc:
         raise click.UsageError(str(exc)) from None
     url = urls[0]
+    credentials = None
     try:
         if url.transport == "stratumrm":
+            warn_window = timedelta(days=cert_warn_days)
             if bundle:
-                context = client_context_from_bundle(bundle)
+                context = credentials = ClientCredentials.from_bundle(bundle, expiry_warning=warn_window)
             elif cert and key and ca:
-                context = client_context(cert, key, ca)
+                context = credentials = ClientCredentials.from_files(cert, key, ca, expiry_warning=warn_window)
             else:
                 raise click.UsageError(
                     "a stratumrm:// upstream needs this proxy's certificate: pass --bundle FILE "
@@ -85,7 +98,8 @@ def proxy(listen, upstreams, cert, key, ca, bundle, upstream_ca, submit_timeout,
         opening_timeout=opening_timeout,
         share_batch_window=share_batch_window,
     )
-    _run_forever(server.serve, host, port)
+    service = ProxyService(server, credentials=credentials, status_listen=status_address)
+    _run_forever(service.run, host, port)
 
 
 @cli.command()
@@ -104,22 +118,9 @@ def demo(duration, miners, difficulty, hashrate, loss, verbose) -> None:
     sys.exit(status)
 
 
-@cli.command()
-@click.option("--iterations", type=click.IntRange(1000), default=50_000, show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=7, show_default=True, help="Runs per measure; the median is printed.")
-def bench(iterations, repeats) -> None:
-    """Benchmarks: SV1 decode/re-encode cost per message."""
-    from bridge.bench import codec
-
-    click.echo(f"SV1 codec, median of {repeats} runs of {iterations} messages (python {sys.version.split()[0]})")
-    click.echo(codec.report(codec.run(iterations, repeats)))
-
-
 def _run_forever(serve, *args) -> None:
     try:
-        trio.run(serve, *args)
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+        run_until_interrupted(serve, *args)
     except OSError as exc:
         raise click.ClickException(f"{exc}; is the address in use or the port privileged?") from None
 
@@ -129,13 +130,17 @@ def _register_optional() -> None:
     from bridge.testing.commands import testpool
     from bridge.testing.miner_command import testminer
 
+    from bridge.bench.command import bench
     from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
+    from bridge.status_command import status
 
     cli.add_command(testpool)
     cli.add_command(testminer)
     cli.add_command(pki)
     cli.add_command(sidecar)
+    cli.add_command(bench)
+    cli.add_command(status)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
 
 def test_help_lists_every_command() -> None:
     out = subprocess.run(STRATUMRM + ["--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("proxy", "demo", "bench", "testpool", "testminer", "pki"):
+    for command in ("proxy", "sidecar", "demo", "bench", "status", "testpool", "testminer", "pki"):
         assert command in out
 
 
@@ -44,7 +44,7 @@ def test_demo_runs_the_chain_and_reports_a_clean_tally() -> None:
 
 
 def test_bench_prints_microseconds_per_message() -> None:
-    done = subprocess.run(STRATUMRM + ["bench", "--iterations", "2000", "--repeats", "1"],
+    done = subprocess.run(STRATUMRM + ["bench", "codec", "--iterations", "2000", "--repeats", "1"],
                           capture_output=True, text=True, timeout=60, check=True)
     assert "submit codec" in done.stdout and "notify relay" in done.stdout
 

@@ -28,6 +28,7 @@ import trio
 
 from bridge.config import parse_listen, parse_upstream_url
 from bridge.errors import BridgeError
+from bridge.runtime import run_until_interrupted
 
 if TYPE_CHECKING:
     from bridge.net.sidecar import SidecarServer
@@ -163,9 +164,7 @@ def sidecar(
         expiry_warning=warn_window,
     )
     try:
-        trio.run(_serve_until_signalled, server, host, port, status_address)
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+        run_until_interrupted(_serve_until_signalled, server, host, port, status_address)
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {listen}: {exc}; is the address in use or the port privileged?") from None
 

@@ -20,6 +20,7 @@ import trio
 
 from bridge.errors import ConfigError
 from bridge.testing.pool import PoolConfig, ReferencePool
+from bridge.runtime import run_until_interrupted
 
 __all__ = ["parse_listen", "testpool"]
 
@@ -124,9 +125,7 @@ def testpool(
     _print_log_lines(verbose)
     pool = ReferencePool(config)
     try:
-        trio.run(_serve_until_signalled, pool, host, port, ssl_context)
-    except KeyboardInterrupt:
-        pass
+        run_until_interrupted(_serve_until_signalled, pool, host, port, ssl_context)
     except OSError as exc:
         if pool.port is None:  # never listened
             raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None

@@ -23,6 +23,7 @@ import click
 import trio
 
 from bridge.errors import BridgeError
+from bridge.runtime import run_until_interrupted
 from bridge.testing.miner import (
     AuthorizationFailed,
     Miner,
@@ -173,10 +174,13 @@ def testminer(
         ]
     except BridgeError as exc:
         raise click.UsageError(str(exc)) from None
-    try:
-        elapsed = trio.run(run_miners, miners, duration)
-    except KeyboardInterrupt:
-        elapsed = 0.0
+    elapsed = 0.0
+
+    async def mine() -> None:
+        nonlocal elapsed
+        elapsed = await run_miners(miners, duration)
+
+    run_until_interrupted(mine)
     statistics = [miner.statistics() for miner in miners]
     if elapsed <= 0:
         elapsed = max((s.hashes / s.hashrate for s in statistics if s.hashrate > 0), default=0.0)
