@@ -1,0 +1,450 @@
+"""The benchmarks' child processes: each role of the chain in a process of its own.
+
+CPU time per share is read per process, so the reference pool, the miner-side proxy,
+the sidecar and the lossy UDP link each run in a child started with ``python -m
+bridge.bench.roles ROLE [options]``. A child serves its role on 127.0.0.1 and talks
+to the benchmark over its standard input and output, one JSON object per line:
+
+- once serving it writes ``{"ready": {...}}`` (its ports);
+- for every command line ``{"command": NAME, ...}`` it writes one answer line,
+  ``{"ok": ...}`` or ``{"error": "..."}``;
+- end of input stops it.
+
+Commands: every role answers ``stats`` (its counters). The pool also takes
+``record`` (``{"on": true}`` starts timestamping every ``mining.submit`` it receives,
+by nonce; ``false`` stops), ``receipts`` (hands over and forgets the timestamps) and
+``new_block``. Logs (warnings and up) go to standard error, which the benchmark sends
+to a file.
+
+:class:`RoleProcess` is the benchmark's side: it starts a child, waits for its ready
+line, sends commands and stops it.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import functools
+import logging
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import click
+import msgspec
+import trio
+
+import bridge
+from bridge.config import parse_upstream_url
+from bridge.sv1.messages import Submit
+from bridge.testing.pool import PoolConfig, PoolConnection, ReferencePool
+
+HOST = "127.0.0.1"
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+
+
+class RoleError(Exception):
+    """A child process did not start, answered with an error, or died."""
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class RoleProcess:
+    """A running child role: its pid, what it reported when ready, and a command line to it."""
+
+    def __init__(self, name: str, process: trio.Process, log_path: Path) -> None:
+        self.name = name
+        self.process = process
+        self.log_path = log_path
+        self.ready: dict[str, Any] = {}
+        self._buffer = bytearray()
+        self._lock = trio.Lock()
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    @classmethod
+    async def start(
+        cls,
+        name: str,
+        role: str,
+        options: list[str],
+        log_dir: Path,
+        *,
+        timeout: float = 30.0,
+        verbose: bool = False,
+        profile: bool = False,
+    ) -> RoleProcess:
+        """Start ``role`` with ``options``; return once it reported ready (raises :class:`RoleError`).
+
+        Its log goes to ``log_dir/NAME.log`` (info level with ``verbose``); with ``profile``
+        it runs under cProfile and leaves ``log_dir/NAME.pstats`` when stopped.
+        """
+        log_path = log_dir / f"{name}.log"
+        flags = ["--verbose"] if verbose else []
+        if profile:
+            flags += ["--profile", str(log_dir / f"{name}.pstats")]
+        command = [sys.executable, "-m", "bridge.bench.roles", *flags, role, *options]
+        with _open_log(log_path) as log_file:
+            process = await trio.lowlevel.open_process(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=_child_environment()
+            )
+        child = cls(name, process, log_path)
+        with trio.move_on_after(timeout):
+            message = await child._read_message()
+            if "ready" not in message:
+                raise RoleError(f"{name} did not start: {message.get('error', message)}; log: {log_path}")
+            child.ready = message["ready"]
+            return child
+        await child.stop()
+        raise RoleError(f"{name} not ready after {timeout:g} s; {child.log_tail()}")
+
+    async def request(self, command: str, **params: Any) -> Any:
+        """Send a command, return its ``ok`` value."""
+        async with self._lock:
+            assert self.process.stdin is not None
+            try:
+                await self.process.stdin.send_all(_encode({"command": command, **params}) + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise RoleError(f"{self.name} is gone ({exc}); {self.log_tail()}") from None
+            message = await self._read_message()
+        if "error" in message:
+            raise RoleError(f"{self.name}: {command} failed: {message['error']}")
+        return message["ok"]
+
+    async def _read_message(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            data = await self.process.stdout.receive_some(1 << 20)
+            if not data:
+                raise RoleError(f"{self.name} exited (status {self.process.poll()}); {self.log_tail()}")
+            self._buffer += data
+        end = self._buffer.index(b"\n")
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 1]
+        message = _decode(line)
+        if not isinstance(message, dict):
+            raise RoleError(f"{self.name} wrote {line[:80]!r}, not a JSON object")
+        return message
+
+    def log_tail(self, lines: int = 12) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return f"no log at {self.log_path}"
+        return f"last lines of {self.log_path}:\n" + "\n".join(text[-lines:]) if text else f"empty log {self.log_path}"
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close its input (it exits), then terminate or kill it if it lingers."""
+        process = self.process
+        if process.stdin is not None:
+            try:
+                await process.stdin.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        with trio.move_on_after(timeout):
+            await process.wait()
+            return
+        process.terminate()
+        with trio.move_on_after(timeout):
+            await process.wait()
+            return
+        process.kill()
+        await process.wait()
+
+
+@dataclass(frozen=True)
+class RoleLauncher:
+    """Starts roles with their logs in one directory, at one log level, profiled or not."""
+
+    log_dir: Path
+    verbose: bool = False
+    profile: bool = False
+
+    async def start(self, name: str, role: str, options: list[str]) -> RoleProcess:
+        return await RoleProcess.start(name, role, options, self.log_dir, verbose=self.verbose, profile=self.profile)
+
+
+def _open_log(path: Path) -> BinaryIO:
+    """The file a child's standard error goes to (created or truncated)."""
+    return open(path, "wb")
+
+
+def _child_environment() -> dict[str, str]:
+    """This environment, with the directory holding the ``bridge`` package first on the path."""
+    package_root = str(Path(bridge.__file__).resolve().parent.parent)
+    environment = dict(os.environ)
+    existing = environment.get("PYTHONPATH")
+    environment["PYTHONPATH"] = package_root + (os.pathsep + existing if existing else "")
+    return environment
+
+
+# --------------------------------------------------------------------------- child side
+
+
+class TimestampingPool(ReferencePool):
+    """The reference pool, noting when each ``mining.submit`` arrives (by nonce) while recording.
+
+    The time is ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every
+    process of the machine) when the pool starts handling the submit, right after
+    the bytes were read from the socket.
+    """
+
+    def __init__(self, config: PoolConfig) -> None:
+        super().__init__(config)
+        self.receipts: dict[int, float] | None = None
+
+    def _submit(self, connection: PoolConnection, submit: Submit) -> None:
+        receipts = self.receipts
+        if receipts is not None:
+            nonce = submit.params.nonce
+            receipts[nonce if isinstance(nonce, int) else int(nonce, 16)] = time.monotonic()
+        super()._submit(connection, submit)
+
+
+Handler = Callable[[dict[str, Any]], Any]
+"""Answers one command: takes the command line's object, returns the ``ok`` value."""
+
+
+async def _serve_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -> None:
+    """Write the ready line, then answer command lines until end of input."""
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
+    await stdout.send_all(_encode({"ready": ready}) + b"\n")
+    buffer = bytearray()
+    while True:
+        data = await stdin.receive_some(65536)
+        if not data:
+            return
+        buffer += data
+        while b"\n" in buffer:
+            end = buffer.index(b"\n")
+            line = bytes(buffer[:end])
+            del buffer[:end + 1]
+            try:
+                message = _decode(line)
+                handler = handlers[message["command"]]
+                answer: dict[str, Any] = {"ok": handler(message)}
+            except Exception as exc:  # noqa: BLE001 - any failure is the benchmark's to report
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            await stdout.send_all(_encode(answer) + b"\n")
+
+
+def _to_builtins(value: Any) -> Any:
+    return msgspec.to_builtins(value)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at info level (default: warnings only).")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), help="Run under cProfile; write the stats here on exit.")
+@click.pass_context
+def roles(context: click.Context, verbose: bool, profile_path: str | None) -> None:
+    """Roles of the benchmark chain, one per process (started by `stratumrm bench`)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if profile_path is not None:
+        profiler = cProfile.Profile()
+        profiler.enable()
+
+        def write_profile() -> None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
+
+        context.call_on_close(write_profile)
+
+
+@roles.command()
+@click.option("--listener", "listeners", multiple=True, help="NAME of a plain Stratum V1 listener (repeatable).")
+@click.option("--tls-listener", "tls_listeners", multiple=True, help="NAME of a Stratum V1 over TLS listener (repeatable).")
+@click.option("--cert", type=click.Path(dir_okay=False), help="Pool certificate, for TLS listeners.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Its key.")
+@click.option("--difficulty", type=float, default=1e-10, show_default=True)
+@click.option("--notify-interval", type=float, default=3600.0, show_default=True)
+@click.option("--block-interval", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--max-merkle-branches", type=click.IntRange(0, 24), default=12, show_default=True, help="Jobs get 0 to this many merkle branches.")
+def pool(
+    listeners: tuple[str, ...],
+    tls_listeners: tuple[str, ...],
+    cert: str | None,
+    key: str | None,
+    difficulty: float,
+    notify_interval: float,
+    block_interval: float | None,
+    seed: int | None,
+    max_merkle_branches: int,
+) -> None:
+    """The reference pool, timestamping submits on request."""
+    from bridge.pki.tls import public_server_context
+
+    config = PoolConfig(
+        difficulty=difficulty,
+        notify_interval=notify_interval,
+        block_interval=block_interval,
+        seed=seed,
+        max_merkle_branches=max_merkle_branches,
+        max_records=1000,
+    )
+    reference_pool = TimestampingPool(config)
+    if tls_listeners and cert is None:
+        raise click.UsageError("TLS listeners need --cert and --key")
+    tls_context = public_server_context(cert, key) if tls_listeners and cert is not None else None
+
+    def record(message: dict[str, Any]) -> None:
+        reference_pool.receipts = {} if message.get("on") else None
+
+    def receipts(_message: dict[str, Any]) -> list[tuple[int, float]]:
+        taken = reference_pool.receipts or {}
+        if reference_pool.receipts is not None:
+            reference_pool.receipts = {}
+        return list(taken.items())
+
+    def new_block(_message: dict[str, Any]) -> int:
+        reference_pool.new_block()
+        return reference_pool.height
+
+    def stats(_message: dict[str, Any]) -> Any:
+        return _to_builtins(reference_pool.statistics())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ports: dict[str, int] = {}
+            for name in listeners:
+                ports[name] = await nursery.start(reference_pool.serve, HOST, 0)
+            for name in tls_listeners:
+                ports[name] = await nursery.start(
+                    functools.partial(reference_pool.serve, HOST, 0, ssl_context=tls_context)
+                )
+            handlers = {"stats": stats, "record": record, "receipts": receipts, "new_block": new_block}
+            await _serve_commands(handlers, {"ports": ports})
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@roles.command()
+@click.option("--upstream", required=True, help="stratum+tcp://, stratum+ssl:// or stratumrm:// URL.")
+@click.option("--bundle", type=click.Path(dir_okay=False), help="Proxy certificate bundle (stratumrm://).")
+@click.option("--upstream-ca", type=click.Path(dir_okay=False), help="CA of a stratum+ssl:// pool.")
+@click.option("--share-batch-window", type=float, default=0.0, show_default=True)
+def proxy(upstream: str, bundle: str | None, upstream_ca: str | None, share_batch_window: float) -> None:
+    """The miner-side proxy."""
+    from bridge.net.miner_proxy import MinerProxy
+    from bridge.pki.tls import client_context_from_bundle, public_client_context
+
+    url = parse_upstream_url(upstream)
+    context: ssl.SSLContext | None
+    if url.transport == "stratumrm":
+        if bundle is None:
+            raise click.UsageError("a stratumrm:// upstream needs --bundle")
+        context = client_context_from_bundle(bundle)
+    else:
+        context = public_client_context(upstream_ca) if url.tls else None
+    server = MinerProxy(url, upstream_ssl_context=context, share_batch_window=share_batch_window)
+
+    def stats(_message: dict[str, Any]) -> Any:
+        link = server.link
+        connection = link.connection if link is not None else None
+        return {
+            "proxy": _to_builtins(server.statistics()),
+            "link": _to_builtins(connection.statistics()) if connection is not None else None,
+        }
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve, HOST, 0)
+            await _serve_commands({"stats": stats}, {"port": port})
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@roles.command()
+@click.option("--pool", "pool_url", required=True, help="stratum+tcp:// URL of the pool.")
+@click.option("--cert", type=click.Path(dir_okay=False), required=True)
+@click.option("--key", type=click.Path(dir_okay=False), required=True)
+@click.option("--ca", type=click.Path(dir_okay=False), required=True)
+@click.option("--udp-port", type=int, default=None, help="UDP port (default: the TCP port's number).")
+@click.option("--advertise-port", type=int, default=None, help="UDP port to tell proxies (a lossy link in front).")
+@click.option("--batch-window", type=float, default=None, help="Verdict and notify batching window, seconds.")
+def sidecar(
+    pool_url: str,
+    cert: str,
+    key: str,
+    ca: str,
+    udp_port: int | None,
+    advertise_port: int | None,
+    batch_window: float | None,
+) -> None:
+    """The pool-side sidecar."""
+    from bridge.net.sidecar import SidecarServer
+    from bridge.pki.tls import server_context
+
+    options: dict[str, Any] = {}
+    if batch_window is not None:
+        options["batch_window"] = batch_window
+    server = SidecarServer(
+        parse_upstream_url(pool_url),
+        server_context(cert, key, ca),
+        udp_port=udp_port,
+        advertise_host=HOST if advertise_port else None,
+        advertise_port=advertise_port,
+        **options,
+    )
+
+    def stats(_message: dict[str, Any]) -> Any:
+        sessions = [session.statistics() for session in server.sessions()]
+        return {
+            "sidecar": _to_builtins(server.statistics()),
+            "udp_bytes_sent": sum(s.udp_bytes_sent for s in sessions),
+            "udp_bytes_received": sum(s.udp_bytes_received for s in sessions),
+            "udp_datagrams_sent": sum(s.probe_acks_sent for s in sessions),
+            "results_lines": sum(s.results_lines for s in sessions),
+            "job_lines": sum(s.jobs_announced for s in sessions),
+            "notify_lines": sum(s.notify_lines for s in sessions),
+        }
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve, HOST, 0)
+            await _serve_commands({"stats": stats}, {"port": port, "udp_port": server.udp_port})
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@roles.command("lossy-link")
+@click.option("--port", type=int, required=True, help="UDP port to listen on.")
+@click.option("--target-port", type=int, required=True, help="UDP port to relay to (on 127.0.0.1).")
+@click.option("--loss", type=float, required=True, help="Percent of datagrams dropped, each direction.")
+@click.option("--seed", type=int, default=None)
+def lossy_link(port: int, target_port: int, loss: float, seed: int | None) -> None:
+    """A UDP relay that drops a share of the datagrams."""
+    from bridge.testing.lossy_link import LossyLink
+
+    link = LossyLink(HOST, port, (HOST, target_port), loss=loss, seed=seed)
+
+    def stats(_message: dict[str, Any]) -> Any:
+        return _to_builtins(link.statistics())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(link.serve)
+            await _serve_commands({"stats": stats}, {"port": bound})
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+if __name__ == "__main__":
+    roles(prog_name="python -m bridge.bench.roles")

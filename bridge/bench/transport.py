@@ -1,0 +1,900 @@
+"""``stratumrm bench transport``: the same share load through four transports, side by side.
+
+Paths (design brief §7, the StratumRM issue, item 9):
+
+==============  ===========================================  =============================
+path            chain                                        link measured
+==============  ===========================================  =============================
+direct          miners → pool (SV1 over TCP)                 miner ↔ pool
+sv1 relay       miners → proxy ``stratum+tcp://`` → pool     proxy ↔ pool
+sv1 in tls      miners → proxy ``stratum+ssl://`` → pool     proxy ↔ pool (TLS 1.3)
+stratumrm       miners → proxy ``stratumrm://`` → sidecar    proxy ↔ sidecar: TLS control
+                → pool                                       connection + UDP datagrams
+==============  ===========================================  =============================
+
+For the relays the measured link is the one that crosses the internet; the
+miner ↔ proxy and sidecar ↔ pool legs are local.
+
+Every role runs in its own process (:mod:`bridge.bench.roles`): the reference pool
+(one process serving a listener per path, at a difficulty where every hash is a
+valid share, so each share is still validated for real), one proxy per relayed
+path and the sidecar. The pool's jobs have no merkle branches, so validating a share
+(at the pool, and the StratumRM proxy's block-candidate check) costs the same on
+every path; a mainnet job's ~12 branches add 12 double-SHA256 to each. The load (:mod:`bridge.bench.load`) runs in the benchmark's
+own process: ``connections`` cgminer-like miners per path that submit distinct
+valid shares at a fixed rate, round-robin. All on 127.0.0.1 of one machine: the
+processes share its cores with the load generator and the pool.
+
+What is measured, per path and run. Every measurement is a *step*: the load runs at
+one rate for a lead-in (``lead_in_seconds``, so every process reaches its steady
+state), then for the measured window; the counters are read around the window.
+
+- **Bytes on the wire per share**, both directions, in a window of
+  ``latency_rate`` shares/s for ``latency_seconds`` (until the window's last verdict,
+  plus 0.25 s for trailing ACKs): TCP payload bytes and segments (pure ACKs
+  included) from the kernel's ``tcp_info`` of the link's server-side sockets, read
+  through sock_diag (:mod:`bridge.bench.measure`); for StratumRM also the UDP
+  datagrams both ways (proxy → sidecar counted by the proxy, sidecar → proxy by the
+  sidecar). Each TCP segment adds 20 (IPv4) + 32 (TCP with the timestamp option)
+  bytes, each datagram 20 + 8. Divided by the shares sent in the window. Job
+  notifications are not part of this window (the pool sends none during it); the
+  farm benchmark counts them. The same figure at the highest sustained step shows
+  what batching does under load.
+- **Share latency**: from the moment the miner's write of a ``mining.submit`` starts
+  to the moment the pool starts handling it (CLOCK_MONOTONIC in both processes), p50
+  and p99 over every share of the same window, and the added p50 of each path over
+  ``direct``. The verdict round trip (submit → verdict back at the miner) too.
+- **Highest sustained rate with zero loss**: steps of ``step_seconds`` at rising
+  offered rates (doubling from ``start_rate`` until two steps in a row fail or
+  ``max_rate``, then bisecting ``refine_steps`` times between the best rate and the
+  next failed one), with the lowest failed rate alongside (a busier process batches
+  more, so a path may cope with a rate above one it failed at). A step is
+  sustained when every share of it got an accepted verdict, the pool's accepted count
+  grew by exactly the shares sent, the load generator kept at least 95 % of the
+  offered rate, and the p99 verdict round trip stayed under ``lag_limit`` (100 ms: no
+  growing queue).
+- **CPU microseconds per share** of the proxy and sidecar processes (and, to show
+  where the machine's time goes, of the pool and the load generator), from ``/proc``
+  over the same windows: at the latency rate and at the highest sustained step.
+- **StratumRM under loss**: a second proxy and sidecar whose UDP goes through a
+  :class:`~bridge.testing.lossy_link.LossyLink` (a process of its own) dropping
+  ``lossy_percent`` of the datagrams in each direction; latency p50/p99 at the
+  latency rate, and the share of shares the proxy sent again.
+
+Each run starts every process afresh; the table shows the median of the runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bridge.bench.load import LoadConnection, LoadGenerator, OfferResult
+from bridge.bench.measure import (
+    CpuMeter,
+    LinkTraffic,
+    TcpLinkMeter,
+    median,
+    percentile,
+    udp_receive_buffer_errors,
+    udp_traffic,
+)
+from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
+from bridge.pki.tls import TestPKI, make_test_pki
+
+Progress = Callable[[str], None]
+
+DIRECT = "direct"
+SV1_RELAY = "sv1 relay"
+SV1_TLS = "sv1 in tls"
+STRATUMRM = "stratumrm"
+PATHS = (DIRECT, SV1_RELAY, SV1_TLS, STRATUMRM)
+LINKS = {
+    DIRECT: "miner<->pool TCP",
+    SV1_RELAY: "proxy<->pool TCP",
+    SV1_TLS: "proxy<->pool TLS",
+    STRATUMRM: "proxy<->sidecar TLS+UDP",
+}
+ACCOUNT = "bench"
+TRAILING_ACK_WAIT = 0.25
+STEP_PAUSE = 0.3
+UDP_UP_TIMEOUT = 10.0
+MIN_ACHIEVED_FRACTION = 0.95
+MIN_SEARCH_RATE = 100.0
+FAILURES_TO_STOP = 2
+
+# Targets of the StratumRM issue (item 9), on a 2-core machine.
+TARGET_BYTES_PER_SHARE = 90.0
+TARGET_SHARES_PER_SECOND = 20_000.0
+TARGET_ADDED_P50_MS = 0.5
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """How much load, for how long (defaults: the full benchmark)."""
+
+    runs: int = 3
+    connections: int = 20
+    latency_rate: float = 1000.0
+    latency_seconds: float = 5.0
+    lead_in_seconds: float = 1.0
+    step_seconds: float = 2.0
+    start_rate: float = 2500.0
+    max_rate: float = 80_000.0
+    refine_steps: int = 2
+    lag_limit: float = 0.100
+    lossy_percent: float = 2.0
+    settle_timeout: float = 30.0
+
+    @classmethod
+    def quick(cls) -> TransportSettings:
+        """One short run with small loads: checks that everything works, measures little."""
+        return cls(
+            runs=1,
+            connections=4,
+            latency_rate=500.0,
+            latency_seconds=1.0,
+            lead_in_seconds=0.3,
+            step_seconds=0.5,
+            start_rate=1000.0,
+            max_rate=2000.0,
+            refine_steps=0,
+            settle_timeout=10.0,
+        )
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Window:
+    """One step of load on one path: a lead-in, then the measured window.
+
+    ``shares`` were sent in the measured window (bytes and CPU time are divided by
+    it); ``step_shares``, ``accepted``, ``rejected``, ``unanswered`` and
+    ``pool_accepted`` count the whole step.
+    """
+
+    rate: float
+    offered: OfferResult
+    shares: int
+    step_shares: int
+    accepted: int
+    rejected: int
+    unanswered: int
+    pool_accepted: int
+    reject_reasons: dict[str, int]
+    round_trips: list[float]
+    latencies: list[float]
+    tcp_traffic: LinkTraffic
+    udp_traffic: LinkTraffic
+    shares_sent_again: int
+    udp_buffer_drops: int
+    cpu_seconds: dict[str, float]
+
+    @property
+    def traffic(self) -> LinkTraffic:
+        return self.tcp_traffic + self.udp_traffic
+
+    def split_per_share(self) -> dict[str, float]:
+        """Wire bytes per share of each part: TCP and UDP, up and down."""
+        shares = self.shares or math.nan
+        return {
+            "tcp up": self.tcp_traffic.wire_up / shares,
+            "tcp down": self.tcp_traffic.wire_down / shares,
+            "udp up": self.udp_traffic.wire_up / shares,
+            "udp down": self.udp_traffic.wire_down / shares,
+        }
+
+    def cpu_us_per_share(self) -> dict[str, float]:
+        if not self.shares:
+            return {name: math.nan for name in self.cpu_seconds}
+        return {name: seconds / self.shares * 1e6 for name, seconds in self.cpu_seconds.items()}
+
+    def bytes_per_share(self) -> tuple[float, float]:
+        if not self.shares:
+            return math.nan, math.nan
+        return self.traffic.wire_up / self.shares, self.traffic.wire_down / self.shares
+
+    def packets_per_share(self) -> float:
+        if not self.shares:
+            return math.nan
+        return (self.traffic.packets_up + self.traffic.packets_down) / self.shares
+
+    def latency_ms(self, fraction: float) -> float:
+        return percentile(self.latencies, fraction) * 1e3
+
+    def round_trip_ms(self, fraction: float) -> float:
+        return percentile(self.round_trips, fraction) * 1e3
+
+    def loss(self, lag_limit: float | None = None) -> str | None:
+        """Why this window does not count as sustained with zero loss, or None."""
+        if self.unanswered:
+            return f"{self.unanswered} shares without a verdict"
+        if self.rejected:
+            reasons = ", ".join(f"{count}× {reason}" for reason, count in self.reject_reasons.items())
+            return f"{self.rejected} shares rejected ({reasons})"
+        if self.accepted != self.step_shares or self.pool_accepted != self.step_shares:
+            return f"{self.accepted} confirmed and {self.pool_accepted} accepted at the pool of {self.step_shares}"
+        if self.offered.achieved_rate < MIN_ACHIEVED_FRACTION * self.rate:
+            return f"shares went out at only {self.offered.achieved_rate:,.0f}/s"
+        if lag_limit is not None and percentile(self.round_trips, 0.99) > lag_limit:
+            return f"lagging: p99 verdict round trip {self.round_trip_ms(0.99):.1f} ms"
+        return None
+
+
+@dataclass
+class PathRun:
+    """One path in one run."""
+
+    path: str
+    latency: Window
+    steps: list[Window] = field(default_factory=list)
+    failed_rates: list[float] = field(default_factory=list)
+    max_sustained: float = 0.0
+    best_step: Window | None = None
+
+    @property
+    def first_failure(self) -> float:
+        """The lowest offered rate that was not sustained (NaN if every step was)."""
+        return min(self.failed_rates) if self.failed_rates else math.nan
+
+
+@dataclass
+class LossyRun:
+    window: Window
+    datagrams_dropped: int
+    """By the lossy link, over the whole step (lead-in included)."""
+
+
+@dataclass
+class TransportRun:
+    paths: dict[str, PathRun]
+    lossy: LossyRun | None
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class LinkReading:
+    """What crossed a path's measured link during a window."""
+
+    tcp: LinkTraffic
+    udp: LinkTraffic
+    shares_sent_again: int = 0
+    """Retransmissions of the StratumRM proxy (UDP and TLS)."""
+    udp_buffer_drops: int = 0
+    """Datagrams the kernel dropped on a full receive buffer (host-wide; StratumRM only)."""
+
+
+class LinkMeter:
+    """One path's measured link: TCP from the kernel, UDP and retransmissions from the roles."""
+
+    def __init__(self, tcp_ports: list[int], proxy: RoleProcess | None = None, sidecar: RoleProcess | None = None) -> None:
+        self.tcp = TcpLinkMeter(tcp_ports)
+        self.proxy = proxy
+        self.sidecar = sidecar
+        self._start: dict[str, int] = {}
+
+    async def _counters(self) -> dict[str, int]:
+        if self.proxy is None or self.sidecar is None:
+            return {}
+        link = (await self.proxy.request("stats"))["link"] or {}
+        sidecar = await self.sidecar.request("stats")
+        return {
+            "datagrams_up": link.get("datagrams_sent", 0),
+            "bytes_up": link.get("datagram_bytes_sent", 0),
+            "datagrams_down": sidecar["udp_datagrams_sent"],
+            "bytes_down": sidecar["udp_bytes_sent"],
+            "sent_again": link.get("retransmissions_udp", 0) + link.get("retransmissions_tls", 0),
+            "buffer_drops": udp_receive_buffer_errors(),
+        }
+
+    async def start(self) -> None:
+        self._start = await self._counters()
+        self.tcp.start()
+
+    async def reading(self) -> LinkReading:
+        """What crossed since :meth:`start`."""
+        tcp = self.tcp.traffic()
+        now = await self._counters()
+        delta = {name: value - self._start.get(name, 0) for name, value in now.items()}
+        udp = udp_traffic(
+            delta.get("datagrams_up", 0), delta.get("bytes_up", 0), delta.get("datagrams_down", 0), delta.get("bytes_down", 0)
+        )
+        return LinkReading(tcp, udp, delta.get("sent_again", 0), delta.get("buffer_drops", 0))
+
+
+@dataclass
+class _Context:
+    settings: TransportSettings
+    progress: Progress
+    launcher: RoleLauncher
+    pki: TestPKI
+    load: LoadGenerator
+    nursery: trio.Nursery
+    pool: RoleProcess
+    run_label: str
+
+
+async def _pool_accepted(pool: RoleProcess) -> int:
+    return int((await pool.request("stats"))["accepted"])
+
+
+async def measure_window(
+    context: _Context,
+    connections: list[LoadConnection],
+    meter: LinkMeter,
+    cpu: CpuMeter,
+    rate: float,
+    seconds: float,
+    *,
+    lead_in: float,
+    pool_receipts: bool,
+) -> Window:
+    """Offer ``rate`` shares/s for ``lead_in + seconds``; measure the last ``seconds``.
+
+    The lead-in brings every process to its steady state at this rate before the
+    counters are read. Bytes, CPU time, round trips and latencies cover the measured
+    part (until its last verdict, plus :data:`TRAILING_ACK_WAIT`); the loss checks
+    cover the whole step.
+    """
+    load, pool = context.load, context.pool
+    step_before = load.totals(connections)
+    pool_before = await _pool_accepted(pool)
+    offered: OfferResult | None = None
+
+    async def offer() -> None:
+        nonlocal offered
+        offered = await load.offer(rate, lead_in + seconds, connections)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(offer)
+        await trio.sleep(lead_in)
+        if pool_receipts:
+            await pool.request("record", on=True)
+        load.start_recording(connections)
+        measured_before = load.totals(connections)
+        await meter.start()
+        cpu.start()
+    measured_after = load.totals(connections)
+    await load.settle(context.settings.settle_timeout)
+    await trio.sleep(TRAILING_ACK_WAIT)
+    cpu_seconds = cpu.seconds()
+    link = await meter.reading()
+    recording = load.stop_recording(connections)
+    latencies: list[float] = []
+    if pool_receipts:
+        receipts = dict(await pool.request("receipts"))
+        await pool.request("record", on=False)
+        for serial, sent_at in recording.send_times.items():
+            received_at = receipts.get(serial & 0xFFFFFFFF)
+            if received_at is not None:
+                latencies.append(received_at - sent_at)
+    after = load.totals(connections)
+    reasons = {
+        reason: count - step_before.reject_reasons.get(reason, 0)
+        for reason, count in after.reject_reasons.items()
+        if count != step_before.reject_reasons.get(reason, 0)
+    }
+    assert offered is not None
+    return Window(
+        rate=rate,
+        offered=offered,
+        shares=measured_after.submitted - measured_before.submitted,
+        step_shares=after.submitted - step_before.submitted,
+        accepted=after.accepted - step_before.accepted,
+        rejected=after.rejected - step_before.rejected,
+        unanswered=after.pending,
+        pool_accepted=await _pool_accepted(pool) - pool_before,
+        reject_reasons=reasons,
+        round_trips=sorted(recording.round_trips),
+        latencies=sorted(latencies),
+        tcp_traffic=link.tcp,
+        udp_traffic=link.udp,
+        shares_sent_again=link.shares_sent_again,
+        udp_buffer_drops=link.udp_buffer_drops,
+        cpu_seconds=cpu_seconds,
+    )
+
+
+async def _fresh_job(context: _Context, connections: list[LoadConnection]) -> None:
+    """A new block at the pool (empties its duplicate sets); wait until every miner has it."""
+    seen = {c.miner.worker: c.miner.jobs_received for c in connections}
+    await context.pool.request("new_block")
+    if not await context.load.wait_for_new_job(connections, seen, 10.0):
+        raise RuntimeError("the new block's job did not reach every miner within 10 s")
+
+
+async def wait_for_udp(proxy: RoleProcess) -> None:
+    with trio.move_on_after(UDP_UP_TIMEOUT):
+        while not ((await proxy.request("stats"))["link"] or {}).get("udp_up"):
+            await trio.sleep(0.05)
+        return
+    raise RuntimeError(f"the StratumRM link's UDP did not come up within {UDP_UP_TIMEOUT:g} s")
+
+
+def _describe_window(window: Window) -> str:
+    up, down = window.bytes_per_share()
+    text = (
+        f"{window.shares} shares, {up + down:.0f} B/share, latency p50 {window.latency_ms(0.5):.2f} ms "
+        f"p99 {window.latency_ms(0.99):.2f} ms, verdict p50 {window.round_trip_ms(0.5):.2f} ms"
+    )
+    if window.udp_traffic.packets_up and window.shares:
+        split = window.split_per_share()
+        text += (
+            f" (UDP {split['udp up'] + split['udp down']:.0f} B in "
+            f"{window.udp_traffic.packets_up / window.shares:.2f} datagrams/share, "
+            f"control TCP {split['tcp up']:.0f} up + {split['tcp down']:.0f} down)"
+        )
+    return text + _describe_resends(window)
+
+
+def _describe_resends(window: Window) -> str:
+    """StratumRM's retransmissions and full-buffer UDP drops in a window, if any."""
+    parts = []
+    if window.shares_sent_again:
+        parts.append(f"{window.shares_sent_again} shares sent again")
+    if window.udp_buffer_drops:
+        parts.append(f"{window.udp_buffer_drops} datagrams dropped on a full receive buffer")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+async def _measure_path(
+    context: _Context,
+    path: str,
+    entry_port: int,
+    meter: LinkMeter,
+    cpu_pids: dict[str, int],
+    proxy: RoleProcess | None,
+) -> PathRun:
+    settings, progress, load = context.settings, context.progress, context.load
+    label = f"{context.run_label} {path}"
+    connections = await load.connect(
+        context.nursery, HOST, entry_port, settings.connections, f"{ACCOUNT}.{path.replace(' ', '-')}-"
+    )
+    try:
+        await _fresh_job(context, connections)
+        if path == STRATUMRM and proxy is not None:
+            await wait_for_udp(proxy)
+        cpu = CpuMeter(cpu_pids)
+        latency = await measure_window(
+            context, connections, meter, cpu, settings.latency_rate, settings.latency_seconds,
+            lead_in=settings.lead_in_seconds, pool_receipts=True,
+        )
+        problem = latency.loss()
+        progress(
+            f"{label}: {settings.latency_rate:,.0f} shares/s for {settings.latency_seconds:g} s: "
+            f"{_describe_window(latency)}" + (f"; LOSS: {problem}" if problem else "")
+        )
+        result = PathRun(path, latency)
+        await _search_throughput(context, label, connections, meter, cpu, result)
+        return result
+    finally:
+        await load.release(connections)
+
+
+async def _search_throughput(
+    context: _Context,
+    label: str,
+    connections: list[LoadConnection],
+    meter: LinkMeter,
+    cpu: CpuMeter,
+    result: PathRun,
+) -> None:
+    """Raise the offered rate until a step loses or lags, then bisect."""
+    settings = context.settings
+
+    async def step(rate: float) -> bool:
+        window = await measure_window(
+            context, connections, meter, cpu, rate, settings.step_seconds,
+            lead_in=settings.lead_in_seconds, pool_receipts=False,
+        )
+        result.steps.append(window)
+        problem = window.loss(settings.lag_limit)
+        context.progress(
+            f"{label}: {rate:,.0f} shares/s offered for {settings.step_seconds:g} s: "
+            + (f"not sustained, {problem}" if problem else
+               f"sustained (verdict p99 {window.round_trip_ms(0.99):.1f} ms)")
+            + _describe_resends(window)
+        )
+        if not await context.load.settle(settings.settle_timeout):
+            context.progress(f"{label}: {context.load.pending()} shares still without a verdict")
+        await trio.sleep(STEP_PAUSE)
+        if problem is not None:
+            result.failed_rates.append(rate)
+        elif rate > result.max_sustained:
+            result.max_sustained = rate
+            result.best_step = window
+        return problem is None
+
+    # Doubling steps: a rate that fails does not end the search at once, because a
+    # busier process batches more and may cope with twice the rate; two failures in
+    # a row (or max_rate) do.
+    rate = settings.start_rate
+    failures_in_a_row = 0
+    while rate <= settings.max_rate and failures_in_a_row < FAILURES_TO_STOP:
+        failures_in_a_row = 0 if await step(rate) else failures_in_a_row + 1
+        rate *= 2
+    if not result.max_sustained:  # even the first steps failed: look lower
+        rate = settings.start_rate / 4
+        while rate >= MIN_SEARCH_RATE and not await step(rate):
+            rate /= 4
+    # Bisect between the best rate and the next failed one above it.
+    above = [rate for rate in result.failed_rates if rate > result.max_sustained]
+    if not result.max_sustained or not above:
+        return
+    high = min(above)
+    for _ in range(settings.refine_steps):
+        middle = round((result.max_sustained + high) / 2, -2)
+        if not result.max_sustained < middle < high:
+            break
+        if not await step(middle):
+            high = middle
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+async def _measure_lossy(context: _Context, cpu_pids: dict[str, int]) -> LossyRun:
+    """StratumRM with its UDP through a lossy link: latency and retransmissions."""
+    settings, pki, launcher = context.settings, context.pki, context.launcher
+    pool_port = context.pool.ready["ports"]["lossy"]
+    sidecar_udp, link_port = _free_udp_port(), _free_udp_port()
+    started: list[RoleProcess] = []
+    try:
+        link = await launcher.start(
+            "lossy-link", "lossy-link",
+            ["--port", str(link_port), "--target-port", str(sidecar_udp), "--loss", str(settings.lossy_percent), "--seed", "7"],
+        )
+        started.append(link)
+        sidecar = await launcher.start("sidecar-lossy", "sidecar", _sidecar_options(pki, pool_port) + [
+            "--udp-port", str(sidecar_udp), "--advertise-port", str(link_port)])
+        started.append(sidecar)
+        proxy = await launcher.start("proxy-lossy", "proxy", [
+            "--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)])
+        started.append(proxy)
+        connections = await context.load.connect(
+            context.nursery, HOST, proxy.ready["port"], settings.connections, f"{ACCOUNT}.lossy-"
+        )
+        try:
+            await _fresh_job(context, connections)
+            await wait_for_udp(proxy)
+            link_before = await link.request("stats")
+            meter = LinkMeter([sidecar.ready["port"]], proxy, sidecar)
+            cpu = CpuMeter({"proxy": proxy.pid, "sidecar": sidecar.pid, **cpu_pids})
+            window = await measure_window(
+                context, connections, meter, cpu, settings.latency_rate, settings.latency_seconds,
+                lead_in=settings.lead_in_seconds, pool_receipts=True,
+            )
+            link_after = await link.request("stats")
+        finally:
+            await context.load.release(connections)
+        dropped = sum(
+            link_after[direction]["dropped"] - link_before[direction]["dropped"] for direction in ("to_target", "to_client")
+        )
+        problem = window.loss()
+        context.progress(
+            f"{context.run_label} stratumrm, {settings.lossy_percent:g} % UDP loss each way: {_describe_window(window)}; "
+            f"the link dropped {dropped} datagrams in the step" + (f"; LOSS: {problem}" if problem else "")
+        )
+        return LossyRun(window, dropped)
+    finally:
+        for process in reversed(started):
+            await process.stop()
+
+
+def _sidecar_options(pki: TestPKI, pool_port: int) -> list[str]:
+    return [
+        "--pool", f"stratum+tcp://{HOST}:{pool_port}",
+        "--cert", str(pki.pool_certificate),
+        "--key", str(pki.pool_key),
+        "--ca", str(pki.ca_certificate),
+    ]
+
+
+async def run_once(
+    settings: TransportSettings,
+    pki: TestPKI,
+    launcher: RoleLauncher,
+    progress: Progress,
+    run_label: str,
+    serial_start: int,
+) -> TransportRun:
+    """One run: start every process, measure every path and the lossy case, stop everything."""
+    started: list[RoleProcess] = []
+    try:
+        pool = await launcher.start("pool", "pool", [
+            "--listener", "direct", "--listener", "sv1", "--listener", "rm", "--listener", "lossy",
+            "--tls-listener", "tls", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key),
+            "--max-merkle-branches", "0",
+        ])
+        started.append(pool)
+        ports = pool.ready["ports"]
+        proxy_sv1 = await launcher.start("proxy-sv1", "proxy", ["--upstream", f"stratum+tcp://{HOST}:{ports['sv1']}"])
+        started.append(proxy_sv1)
+        proxy_tls = await launcher.start("proxy-tls", "proxy", [
+            "--upstream", f"stratum+ssl://{HOST}:{ports['tls']}", "--upstream-ca", str(pki.ca_certificate)])
+        started.append(proxy_tls)
+        sidecar = await launcher.start("sidecar", "sidecar", _sidecar_options(pki, ports["rm"]))
+        started.append(sidecar)
+        proxy_rm = await launcher.start("proxy-rm", "proxy", [
+            "--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)])
+        started.append(proxy_rm)
+
+        common_pids = {"pool": pool.pid, "load": os.getpid()}
+        plan: list[tuple[str, int, LinkMeter, dict[str, int], RoleProcess | None]] = [
+            (DIRECT, ports["direct"], LinkMeter([ports["direct"]]), common_pids, None),
+            (SV1_RELAY, proxy_sv1.ready["port"], LinkMeter([ports["sv1"]]), {"proxy": proxy_sv1.pid, **common_pids}, proxy_sv1),
+            (SV1_TLS, proxy_tls.ready["port"], LinkMeter([ports["tls"]]), {"proxy": proxy_tls.pid, **common_pids}, proxy_tls),
+            (
+                STRATUMRM,
+                proxy_rm.ready["port"],
+                LinkMeter([sidecar.ready["port"]], proxy_rm, sidecar),
+                {"proxy": proxy_rm.pid, "sidecar": sidecar.pid, **common_pids},
+                proxy_rm,
+            ),
+        ]
+        results: dict[str, PathRun] = {}
+        async with trio.open_nursery() as nursery:
+            load = LoadGenerator(iter(range(serial_start, 1 << 62)))
+            context = _Context(settings, progress, launcher, pki, load, nursery, pool, run_label)
+            for path, entry_port, meter, pids, proxy in plan:
+                results[path] = await _measure_path(context, path, entry_port, meter, pids, proxy)
+            lossy = await _measure_lossy(context, common_pids) if settings.lossy_percent > 0 else None
+            await load.aclose()
+            nursery.cancel_scope.cancel()
+        return TransportRun(results, lossy)
+    finally:
+        for process in reversed(started):
+            await process.stop()
+
+
+async def run(
+    settings: TransportSettings, progress: Progress, log_root: Path | None = None, *, verbose_logs: bool = False, profile: bool = False
+) -> list[TransportRun]:
+    """Every run of the transport benchmark.
+
+    The processes' logs go under ``log_root`` (default: a temporary directory), at
+    info level with ``verbose_logs``; with ``profile`` each process also leaves its
+    cProfile statistics there (``NAME.pstats``).
+    """
+    with tempfile.TemporaryDirectory(prefix="stratumrm-bench-") as temporary:
+        base = log_root or Path(temporary)
+        pki = make_test_pki(Path(temporary) / "pki", accounts=(ACCOUNT,))
+        runs = []
+        for index in range(settings.runs):
+            log_dir = base / f"transport-run{index + 1}"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            label = f"[transport {index + 1}/{settings.runs}]"
+            launcher = RoleLauncher(log_dir, verbose=verbose_logs, profile=profile)
+            runs.append(await run_once(settings, pki, launcher, progress, label, serial_start=1 + index * (1 << 40)))
+        return runs
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class PathSummary:
+    """Medians over the runs for one path."""
+
+    path: str
+    bytes_up: float
+    bytes_down: float
+    packets: float
+    latency_p50: float
+    latency_p99: float
+    round_trip_p50: float
+    max_sustained: float
+    first_failure: float
+    cpu_at_latency_rate: dict[str, float]
+    cpu_at_max: dict[str, float]
+    bytes_at_max: float
+    split: dict[str, float]
+    datagrams_per_share: float
+    sent_again_at_max_percent: float
+
+    @property
+    def bytes_total(self) -> float:
+        return self.bytes_up + self.bytes_down
+
+
+@dataclass(frozen=True)
+class LossySummary:
+    latency_p50: float
+    latency_p99: float
+    sent_again_percent: float
+    dropped: float
+
+
+@dataclass(frozen=True)
+class TransportSummary:
+    settings: TransportSettings
+    paths: dict[str, PathSummary]
+    lossy: LossySummary | None
+    runs: int
+
+
+def _median_cpu(windows: list[Window | None]) -> dict[str, float]:
+    per_share = [w.cpu_us_per_share() for w in windows if w is not None]
+    names = sorted({name for entry in per_share for name in entry})
+    return {name: median(entry.get(name, math.nan) for entry in per_share) for name in names}
+
+
+def summarize(settings: TransportSettings, runs: list[TransportRun]) -> TransportSummary:
+    paths: dict[str, PathSummary] = {}
+    for path in PATHS:
+        results = [run.paths[path] for run in runs if path in run.paths]
+        if not results:
+            continue
+        latency = [r.latency for r in results]
+        paths[path] = PathSummary(
+            path=path,
+            bytes_up=median(w.bytes_per_share()[0] for w in latency),
+            bytes_down=median(w.bytes_per_share()[1] for w in latency),
+            packets=median(w.packets_per_share() for w in latency),
+            latency_p50=median(w.latency_ms(0.5) for w in latency),
+            latency_p99=median(w.latency_ms(0.99) for w in latency),
+            round_trip_p50=median(w.round_trip_ms(0.5) for w in latency),
+            max_sustained=median(r.max_sustained for r in results),
+            first_failure=median(r.first_failure for r in results),
+            cpu_at_latency_rate=_median_cpu(list(latency)),
+            cpu_at_max=_median_cpu([r.best_step for r in results]),
+            bytes_at_max=median(sum(r.best_step.bytes_per_share()) for r in results if r.best_step is not None),
+            split={part: median(w.split_per_share()[part] for w in latency) for part in latency[0].split_per_share()},
+            datagrams_per_share=median(w.udp_traffic.packets_up / max(1, w.shares) for w in latency),
+            sent_again_at_max_percent=median(
+                100 * r.best_step.shares_sent_again / max(1, r.best_step.shares) for r in results if r.best_step is not None
+            ),
+        )
+    lossy_runs = [run.lossy for run in runs if run.lossy is not None]
+    lossy = None
+    if lossy_runs:
+        lossy = LossySummary(
+            latency_p50=median(r.window.latency_ms(0.5) for r in lossy_runs),
+            latency_p99=median(r.window.latency_ms(0.99) for r in lossy_runs),
+            sent_again_percent=median(100 * r.window.shares_sent_again / max(1, r.window.shares) for r in lossy_runs),
+            dropped=median(r.datagrams_dropped for r in lossy_runs),
+        )
+    return TransportSummary(settings, paths, lossy, len(runs))
+
+
+def _number(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; the first column left-aligned, the others right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def report(summary: TransportSummary) -> str:
+    settings = summary.settings
+    paths = summary.paths
+    direct = paths.get(DIRECT)
+    tls = paths.get(SV1_TLS)
+    lines = [
+        (
+            f"Transport benchmark: medians of {summary.runs} run(s); {settings.connections} miners per path; "
+            f"bytes and latency at {settings.latency_rate:,.0f} shares/s for {settings.latency_seconds:g} s."
+        ),
+        (
+            "Bytes: on the measured link, both directions, per share: TCP payload + 52 B per segment "
+            "(IPv4 20 + TCP 32 with timestamps, ACKs included), UDP payload + 28 B per datagram."
+        ),
+        (
+            "Latency: miner's submit write -> pool starts handling it. Sustained: zero loss and "
+            f"p99 verdict round trip under {settings.lag_limit * 1e3:g} ms over {settings.step_seconds:g} s steps."
+        ),
+        "",
+    ]
+    header = ["path", "link measured", "B/share up", "down", "total", "vs TLS", "pkts/share",
+              "p50 ms", "p99 ms", "+p50 ms", "verdict p50 ms", "max shares/s", "first miss/s"]
+    rows = []
+    for path, result in paths.items():
+        added = result.latency_p50 - direct.latency_p50 if direct and path != DIRECT else math.nan
+        versus_tls = result.bytes_total / tls.bytes_total if tls and tls.bytes_total else math.nan
+        rows.append([
+            path, LINKS[path], _number(result.bytes_up), _number(result.bytes_down), _number(result.bytes_total),
+            _number(versus_tls, 2), _number(result.packets, 2), _number(result.latency_p50, 3),
+            _number(result.latency_p99, 3), _number(added, 3), _number(result.round_trip_p50, 2),
+            _number(result.max_sustained), _number(result.first_failure),
+        ])
+    lines.append(format_table(header, rows))
+    lines.append(
+        f"(max shares/s: highest step sustained; first miss/s: lowest step not sustained, '-' when every step "
+        f"up to {settings.max_rate:,.0f}/s was)"
+    )
+    rm = paths.get(STRATUMRM)
+    if rm is not None:
+        split = rm.split
+        lines.append(
+            f"stratumrm per share: UDP {split['udp up']:.1f} B up ({rm.datagrams_per_share:.2f} datagrams) + "
+            f"{split['udp down']:.1f} B down; TLS control connection {split['tcp up']:.1f} B up + "
+            f"{split['tcp down']:.1f} B down (batched verdicts and their ACKs); at its highest sustained step "
+            f"the proxy sent {rm.sent_again_at_max_percent:.1f} % of the shares a second time"
+        )
+    if summary.lossy is not None:
+        lossy = summary.lossy
+        lines.append(
+            f"stratumrm with {settings.lossy_percent:g} % UDP loss each way: latency p50 {lossy.latency_p50:.3f} ms, "
+            f"p99 {lossy.latency_p99:.3f} ms; {lossy.sent_again_percent:.1f} % of shares sent again "
+            f"({lossy.dropped:.0f} datagrams dropped)"
+        )
+    lines += ["", "CPU microseconds per share, per process (at the latency rate | at the highest sustained step):"]
+    header = ["path", "proxy", "sidecar", "pool", "load generator", "proxy @max", "sidecar @max", "B/share @max"]
+    rows = []
+    for path, result in paths.items():
+        low, high = result.cpu_at_latency_rate, result.cpu_at_max
+        rows.append([
+            path,
+            _number(low.get("proxy", math.nan), 1), _number(low.get("sidecar", math.nan), 1),
+            _number(low.get("pool", math.nan), 1), _number(low.get("load", math.nan), 1),
+            _number(high.get("proxy", math.nan), 1), _number(high.get("sidecar", math.nan), 1),
+            _number(result.bytes_at_max),
+        ])
+    lines.append(format_table(header, rows))
+    lines += ["", *targets(summary)]
+    return "\n".join(lines)
+
+
+def targets(summary: TransportSummary) -> list[str]:
+    """The issue's targets against what was measured."""
+    paths = summary.paths
+    rm, direct, tls = paths.get(STRATUMRM), paths.get(DIRECT), paths.get(SV1_TLS)
+    if rm is None:
+        return []
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "MISSED"
+
+    out = ["Targets (StratumRM issue, item 9):"]
+    ratio = f", {rm.bytes_total / tls.bytes_total:.2f}x SV1 over TLS ({tls.bytes_total:.0f} B)" if tls else ""
+    out.append(
+        f"  bytes on the wire per share <= {TARGET_BYTES_PER_SHARE:g}: {rm.bytes_total:.0f}{ratio} -> "
+        f"{verdict(rm.bytes_total <= TARGET_BYTES_PER_SHARE)}"
+    )
+    out.append(
+        f"  sustained through the pair with zero loss >= {TARGET_SHARES_PER_SECOND:,.0f}/s: {rm.max_sustained:,.0f}/s -> "
+        f"{verdict(rm.max_sustained >= TARGET_SHARES_PER_SECOND)}"
+    )
+    if direct is not None:
+        added = rm.latency_p50 - direct.latency_p50
+        out.append(
+            f"  added p50 latency through the pair < {TARGET_ADDED_P50_MS:g} ms: {added:.3f} ms -> "
+            f"{verdict(added < TARGET_ADDED_P50_MS)}"
+        )
+    busiest = max(rm.cpu_at_max.get("proxy", math.nan), rm.cpu_at_max.get("sidecar", math.nan))
+    if not math.isnan(busiest) and busiest > 0:
+        out.append(
+            f"  (the busier of proxy and sidecar used {busiest:.1f} µs per share at its best step: on a core of "
+            f"its own it would cap the pair near {1e6 / busiest:,.0f} shares/s)"
+        )
+    return out
+
+
+def with_overrides(settings: TransportSettings, **overrides: Any) -> TransportSettings:
+    """``settings`` with the given fields replaced (None values are ignored)."""
+    return replace(settings, **{name: value for name, value in overrides.items() if value is not None})
