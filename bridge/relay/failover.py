@@ -333,6 +333,7 @@ class FailoverPolicy:
         self._switches: Counter[str] = Counter()
         self._moves_failed = 0
         self._wanted_moves = False
+        self._nothing_eligible = False
 
     # ------------------------------------------------------------------ reports
 
@@ -486,9 +487,11 @@ class FailoverPolicy:
         if self._outage_since is not None and not self._released_outage:
             deadlines.append(self._outage_since + config.no_upstream_grace)
         retries = [rig.retry_at for rig in self._rigs.values() if rig.upstream is None and not rig.moving]
-        future = [t for t in retries if t > now]
-        if future:
-            deadlines.append(min(future))
+        if retries:
+            # due orphans wait for an eligible upstream (any change marks the policy dirty)
+            due = [t for t in retries if t > now] if self._nothing_eligible else retries
+            if due:
+                deadlines.append(min(due))
         if self._wanted_moves:
             refilled = now if self._refilled is None else self._refilled
             deadlines.append(refilled + max(1.0 - self._tokens, 0.0) / config.switch_rate)
@@ -512,6 +515,7 @@ class FailoverPolicy:
                     up.keepalive_at = now
                     actions.append(SendKeepalive(up.index))
         eligible = self._eligible(now)
+        self._nothing_eligible = not eligible
         if not eligible:
             actions.extend(self._no_upstream(now))
             self._wanted_moves = False

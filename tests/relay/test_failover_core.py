@@ -217,6 +217,18 @@ def test_orphans_settle_before_they_are_placed() -> None:
     assert [(m.source, m.target) for m in moves(run(p, 1.06))] == [(None, 1)]
 
 
+def test_an_orphan_is_placed_when_its_settle_time_is_up_without_any_other_event() -> None:
+    p = policy(settle=0.05)
+    bring_up(p, 0, 0.0)
+    p.attached(1, 0, 0.0)
+    run(p, 0.5)
+    p.detached(1, "the pool closed this rig's connection", 1.0)
+    assert moves(run(p, 1.0)) == []
+    assert p.next_deadline(1.0) == pytest.approx(1.05)
+    assert p.next_deadline(1.07) <= 1.07  # due: not forgotten once its time has passed
+    assert [(m.source, m.target) for m in moves(run(p, 1.07))] == [(None, 0)]
+
+
 def test_weighted_strategy_splits_rigs_by_weight_and_rebalances_gently() -> None:
     specs = [UpstreamSpec("a", 0, 3.0), UpstreamSpec("b", 0, 1.0), UpstreamSpec("backup", 1, 0.0)]
     p = policy(specs=specs, strategy=Strategy.WEIGHTED, hold_down=5.0, silence_timeout=100.0)
