@@ -1,0 +1,75 @@
+"""stratumrm proxy with a primary and a backup pool, as a user runs them: real processes, a real kill."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+STRATUMRM = [sys.executable, "-m", "bridge"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port} after {timeout} s")
+
+
+def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> None:
+    primary_port, backup_port, proxy_port = free_port(), free_port(), free_port()
+    pools = [
+        subprocess.Popen(STRATUMRM + ["testpool", "--listen", f"127.0.0.1:{port}", "--difficulty", "0.0001"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for port in (primary_port, backup_port)
+    ]
+    proxy = subprocess.Popen(
+        STRATUMRM + ["proxy", "--listen", f"127.0.0.1:{proxy_port}",
+                     "-o", f"stratum+tcp://127.0.0.1:{primary_port}#name=primary",
+                     "--backup", f"stratum+tcp://127.0.0.1:{backup_port}#name=backup",
+                     "--silence-timeout", "2", "--hold-down", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    miner = None
+    try:
+        for port in (primary_port, backup_port, proxy_port):
+            wait_for_port(port)
+        miner = subprocess.Popen(
+            STRATUMRM + ["testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}#xnsub", "--user", "alice.rig1",
+                         "--profile", "bmminer", "--max-shares", "8", "--hashrate", "400000"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        assert miner.stdout is not None
+        lines = []
+        for line in miner.stdout:
+            lines.append(line)
+            if sum("Accepted" in seen for seen in lines) >= 2 and pools[0].poll() is None:
+                pools[0].send_signal(signal.SIGKILL)  # the primary pool process dies
+                pools[0].wait(timeout=10)
+        assert miner.wait(timeout=60) == 0, "".join(lines)
+        output = "".join(lines)
+        total = next(line for line in lines if line.startswith("total")).split()
+        submitted, accepted, rejected, unanswered = (int(x) for x in total[1:5])
+        # every share answered; one in flight at the kill may be answered "not confirmed"
+        assert submitted == 8 and unanswered == 0 and accepted + rejected == 8 and rejected <= 1, output
+    finally:
+        for process in (miner, proxy, *pools):
+            if process is not None and process.poll() is None:
+                process.terminate()
+        proxy_log = proxy.communicate(timeout=10)[0]
+        for pool in pools:
+            pool.wait(timeout=10)
+    assert "upstream primary is down: connection lost" in proxy_log, proxy_log
+    assert "failover: moving 1 rig(s) to backup" in proxy_log, proxy_log
