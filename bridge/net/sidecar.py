@@ -30,7 +30,11 @@ Per control connection, one nursery holds:
 - one **pool task per channel**, started on the session's ``OpenPool``: a plain TCP
   connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software,
   with a reader feeding the session and a writer draining the channel's bounded
-  buffer, so a slow pool never blocks the UDP reader or other channels.
+  buffer, so a slow pool never blocks the UDP reader or other channels;
+- the **pool watch** (:mod:`bridge.net.pool_watch`): when a channel's pool
+  connection ends or cannot be opened it checks the pool software, and while the
+  pool is down it reconnects with backoff; every change goes to the proxies as
+  ``rm.pool`` (PROTOCOL.md C10), so their failover can move rigs elsewhere.
 
 After every input the driver carries out the session's commands at once
 (``WritePool`` appends to the channel's buffer and wakes its writer), so a share
@@ -80,6 +84,7 @@ from msgspec import Struct
 
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
+from bridge.net.pool_watch import PoolWatch
 from bridge.net.tcp import (
     close_quietly,
     describe_error,
@@ -297,6 +302,7 @@ class SidecarServer:
         self._finished: Counter[str] = Counter()
         self._revocation_error: str | None = None
         self._reminders = Reminders()
+        self.pool_watch = PoolWatch(pool, self.pool_ssl_context, self._pool_status_changed, connect_timeout=connect_timeout)
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -329,11 +335,19 @@ class SidecarServer:
                     nursery.start_soon(self._receive_datagrams, udp_socket)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._watch_files)
+                nursery.start_soon(self.pool_watch.run)
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
                 task_status.started(self.port)
         finally:
             if udp_socket is not None:
                 udp_socket.close()
+
+    def _pool_status_changed(self, up: bool, reason: str) -> None:
+        """The pool went down or came back (PoolWatch): tell every proxy (rm.pool, C10)."""
+        now = trio.current_time()
+        for connection in list(self._connections.values()):
+            connection.session.pool_status(up, reason, now)
+            connection.step()
 
     async def _bind(
         self, host: str, port: int
@@ -778,6 +792,8 @@ class _ProxyConnection:
         self._links: dict[int, _PoolLink] = {}
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        if not server.pool_watch.up:
+            self.session.pool_status(False, server.pool_watch.reason, trio.current_time())
 
     async def run(self) -> str:
         """Serve until the session closes; return why."""
@@ -913,6 +929,7 @@ class _ProxyConnection:
                     log.warning("proxy %s channel %d: %s", self.peer, ch, reason)
                     session.pool_closed(ch, reason, trio.current_time())
                     self.step()
+                    server.pool_watch.suspect(reason)
                     return
                 link.stream = stream
                 log.info("proxy %s channel %d opened for rig %s, pool connection to %s", self.peer, ch, link.rig, server.pool)
@@ -923,6 +940,7 @@ class _ProxyConnection:
                     log.warning("proxy %s channel %d: %s", self.peer, ch, reason)
                     session.pool_closed(ch, reason, trio.current_time())
                     self.step()
+                    server.pool_watch.suspect(reason)
             finally:
                 if self._links.get(ch) is link:
                     del self._links[ch]

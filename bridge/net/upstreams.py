@@ -18,6 +18,11 @@ probe reconnects with exponential backoff (0.5 s to 5 s). ``mining.ping`` and
 ``client.get_version`` from the pool are answered; ``client.reconnect`` counts
 as a loss (pools send it before maintenance) and the probe reconnects.
 
+Behind a StratumRM sidecar that negotiated ``pool-status``, the sidecar's
+``rm.pool`` reports (its own reconnection attempts to the pool software) reach
+the policy as ``pool down`` / up, and a probe waiting to reconnect retries as soon
+as the sidecar says its pool is back.
+
 For a StratumRM upstream the probe is one more channel on the shared link, so it
 also keeps the link (TLS control connection and UDP flow) open and warm: a rig
 moved there opens its channel with one round trip, no handshake.
@@ -48,6 +53,7 @@ log = logging.getLogger("bridge.proxy.failover")
 PROBE_AGENT = f"stratumrm-probe/{__version__}"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 5.0
+POOL_STATUS_POLL = 0.05
 KEEPALIVE_METHODS = ("authorize", "ping")
 
 Session = SV1Upstream | RMUpstreamHandle
@@ -111,6 +117,7 @@ class Probe:
         self.session: Session | None = None
         self.connections = 0
         self.keepalives = 0
+        self._pool_up = True
 
     def set_identity(self, user: str, password: str | None) -> None:
         if self.identity is None:
@@ -128,7 +135,7 @@ class Probe:
             except NETWORK_ERRORS as exc:
                 self.policy.lost(index, f"cannot connect: {describe_error(exc)}", trio.current_time(), connect_failed=True)
                 self.wake()
-                await trio.sleep(backoff)
+                await self._back_off(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             self.connections += 1
@@ -142,8 +149,36 @@ class Probe:
             self.wake()
             if subscribed:
                 backoff = BACKOFF_FIRST
-            await trio.sleep(backoff)
+            await self._back_off(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _check_pool_status(self) -> bool | None:
+        """Report the sidecar's ``rm.pool`` view of its pool to the policy; None without one."""
+        link = self.upstream.link
+        connection = None if link is None else link.connection
+        if connection is None or connection.close_reason is not None:
+            return None
+        up = connection.pool_up
+        if up != self._pool_up:
+            self._pool_up = up
+            detail = connection.pool_reason or "the sidecar cannot reach its pool"
+            self.policy.pool_status(self.upstream.index, up, f"{detail} (rm.pool from the sidecar)", trio.current_time())
+            self.wake()
+        return up
+
+    async def _back_off(self, seconds: float) -> None:
+        """Wait before reconnecting; for StratumRM, retry at once when the sidecar says its pool is back."""
+        if self.upstream.link is None:
+            await trio.sleep(seconds)
+            return
+        was_down = self._check_pool_status() is False
+        with trio.move_on_after(seconds):
+            while True:
+                up = self._check_pool_status()
+                if was_down and up:
+                    return
+                was_down = was_down or up is False
+                await trio.sleep(POOL_STATUS_POLL)
 
     async def _serve(self, session: Session) -> tuple[str, bool]:
         assert self.identity is not None
@@ -162,6 +197,8 @@ class Probe:
                 if events is None:
                     return "the pool closed the connection", subscribed
                 policy.traffic(index, now)
+                if self.upstream.link is not None:
+                    self._check_pool_status()
                 for event in events:
                     kind = type(event)
                     if kind is Notify:

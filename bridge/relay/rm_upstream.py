@@ -294,6 +294,9 @@ class StratumRMConnection:
         self._receiver = DatagramReceiver(Role.PROXY)
         self._session_key = object()
         self.udp_up = False
+        self.pool_up = True
+        """False while the sidecar reports its pool unreachable (``rm.pool``, feature pool-status)."""
+        self.pool_reason = ""
         self._udp_failures = 0
         self._next_probe: float | None = None
         self._probe_retry = 0.1
@@ -591,6 +594,9 @@ class StratumRMConnection:
             pass
         elif method == "rm.error":
             self._fail(f"sidecar error: {params.reason}")
+        elif method == "rm.pool":
+            self.pool_up = params.status != "down"
+            self.pool_reason = params.reason
         else:
             raise ControlDecodeError(f"{method} is not for the proxy")
 

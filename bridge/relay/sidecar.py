@@ -83,6 +83,10 @@ line is full (2048 entries) or the share was URGENT; verdicts of TLS shares are
 channel responses. Records that fail the checks are answered with an explicit
 error verdict, never silently dropped.
 
+Pool status (C10): :meth:`SidecarSession.pool_status` is the driver's check of
+the pool software; with ``pool-status`` negotiated, a change is sent as
+``rm.pool`` (and a pool already down right after the hello result).
+
 Liveness (C8): a ``rm.ping`` after ``heartbeat`` seconds without sending; a proxy
 silent for ``dead_after`` seconds is dead. Errors (C1, C9): a line that is not
 JSON, not an object, too long, an unknown ``rm.`` method, or out of place makes
@@ -151,6 +155,7 @@ from bridge.wire.control import (
     Keys,
     NotifyChannels,
     Open,
+    PoolStatus,
     Results,
     RMResponse,
     decode_line,
@@ -508,6 +513,8 @@ class SidecarSession:
         self.protocol_error: str | None = None
         self.hello: Hello | None = None
         self.features: tuple[str, ...] = ()
+        self._pool_down: str | None = None  # pool-status: why the pool is unreachable, None while up
+        self._pool_sent: bool | None = None  # pool-status: the last state sent (None: nothing yet)
         self._udp = False
         self._dedup_jobs = False
         self._batch_verdicts = False
@@ -695,6 +702,21 @@ class SidecarSession:
                 return
         self._after_input()
 
+    def pool_status(self, up: bool, reason: str, now: float) -> None:
+        """The driver's check of the pool software (C10): tell the proxy, if it negotiated pool-status."""
+        self._now = now
+        self._pool_down = None if up else (reason or "the pool is unreachable")
+        self._send_pool_status()
+
+    def _send_pool_status(self) -> None:
+        if self.hello is None or self.closed or "pool-status" not in self.features:
+            return
+        up = self._pool_down is None
+        if self._pool_sent is None and up or self._pool_sent == up:
+            return  # up is the assumption; nothing new to say
+        self._pool_sent = up
+        self._write(encode_rm("rm.pool", PoolStatus(status="up" if up else "down", reason=self._pool_down or "")))
+
     def close(self, reason: str, now: float) -> None:
         """Close deliberately (shutdown, revoked certificate): ``rm.error`` with ``reason``, then close."""
         self._now = now
@@ -771,6 +793,7 @@ class SidecarSession:
         self._write(encode_rm_result(message.id, result))
         if udp:
             self._issue_keys(self._now)
+        self._send_pool_status()
 
     def _on_open(self, message: ControlLine) -> None:
         params = cast(Open, decode_params("rm.open", message.params))
@@ -1428,5 +1451,6 @@ _RM_HANDLERS: Final[dict[str, Callable[[SidecarSession, ControlLine], None]]] = 
     "rm.job": SidecarSession._on_wrong_direction,
     "rm.notify": SidecarSession._on_wrong_direction,
     "rm.results": SidecarSession._on_wrong_direction,
+    "rm.pool": SidecarSession._on_wrong_direction,
 }
 

@@ -32,7 +32,7 @@ MAX_CONTROL_LINE = 256 * 1024
 MAX_RESULTS_PER_LINE = 2048
 MAX_CHANNELS_PER_NOTIFY = 4096
 
-FEATURES = ("udp-shares", "job-dedup", "batch-verdicts")
+FEATURES = ("udp-shares", "job-dedup", "batch-verdicts", "pool-status")
 
 
 # ----------------------------------------------------------------- rm params
@@ -135,6 +135,18 @@ class ErrorNotice(Struct, frozen=True, kw_only=True):
     reason: str
 
 
+class PoolStatus(Struct, frozen=True, kw_only=True):
+    """``rm.pool`` (sidecar → proxy, feature ``pool-status``): the pool software behind the sidecar.
+
+    ``status`` is ``"down"`` when the sidecar cannot reach the pool (its
+    reconnection attempts fail; ``reason`` says why) and ``"up"`` once it can
+    again. A proxy with failover moves its rigs elsewhere meanwhile.
+    """
+
+    status: str
+    reason: str = ""
+
+
 RM_PARAMS: dict[str, type[Struct]] = {
     "rm.hello": Hello,
     "rm.keys": Keys,
@@ -146,6 +158,7 @@ RM_PARAMS: dict[str, type[Struct]] = {
     "rm.ping": Ping,
     "rm.pong": Ping,
     "rm.error": ErrorNotice,
+    "rm.pool": PoolStatus,
 }
 
 
@@ -251,4 +264,4 @@ def encode(value: Any) -> bytes:
     return _encode(value)
 
 
-RMParams = Union[Hello, HelloResult, Keys, Open, Close, Job, NotifyChannels, Results, Ping, ErrorNotice]
+RMParams = Union[Hello, HelloResult, Keys, Open, Close, Job, NotifyChannels, Results, Ping, ErrorNotice, PoolStatus]
