@@ -212,3 +212,33 @@ async def test_weighted_strategy_splits_rigs_across_pools() -> None:
         await finish(miners)
         assert_tally(miners, bench.pools)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sidecar_tells_the_proxy_its_pool_is_down_and_back(tmp_path) -> None:
+    async with trio.open_nursery() as nursery:
+        bench = await start_failover_bench(nursery, stratumrm=(0,), pki_dir=tmp_path, failover=FailoverConfig(**FAST))
+        primary, backup = bench.pools
+        miners = [
+            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2),
+            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2),
+        ]
+        workers = [m.config.user for m in miners]
+        for miner in miners:
+            nursery.start_soon(miner.run)
+        with trio.fail_after(40):
+            await until(lambda: all(accepted_at(primary, w) >= 2 for w in workers))
+            primary.kill()  # the pool behind the sidecar dies; the sidecar itself is fine
+            await until(lambda: all(accepted_at(backup, w) >= 2 for w in workers))
+            await until(lambda: bench.proxy.policy.down_reason(0) is not None
+                        and bench.proxy.policy.down_reason(0).startswith("pool down"))
+            assert not bench.sidecars[0].pool_watch.up
+            before = {w: accepted_at(primary, w) for w in workers}
+            await bench.restore(0)
+            await until(lambda: bench.sidecars[0].pool_watch.up)
+            await until(lambda: all(accepted_at(primary, w) >= before[w] + 2 for w in workers))
+        await finish(miners)
+        assert_tally(miners, bench.pools, bench.proxy)
+        detections = bench.proxy.statistics().failover.detections
+        assert detections.get("pool down") == 1
+        assert bench.sidecars[0].pool_watch.outages == 1
+        nursery.cancel_scope.cancel()
