@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import click
 import msgspec
 import trio
 
@@ -236,24 +237,18 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m bridge.bench.failover [--miners N] [--runs N] [--backup sv1|stratumrm] [--silence-timeout S]``."""
-    import click
-
-    @click.command()
-    @click.option("--miners", type=click.IntRange(2, 2000), default=100, show_default=True)
-    @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Runs per fault; medians are printed.")
-    @click.option("--backup", type=click.Choice(["sv1", "stratumrm"]), default="sv1", show_default=True)
-    @click.option("--fault", "faults", type=click.Choice(FAULTS), multiple=True, help="Only this fault (repeatable).")
-    @click.option("--silence-timeout", type=float, default=2.0, show_default=True)
-    @click.option("--switch-rate", type=float, default=500.0, show_default=True)
-    def command(miners, runs, backup, faults, silence_timeout, switch_rate) -> None:
-        """Failover time, fault to the first backup job at every rig (RST and blackhole)."""
-        click.echo(report(run(miners, runs=runs, backup=backup, faults=tuple(faults) or FAULTS,
-                              silence_timeout=silence_timeout, switch_rate=switch_rate)))
-
-    command.main(args=argv, prog_name="python -m bridge.bench.failover")
+@click.command("failover")
+@click.option("--miners", type=click.IntRange(2, 2000), default=100, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Runs per fault; medians are printed.")
+@click.option("--backup", type=click.Choice(["sv1", "stratumrm"]), default="sv1", show_default=True)
+@click.option("--fault", "faults", type=click.Choice(FAULTS), multiple=True, help="Only this fault (repeatable).")
+@click.option("--silence-timeout", type=float, default=2.0, show_default=True, help="The proxy's silence bound (its default is 5 s).")
+@click.option("--switch-rate", type=float, default=500.0, show_default=True, help="Rigs moved per second at most.")
+def command(miners: int, runs: int, backup: str, faults: tuple[str, ...], silence_timeout: float, switch_rate: float) -> None:
+    """Failover time: fault to the first backup job at every rig (RST and blackhole)."""
+    click.echo(report(run(miners, runs=runs, backup=backup, faults=faults or FAULTS,
+                          silence_timeout=silence_timeout, switch_rate=switch_rate)))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m bridge.bench.failover
+    command(prog_name="python -m bridge.bench.failover")

@@ -202,7 +202,7 @@ class MinerProxy:
                 continue
             actions = policy.on_timer(now)
             for event in policy.take_events():
-                level = logging.WARNING if event.kind in ("detection", "outage", "release") and "usable again" not in event.message else logging.INFO
+                level = logging.WARNING if event.kind in ("detection", "outage", "release") else logging.INFO
                 failover_log.log(level, "%s", event.message)
             for action in actions:
                 kind = type(action)
