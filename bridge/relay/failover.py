@@ -111,7 +111,7 @@ from bridge.errors import ConfigError
 PREVHASHES_KEPT = 32
 """Prevhashes remembered per upstream for lag detection."""
 MOVE_RETRY = 1.0
-"""Seconds before a rig whose move failed is tried again."""
+"""Seconds before a rig whose move failed is tried again (the target still looks healthy)."""
 
 
 class Strategy(enum.StrEnum):
@@ -427,7 +427,9 @@ class FailoverPolicy:
             return
         entry.upstream = None
         entry.moving = False
-        entry.retry_at = now + MOVE_RETRY
+        # The upstream's own failure (now a detection): place the rig elsewhere at once.
+        down = self.upstreams[upstream].state is State.DOWN
+        entry.retry_at = now + (self.config.settle if down else MOVE_RETRY)
         self._dirty = True
 
     def removed(self, rig: int) -> None:

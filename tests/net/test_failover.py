@@ -242,3 +242,18 @@ async def test_a_sidecar_tells_the_proxy_its_pool_is_down_and_back(tmp_path) -> 
         assert detections.get("pool down") == 1
         assert bench.sidecars[0].pool_watch.outages == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_primary_down_at_start_is_skipped_without_the_rig_noticing() -> None:
+    async with trio.open_nursery() as nursery:
+        bench = await start_failover_bench(nursery, failover=FailoverConfig(**FAST))
+        bench.pools[0].kill()
+        miner = Miner(bench.miner_url(), "alice.early", profile="cgminer", reconnect_delay=30)
+        nursery.start_soon(miner.run)
+        with trio.fail_after(5):
+            await until(lambda: accepted_at(bench.pools[1], "alice.early") >= 2)
+        assert miner.statistics().disconnects == 0 and miner.statistics().connections == 1
+        assert bench.proxy.statistics().failover.detections == {"connect failed": 1}
+        await finish([miner])
+        assert_tally([miner], bench.pools)
+        nursery.cancel_scope.cancel()

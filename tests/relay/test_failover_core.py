@@ -70,8 +70,12 @@ def test_upstreams_are_presumed_usable_until_a_probe_says_otherwise() -> None:
     p.lost(0, "connection refused", 0.1, connect_failed=True)
     assert p.statistics(0.1).detections == {"connect failed": 1}
     p.move_failed(1, 0, "connection refused", 0.1)
-    planned = moves(run(p, 1.2))
+    planned = moves(run(p, 0.16))  # at once (after the settle time), not after MOVE_RETRY
     assert [(m.rig, m.source, m.target) for m in planned] == [(1, None, 1)]
+    # a failed move to an upstream that still looks healthy is retried a second later
+    p.move_failed(1, 1, "authorize refused", 0.2)
+    assert moves(run(p, 0.5)) == []
+    assert [(m.rig, m.target) for m in moves(run(p, 1.25))] == [(1, 1)]
 
 
 def test_silence_is_declared_only_after_keepalives_went_unanswered() -> None:
