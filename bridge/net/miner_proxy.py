@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import trio
 from msgspec import Struct
 
@@ -135,7 +136,7 @@ class MinerProxy:
         self.drain_timeout = drain_timeout
         config = failover or FailoverConfig()
         if keepalive == "none":
-            config = _replace(config, keepalive_interval=None)
+            config = msgspec.structs.replace(config, keepalive_interval=None)
         self.policy = FailoverPolicy(
             [UpstreamSpec(u.name, u.entry.priority, u.entry.weight) for u in self.upstreams], config
         )
@@ -531,12 +532,6 @@ class _RigConnection:
                 continue
             channel.on_timer(trio.current_time())
             await self._step()
-
-
-def _replace(config: FailoverConfig, **changes: Any) -> FailoverConfig:
-    import msgspec
-
-    return msgspec.structs.replace(config, **changes)
 
 
 def _in_trio() -> bool:
