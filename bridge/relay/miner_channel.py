@@ -37,8 +37,8 @@ the rig's requests and its notifications reach the rig. Changing upstream
 (:meth:`MinerChannel.switch_upstream`) opens a *joining* leg on which the rig's
 handshake is **replayed** as the rig sent it: ``mining.configure``,
 ``mining.subscribe`` with the rig's user agent, ``mining.authorize`` for every
-worker the rig authorized (with its password), its last difficulty
-suggestion, ``mining.extranonce.subscribe``. The replies are the channel's own;
+worker the rig authorized (with its password), its difficulty suggestions,
+``mining.extranonce.subscribe`` and ``mining.multi_version``. The replies are the channel's own;
 the pool's notifications are held. Once the subscribe and every replayed
 authorize are answered successfully the switch completes:
 
@@ -90,6 +90,7 @@ from bridge.sv1.messages import (
     ExtranonceSubscribe,
     GetVersion,
     MinerResponse,
+    MultiVersion,
     Notify,
     Ping,
     Reconnect,
@@ -115,6 +116,8 @@ JOBS_PER_LEG = 256
 OLD_JOBS_KEPT = 1024
 """Job ids of retired legs remembered to answer their shares as stale."""
 POOL_REQUESTS_KEPT = 64
+MAX_HANDSHAKE_RECORDS = 300
+"""Handshake requests remembered for replay (one per kind, one authorize per worker)."""
 
 
 class UpstreamSession(Protocol):
@@ -220,7 +223,7 @@ _NOT_STRATUM = (
     (b"SSH-", "an SSH client"),
 )
 
-_HANDSHAKE = (Configure, Subscribe, Authorize, ExtranonceSubscribe, SuggestDifficulty, SuggestTarget)
+_HANDSHAKE = (Configure, Subscribe, Authorize, ExtranonceSubscribe, SuggestDifficulty, SuggestTarget, MultiVersion)
 
 
 def identify_non_stratum(first_bytes: bytes) -> str | None:
@@ -391,9 +394,9 @@ class MinerChannel:
         method = event.__struct_config__.tag
         pending = PendingRequest(event.id, method, now + self.request_timeout, event=event)
         if kind in _HANDSHAKE:
-            self._handshake.append((event, pending if event.id is not None else None))
+            self._record_handshake(event, pending if event.id is not None else None)
             if kind is Authorize and event.id is None:
-                self._authorized.setdefault(event.params.user, event.params.password)
+                self._remember_worker(event.params.user, event.params.password)
         leg = self.leg
         if leg is None:
             if event.id is not None:
@@ -403,6 +406,18 @@ class MinerChannel:
         self._send_on(leg, event, pending)
         if event.id is not None:
             self._pending.append(pending)
+
+    def _remember_worker(self, user: str, password: str | None) -> None:
+        if user not in self._authorized and len(self._authorized) < MAX_HANDSHAKE_RECORDS:
+            self._authorized[user] = password
+
+    def _record_handshake(self, event: Any, pending: PendingRequest | None) -> None:
+        """Remember a handshake request for replay: the latest of each kind, one authorize per worker."""
+        key = _handshake_key(event)
+        kept = [(e, p) for e, p in self._handshake if _handshake_key(e) != key]
+        if len(kept) < MAX_HANDSHAKE_RECORDS:
+            kept.append((event, pending))
+        self._handshake = kept
 
     def _send_on(self, leg: Leg, event: Any, pending: PendingRequest) -> None:
         pending.leg = leg
@@ -555,7 +570,7 @@ class MinerChannel:
                 if pending.leg is not None:
                     pending.leg.version_mask = mask
         elif method == "mining.authorize" and reply.accepted and isinstance(pending.event, Authorize):
-            self._authorized.setdefault(pending.event.params.user, pending.event.params.password)
+            self._remember_worker(pending.event.params.user, pending.event.params.password)
         if pending.miner_id is not None:
             self.miner.respond_raw(msgspec.structs.replace(reply.response, id=pending.miner_id))
 
@@ -877,6 +892,11 @@ class MinerChannel:
             reconnects_sent=self._reconnects,
             stale_local=self._stale_local,
         )
+
+
+def _handshake_key(event: Any) -> Any:
+    kind = type(event)
+    return (kind, event.params.user) if kind is Authorize else kind
 
 
 def _params(params: Any) -> list[Any]:
