@@ -132,6 +132,7 @@ async def _one_run(fault: str, miners: int, backup: str, config: FailoverConfig,
                 await trio.sleep(0.02)
         await trio.sleep(0.3)  # settle: every leg and probe idle
         detected_at: float | None = None
+        reason = ""
         clock.fault_at = fault_at = trio.current_time()
         if fault == "rst":
             bench.pools[0].kill()
@@ -141,6 +142,7 @@ async def _one_run(fault: str, miners: int, backup: str, config: FailoverConfig,
             while not all(r.backup_at is not None for r in rigs):
                 if detected_at is None and policy.is_down(0):
                     detected_at = trio.current_time()
+                    reason = (policy.down_reason(0) or "").split(":", 1)[0]
                 await trio.sleep(0.001)
         if detected_at is None:
             detected_at = trio.current_time()
@@ -154,7 +156,7 @@ async def _one_run(fault: str, miners: int, backup: str, config: FailoverConfig,
             "median_rig": statistics.median(times),
             "reconnects": stats.reconnects_sent,
             "extranonce_changes": stats.extranonce_changes,
-            "reason": (policy.down_reason(0) or "").split(":", 1)[0],
+            "reason": reason or (policy.down_reason(0) or "").split(":", 1)[0],
         }
         bench.pools[0].stall(False)
         nursery.cancel_scope.cancel()

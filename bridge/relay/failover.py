@@ -258,7 +258,8 @@ class FailoverStatistics(Struct, frozen=True):
     strategy: str
     upstreams: list[UpstreamStatus]
     detections: dict[str, int]
-    """Detections by reason, every upstream."""
+    """Detections by reason, every upstream: one each time an upstream goes down, or the
+    reason it is down changes (reset, then its reconnection refused, counts twice)."""
     switches: dict[str, int]
     """Rig moves by kind: failover (urgent), failback, rebalance."""
     moves_failed: int
