@@ -179,6 +179,15 @@ def handshake_command(repeats: int) -> None:
     click.echo(handshake.report(handshake.run(repeats)))
 
 
+def _register_failover() -> None:
+    from bridge.bench import failover
+
+    bench.add_command(failover.command)
+
+
+_register_failover()
+
+
 @bench.command("all")
 @_common_options
 def all_benchmarks(
@@ -197,4 +206,8 @@ def all_benchmarks(
 
     progress("[handshake] full versus resumed TLS 1.3")
     handshake_text = handshake.report(handshake.run(20 if quick else 200))
-    click.echo(f"{codec_text}\n\n{transport_text}\n\n{farm_text}\n\n{handshake_text}")
+    from bridge.bench import failover
+
+    progress("[failover] 100 rigs, RST and blackhole")
+    failover_text = failover.report(failover.run(100, runs=1 if quick else runs or 3))
+    click.echo(f"{codec_text}\n\n{transport_text}\n\n{farm_text}\n\n{handshake_text}\n\n{failover_text}")
