@@ -26,6 +26,8 @@ task: the drivers decide when to poll.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import os
 import ssl
@@ -172,7 +174,7 @@ def _load_certificates(pem: bytes, source: StrPath, what: str) -> list[x509.Cert
     return certificates
 
 
-class _Credentials:
+class _Credentials(abc.ABC):
     """Files that make one ``ssl.SSLContext``, watched for changes (see the module docstring)."""
 
     def __init__(self, files: Sequence[StrPath], expiry_warning: timedelta) -> None:
@@ -258,8 +260,9 @@ class _Credentials:
 
     _hint = "check the path"
 
+    @abc.abstractmethod
     def _build(self, contents: list[bytes]) -> tuple[ssl.SSLContext, x509.Certificate | None]:
-        raise NotImplementedError
+        """The TLS context (and our certificate) from the files' contents; each role builds its own."""
 
 
 def _require_role(certificate: x509.Certificate, role: str, source: StrPath, hint: str) -> None:

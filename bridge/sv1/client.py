@@ -318,7 +318,7 @@ class ClientSession:
                 self.subscribed = True
                 self.extranonce1 = extranonce1
                 self.extranonce2_size = size
-                self.subscription_id = _notify_subscription(subscriptions)
+                self.subscription_id = notify_subscription_id(subscriptions)
         self._release_held()
 
     def _configured(self, response: Response) -> None:
@@ -346,7 +346,7 @@ class ClientSession:
         )
 
 
-def _notify_subscription(subscriptions: Any) -> str | None:
+def notify_subscription_id(subscriptions: Any) -> str | None:
     """The id of the ``mining.notify`` subscription, which cgminer sends to resume."""
     if not isinstance(subscriptions, list):
         return None

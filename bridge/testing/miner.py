@@ -126,6 +126,7 @@ from bridge.mining.share import (
     scan_nonces,
 )
 from bridge.net.tcp import close_quietly, open_stream
+from bridge.sv1.client import notify_subscription_id
 from bridge.sv1.events import ProtocolViolation
 from bridge.sv1.framing import LineBuffer
 from bridge.sv1.messages import (
@@ -633,24 +634,6 @@ def spread_bits(index: int, mask: int) -> int:
         bit <<= 1
         remaining ^= lowest
     return result
-
-
-def _notify_subscription_id(subscriptions: Any) -> str | None:
-    """The id of the ``mining.notify`` subscription (what cgminer resumes with)."""
-    if not isinstance(subscriptions, list):
-        return None
-    if len(subscriptions) == 2 and all(isinstance(item, str) for item in subscriptions):
-        subscriptions = [subscriptions]
-    for entry in subscriptions:
-        if (
-            isinstance(entry, list)
-            and len(entry) >= 2
-            and isinstance(entry[0], str)
-            and entry[0].lower() == "mining.notify"
-            and isinstance(entry[1], str)
-        ):
-            return entry[1]
-    return None
 
 
 def _parse_port(value: Any) -> int | None:
@@ -1236,7 +1219,7 @@ class MinerProtocol:
         self.extranonce2_size = size
         # cgminer's initiate_stratum: a new subscription starts at difficulty 1
         self.difficulty = 1.0
-        session_id = _notify_subscription_id(result[0])
+        session_id = notify_subscription_id(result[0])
         if self.traits.resumes_session:
             self._session_id = session_id
         events: list[MinerEvent] = [Subscribed(extranonce1_hex, size, session_id)]
