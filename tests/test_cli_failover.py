@@ -3,29 +3,9 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import sys
-import time
 
-STRATUMRM = [sys.executable, "-m", "bridge"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port} after {timeout} s")
+from processes import STRATUMRM, free_port, wait_for_port
 
 
 def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> None:
