@@ -181,6 +181,8 @@ from bridge.wire.receiver import (
     DEFAULT_BURST,
     DEFAULT_GRACE,
     DEFAULT_RATE,
+    DEFAULT_STRANGER_BURST,
+    DEFAULT_STRANGER_RATE,
     Accepted,
     DatagramReceiver,
     ReceiverStatistics,
@@ -210,8 +212,10 @@ DEFAULT_MAX_CHANNELS: Final = 4096
 DEFAULT_HEARTBEAT: Final = 1.0
 DEFAULT_DEAD_AFTER: Final = 5.0
 DEFAULT_REKEY_INTERVAL: Final = 3600.0
-#: ``bad tag`` drops under a session's conn_ids after which the session is closed (§6).
-DEFAULT_MAX_BAD_TAGS: Final = 1 << 16
+#: ``bad tag`` drops under a session's keys after which the sidecar rekeys (new conn_id,
+#: PROTOCOL.md §6.1): a bound on forgery attempts per key that an attacker cannot turn
+#: into a closed session.
+DEFAULT_REKEY_AFTER_BAD_TAGS: Final = 1 << 16
 #: Control bytes queued but not taken by the driver after which the proxy counts as stuck.
 MAX_CONTROL_BACKLOG: Final = 16 * 1024 * 1024
 #: Job ids remembered per channel (C5) and worker names per channel (worker_index is a u8).
@@ -323,6 +327,8 @@ class SidecarSessionStatistics(Struct, frozen=True):
     """Drops of datagrams under this session's conn_ids, by reason (non-zero reasons only)."""
     probe_acks_sent: int
     probe_acks_over_budget: int
+    bad_tag_rekeys: int
+    """Rekeys (new conn_id) because forged datagrams reached the threshold (§6.1)."""
     key_epoch: int
     control_bytes_received: int
     control_bytes_sent: int
@@ -346,10 +352,23 @@ class SidecarIntake:
     """
 
     def __init__(
-        self, *, rate: float = DEFAULT_RATE, burst: float = DEFAULT_BURST, grace: float = DEFAULT_GRACE
+        self,
+        *,
+        rate: float = DEFAULT_RATE,
+        burst: float = DEFAULT_BURST,
+        grace: float = DEFAULT_GRACE,
+        stranger_rate: float = DEFAULT_STRANGER_RATE,
+        stranger_burst: float = DEFAULT_STRANGER_BURST,
     ) -> None:
         self.grace = grace
-        self.receiver = DatagramReceiver(Role.SIDECAR, rate=rate, burst=burst, grace=grace)
+        self.receiver = DatagramReceiver(
+            Role.SIDECAR,
+            rate=rate,
+            burst=burst,
+            grace=grace,
+            stranger_rate=stranger_rate,
+            stranger_burst=stranger_burst,
+        )
 
     def receive(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
         """Run one datagram through the pipeline; return the session it concerned, if any.
@@ -483,7 +502,7 @@ class SidecarSession:
         accounts: Collection[str] | None = None,
         share_cache_size: int = DEFAULT_SHARE_CACHE,
         max_channels: int = DEFAULT_MAX_CHANNELS,
-        max_bad_tags: int = DEFAULT_MAX_BAD_TAGS,
+        rekey_after_bad_tags: int = DEFAULT_REKEY_AFTER_BAD_TAGS,
         randbytes: Callable[[int], bytes] = os.urandom,
         agent: str = AGENT,
     ) -> None:
@@ -505,7 +524,9 @@ class SidecarSession:
         self.accounts = frozenset(accounts) if accounts is not None else None
         self.share_cache_size = share_cache_size
         self.max_channels = max_channels
-        self.max_bad_tags = max_bad_tags
+        if rekey_after_bad_tags < 1:
+            raise ValueError("rekey_after_bad_tags must be at least 1")
+        self.rekey_after_bad_tags = rekey_after_bad_tags
         self.agent = agent
         self._randbytes = randbytes
 
@@ -569,6 +590,7 @@ class SidecarSession:
         self._datagrams_accepted = 0
         self._drops: dict[str, int] = {}
         self._bad_tags = 0
+        self._bad_tag_rekeys = 0
         self._probe_acks = 0
         self._probe_acks_over_budget = 0
         self._control_in = 0
@@ -1141,11 +1163,13 @@ class SidecarSession:
         self._drops[name] = self._drops.get(name, 0) + 1
         if reason is DropReason.BAD_TAG:
             self._bad_tags += 1
-            if self._bad_tags >= self.max_bad_tags:
-                self._close(
-                    f"{self._bad_tags} datagrams with a bad tag under this session's conn_id; "
-                    "closing so the proxy reconnects with new keys"
-                )
+            if self._bad_tags >= self.rekey_after_bad_tags:
+                # Someone is forging under this conn_id: move the session to a new one
+                # (rm.keys, PROTOCOL.md §6.1). The old conn_id keeps working for the grace
+                # period, then is refused; the session itself is never closed for it.
+                self._bad_tags = 0
+                self._bad_tag_rekeys += 1
+                self.rekey(now)
 
     def _answer_probe(self, probe: Probe) -> None:
         intake = self.intake
@@ -1426,6 +1450,7 @@ class SidecarSession:
             datagram_drops=dict(self._drops),
             probe_acks_sent=self._probe_acks,
             probe_acks_over_budget=self._probe_acks_over_budget,
+            bad_tag_rekeys=self._bad_tag_rekeys,
             key_epoch=self._epoch,
             control_bytes_received=self._control_in,
             control_bytes_sent=self._control_out,

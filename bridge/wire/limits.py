@@ -1,13 +1,28 @@
-"""Per-session limits of the data channel: a token bucket and the anti-amplification budget.
+"""Per-session limits of the data channel: decryption budgets and the anti-amplification budget.
 
 Theory of operation
 ===================
 
-:class:`TokenBucket` caps how many datagrams per second one session may make us
-*decrypt*. It holds at most ``burst`` tokens, refills at ``rate`` tokens per second
-of the ``now`` values it is given, and each datagram takes one. It runs before the
-AEAD, so a peer holding a valid conn_id (a rogue miner, or anyone on path) cannot
-make us spend unbounded CPU.
+:class:`TokenBucket` holds at most ``burst`` tokens, refills at ``rate`` tokens per
+second of the ``now`` values it is given, and each datagram takes one.
+
+:class:`SourceBudgets` is a session's *decryption* budget, split by source address
+(bridge/wire/PROTOCOL.md §6.1). The conn_id travels in clear, so anyone on path can
+send datagrams under a live conn_id with wrong tags; one bucket per session would let
+them use up the budget and push the honest proxy's shares off UDP. Instead:
+
+- an address that has delivered an authenticated datagram carrying the session's
+  newest packet number is **trusted**: it gets a bucket of its own (``rate``,
+  ``burst``). At most ``max_trusted`` addresses are kept, least recently
+  authenticated first out, so the state is bounded whatever a peer sends;
+- every other source (**strangers**) shares one small bucket (``stranger_rate``,
+  ``stranger_burst``). It exists for the proxy's first datagram and for NAT
+  rebinding; a flood from forged addresses only ever empties this bucket.
+
+The budget is checked before the AEAD, so a flood under a valid conn_id costs at most
+``rate`` decryptions per second per trusted address plus ``stranger_rate``. What it
+cannot tell apart is a forger who spoofs the trusted address itself: that one shares
+the proxy's bucket (the shares then fall back to TLS, nothing is lost).
 
 :class:`AddressBudget` is the sidecar's view of where a session's proxy is, and how
 many bytes it may still send there. The rules (QUIC's RFC 9000 §8 and WireGuard's
@@ -30,7 +45,7 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-__all__ = ["Address", "AddressBudget", "TokenBucket"]
+__all__ = ["Address", "AddressBudget", "SourceBudgets", "TokenBucket"]
 
 #: A socket address as the UDP driver reports it: ``(host, port)`` or, for IPv6,
 #: ``(host, port, flowinfo, scope_id)``. Compared for equality only.
@@ -80,6 +95,48 @@ class TokenBucket:
             self._tokens -= cost
             return True
         return False
+
+
+class SourceBudgets:
+    """A session's decryption budgets: one bucket per trusted address, one shared by strangers."""
+
+    __slots__ = ("_burst", "_max_trusted", "_rate", "_strangers", "_trusted")
+
+    def __init__(
+        self, rate: float, burst: float, stranger_rate: float, stranger_burst: float, max_trusted: int = 4
+    ) -> None:
+        if max_trusted < 1:
+            raise ValueError("max_trusted must be at least 1")
+        TokenBucket(rate, burst)  # validate early
+        self._rate = rate
+        self._burst = burst
+        self._max_trusted = max_trusted
+        self._strangers = TokenBucket(stranger_rate, stranger_burst)
+        self._trusted: dict[Address, TokenBucket] = {}
+
+    @property
+    def trusted(self) -> tuple[Address, ...]:
+        """The trusted addresses, least recently authenticated first."""
+        return tuple(self._trusted)
+
+    def take(self, address: Address, now: float) -> bool:
+        """Take a token for one decryption of a datagram from ``address``; False if over budget."""
+        bucket = self._trusted.get(address)
+        if bucket is None:
+            bucket = self._strangers
+        return bucket.take(now)
+
+    def authenticated(self, address: Address, *, newest: bool) -> None:
+        """``address`` delivered an authenticated datagram (``newest``: the highest pn so far)."""
+        trusted = self._trusted
+        bucket = trusted.pop(address, None)
+        if bucket is None:
+            if not newest:
+                return  # a late or copied datagram earns no trust
+            if len(trusted) >= self._max_trusted:
+                del trusted[next(iter(trusted))]
+            bucket = TokenBucket(self._rate, self._burst)
+        trusted[address] = bucket  # most recent last
 
 
 class AddressBudget:

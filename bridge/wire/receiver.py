@@ -21,15 +21,17 @@ decides the drop reason (:class:`~bridge.wire.datagram.DropReason`):
 7. a previous epoch past its grace period                  -> ``key expired``
 8. KEY_PHASE bit == epoch parity                           -> ``wrong key phase``
 9. replay window pre-check (no state change)               -> ``replayed``, ``too old``
-10. the session's token bucket                             -> ``rate limited``
+10. the session's decryption budget for this source       -> ``rate limited``
+    (a bucket per trusted address, one shared by strangers: see
+    :class:`~bridge.wire.limits.SourceBudgets`)
 11. AEAD open, header as associated data                   -> ``bad tag``
 12. replay window commit (only now: the tag verified)
-13. address learning and amplification credit (see :mod:`bridge.wire.limits`)
+13. address learning, trust of the source, amplification credit (:mod:`bridge.wire.limits`)
 14. body decode                                            -> ``malformed``
 
-Nothing before step 11 changes any state except counters and the token bucket, so
-an unauthenticated datagram can neither slide the window nor move the session to
-another address. Every drop is counted by reason; :meth:`DatagramReceiver.statistics`
+Nothing before step 11 changes any state except counters and the token buckets, so
+an unauthenticated datagram can neither slide the window, nor move the session to
+another address, nor earn its source a budget of its own. Every drop is counted by reason; :meth:`DatagramReceiver.statistics`
 returns a frozen snapshot. Nothing here ever raises on received bytes.
 
 Sending is the caller's business, except for one rule enforced here: the sidecar
@@ -61,13 +63,16 @@ from bridge.wire.datagram import (
     decode_body,
 )
 from bridge.wire.keys import Opener, Role
-from bridge.wire.limits import Address, AddressBudget, TokenBucket
+from bridge.wire.limits import Address, AddressBudget, SourceBudgets
 from bridge.wire.replay import Rejection
 
 __all__ = [
     "DEFAULT_BURST",
     "DEFAULT_GRACE",
+    "DEFAULT_MAX_TRUSTED",
     "DEFAULT_RATE",
+    "DEFAULT_STRANGER_BURST",
+    "DEFAULT_STRANGER_RATE",
     "RECEIVED_TYPES",
     "Accepted",
     "DatagramReceiver",
@@ -78,9 +83,15 @@ __all__ = [
 
 #: Seconds the previous key epoch stays acceptable after a rekey.
 DEFAULT_GRACE: Final = 2.0
-#: Datagrams per second and burst one session may make us decrypt.
+#: Datagrams per second and burst one trusted source address of a session may make
+#: us decrypt (an address that delivered an authenticated datagram).
 DEFAULT_RATE: Final = 1000.0
 DEFAULT_BURST: Final = 1000.0
+#: ... and what every other source of a session shares (first datagram, NAT rebinding).
+DEFAULT_STRANGER_RATE: Final = 64.0
+DEFAULT_STRANGER_BURST: Final = 64.0
+#: Trusted addresses kept per session (least recently authenticated out first).
+DEFAULT_MAX_TRUSTED: Final = 4
 
 #: Which datagram types each role accepts.
 RECEIVED_TYPES: Final[dict[Role, frozenset[DatagramType]]] = {
@@ -144,6 +155,8 @@ class SessionStatistics(msgspec.Struct, frozen=True):
     bad_tags: int
     rate_limited: int
     address: Address | None
+    #: Source addresses with a decryption budget of their own (§6.1).
+    trusted_addresses: int
     addresses_learned: int
     bytes_sent: int
     send_allowance: int
@@ -162,7 +175,7 @@ class _Session:
         "rate_limited",
     )
 
-    def __init__(self, key: Hashable, opener: Opener, bucket: TokenBucket, budget: AddressBudget) -> None:
+    def __init__(self, key: Hashable, opener: Opener, bucket: SourceBudgets, budget: AddressBudget) -> None:
         self.key = key
         self.current = opener
         self.previous: _Entry | None = None
@@ -188,8 +201,10 @@ class _Entry:
 class DatagramReceiver:
     """The cheapest-first receive pipeline for every session on one socket.
 
-    ``role`` decides which types are accepted. ``rate``/``burst`` configure each
-    session's token bucket, ``grace`` how long a previous key epoch is still
+    ``role`` decides which types are accepted. ``rate``/``burst`` configure the
+    decryption budget of each trusted source address of a session,
+    ``stranger_rate``/``stranger_burst`` the one all other sources of a session
+    share, ``max_trusted`` how many trusted addresses a session keeps, ``grace`` how long a previous key epoch is still
     accepted after :meth:`rekey`, and ``amplification_factor`` the sending budget
     (bytes sent per authenticated byte received from an address).
     """
@@ -202,13 +217,19 @@ class DatagramReceiver:
         burst: float = DEFAULT_BURST,
         grace: float = DEFAULT_GRACE,
         amplification_factor: float = 1.0,
+        stranger_rate: float = DEFAULT_STRANGER_RATE,
+        stranger_burst: float = DEFAULT_STRANGER_BURST,
+        max_trusted: int = DEFAULT_MAX_TRUSTED,
     ) -> None:
         if grace < 0:
             raise ValueError("grace must not be negative")
-        TokenBucket(rate, burst)  # validate early
+        SourceBudgets(rate, burst, stranger_rate, stranger_burst, max_trusted)  # validate early
         self.role = role
         self._rate = rate
         self._burst = burst
+        self._stranger_rate = stranger_rate
+        self._stranger_burst = stranger_burst
+        self._max_trusted = max_trusted
         self._grace = grace
         self._amplification_factor = amplification_factor
         allowed_by_type: dict[int, tuple[int, int]] = {}
@@ -234,9 +255,10 @@ class DatagramReceiver:
             raise ValueError(f"session {session!r} already exists; use rekey()")
         if opener.conn_id in self._entries:
             raise ValueError(f"conn_id {opener.conn_id:016x} is already in use")
-        state = _Session(
-            session, opener, TokenBucket(self._rate, self._burst), AddressBudget(self._amplification_factor)
+        budgets = SourceBudgets(
+            self._rate, self._burst, self._stranger_rate, self._stranger_burst, self._max_trusted
         )
+        state = _Session(session, opener, budgets, AddressBudget(self._amplification_factor))
         self._sessions[session] = state
         self._entries[opener.conn_id] = _Entry(state, opener, None)
 
@@ -336,7 +358,7 @@ class DatagramReceiver:
         if rejection is not None:
             reason = DropReason.REPLAYED if rejection is Rejection.REPLAYED else DropReason.TOO_OLD
             return self._drop(reason, state)
-        if not state.bucket.take(now):
+        if not state.bucket.take(address, now):
             state.rate_limited += 1
             return self._drop(DropReason.RATE_LIMITED, state)
         plaintext = opener.open(data)
@@ -347,6 +369,7 @@ class DatagramReceiver:
         # Authenticated from here on.
         newest = pn > window.highest and entry.retire_at is None
         window.commit(pn)
+        state.bucket.authenticated(address, newest=newest)
         address_changed = state.budget.on_authenticated(address, size, newest=newest)
         if address_changed:
             self._addresses_learned += 1
@@ -400,6 +423,7 @@ class DatagramReceiver:
             bad_tags=state.bad_tags,
             rate_limited=state.rate_limited,
             address=state.budget.address,
+            trusted_addresses=len(state.bucket.trusted),
             addresses_learned=state.budget.changes,
             bytes_sent=state.budget.sent,
             send_allowance=state.budget.allowance,

@@ -705,23 +705,57 @@ def test_hostile_datagrams_are_dropped_without_a_reply_and_counted_by_reason(rea
 
 
 def test_a_flood_over_the_rate_limit_is_dropped_before_decryption() -> None:
-    harness = ready(intake=SidecarIntake(rate=10, burst=10))
+    harness = ready(intake=SidecarIntake(rate=10, burst=10, stranger_rate=1, stranger_burst=1))
+    harness.datagram(harness.seal(harness.share(nonce=1000)))  # the stranger token: RIG is trusted now
     for nonce in range(25):
         harness.datagram(harness.seal(harness.share(nonce=nonce)))
     stats = harness.session.statistics()
-    assert stats.shares_udp == 10 and stats.datagram_drops == {"rate limited": 15}
+    assert stats.shares_udp == 11 and stats.datagram_drops == {"rate limited": 15}
     harness.now += 1.0
     harness.datagram(harness.seal(harness.share(nonce=99)))
-    assert harness.session.statistics().shares_udp == 11
+    assert harness.session.statistics().shares_udp == 12
 
 
-def test_too_many_bad_tags_close_the_session() -> None:
-    harness = ready(max_bad_tags=5)
+def test_forged_datagrams_from_other_addresses_do_not_take_the_proxys_budget() -> None:
+    """A bad-tag flood under the live conn_id empties the strangers' bucket only (§6.1)."""
+    harness = ready(intake=SidecarIntake(rate=10, burst=10, stranger_rate=2, stranger_burst=2))
+    harness.datagram(harness.seal(harness.share(nonce=1000)))  # RIG is trusted
+    for index in range(500):
+        bad = bytearray(harness.seal(harness.share(nonce=index)))
+        bad[20] ^= 0xFF
+        harness.datagram(bytes(bad), address=("198.51.100.66", 1000 + index))
+    for nonce in range(10):
+        harness.datagram(harness.seal(harness.share(nonce=2000 + nonce)))
+    stats = harness.session.statistics()
+    assert stats.shares_udp == 11
+    assert stats.datagram_drops == {"bad tag": 1, "rate limited": 499}  # one stranger token was left
+    assert not harness.session.closed
+
+
+def test_bad_tags_past_the_threshold_rekey_instead_of_closing() -> None:
+    harness = ready(rekey_after_bad_tags=5, intake=SidecarIntake(rate=1e6, burst=1e6))
+    old, old_keys = harness.material, harness.keys
+    assert old is not None and old_keys is not None
+    harness.take()
     for _ in range(5):
         bad = bytearray(harness.seal(harness.share()))
         bad[20] ^= 0xFF
         harness.datagram(bytes(bad))
-    assert harness.session.closed and "bad tag" in (harness.session.close_reason or "")
+    assert not harness.session.closed
+    [keys_line] = [m for m in harness.take() if m.get("method") == "rm.keys"]
+    assert keys_line["params"]["epoch"] == 1
+    assert harness.material is not None and harness.material.conn_id != old.conn_id
+    stats = harness.session.statistics()
+    assert stats.bad_tag_rekeys == 1 and stats.key_epoch == 1
+    # After the grace period the old conn_id is refused; the new keys carry shares.
+    harness.now += 10.0
+    intake = harness.session.intake
+    assert intake is not None
+    intake.purge(harness.now)
+    harness.datagram(old_keys.sealer.seal(harness.share(nonce=4)).data)
+    assert intake.statistics().dropped["unknown conn_id"] == 1
+    harness.datagram(harness.seal(harness.share(nonce=5)))
+    assert harness.session.statistics().shares_udp == 1
 
 
 def test_rekey_keeps_the_previous_epoch_for_the_grace_period() -> None:

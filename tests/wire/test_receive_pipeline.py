@@ -144,7 +144,7 @@ def expected_reason_for_flipped_bit(bit: int) -> DropReason:
 
 
 def test_every_flipped_bit_is_dropped_and_the_header_is_authenticated() -> None:
-    pair = Pair()
+    pair = Pair(stranger_rate=1e6, stranger_burst=1e6)  # every forgery reaches the AEAD
     original = pair.share()
     reasons = []
     for bit in range(len(original) * 8):
@@ -358,24 +358,51 @@ def test_removed_session_is_unknown() -> None:
 
 
 def test_rate_limit_drops_are_counted_and_tokens_refill_with_now() -> None:
-    pair = Pair(rate=10.0, burst=5.0)
+    pair = Pair(rate=10.0, burst=5.0, stranger_rate=1.0, stranger_burst=1.0)
+    pair.accepted(pair.share())  # the strangers' one token; RIG is trusted from now on
     results = [pair.receiver.receive(pair.share(), RIG, 0.0) for _ in range(8)]
     assert [isinstance(r, Accepted) for r in results] == [True] * 5 + [False] * 3
     assert all(r.reason is DropReason.RATE_LIMITED for r in results[5:] if isinstance(r, Dropped))
     assert pair.dropped(pair.share(), now=0.05) is DropReason.RATE_LIMITED  # half a token
     pair.accepted(pair.share(), now=0.1)
     stats = pair.receiver.statistics()
-    assert stats.dropped["rate limited"] == 4 and stats.accepted == 6
+    assert stats.dropped["rate limited"] == 4 and stats.accepted == 7
     assert pair.receiver.session_statistics("rig").rate_limited == 4
 
 
 def test_rate_limited_datagram_can_still_arrive_later() -> None:
     """The window is untouched by a rate-limit drop, so a resend of the same bytes passes."""
-    pair = Pair(rate=1.0, burst=1.0)
+    pair = Pair(rate=1.0, burst=1.0, stranger_rate=1.0, stranger_burst=1.0)
+    pair.accepted(pair.share())  # the strangers' token; RIG is trusted from now on
     first, second = pair.share(), pair.share()
     pair.accepted(first)
     assert pair.dropped(second) is DropReason.RATE_LIMITED
     pair.accepted(second, now=1.0)
+
+
+def test_each_trusted_address_has_its_own_budget_and_strangers_share_one() -> None:
+    pair = Pair(rate=3.0, burst=3.0, stranger_rate=2.0, stranger_burst=2.0)
+    forger = ("203.0.113.66", 9999)
+    pair.accepted(pair.share())  # RIG: one stranger token, then trusted
+    assert pair.receiver.session_statistics("rig").trusted_addresses == 1
+    for _ in range(50):  # forged tags from elsewhere: one stranger token left, then rate limited
+        pair.receiver.receive(flip(pair.share(), 300), forger, 0.0)
+    stats = pair.receiver.statistics()
+    assert stats.dropped["bad tag"] == 1 and stats.dropped["rate limited"] == 49
+    for _ in range(3):  # the proxy's own budget is untouched
+        pair.accepted(pair.share())
+    assert pair.dropped(pair.share()) is DropReason.RATE_LIMITED
+
+
+def test_trust_is_earned_only_by_the_newest_authenticated_datagram_and_is_bounded() -> None:
+    pair = Pair(rate=100.0, burst=100.0, stranger_rate=100.0, stranger_burst=100.0, max_trusted=2)
+    late = pair.share()
+    pair.accepted(pair.share())
+    pair.accepted(late, address=("192.0.2.99", 1))  # authenticated but late: no trust
+    assert pair.receiver.session_statistics("rig").trusted_addresses == 1
+    for port in (2, 3, 4):
+        pair.accepted(pair.share(), address=("192.0.2.50", port))
+    assert pair.receiver.session_statistics("rig").trusted_addresses == 2
 
 
 # ------------------------------------------------------------------ addresses and amplification
