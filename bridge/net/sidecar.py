@@ -79,12 +79,16 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import trio
 from msgspec import Struct
 
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
+from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
+from bridge.net.listen import Pending, serve_admitted
 from bridge.net.pool_watch import PoolWatch
+from bridge.net.udp import receive_datagrams
 from bridge.net.tcp import (
     close_quietly,
     describe_error,
@@ -211,6 +215,8 @@ class SidecarStatistics(Struct, frozen=True, kw_only=True):
     certificate_reloads: int
     revocations: RevocationStatus | None
     connected_certificates: list[ConnectedCertificate]
+    admission: AdmissionStatistics
+    """The control port's admission control (connections before their TLS handshake)."""
 
 
 class SidecarServer:
@@ -248,6 +254,7 @@ class SidecarServer:
         udp_burst: float = DEFAULT_BURST,
         connect_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
+        admission: AdmissionLimits | None = None,
         enforce_accounts: bool = True,
         revocations: RevocationList | None = None,
         clock_skew: timedelta = DEFAULT_CLOCK_SKEW_LEEWAY,
@@ -279,6 +286,11 @@ class SidecarServer:
         self.batch_window = batch_window
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
+        # Connections that have not finished the TLS handshake are capped and get
+        # ``handshake_timeout`` (bridge/net/admission.py); the rest of the limits are
+        # ``admission``'s.
+        limits = msgspec.structs.replace(admission or AdmissionLimits(), handshake_timeout=handshake_timeout)
+        self.admission = Admission("sidecar control port", limits)
         self.enforce_accounts = enforce_accounts
         self.revocations = revocations
         self.clock_skew = clock_skew
@@ -336,7 +348,7 @@ class SidecarServer:
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._watch_files)
                 nursery.start_soon(self.pool_watch.run)
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                await nursery.start(serve_admitted, self._handle, listeners, self.admission)
                 task_status.started(self.port)
         finally:
             if udp_socket is not None:
@@ -374,18 +386,17 @@ class SidecarServer:
         raise OSError(f"no port number free on both TCP and UDP after {_UDP_BIND_ATTEMPTS} attempts")
 
     async def _receive_datagrams(self, udp_socket: trio.socket.SocketType) -> None:
-        intake = self.intake
+        receive = self.intake.receive
         connections = self._connections
-        while True:
-            try:
-                data, address = await udp_socket.recvfrom(DATAGRAM_RECEIVE_SIZE)
-            except OSError:
-                continue  # e.g. ICMP port unreachable reported on a later receive
-            session = intake.receive(data, address, trio.current_time())
+
+        def on_datagram(data: bytes, address: Any, now: float) -> None:
+            session = receive(data, address, now)
             if session is not None:
                 connection = connections.get(session)
                 if connection is not None:
                     connection.step()
+
+        await receive_datagrams(udp_socket, on_datagram, DATAGRAM_RECEIVE_SIZE)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -574,12 +585,12 @@ class SidecarServer:
 
     # ------------------------------------------------------------------ connections
 
-    async def _handle(self, tcp: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream, pending: Pending) -> None:
         tune_stream(tcp)
         peer = peer_name(tcp)
         tls = trio.SSLStream(tcp, self.ssl_context, server_side=True)
         try:
-            identity = await self._handshake(tls, peer)
+            identity = await self._handshake(tls, peer, pending)
             if identity is None:
                 return
             fingerprint = identity.sha256_fingerprint
@@ -637,26 +648,21 @@ class SidecarServer:
             stats.shares_udp, stats.shares_tls, stats.duplicates_from_cache + stats.duplicates_joined,
         )
 
-    async def _handshake(self, tls: trio.SSLStream, peer: str) -> CertificateIdentity | None:
-        """Run the TLS handshake and check the certificate; None (logged, counted) if refused."""
-        with trio.move_on_after(self.handshake_timeout) as scope:
-            try:
-                await tls.do_handshake()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                kind, advice = explain_handshake_failure(exc)
-                self._handshake_failures += 1
-                self._refusals[kind] += 1
-                log.warning("TLS handshake with %s failed: %s", peer, advice)
-                return None
-        if scope.cancelled_caught:
+    async def _handshake(self, tls: trio.SSLStream, peer: str, pending: Pending) -> CertificateIdentity | None:
+        """Run the TLS handshake and check the certificate; None (logged, counted) if refused.
+
+        The handshake deadline is admission's (``handshake_timeout``): a connection
+        still in its handshake then is cancelled, counted and logged (rate-limited) there.
+        """
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            kind, advice = explain_handshake_failure(exc)
             self._handshake_failures += 1
-            self._refusals["handshake timeout"] += 1
-            log.warning(
-                "TLS handshake with %s timed out after %g s: the client connected but did not finish "
-                "the handshake (a port scanner, or a link too slow for --handshake-timeout)",
-                peer, self.handshake_timeout,
-            )
+            self._refusals[kind] += 1
+            log.warning("TLS handshake with %s failed: %s", peer, advice)
             return None
+        pending.established()
         resumed = bool(tls.session_reused)
         if resumed:
             self._handshakes_resumed += 1
@@ -728,6 +734,7 @@ class SidecarServer:
             certificate_reloads=credentials.reloads if credentials is not None else 0,
             revocations=self.revocations.status(now) if self.revocations is not None else None,
             connected_certificates=self._connected_certificates(now),
+            admission=self.admission.statistics(),
             **{name: totals[name] for name in _SUMMED},
         )
 
