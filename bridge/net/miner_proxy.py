@@ -23,7 +23,10 @@ time, closes sockets, and executes the policy's decisions:
 
 A connection that says nothing Stratum within ``opening_timeout`` (a port scanner,
 a stuck client) or opens with bytes that are clearly not Stratum is closed and
-counted by reason; other rigs are unaffected.
+counted by reason; other rigs are unaffected. Until its first Stratum request a
+connection is *pending* for admission control (bridge/net/admission.py): pending
+connections are capped globally and per source address, and nothing new is accepted
+when file descriptors run short (``admission``).
 
 Every detection and switch is logged by ``bridge.proxy.failover`` with its reason
 and counted in :meth:`MinerProxy.statistics`.
@@ -44,6 +47,8 @@ import trio
 from msgspec import Struct
 
 from bridge.config import UpstreamEntry, UpstreamURL
+from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
+from bridge.net.listen import Pending, serve_admitted
 from bridge.net.rm_upstream import StratumRMLink
 from bridge.net.tcp import close_quietly, describe_error, peer_name, socket_of, tune_stream
 from bridge.net.upstreams import KEEPALIVE_METHODS, NETWORK_ERRORS, Probe, Session, Upstream
@@ -83,6 +88,8 @@ class ProxyStatistics(Struct, frozen=True):
     stale_local: int = 0
     """Shares answered by the proxy because the upstream that sent their job is gone."""
     failover: FailoverStatistics | None = None
+    admission: AdmissionStatistics | None = None
+    """The rig port's admission control (connections before their first Stratum request)."""
 
 
 class MinerProxy:
@@ -110,6 +117,7 @@ class MinerProxy:
         probe_user: str | None = None,
         probe_password: str | None = None,
         keepalive: str = "authorize",
+        admission: AdmissionLimits | None = None,
     ) -> None:
         entries = [UpstreamEntry(upstream)] if isinstance(upstream, UpstreamURL) else list(upstream)
         if not entries:
@@ -131,6 +139,10 @@ class MinerProxy:
         self.upstream = entries[0].url
         self.upstream_ssl_context = upstream_ssl_context
         self.opening_timeout = opening_timeout
+        # The opening watchdog closes a silent rig with its reason; admission's
+        # deadline, a second later, is the backstop.
+        limits = msgspec.structs.replace(admission or AdmissionLimits(), handshake_timeout=opening_timeout + 1.0)
+        self.admission = Admission("proxy rig port", limits)
         self.submit_timeout = submit_timeout
         self.connect_timeout = connect_timeout
         self.drain_timeout = drain_timeout
@@ -176,7 +188,7 @@ class MinerProxy:
                 nursery.start_soon(probe.run)
             nursery.start_soon(self._run_policy)
             task_status.started(self.port)
-            await trio.serve_listeners(self._handle, listeners)
+            await serve_admitted(self._handle, listeners, self.admission)
 
     def wake_policy(self) -> None:
         self._policy_wake.set()
@@ -225,7 +237,7 @@ class MinerProxy:
 
     # ------------------------------------------------------------ rigs
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, pending: Pending) -> None:
         tune_stream(stream)
         peer = peer_name(stream)
         self._accepted_connections += 1
@@ -234,7 +246,7 @@ class MinerProxy:
             submit_timeout=self.submit_timeout, drain_timeout=self.drain_timeout, max_line=MAX_LINE_FROM_MINER
         )
         rig_id = next(self._rig_ids)
-        connection = _RigConnection(self, rig_id, channel, stream, peer)
+        connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
         self._rigs[rig_id] = connection
         reason = "proxy shutting down"
         try:
@@ -276,6 +288,7 @@ class MinerProxy:
             reconnects_sent=totals["reconnects_sent"],
             stale_local=totals["stale_local"],
             failover=self.policy.statistics(trio.current_time()) if _in_trio() else None,
+            admission=self.admission.statistics(),
         )
 
 
@@ -292,8 +305,17 @@ class _LegTask:
 class _RigConnection:
     """The tasks of one rig connection."""
 
-    def __init__(self, proxy: MinerProxy, rig_id: int, channel: MinerChannel, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(
+        self,
+        proxy: MinerProxy,
+        rig_id: int,
+        channel: MinerChannel,
+        stream: trio.SocketStream,
+        peer: str,
+        pending: Pending | None = None,
+    ) -> None:
         self.proxy = proxy
+        self.pending = pending
         self.id = rig_id
         self.channel = channel
         self.stream = stream
@@ -394,6 +416,9 @@ class _RigConnection:
                 self._finish(channel.reconnect_reason or "rig closed the connection")
                 return
             channel.miner_data(data, trio.current_time())
+            if self.pending is not None and channel.wants_upstream:
+                self.pending.established()  # its first Stratum request: no longer pending
+                self.pending = None
             if channel.wants_upstream and not self._placing:
                 self._placing = True
                 self._place()

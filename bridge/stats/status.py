@@ -36,6 +36,8 @@ import trio
 
 from bridge import __version__
 from bridge.errors import BridgeError
+from bridge.net.admission import Admission, AdmissionLimits
+from bridge.net.listen import Pending, serve_admitted
 
 __all__ = ["StatusDocument", "StatusServer", "fetch_status", "format_status", "status_url"]
 
@@ -45,6 +47,12 @@ STATUS_PATH = "/status"
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 MAX_CONCURRENT_REQUESTS = 16
+#: Requests in progress from one address at once (admission control: a flood of
+#: silent connections from a few addresses cannot lock the operator out).
+MAX_REQUESTS_PER_SOURCE = 4
+#: Free file descriptors below which the status port accepts nothing: smaller than the
+#: other ports' reserve, so the status stays reachable when they refuse (admission).
+STATUS_FD_RESERVE = 8
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -88,7 +96,15 @@ class StatusServer:
         self.requests = 0
         self._started = datetime.now(UTC)
         self._started_clock = 0.0
-        self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_REQUESTS)
+        self.admission = Admission(
+            "status port",
+            AdmissionLimits(
+                max_pending=MAX_CONCURRENT_REQUESTS,
+                max_pending_per_source=MAX_REQUESTS_PER_SOURCE,
+                handshake_timeout=REQUEST_TIMEOUT + 1.0,
+                fd_reserve=STATUS_FD_RESERVE,
+            ),
+        )
         self._encoder = msgspec.json.Encoder()
 
     def document(self) -> StatusDocument:
@@ -115,19 +131,20 @@ class StatusServer:
             )
         log.info("status on http://%s:%d%s", _url_host(host), self.port, STATUS_PATH)
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            await nursery.start(serve_admitted, self._handle, listeners, self.admission)
             task_status.started(self.port)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with self._limiter:
-            try:
-                with trio.move_on_after(REQUEST_TIMEOUT):
-                    status, body, headers, head_only = await self._answer(stream)
-                    await self._send(stream, status, body, headers, head_only)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            finally:
-                await trio.aclose_forcefully(stream)
+    async def _handle(self, stream: trio.SocketStream, pending: Pending) -> None:
+        # A request is pending for admission from accept to answer: at most
+        # MAX_CONCURRENT_REQUESTS at once, MAX_REQUESTS_PER_SOURCE from one address.
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                status, body, headers, head_only = await self._answer(stream)
+                await self._send(stream, status, body, headers, head_only)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _answer(self, stream: trio.SocketStream) -> tuple[int, bytes, dict[str, str], bool]:
         head = bytearray()
