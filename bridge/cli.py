@@ -14,6 +14,12 @@ import click
 from bridge import __version__
 from bridge.config import parse_listen
 from bridge.errors import BridgeError
+from bridge.net.admission import (
+    DEFAULT_FD_RESERVE,
+    RIG_MAX_PENDING,
+    RIG_MAX_PENDING_PER_SOURCE,
+    AdmissionLimits,
+)
 from bridge.runtime import run_until_interrupted
 
 
@@ -58,6 +64,9 @@ _FAILOVER_DEFAULTS = {
 @click.option("--upstream-ca", type=click.Path(exists=True, dir_okay=False), help="CA file to verify stratum+ssl pools (default: system trust store).")
 @click.option("--submit-timeout", default=60.0, show_default=True, help="Seconds to wait for a pool's verdict before answering the rig with an explicit error.")
 @click.option("--opening-timeout", default=10.0, show_default=True, help="Seconds a new connection may stay silent before it is closed.")
+@click.option("--max-pending", type=click.IntRange(min=1), default=RIG_MAX_PENDING, show_default=True, help="Rig connections that have not sent their first Stratum request yet, at most (a flood is refused beyond).")
+@click.option("--max-pending-per-source", type=click.IntRange(min=1), default=RIG_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address (raise it for many rigs behind one NAT that reconnect at once).")
+@click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for upstream connections and the status port: no new rig is accepted below it.")
 @click.option("--share-batch-window", default=0.0, show_default=True, help="Seconds to hold UDP shares so several share a datagram (e.g. 0.001 for large farms).")
 @click.option("--strategy", type=click.Choice(["failover", "weighted"]), default="failover", show_default=True, help="failover: the first healthy priority level takes every rig; weighted: rigs split across healthy upstreams by #weight.")
 @click.option("--silence-timeout", type=float, default=5.0, show_default=True, help="An upstream that sends nothing for this long, although asked (keepalive), is down.")
@@ -77,8 +86,8 @@ _FAILOVER_DEFAULTS = {
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.pass_context
 def proxy(context: click.Context, config_file, listen, upstreams, backups, cert, key, ca, bundle, upstream_ca,
-          submit_timeout, opening_timeout, share_batch_window, cert_warn_days, status_listen, verbose,
-          **failover_options) -> None:
+          submit_timeout, opening_timeout, max_pending, max_pending_per_source, fd_reserve, share_batch_window,
+          cert_warn_days, status_listen, verbose, **failover_options) -> None:
     """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream, with failover.
 
     Upstreams are tried in priority order (--upstream, then --backup); standbys are
@@ -115,6 +124,11 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
         upstream_ca = pick("upstream_ca", upstream_ca, file.upstream_ca)
         submit_timeout = pick("submit_timeout", submit_timeout, file.submit_timeout)
         opening_timeout = pick("opening_timeout", opening_timeout, file.opening_timeout)
+        admission = AdmissionLimits(
+            max_pending=pick("max_pending", max_pending, file.max_pending),
+            max_pending_per_source=pick("max_pending_per_source", max_pending_per_source, file.max_pending_per_source),
+            fd_reserve=pick("fd_reserve", fd_reserve, file.fd_reserve),
+        )
         share_batch_window = pick("share_batch_window", share_batch_window, file.share_batch_window)
         settings = {name: pick(name, failover_options[name], getattr(section, name)) for name in _FAILOVER_DEFAULTS}
         host, port = parse_listen(listen)
@@ -170,6 +184,7 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
         probe_user=settings["probe_user"],
         probe_password=settings["probe_password"],
         keepalive=settings["keepalive"],
+        admission=admission,
     )
     service = ProxyService(server, credentials=credentials, status_listen=status_address)
     _run_forever(service.run, host, port)

@@ -197,6 +197,9 @@ class ProxyFileConfig(Struct, frozen=True, forbid_unknown_fields=True):
     submit_timeout: float | None = None
     opening_timeout: float | None = None
     share_batch_window: float | None = None
+    max_pending: int | None = None
+    max_pending_per_source: int | None = None
+    fd_reserve: int | None = None
     failover: FailoverFileSection = FailoverFileSection()
 
     def entries(self) -> list[UpstreamEntry]:

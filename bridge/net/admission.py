@@ -46,6 +46,8 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_PENDING",
     "DEFAULT_MAX_PENDING_PER_SOURCE",
+    "RIG_MAX_PENDING",
+    "RIG_MAX_PENDING_PER_SOURCE",
     "Admission",
     "AdmissionLimits",
     "AdmissionStatistics",
@@ -59,6 +61,10 @@ DEFAULT_MAX_PENDING: Final = 512
 DEFAULT_MAX_PENDING_PER_SOURCE: Final = 32
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_FD_RESERVE: Final = 128
+#: The rig port's caps are wider: a farm behind one NAT is one source address, and a
+#: reconnect storm of thousands of rigs passes through "pending" within seconds.
+RIG_MAX_PENDING: Final = 2048
+RIG_MAX_PENDING_PER_SOURCE: Final = 512
 DEFAULT_LOG_INTERVAL: Final = 10.0
 
 

@@ -47,7 +47,13 @@ import trio
 from msgspec import Struct
 
 from bridge.config import UpstreamEntry, UpstreamURL
-from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
+from bridge.net.admission import (
+    RIG_MAX_PENDING,
+    RIG_MAX_PENDING_PER_SOURCE,
+    Admission,
+    AdmissionLimits,
+    AdmissionStatistics,
+)
 from bridge.net.listen import Pending, serve_admitted
 from bridge.net.rm_upstream import StratumRMLink
 from bridge.net.tcp import close_quietly, describe_error, peer_name, socket_of, tune_stream
@@ -141,7 +147,10 @@ class MinerProxy:
         self.opening_timeout = opening_timeout
         # The opening watchdog closes a silent rig with its reason; admission's
         # deadline, a second later, is the backstop.
-        limits = msgspec.structs.replace(admission or AdmissionLimits(), handshake_timeout=opening_timeout + 1.0)
+        limits = msgspec.structs.replace(
+            admission or AdmissionLimits(max_pending=RIG_MAX_PENDING, max_pending_per_source=RIG_MAX_PENDING_PER_SOURCE),
+            handshake_timeout=opening_timeout + 1.0,
+        )
         self.admission = Admission("proxy rig port", limits)
         self.submit_timeout = submit_timeout
         self.connect_timeout = connect_timeout

@@ -88,7 +88,6 @@ from bridge.errors import PKIError
 from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
 from bridge.net.listen import Pending, serve_admitted
 from bridge.net.pool_watch import PoolWatch
-from bridge.net.udp import receive_datagrams
 from bridge.net.tcp import (
     close_quietly,
     describe_error,
@@ -96,6 +95,7 @@ from bridge.net.tcp import (
     peer_name,
     tune_stream,
 )
+from bridge.net.udp import receive_datagrams
 from bridge.pki.identity import DEFAULT_CLOCK_SKEW_LEEWAY, CertificateIdentity, CertificateRefused
 from bridge.pki.revocation import RevocationList, RevocationStatus
 from bridge.pki.rotation import (

@@ -28,6 +28,13 @@ import trio
 
 from bridge.config import parse_listen, parse_upstream_url
 from bridge.errors import BridgeError
+from bridge.net.admission import (
+    DEFAULT_FD_RESERVE,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_PER_SOURCE,
+    AdmissionLimits,
+)
 from bridge.runtime import run_until_interrupted
 
 if TYPE_CHECKING:
@@ -95,6 +102,10 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--max-connections-per-cert", type=click.IntRange(min=0), default=4, show_default=True, help="Control connections one miner certificate may hold at once (0: no limit).")
 @click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when a certificate expires within this many days.")
 @click.option("--status-listen", metavar="HOST:PORT", help="Serve GET /status (JSON statistics) here, e.g. 127.0.0.1:9101, for `stratumrm status`.")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_HANDSHAKE_TIMEOUT, show_default=True, help="Seconds a proxy has to finish the TLS handshake.")
+@click.option("--max-pending", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING, show_default=True, help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).")
+@click.option("--max-pending-per-source", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address.")
+@click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for pool connections and the status port: no new proxy connection is accepted below it.")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def sidecar(
     listen: str,
@@ -113,6 +124,10 @@ def sidecar(
     max_connections_per_cert: int,
     cert_warn_days: float,
     status_listen: str | None,
+    handshake_timeout: float,
+    max_pending: int,
+    max_pending_per_source: int,
+    fd_reserve: int,
     verbose: int,
 ) -> None:
     """Pool-side sidecar: terminate StratumRM and relay each rig to the pool.
@@ -162,6 +177,10 @@ def sidecar(
         clock_skew=timedelta(seconds=clock_skew),
         max_connections_per_cert=max_connections_per_cert or None,
         expiry_warning=warn_window,
+        handshake_timeout=handshake_timeout,
+        admission=AdmissionLimits(
+            max_pending=max_pending, max_pending_per_source=max_pending_per_source, fd_reserve=fd_reserve
+        ),
     )
     try:
         run_until_interrupted(_serve_until_signalled, server, host, port, status_address)
