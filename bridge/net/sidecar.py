@@ -86,7 +86,7 @@ from msgspec import Struct
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
-from bridge.net.listen import Pending, serve_admitted
+from bridge.net.listen import Pending, fd_gauge, serve_admitted
 from bridge.net.pool_watch import PoolWatch
 from bridge.net.tcp import (
     close_quietly,
@@ -314,7 +314,13 @@ class SidecarServer:
         self._finished: Counter[str] = Counter()
         self._revocation_error: str | None = None
         self._reminders = Reminders()
-        self.pool_watch = PoolWatch(pool, self.pool_ssl_context, self._pool_status_changed, connect_timeout=connect_timeout)
+        self.pool_watch = PoolWatch(
+            pool,
+            self.pool_ssl_context,
+            self._pool_status_changed,
+            connect_timeout=connect_timeout,
+            local_shortage=self._fd_shortage,
+        )
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -353,6 +359,14 @@ class SidecarServer:
         finally:
             if udp_socket is not None:
                 udp_socket.close()
+
+    def _fd_shortage(self) -> str | None:
+        """Why this process cannot be sure a failed pool check means the pool (None: it can)."""
+        free = fd_gauge().free(trio.current_time())
+        reserve = self.admission.limits.fd_reserve
+        if free is not None and free < reserve:
+            return f"only {free} file descriptors free, below the reserve of {reserve}"
+        return None
 
     def _pool_status_changed(self, up: bool, reason: str) -> None:
         """The pool went down or came back (PoolWatch): tell every proxy (rm.pool, C10)."""
