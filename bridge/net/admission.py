@@ -16,12 +16,12 @@ what an unauthenticated flood is made of, so they are what is capped:
   descriptors: the reserve is for what must keep working under a flood (pool
   connections, the status port, whose own reserve is smaller).
 
-When the global cap is reached, a newcomer is not simply refused (that would let a
-flood from a few addresses lock everyone out until its deadlines pass): the oldest
-pending connection of the source holding the most pending connections is **evicted**
-to make room, unless the newcomer's own source holds at least as many. So a flood
-only ever competes with itself, and an honest client from an address of its own gets
-in.
+When the global cap is reached or descriptors are below the reserve, a newcomer is
+not simply refused (that would let a flood from a few addresses lock everyone out
+until its deadlines pass): the oldest pending connection of the source holding the
+most pending connections is **evicted** to make room (freeing its descriptor),
+unless the newcomer's own source holds nearly as many. So a flood only ever competes
+with itself, and an honest client from an address of its own gets in.
 
 Each refusal is counted by reason and produces one log line, but a reason that keeps
 repeating is logged at most once per ``log_interval`` seconds, with the number of
@@ -202,17 +202,22 @@ class Admission:
         ``free_fds`` is how many file descriptors the process has left (None: unknown).
         """
         limits = self.limits
-        if free_fds is not None and free_fds < limits.fd_reserve:
-            return self._refuse(Refusal.FDS_LOW, source, now, free=free_fds)
         mine = len(self._by_source.get(source, ()))
         if mine >= limits.max_pending_per_source:
             return self._refuse(Refusal.SOURCE_CAP, source, now)
+        full: Refusal | None = None
+        if free_fds is not None and free_fds < limits.fd_reserve:
+            full = Refusal.FDS_LOW
+        elif self._pending >= limits.max_pending:
+            full = Refusal.PENDING_CAP
         evict: Ticket | None = None
         log: str | None = None
-        if self._pending >= limits.max_pending:
-            heaviest = max(self._by_source, key=lambda s: len(self._by_source[s]))
-            if len(self._by_source[heaviest]) <= mine + 1:
-                return self._refuse(Refusal.PENDING_CAP, source, now)
+        if full is not None:
+            # Make room by evicting from the source holding the most pending connections
+            # (its descriptor is freed too), unless the newcomer's source holds as many.
+            heaviest = max(self._by_source, key=lambda s: len(self._by_source[s]), default=None)
+            if heaviest is None or len(self._by_source[heaviest]) <= mine + 1:
+                return self._refuse(full, source, now, free=free_fds or 0)
             evict = next(iter(self._by_source[heaviest]))
             self._forget_pending(evict)  # its driver sees the state "done" and closes it
             self._abandoned += 1
@@ -305,9 +310,9 @@ class Admission:
             timeout=limits.handshake_timeout,
         )
         verb = "ended" if reason in (Refusal.HANDSHAKE_TIMEOUT, Refusal.EVICTED) else "refused"
-        line = f"{self.name}: {verb} a connection from {source}: {advice}"
-        if suppressed:
-            line += f" ({suppressed} more like it in the last {now - last:.0f} s not logged)" if last is not None else ""
+        line = f"{self.name}: {verb} a connection from {source} ({reason.value}): {advice}"
+        if suppressed and last is not None:
+            line += f"; {suppressed} more like it in the last {now - last:.0f} s not logged"
         return line
 
     # ------------------------------------------------------------------ statistics
