@@ -594,3 +594,94 @@ async def test_the_advertised_address_is_what_the_hello_says(pki: TestPKI) -> No
         assert (result["udp_host"], result["udp_port"]) == ("203.0.113.9", 4444)
         await proxy.aclose()
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ admission under a connection flood
+
+
+async def _connect_silently(source: str, port: int) -> trio.socket.SocketType | None:
+    """A TCP connection from ``source`` that never says anything; None if the sidecar refused it."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await sock.bind((source, 0))
+    try:
+        await sock.connect((LOCALHOST, port))
+    except ConnectionResetError:
+        sock.close()
+        return None
+    with trio.move_on_after(0.05):  # a refusal is an immediate reset or EOF
+        try:
+            if await sock.recv(1) == b"":
+                sock.close()
+                return None
+        except OSError:
+            sock.close()
+            return None
+    return sock
+
+
+async def test_a_connection_flood_leaves_room_for_an_honest_proxy_the_status_port_and_the_pool_check(
+    pki: TestPKI,
+) -> None:
+    """Silent connections until the descriptors run short: an honest proxy still mines over UDP,
+    the status port answers, and the pool check still says up (issue 9, item 2)."""
+    import resource
+
+    from bridge.net.admission import AdmissionLimits
+    from bridge.net.listen import fd_gauge, raise_fd_limit
+    from bridge.stats.status import StatusServer
+
+    raise_fd_limit()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    gauge = fd_gauge()
+    interval, gauge.sample_interval = gauge.sample_interval, 0.0  # count every accept exactly
+    flood: list[trio.socket.SocketType] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 240, hard))
+    try:
+        async with trio.open_nursery() as nursery:
+            limits = AdmissionLimits(max_pending=10_000, max_pending_per_source=10_000, fd_reserve=80)
+            pool, server = await start(nursery, pki, admission=limits, handshake_timeout=120.0)
+            status = StatusServer("sidecar", server.statistics, server.warnings)
+            status_port = await nursery.start(status.serve, LOCALHOST, 0)
+            assert server.port is not None
+            sources = [f"127.0.0.{n}" for n in range(2, 6)]
+            refused = 0
+            for attempt in range(400):
+                sock = await _connect_silently(sources[attempt % len(sources)], server.port)
+                if sock is None:
+                    refused += 1
+                    if refused >= 3:
+                        break
+                else:
+                    flood.append(sock)
+            assert refused >= 3, f"{len(flood)} silent connections and the sidecar never refused one"
+            print(f"\n{len(flood)} silent connections held, {refused} refused")
+            admission = server.statistics().admission
+            assert admission.refused.get("file descriptors low", 0) >= 3 and admission.pending >= 40
+
+            proxy = await TestProxy.connect(nursery, server, pki.client_context())
+            await proxy.hello()
+            channel = await proxy.open(3)
+            await proxy.send_datagram(proxy.seal(find_share(channel)))
+            verdicts = await proxy.wait_for(results_for(proxy, 0), timeout=30.0)
+            assert verdicts["params"]["v"] == [[proxy.epoch, 0, 0, 1]]  # accepted, over UDP
+            assert pool.statistics().accepted == 1
+
+            stream = await trio.open_tcp_stream(LOCALHOST, status_port)
+            await stream.send_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            with trio.fail_after(30):
+                while data := await stream.receive_some(65536):
+                    answer += data
+            assert answer.startswith(b"HTTP/1.1 200")
+            await stream.aclose()
+
+            assert await server.pool_watch.check() == (True, "")
+            assert server.pool_watch.up and server.pool_watch.outages == 0
+            assert server.statistics().admission.refused.get("evicted for a newcomer", 0) >= 1
+            await proxy.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in flood:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        gauge.sample_interval = interval
