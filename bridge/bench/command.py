@@ -5,6 +5,9 @@
   SV1 relay, through SV1 in TLS and through StratumRM (:mod:`bridge.bench.transport`);
 - ``stratumrm bench farm``: link bytes per miner per hour for 500 miners behind one proxy
   (:mod:`bridge.bench.farm`);
+- ``stratumrm bench flood``: forged datagrams dropped per sidecar CPU-second, honest shares
+  during the flood (:mod:`bridge.bench.flood`); ``stratumrm bench pending``: memory per
+  connection that has not finished its TLS handshake (:mod:`bridge.bench.pending`);
 - ``stratumrm bench`` or ``stratumrm bench all``: all three, tables at the end.
 
 ``--quick`` makes one short run with small loads (a check that everything works, not a
@@ -186,6 +189,16 @@ def _register_failover() -> None:
 
 
 _register_failover()
+
+
+def _register_flood() -> None:
+    from bridge.bench import flood, pending
+
+    bench.add_command(flood.command)
+    bench.add_command(pending.command)
+
+
+_register_flood()
 
 
 @bench.command("all")

@@ -377,6 +377,9 @@ def proxy(upstream: str, bundle: str | None, upstream_ca: str | None, share_batc
 @click.option("--udp-port", type=int, default=None, help="UDP port (default: the TCP port's number).")
 @click.option("--advertise-port", type=int, default=None, help="UDP port to tell proxies (a lossy link in front).")
 @click.option("--batch-window", type=float, default=None, help="Verdict and notify batching window, seconds.")
+@click.option("--handshake-timeout", type=float, default=None, help="Seconds to finish the TLS handshake.")
+@click.option("--max-pending", type=int, default=None, help="Connections in their TLS handshake, at most.")
+@click.option("--max-pending-per-source", type=int, default=None, help="... from one address.")
 def sidecar(
     pool_url: str,
     cert: str,
@@ -385,14 +388,23 @@ def sidecar(
     udp_port: int | None,
     advertise_port: int | None,
     batch_window: float | None,
+    handshake_timeout: float | None,
+    max_pending: int | None,
+    max_pending_per_source: int | None,
 ) -> None:
     """The pool-side sidecar."""
+    from bridge.net.admission import AdmissionLimits
     from bridge.net.sidecar import SidecarServer
     from bridge.pki.tls import server_context
 
     options: dict[str, Any] = {}
     if batch_window is not None:
         options["batch_window"] = batch_window
+    if handshake_timeout is not None:
+        options["handshake_timeout"] = handshake_timeout
+    caps = {"max_pending": max_pending, "max_pending_per_source": max_pending_per_source}
+    if any(value is not None for value in caps.values()):
+        options["admission"] = AdmissionLimits(**{name: value for name, value in caps.items() if value is not None})
     server = SidecarServer(
         parse_upstream_url(pool_url),
         server_context(cert, key, ca),

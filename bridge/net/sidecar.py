@@ -602,6 +602,9 @@ class SidecarServer:
     async def _handle(self, tcp: trio.SocketStream, pending: Pending) -> None:
         tune_stream(tcp)
         peer = peer_name(tcp)
+        # No TLS state (tens of KiB in OpenSSL) for a connection that has sent nothing yet:
+        # a flood of silent connections costs only the socket and this task.
+        await trio.lowlevel.wait_readable(tcp.socket)
         tls = trio.SSLStream(tcp, self.ssl_context, server_side=True)
         try:
             identity = await self._handshake(tls, peer, pending)
