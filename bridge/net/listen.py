@@ -117,7 +117,8 @@ class FdGauge:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return None
-        if now - self._sampled_at >= self.sample_interval:
+        elapsed = now - self._sampled_at
+        if elapsed >= self.sample_interval or elapsed < 0:  # < 0: another trio run's clock
             self._open = self._count()
             self._sampled_at = now
             self._delta = 0
