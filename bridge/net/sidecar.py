@@ -400,17 +400,15 @@ class SidecarServer:
         raise OSError(f"no port number free on both TCP and UDP after {_UDP_BIND_ATTEMPTS} attempts")
 
     async def _receive_datagrams(self, udp_socket: trio.socket.SocketType) -> None:
-        receive = self.intake.receive
         connections = self._connections
 
-        def on_datagram(data: bytes, address: Any, now: float) -> None:
-            session = receive(data, address, now)
-            if session is not None:
+        def after_batch(sessions: set[Any]) -> None:
+            for session in sessions:
                 connection = connections.get(session)
                 if connection is not None:
                     connection.step()
 
-        await receive_datagrams(udp_socket, on_datagram, DATAGRAM_RECEIVE_SIZE)
+        await receive_datagrams(udp_socket, self.intake.receive, DATAGRAM_RECEIVE_SIZE, after_batch)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -4,14 +4,15 @@
 time, which under a flood is most of the CPU a dropped datagram costs. After one
 wait for readability, :func:`receive_datagrams` reads what the kernel holds with
 non-blocking ``recvfrom`` calls (at most ``batch``, then it yields so other tasks
-run), and hands each datagram to a synchronous callback with the batch's ``now``.
+run), and hands each datagram to a synchronous callback with the batch's ``now``;
+what must follow the input (writing a session's output) runs once per batch.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import trio
@@ -21,12 +22,18 @@ __all__ = ["receive_datagrams"]
 
 async def receive_datagrams(
     udp_socket: trio.socket.SocketType,
-    on_datagram: Callable[[bytes, Any, float], None],
+    on_datagram: Callable[[bytes, Any, float], Hashable | None],
     size: int,
+    after_batch: Callable[[set[Hashable]], None],
     *,
     batch: int = 256,
 ) -> None:
-    """Feed every datagram ``udp_socket`` receives to ``on_datagram(data, address, now)``; runs until cancelled."""
+    """Feed every datagram ``udp_socket`` receives to ``on_datagram(data, address, now)``.
+
+    What ``on_datagram`` returns, when not None (e.g. the session that now has output),
+    is collected, and ``after_batch`` gets the set once per batch, so that work is done
+    once per batch and not once per datagram. Runs until cancelled.
+    """
     # A second descriptor for the same socket, so plain non-blocking calls can drain it
     # while trio keeps using its own object for sending.
     raw = socket.socket(fileno=os.dup(udp_socket.fileno()))
@@ -37,6 +44,7 @@ async def receive_datagrams(
         while True:
             await trio.lowlevel.wait_readable(raw)
             now = current_time()
+            touched: set[Hashable] = set()
             for _ in range(batch):
                 try:
                     data, address = recvfrom(size)
@@ -44,8 +52,15 @@ async def receive_datagrams(
                     break
                 except OSError:
                     continue  # e.g. ICMP port unreachable reported on a later receive
-                on_datagram(data, address, now)
+                result = on_datagram(data, address, now)
+                if result is not None:
+                    touched.add(result)
             else:
+                if touched:
+                    after_batch(touched)
                 await trio.lowlevel.checkpoint()
+                continue
+            if touched:
+                after_batch(touched)
     finally:
         raw.close()

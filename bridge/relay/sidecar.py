@@ -371,19 +371,20 @@ class SidecarIntake:
         )
 
     def receive(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
-        """Run one datagram through the pipeline; return the session it concerned, if any.
+        """Run one datagram through the pipeline; return the session if it may have output.
 
-        The returned session may have output (PROBE_ACKs, pool writes, verdicts).
+        That is a session that accepted the datagram (PROBE_ACKs, pool writes,
+        verdicts) or rekeyed because of it; a drop under a known conn_id is counted
+        by its session but returns None (nothing to do: the cheap path of a flood).
         """
         result = self.receiver.receive(data, address, now)
-        session = cast("SidecarSession | None", result.session)
+        session: SidecarSession | None = result.session  # type: ignore[assignment]
         if session is None:
             return None
-        if isinstance(result, Accepted):
+        if type(result) is Accepted:
             session._on_datagram(result, now)
-        else:
-            session._on_drop(result.reason, now)
-        return session
+            return session
+        return session if session._on_drop(result.reason, now) else None  # type: ignore[union-attr]
 
     def purge(self, now: float) -> None:
         """Forget previous key epochs whose grace period is over."""
@@ -1155,9 +1156,10 @@ class SidecarSession:
         # PROBE_ACK: the sidecar sends no probes; accepted (it taught the address), nothing to do.
         self._after_input()
 
-    def _on_drop(self, reason: DropReason, now: float) -> None:
+    def _on_drop(self, reason: DropReason, now: float) -> bool:
+        """Count a drop under this session's conn_id; True if it rekeyed (output to send)."""
         if self.closed:
-            return
+            return False
         self._now = now
         name = reason.value
         self._drops[name] = self._drops.get(name, 0) + 1
@@ -1170,6 +1172,8 @@ class SidecarSession:
                 self._bad_tags = 0
                 self._bad_tag_rekeys += 1
                 self.rekey(now)
+                return True
+        return False
 
     def _answer_probe(self, probe: Probe) -> None:
         intake = self.intake

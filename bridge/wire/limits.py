@@ -90,7 +90,12 @@ class TokenBucket:
 
     def take(self, now: float, cost: float = 1.0) -> bool:
         """Take ``cost`` tokens if available at ``now``; True if they were."""
-        self._refill(now)
+        last = self._last  # _refill, inlined: this runs for every datagram of a flood
+        if last is None:
+            self._last = now
+        elif now > last:
+            self._tokens = min(self._burst, self._tokens + (now - last) * self._rate)
+            self._last = now
         if self._tokens >= cost:
             self._tokens -= cost
             return True
@@ -121,10 +126,7 @@ class SourceBudgets:
 
     def take(self, address: Address, now: float) -> bool:
         """Take a token for one decryption of a datagram from ``address``; False if over budget."""
-        bucket = self._trusted.get(address)
-        if bucket is None:
-            bucket = self._strangers
-        return bucket.take(now)
+        return (self._trusted.get(address) or self._strangers).take(now)
 
     def authenticated(self, address: Address, *, newest: bool) -> None:
         """``address`` delivered an authenticated datagram (``newest``: the highest pn so far)."""

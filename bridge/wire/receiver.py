@@ -104,6 +104,7 @@ _SHARE_TYPES: Final = frozenset({DatagramType.SHARE, DatagramType.SHARE_BATCH})
 _KNOWN_TYPES: Final = frozenset(int(t) for t in DatagramType)
 _HEADER: Final = struct.Struct(">BBQHI")
 _KEY_PHASE: Final = int(Flags.KEY_PHASE)
+_UNKNOWN_CONN_ID: Final = DropReason.UNKNOWN_CONN_ID
 
 
 class Accepted(msgspec.Struct, frozen=True):
@@ -170,6 +171,7 @@ class _Session:
         "bucket",
         "budget",
         "current",
+        "drops",
         "key",
         "previous",
         "rate_limited",
@@ -185,6 +187,8 @@ class _Session:
         self.accepted_bytes = 0
         self.bad_tags = 0
         self.rate_limited = 0
+        #: One Dropped per reason, made on first use (a flood allocates nothing per datagram).
+        self.drops: dict[DropReason, Dropped] = {}
 
 
 class _Entry:
@@ -237,6 +241,14 @@ class DatagramReceiver:
             flags = int(Flags.KEY_PHASE | Flags.URGENT) if dtype in _SHARE_TYPES else int(Flags.KEY_PHASE)
             allowed_by_type[int(dtype)] = (OVERHEAD + MIN_BODY_SIZE[dtype], flags)
         self._rules = allowed_by_type
+        # Every acceptable (first byte, flags) pair -> the smallest datagram of its type:
+        # one lookup does checks 2-4 for a plausible header; the rest take _header_drop.
+        self._fast: dict[int, int] = {}
+        for dtype, (min_size, allowed_flags) in allowed_by_type.items():
+            first = PROTOCOL_VERSION << 4 | dtype
+            for flags in range(256):
+                if not flags & ~allowed_flags:
+                    self._fast[first << 8 | flags] = min_size
         self._entries: dict[int, _Entry] = {}
         self._sessions: dict[Hashable, _Session] = {}
         self._datagrams = 0
@@ -246,6 +258,7 @@ class DatagramReceiver:
         self._dropped: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self._addresses_learned = 0
         self._anonymous_drops = {reason: Dropped(reason) for reason in DropReason}
+        self._unknown_conn_id = self._anonymous_drops[_UNKNOWN_CONN_ID]
 
     # ---------------------------------------------------------------- sessions
 
@@ -316,7 +329,22 @@ class DatagramReceiver:
         self._dropped[reason] += 1
         if state is None:
             return self._anonymous_drops[reason]
-        return Dropped(reason, state.key)
+        dropped = state.drops.get(reason)
+        if dropped is None:
+            dropped = state.drops[reason] = Dropped(reason, state.key)
+        return dropped
+
+    def _header_drop(self, first: int, flags: int) -> Dropped:
+        """Why a header failed the fast check, in the documented order (checks 2-4)."""
+        if first >> 4 != PROTOCOL_VERSION:
+            return self._drop(DropReason.BAD_VERSION)
+        dtype = first & 0x0F
+        rule = self._rules.get(dtype)
+        if rule is None:
+            if dtype in _KNOWN_TYPES:
+                return self._drop(DropReason.UNEXPECTED_TYPE)
+            return self._drop(DropReason.UNKNOWN_TYPE)
+        return self._drop(DropReason.BAD_FLAGS)
 
     def receive(self, data: bytes, address: Address, now: float) -> Accepted | Dropped:
         """Run one datagram from ``address`` through the pipeline at time ``now``."""
@@ -328,23 +356,16 @@ class DatagramReceiver:
         if size > MAX_DATAGRAM_SIZE:
             return self._drop(DropReason.OVERSIZED)
         first, flags, conn_id, pn_high, pn_low = _HEADER.unpack_from(data)
-        if first >> 4 != PROTOCOL_VERSION:
-            return self._drop(DropReason.BAD_VERSION)
-        dtype = first & 0x0F
-        rule = self._rules.get(dtype)
-        if rule is None:
-            if dtype in _KNOWN_TYPES:
-                return self._drop(DropReason.UNEXPECTED_TYPE)
-            return self._drop(DropReason.UNKNOWN_TYPE)
-        min_size, allowed_flags = rule
-        if flags & ~allowed_flags:
-            return self._drop(DropReason.BAD_FLAGS)
+        min_size = self._fast.get(first << 8 | flags)
+        if min_size is None:
+            return self._header_drop(first, flags)
         if size < min_size:
             return self._drop(DropReason.TRUNCATED)
 
         entry = self._entries.get(conn_id)
-        if entry is None:
-            return self._drop(DropReason.UNKNOWN_CONN_ID)
+        if entry is None:  # the commonest forgery: counted inline, no call
+            self._dropped[_UNKNOWN_CONN_ID] += 1
+            return self._unknown_conn_id
         state = entry.session
         if entry.retire_at is not None and now >= entry.retire_at:
             self._forget(entry)
@@ -373,6 +394,7 @@ class DatagramReceiver:
         address_changed = state.budget.on_authenticated(address, size, newest=newest)
         if address_changed:
             self._addresses_learned += 1
+        dtype = first & 0x0F
         try:
             body = decode_body(dtype, plaintext)
         except DatagramDecodeError:
