@@ -18,7 +18,9 @@ to the sidecar's UDP port from an address of its own:
 Over each measured window: datagrams the sidecar dropped divided by the CPU seconds the
 sidecar process used (user + system, every thread) — the drop cost — and the honest
 shares' rate, UDP fraction and latency. A window without a flood comes first, for
-reference. Each figure is the median over ``runs`` runs.
+reference, and a last one floods a process that only reads and discards: the ceiling
+of a Python receiver on this machine, in the same run. Each figure is the median over
+``runs`` runs.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class FloodSettings:
     seconds: float = 5.0
     runs: int = 3
     share_rate: float = 20.0
-    udp_timeout: float = 0.5
+    udp_timeout: float = 0.2
     kinds: tuple[str, ...] = KINDS
 
     @classmethod
@@ -168,19 +170,25 @@ class HonestProxy:
         return Share(channel_id=1, job_handle=self.channel["handle"], extranonce2=en2, ntime=job.ntime_int, nonce=0, version_bits=0)
 
     async def share(self, timeout: float) -> tuple[str, float]:
-        """Submit one share; return its path ("UDP" or "TLS") and its latency in seconds."""
+        """Submit one share; return its path ("UDP" or "TLS") and its latency in seconds.
+
+        As the proxy does (bridge/relay/rm_upstream.py): UDP, after ``timeout`` UDP
+        again under a new packet number, after twice that over TLS.
+        """
         assert self.keys is not None
         share = self._next_share()
         started = trio.current_time()
-        sealed = self.keys.sealer.seal(share)
-        self.sent.append(sealed.data)
-        await self.udp.sendto(sealed.data, self.udp_address)
-        pn = sealed.pn
-        verdict = await self.wait_for(
-            lambda m: m.get("method") == "rm.results" and any(entry[1] == pn for entry in m["params"]["v"]), timeout
-        )
-        if verdict is not None:
-            return "UDP", trio.current_time() - started
+        pns: set[int] = set()
+        for wait in (timeout, 2 * timeout):
+            sealed = self.keys.sealer.seal(share)
+            self.sent.append(sealed.data)
+            pns.add(sealed.pn)
+            await self.udp.sendto(sealed.data, self.udp_address)
+            verdict = await self.wait_for(
+                lambda m: m.get("method") == "rm.results" and any(entry[1] in pns for entry in m["params"]["v"]), wait
+            )
+            if verdict is not None:
+                return "UDP", trio.current_time() - started
         self._ids += 1
         request_id = self._ids
         job_id = self.channel["notify"][0]
@@ -230,6 +238,57 @@ def _flood_worker(port: int, payloads: list[bytes], stop: Any, sent: Any) -> Non
         total += len(payloads)
         sent.value = total
     sock.close()
+
+
+def _sink_worker(port_out: Any, seconds: float, result: Any) -> None:
+    """A child process: read and discard datagrams for ``seconds``; report (count, CPU seconds)."""
+    import select
+    import time
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.setblocking(False)
+    port_out.value = sock.getsockname()[1]
+    recvfrom = sock.recvfrom
+    while not select.select([sock], [], [], 10.0)[0]:
+        pass
+    count = 0
+    started, cpu = time.monotonic(), time.process_time()
+    while time.monotonic() - started < seconds:
+        select.select([sock], [], [], 0.1)
+        for _ in range(256):
+            try:
+                recvfrom(2048)
+            except BlockingIOError:
+                break
+            count += 1
+    result[0], result[1] = count, time.process_time() - cpu
+    sock.close()
+
+
+async def ceiling(seconds: float, seed: int) -> Window:
+    """The same flood against a process that only reads: the most a Python receiver can drop."""
+    context = multiprocessing.get_context("spawn")
+    port, result = context.Value("i", 0), context.Array("d", 2)
+    sink = context.Process(target=_sink_worker, args=(port, seconds, result), daemon=True)
+    sink.start()
+    try:
+        with trio.fail_after(30):
+            while port.value == 0:
+                await trio.sleep(0.02)
+        flooder = Flooder(port.value, forged_datagrams("unknown conn_id", 0, [], seed))
+        flooder.start()
+        started = trio.current_time()
+        offered0 = 0
+        await trio.to_thread.run_sync(sink.join, seconds + 30)
+        elapsed = trio.current_time() - started
+        offered = flooder.sent - offered0
+        await trio.to_thread.run_sync(flooder.stop)
+    finally:
+        if sink.is_alive():
+            sink.kill()
+    count, cpu = int(result[0]), float(result[1])
+    return Window("recvfrom only", elapsed, offered, count, count, cpu, (), ())
 
 
 class Flooder:
@@ -345,6 +404,8 @@ async def run_once(settings: FloodSettings, directory: Path, progress: Callable[
             for kind in ("none", *settings.kinds):
                 progress(f"[flood] {kind}: {settings.seconds:g} s")
                 windows.append(await _window(kind, settings, sidecar, proxy, udp_port, seed))
+            progress(f"[flood] baseline: a process that only reads, {settings.seconds:g} s")
+            windows.append(await ceiling(settings.seconds, seed))
             await proxy.aclose()
             nursery.cancel_scope.cancel()
         return windows
@@ -368,7 +429,8 @@ async def run(settings: FloodSettings, progress: Callable[[str], None], keep_log
 def report(settings: FloodSettings, runs: list[list[Window]]) -> str:
     lines = [
         f"Forged datagrams against a live sidecar session, median of {len(runs)} runs of {settings.seconds:g} s per kind;",
-        f"honest shares at {settings.share_rate:g}/s on UDP, resent over TLS after {settings.udp_timeout * 1e3:.0f} ms without a verdict",
+        f"honest shares at {settings.share_rate:g}/s on UDP, resent on UDP after {settings.udp_timeout * 1e3:.0f} ms "
+        f"and over TLS after {settings.udp_timeout * 3e3:.0f} ms without a verdict",
         "",
         f"{'flood':<16} {'offered/s':>10} {'at sidecar/s':>12} {'dropped per CPU-s':>18} {'sidecar CPU':>11} "
         f"{'honest/s':>9} {'via UDP':>8} {'p50 ms':>7} {'p99 ms':>7}",
@@ -379,18 +441,24 @@ def report(settings: FloodSettings, runs: list[list[Window]]) -> str:
         def m(value: Callable[[Window], float], windows: list[Window] = windows) -> float:
             return median(value(w) for w in windows)
 
-        p50 = m(lambda w: percentile(sorted(w.latencies), 0.5)) * 1e3
-        p99 = m(lambda w: percentile(sorted(w.latencies), 0.99)) * 1e3
         drops = "-" if first.kind == "none" else f"{m(lambda w: w.drops_per_cpu_second):,.0f}"
-        lines.append(
+        line = (
             f"{first.kind:<16} {m(lambda w: w.offered / w.seconds):>10,.0f} {m(lambda w: w.received / w.seconds):>12,.0f} "
-            f"{drops:>18} {m(lambda w: w.cpu / w.seconds):>10.0%} {m(lambda w: w.share_rate):>9.1f} "
-            f"{m(lambda w: w.udp_fraction):>8.0%} {p50:>7.1f} {p99:>7.1f}"
+            f"{drops:>18} {m(lambda w: w.cpu / w.seconds):>10.0%}"
         )
+        if first.paths:
+            p50 = m(lambda w: percentile(sorted(w.latencies), 0.5)) * 1e3
+            p99 = m(lambda w: percentile(sorted(w.latencies), 0.99)) * 1e3
+            line += (
+                f" {m(lambda w: w.share_rate):>9.1f} {m(lambda w: w.udp_fraction):>8.0%} {p50:>7.1f} {p99:>7.1f}"
+            )
+        lines.append(line)
     lines += [
         "",
         "dropped per CPU-s: datagrams the sidecar dropped / CPU seconds of the sidecar process in the window;",
-        "at sidecar/s: datagrams it read (the rest of what was offered overflowed its socket buffer).",
+        "at sidecar/s: datagrams it read (the rest of what was offered overflowed its socket buffer);",
+        "recvfrom only: the unknown-conn_id flood against a process that reads and discards (the ceiling of a",
+        "Python receiver on this machine, same run); sidecar CPU: share of one core the process got.",
     ]
     return "\n".join(lines)
 
