@@ -90,6 +90,7 @@ class HonestProxy:
         self._ids = 100
         self._extranonce2 = 0
         self.channel: dict[str, Any] = {}
+        self._send_lock = trio.Lock()
 
     @classmethod
     async def connect(cls, nursery: trio.Nursery, port: int, udp_port: int, context: ssl.SSLContext) -> HonestProxy:
@@ -100,7 +101,17 @@ class HonestProxy:
         await udp.bind((HOST, 0))
         proxy = cls(stream, udp, (HOST, udp_port))
         nursery.start_soon(proxy._read)
+        nursery.start_soon(proxy._heartbeat)
         return proxy
+
+    async def _heartbeat(self) -> None:
+        """rm.ping every second: the sidecar closes a proxy that sends no line for dead_after (C8)."""
+        try:
+            while True:
+                await trio.sleep(1.0)
+                await self.send({"method": "rm.ping", "params": {"t": trio.current_time()}})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def _read(self) -> None:
         lines = LineBuffer(MAX_CONTROL_LINE)
@@ -125,7 +136,8 @@ class HonestProxy:
         self.arrived.set()
 
     async def send(self, *objects: Any) -> None:
-        await self.stream.send_all(b"".join(_encode(o) + b"\n" for o in objects))
+        async with self._send_lock:
+            await self.stream.send_all(b"".join(_encode(o) + b"\n" for o in objects))
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
         with trio.move_on_after(timeout):
