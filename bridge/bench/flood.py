@@ -441,11 +441,15 @@ async def run(settings: FloodSettings, progress: Callable[[str], None], keep_log
 def report(settings: FloodSettings, runs: list[list[Window]]) -> str:
     lines = [
         f"Forged datagrams against a live sidecar session, median of {len(runs)} runs of {settings.seconds:g} s per kind;",
-        f"honest shares at {settings.share_rate:g}/s on UDP, resent on UDP after {settings.udp_timeout * 1e3:.0f} ms "
-        f"and over TLS after {settings.udp_timeout * 3e3:.0f} ms without a verdict",
+        (
+            f"honest shares at {settings.share_rate:g}/s on UDP, resent on UDP after {settings.udp_timeout * 1e3:.0f} ms "
+            f"and over TLS after {settings.udp_timeout * 3e3:.0f} ms without a verdict"
+        ),
         "",
-        f"{'flood':<16} {'offered/s':>10} {'at sidecar/s':>12} {'dropped per CPU-s':>18} {'sidecar CPU':>11} "
-        f"{'honest/s':>9} {'via UDP':>8} {'p50 ms':>7} {'p99 ms':>7}",
+        (
+            f"{'flood':<16} {'offered/s':>10} {'at sidecar/s':>12} {'dropped per CPU-s':>18} {'sidecar CPU':>11} "
+            f"{'honest/s':>9} {'via UDP':>8} {'p50 ms':>7} {'p99 ms':>7}"
+        ),
     ]
     for position, first in enumerate(runs[0]):
         windows = [r[position] for r in runs]

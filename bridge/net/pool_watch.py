@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import math
+import ssl
 from collections.abc import Callable
 
 import trio

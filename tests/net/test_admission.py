@@ -12,7 +12,13 @@ import trio
 from bridge.config import parse_upstream_url
 from bridge.net import pool_watch as pool_watch_module
 from bridge.net.admission import Admission, AdmissionLimits, Admitted, Refusal, Refused
-from bridge.net.listen import FdGauge, Pending, is_resource_shortage, raise_fd_limit, serve_admitted
+from bridge.net.listen import (
+    FdGauge,
+    Pending,
+    is_resource_shortage,
+    raise_fd_limit,
+    serve_admitted,
+)
 from bridge.net.pool_watch import PoolWatch
 
 LIMITS = AdmissionLimits(max_pending=4, max_pending_per_source=2, handshake_timeout=5.0, fd_reserve=10, log_interval=10.0)
