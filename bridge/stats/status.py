@@ -38,6 +38,7 @@ from bridge import __version__
 from bridge.errors import BridgeError
 from bridge.net.admission import Admission, AdmissionLimits
 from bridge.net.listen import Pending, serve_admitted
+from bridge.sv1.framing import decode_json
 
 __all__ = ["StatusDocument", "StatusServer", "fetch_status", "format_status", "status_url"]
 
@@ -238,7 +239,7 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
             f"cannot reach {target}: {reason}; is the role running with --status-listen on that address?"
         ) from None
     try:
-        document = msgspec.json.decode(body)
+        document = decode_json(body)
     except msgspec.DecodeError:
         raise BridgeError(f"{target} did not return JSON; is this a StratumRM status endpoint?") from None
     if not isinstance(document, dict) or "statistics" not in document:
