@@ -195,3 +195,40 @@ async def test_an_unreadable_request_target_is_a_400_not_an_error() -> None:
         answer = await trio.to_thread.run_sync(talk, port, b"GET //[ HTTP/1.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 400 Bad Request") and status.containment.errors == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_bug_on_the_proxys_stratumrm_session_ends_that_session_and_the_next_one_serves(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.relay.rm_upstream import StratumRMConnection
+    from bridge.testing.chain import start_chain
+    from bridge.testing.miner import Miner
+
+    armed = [False]
+    original = StratumRMConnection.receive_control
+
+    def receive_control(self: StratumRMConnection, data: bytes, now: float) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise PlantedBug("planted in StratumRMConnection.receive_control")
+        original(self, data, now)
+
+    monkeypatch.setattr(StratumRMConnection, "receive_control", receive_control)
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("rig",), pool_config=PoolConfig(difficulty=2e-6))
+        miner = Miner(chain.miner_url, "rig.one", hashrate=50_000, reconnect_delay=0.2)
+        nursery.start_soon(miner.run)
+        with trio.fail_after(60):
+            while len(chain.pool.accepted) < 1:
+                await trio.sleep(0.01)
+            first = chain.proxy.link.connection
+            armed[0] = True  # the sidecar's next line (a verdict, a job, a heartbeat) meets the bug
+            while chain.proxy.link.connection is first or not chain.proxy.link.connection.ready:
+                await trio.sleep(0.01)
+            assert first.close_reason.startswith("internal error")
+            accepted = len(chain.pool.accepted)
+            while len(chain.pool.accepted) < accepted + 2:
+                await trio.sleep(0.01)
+        assert chain.proxy.statistics().contained_errors == 1
+        miner.stop()
+        nursery.cancel_scope.cancel()
