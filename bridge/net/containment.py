@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import trio
 from msgspec import Struct
@@ -71,7 +71,7 @@ def describe_peer(peer: Any) -> str:
 class Guard:
     """One unit of work under containment; :attr:`error` is the contained exception, if any."""
 
-    __slots__ = ("containment", "peer", "what", "error")
+    __slots__ = ("containment", "error", "peer", "what")
 
     def __init__(self, containment: Containment, peer: Any, what: str) -> None:
         self.containment = containment
@@ -79,7 +79,7 @@ class Guard:
         self.what = what
         self.error: BaseException | None = None
 
-    def __enter__(self) -> Guard:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -102,7 +102,7 @@ class Guard:
             raise rest
         return False
 
-    async def __aenter__(self) -> Guard:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -307,7 +307,7 @@ class StratumRMLink:
                 continue
             try:
                 connection.receive_datagram(data, address, trio.current_time())
-            except Exception as exc:  # that datagram is dropped; the session goes on
+            except Exception as exc:  # noqa: BLE001 - that datagram is dropped; the session goes on
                 self.containment.record(exc, address, "datagram")
             self._deliver()
 

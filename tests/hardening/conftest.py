@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hardening_stack import Stack
 
 from bridge.pki.tls import make_test_pki
-from hardening_stack import Stack
 
 
 @pytest.fixture(scope="module")

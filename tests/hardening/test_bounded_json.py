@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 
 from bridge.sv1.client import ClientSession
 from bridge.sv1.events import ProtocolViolation
-from bridge.sv1.framing import MAX_JSON_DEPTH, BoundedDecoder, decode_json, json_too_deep
+from bridge.sv1.framing import (
+    MAX_JSON_DEPTH,
+    BoundedDecoder,
+    decode_json,
+    json_too_deep,
+)
 from bridge.sv1.server import ServerSession
 from bridge.wire.control import ControlDecodeError, decode_line, decode_params
 

@@ -55,9 +55,8 @@ def test_a_guard_contains_counts_and_logs_once_per_interval(caplog: pytest.LogCa
 
 def test_cancellation_and_interrupts_are_never_contained() -> None:
     containment = Containment(logging.getLogger("test.containment"), "sidecar")
-    with pytest.raises(KeyboardInterrupt):
-        with containment.guard("peer", "datagram"):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), containment.guard("peer", "datagram"):
+        raise KeyboardInterrupt
     with pytest.raises(BaseExceptionGroup) as caught:
         with containment.guard("peer", "datagram") as guard:
             raise BaseExceptionGroup("both", [KeyboardInterrupt(), RecursionError("deep")])

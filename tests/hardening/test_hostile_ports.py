@@ -18,6 +18,7 @@ import socket
 import struct
 
 import msgspec
+from hardening_stack import HELLO, HOST, WAIT, Stack, read_until_closed
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,6 @@ from bridge.net.miner_proxy import MAX_LINE_FROM_MINER
 from bridge.sv1.messages import MINER_METHODS
 from bridge.wire.control import RM_PARAMS
 from bridge.wire.datagram import HEADER_SIZE, MAX_DATAGRAM_SIZE, OVERHEAD, DatagramType
-from hardening_stack import HELLO, HOST, WAIT, Stack, read_until_closed
 
 EXAMPLES = settings(
     max_examples=50,
@@ -216,7 +216,7 @@ def test_udp_port(stack: Stack, batch: list[tuple[str, bytes]]) -> None:
                 struct.pack_into(">Q", header, 2, conn_id)
                 datagram = bytes(header) + payload[HEADER_SIZE:]
             else:
-                datagram = stack.call(lambda: live_keys().seal_plaintext(payload[0], payload[1:]).data)
+                datagram = stack.call(lambda sealed=payload: live_keys().seal_plaintext(sealed[0], sealed[1:]).data)
             udp.sendto(datagram, (HOST, stack.udp_port))
     stack.wait_until(lambda: stack.sidecar.intake.statistics().datagrams >= received + len(batch), "the datagrams")
     stack.honest_shares_still_accepted()
