@@ -138,7 +138,8 @@ class StatusServer:
         log.info("status on http://%s:%d%s", _url_host(host), self.port, STATUS_PATH)
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                serve_admitted, self.containment.connections(self._handle, "status connection"), listeners, self.admission
+                serve_admitted, self.containment.connections(self._handle, "status connection"), listeners,
+                self.admission,
             )
             task_status.started(self.port)
 
