@@ -20,6 +20,7 @@ from typing import Callable
 import msgspec
 
 from bridge.sv1.client import ClientSession
+from bridge.sv1.framing import BoundedDecoder
 from bridge.sv1.messages import MinerRequest, Notify, OutgoingRequest, PoolRequest, params_list
 from bridge.sv1.server import ServerSession
 
@@ -48,8 +49,8 @@ def measure(fn: Callable[[], object], iterations: int, repeats: int) -> float:
 
 
 def run(iterations: int = 50_000, repeats: int = 7) -> dict[str, float]:
-    decode_request = msgspec.json.Decoder(MinerRequest).decode
-    decode_pool = msgspec.json.Decoder(PoolRequest).decode
+    decode_request = BoundedDecoder(MinerRequest).decode
+    decode_pool = BoundedDecoder(PoolRequest).decode
     encode = msgspec.json.Encoder().encode
     line = SUBMIT_LINE.rstrip(b"\n")
 

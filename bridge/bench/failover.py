@@ -35,13 +35,14 @@ import msgspec
 import trio
 
 from bridge.relay.failover import FailoverConfig
+from bridge.sv1.framing import BoundedDecoder
 from bridge.testing.failover import FailoverBench, start_failover_bench, tag_hex
 from bridge.testing.pool import PoolConfig
 
 FAULTS = ("rst", "blackhole")
 TARGETS = {"rst": 0.5, "blackhole": 3.0}
 
-_decode = msgspec.json.Decoder().decode
+_decode = BoundedDecoder().decode
 
 
 class _Rig:

@@ -40,6 +40,7 @@ import trio
 from msgspec import UNSET, Raw, Struct, UnsetType
 
 from bridge.net.tcp import close_quietly, open_stream
+from bridge.sv1.framing import BoundedDecoder
 from bridge.sv1.messages import NULL, NotifyParams
 
 CGMINER_USER_AGENT = "cgminer/4.11.1"
@@ -61,9 +62,9 @@ class _PoolLine(Struct, frozen=True):
     error: Raw = NULL
 
 
-_decode_pool_line = msgspec.json.Decoder(_PoolLine).decode
-_decode_notify = msgspec.json.Decoder(NotifyParams).decode
-_decode_subscribe_result = msgspec.json.Decoder(tuple[Any, str, int]).decode
+_decode_pool_line = BoundedDecoder(_PoolLine).decode
+_decode_notify = BoundedDecoder(NotifyParams).decode
+_decode_subscribe_result = BoundedDecoder(tuple[Any, str, int]).decode
 
 
 class LoadError(Exception):

@@ -41,12 +41,13 @@ import trio
 
 import bridge
 from bridge.config import parse_upstream_url
+from bridge.sv1.framing import decode_json
 from bridge.sv1.messages import Submit
 from bridge.testing.pool import PoolConfig, PoolConnection, ReferencePool
 
 HOST = "127.0.0.1"
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.decode
+_decode = decode_json
 
 
 class RoleError(Exception):

@@ -54,6 +54,7 @@ from bridge.net.admission import (
     AdmissionLimits,
     AdmissionStatistics,
 )
+from bridge.net.containment import Containment
 from bridge.net.listen import Pending, serve_admitted
 from bridge.net.rm_upstream import StratumRMLink
 from bridge.net.tcp import close_quietly, describe_error, peer_name, socket_of, tune_stream
@@ -96,6 +97,8 @@ class ProxyStatistics(Struct, frozen=True):
     failover: FailoverStatistics | None = None
     admission: AdmissionStatistics | None = None
     """The rig port's admission control (connections before their first Stratum request)."""
+    contained_errors: int = 0
+    """Internal errors while handling one rig, upstream session or datagram: that one was ended, the proxy went on."""
 
 
 class MinerProxy:
@@ -132,6 +135,7 @@ class MinerProxy:
             raise ValueError(f"keepalive must be one of authorize, ping, none; got {keepalive!r}")
         if pool_ssl_context is None and isinstance(upstream_ssl_context, ssl.SSLContext):
             pool_ssl_context = upstream_ssl_context
+        self.containment = Containment(log, "proxy")
         self.upstreams = [
             Upstream(
                 index,
@@ -139,6 +143,7 @@ class MinerProxy:
                 ssl_context=upstream_ssl_context if entry.url.transport == "stratumrm" else pool_ssl_context,
                 connect_timeout=connect_timeout,
                 batch_window=share_batch_window,
+                containment=self.containment,
             )
             for index, entry in enumerate(entries)
         ]
@@ -161,7 +166,10 @@ class MinerProxy:
         self.policy = FailoverPolicy(
             [UpstreamSpec(u.name, u.entry.priority, u.entry.weight) for u in self.upstreams], config
         )
-        self.probes = [Probe(u, self.policy, self.wake_policy, keepalive=keepalive) for u in self.upstreams]
+        self.probes = [
+            Probe(u, self.policy, self.wake_policy, keepalive=keepalive, containment=self.containment)
+            for u in self.upstreams
+        ]
         self.probe_user = probe_user
         self.probe_password = probe_password
         if probe_user:
@@ -197,7 +205,7 @@ class MinerProxy:
                 nursery.start_soon(probe.run)
             nursery.start_soon(self._run_policy)
             task_status.started(self.port)
-            await serve_admitted(self._handle, listeners, self.admission)
+            await serve_admitted(self.containment.connections(self._handle, "rig connection"), listeners, self.admission)
 
     def wake_policy(self) -> None:
         self._policy_wake.set()
@@ -236,12 +244,18 @@ class MinerProxy:
                     if rig is None:
                         policy.removed(action.rig)
                     else:
-                        rig.move(action)
+                        with self.containment.guard(rig.peer, "rig connection") as guard:
+                            rig.move(action)
+                        if guard.error is not None:
+                            rig.abort()
                 elif kind is ReleaseRigs:
                     for rig_id in action.rigs:
                         rig = self._rigs.get(rig_id)
                         if rig is not None:
-                            rig.release(f"released: {action.reason}")
+                            with self.containment.guard(rig.peer, "rig connection") as guard:
+                                rig.release(f"released: {action.reason}")
+                            if guard.error is not None:
+                                rig.abort()
             await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------ rigs
@@ -259,7 +273,10 @@ class MinerProxy:
         self._rigs[rig_id] = connection
         reason = "proxy shutting down"
         try:
-            reason = await connection.run()
+            with self.containment.guard(peer, "rig connection") as guard:
+                reason = await connection.run()
+            if guard.error is not None:
+                reason = "internal error"
         finally:
             self._active -= 1
             self._rigs.pop(rig_id, None)
@@ -298,6 +315,7 @@ class MinerProxy:
             stale_local=totals["stale_local"],
             failover=self.policy.statistics(trio.current_time()) if _in_trio() else None,
             admission=self.admission.statistics(),
+            contained_errors=self.containment.errors,
         )
 
 
@@ -357,6 +375,10 @@ class _RigConnection:
                 await task.session.aclose()
             self.legs.clear()
         return channel.close_reason or "closed"
+
+    def abort(self) -> None:
+        """End this connection after a contained internal error."""
+        self._finish("internal error")
 
     def _finish(self, reason: str | None = None) -> None:
         if reason is not None and self.channel.close_reason is None:

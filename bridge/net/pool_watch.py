@@ -28,12 +28,14 @@ import math
 import ssl
 from collections.abc import Callable
 
+import msgspec
 import trio
 
 from bridge import __version__
 from bridge.config import UpstreamURL
 from bridge.net.listen import is_resource_shortage
 from bridge.net.tcp import close_quietly, describe_error, open_stream
+from bridge.sv1.framing import decode_json
 
 log = logging.getLogger("bridge.sidecar.pool")
 
@@ -164,8 +166,8 @@ class PoolWatch:
                         return False, f"pool {pool} answered mining.subscribe with a line over {MAX_CHECK_LINE} bytes"
                     for line in lines:
                         try:
-                            message = json.loads(line)
-                        except (ValueError, RecursionError):
+                            message = decode_json(line)
+                        except msgspec.DecodeError:
                             return False, f"pool {pool} answered mining.subscribe with something that is not JSON"
                         if isinstance(message, dict) and message.get("id") == 1 and "method" not in message:
                             if message.get("result") and not message.get("error"):

@@ -176,7 +176,7 @@ class ProxyService:
             if watcher is not None and watcher.credentials.files:
                 nursery.start_soon(watcher.run)
             if self.status_listen is not None:
-                self.status = StatusServer("proxy", self.statistics, self.warnings)
+                self.status = StatusServer("proxy", self.statistics, self.warnings, containment=self.proxy.containment)
                 await nursery.start(self.status.serve, *self.status_listen)
             task_status.started(self.proxy.port)
             if watcher is not None and threading.current_thread() is threading.main_thread():

@@ -35,6 +35,7 @@ import trio
 from bridge import __version__
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
+from bridge.net.containment import Containment
 from bridge.net.tcp import close_quietly, describe_error, tune_stream
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
@@ -91,8 +92,10 @@ class StratumRMLink:
         connect_timeout: float = 10.0,
         batch_window: float = 0.0,
         detect_blocks: bool = True,
+        containment: Containment | None = None,
     ) -> None:
         self.url = url
+        self.containment = containment or Containment(log, "proxy")
         self.credentials = (
             ssl_context if isinstance(ssl_context, ClientCredentials) else ClientCredentials.fixed(ssl_context)
         )
@@ -175,8 +178,9 @@ class StratumRMLink:
         self.connections_made += 1
         connection.start(trio.current_time())
         self.kick()
+        guard = self.containment.guard(str(url), "StratumRM session")
         try:
-            async with trio.open_nursery() as nursery:
+            async with guard, trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_control, connection, stream, nursery.cancel_scope)
                 nursery.start_soon(self._write, connection, stream, nursery.cancel_scope)
                 nursery.start_soon(self._timers, connection, nursery.cancel_scope)
@@ -199,6 +203,8 @@ class StratumRMLink:
                     await self._step_wait()
                 nursery.cancel_scope.cancel()
         finally:
+            if guard.error is not None and connection.close_reason is None:
+                connection._fail("internal error; the next rig opens a new session")
             reason = connection.close_reason or "closed"
             self.failure = reason
             (log.info if reason == "closed" else log.warning)("StratumRM session with %s ended: %s", url, reason)
@@ -299,7 +305,10 @@ class StratumRMLink:
                 log.debug("UDP receive error: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            connection.receive_datagram(data, address, trio.current_time())
+            try:
+                connection.receive_datagram(data, address, trio.current_time())
+            except Exception as exc:  # noqa: BLE001 - that datagram is dropped; the session goes on
+                self.containment.record(exc, address, "datagram")
             self._deliver()
 
     async def _write(self, connection: StratumRMConnection, stream, scope: trio.CancelScope) -> None:

@@ -86,6 +86,7 @@ from msgspec import Struct
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
+from bridge.net.containment import Containment
 from bridge.net.listen import Pending, fd_gauge, serve_admitted
 from bridge.net.pool_watch import PoolWatch
 from bridge.net.tcp import (
@@ -217,6 +218,8 @@ class SidecarStatistics(Struct, frozen=True, kw_only=True):
     connected_certificates: list[ConnectedCertificate]
     admission: AdmissionStatistics
     """The control port's admission control (connections before their TLS handshake)."""
+    contained_errors: int = 0
+    """Internal errors while handling one connection, channel or datagram: that one was ended, the sidecar went on."""
 
 
 class SidecarServer:
@@ -298,6 +301,7 @@ class SidecarServer:
         self.expiry_warning = expiry_warning
         self.reload_interval = reload_interval
         self.intake = SidecarIntake(rate=udp_rate, burst=udp_burst, grace=key_grace)
+        self.containment = Containment(log, "sidecar")
         self.port: int | None = None
         self.udp_port: int | None = None
         self._udp_socket: trio.socket.SocketType | None = None
@@ -354,7 +358,10 @@ class SidecarServer:
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._watch_files)
                 nursery.start_soon(self.pool_watch.run)
-                await nursery.start(serve_admitted, self._handle, listeners, self.admission)
+                await nursery.start(
+                    serve_admitted, self.containment.connections(self._handle, "proxy connection"), listeners,
+                    self.admission,
+                )
                 task_status.started(self.port)
         finally:
             if udp_socket is not None:
@@ -402,13 +409,23 @@ class SidecarServer:
     async def _receive_datagrams(self, udp_socket: trio.socket.SocketType) -> None:
         connections = self._connections
 
+        def receive(data: bytes, address: Any, now: float) -> Any:
+            try:
+                return self.intake.receive(data, address, now)
+            except Exception as exc:  # noqa: BLE001 - that datagram is dropped; UDP goes on
+                self.containment.record(exc, address, "datagram")
+                return None
+
         def after_batch(sessions: set[Any]) -> None:
             for session in sessions:
                 connection = connections.get(session)
                 if connection is not None:
-                    connection.step()
+                    with self.containment.guard(connection.peer, "proxy connection") as guard:
+                        connection.step()
+                    if guard.error is not None:
+                        connection.session.close("internal error", trio.current_time())
 
-        await receive_datagrams(udp_socket, self.intake.receive, DATAGRAM_RECEIVE_SIZE, after_batch)
+        await receive_datagrams(udp_socket, receive, DATAGRAM_RECEIVE_SIZE, after_batch)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -638,11 +655,11 @@ class SidecarServer:
         accounts = ", ".join(identity.accounts) or "none"
         log.info("proxy %s connected: %s, accounts %s", peer, identity.describe(), accounts)
         try:
-            reason = await connection.run()
-        except Exception:
             # A bug must not take the other proxies' sessions down with this one.
-            log.exception("proxy %s (%s): internal error, closing this connection", peer, identity.name)
-            reason = "internal error"
+            with self.containment.guard(f"{peer} ({identity.name})", "proxy connection") as guard:
+                reason = await connection.run()
+            if guard.error is not None:
+                reason = "internal error"
         finally:
             del self._connections[connection.session]
             connection.session.connection_lost("connection closed", trio.current_time())
@@ -750,6 +767,7 @@ class SidecarServer:
             revocations=self.revocations.status(now) if self.revocations is not None else None,
             connected_certificates=self._connected_certificates(now),
             admission=self.admission.statistics(),
+            contained_errors=self.containment.errors,
             **{name: totals[name] for name in _SUMMED},
         )
 
@@ -957,7 +975,10 @@ class _ProxyConnection:
                 log.info("proxy %s channel %d opened for rig %s, pool connection to %s", self.peer, ch, link.rig, server.pool)
                 session.pool_connected(ch, trio.current_time())
                 self.step()
-                reason = await self._carry(link, stream)
+                with server.containment.guard(f"{self.peer} channel {ch}", "pool connection") as guard:
+                    reason = await self._carry(link, stream)
+                if guard.error is not None:
+                    reason = "internal error on the pool connection"
                 if ch in session.channels:
                     log.warning("proxy %s channel %d: %s", self.peer, ch, reason)
                     session.pool_closed(ch, reason, trio.current_time())

@@ -197,7 +197,7 @@ async def _serve_until_signalled(
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
         if status_address is not None:
-            status_server = StatusServer("sidecar", server.statistics, server.warnings)
+            status_server = StatusServer("sidecar", server.statistics, server.warnings, containment=server.containment)
             await nursery.start(status_server.serve, *status_address)
         if threading.current_thread() is threading.main_thread():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:

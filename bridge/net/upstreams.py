@@ -39,6 +39,7 @@ from msgspec import Raw
 
 from bridge import __version__
 from bridge.config import UpstreamEntry
+from bridge.net.containment import Containment
 from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.sv1_upstream import SV1Upstream
 from bridge.net.tcp import describe_error
@@ -71,6 +72,7 @@ class Upstream:
         ssl_context: Any = None,
         connect_timeout: float = 10.0,
         batch_window: float = 0.0,
+        containment: Containment | None = None,
     ) -> None:
         self.index = index
         self.entry = entry
@@ -82,7 +84,10 @@ class Upstream:
         if self.url.transport == "stratumrm":
             if ssl_context is None:
                 raise ValueError(f"{self.url}: a stratumrm:// upstream needs the proxy's certificate (TLS client context)")
-            self.link = StratumRMLink(self.url, ssl_context, connect_timeout=connect_timeout, batch_window=batch_window)
+            self.link = StratumRMLink(
+                self.url, ssl_context, connect_timeout=connect_timeout, batch_window=batch_window,
+                containment=containment,
+            )
 
     async def open_session(self, peer: str) -> Session:
         """A new session for one rig (or the probe); raises a network error on failure."""
@@ -107,8 +112,10 @@ class Probe:
         wake: Any,
         *,
         keepalive: str = "authorize",
+        containment: Containment | None = None,
     ) -> None:
         self.upstream = upstream
+        self.containment = containment or Containment(log, "proxy")
         self.policy = policy
         self.wake = wake  # called after every report to the policy
         self.keepalive_method = keepalive
@@ -140,8 +147,12 @@ class Probe:
                 continue
             self.connections += 1
             self.session = session
+            reason, subscribed = "internal error", False
             try:
-                reason, subscribed = await self._serve(session)
+                with self.containment.guard(upstream.name, "probe session") as guard:
+                    reason, subscribed = await self._serve(session)
+                if guard.error is not None:
+                    reason = f"internal error ({type(guard.error).__name__})"
             finally:
                 self.session = None
                 await session.aclose()

@@ -66,6 +66,7 @@ from bridge.pki.issuing import (
     validity_period,
 )
 from bridge.pki.revocation import load_ca_certificate
+from bridge.sv1.framing import decode_json
 
 DEFAULT_CA_COMMON_NAME = "StratumRM private CA"
 DEFAULT_CA_DAYS = 3650
@@ -540,7 +541,7 @@ class CertificateAuthority:
             self.index_path, "certificate index", "restore it from backup or start a new CA with `init`"
         )
         try:
-            return msgspec.json.decode(data, type=_Index)
+            return decode_json(data, type=_Index)
         except msgspec.DecodeError as error:
             raise PKIError(f"{self.index_path} is damaged ({error}); restore it from backup") from None
 

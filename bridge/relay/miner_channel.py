@@ -82,7 +82,7 @@ import msgspec
 from msgspec import UNSET, Raw, Struct
 
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
-from bridge.sv1.framing import DEFAULT_MAX_LINE
+from bridge.sv1.framing import DEFAULT_MAX_LINE, decode_json
 from bridge.sv1.messages import (
     FALSE,
     Authorize,
@@ -239,7 +239,7 @@ def _subscribe_values(response: Response) -> tuple[str, int] | None:
     if response.result is UNSET or bytes(response.error) != b"null":
         return None
     try:
-        result = msgspec.json.decode(response.result)
+        result = decode_json(response.result)
         extranonce1, size = result[1], result[2]
     except (msgspec.DecodeError, TypeError, IndexError, KeyError):
         return None
@@ -252,7 +252,7 @@ def _configured_mask(response: Response) -> str | None:
     if response.result is UNSET:
         return None
     try:
-        result = msgspec.json.decode(response.result)
+        result = decode_json(response.result)
     except msgspec.DecodeError:
         return None
     if isinstance(result, dict) and result.get("version-rolling") is True:

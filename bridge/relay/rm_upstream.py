@@ -44,7 +44,7 @@ from bridge.mining.share import Job as MiningJob
 from bridge.mining.share import roll_version
 from bridge.errors import LineTooLong
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
-from bridge.sv1.framing import LineBuffer
+from bridge.sv1.framing import BoundedDecoder, LineBuffer, decode_json
 from bridge.sv1.messages import (
     FALSE,
     NULL,
@@ -72,7 +72,7 @@ from bridge.wire.keys import KeyMaterial, KeySet, Role
 from bridge.wire.receiver import Accepted, DatagramReceiver
 from bridge.wire.rtt import RttEstimator
 
-_decode_pool_request = msgspec.json.Decoder(PoolRequest).decode
+_decode_pool_request = BoundedDecoder(PoolRequest).decode
 _encode = msgspec.json.Encoder().encode
 
 JOBS_PER_CHANNEL = 256
@@ -206,14 +206,14 @@ class RMChannel:
         if response.result is UNSET:
             return
         try:
-            result = msgspec.json.decode(response.result)
+            result = decode_json(response.result)
             self.extranonce1 = bytes.fromhex(result[1])
         except (ValueError, TypeError, IndexError, KeyError, msgspec.DecodeError):
             self.extranonce1 = None
 
     def _learn_mask(self, response: Response) -> None:
         try:
-            result = msgspec.json.decode(response.result) if response.result is not UNSET else None
+            result = decode_json(response.result) if response.result is not UNSET else None
             if isinstance(result, dict) and result.get("version-rolling") is True:
                 self.version_mask = int(result["version-rolling.mask"], 16)
         except (ValueError, TypeError, KeyError, msgspec.DecodeError):
@@ -605,7 +605,7 @@ class StratumRMConnection:
             self._fail(f"sidecar refused rm.hello: {bytes(line.error).decode(errors='replace')}")
             return
         try:
-            self.hello = msgspec.json.decode(line.result, type=control.HelloResult)
+            self.hello = decode_json(line.result, type=control.HelloResult)
         except msgspec.DecodeError as exc:
             raise ControlDecodeError(f"bad rm.hello result: {exc}") from None
         if self.hello.version != control.PROTOCOL_VERSION:

@@ -119,7 +119,7 @@ from bridge import __version__
 from bridge.errors import LineTooLong
 from bridge.sv1.client import ClientSession
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
-from bridge.sv1.framing import LineBuffer
+from bridge.sv1.framing import BoundedDecoder, LineBuffer
 from bridge.sv1.messages import (
     FALSE,
     NULL,
@@ -230,8 +230,8 @@ MAX_LINE_FROM_POOL: Final = 64 * 1024
 MAX_CHANNEL_NUMBER: Final = 0xFFFF_FFFF
 _MAX_HANDLE: Final = 0xFFFF_FFFF
 
-_decode_submit_params = msgspec.json.Decoder(SubmitParams).decode
-_decode_authorize_params = msgspec.json.Decoder(AuthorizeParams).decode
+_decode_submit_params = BoundedDecoder(SubmitParams).decode
+_decode_authorize_params = BoundedDecoder(AuthorizeParams).decode
 _encode = msgspec.json.Encoder().encode
 
 

@@ -37,7 +37,9 @@ import trio
 from bridge import __version__
 from bridge.errors import BridgeError
 from bridge.net.admission import Admission, AdmissionLimits
+from bridge.net.containment import Containment
 from bridge.net.listen import Pending, serve_admitted
+from bridge.sv1.framing import decode_json
 
 __all__ = ["StatusDocument", "StatusServer", "fetch_status", "format_status", "status_url"]
 
@@ -80,7 +82,8 @@ class StatusServer:
 
     ``statistics`` returns the role's statistics (any msgspec-encodable value);
     ``warnings`` the role's current warnings. Both are called per request, so the
-    answer is always current.
+    answer is always current. ``containment`` is the role's, so an internal error
+    here counts with the role's others (its own when None).
     """
 
     def __init__(
@@ -88,8 +91,11 @@ class StatusServer:
         role: str,
         statistics: Callable[[], Any],
         warnings: Callable[[], list[str]] = list,
+        *,
+        containment: Containment | None = None,
     ) -> None:
         self.role = role
+        self.containment = containment or Containment(log, f"{role} status endpoint")
         self.statistics = statistics
         self.warnings = warnings
         self.port: int | None = None
@@ -131,7 +137,10 @@ class StatusServer:
             )
         log.info("status on http://%s:%d%s", _url_host(host), self.port, STATUS_PATH)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_admitted, self._handle, listeners, self.admission)
+            await nursery.start(
+                serve_admitted, self.containment.connections(self._handle, "status connection"), listeners,
+                self.admission,
+            )
             task_status.started(self.port)
 
     async def _handle(self, stream: trio.SocketStream, pending: Pending) -> None:
@@ -162,7 +171,11 @@ class StatusServer:
         method, target = parts[0], parts[1].decode("latin-1")
         if method not in (b"GET", b"HEAD"):
             return 405, self._error("only GET and HEAD"), {"Allow": "GET, HEAD"}, False
-        if urlsplit(target).path.rstrip("/") != STATUS_PATH:
+        try:
+            path = urlsplit(target).path
+        except ValueError:  # "//[" and friends
+            return 400, self._error("unreadable request target; try GET /status"), {}, False
+        if path.rstrip("/") != STATUS_PATH:
             return 404, self._error(f"no such path; the status is at {STATUS_PATH}"), {}, method == b"HEAD"
         self.requests += 1
         try:
@@ -238,7 +251,7 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
             f"cannot reach {target}: {reason}; is the role running with --status-listen on that address?"
         ) from None
     try:
-        document = msgspec.json.decode(body)
+        document = decode_json(body)
     except msgspec.DecodeError:
         raise BridgeError(f"{target} did not return JSON; is this a StratumRM status endpoint?") from None
     if not isinstance(document, dict) or "statistics" not in document:

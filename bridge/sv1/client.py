@@ -32,7 +32,7 @@ from msgspec import UNSET, Raw, Struct
 
 from bridge.errors import LineTooLong
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
-from bridge.sv1.framing import DEFAULT_MAX_LINE, LineBuffer
+from bridge.sv1.framing import DEFAULT_MAX_LINE, BoundedDecoder, LineBuffer, decode_json
 from bridge.sv1.messages import (
     NULL,
     POOL_METHODS,
@@ -59,9 +59,9 @@ class _PoolLine(Struct, frozen=True):
     result: Any = UNSET
 
 
-_decode_line = msgspec.json.Decoder(_PoolLine).decode
-_decode_pool_request = msgspec.json.Decoder(PoolRequest).decode
-_decode_response = msgspec.json.Decoder(Response).decode
+_decode_line = BoundedDecoder(_PoolLine).decode
+_decode_pool_request = BoundedDecoder(PoolRequest).decode
+_decode_response = BoundedDecoder(Response).decode
 _encode = msgspec.json.Encoder().encode
 
 # Methods that may be sent before the handshake is over.
@@ -311,7 +311,7 @@ class ClientSession:
         self.subscribe_answered = True
         if response.result is not UNSET and bytes(response.error) == b"null":
             try:
-                subscriptions, extranonce1, size = msgspec.json.decode(response.result)[:3]
+                subscriptions, extranonce1, size = decode_json(response.result)[:3]
             except (ValueError, TypeError):
                 subscriptions, extranonce1, size = None, None, None
             if isinstance(extranonce1, str) and is_hex(extranonce1) and isinstance(size, int):
@@ -325,7 +325,7 @@ class ClientSession:
         if response.result is UNSET:
             return
         try:
-            result = msgspec.json.decode(response.result)
+            result = decode_json(response.result)
         except msgspec.DecodeError:
             return
         if isinstance(result, dict) and result.get("version-rolling") is True:

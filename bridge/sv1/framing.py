@@ -10,13 +10,97 @@ caller closes the connection.
 
 ckpool drops a client whose line exceeds 1024 bytes; a mining.notify with a long
 merkle branch is ~1.5 KB, so the limits here are per direction and configurable.
+
+Bounded JSON
+============
+
+A line within the size limit can still be hostile: ``[[[[...]]]]`` a thousand
+levels deep fits in 2 KB and makes any recursive decoder (msgspec's, the
+standard library's) raise ``RecursionError``. So every decode of peer input goes
+through :class:`BoundedDecoder` (or :func:`decode_json`), which checks the
+document's size and nesting depth *before* decoding, with byte-level scans that
+run in C: counting ``[`` and ``{`` settles almost every line at once (a share
+has two), and only a line with more brackets than :data:`MAX_JSON_DEPTH` gets
+the exact measure (strings removed, then the innermost bracket pairs peeled off
+one level per pass, at most ``MAX_JSON_DEPTH + 1`` passes). Too deep or too
+large is a plain ``msgspec.DecodeError``, so every caller's existing "malformed
+JSON" path handles it: an SV1 server closes the connection as ckpool does on
+invalid JSON, the control channel closes with a protocol error.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
 from bridge.errors import LineTooLong
 
 DEFAULT_MAX_LINE = 16 * 1024
+#: Deepest JSON nesting any peer may send. Stratum's deepest real message, a
+#: subscribe result inside a control-channel line, is 4; rm.results is 6.
+MAX_JSON_DEPTH = 32
+
+_T = TypeVar("_T")
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_KEEP_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_too_deep(data: bytes | bytearray | memoryview, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when the JSON in ``data`` may nest deeper than ``limit`` levels.
+
+    Exact for valid JSON; for invalid JSON an over-estimate (unclosed brackets
+    count), never an under-estimate of how deep a decoder would recurse.
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    if b'"' in data:
+        data = _STRING.sub(b"", data)
+    brackets = data.translate(_KEEP_BRACKETS, _NOT_BRACKETS)
+    levels = 0
+    while b"[]" in brackets:
+        brackets = brackets.replace(b"[]", b"")
+        levels += 1
+        if levels > limit:
+            return True
+    # Left: unmatched brackets, "]]][[[" — the unclosed opens enclose everything peeled.
+    return levels + brackets.count(b"[") > limit
+
+
+class BoundedDecoder(Generic[_T]):
+    """``msgspec.json.Decoder(type)`` that refuses input too deep or too large before decoding.
+
+    Refusals raise ``msgspec.DecodeError`` saying which bound was passed.
+    ``max_size`` None means the caller already bounded the input (a framed line).
+    """
+
+    __slots__ = ("_decode", "max_depth", "max_size")
+
+    def __init__(self, type: Any = Any, *, max_depth: int = MAX_JSON_DEPTH, max_size: int | None = None) -> None:
+        self._decode = msgspec.json.Decoder(type).decode
+        self.max_depth = max_depth
+        self.max_size = max_size
+
+    def decode(self, data: bytes | bytearray | memoryview | msgspec.Raw) -> _T:
+        if self.max_size is not None and len(data) > self.max_size:
+            raise msgspec.DecodeError(f"JSON document of {len(data)} bytes exceeds the {self.max_size}-byte limit")
+        if json_too_deep(data, self.max_depth):
+            raise msgspec.DecodeError(f"JSON nested deeper than {self.max_depth} levels")
+        return self._decode(data)
+
+
+_ANY = BoundedDecoder()
+
+
+def decode_json(data: bytes | bytearray | memoryview | msgspec.Raw, *, type: Any = Any) -> Any:
+    """``msgspec.json.decode`` with the bounds of :class:`BoundedDecoder`."""
+    if type is Any:
+        return _ANY.decode(data)
+    return BoundedDecoder(type).decode(data)
 
 
 class LineBuffer:

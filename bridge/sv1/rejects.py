@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, Struct
 
+from bridge.sv1.framing import decode_json
 from bridge.sv1.messages import Response
 
 # Standard codes (Braiins/slush spec; public-pool, miningcore, NOMP use the same).
@@ -73,7 +74,7 @@ def read_verdict(response: Response) -> Verdict:
         reason = response.reject_reason
         return Verdict(False, _CKPOOL_REASONS.get(reason.lower(), _code_from_text(reason)), reason)
     try:
-        error: Any = msgspec.json.decode(response.error)
+        error: Any = decode_json(response.error)
     except msgspec.DecodeError:
         error = None
     if isinstance(error, list) and error:

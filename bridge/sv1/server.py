@@ -36,7 +36,7 @@ from msgspec import UNSET, Raw, Struct
 
 from bridge.errors import LineTooLong
 from bridge.sv1.events import ProtocolViolation
-from bridge.sv1.framing import DEFAULT_MAX_LINE, LineBuffer
+from bridge.sv1.framing import DEFAULT_MAX_LINE, BoundedDecoder, LineBuffer
 from bridge.sv1.messages import (
     FALSE,
     MINER_METHODS,
@@ -67,9 +67,9 @@ from bridge.sv1.messages import (
 )
 from bridge.sv1.validate import normalise_submit
 
-_decode_request = msgspec.json.Decoder(MinerRequest).decode
-_decode_envelope = msgspec.json.Decoder(Envelope).decode
-_decode_response = msgspec.json.Decoder(MinerResponse).decode
+_decode_request = BoundedDecoder(MinerRequest).decode
+_decode_envelope = BoundedDecoder(Envelope).decode
+_decode_response = BoundedDecoder(MinerResponse).decode
 _encode = msgspec.json.Encoder().encode
 
 # Pipelined handshake requests waiting for their answer; a miner has a handful.
@@ -148,8 +148,8 @@ class ServerSession:
             envelope = _decode_envelope(line)
         except msgspec.ValidationError:
             return ProtocolViolation("line is not a JSON object", fatal=True, line=line)
-        except msgspec.DecodeError:
-            return ProtocolViolation("invalid JSON", fatal=True, line=line)
+        except msgspec.DecodeError as exc:
+            return ProtocolViolation(f"invalid JSON: {exc}", fatal=True, line=line)
         request_id = envelope.id
         answerable = isinstance(request_id, (int, str)) and not isinstance(request_id, bool)
         method = envelope.method

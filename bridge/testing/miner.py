@@ -128,7 +128,7 @@ from bridge.mining.share import (
 from bridge.net.tcp import close_quietly, open_stream
 from bridge.sv1.client import notify_subscription_id
 from bridge.sv1.events import ProtocolViolation
-from bridge.sv1.framing import LineBuffer
+from bridge.sv1.framing import BoundedDecoder, LineBuffer, decode_json
 from bridge.sv1.messages import (
     POOL_METHODS,
     GetVersion,
@@ -678,9 +678,9 @@ class _PoolLine(Struct):
     method: Any = UNSET
 
 
-_decode_line = msgspec.json.Decoder(_PoolLine).decode
-_decode_pool_request = msgspec.json.Decoder(PoolRequest).decode
-_decode_response = msgspec.json.Decoder(Response).decode
+_decode_line = BoundedDecoder(_PoolLine).decode
+_decode_pool_request = BoundedDecoder(PoolRequest).decode
+_decode_response = BoundedDecoder(Response).decode
 
 
 class _Pending(Struct):
@@ -1202,7 +1202,7 @@ class MinerProtocol:
             failure = f"subscribe refused: {bytes(response.error).decode(errors='replace')}"
         else:
             try:
-                result = msgspec.json.decode(response.result)
+                result = decode_json(response.result)
             except msgspec.DecodeError:
                 failure = "subscribe result is not JSON"
         if failure is None:
@@ -1270,7 +1270,7 @@ class MinerProtocol:
         if response.result is UNSET or self.traits.requested_mask is None:
             return
         try:
-            result = msgspec.json.decode(response.result)
+            result = decode_json(response.result)
         except msgspec.DecodeError:
             return
         if isinstance(result, dict) and result.get("version-rolling") is True:

@@ -126,6 +126,7 @@ from bridge.mining.share import (
     target_to_difficulty,
     version_bits_allowed,
 )
+from bridge.net.containment import Containment
 from bridge.sv1.events import ProtocolViolation
 from bridge.sv1.messages import (
     FALSE,
@@ -367,6 +368,8 @@ class PoolStatistics(msgspec.Struct, frozen=True):
     height: int
     accepted_by_worker: dict[str, int]
     rejected_by_worker: dict[str, int]
+    contained_errors: int = 0
+    """Internal errors while handling one connection: it was closed, the pool went on."""
 
 
 # --------------------------------------------------------------------------- blocks and jobs
@@ -556,6 +559,7 @@ class ReferencePool:
         self._blocks_found = 0
         self._share_accepted = trio.Event()
         self._serve_scopes: set[trio.CancelScope] = set()
+        self.containment = Containment(log, "pool")
 
     # ------------------------------------------------------------- public state
 
@@ -591,6 +595,7 @@ class ReferencePool:
             height=self._block.height,
             accepted_by_worker=dict(self._accepted_by_worker),
             rejected_by_worker=dict(self._rejected_by_worker),
+            contained_errors=self.containment.errors,
         )
 
     async def wait_for_accepted(self, count: int) -> None:
@@ -743,7 +748,9 @@ class ReferencePool:
             self.difficulty,
             self.config.extranonce2_size,
         )
-        handler = functools.partial(self._serve_connection, ssl_context=ssl_context)
+        handler = self.containment.connections(
+            functools.partial(self._serve_connection, ssl_context=ssl_context), "miner connection"
+        )
         with trio.CancelScope() as scope:
             self._serve_scopes.add(scope)
             try:

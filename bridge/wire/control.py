@@ -23,6 +23,7 @@ from typing import Any, Union
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
 
+from bridge.sv1.framing import BoundedDecoder
 from bridge.sv1.messages import NotifyParams, RequestId
 
 PROTOCOL_VERSION = 1
@@ -208,8 +209,8 @@ class RMResponse(Struct, frozen=True):
     error: Any = None
 
 
-_decode_line = msgspec.json.Decoder(ControlLine).decode
-_decoders = {method: msgspec.json.Decoder(kind).decode for method, kind in RM_PARAMS.items()}
+_decode_line = BoundedDecoder(ControlLine).decode
+_decoders = {method: BoundedDecoder(kind).decode for method, kind in RM_PARAMS.items()}
 _encode = msgspec.json.Encoder().encode
 
 
