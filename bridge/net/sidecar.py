@@ -113,9 +113,10 @@ from bridge.relay.sidecar import (
     DEFAULT_DEAD_AFTER,
     DEFAULT_HEARTBEAT,
     DEFAULT_REKEY_INTERVAL,
-    AccountRefused,
     ClosePool,
     OpenPool,
+    Refusal,
+    RequestRefused,
     SidecarIntake,
     SidecarSession,
     SidecarSessionStatistics,
@@ -855,7 +856,14 @@ class _ProxyConnection:
             self._log_refusal(refusal)
         self._wake.set()
 
-    def _log_refusal(self, refusal: AccountRefused) -> None:
+    def _log_refusal(self, refusal: Refusal) -> None:
+        if isinstance(refusal, RequestRefused):
+            log.warning(
+                "proxy %s channel %d: refused %r, not relayed to the pool (%s); "
+                "a proxy sending this is not StratumRM's or has been tampered with: check its version and host",
+                self.peer, refusal.ch, refusal.method, refusal.reason,
+            )
+            return
         identity = self.identity
         covered = ", ".join(identity.accounts) or "none"
         log.warning(
