@@ -991,6 +991,7 @@ class _ProxyConnection:
                         reason = "pool closed the connection"
                         break
                     session.pool_data(ch, data, trio.current_time())
+                    self.server.pool_watch.alive()
                     self.step()
                     if ch not in session.channels:
                         reason = "channel ended"
