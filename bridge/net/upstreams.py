@@ -6,17 +6,30 @@ gives a rig (or the probe) its own session there: a plain SV1 connection
 StratumRM link (:class:`~bridge.net.rm_upstream.RMUpstreamHandle`), both with the
 same ``session`` / ``flush`` / ``receive`` / ``aclose`` shape.
 
-A :class:`Probe` keeps one session per upstream connected and authorized, owned
-by the proxy, for the failover policy (:mod:`bridge.relay.failover`): it
-subscribes with the proxy's own user agent and authorizes as the first rig's
-worker name (or ``--probe-user``), so pools see an ordinary worker, and it
-reports the subscribe result (connected), every ``mining.notify`` (prevhash),
-every line (traffic) and every failure (refused, reset, closed, TLS, StratumRM
-link dead) to the policy. When the policy asks for a keepalive it sends
-``mining.authorize`` again (every pool answers it) or ``mining.ping``. A lost
-probe reconnects with exponential backoff (0.5 s to 5 s). ``mining.ping`` and
-``client.get_version`` from the pool are answered; ``client.reconnect`` counts
-as a loss (pools send it before maintenance) and the probe reconnects.
+A :class:`Probe` keeps one session per upstream connected, owned by the proxy,
+for the failover policy (:mod:`bridge.relay.failover`), from the proxy's start,
+whatever the order in which the proxy, the upstreams and the rigs come up: it
+subscribes with the proxy's own user agent (a subscribe needs no worker name) and,
+once a worker name is known (``--probe-user`` or the first rig's), authorizes
+**once** per connection, so pools that send jobs only to authorized workers see an
+ordinary worker. It reports the subscribe result (connected), every
+``mining.notify`` (prevhash), every line (traffic) and every failure (refused,
+reset, closed, TLS, StratumRM link dead) to the policy. A lost probe reconnects
+with exponential backoff (0.5 s to 5 s). ``mining.ping`` and
+``client.get_version`` from the pool are answered; ``client.reconnect`` counts as
+a loss (pools send it before maintenance) and the probe reconnects.
+
+When the policy asks for a keepalive (a quiet upstream must prove it is alive),
+the probe asks only what pools answer without complaint (bridge/relay/health.py):
+never ``mining.authorize`` again (ckpool never answers a second one and logs
+"trying to authorise twice"). ``subscribe`` (the default): a plain SV1 upstream
+gets one *fresh* connection's ``mining.subscribe``, as cgminer tests a pool
+(:func:`~bridge.net.health.check_subscribe`; its answer is traffic, a stalled pool
+gives none); a StratumRM upstream is alive while its link is open (the link
+closes itself when the sidecar is silent for ``dead_after``, rm.ping keeping a
+healthy one talking), and the pool behind it is the
+sidecar's to watch (``rm.pool``). ``ping``: ``mining.ping`` on the probe session
+(for pools known to answer it).
 
 Behind a StratumRM sidecar that negotiated ``pool-status``, the sidecar's
 ``rm.pool`` reports (its own reconnection attempts to the pool software) reach
@@ -39,6 +52,7 @@ from msgspec import Raw
 
 from bridge import __version__
 from bridge.config import UpstreamEntry
+from bridge.net.health import check_subscribe
 from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.sv1_upstream import SV1Upstream
 from bridge.net.tcp import describe_error
@@ -54,7 +68,7 @@ PROBE_AGENT = f"stratumrm-probe/{__version__}"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 5.0
 POOL_STATUS_POLL = 0.05
-KEEPALIVE_METHODS = ("authorize", "ping")
+KEEPALIVE_METHODS = ("subscribe", "ping")
 
 Session = SV1Upstream | RMUpstreamHandle
 NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError, ConnectionError)
@@ -106,26 +120,42 @@ class Probe:
         policy: "FailoverPolicy",
         wake: Any,
         *,
-        keepalive: str = "authorize",
+        keepalive: str = "subscribe",
+        check_timeout: float = 5.0,
     ) -> None:
         self.upstream = upstream
         self.policy = policy
         self.wake = wake  # called after every report to the policy
         self.keepalive_method = keepalive
+        self.check_timeout = check_timeout
         self.identity: tuple[str, str | None] | None = None
-        self._identity_known = trio.Event()
         self.session: Session | None = None
         self.connections = 0
         self.keepalives = 0
+        self.checks_failed = 0
+        self._authorized_session: Session | None = None
+        self._checking = False
         self._pool_up = True
 
     def set_identity(self, user: str, password: str | None) -> None:
+        """The worker name to authorize as; sent once on the live session (at its next flush)."""
         if self.identity is None:
             self.identity = (user, password)
-            self._identity_known.set()
+            if self.session is not None:
+                self._authorize(self.session)
+
+    def _authorize(self, session: Session) -> None:
+        """Authorize once per connection (pools never answer a second authorize)."""
+        if self.identity is None or self._authorized_session is session:
+            return
+        self._authorized_session = session
+        user, password = self.identity
+        try:
+            session.session.request("mining.authorize", [user, password or "x"], context="authorize")
+        except (RuntimeError, OverflowError):
+            pass  # the session is closing
 
     async def run(self) -> None:
-        await self._identity_known.wait()
         backoff = BACKOFF_FIRST
         upstream = self.upstream
         index = upstream.index
@@ -181,13 +211,11 @@ class Probe:
                 await trio.sleep(POOL_STATUS_POLL)
 
     async def _serve(self, session: Session) -> tuple[str, bool]:
-        assert self.identity is not None
-        user, password = self.identity
         client = session.session
         index = self.upstream.index
         policy = self.policy
         client.subscribe(PROBE_AGENT, None, context="subscribe")
-        client.request("mining.authorize", [user, password or "x"], context="authorize")
+        self._authorize(session)
         subscribed = False
         try:
             await session.flush()
@@ -212,7 +240,8 @@ class Probe:
                         elif event.context == "authorize" and not event.accepted:
                             log.warning(
                                 "probe on %s: worker %r not authorized (%s); health is still measured",
-                                self.upstream.name, user, bytes(event.response.error).decode(errors="replace"),
+                                self.upstream.name, self.identity[0] if self.identity else "",
+                                bytes(event.response.error).decode(errors="replace"),
                             )
                     elif kind is Ping and event.id is not None:
                         client.respond_raw(Response(event.id, Raw(b'"pong"'), NULL))
@@ -228,20 +257,50 @@ class Probe:
             return f"connection error: {describe_error(exc)}", subscribed
 
     async def keepalive(self) -> None:
-        """Ask the pool for an answer (any answer is proof of life)."""
+        """Give the policy proof of life if there is some (see the module docs); never re-authorize."""
         session = self.session
-        if session is None or self.identity is None:
+        if session is None:
             return
-        client = session.session
         try:
-            if self.keepalive_method == "ping":
-                client.request("mining.ping", [], context="keepalive")
-            else:
-                user, password = self.identity
-                client.request("mining.authorize", [user, password or "x"], context="keepalive")
-            self.keepalives += 1
-            await session.flush()
-        except (RuntimeError, OverflowError):
-            pass  # the session is closing, or the pool stopped answering long ago
-        except NETWORK_ERRORS:
+            await session.flush()  # an authorize queued by set_identity goes out now at the latest
+        except (RuntimeError, OverflowError, *NETWORK_ERRORS):
             pass  # the reader sees the failure
+        upstream = self.upstream
+        index = upstream.index
+        if self.keepalive_method == "ping":
+            try:
+                session.session.request("mining.ping", [], context="keepalive")
+                self.keepalives += 1
+                await session.flush()
+            except (RuntimeError, OverflowError, *NETWORK_ERRORS):
+                pass
+            return
+        if upstream.link is not None:
+            connection = upstream.link.connection
+            if connection is not None and connection.close_reason is None:
+                # The link enforces its own liveness (rm.ping, dead_after): open means alive.
+                self.keepalives += 1
+                self.policy.traffic(index, trio.current_time())
+                self.wake()
+            return
+        if self._checking:
+            return  # one fresh-connection check at a time
+        self._checking = True
+        self.keepalives += 1
+        started = trio.current_time()
+        try:
+            url = upstream.url
+            context = upstream.ssl_context if url.tls else None
+            verdict = await check_subscribe(
+                url.host, url.port, agent=PROBE_AGENT, ssl_context=context,
+                timeout=self.check_timeout, connect_timeout=upstream.connect_timeout,
+            )
+        finally:
+            self._checking = False
+        log.debug("probe on %s: keepalive check %s in %.3f s", upstream.name, verdict, trio.current_time() - started)
+        if verdict.up:
+            self.policy.traffic(index, trio.current_time())
+            self.wake()
+        else:
+            self.checks_failed += 1
+            log.info("probe on %s: keepalive check failed: %s", upstream.name, verdict.reason)
