@@ -502,7 +502,10 @@ class SidecarServer:
 
     def warnings(self, now: datetime | None = None) -> list[str]:
         """What needs the operator: certificates expiring soon, a stale revocation list ..."""
-        return [message for _key, message in self._warnings(now or datetime.now(UTC))]
+        found = [message for _key, message in self._warnings(now or datetime.now(UTC))]
+        if not self.pool_watch.up:  # logged by the pool watch when it changes; listed for monitoring
+            found.append(f"pool {self.pool} is down ({self.pool_watch.reason}); proxies are told (rm.pool)")
+        return found
 
     def _warnings(self, now: datetime) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []

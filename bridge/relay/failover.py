@@ -780,6 +780,24 @@ class FailoverPolicy:
 
     # ------------------------------------------------------------------ statistics
 
+    def warnings(self, now: float) -> list[str]:
+        """What monitoring must hear about (``stratumrm status`` exits 3): upstreams down, none usable."""
+        self._refresh(now)
+        found = [
+            f"upstream {up.name} is down ({up.kind}: {up.detail}); no rig is sent there until it recovers: "
+            "check that pool or sidecar and the path to it"
+            for up in self.upstreams
+            if up.state is State.DOWN
+        ]
+        if not any(self._candidate(up) for up in self.upstreams):
+            what = (
+                "rigs are released so their own backup pools take over"
+                if self.config.no_upstream is NoUpstreamPolicy.DISCONNECT
+                else "rigs wait on their last job"
+            )
+            found.append(f"no usable upstream: every upstream is down, {what}; bring one back or add another")
+        return found
+
     def statistics(self, now: float) -> FailoverStatistics:
         counts = self._counts()
         detections: Counter[str] = Counter()
