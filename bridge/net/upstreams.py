@@ -25,7 +25,8 @@ never ``mining.authorize`` again (ckpool never answers a second one and logs
 "trying to authorise twice"). ``subscribe`` (the default): a plain SV1 upstream
 gets one *fresh* connection's ``mining.subscribe``, as cgminer tests a pool
 (:func:`~bridge.net.health.check_subscribe`; its answer is traffic, a stalled pool
-gives none); a StratumRM upstream is alive while its link is open (the link
+gives none; the next check's connection is opened after each check, so a check
+times the pool's answer rather than the TCP handshake, and is replaced after 30 s); a StratumRM upstream is alive while its link is open (the link
 closes itself when the sidecar is silent for ``dead_after``, rm.ping keeping a
 healthy one talking), and the pool behind it is the
 sidecar's to watch (``rm.pool``). ``ping``: ``mining.ping`` on the probe session
@@ -55,7 +56,7 @@ from bridge.config import UpstreamEntry
 from bridge.net.health import check_subscribe
 from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.sv1_upstream import SV1Upstream
-from bridge.net.tcp import describe_error
+from bridge.net.tcp import close_quietly, describe_error, open_stream
 from bridge.sv1.events import Reply
 from bridge.sv1.messages import NULL, GetVersion, Notify, Ping, Reconnect, Response
 
@@ -68,6 +69,8 @@ PROBE_AGENT = f"stratumrm-probe/{__version__}"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 5.0
 POOL_STATUS_POLL = 0.05
+#: A spare check connection older than this is replaced (pools may drop idle, unsubscribed ones).
+SPARE_MAX_AGE = 30.0
 KEEPALIVE_METHODS = ("subscribe", "ping")
 
 Session = SV1Upstream | RMUpstreamHandle
@@ -135,6 +138,7 @@ class Probe:
         self.checks_failed = 0
         self._authorized_session: Session | None = None
         self._checking = False
+        self._spare: tuple[trio.abc.Stream, float] | None = None  # (connection, opened at) for the next check
         self._pool_up = True
 
     def set_identity(self, user: str, password: str | None) -> None:
@@ -175,6 +179,7 @@ class Probe:
             finally:
                 self.session = None
                 await session.aclose()
+                await self.close_spare()
             self.policy.lost(index, reason, trio.current_time(), connect_failed=not subscribed)
             self.wake()
             if subscribed:
@@ -288,13 +293,26 @@ class Probe:
         self._checking = True
         self.keepalives += 1
         started = trio.current_time()
+        url = upstream.url
+        context = upstream.ssl_context if url.tls else None
+        spare, self._spare = self._spare, None
+        stream = None
+        if spare is not None:
+            if started - spare[1] < SPARE_MAX_AGE:
+                stream = spare[0]
+            else:
+                await close_quietly(spare[0])
         try:
-            url = upstream.url
-            context = upstream.ssl_context if url.tls else None
             verdict = await check_subscribe(
                 url.host, url.port, agent=PROBE_AGENT, ssl_context=context,
-                timeout=self.check_timeout, connect_timeout=upstream.connect_timeout,
+                timeout=self.check_timeout, connect_timeout=upstream.connect_timeout, stream=stream,
             )
+            if not verdict.up and stream is not None:
+                # The spare may have been closed by the pool while it waited: judge on a new connection.
+                verdict = await check_subscribe(
+                    url.host, url.port, agent=PROBE_AGENT, ssl_context=context,
+                    timeout=self.check_timeout, connect_timeout=upstream.connect_timeout,
+                )
         finally:
             self._checking = False
         log.debug("probe on %s: keepalive check %s in %.3f s", upstream.name, verdict, trio.current_time() - started)
@@ -304,3 +322,26 @@ class Probe:
         else:
             self.checks_failed += 1
             log.info("probe on %s: keepalive check failed: %s", upstream.name, verdict.reason)
+            return
+        await self._open_spare()
+
+    async def _open_spare(self) -> None:
+        """Connect the next check's connection now, so the check times the pool's answer, not TCP's."""
+        upstream = self.upstream
+        url = upstream.url
+        try:
+            stream = await open_stream(
+                url.host, url.port, ssl_context=upstream.ssl_context if url.tls else None,
+                timeout=upstream.connect_timeout,
+            )
+        except NETWORK_ERRORS:
+            return  # the next check connects itself, and says why it cannot
+        if self._spare is not None or self.session is None:
+            await close_quietly(stream)
+            return
+        self._spare = (stream, trio.current_time())
+
+    async def close_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await close_quietly(spare[0])
