@@ -73,3 +73,37 @@ async def test_a_proxy_whose_only_upstream_is_down_when_the_first_rig_comes_reco
         assert pool.statistics().unanswered.get("authorise twice", 0) == 0
         miner.stop()
         nursery.cancel_scope.cancel()
+
+
+async def test_stratumrm_status_warns_and_exits_3_while_the_upstream_is_down() -> None:
+    from functools import partial
+
+    from click.testing import CliRunner
+
+    from bridge.config import parse_upstream_url
+    from bridge.net.miner_proxy import MinerProxy
+    from bridge.net.proxy_service import ProxyService
+    from bridge.status_command import WARNINGS_EXIT_STATUS, status
+    from bridge.testing.pool import ReferencePool
+
+    async with trio.open_nursery() as nursery:
+        pool = ReferencePool(PoolConfig())
+        pool_port = await nursery.start(pool.serve, "127.0.0.1", 0)
+        pool.kill()  # down before the proxy starts
+        proxy = MinerProxy(parse_upstream_url(f"stratum+tcp://127.0.0.1:{pool_port}"), failover=FailoverConfig(**FAST))
+        service = ProxyService(proxy, status_listen=("127.0.0.1", 0))
+        await nursery.start(service.run, "127.0.0.1", 0)
+        assert service.status is not None
+        url = f"http://127.0.0.1:{service.status.port}"
+        runner = CliRunner()
+        with trio.fail_after(30):
+            await until(lambda: proxy.policy.is_down(0))  # the probe runs with no rig and no worker name
+            result = await trio.to_thread.run_sync(partial(runner.invoke, status, ["--url", url]))
+            assert result.exit_code == WARNINGS_EXIT_STATUS, result.output
+            assert "upstream " in result.output and "is down (connect failed" in result.output
+            assert "no usable upstream" in result.output
+            await nursery.start(pool.serve, "127.0.0.1", pool_port)
+            await until(lambda: proxy.policy.usable(0))
+            result = await trio.to_thread.run_sync(partial(runner.invoke, status, ["--url", url]))
+            assert result.exit_code == 0 and "Warnings: none" in result.output, result.output
+        nursery.cancel_scope.cancel()
