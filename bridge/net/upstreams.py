@@ -139,6 +139,7 @@ class Probe:
         self._authorized_session: Session | None = None
         self._checking = False
         self._spare: tuple[trio.abc.Stream, float] | None = None  # (connection, opened at) for the next check
+        self._nursery: trio.Nursery | None = None
         self._pool_up = True
 
     def set_identity(self, user: str, password: str | None) -> None:
@@ -160,6 +161,11 @@ class Probe:
             pass  # the session is closing
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._run()
+
+    async def _run(self) -> None:
         backoff = BACKOFF_FIRST
         upstream = self.upstream
         index = upstream.index
@@ -242,6 +248,8 @@ class Probe:
                                 return f"subscribe refused: {bytes(event.response.error).decode(errors='replace')}", False
                             subscribed = True
                             policy.connected(index, now)
+                            if self._nursery is not None and self.keepalive_method == "subscribe" and self.upstream.link is None:
+                                self._nursery.start_soon(self._open_spare)  # ready for the first check
                         elif event.context == "authorize" and not event.accepted:
                             log.warning(
                                 "probe on %s: worker %r not authorized (%s); health is still measured",
