@@ -120,7 +120,7 @@ class Probe:
     def __init__(
         self,
         upstream: Upstream,
-        policy: "FailoverPolicy",
+        policy: FailoverPolicy,
         wake: Any,
         *,
         keepalive: str = "subscribe",

@@ -112,7 +112,7 @@ from typing import Any, Protocol, TypeGuard
 import msgspec
 import trio
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, LineTooLong
 from bridge.mining.share import (
     Job,
     difficulty_to_target,
@@ -126,7 +126,6 @@ from bridge.mining.share import (
     target_to_difficulty,
     version_bits_allowed,
 )
-from bridge.errors import LineTooLong
 from bridge.sv1.events import ProtocolViolation
 from bridge.sv1.framing import LineBuffer
 from bridge.sv1.messages import (
@@ -154,13 +153,13 @@ from bridge.sv1.rejects import (
 from bridge.sv1.server import ServerEvent, ServerSession
 
 __all__ = [
+    "STANDARD_MESSAGES",
     "PoolConfig",
     "PoolConnection",
     "PoolStatistics",
     "ReferencePool",
     "RejectRecord",
     "ShareRecord",
-    "STANDARD_MESSAGES",
 ]
 
 log = logging.getLogger("bridge.testing.pool")

@@ -18,7 +18,7 @@ from bridge.testing.failover import start_failover_bench
 from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig
 
-FAST = dict(silence_timeout=1.0, lag_delay=0.5, hold_down=1.5, no_upstream_grace=0.5)
+FAST = {"silence_timeout": 1.0, "lag_delay": 0.5, "hold_down": 1.5, "no_upstream_grace": 0.5}
 
 
 async def until(condition: Callable[[], bool], step: float = 0.05) -> None:

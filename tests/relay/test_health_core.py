@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from bridge.relay.health import MAX_LINES_BEFORE_RESULT, HealthWatch, SubscribeCheck, Verdict
+from bridge.relay.health import (
+    MAX_LINES_BEFORE_RESULT,
+    HealthWatch,
+    SubscribeCheck,
+    Verdict,
+)
 
 CKPOOL_SUBSCRIBE = b'{"result":[[["mining.notify","6b05d761"]],"5dd7056b",8],"id":1,"error":null}\n'
 

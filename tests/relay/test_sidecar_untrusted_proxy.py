@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_sidecar_core import Harness
 
 from bridge.relay.sidecar import RELAYED_PARAMS, AccountRefused, RequestRefused
-from test_sidecar_core import Harness
 
 SUBMIT_PARAMS = ["mallory.worker", "j1", "0000002a", "6554a2c1", "00000001"]
 
