@@ -123,12 +123,8 @@ class MinerProxy:
         drain_timeout: float = 10.0,
         probe_user: str | None = None,
         probe_password: str | None = None,
-<<<<<<< HEAD
-        keepalive: str = "authorize",
-        admission: AdmissionLimits | None = None,
-=======
         keepalive: str = "subscribe",
->>>>>>> d51c7d0 (Reference pool is as unkind as ckpool: methods by case-insensitive prefix, a second authorize or subscribe, unknown methods and early submits never answered, requests before subscribe close; the proxy probe subscribes without a worker name and never re-authorizes (fresh-connection subscribe or the link's liveness instead))
+        admission: AdmissionLimits | None = None,
     ) -> None:
         entries = [UpstreamEntry(upstream)] if isinstance(upstream, UpstreamURL) else list(upstream)
         if not entries:

@@ -128,3 +128,17 @@ def test_a_check_that_fails_while_the_pool_speaks_is_not_an_outage() -> None:
     watch.alive(12.0)  # jobs keep arriving on the channels
     watch.check_done(Verdict(False, "cannot connect: Too many open files"), 15.0)
     assert watch.up and watch.take_changes() == []
+
+
+def test_a_check_that_cannot_tell_changes_nothing_and_is_tried_again_with_backoff() -> None:
+    watch = HealthWatch(0.0, backoff_first=0.5, backoff_max=2.0)
+    watch.suspect("a pool connection failed: Too many open files", 1.0)
+    watch.check_started(1.0)
+    watch.check_done(Verdict(None, "connecting failed locally: Too many open files"), 1.0)
+    assert watch.up and watch.take_changes() == [] and watch.next_deadline() == 1.5
+    watch.check_started(1.5)
+    watch.check_done(Verdict(None, "still short"), 1.5)
+    assert watch.up and watch.next_deadline() == 2.5
+    watch.check_started(2.5)
+    watch.check_done(Verdict(False, "refused"), 2.5)
+    assert not watch.up and watch.take_changes() == [Verdict(False, "refused")]
