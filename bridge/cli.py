@@ -39,7 +39,7 @@ def cli() -> None:
 
 
 _FAILOVER_DEFAULTS = {
-    "strategy": "failover", "silence_timeout": 5.0, "keepalive": "authorize", "job_timeout": 90.0,
+    "strategy": "failover", "silence_timeout": 5.0, "keepalive": "subscribe", "job_timeout": 90.0,
     "lag_delay": 5.0, "hold_down": 120.0, "switch_rate": 500.0, "switch_burst": 25, "drain_timeout": 10.0,
     "no_upstream": "disconnect", "no_upstream_grace": 5.0, "probe_user": None, "probe_password": None,
 }
@@ -70,7 +70,7 @@ _FAILOVER_DEFAULTS = {
 @click.option("--share-batch-window", default=0.0, show_default=True, help="Seconds to hold UDP shares so several share a datagram (e.g. 0.001 for large farms).")
 @click.option("--strategy", type=click.Choice(["failover", "weighted"]), default="failover", show_default=True, help="failover: the first healthy priority level takes every rig; weighted: rigs split across healthy upstreams by #weight.")
 @click.option("--silence-timeout", type=float, default=5.0, show_default=True, help="An upstream that sends nothing for this long, although asked (keepalive), is down.")
-@click.option("--keepalive", type=click.Choice(["authorize", "ping", "none"]), default="authorize", show_default=True, help="What the probe asks a quiet upstream: mining.authorize (every pool answers), mining.ping, or nothing (no silence detection).")
+@click.option("--keepalive", type=click.Choice(["subscribe", "ping", "none"]), default="subscribe", show_default=True, help="How a quiet upstream proves it is alive: a fresh connection's mining.subscribe (StratumRM: the link's rm.ping), mining.ping on the probe session, or nothing (no silence detection).")
 @click.option("--job-timeout", type=float, default=90.0, show_default=True, help="An upstream without a mining.notify for this long is down.")
 @click.option("--lag-delay", type=float, default=5.0, show_default=True, help="An upstream that has not announced a block another upstream moved to this long ago is lagging (down).")
 @click.option("--hold-down", type=float, default=120.0, show_default=True, help="Seconds a recovered upstream must stay healthy before rigs fail back to it.")

@@ -8,9 +8,10 @@ time, closes sockets, and executes the policy's decisions:
 
 - one nursery per rig connection runs the rig reader, a timer for verdict
   deadlines, and one reader per upstream session (*leg*) of the rig;
-- one task per upstream runs its :class:`~bridge.net.upstreams.Probe` (started
-  once a worker name is known: ``probe_user``, or the first rig's successful
-  ``mining.authorize``), and one task runs the policy's timer and actions;
+- one task per upstream runs its :class:`~bridge.net.upstreams.Probe` from the
+  start (it subscribes without a worker name, and authorizes once when one is
+  known: ``probe_user``, or the first rig's successful ``mining.authorize``), and
+  one task runs the policy's timer and actions;
 - a ``MoveRig`` decision becomes, for the rig: a fresh session on the target
   opened transparently if the rig has not had its subscribe result yet; a new
   session with the handshake replayed and ``mining.set_extranonce`` plus a clean
@@ -125,14 +126,19 @@ class MinerProxy:
         drain_timeout: float = 10.0,
         probe_user: str | None = None,
         probe_password: str | None = None,
-        keepalive: str = "authorize",
+        keepalive: str = "subscribe",
         admission: AdmissionLimits | None = None,
     ) -> None:
         entries = [UpstreamEntry(upstream)] if isinstance(upstream, UpstreamURL) else list(upstream)
         if not entries:
             raise ValueError("at least one upstream is needed")
+        if keepalive == "authorize":
+            raise ValueError(
+                "keepalive 'authorize' is no longer offered (ckpool never answers a second authorize, so healthy "
+                "pools looked silent): use keepalive = \"subscribe\""
+            )
         if keepalive not in KEEPALIVE_METHODS + ("none",):
-            raise ValueError(f"keepalive must be one of authorize, ping, none; got {keepalive!r}")
+            raise ValueError(f"keepalive must be one of subscribe, ping, none; got {keepalive!r}")
         if pool_ssl_context is None and isinstance(upstream_ssl_context, ssl.SSLContext):
             pool_ssl_context = upstream_ssl_context
         self.containment = Containment(log, "proxy")
@@ -167,7 +173,14 @@ class MinerProxy:
             [UpstreamSpec(u.name, u.entry.priority, u.entry.weight) for u in self.upstreams], config
         )
         self.probes = [
-            Probe(u, self.policy, self.wake_policy, keepalive=keepalive, containment=self.containment)
+            Probe(
+                u,
+                self.policy,
+                self.wake_policy,
+                keepalive=keepalive,
+                check_timeout=config.silence_timeout,
+                containment=self.containment,
+            )
             for u in self.upstreams
         ]
         self.probe_user = probe_user

@@ -1,49 +1,63 @@
 """The sidecar's watch on its pool software: reachable or not, and when it is back.
 
-Each channel has its own pool connection, so a single one ending says little (the
-pool may have dropped one rig). When one ends or cannot be opened, the sidecar
-calls :meth:`PoolWatch.suspect`; the watch then *checks* the pool: it connects
-(TLS for ``stratum+ssl``), sends ``mining.subscribe`` and waits for the subscribe
-result. A result means the pool is up and nothing changes. Otherwise the pool is
-**down**: ``on_change(False, reason)`` tells every proxy session (``rm.pool``,
-bridge/wire/PROTOCOL.md C10) and the watch reconnects with exponential backoff
-(0.5 s doubling to 10 s) until a check succeeds, then ``on_change(True, "")``.
-However many connections fail at once (a crashed pool resets them all), one check
-runs at a time.
+A thin trio driver around :class:`~bridge.relay.health.HealthWatch` (the schedule
+and the verdict) and :func:`~bridge.net.health.check_subscribe` (one fresh
+connection's ``mining.subscribe``, as cgminer tests a pool). Health rests on what
+every pool answers without complaint (bridge/relay/health.py):
 
-A check that fails because **this host** is short of resources says nothing about the
-pool: connecting failed with EMFILE, ENFILE, ENOBUFS or ENOMEM, or ``local_shortage``
-(the sidecar's file-descriptor gauge, the same one admission control uses) reports
-a shortage when the check fails. Such a check is *inconclusive*: nothing is sent to
-the proxies (a flood of connections to the sidecar must not make them release
-healthy rigs), a rate-limited warning says what is short, and the check is tried
-again with the same backoff until it can tell.
+- :meth:`PoolWatch.alive`: the driver saw a line from the pool on a channel's pool
+  connection (jobs arriving); nothing needs checking, and a pool that was down is
+  up again at once;
+- :meth:`PoolWatch.suspect`: a channel's pool connection ended or could not be
+  opened (a single one ending says little: the pool may have dropped one rig), so
+  a check runs now;
+- ``quiet_after`` seconds with no line from the pool at all (a stalled pool
+  process keeps its sockets open) also make a check run.
+
+A failed check makes the pool **down**: ``on_change(False, reason)`` tells every
+proxy session (``rm.pool``, bridge/wire/PROTOCOL.md C10), and checks repeat with
+exponential backoff (0.5 s doubling to 10 s) until one succeeds or the pool
+speaks, then ``on_change(True, "")``. One check runs at a time, however many
+connections fail at once (a crashed pool resets them all).
+
+:meth:`PoolWatch.check` is the one place a check is run. A check that fails because
+**this host** is short of resources says nothing about the pool: connecting (or the
+exchange) failed with EMFILE, ENFILE, ENOBUFS or ENOMEM, or ``local_shortage`` (the
+sidecar's file-descriptor gauge, the same one admission control uses) reports a
+shortage when the check fails. Such a check is *inconclusive* (``None``): nothing is
+sent to the proxies (a flood of connections to the sidecar must not make them
+release healthy rigs), a rate-limited warning says what is short, and the check is
+tried again with the same backoff until it can tell.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import ssl
 from collections.abc import Callable
 
-import msgspec
 import trio
 
 from bridge import __version__
 from bridge.config import UpstreamURL
+from bridge.net.health import check_subscribe
 from bridge.net.listen import is_resource_shortage
-from bridge.net.tcp import close_quietly, describe_error, open_stream
-from bridge.sv1.framing import decode_json
+from bridge.net.tcp import describe_error, open_stream
+from bridge.relay.health import (
+    DEFAULT_BACKOFF_FIRST,
+    DEFAULT_BACKOFF_MAX,
+    HealthWatch,
+    Verdict,
+)
 
 log = logging.getLogger("bridge.sidecar.pool")
 
-BACKOFF_FIRST = 0.5
-BACKOFF_MAX = 10.0
+BACKOFF_FIRST = DEFAULT_BACKOFF_FIRST
+BACKOFF_MAX = DEFAULT_BACKOFF_MAX
+#: Seconds without a line from the pool before a check (ckpool sends a job every 10 s by default).
+DEFAULT_QUIET_AFTER = 15.0
 CHECK_AGENT = f"stratumrm-sidecar-check/{__version__}"
-#: The longest line the check reads from the pool (a subscribe result is ~100 bytes).
-MAX_CHECK_LINE = 65536
 #: A repeated "cannot tell, this host is short of resources" is logged at most this often.
 LOCAL_LOG_INTERVAL = 10.0
 
@@ -59,6 +73,7 @@ class PoolWatch:
         *,
         connect_timeout: float = 10.0,
         check_timeout: float = 5.0,
+        quiet_after: float | None = DEFAULT_QUIET_AFTER,
         local_shortage: Callable[[], str | None] | None = None,
     ) -> None:
         self.pool = pool
@@ -66,59 +81,67 @@ class PoolWatch:
         self.on_change = on_change
         self.connect_timeout = connect_timeout
         self.check_timeout = check_timeout
-        self.up = True
-        self.reason = ""
         self.local_shortage = local_shortage
-        self.checks = 0
-        self.outages = 0
         #: Checks that could not tell because this host was short of resources.
         self.inconclusive = 0
         self._local_logged = -math.inf
-        self._suspected = trio.Event()
-        self._trouble = ""
+        self.health = HealthWatch(
+            0.0, quiet_after=quiet_after, backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX
+        )
+        self._wake = trio.Event()
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+    @property
+    def reason(self) -> str:
+        return self.health.reason
+
+    @property
+    def checks(self) -> int:
+        return self.health.checks
+
+    @property
+    def outages(self) -> int:
+        return self.health.outages
+
+    def alive(self) -> None:
+        """A line came from the pool on one of the channels' connections (cheap: call it on every read)."""
+        self.health.alive(trio.current_time())
+        self._report()
 
     def suspect(self, reason: str) -> None:
         """A pool connection ended or could not be opened: check the pool soon."""
-        self._trouble = reason
-        self._suspected.set()
+        self.health.suspect(reason, trio.current_time())
+        self._wake.set()
 
     async def run(self) -> None:
+        health = self.health
+        health.start(trio.current_time())
         while True:
-            await self._suspected.wait()
-            self._suspected = trio.Event()
-            if self.up:
-                ok, reason = await self.check()
-                backoff = BACKOFF_FIRST
-                while ok is None:  # this host is short of resources: cannot tell, keep trying
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
-                    ok, reason = await self.check()
-                if ok:
-                    continue
-                self._change(False, reason)
-            backoff = BACKOFF_FIRST
-            while not self.up:
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                ok, reason = await self.check()
-                if ok:
-                    self._change(True, "")
-                elif ok is False:
-                    self.reason = reason
-            self._suspected = trio.Event()  # what failed during the outage is explained by it
+            deadline = health.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            if not health.check_due(now):
+                continue
+            health.check_started(now)
+            ok, reason = await self.check()
+            health.check_done(Verdict(ok, reason), trio.current_time())
+            self._report()
 
-    def _change(self, up: bool, reason: str) -> None:
-        self.up = up
-        self.reason = reason
-        if up:
-            log.warning("pool %s is reachable again; proxies are told (rm.pool up)", self.pool)
-        else:
-            self.outages += 1
-            log.warning(
-                "pool %s is down (%s; after: %s); proxies are told (rm.pool down), reconnecting with backoff",
-                self.pool, reason, self._trouble,
-            )
-        self.on_change(up, reason)
+    def _report(self) -> None:
+        for change in self.health.take_changes():
+            if change.up:
+                log.warning("pool %s is reachable again; proxies are told (rm.pool up)", self.pool)
+            else:
+                log.warning(
+                    "pool %s is down (%s; after: %s); proxies are told (rm.pool down), checking again with backoff",
+                    self.pool, change.reason, self.health.suspicion or "no line from the pool for a while",
+                )
+            self.on_change(change.up, change.reason)
 
     async def check(self) -> tuple[bool | None, str]:
         """Check the pool: (True, "") up, (False, why) down, (None, why) cannot tell (module docs)."""
@@ -141,7 +164,7 @@ class PoolWatch:
         return ok, reason
 
     async def _check(self) -> tuple[bool | None, str]:
-        self.checks += 1
+        """Connect, subscribe, wait for the result (a fresh connection, closed afterwards)."""
         pool = self.pool
         try:
             stream = await open_stream(
@@ -151,32 +174,7 @@ class PoolWatch:
             if is_resource_shortage(exc):
                 return None, f"connecting to pool {pool} failed locally: {describe_error(exc)}"
             return False, f"cannot connect to pool {pool}: {describe_error(exc)}"
-        try:
-            with trio.move_on_after(self.check_timeout):
-                request = {"id": 1, "method": "mining.subscribe", "params": [CHECK_AGENT]}
-                await stream.send_all(json.dumps(request).encode() + b"\n")
-                buffer = b""
-                while True:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return False, f"pool {pool} closed the connection before answering mining.subscribe"
-                    buffer += data
-                    *lines, buffer = buffer.split(b"\n")
-                    if len(buffer) > MAX_CHECK_LINE:
-                        return False, f"pool {pool} answered mining.subscribe with a line over {MAX_CHECK_LINE} bytes"
-                    for line in lines:
-                        try:
-                            message = decode_json(line)
-                        except msgspec.DecodeError:
-                            return False, f"pool {pool} answered mining.subscribe with something that is not JSON"
-                        if isinstance(message, dict) and message.get("id") == 1 and "method" not in message:
-                            if message.get("result") and not message.get("error"):
-                                return True, ""
-                            return False, f"pool {pool} refused mining.subscribe: {message.get('error')}"
-            return False, f"pool {pool} did not answer mining.subscribe within {self.check_timeout:g} s"
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            if is_resource_shortage(exc):
-                return None, f"pool {pool} check failed locally: {describe_error(exc)}"
-            return False, f"pool {pool} connection error: {describe_error(exc)}"
-        finally:
-            await close_quietly(stream)
+        verdict = await check_subscribe(
+            pool.host, pool.port, agent=CHECK_AGENT, timeout=self.check_timeout, stream=stream
+        )
+        return verdict.up, verdict.reason

@@ -166,7 +166,9 @@ class ProxyService:
         return proxy_status(self.proxy, self.credentials)
 
     def warnings(self) -> list[str]:
-        return self.watcher.warnings() if self.watcher is not None else []
+        """Certificate warnings, then upstream health (down, none usable): monitoring exits 3 on any."""
+        found = self.watcher.warnings() if self.watcher is not None else []
+        return found + self.proxy.policy.warnings(trio.current_time())
 
     async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve rigs on ``host:port`` (and the status endpoint) until cancelled; reports the port."""

@@ -114,9 +114,10 @@ from bridge.relay.sidecar import (
     DEFAULT_DEAD_AFTER,
     DEFAULT_HEARTBEAT,
     DEFAULT_REKEY_INTERVAL,
-    AccountRefused,
     ClosePool,
     OpenPool,
+    Refusal,
+    RequestRefused,
     SidecarIntake,
     SidecarSession,
     SidecarSessionStatistics,
@@ -518,7 +519,10 @@ class SidecarServer:
 
     def warnings(self, now: datetime | None = None) -> list[str]:
         """What needs the operator: certificates expiring soon, a stale revocation list ..."""
-        return [message for _key, message in self._warnings(now or datetime.now(UTC))]
+        found = [message for _key, message in self._warnings(now or datetime.now(UTC))]
+        if not self.pool_watch.up:  # logged by the pool watch when it changes; listed for monitoring
+            found.append(f"pool {self.pool} is down ({self.pool_watch.reason}); proxies are told (rm.pool)")
+        return found
 
     def _warnings(self, now: datetime) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
@@ -873,7 +877,14 @@ class _ProxyConnection:
             self._log_refusal(refusal)
         self._wake.set()
 
-    def _log_refusal(self, refusal: AccountRefused) -> None:
+    def _log_refusal(self, refusal: Refusal) -> None:
+        if isinstance(refusal, RequestRefused):
+            log.warning(
+                "proxy %s channel %d: refused %r, not relayed to the pool (%s); "
+                "a proxy sending this is not StratumRM's or has been tampered with: check its version and host",
+                self.peer, refusal.ch, refusal.method, refusal.reason,
+            )
+            return
         identity = self.identity
         covered = ", ".join(identity.accounts) or "none"
         log.warning(
@@ -1004,6 +1015,7 @@ class _ProxyConnection:
                         reason = "pool closed the connection"
                         break
                     session.pool_data(ch, data, trio.current_time())
+                    self.server.pool_watch.alive()
                     self.step()
                     if ch not in session.channels:
                         reason = "channel ended"

@@ -6,17 +6,31 @@ gives a rig (or the probe) its own session there: a plain SV1 connection
 StratumRM link (:class:`~bridge.net.rm_upstream.RMUpstreamHandle`), both with the
 same ``session`` / ``flush`` / ``receive`` / ``aclose`` shape.
 
-A :class:`Probe` keeps one session per upstream connected and authorized, owned
-by the proxy, for the failover policy (:mod:`bridge.relay.failover`): it
-subscribes with the proxy's own user agent and authorizes as the first rig's
-worker name (or ``--probe-user``), so pools see an ordinary worker, and it
-reports the subscribe result (connected), every ``mining.notify`` (prevhash),
-every line (traffic) and every failure (refused, reset, closed, TLS, StratumRM
-link dead) to the policy. When the policy asks for a keepalive it sends
-``mining.authorize`` again (every pool answers it) or ``mining.ping``. A lost
-probe reconnects with exponential backoff (0.5 s to 5 s). ``mining.ping`` and
-``client.get_version`` from the pool are answered; ``client.reconnect`` counts
-as a loss (pools send it before maintenance) and the probe reconnects.
+A :class:`Probe` keeps one session per upstream connected, owned by the proxy,
+for the failover policy (:mod:`bridge.relay.failover`), from the proxy's start,
+whatever the order in which the proxy, the upstreams and the rigs come up: it
+subscribes with the proxy's own user agent (a subscribe needs no worker name) and,
+once a worker name is known (``--probe-user`` or the first rig's), authorizes
+**once** per connection, so pools that send jobs only to authorized workers see an
+ordinary worker. It reports the subscribe result (connected), every
+``mining.notify`` (prevhash), every line (traffic) and every failure (refused,
+reset, closed, TLS, StratumRM link dead) to the policy. A lost probe reconnects
+with exponential backoff (0.5 s to 5 s). ``mining.ping`` and
+``client.get_version`` from the pool are answered; ``client.reconnect`` counts as
+a loss (pools send it before maintenance) and the probe reconnects.
+
+When the policy asks for a keepalive (a quiet upstream must prove it is alive),
+the probe asks only what pools answer without complaint (bridge/relay/health.py):
+never ``mining.authorize`` again (ckpool never answers a second one and logs
+"trying to authorise twice"). ``subscribe`` (the default): a plain SV1 upstream
+gets one *fresh* connection's ``mining.subscribe``, as cgminer tests a pool
+(:func:`~bridge.net.health.check_subscribe`; its answer is traffic, a stalled pool
+gives none; the next check's connection is opened after each check, so a check
+times the pool's answer rather than the TCP handshake, and is replaced after 30 s); a StratumRM upstream is alive while its link is open (the link
+closes itself when the sidecar is silent for ``dead_after``, rm.ping keeping a
+healthy one talking), and the pool behind it is the
+sidecar's to watch (``rm.pool``). ``ping``: ``mining.ping`` on the probe session
+(for pools known to answer it).
 
 Behind a StratumRM sidecar that negotiated ``pool-status``, the sidecar's
 ``rm.pool`` reports (its own reconnection attempts to the pool software) reach
@@ -40,9 +54,10 @@ from msgspec import Raw
 from bridge import __version__
 from bridge.config import UpstreamEntry
 from bridge.net.containment import Containment
+from bridge.net.health import check_subscribe
 from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.sv1_upstream import SV1Upstream
-from bridge.net.tcp import describe_error
+from bridge.net.tcp import close_quietly, describe_error, open_stream
 from bridge.sv1.events import Reply
 from bridge.sv1.messages import NULL, GetVersion, Notify, Ping, Reconnect, Response
 
@@ -55,7 +70,9 @@ PROBE_AGENT = f"stratumrm-probe/{__version__}"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 5.0
 POOL_STATUS_POLL = 0.05
-KEEPALIVE_METHODS = ("authorize", "ping")
+#: A spare check connection older than this is replaced (pools may drop idle, unsubscribed ones).
+SPARE_MAX_AGE = 30.0
+KEEPALIVE_METHODS = ("subscribe", "ping")
 
 Session = SV1Upstream | RMUpstreamHandle
 NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError, ConnectionError)
@@ -108,10 +125,11 @@ class Probe:
     def __init__(
         self,
         upstream: Upstream,
-        policy: "FailoverPolicy",
+        policy: FailoverPolicy,
         wake: Any,
         *,
-        keepalive: str = "authorize",
+        keepalive: str = "subscribe",
+        check_timeout: float = 5.0,
         containment: Containment | None = None,
     ) -> None:
         self.upstream = upstream
@@ -119,20 +137,42 @@ class Probe:
         self.policy = policy
         self.wake = wake  # called after every report to the policy
         self.keepalive_method = keepalive
+        self.check_timeout = check_timeout
         self.identity: tuple[str, str | None] | None = None
-        self._identity_known = trio.Event()
         self.session: Session | None = None
         self.connections = 0
         self.keepalives = 0
+        self.checks_failed = 0
+        self._authorized_session: Session | None = None
+        self._checking = False
+        self._spare: tuple[trio.abc.Stream, float] | None = None  # (connection, opened at) for the next check
+        self._nursery: trio.Nursery | None = None
         self._pool_up = True
 
     def set_identity(self, user: str, password: str | None) -> None:
+        """The worker name to authorize as; sent once on the live session (at its next flush)."""
         if self.identity is None:
             self.identity = (user, password)
-            self._identity_known.set()
+            if self.session is not None:
+                self._authorize(self.session)
+
+    def _authorize(self, session: Session) -> None:
+        """Authorize once per connection (pools never answer a second authorize)."""
+        if self.identity is None or self._authorized_session is session:
+            return
+        self._authorized_session = session
+        user, password = self.identity
+        try:
+            session.session.request("mining.authorize", [user, password or "x"], context="authorize")
+        except (RuntimeError, OverflowError):
+            pass  # the session is closing
 
     async def run(self) -> None:
-        await self._identity_known.wait()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._run()
+
+    async def _run(self) -> None:
         backoff = BACKOFF_FIRST
         upstream = self.upstream
         index = upstream.index
@@ -156,6 +196,7 @@ class Probe:
             finally:
                 self.session = None
                 await session.aclose()
+                await self.close_spare()
             self.policy.lost(index, reason, trio.current_time(), connect_failed=not subscribed)
             self.wake()
             if subscribed:
@@ -192,13 +233,11 @@ class Probe:
                 await trio.sleep(POOL_STATUS_POLL)
 
     async def _serve(self, session: Session) -> tuple[str, bool]:
-        assert self.identity is not None
-        user, password = self.identity
         client = session.session
         index = self.upstream.index
         policy = self.policy
         client.subscribe(PROBE_AGENT, None, context="subscribe")
-        client.request("mining.authorize", [user, password or "x"], context="authorize")
+        self._authorize(session)
         subscribed = False
         try:
             await session.flush()
@@ -220,10 +259,13 @@ class Probe:
                                 return f"subscribe refused: {bytes(event.response.error).decode(errors='replace')}", False
                             subscribed = True
                             policy.connected(index, now)
+                            if self._nursery is not None and self.keepalive_method == "subscribe" and self.upstream.link is None:
+                                self._nursery.start_soon(self._open_spare)  # ready for the first check
                         elif event.context == "authorize" and not event.accepted:
                             log.warning(
                                 "probe on %s: worker %r not authorized (%s); health is still measured",
-                                self.upstream.name, user, bytes(event.response.error).decode(errors="replace"),
+                                self.upstream.name, self.identity[0] if self.identity else "",
+                                bytes(event.response.error).decode(errors="replace"),
                             )
                     elif kind is Ping and event.id is not None:
                         client.respond_raw(Response(event.id, Raw(b'"pong"'), NULL))
@@ -239,20 +281,86 @@ class Probe:
             return f"connection error: {describe_error(exc)}", subscribed
 
     async def keepalive(self) -> None:
-        """Ask the pool for an answer (any answer is proof of life)."""
+        """Give the policy proof of life if there is some (see the module docs); never re-authorize."""
         session = self.session
-        if session is None or self.identity is None:
+        if session is None:
             return
-        client = session.session
         try:
-            if self.keepalive_method == "ping":
-                client.request("mining.ping", [], context="keepalive")
-            else:
-                user, password = self.identity
-                client.request("mining.authorize", [user, password or "x"], context="keepalive")
-            self.keepalives += 1
-            await session.flush()
-        except (RuntimeError, OverflowError):
-            pass  # the session is closing, or the pool stopped answering long ago
-        except NETWORK_ERRORS:
+            await session.flush()  # an authorize queued by set_identity goes out now at the latest
+        except (RuntimeError, OverflowError, *NETWORK_ERRORS):
             pass  # the reader sees the failure
+        upstream = self.upstream
+        index = upstream.index
+        if self.keepalive_method == "ping":
+            try:
+                session.session.request("mining.ping", [], context="keepalive")
+                self.keepalives += 1
+                await session.flush()
+            except (RuntimeError, OverflowError, *NETWORK_ERRORS):
+                pass
+            return
+        if upstream.link is not None:
+            connection = upstream.link.connection
+            if connection is not None and connection.close_reason is None:
+                # The link enforces its own liveness (rm.ping, dead_after): open means alive.
+                self.keepalives += 1
+                self.policy.traffic(index, trio.current_time())
+                self.wake()
+            return
+        if self._checking:
+            return  # one fresh-connection check at a time
+        self._checking = True
+        self.keepalives += 1
+        started = trio.current_time()
+        url = upstream.url
+        context = upstream.ssl_context if url.tls else None
+        spare, self._spare = self._spare, None
+        stream = None
+        if spare is not None:
+            if started - spare[1] < SPARE_MAX_AGE:
+                stream = spare[0]
+            else:
+                await close_quietly(spare[0])
+        try:
+            verdict = await check_subscribe(
+                url.host, url.port, agent=PROBE_AGENT, ssl_context=context,
+                timeout=self.check_timeout, connect_timeout=upstream.connect_timeout, stream=stream,
+            )
+            if not verdict.up and stream is not None:
+                # The spare may have been closed by the pool while it waited: judge on a new connection.
+                verdict = await check_subscribe(
+                    url.host, url.port, agent=PROBE_AGENT, ssl_context=context,
+                    timeout=self.check_timeout, connect_timeout=upstream.connect_timeout,
+                )
+        finally:
+            self._checking = False
+        log.debug("probe on %s: keepalive check %s in %.3f s", upstream.name, verdict, trio.current_time() - started)
+        if verdict.up:
+            self.policy.traffic(index, trio.current_time())
+            self.wake()
+        else:
+            self.checks_failed += 1
+            log.info("probe on %s: keepalive check failed: %s", upstream.name, verdict.reason)
+            return
+        await self._open_spare()
+
+    async def _open_spare(self) -> None:
+        """Connect the next check's connection now, so the check times the pool's answer, not TCP's."""
+        upstream = self.upstream
+        url = upstream.url
+        try:
+            stream = await open_stream(
+                url.host, url.port, ssl_context=upstream.ssl_context if url.tls else None,
+                timeout=upstream.connect_timeout,
+            )
+        except NETWORK_ERRORS:
+            return  # the next check connects itself, and says why it cannot
+        if self._spare is not None or self.session is None:
+            await close_quietly(stream)
+            return
+        self._spare = (stream, trio.current_time())
+
+    async def close_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await close_quietly(spare[0])

@@ -12,10 +12,11 @@ Health
 ======
 
 Each upstream has a **probe session** owned by the proxy: a connection (for
-StratumRM, a channel on the shared link) that subscribes and authorizes as the
-first rig's worker name (or ``--probe-user``), so the pool sees an ordinary
-worker. It exists to measure: jobs and their prevhash, traffic, and an answer
-to a periodic keepalive. The driver reports :meth:`~FailoverPolicy.connected`
+StratumRM, a channel on the shared link) that subscribes from the proxy's start
+(no worker name needed) and authorizes once as the first rig's worker name (or
+``--probe-user``) when one is known, so the pool sees an ordinary worker. It
+exists to measure: jobs and their prevhash, traffic, and proof of life when asked.
+The driver reports :meth:`~FailoverPolicy.connected`
 (subscribe result), :meth:`~FailoverPolicy.job` (a ``mining.notify`` and its
 prevhash), :meth:`~FailoverPolicy.traffic` (any line from any session of the
 upstream, rigs' included), :meth:`~FailoverPolicy.lost` (connection refused,
@@ -29,11 +30,13 @@ reset, closed, TLS failure, StratumRM link dead) and
   (default 5 s) although it was asked. SV1 has no heartbeat and pools are quiet
   by nature (a notify every 30 s), so silence is only meaningful when the proxy
   *elicits* traffic: after ``keepalive_interval`` (``silence_timeout / 3``) of
-  quiet, the probe sends a keepalive request the pool must answer. The default
-  keepalive is ``mining.authorize`` of the probe's worker again, because every
-  pool answers authorize (ckpool, NOMP and public-pool answer nothing to unknown
-  methods or to ``mining.ping`` from a client, reference/stratum-v1.md pitfall
-  14); any answer, even an error, proves the pool reads and writes. With
+  quiet, the driver is asked for a keepalive, which must be something every pool
+  answers without complaint (bridge/relay/health.py): a fresh connection's
+  ``mining.subscribe`` for plain SV1 (cgminer's pool test), the link's own
+  ``rm.ping`` liveness for StratumRM. Never ``mining.authorize`` again: ckpool
+  never answers a second one (and logs "trying to authorise twice"), nor
+  ``mining.ping`` or unknown methods from a client (reference/stratum-v1.md
+  pitfall 14), so a healthy pool would look silent. With
   keepalives off (``keepalive_interval=None``) the silence rule is off too and
   only loss, missing jobs and lag remain. A TCP-level probe would not do: a
   stalled pool process (or a stalled relay in between) still has its kernel ACK
@@ -51,8 +54,8 @@ reset, closed, TLS failure, StratumRM link dead) and
 - ``pool down``: the sidecar reports that the pool behind it is unreachable.
 
 An upstream is **up** once its probe is connected and has had a job since it
-connected, and none of the above holds. Before there is a probe (no worker name
-is known yet) an upstream that never failed is *presumed* usable, so the first
+connected, and none of the above holds. Before the probe's first result an
+upstream that never failed is *presumed* usable, so the first
 rigs are placed at once; a failed first connection is itself a detection.
 
 Placement
@@ -140,7 +143,7 @@ _UNREACHABLE = frozenset({Reason.CONNECT_FAILED, Reason.CONNECTION_LOST, Reason.
 
 class State(enum.StrEnum):
     UNKNOWN = "unknown"
-    """No probe yet; presumed usable if it never failed."""
+    """No probe result yet; presumed usable if it never failed."""
     STARTING = "starting"
     """Probe connected, no job yet."""
     UP = "up"
@@ -779,6 +782,24 @@ class FailoverPolicy:
         return []
 
     # ------------------------------------------------------------------ statistics
+
+    def warnings(self, now: float) -> list[str]:
+        """What monitoring must hear about (``stratumrm status`` exits 3): upstreams down, none usable."""
+        self._refresh(now)
+        found = [
+            f"upstream {up.name} is down ({up.kind}: {up.detail}); no rig is sent there until it recovers: "
+            "check that pool or sidecar and the path to it"
+            for up in self.upstreams
+            if up.state is State.DOWN
+        ]
+        if not any(self._candidate(up) for up in self.upstreams):
+            what = (
+                "rigs are released so their own backup pools take over"
+                if self.config.no_upstream is NoUpstreamPolicy.DISCONNECT
+                else "rigs wait on their last job"
+            )
+            found.append(f"no usable upstream: every upstream is down, {what}; bring one back or add another")
+        return found
 
     def statistics(self, now: float) -> FailoverStatistics:
         counts = self._counts()

@@ -725,6 +725,11 @@ class StratumRMConnection:
                 share.deadline = now + rto
         timeline.extend(retried)
 
+    @property
+    def last_received(self) -> float:
+        """When the sidecar last sent anything (it pings every ``heartbeat``): the link's own liveness."""
+        return self._last_received
+
     def statistics(self) -> ConnectionStatistics:
         rtt = self.rtt
         return ConnectionStatistics(

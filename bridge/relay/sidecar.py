@@ -44,7 +44,14 @@ and secret from the injectable ``randbytes``), registered with the shared
 for the receiver's grace period; PROBE_ACKs stay sealed under the old epoch until
 a datagram authenticated under the new one proves the proxy has it (§8).
 
-Channels (C4). ``rm.open`` emits :class:`OpenPool`; channel requests go through
+Channels (C4). ``rm.open`` emits :class:`OpenPool`. The proxy is not trusted with
+what reaches the pool: a channel request is relayed only when its method is one of
+:data:`RELAYED_PARAMS`, spelled exactly, and its params decode into that method's
+typed shape; the pool gets the params re-encoded from the typed value, never the
+proxy's bytes. Anything else is answered with error 20 and reported once per method
+and channel as :class:`RequestRefused` (pools match methods loosely: ckpool by
+case-insensitive prefix, so ``MINING.SUBMIT`` or ``mining.auth`` would be a submit or
+an authorize that skipped the account check). Relayed requests go through
 the channel's ClientSession, which orders them the way pools want (configure and
 subscribe at once, authorize after the subscribe result, the rest after the first
 authorize result), with the proxy's id as context, and the pool's answer goes
@@ -124,8 +131,10 @@ from bridge.sv1.messages import (
     FALSE,
     NULL,
     AuthorizeParams,
+    DifficultyParams,
     GetVersion,
     Notify,
+    NumberParams,
     Ping,
     Reconnect,
     RequestId,
@@ -135,6 +144,8 @@ from bridge.sv1.messages import (
     SetVersionMask,
     ShowMessage,
     SubmitParams,
+    SubscribeParams,
+    TextParams,
     error_value,
 )
 from bridge.sv1.rejects import JOB_NOT_FOUND, OTHER, UNAUTHORIZED
@@ -191,12 +202,15 @@ from bridge.wire.receiver import (
 __all__ = [
     "AGENT",
     "DEFAULT_BATCH_WINDOW",
-    "AccountRefused",
     "DEFAULT_SHARE_CACHE",
+    "RELAYED_PARAMS",
+    "AccountRefused",
     "ClosePool",
     "OpenPool",
     "OutgoingDatagram",
     "PoolCommand",
+    "Refusal",
+    "RequestRefused",
     "SidecarIntake",
     "SidecarSession",
     "SidecarSessionStatistics",
@@ -230,9 +244,35 @@ MAX_LINE_FROM_POOL: Final = 64 * 1024
 MAX_CHANNEL_NUMBER: Final = 0xFFFF_FFFF
 _MAX_HANDLE: Final = 0xFFFF_FFFF
 
-_decode_submit_params = BoundedDecoder(SubmitParams).decode
-_decode_authorize_params = BoundedDecoder(AuthorizeParams).decode
 _encode = msgspec.json.Encoder().encode
+
+#: The only requests a proxy may have relayed to the pool: exact, canonical SV1 method
+#: names, each with the params shape it is decoded into and re-encoded from (the
+#: proxy's bytes never reach the pool). Everything else is refused (item 3 of issue 9:
+#: pools match methods loosely, ckpool case-insensitively by prefix, so a name such as
+#: ``MINING.SUBMIT`` or ``mining.auth`` would otherwise slip past the account check).
+RELAYED_PARAMS: Final[dict[str, Any]] = {
+    "mining.subscribe": SubscribeParams,
+    "mining.authorize": AuthorizeParams,
+    "mining.submit": SubmitParams,
+    "mining.configure": tuple[list[str], dict[str, Any]],
+    "mining.extranonce.subscribe": list[Any],  # re-encoded as [] whatever it held
+    "mining.suggest_difficulty": DifficultyParams,
+    "mining.suggest_target": TextParams,
+    "mining.multi_version": NumberParams,
+    "mining.get_transactions": list[str],
+}
+_RELAYED_DECODERS: Final = {method: BoundedDecoder(shape) for method, shape in RELAYED_PARAMS.items()}
+
+
+def _encode_params(params: Any) -> Raw:
+    """Typed params as the JSON array a pool expects: a Struct's trailing unset (None) fields dropped."""
+    if isinstance(params, Struct):
+        values = list(msgspec.structs.astuple(params))
+        while values and values[-1] is None:
+            values.pop()
+        params = values
+    return Raw(_encode(params))
 
 
 # ----------------------------------------------------------------- commands
@@ -278,6 +318,20 @@ class AccountRefused(Struct, frozen=True):
     account: str
 
 
+class RequestRefused(Struct, frozen=True):
+    """A channel request the sidecar would not relay (method not allowed, or params malformed).
+
+    Reported once per method (as sent, truncated) and channel.
+    """
+
+    ch: int
+    method: str
+    reason: str
+
+
+Refusal = AccountRefused | RequestRefused
+
+
 class OutgoingDatagram(NamedTuple):
     """A sealed datagram and the (authenticated, budgeted) address to send it to."""
 
@@ -308,6 +362,8 @@ class SidecarSessionStatistics(Struct, frozen=True):
     """Shares answered with an error without reaching the pool (unknown channel, job or worker ...)."""
     authorizations_refused: int
     """``mining.authorize`` requests for an account the certificate does not name (error 24)."""
+    requests_refused: int
+    """Channel requests not relayed: a method outside the allowlist or malformed params (error 20)."""
     accepted: int
     rejected: int
     verdicts_udp: int
@@ -446,7 +502,7 @@ class _JobEntry:
 class _Channel:
     """One rig connection at the proxy and its pool connection here."""
 
-    __slots__ = ("ch", "connected", "jobs", "peer", "pool", "refused_accounts", "workers")
+    __slots__ = ("ch", "connected", "jobs", "peer", "pool", "refused_accounts", "refused_methods", "workers")
 
     def __init__(self, ch: int, peer: str) -> None:
         self.ch = ch
@@ -455,6 +511,7 @@ class _Channel:
         self.connected = False
         self.workers: list[str] = []
         self.refused_accounts: set[str] = set()
+        self.refused_methods: set[str] = set()
         self.jobs: OrderedDict[str, int] = OrderedDict()
 
 
@@ -546,7 +603,7 @@ class SidecarSession:
         self._out_size = 0
         self._datagrams: list[OutgoingDatagram] = []
         self._commands: list[PoolCommand] = []
-        self._refusals: list[AccountRefused] = []
+        self._refusals: list[Refusal] = []
         self._dirty: dict[int, None] = {}
         self._now = now
         self._last_received = now
@@ -580,6 +637,7 @@ class SidecarSession:
         self._joined = 0
         self._refused = 0
         self._authorizations_refused = 0
+        self._requests_refused = 0
         self._accepted = 0
         self._rejected = 0
         self._verdicts_udp = 0
@@ -660,8 +718,8 @@ class SidecarSession:
         out, self._commands = self._commands, []
         return out
 
-    def refusals(self) -> list[AccountRefused]:
-        """Account refusals since the last call (for the driver's log)."""
+    def refusals(self) -> list[Refusal]:
+        """Account and request refusals since the last call (for the driver's log)."""
         if not self._refusals:
             return []
         out, self._refusals = self._refusals, []
@@ -876,31 +934,61 @@ class SidecarSession:
                 )
             return
         assert isinstance(method, str)
-        if method == "mining.submit":
-            self._tls_submit(channel, message)
+        decoder = _RELAYED_DECODERS.get(method)
+        if decoder is None:
+            self._refuse_request(
+                channel,
+                message.id,
+                method,
+                "method not allowed: the sidecar relays only the canonical SV1 requests "
+                f"({', '.join(RELAYED_PARAMS)}), spelled exactly",
+            )
             return
-        if method == "mining.authorize" and not self._authorize(channel, message):
-            return
-        self._relay_request(channel, method, message.params, message.id)
-
-    def _authorize(self, channel: _Channel, message: ControlLine) -> bool:
-        """Record the worker name (in request order); False when the account is not allowed."""
         try:
-            worker = _decode_authorize_params(message.params).user
-        except msgspec.DecodeError:
-            worker = ""
+            params = decoder.decode(message.params)
+        except msgspec.DecodeError as exc:
+            if method == "mining.authorize" and len(channel.workers) < MAX_WORKERS_PER_CHANNEL:
+                channel.workers.append("")  # keeps worker_index in step with the proxy's count
+            self._refuse_request(channel, message.id, method, f"malformed params: {exc}")
+            return
+        if method == "mining.submit":
+            self._tls_submit(channel, message.id, params)
+            return
+        if method == "mining.authorize" and not self._authorize(channel, message.id, params.user):
+            return
+        if method == "mining.extranonce.subscribe":
+            params = ()
+        self._relay_request(channel, method, _encode_params(params), message.id)
+
+    def _refuse_request(self, channel: _Channel, request_id: Any, method: str, reason: str) -> None:
+        """Answer a request the sidecar will not relay with error 20; note it once per method and channel."""
+        self._requests_refused += 1
+        shown = method[:64]
+        refused = channel.refused_methods
+        if shown not in refused and len(refused) < MAX_WORKERS_PER_CHANNEL:
+            refused.add(shown)
+            if len(self._refusals) < MAX_PENDING_REFUSALS:
+                self._refusals.append(RequestRefused(channel.ch, shown, reason))
+        if request_id is not None:
+            self._write_channel(
+                channel.ch,
+                encode_channel_response(channel.ch, request_id, FALSE, error_value(OTHER, f"Refused by the sidecar, {reason}")),
+            )
+
+    def _authorize(self, channel: _Channel, request_id: Any, worker: str) -> bool:
+        """Record the worker name (in request order); False when the account is not allowed."""
         if len(channel.workers) < MAX_WORKERS_PER_CHANNEL:
             channel.workers.append(worker)
         if self.accounts is None or _account(worker) in self.accounts:
             return True
         self._authorizations_refused += 1
         self._account_refused(channel, "mining.authorize", worker)
-        if message.id is not None:
+        if request_id is not None:
             self._write_channel(
                 channel.ch,
                 encode_channel_response(
                     channel.ch,
-                    message.id,
+                    request_id,
                     FALSE,
                     error_value(
                         UNAUTHORIZED,
@@ -934,20 +1022,14 @@ class SidecarSession:
 
     # ------------------------------------------------------------------ shares
 
-    def _tls_submit(self, channel: _Channel, message: ControlLine) -> None:
+    def _tls_submit(self, channel: _Channel, request_id: Any, params: SubmitParams) -> None:
         self._shares_tls += 1
-        key: tuple[Any, ...] | None = None
-        try:
-            params = _decode_submit_params(message.params)
-        except msgspec.DecodeError:
-            params = None  # the pool will say what is wrong with it
-        if params is not None:
-            if self.accounts is not None and _account(params.worker) not in self.accounts:
-                self._account_refused(channel, "mining.submit", params.worker)
-                self._refuse_tls(channel.ch, message.id, UNAUTHORIZED, "Unauthorized worker")
-                return
-            key = self._tls_share_key(channel, params)
-        self._submit(channel, key, message.params, None, message.id)
+        if self.accounts is not None and _account(params.worker) not in self.accounts:
+            self._account_refused(channel, "mining.submit", params.worker)
+            self._refuse_tls(channel.ch, request_id, UNAUTHORIZED, "Unauthorized worker")
+            return
+        key = self._tls_share_key(channel, params)
+        self._submit(channel, key, _encode_params(params), None, request_id)
 
     def _tls_share_key(self, channel: _Channel, params: SubmitParams) -> tuple[Any, ...] | None:
         """The duplicate-table key of a TLS submit; None when its fields are not clean hex."""
@@ -1441,6 +1523,7 @@ class SidecarSession:
             duplicates_joined=self._joined,
             shares_refused=self._refused,
             authorizations_refused=self._authorizations_refused,
+            requests_refused=self._requests_refused,
             accepted=self._accepted,
             rejected=self._rejected,
             verdicts_udp=self._verdicts_udp,

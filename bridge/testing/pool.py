@@ -112,7 +112,7 @@ from typing import Any, Protocol, TypeGuard
 import msgspec
 import trio
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, LineTooLong
 from bridge.mining.share import (
     Job,
     difficulty_to_target,
@@ -128,6 +128,7 @@ from bridge.mining.share import (
 )
 from bridge.net.containment import Containment
 from bridge.sv1.events import ProtocolViolation
+from bridge.sv1.framing import LineBuffer
 from bridge.sv1.messages import (
     FALSE,
     Authorize,
@@ -153,13 +154,13 @@ from bridge.sv1.rejects import (
 from bridge.sv1.server import ServerEvent, ServerSession
 
 __all__ = [
+    "STANDARD_MESSAGES",
     "PoolConfig",
     "PoolConnection",
     "PoolStatistics",
     "ReferencePool",
     "RejectRecord",
     "ShareRecord",
-    "STANDARD_MESSAGES",
 ]
 
 log = logging.getLogger("bridge.testing.pool")
@@ -173,6 +174,39 @@ STANDARD_MESSAGES: dict[int, str] = {
     NOT_SUBSCRIBED: "Not subscribed",
 }
 """The standard Stratum V1 error codes and their messages (reference §1.5)."""
+
+#: ckpool's parse_method order: (case-insensitive prefix, the method it is handled as).
+CKPOOL_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("mining.submit", "mining.submit"),
+    ("mining.subscribe", "mining.subscribe"),
+    ("mining.auth", "mining.authorize"),
+    ("mining.suggest_difficulty", "mining.suggest_difficulty"),
+    ("mining.suggest_target", "mining.suggest_target"),
+    ("mining.get", "mining.get_transactions"),
+)
+#: Methods ckpool answers before subscribe too (mining.configure is handled by its connector).
+_BEFORE_SUBSCRIBE = frozenset({"mining.subscribe", "mining.configure"})
+
+
+class _Method(msgspec.Struct):
+    method: Any = None
+
+
+_decode_method = msgspec.json.Decoder(_Method).decode
+_decode_object = msgspec.json.Decoder(dict[str, Any]).decode
+_encode_object = msgspec.json.Encoder().encode
+
+
+def ckpool_method(method: str) -> str | None:
+    """The method ckpool would handle ``method`` as; None when it would not handle it."""
+    folded = method.lower()
+    for prefix, canonical in CKPOOL_PREFIXES:
+        if folded.startswith(prefix):
+            return canonical
+    if method in ("mining.configure", "mining.extranonce.subscribe", "mining.multi_version"):
+        return method
+    return None
+
 
 EXTRANONCE1_SIZE = 4
 RECEIVE_SIZE = 65536
@@ -263,6 +297,14 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Text pushed into the coinbase scriptSig after the height."""
     seed: int | None = None
     """Seed for the random parts of jobs (prevhash, branches, payout); None is random."""
+    ckpool_methods: bool = True
+    """Be as unkind as ckpool (stratifier.c ``parse_method``, the captures): methods match
+    case-insensitively by prefix (``MINING.SUBMIT`` is a submit, ``mining.auth`` an
+    authorize); a second ``mining.subscribe`` and any ``mining.authorize`` after the
+    first on a connection (answered or not, accepted or not) get no answer at all; a
+    submit before authorize and an unknown method get no answer; a request before
+    subscribe closes the connection. Off: every request is answered (a pool that
+    allows several workers per connection)."""
 
     def __post_init__(self) -> None:
         for name in ("difficulty", "minimum_difficulty", "maximum_difficulty"):
@@ -370,6 +412,8 @@ class PoolStatistics(msgspec.Struct, frozen=True):
     rejected_by_worker: dict[str, int]
     contained_errors: int = 0
     """Internal errors while handling one connection: it was closed, the pool went on."""
+    unanswered: dict[str, int] = {}
+    """Requests left without an answer, as ckpool leaves them, by kind ("authorise twice" ...)."""
 
 
 # --------------------------------------------------------------------------- blocks and jobs
@@ -442,6 +486,10 @@ class PoolConnection:
         self.cancel_scope = trio.CancelScope()
         self.extranonce1: bytes | None = None
         self.subscribed = False
+        self.subscribe_seen = False  # ckpool: one subscribe per connection
+        self.authorize_seen = False  # ckpool: one authorize per connection, whatever its fate
+        self.silenced = 0  # requests left unanswered as ckpool leaves them
+        self._lines = LineBuffer(config.max_line) if config.ckpool_methods else None
         self.closing = False
         self.version_mask: int | None = None  # negotiated by mining.configure
         self.minimum_difficulty = config.effective_minimum_difficulty
@@ -537,6 +585,7 @@ class ReferencePool:
         self._jobs_sent = 0
         self._connections: set[PoolConnection] = set()
         self._connections_total = 0
+        self._unanswered: Counter[str] = Counter()
         self._extranonce1_in_use: set[bytes] = set()
         self._resumable: dict[bytes, float] = {}  # extranonce1 -> when its connection closed
         self._next_extranonce1 = self._rng.getrandbits(32)
@@ -596,6 +645,7 @@ class ReferencePool:
             accepted_by_worker=dict(self._accepted_by_worker),
             rejected_by_worker=dict(self._rejected_by_worker),
             contained_errors=self.containment.errors,
+            unanswered=dict(self._unanswered),
         )
 
     async def wait_for_accepted(self, count: int) -> None:
@@ -878,11 +928,75 @@ class ReferencePool:
     # ------------------------------------------------------------- events
 
     def _receive(self, connection: PoolConnection, data: bytes) -> None:
+        if connection._lines is not None:
+            data = self._ckpool_front(connection, data)
         for event in connection.session.receive_data(data):
             self._handle(connection, event)
         if connection.session.closed:
             connection.closing = True
         connection.wake()
+
+    def _ckpool_front(self, connection: PoolConnection, data: bytes) -> bytes:
+        """ckpool's method matching and silences (PoolConfig.ckpool_methods); the lines to hand on."""
+        assert connection._lines is not None
+        try:
+            lines = connection._lines.feed(data)
+        except LineTooLong as exc:
+            log.info("%s: %s, disconnecting", connection.peer, exc)
+            connection.closing = True
+            return b""
+        kept: list[bytes] = []
+        for line in lines:
+            try:
+                method = _decode_method(line).method
+            except msgspec.DecodeError:
+                kept.append(line)  # invalid JSON or not an object: the session closes
+                continue
+            if not isinstance(method, str):
+                kept.append(line)  # responses and envelope errors: the session handles them
+                continue
+            canonical = ckpool_method(method)
+            if not connection.subscribe_seen and canonical not in _BEFORE_SUBSCRIBE:
+                if canonical in ("mining.suggest_difficulty", "mining.suggest_target"):
+                    self._unanswer(connection, "suggest before subscribe")  # bfgminer does; not answered
+                    continue
+                log.info("%s: dropping unsubscribed client (%r before mining.subscribe)", connection.peer, method[:64])
+                connection.closing = True
+                break
+            if canonical is None:
+                log.info("%s: unhandled method %r, not answered", connection.peer, method[:64])
+                self._unanswer(connection, "unknown method")
+                continue
+            if canonical == "mining.subscribe":
+                if connection.subscribe_seen:
+                    log.info("%s: trying to subscribe twice, not answered", connection.peer)
+                    self._unanswer(connection, "subscribe twice")
+                    continue
+                connection.subscribe_seen = True
+            if canonical == "mining.authorize":
+                if connection.authorize_seen:
+                    log.info("%s: trying to authorise twice, not answered", connection.peer)
+                    self._unanswer(connection, "authorise twice")
+                    continue
+                connection.authorize_seen = True
+            elif canonical == "mining.submit" and not connection.session.authorized_workers:
+                log.info("%s: mining.submit before authorising, not answered", connection.peer)
+                self._unanswer(connection, "submit before authorize")
+                continue
+            if canonical != method:
+                try:
+                    message = _decode_object(line)
+                except msgspec.DecodeError:
+                    kept.append(line)
+                    continue
+                message["method"] = canonical
+                line = _encode_object(message)
+            kept.append(line)
+        return b"".join(line + b"\n" for line in kept)
+
+    def _unanswer(self, connection: PoolConnection, kind: str) -> None:
+        connection.silenced += 1
+        self._unanswered[kind] += 1
 
     def _handle(self, connection: PoolConnection, event: ServerEvent) -> None:
         session = connection.session

@@ -453,7 +453,7 @@ async def test_ntime_window_edges(nursery: trio.Nursery) -> None:
 
 
 async def test_submit_before_subscribe_and_before_authorize(nursery: trio.Nursery) -> None:
-    pool = await start_pool(nursery)
+    pool = await start_pool(nursery, ckpool_methods=False)  # a pool that answers everything
     miner = await Miner.connect(pool)
     params = ["w1", "1", "0000000000000000", "00000000", "00000000"]
     assert await miner.call(1, "mining.submit", params) == reject(1, 25, "Not subscribed")
@@ -690,6 +690,67 @@ async def test_other_methods_are_answered(nursery: trio.Nursery) -> None:
     assert (await miner.call("txlist1", "mining.get_transactions", ["1"]))["result"] == []
     assert (await miner.call(5, "mining.multi_version", [1]))["result"] is True
     assert (await miner.call("xnsub", "mining.extranonce.subscribe", []))["result"] is True
+
+
+async def unanswered(miner: Miner, request_id: Any, method: str, params: Any) -> bool:
+    """Send a request, then one ckpool answers; True when only the second got an answer."""
+    await miner.send(request_id, method, params)
+    await miner.call("after", "mining.get_transactions", ["1"])
+    return not any("method" not in m and m.get("id") == request_id for m in miner.backlog)
+
+
+async def test_like_ckpool_a_second_authorize_and_a_second_subscribe_are_never_answered(nursery: trio.Nursery) -> None:
+    pool = await start_pool(nursery)
+    miner = await Miner.connect(pool)
+    await miner.handshake()
+    assert await unanswered(miner, 3, "mining.authorize", ["w1", "x"])
+    assert await unanswered(miner, 4, "mining.authorize", ["w2", "x"])
+    assert await unanswered(miner, 5, "mining.subscribe", ["again/1.0"])
+    assert pool.statistics().unanswered == {"authorise twice": 2, "subscribe twice": 1}
+
+
+async def test_like_ckpool_an_authorize_after_a_refused_one_is_never_answered(nursery: trio.Nursery) -> None:
+    pool = await start_pool(nursery)
+    miner = await Miner.connect(pool)
+    await miner.call(1, "mining.subscribe", [])
+    assert (await miner.call(2, "mining.authorize", ["", "x"]))["result"] is False
+    assert await unanswered(miner, 3, "mining.authorize", ["good.w1", "x"])
+
+
+async def test_like_ckpool_unknown_methods_and_early_submits_get_no_answer(nursery: trio.Nursery) -> None:
+    pool = await start_pool(nursery)
+    miner = await Miner.connect(pool)
+    await miner.call(1, "mining.subscribe", [])
+    params = ["w1", "1", "0000000000000000", "00000000", "00000000"]
+    assert await unanswered(miner, 2, "mining.submit", params)  # before authorize
+    assert await unanswered(miner, 7, "mining.foo", [])
+    assert pool.statistics().unanswered == {"submit before authorize": 1, "unknown method": 1}
+
+
+async def test_like_ckpool_methods_match_case_insensitively_by_prefix(nursery: trio.Nursery) -> None:
+    pool = await start_pool(nursery)
+    miner = await Miner.connect(pool)
+    assert (await miner.call(1, "MINING.SUBSCRIBE", []))["result"][2] == 8
+    assert (await miner.call(2, "mining.auth", ["mallory.w1", "x"]))["result"] is True
+    assert pool.connections and next(iter(pool.connections)).workers == {"mallory.w1"}
+    answer = await miner.call(3, "Mining.Submit ", ["mallory.w1", "1", "0000000000000000", "00000000", "00000000"])
+    assert answer["result"] is False  # judged as a submit (an unknown method gets no answer)
+
+
+async def test_like_ckpool_a_request_before_subscribe_closes_the_connection(nursery: trio.Nursery) -> None:
+    pool = await start_pool(nursery)
+    miner = await Miner.connect(pool)
+    await miner.send(1, "mining.submit", ["w1", "1", "00", "00000000", "00000000"])
+    with pytest.raises(EOFError):
+        with trio.fail_after(READ_TIMEOUT):
+            await miner.read_line()
+
+
+async def test_a_pool_that_answers_everything_is_one_option_away(nursery: trio.Nursery) -> None:
+    pool = await start_pool(nursery, ckpool_methods=False)
+    miner = await Miner.connect(pool)
+    await miner.handshake()
+    assert (await miner.call(3, "mining.authorize", ["w2", "x"]))["result"] is True
     assert (await miner.call(7, "mining.foo", []))["error"][0] == 20
 
 
