@@ -128,7 +128,7 @@ from bridge.mining.share import (
 )
 from bridge.net.containment import Containment
 from bridge.sv1.events import ProtocolViolation
-from bridge.sv1.framing import LineBuffer
+from bridge.sv1.framing import BoundedDecoder, LineBuffer
 from bridge.sv1.messages import (
     FALSE,
     Authorize,
@@ -192,8 +192,8 @@ class _Method(msgspec.Struct):
     method: Any = None
 
 
-_decode_method = msgspec.json.Decoder(_Method).decode
-_decode_object = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_method = BoundedDecoder(_Method).decode
+_decode_object = BoundedDecoder(dict[str, Any]).decode
 _encode_object = msgspec.json.Encoder().encode
 
 
