@@ -342,7 +342,7 @@ async def start_fault_bench(
 ) -> FaultBench:
     """Start pool, sidecar, the two relays and a proxy in ``nursery``; return the handles."""
     pki = make_test_pki(pki_dir, accounts=accounts)
-    pool = ReferencePool(pool_config or PoolConfig(difficulty=5e-6, notify_interval=5.0, seed=seed))
+    pool = ReferencePool(pool_config or PoolConfig(difficulty=1.25e-6, notify_interval=5.0, seed=seed))
     pool_port = await nursery.start(pool.serve, "127.0.0.1", 0)
     # The sidecar binds TCP and UDP on one port; the UDP relay needs that port first.
     sidecar, first = await _start_sidecar(nursery, pki, pool_port, 0, None)

@@ -22,7 +22,7 @@ import trio
 from bridge.testing.faults import FaultBench, seeded_profiles, start_fault_bench, tally, until
 from bridge.testing.miner import Miner
 
-HASHRATE = 20_000.0  # per rig, virtual; ~1 share per virtual second at the bench's difficulty
+HASHRATE = 5_000.0  # per rig, virtual; ~1 share per virtual second at the bench's difficulty
 
 
 async def sidecar_killed(bench: FaultBench, rng: random.Random) -> None:
