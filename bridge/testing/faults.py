@@ -339,8 +339,15 @@ async def start_fault_bench(
     seed: int = 1,
     failover: FailoverConfig | None = None,
     submit_timeout: float = 30.0,
+    control_rewriter: Callable[[], Rewriter] | None = None,
+    datagram_rewrite: Callable[[str, bytes], bytes] | None = None,
+    **proxy_options: Any,
 ) -> FaultBench:
-    """Start pool, sidecar, the two relays and a proxy in ``nursery``; return the handles."""
+    """Start pool, sidecar, the two relays and a proxy in ``nursery``; return the handles.
+
+    ``control_rewriter`` and ``datagram_rewrite`` put an on-path attacker on the
+    control channel and the share channel (:mod:`bridge.testing.tamper`).
+    """
     pki = make_test_pki(pki_dir, accounts=accounts)
     pool = ReferencePool(pool_config or PoolConfig(difficulty=1.25e-6, notify_interval=5.0, seed=seed))
     pool_port = await nursery.start(pool.serve, "127.0.0.1", 0)
@@ -348,14 +355,15 @@ async def start_fault_bench(
     sidecar, first = await _start_sidecar(nursery, pki, pool_port, 0, None)
     sidecar_port = sidecar.port
     assert sidecar_port is not None
-    datagrams = LossyLink("127.0.0.1", 0, ("127.0.0.1", sidecar_port), seed=seed)
+    datagrams = LossyLink("127.0.0.1", 0, ("127.0.0.1", sidecar_port), seed=seed, rewrite=datagram_rewrite)
     await nursery.start(datagrams.serve)
     sidecar.advertise_port = datagrams.port
-    control = TcpRelay(("127.0.0.1", sidecar_port))
+    control = TcpRelay(("127.0.0.1", sidecar_port), rewriter=control_rewriter)
     await nursery.start(control.serve, "127.0.0.1", 0)
     options: dict[str, Any] = {
         "submit_timeout": submit_timeout,
         "failover": failover or FailoverConfig(no_upstream_grace=2.0),
+        **proxy_options,
     }
     proxy, proxy_run = await _start_proxy(nursery, pki, control.port, 0, options)
     assert proxy.port is not None
