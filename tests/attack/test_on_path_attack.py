@@ -22,8 +22,6 @@ import logging
 import pytest
 import trio
 
-from bridge.config import parse_upstream_url
-from bridge.net.miner_proxy import MinerProxy
 from bridge.testing.faults import TcpRelay, start_fault_bench, tally, until
 from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig, ReferencePool

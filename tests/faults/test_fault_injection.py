@@ -19,7 +19,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from bridge.testing.faults import FaultBench, seeded_profiles, start_fault_bench, tally, until
+from bridge.testing.faults import (
+    FaultBench,
+    seeded_profiles,
+    start_fault_bench,
+    tally,
+    until,
+)
 from bridge.testing.miner import Miner
 
 HASHRATE = 5_000.0  # per rig, virtual; ~1 share per virtual second at the bench's difficulty
@@ -93,7 +99,7 @@ async def run_scenario(
                 await trio.sleep(rng.uniform(0.0, 3.0))  # the fault lands anywhere in the share flow
                 await fault(bench, rng)
                 before = {w: accepted_at(bench, w) for w in workers}
-                await until(lambda: all(accepted_at(bench, w) >= before[w] + 2 for w in workers))
+                await until(lambda before=before: all(accepted_at(bench, w) >= before[w] + 2 for w in workers))
             for miner in miners:
                 miner.finish()
             await until(lambda: all(m.statistics().pending == 0 for m in miners))
