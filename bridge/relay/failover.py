@@ -493,7 +493,11 @@ class FailoverPolicy:
             if not up.hold_done and up.healthy_since is not None:
                 deadlines.append(up.healthy_since + config.hold_down)
         deadlines.extend(self._lag_deadlines())
-        if self._outage_since is not None and not self._released_outage:
+        if (
+            self._outage_since is not None
+            and not self._released_outage
+            and config.no_upstream is NoUpstreamPolicy.DISCONNECT  # KEEP never releases: no deadline
+        ):
             deadlines.append(self._outage_since + config.no_upstream_grace)
         retries = [rig.retry_at for rig in self._rigs.values() if rig.upstream is None and not rig.moving]
         if retries:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import random
 
-from bridge.relay.failover import FailoverConfig, FailoverPolicy, UpstreamSpec
+from bridge.relay.failover import (
+    FailoverConfig,
+    FailoverPolicy,
+    NoUpstreamPolicy,
+    UpstreamSpec,
+)
 
 A = "00" * 24 + "aa" * 8
 B = "00" * 24 + "bb" * 8
@@ -56,3 +61,29 @@ def test_every_deadline_is_consumed_at_the_instant_it_falls_due() -> None:
         now = drive(policy, now, now + 5.0, rng)
         policy.lost(0, "reset", now)  # moves under the token bucket
         drive(policy, now, now + 10.0, rng)
+
+
+def test_an_outage_under_the_keep_policy_leaves_no_deadline_due() -> None:
+    # KEEP never releases rigs, so the no-upstream grace must not stay a due deadline
+    # (it did: the proxy's policy task spun at 100 % CPU for the whole outage).
+    for policy_kind in (NoUpstreamPolicy.KEEP, NoUpstreamPolicy.DISCONNECT):
+        config = FailoverConfig(silence_timeout=1.0, no_upstream_grace=0.5, no_upstream=policy_kind)
+        policy = FailoverPolicy([UpstreamSpec("u0", priority=0), UpstreamSpec("u1", priority=1)], config)
+        for upstream in (0, 1):
+            policy.connected(upstream, 1.0)
+            policy.job(upstream, A, 1.0)
+        upstream = policy.assign(0, 1.0)
+        assert upstream is not None
+        policy.attached(0, upstream, 1.0)
+        drive(policy, 1.0, 2.0, random.Random(0))
+        policy.lost(0, "reset", 2.0, connect_failed=True)
+        policy.lost(1, "reset", 2.0, connect_failed=True)
+        now = 2.0
+        for _ in range(50):  # an autojump clock: always exactly at the next deadline
+            deadline = policy.next_deadline(now)
+            if deadline is None or now > 30.0:
+                break
+            now = max(now, deadline)
+            policy.on_timer(now)
+            policy.take_events()
+            assert policy.next_deadline(now) is None or policy.next_deadline(now) > now, (policy_kind, now)
