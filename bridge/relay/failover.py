@@ -115,6 +115,10 @@ PREVHASHES_KEPT = 32
 """Prevhashes remembered per upstream for lag detection."""
 MOVE_RETRY = 1.0
 """Seconds before a rig whose move failed is tried again (the target still looks healthy)."""
+# A token bucket refilled by the float ``elapsed * rate`` can land a hair under 1.0 at
+# the very deadline computed to fill it; a clock that stops there (a test's virtual
+# clock) would then wake the driver forever without a move.
+_TOKEN_ROUNDING = 1e-9
 
 
 class Strategy(enum.StrEnum):
@@ -492,7 +496,11 @@ class FailoverPolicy:
             if not up.hold_done and up.healthy_since is not None:
                 deadlines.append(up.healthy_since + config.hold_down)
         deadlines.extend(self._lag_deadlines())
-        if self._outage_since is not None and not self._released_outage:
+        if (
+            self._outage_since is not None
+            and not self._released_outage
+            and config.no_upstream is NoUpstreamPolicy.DISCONNECT  # KEEP never releases: no deadline
+        ):
             deadlines.append(self._outage_since + config.no_upstream_grace)
         retries = [rig.retry_at for rig in self._rigs.values() if rig.upstream is None and not rig.moving]
         if retries:
@@ -519,7 +527,7 @@ class FailoverPolicy:
                 if not up.connected or up.last_rx is None:
                     continue
                 quiet_from = up.last_rx if up.keepalive_at is None else max(up.last_rx, up.keepalive_at)
-                if now - quiet_from >= keepalive:
+                if now >= quiet_from + keepalive:  # the very sum next_deadline() waits for
                     up.keepalive_at = now
                     actions.append(SendKeepalive(up.index))
         eligible = self._eligible(now)
@@ -551,15 +559,15 @@ class FailoverPolicy:
         if not up.connected:
             return State.DOWN, up.lost_kind, up.lost_detail
         if config.keepalive is not None and up.last_rx is not None:
-            quiet = now - up.last_rx
-            if quiet >= config.silence_timeout:
+            if now >= up.last_rx + config.silence_timeout:
+                quiet = now - up.last_rx
                 return State.DOWN, Reason.SILENT, f"nothing received for {quiet:.1f} s (bound {config.silence_timeout:g} s)"
         if not up.job_since_connect:
-            if up.connected_at is not None and now - up.connected_at >= config.job_timeout:
+            if up.connected_at is not None and now >= up.connected_at + config.job_timeout:
                 return State.DOWN, Reason.NO_JOBS, f"no mining.notify within {config.job_timeout:g} s of connecting"
             return (State.DOWN if up.state is State.DOWN else State.STARTING), up.kind, up.detail
         assert up.last_job is not None
-        if now - up.last_job >= config.job_timeout:
+        if now >= up.last_job + config.job_timeout:
             return State.DOWN, Reason.NO_JOBS, f"no mining.notify for {now - up.last_job:.1f} s (bound {config.job_timeout:g} s)"
         lag = self._lag(up, now)
         if lag is not None:
@@ -569,7 +577,7 @@ class FailoverPolicy:
     def _lag(self, up: _Upstream, now: float) -> str | None:
         for other in self.upstreams:
             since = self._ahead_since(other, up)
-            if since is not None and now - since >= self.config.lag_delay:
+            if since is not None and now >= since + self.config.lag_delay:
                 assert other.tip is not None
                 return (
                     f"{other.name} announced block {other.tip[:16]}… {now - since:.1f} s ago "
@@ -636,7 +644,7 @@ class FailoverPolicy:
         return up.state in (State.UNKNOWN, State.STARTING) and not up.failed_before
 
     def _in_hold_down(self, up: _Upstream, now: float) -> bool:
-        return up.failed_before and up.healthy_since is not None and now - up.healthy_since < self.config.hold_down
+        return up.failed_before and up.healthy_since is not None and now < up.healthy_since + self.config.hold_down
 
     def _eligible(self, now: float) -> list[_Upstream]:
         healthy = [up for up in self.upstreams if self._candidate(up)]
@@ -728,7 +736,7 @@ class FailoverPolicy:
         starved = False
         for batch, is_urgent in ((urgent, True), (gentle, False)):
             for rig, why in batch:
-                if self._tokens < 1.0:
+                if self._tokens < 1.0 - _TOKEN_ROUNDING:
                     starved = True
                     break
                 source = rig.upstream
@@ -768,7 +776,7 @@ class FailoverPolicy:
         if (
             self.config.no_upstream is NoUpstreamPolicy.DISCONNECT
             and not self._released_outage
-            and now - self._outage_since >= self.config.no_upstream_grace
+            and now >= self._outage_since + self.config.no_upstream_grace
         ):
             self._released_outage = True
             rigs = tuple(self._rigs)

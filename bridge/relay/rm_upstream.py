@@ -685,10 +685,10 @@ class StratumRMConnection:
         self._now = now
         hello = self.hello
         if hello is not None:
-            if now - self._last_received >= hello.dead_after:
+            if now >= self._last_received + hello.dead_after:  # the sum next_deadline() gave
                 self._fail(f"sidecar silent for {hello.dead_after:g} s")
                 return
-            if now - self._last_sent >= hello.heartbeat:
+            if now >= self._last_sent + hello.heartbeat:
                 self._write(control.encode_rm("rm.ping", control.Ping(t=now)))
         if self._next_probe is not None and now >= self._next_probe:
             self.probe(now)

@@ -744,7 +744,7 @@ class SidecarSession:
         if self.closed:
             return
         self._now = now
-        if now - self._last_received >= self.dead_after:
+        if now >= self._last_received + self.dead_after:  # the sum next_deadline() gave
             self._close(f"proxy silent for {self.dead_after:g} s (no line, no rm.pong)")
             return
         if self._notify_due is not None and now >= self._notify_due:
@@ -753,7 +753,7 @@ class SidecarSession:
             self._flush_results()
         if self._rekey_due is not None and now >= self._rekey_due:
             self.rekey(now)
-        if self.hello is not None and now - self._last_sent >= self.heartbeat:
+        if self.hello is not None and now >= self._last_sent + self.heartbeat:
             self._write(encode_rm("rm.ping", PingParams(t=now)))
 
     def rekey(self, now: float) -> None:

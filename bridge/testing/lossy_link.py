@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import random
 import socket as _stdlib_socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,7 +175,10 @@ class LossyLink:
 
     ``loss``, ``duplicate``, ``reorder`` (percent) and ``delay_ms`` apply to both
     directions unless ``to_target`` or ``to_client`` give a direction its own
-    :class:`Impairment`. ``seed`` makes every decision reproducible.
+    :class:`Impairment`. ``seed`` makes every decision reproducible. ``rewrite``
+    (an on-path attacker, :mod:`bridge.testing.tamper`) sees every datagram first,
+    with its direction (``"to_target"`` or ``"to_client"``), and returns the bytes
+    to relay instead.
     """
 
     def __init__(
@@ -192,7 +196,9 @@ class LossyLink:
         to_client: Impairment | None = None,
         reorder_hold_ms: float = 50.0,
         queue_size: int = 4096,
+        rewrite: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
+        self.rewrite = rewrite
         both = Impairment(loss=loss, duplicate=duplicate, reorder=reorder, delay_ms=delay_ms)
         self._listen = (listen_host, listen_port)
         self._target_name = target
@@ -318,6 +324,8 @@ class LossyLink:
             if source != self._client:
                 self._client = source
                 self._clients_learned += 1
+            if self.rewrite is not None:
+                data = self.rewrite("to_target", data)
             self._admit(self._up, queue, data, target, nursery)
 
     async def _target_loop(
@@ -339,6 +347,8 @@ class LossyLink:
             if client is None:
                 self._no_client += 1
                 continue
+            if self.rewrite is not None:
+                data = self.rewrite("to_client", data)
             self._admit(self._down, queue, data, client, nursery)
 
     async def _send_loop(

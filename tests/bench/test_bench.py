@@ -6,6 +6,7 @@ starts its own pool, proxies and sidecar as child processes on 127.0.0.1.
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from bridge.bench.command import bench
@@ -17,6 +18,8 @@ def test_codec_prints_microseconds_per_message() -> None:
     assert "submit codec" in result.output and "notify relay" in result.output
 
 
+@pytest.mark.slow  # ~40 s of child processes; codec, handshake and failover keep a default-tier test each
+@pytest.mark.timeout(600)
 def test_quick_run_of_every_benchmark_prints_every_table() -> None:
     result = CliRunner().invoke(bench, ["--quick"])
     assert result.exit_code == 0, result.output

@@ -20,6 +20,7 @@ import trio
 from bridge.relay.failover import FailoverConfig, NoUpstreamPolicy, Strategy
 from bridge.testing.failover import start_failover_bench
 from bridge.testing.miner import Miner
+from bridge.testing.pool import PoolConfig
 
 FAST = dict(silence_timeout=1.0, lag_delay=0.5, hold_down=1.5, no_upstream_grace=0.5)
 
@@ -66,11 +67,17 @@ def assert_tally(miners: list[Miner], pools, proxy=None) -> None:
     assert pool_keys - told_accepted <= unconfirmed, "a pool accepted a share whose rig got no honest answer"
 
 
-async def test_primary_killed_cgminer_rigs_reconnect_to_the_backup_then_fail_back() -> None:
+async def test_primary_killed_cgminer_rigs_reconnect_to_the_backup_then_fail_back(autojump_clock) -> None:
+    # Virtual time (autojump): the bounds asserted below are trio's clock, not the machine's.
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, failover=FailoverConfig(**FAST))
+        bench = await start_failover_bench(
+            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0)
+        )
         primary, backup = bench.pools
-        miners = [Miner(bench.miner_url(), f"alice.cg{i}", profile="cgminer", reconnect_delay=0.2) for i in range(3)]
+        miners = [
+            Miner(bench.miner_url(), f"alice.cg{i}", profile="cgminer", reconnect_delay=0.2, hashrate=50_000)
+            for i in range(3)
+        ]
         workers = [m.config.user for m in miners]
         for miner in miners:
             nursery.start_soon(miner.run)
@@ -79,7 +86,7 @@ async def test_primary_killed_cgminer_rigs_reconnect_to_the_backup_then_fail_bac
             killed_at = trio.current_time()
             primary.kill()
             await until(lambda: all(accepted_at(backup, w) >= 2 for w in workers))
-            assert trio.current_time() - killed_at < 10
+            assert trio.current_time() - killed_at < 10  # virtual seconds
             assert all(m.statistics().disconnects >= 1 for m in miners)  # cgminer: client.reconnect
             before = {w: accepted_at(primary, w) for w in workers}
             restored_at = trio.current_time()
@@ -95,17 +102,23 @@ async def test_primary_killed_cgminer_rigs_reconnect_to_the_backup_then_fail_bac
         nursery.cancel_scope.cancel()
 
 
-async def test_primary_blackholed_xnsub_rigs_get_set_extranonce_from_a_stratumrm_backup(tmp_path) -> None:
+async def test_primary_blackholed_xnsub_rigs_get_set_extranonce_from_a_stratumrm_backup(tmp_path, autojump_clock) -> None:
+    # Virtual time (autojump): the silence bound and the timings asserted below are
+    # trio's clock, not the machine's; capped hash rates let that clock run while rigs hash.
     async with trio.open_nursery() as nursery:
         bench = await start_failover_bench(
-            nursery, stratumrm=(1,), pki_dir=tmp_path, failover=FailoverConfig(**FAST), submit_timeout=30.0
+            nursery, stratumrm=(1,), pki_dir=tmp_path, failover=FailoverConfig(**FAST), submit_timeout=30.0,
+            pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0),
         )
         primary, backup = bench.pools
         xnsub = [
-            Miner(bench.miner_url(xnsub=True), f"alice.{profile}", profile=profile, reconnect_delay=0.2)
+            Miner(bench.miner_url(xnsub=True), f"alice.{profile}", profile=profile, reconnect_delay=0.2, hashrate=50_000)
             for profile in ("bmminer", "bfgminer")
         ]
-        miners = [*xnsub, Miner(bench.miner_url(), "alice.cgminer", profile="cgminer", reconnect_delay=0.2)]
+        miners = [
+            *xnsub,
+            Miner(bench.miner_url(), "alice.cgminer", profile="cgminer", reconnect_delay=0.2, hashrate=50_000),
+        ]
         workers = [m.config.user for m in miners]
         for miner in miners:
             nursery.start_soon(miner.run)
@@ -115,7 +128,7 @@ async def test_primary_blackholed_xnsub_rigs_get_set_extranonce_from_a_stratumrm
             stalled_at = trio.current_time()
             primary.stall(True)
             await until(lambda: all(accepted_at(backup, w) >= 2 for w in workers))
-            assert trio.current_time() - stalled_at < 1.0 + 5
+            assert trio.current_time() - stalled_at < FAST["silence_timeout"] + 5  # virtual seconds
             for miner in xnsub:
                 stats = miner.statistics()
                 assert stats.disconnects == 0, "an #xnsub rig is moved without reconnecting"

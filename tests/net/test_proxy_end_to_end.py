@@ -161,10 +161,14 @@ async def test_non_stratum_connections_are_closed_and_counted_without_disturbing
         nursery.cancel_scope.cancel()
 
 
-async def test_a_stalled_pool_gets_rigs_an_explicit_error_not_silence() -> None:
+async def test_a_stalled_pool_gets_rigs_an_explicit_error_not_silence(autojump_clock) -> None:
+    # Virtual time (autojump): the 1 s submit timeout is 1 s of trio's clock however
+    # loaded the machine is; the capped hash rate lets that clock run while the rig hashes.
     async with trio.open_nursery() as nursery:
         pool, proxy, port = await start_chain(nursery, submit_timeout=1.0)
-        miner = Miner(f"stratum+tcp://127.0.0.1:{port}", "patient.rig", profile="cpuminer", max_shares=2)
+        miner = Miner(
+            f"stratum+tcp://127.0.0.1:{port}", "patient.rig", profile="cpuminer", max_shares=2, hashrate=200_000
+        )
         nursery.start_soon(miner.run)
         with trio.fail_after(20):
             while miner.statistics().jobs == 0:
