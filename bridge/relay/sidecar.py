@@ -137,7 +137,7 @@ from bridge.sv1.messages import (
     SubmitParams,
     error_value,
 )
-from bridge.sv1.rejects import JOB_NOT_FOUND, OTHER, UNAUTHORIZED
+from bridge.sv1.rejects import JOB_NOT_FOUND, OTHER, UNAUTHORIZED, read_verdict, reject_reason_name
 from bridge.sv1.validate import is_hex
 from bridge.wire.control import (
     FEATURES,
@@ -336,6 +336,8 @@ class SidecarSessionStatistics(Struct, frozen=True):
     pool_bytes_sent: int
     udp_bytes_received: int
     udp_bytes_sent: int
+    rejected_by_reason: dict[str, int] = {}
+    """Rejected shares by reason (stale, duplicate, low-difficulty ...)."""
 
 
 # ----------------------------------------------------------------- the UDP intake
@@ -446,7 +448,10 @@ class _JobEntry:
 class _Channel:
     """One rig connection at the proxy and its pool connection here."""
 
-    __slots__ = ("ch", "connected", "jobs", "peer", "pool", "refused_accounts", "workers")
+    __slots__ = (
+        "accepted", "accepted_difficulty", "ch", "connected", "difficulty", "jobs", "peer", "pool",
+        "refused_accounts", "rejected", "workers",
+    )
 
     def __init__(self, ch: int, peer: str) -> None:
         self.ch = ch
@@ -456,6 +461,24 @@ class _Channel:
         self.workers: list[str] = []
         self.refused_accounts: set[str] = set()
         self.jobs: OrderedDict[str, int] = OrderedDict()
+        self.accepted = 0
+        self.rejected = 0
+        self.accepted_difficulty = 0.0
+        self.difficulty: float | None = None
+
+
+class ChannelStatus(Struct, frozen=True, kw_only=True):
+    """One rig's channel at the sidecar: its peer at the proxy, workers and verdicts."""
+
+    ch: int
+    peer: str
+    workers: list[str]
+    pool_connected: bool
+    difficulty: float | None
+    accepted: int
+    rejected: int
+    accepted_difficulty: float
+    """Sum of the difficulty of accepted shares (hashrate = its growth * 2**32 / seconds)."""
 
 
 def _u32(value: Any) -> int | None:
@@ -582,6 +605,7 @@ class SidecarSession:
         self._authorizations_refused = 0
         self._accepted = 0
         self._rejected = 0
+        self._rejected_by_reason: dict[str, int] = {}
         self._verdicts_udp = 0
         self._verdicts_tls = 0
         self._results_lines = 0
@@ -1069,10 +1093,18 @@ class SidecarSession:
 
     def _judged(self, entry: _Share, response: Response) -> None:
         """The pool's verdict for a forwarded share: answer every copy, cache it."""
+        channel = self._channels.get(entry.ch)
         if response.accepted:
             self._accepted += 1
+            if channel is not None:
+                channel.accepted += 1
+                channel.accepted_difficulty += channel.difficulty or 1.0
         else:
             self._rejected += 1
+            reason = reject_reason_name(read_verdict(response).code)
+            self._rejected_by_reason[reason] = self._rejected_by_reason.get(reason, 0) + 1
+            if channel is not None:
+                channel.rejected += 1
         plain = (
             response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
         )
@@ -1282,6 +1314,8 @@ class SidecarSession:
         elif kind is Notify:
             self._notify(channel, event)
         elif kind is SetDifficulty or kind is SetExtranonce or kind is SetVersionMask or kind is ShowMessage:
+            if kind is SetDifficulty:
+                channel.difficulty = float(event.difficulty)
             method = event.__struct_config__.tag
             self._write_channel(ch, encode_channel_request(ch, None, method, Raw(_encode(event.params))))
         elif kind is Reconnect:
@@ -1462,7 +1496,24 @@ class SidecarSession:
             pool_bytes_sent=self._pool_out,
             udp_bytes_received=self._udp_in,
             udp_bytes_sent=self._udp_out,
+            rejected_by_reason=dict(self._rejected_by_reason),
         )
+
+    def channel_statuses(self) -> list[ChannelStatus]:
+        """The open channels (one per rig at the proxy)."""
+        return [
+            ChannelStatus(
+                ch=channel.ch,
+                peer=channel.peer,
+                workers=list(channel.workers),
+                pool_connected=channel.connected,
+                difficulty=channel.difficulty,
+                accepted=channel.accepted,
+                rejected=channel.rejected,
+                accepted_difficulty=channel.accepted_difficulty,
+            )
+            for channel in list(self._channels.values())
+        ]
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.closed else f"{len(self._channels)} channels"
