@@ -450,7 +450,7 @@ class _Channel:
 
     __slots__ = (
         "accepted", "accepted_difficulty", "ch", "connected", "difficulty", "jobs", "peer", "pool",
-        "refused_accounts", "rejected", "workers",
+        "refused_accounts", "rejected", "stale", "workers",
     )
 
     def __init__(self, ch: int, peer: str) -> None:
@@ -463,6 +463,7 @@ class _Channel:
         self.jobs: OrderedDict[str, int] = OrderedDict()
         self.accepted = 0
         self.rejected = 0
+        self.stale = 0
         self.accepted_difficulty = 0.0
         self.difficulty: float | None = None
 
@@ -477,6 +478,8 @@ class ChannelStatus(Struct, frozen=True, kw_only=True):
     difficulty: float | None
     accepted: int
     rejected: int
+    stale: int
+    """Rejected as stale (job not found, or ckpool's "stale")."""
     accepted_difficulty: float
     """Sum of the difficulty of accepted shares (hashrate = its growth * 2**32 / seconds)."""
 
@@ -1105,6 +1108,7 @@ class SidecarSession:
             self._rejected_by_reason[reason] = self._rejected_by_reason.get(reason, 0) + 1
             if channel is not None:
                 channel.rejected += 1
+                channel.stale += reason == "stale"
         plain = (
             response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
         )
@@ -1510,6 +1514,7 @@ class SidecarSession:
                 difficulty=channel.difficulty,
                 accepted=channel.accepted,
                 rejected=channel.rejected,
+                stale=channel.stale,
                 accepted_difficulty=channel.accepted_difficulty,
             )
             for channel in list(self._channels.values())
