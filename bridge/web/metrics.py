@@ -50,10 +50,10 @@ class Families:
     def declare_gauge(self, name: str, documentation: str, *labels: str) -> None:
         self._declare(GaugeMetricFamily, name, documentation, labels)
 
-    def counter(self, name: str, documentation: str, value: float, **labels: str) -> None:
+    def counter(self, name: str, documentation: str, value: float, /, **labels: str) -> None:
         self._add(CounterMetricFamily, name, documentation, value, labels)
 
-    def gauge(self, name: str, documentation: str, value: float, **labels: str) -> None:
+    def gauge(self, name: str, documentation: str, value: float, /, **labels: str) -> None:
         self._add(GaugeMetricFamily, name, documentation, value, labels)
 
     def counters_by(self, name: str, documentation: str, label: str, values: Mapping[str, float]) -> None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bridge import __version__
+from bridge.net.upstreams import PROBE_PEER
 from bridge.pki.rotation import CertificateStatus
 from bridge.web.api import (
     Certificate,
@@ -395,13 +396,19 @@ class SidecarView(RoleView):
             return f"pool down: {stats.pool_reason or 'not answering'}"
         return ""
 
-    def sample(self, now: float) -> None:
-        keys = []
+    def _rig_channels(self) -> Iterator[tuple[Any, Any]]:
+        """(session, channel) for every rig's channel; a proxy's health probe is no rig."""
         for session in self.server.session_statuses():
             for channel in session.channels:
-                key = (session.peer, channel.ch)
-                keys.append(key)
-                self.meter.observe(key, channel.accepted_difficulty, now)
+                if channel.peer != PROBE_PEER:
+                    yield session, channel
+
+    def sample(self, now: float) -> None:
+        keys = []
+        for session, channel in self._rig_channels():
+            key = (session.peer, channel.ch)
+            keys.append(key)
+            self.meter.observe(key, channel.accepted_difficulty, now)
         self.meter.retain(keys)
 
     def rigs(self) -> list[Rig]:
@@ -421,8 +428,7 @@ class SidecarView(RoleView):
                 hashrate=self.meter.rate((session.peer, channel.ch)),
                 connected_at=session.connected_at,
             )
-            for session in self.server.session_statuses()
-            for channel in session.channels
+            for session, channel in self._rig_channels()
         ]
 
     def upstreams(self) -> list[Upstream]:
@@ -481,7 +487,7 @@ class SidecarView(RoleView):
         dropped = sum(stats.datagram_drops.values())
         refusals, pending = self._refusals(stats)
         return Totals(
-            rigs=stats.channels_open,
+            rigs=len(rigs),
             hashrate=sum(rig.hashrate for rig in rigs),
             submitted=None,
             accepted=stats.accepted,
@@ -506,7 +512,7 @@ class SidecarView(RoleView):
 
     def role_families(self, families: Families, rigs: list[Rig]) -> None:
         stats = self.server.statistics()
-        families.gauge("rigs_connected", "Rig channels open now (one per rig at the proxies).", stats.channels_open)
+        families.gauge("rigs_connected", "Rigs connected through the proxies now (their channels; probes not counted).", len(rigs))
         families.counter("channels_opened", "Rig channels opened.", stats.channels_opened)
         families.gauge("channels_open", "Rig channels open now.", stats.channels_open)
         families.gauge("sessions_active", "Proxies' control connections open now.", stats.sessions_active)

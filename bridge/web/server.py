@@ -41,6 +41,7 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONCURRENT_REQUESTS = 32
 MAX_WEBSOCKETS = 32
 RECEIVE_SIZE = 16384
+LINGER_TIMEOUT = 2.0
 
 _encoder = msgspec.json.Encoder()
 
@@ -175,11 +176,13 @@ class WebServer:
                     request = await self._read_request(stream, connection, raw, client)
                 except h11.RemoteProtocolError as exc:
                     await self._send(stream, connection, _error(400, f"not a valid HTTP/1.1 request ({exc})"), False)
+                    await _linger(stream)
                     return
                 if request is None:
                     return
                 if isinstance(request, Response):
                     await self._send(stream, connection, request, False)
+                    await _linger(stream)
                     return
                 key = _normal(request.path)
                 socket_handler = self._sockets.get(key)
@@ -284,6 +287,19 @@ class WebServer:
             finally:
                 await socket.aclose()
                 nursery.cancel_scope.cancel()
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """After an error answer to a request not read to its end: let the client read it.
+
+    Closing with unread bytes makes the kernel send a reset, which can destroy the
+    answer in flight; so half-close and drop what still comes, briefly and bounded.
+    """
+    with trio.move_on_after(LINGER_TIMEOUT):
+        await stream.send_eof()
+        drained = 0
+        while drained < MAX_REQUEST_HEAD + MAX_REQUEST_BODY and (data := await stream.receive_some(RECEIVE_SIZE)):
+            drained += len(data)
 
 
 def _normal(path: str) -> str:
