@@ -44,6 +44,13 @@ RECEIVE_SIZE = 16384
 LINGER_TIMEOUT = 2.0
 
 _encoder = msgspec.json.Encoder()
+_GONE = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+    trio_websocket.ConnectionClosed,
+    trio_websocket.HandshakeError,
+)
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -156,9 +163,10 @@ class WebServer:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
-            await self._serve_one(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio_websocket.ConnectionClosed):
-            pass
+            try:
+                await self._serve_one(stream)
+            except* _GONE:  # the client went away (WebSocket errors come grouped by its nursery)
+                pass
         except Exception:  # one client's request must never end the server
             log.exception("%s: a request failed unexpectedly; the server carries on", self.name)
         finally:

@@ -111,3 +111,32 @@ def test_paths_are_routed_once() -> None:
     with pytest.raises(ValueError, match="already routed"):
         server.route("/api/v1/enroll/", handler)
     assert server.paths == ["/api/v1/enroll"]
+
+
+async def test_a_websocket_client_that_vanishes_is_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    server = WebServer()
+    gone = trio.Event()
+
+    async def feed(socket: trio_websocket.WebSocketConnection, _request: Request) -> None:
+        try:
+            while True:
+                await socket.send_message("tick")
+                await trio.sleep(0.01)
+        finally:
+            gone.set()
+
+    server.websocket("/ws", feed)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 101 ")
+        await trio.aclose_forcefully(stream)  # gone without a closing handshake
+        with trio.fail_after(30):
+            await gone.wait()
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert "failed unexpectedly" not in caplog.text
