@@ -224,6 +224,7 @@ def _register_optional() -> None:
     from bridge.testing.miner_command import testminer
 
     from bridge.bench.command import bench
+    from bridge.net.ping_command import ping
     from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
     from bridge.status_command import status
@@ -234,6 +235,7 @@ def _register_optional() -> None:
     cli.add_command(sidecar)
     cli.add_command(bench)
     cli.add_command(status)
+    cli.add_command(ping)
 
 
 def main() -> None:
