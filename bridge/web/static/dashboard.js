@@ -73,6 +73,7 @@ function render(s) {
   if (t.datagrams_sent !== null) dg.push(`${num(t.datagrams_sent)} sent`);
   if (t.datagrams_received !== null) dg.push(`${num(t.datagrams_received)} received`);
   if (t.datagrams_dropped !== null) dg.push(`${num(t.datagrams_dropped)} dropped`);
+  if (t.datagrams_sent !== null) dg.push("share copies resent (an upper bound on loss)");
   text("total-datagrams", dg.join(", "));
   text("total-retransmissions", num(t.retransmissions));
   text("total-fallbacks", t.tls_fallbacks === null ? "" : `${t.tls_fallbacks} TLS fallbacks`);
