@@ -1,7 +1,7 @@
 """The ``stratumrm`` command line.
 
 Roles: ``proxy`` (miner side), ``sidecar`` (pool side, with the StratumRM issue);
-tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``.
+tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``, ``ping``.
 """
 
 from __future__ import annotations

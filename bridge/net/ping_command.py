@@ -283,7 +283,6 @@ def ping(url: str, count: int, interval: float, timeout: float, user: str | None
     """
     from bridge.pki.tls import public_client_context
 
-    logging.getLogger("bridge").setLevel(logging.ERROR)  # each attempt's line says what went wrong
     try:
         target = parse_upstream_url(url)
     except BridgeError as exc:
@@ -298,7 +297,13 @@ def ping(url: str, count: int, interval: float, timeout: float, user: str | None
     except BridgeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"PING {target} as {user}")
-    attempts = trio.run(_run, target, count, interval, timeout, user, password, context)
+    quiet = logging.getLogger("bridge")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # each attempt's line says what went wrong; no duplicate warnings
+    try:
+        attempts = trio.run(_run, target, count, interval, timeout, user, password, context)
+    finally:
+        quiet.setLevel(level)
     for line in summary(target, attempts):
         click.echo(line)
     sys.exit(0 if all(attempt.ok for attempt in attempts) else 1)
