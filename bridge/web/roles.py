@@ -6,8 +6,9 @@ wraps a :class:`~bridge.net.proxy_service.ProxyService`, :class:`SidecarView` a
 :class:`~bridge.net.sidecar.SidecarServer`.
 
 Admission control (pending handshakes, refusals by reason) is read from the role's
-statistics wherever it is: the sidecar's own TLS refusals, and an ``admission``
-field (a Struct with ``refusals`` and ``pending``) if the role's statistics carry one.
+``admission`` statistics (:class:`~bridge.net.admission.AdmissionStatistics`: the rig
+port's at the proxy, the control port's at the sidecar); the sidecar's refused TLS
+handshakes and certificates (``SidecarStatistics.refusals``) count as refusals too.
 """
 
 from __future__ import annotations
@@ -145,13 +146,11 @@ class RoleView:
 
 
 def _admission(statistics: Any) -> tuple[dict[str, int], int | None]:
-    """Refusals by reason and pending handshakes from an ``admission`` field, if the role has one."""
-    admission = getattr(statistics, "admission", None)
+    """Refusals by reason and pending connections from the role's admission statistics."""
+    admission = statistics.admission
     if admission is None:
         return {}, None
-    refusals = getattr(admission, "refusals", None) or {}
-    pending = getattr(admission, "pending", None)
-    return {str(key): int(value) for key, value in dict(refusals).items()}, pending
+    return dict(admission.refused), admission.pending
 
 
 def _stale(by_reason: dict[str, int]) -> int:
@@ -371,7 +370,7 @@ class ProxyView(RoleView):
         refusals, pending = _admission(stats)
         families.counters_by("admission_refusals", "Connections refused by admission control, by reason.", "reason", refusals)
         if pending is not None:
-            families.gauge("handshakes_pending", "Handshakes in progress now.", pending)
+            families.gauge("handshakes_pending", "Rig connections before their first Stratum request now.", pending)
 
 
 # --------------------------------------------------------------------------- the sidecar
@@ -480,7 +479,7 @@ class SidecarView(RoleView):
         refusals: Counter[str] = Counter(stats.refusals)
         extra, pending = _admission(stats)
         refusals.update(extra)
-        return dict(refusals), stats.handshakes_pending + (pending or 0)
+        return dict(refusals), pending
 
     def totals(self, rigs: list[Rig]) -> Totals:
         stats = self.server.statistics()
@@ -521,7 +520,8 @@ class SidecarView(RoleView):
         families.counter("tls_handshakes", "Completed TLS handshakes, by kind.", stats.handshakes_full, kind="full")
         families.counter("tls_handshakes", "", stats.handshakes_resumed, kind="resumed")
         refusals, pending = self._refusals(stats)
-        families.gauge("handshakes_pending", "TLS handshakes in progress now.", pending)
+        if pending is not None:
+            families.gauge("handshakes_pending", "Connections still in their TLS handshake now.", pending)
         families.counters_by("admission_refusals", "Connections refused, by reason.", "reason", refusals)
         families.counter("shares_received", "Share copies received, by path (udp, tls).", stats.shares_udp, path="udp")
         families.counter("shares_received", "", stats.shares_tls, path="tls")

@@ -13,8 +13,11 @@ Rules of the house, since anyone who reaches the port is a stranger:
   browsers reconnect cheaply on a management port;
 - a request head and body are bounded (:data:`MAX_REQUEST_HEAD`,
   :data:`MAX_REQUEST_BODY`) and must arrive within :data:`REQUEST_TIMEOUT`;
-- at most :data:`MAX_CONCURRENT_REQUESTS` requests and
-  :data:`MAX_WEBSOCKETS` WebSockets at once; more wait, then time out;
+- admission control (:mod:`bridge.net.admission`, as on the roles' other ports): at
+  most :data:`MAX_CONCURRENT_REQUESTS` requests in progress, :data:`MAX_REQUESTS_PER_SOURCE`
+  from one address, and a file-descriptor reserve smaller than the other ports' so the
+  management port stays reachable when they refuse; a WebSocket counts as established
+  once upgraded, and at most :data:`MAX_WEBSOCKETS` live at once;
 - a handler that raises answers 500 and is logged; the server carries on.
 """
 
@@ -31,6 +34,9 @@ import msgspec
 import trio
 import trio_websocket
 
+from bridge.net.admission import Admission, AdmissionLimits
+from bridge.net.listen import Pending, serve_admitted
+
 __all__ = ["Request", "Response", "WebServer", "json_response"]
 
 log = logging.getLogger("bridge.web")
@@ -39,6 +45,12 @@ MAX_REQUEST_HEAD = 16384
 MAX_REQUEST_BODY = 65536
 REQUEST_TIMEOUT = 10.0
 MAX_CONCURRENT_REQUESTS = 32
+#: Requests in progress from one address at once: a flood of silent connections from a
+#: few addresses cannot lock the operator out (a browser loading the page needs ~3).
+MAX_REQUESTS_PER_SOURCE = 8
+#: Free file descriptors below which this port accepts nothing: smaller than the other
+#: ports' reserve, so the dashboard and /metrics stay reachable when they refuse.
+MANAGEMENT_FD_RESERVE = 8
 MAX_WEBSOCKETS = 32
 RECEIVE_SIZE = 16384
 LINGER_TIMEOUT = 2.0
@@ -125,7 +137,15 @@ class WebServer:
         self.requests = 0
         self._routes: dict[str, _Route] = {}
         self._sockets: dict[str, SocketHandler] = {}
-        self._request_limiter = trio.CapacityLimiter(MAX_CONCURRENT_REQUESTS)
+        self.admission = Admission(
+            f"{name} port",
+            AdmissionLimits(
+                max_pending=MAX_CONCURRENT_REQUESTS,
+                max_pending_per_source=MAX_REQUESTS_PER_SOURCE,
+                handshake_timeout=REQUEST_TIMEOUT + 1.0,
+                fd_reserve=MANAGEMENT_FD_RESERVE,
+            ),
+        )
         self._socket_limiter = trio.CapacityLimiter(MAX_WEBSOCKETS)
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
@@ -158,13 +178,13 @@ class WebServer:
             )
         log.info("%s on http://%s:%d/ (dashboard, /metrics, /api/v1/health)", self.name, _url_host(host), self.port)
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            await nursery.start(serve_admitted, self._connection, listeners, self.admission)
             task_status.started(self.port)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream, pending: Pending) -> None:
         try:
             try:
-                await self._serve_one(stream)
+                await self._serve_one(stream, pending)
             except* _GONE:  # the client went away (WebSocket errors come grouped by its nursery)
                 pass
         except Exception:  # one client's request must never end the server
@@ -172,38 +192,39 @@ class WebServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, stream: trio.SocketStream) -> None:
+    async def _serve_one(self, stream: trio.SocketStream, pending: Pending) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         raw = bytearray()
         client = _client(stream)
         request: Request | Response | None = None
         socket_handler: SocketHandler | None = None
-        async with self._request_limiter:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                try:
-                    request = await self._read_request(stream, connection, raw, client)
-                except h11.RemoteProtocolError as exc:
-                    await self._send(stream, connection, _error(400, f"not a valid HTTP/1.1 request ({exc})"), False)
-                    await _linger(stream)
-                    return
-                if request is None:
-                    return
-                if isinstance(request, Response):
-                    await self._send(stream, connection, request, False)
-                    await _linger(stream)
-                    return
-                key = _normal(request.path)
-                socket_handler = self._sockets.get(key)
-                if socket_handler is None or request.headers.get("upgrade", "").lower() != "websocket":
-                    response = await self._dispatch(request, key)
-                    await self._send(stream, connection, response, request.method == "HEAD")
-                    return
-                if self._socket_limiter.borrowed_tokens >= self._socket_limiter.total_tokens:
-                    busy = _error(503, f"{MAX_WEBSOCKETS} live WebSockets already; close a dashboard tab")
-                    await self._send(stream, connection, busy, False)
-                    return
+        # A request is pending for admission from accept to answer (serve_admitted's deadline).
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            try:
+                request = await self._read_request(stream, connection, raw, client)
+            except h11.RemoteProtocolError as exc:
+                await self._send(stream, connection, _error(400, f"not a valid HTTP/1.1 request ({exc})"), False)
+                await _linger(stream)
+                return
+            if request is None:
+                return
+            if isinstance(request, Response):
+                await self._send(stream, connection, request, False)
+                await _linger(stream)
+                return
+            key = _normal(request.path)
+            socket_handler = self._sockets.get(key)
+            if socket_handler is None or request.headers.get("upgrade", "").lower() != "websocket":
+                response = await self._dispatch(request, key)
+                await self._send(stream, connection, response, request.method == "HEAD")
+                return
+            if self._socket_limiter.borrowed_tokens >= self._socket_limiter.total_tokens:
+                busy = _error(503, f"{MAX_WEBSOCKETS} live WebSockets already; close a dashboard tab")
+                await self._send(stream, connection, busy, False)
+                return
         if socket_handler is None or not isinstance(request, Request):
             return  # timed out before the request was whole
+        pending.established()  # a live WebSocket is no longer a pending request
         await self._upgrade(stream, bytes(raw), socket_handler, request)
 
     async def _read_request(
