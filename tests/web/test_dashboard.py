@@ -29,8 +29,8 @@ if not (Path(CHROMEDRIVER).exists() and Path(CHROMIUM).exists()):
         allow_module_level=True,
     )
 
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
 
 
 def open_browser() -> webdriver.Chrome:

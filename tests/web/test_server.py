@@ -8,7 +8,13 @@ import pytest
 import trio
 import trio_websocket
 
-from bridge.web.server import MAX_REQUEST_HEAD, Request, Response, WebServer, json_response
+from bridge.web.server import (
+    MAX_REQUEST_HEAD,
+    Request,
+    Response,
+    WebServer,
+    json_response,
+)
 
 
 async def raw_request(port: int, request: bytes) -> bytes:
