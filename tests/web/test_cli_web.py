@@ -36,10 +36,10 @@ def test_proxy_config_http_listen_serves_metrics_status_and_ping_times_the_pool(
         miner = subprocess.run(
             STRATUMRM + ["testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}", "--user", "alice.rig1",
                          "--profile", "cgminer", "--max-shares", "2"],
-            capture_output=True, text=True, timeout=90, check=False,
+            capture_output=True, text=True, timeout=9, check=False0, check=False,
         )
         assert miner.returncode == 0, miner.stdout + miner.stderr
-        _status, body = get(f"http://127.0.0.1:{http_port}/metrics")
+        __status, body = get(f"http://127.0.0.1:{http_port}/metrics")
         samples = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(body)
@@ -50,10 +50,10 @@ def test_proxy_config_http_listen_serves_metrics_status_and_ping_times_the_pool(
         assert ("stratumrm_worker_series_dropped", ()) in samples  # per-worker series on, from the file
         assert get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200
         shown = subprocess.run(STRATUMRM + ["status", "--url", f"http://127.0.0.1:{http_port}"],
-                               capture_output=True, text=True, timeout=30)
+                               capture_output=True, text=True, timeout=30, check=False)
         assert shown.returncode == 0 and shown.stdout.startswith("proxy (stratumrm"), shown.stdout + shown.stderr
         pinged = subprocess.run(STRATUMRM + ["ping", f"stratum+tcp://127.0.0.1:{pool_port}", "-c", "2", "-i", "0"],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, check=False)
         assert pinged.returncode == 0, pinged.stdout + pinged.stderr
         assert "2 attempts, 2 answered, 0% failed" in pinged.stdout
     finally:
