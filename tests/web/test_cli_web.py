@@ -36,10 +36,10 @@ def test_proxy_config_http_listen_serves_metrics_status_and_ping_times_the_pool(
         miner = subprocess.run(
             STRATUMRM + ["testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}", "--user", "alice.rig1",
                          "--profile", "cgminer", "--max-shares", "2"],
-            capture_output=True, text=True, timeout=9, check=False0, check=False,
+            capture_output=True, text=True, timeout=90, check=False,
         )
         assert miner.returncode == 0, miner.stdout + miner.stderr
-        __status, body = get(f"http://127.0.0.1:{http_port}/metrics")
+        _status, body = get(f"http://127.0.0.1:{http_port}/metrics")
         samples = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(body)
