@@ -1,7 +1,7 @@
 """The ``stratumrm`` command line.
 
 Roles: ``proxy`` (miner side), ``sidecar`` (pool side, with the StratumRM issue);
-tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``.
+tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``, ``ping``.
 """
 
 from __future__ import annotations
@@ -82,12 +82,13 @@ _FAILOVER_DEFAULTS = {
 @click.option("--probe-user", help="Worker name the health probes authorize as (default: the first rig's).")
 @click.option("--probe-password", help="Its password (default: that rig's).")
 @click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when this proxy's certificate expires within this many days.")
-@click.option("--status-listen", metavar="HOST:PORT", help="Serve GET /status (JSON statistics) here, e.g. 127.0.0.1:9100, for `stratumrm status`.")
+@click.option("--http-listen", "--status-listen", "http_listen", metavar="HOST:PORT", help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9100. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.")
+@click.option("--metrics-per-worker", is_flag=True, default=None, help="Add per-worker series to /metrics (the busiest 1000 workers).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.pass_context
 def proxy(context: click.Context, config_file, listen, upstreams, backups, cert, key, ca, bundle, upstream_ca,
           submit_timeout, opening_timeout, max_pending, max_pending_per_source, fd_reserve, share_batch_window,
-          cert_warn_days, status_listen, verbose, **failover_options) -> None:
+          cert_warn_days, http_listen, metrics_per_worker, verbose, **failover_options) -> None:
     """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream, with failover.
 
     Upstreams are tried in priority order (--upstream, then --backup); standbys are
@@ -140,7 +141,9 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
             entries = file.entries()
         if not entries:
             raise click.UsageError("give at least one --upstream (or [[upstream]] in --config)")
-        status_address = parse_listen(status_listen) if status_listen else None
+        http_listen = pick("http_listen", http_listen, file.http_listen)
+        metrics_per_worker = bool(pick("metrics_per_worker", metrics_per_worker, file.metrics_per_worker))
+        http_address = parse_listen(http_listen) if http_listen else None
         failover = FailoverConfig(
             strategy=Strategy(settings["strategy"]),
             silence_timeout=settings["silence_timeout"],
@@ -186,7 +189,9 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
         keepalive=settings["keepalive"],
         admission=admission,
     )
-    service = ProxyService(server, credentials=credentials, status_listen=status_address)
+    service = ProxyService(
+        server, credentials=credentials, http_listen=http_address, metrics_per_worker=metrics_per_worker
+    )
     _run_forever(service.run, host, port)
 
 
@@ -219,6 +224,7 @@ def _register_optional() -> None:
     from bridge.testing.miner_command import testminer
 
     from bridge.bench.command import bench
+    from bridge.net.ping_command import ping
     from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
     from bridge.status_command import status
@@ -229,6 +235,7 @@ def _register_optional() -> None:
     cli.add_command(sidecar)
     cli.add_command(bench)
     cli.add_command(status)
+    cli.add_command(ping)
 
 
 def main() -> None:

@@ -200,6 +200,9 @@ class ProxyFileConfig(Struct, frozen=True, forbid_unknown_fields=True):
     max_pending: int | None = None
     max_pending_per_source: int | None = None
     fd_reserve: int | None = None
+    http_listen: str | None = None
+    """HOST:PORT of the management port (dashboard, /metrics, /api/v1, /healthz, /readyz)."""
+    metrics_per_worker: bool | None = None
     failover: FailoverFileSection = FailoverFileSection()
 
     def entries(self) -> list[UpstreamEntry]:

@@ -80,7 +80,7 @@ async def _run_chain(pki_dir: Path, started: float, *, duration, miners, difficu
             pool_config=PoolConfig(difficulty=difficulty, notify_interval=10.0, block_interval=20.0),
             loss=loss, duplicate=loss / 4, reorder=loss / 4, seed=None,
         )
-        pool, proxy = chain.pool, chain.proxy
+        pool = chain.pool
         print(f"throwaway CA     {pki_dir} (sidecar and proxy certificates, account 'demo')", file=out)
         print(f"reference pool   stratum+tcp://127.0.0.1:{pool.port}  (difficulty {difficulty:g})", file=out)
         print(f"sidecar          TLS 1.3 control on 127.0.0.1:{chain.sidecar.port}, UDP shares on {chain.sidecar.udp_port}"

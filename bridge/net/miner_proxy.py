@@ -39,8 +39,9 @@ import itertools
 import logging
 import math
 import ssl
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -69,7 +70,8 @@ from bridge.relay.failover import (
     SendKeepalive,
     UpstreamSpec,
 )
-from bridge.relay.miner_channel import Leg, MinerChannel
+from bridge.relay.miner_channel import Leg, MinerChannel, MinerChannelStatistics
+from bridge.relay.rm_upstream import ConnectionStatistics
 
 log = logging.getLogger("bridge.proxy")
 failover_log = logging.getLogger("bridge.proxy.failover")
@@ -100,6 +102,43 @@ class ProxyStatistics(Struct, frozen=True):
     """The rig port's admission control (connections before their first Stratum request)."""
     contained_errors: int = 0
     """Internal errors while handling one rig, upstream session or datagram: that one was ended, the proxy went on."""
+    rejected_by_reason: dict[str, int] = {}
+    """Rejected shares by reason (stale, duplicate, low-difficulty ...)."""
+    accepted_difficulty: float = 0.0
+    """Sum of the difficulty of accepted shares."""
+
+
+#: Failover events kept for the dashboard and the API.
+FAILOVER_HISTORY = 100
+
+
+class FailoverEvent(Struct, frozen=True, kw_only=True):
+    """One logged failover event (detection, recovery, switch, outage, release)."""
+
+    at: datetime
+    kind: str
+    message: str
+    upstream: str | None
+
+
+class RigStatus(Struct, frozen=True, kw_only=True):
+    """One connected rig: where it comes from, its workers, its upstream and its counters."""
+
+    id: int
+    peer: str
+    workers: list[str]
+    upstream: str | None
+    connected_at: datetime
+    shares: MinerChannelStatistics
+
+
+class LinkStatus(Struct, frozen=True, kw_only=True):
+    """One stratumrm:// upstream's link to its sidecar."""
+
+    upstream: str
+    connections_made: int
+    failure: str | None
+    connection: ConnectionStatistics | None
 
 
 class MinerProxy:
@@ -193,6 +232,9 @@ class MinerProxy:
         self._active = 0
         self._closed: Counter[str] = Counter()
         self._totals: Counter[str] = Counter()
+        self._rejected_by_reason: Counter[str] = Counter()
+        self._accepted_difficulty = 0.0
+        self.failover_history: deque[FailoverEvent] = deque(maxlen=FAILOVER_HISTORY)
         self._policy_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
@@ -245,6 +287,14 @@ class MinerProxy:
                 continue
             actions = policy.on_timer(now)
             for event in policy.take_events():
+                self.failover_history.append(
+                    FailoverEvent(
+                        at=datetime.now(UTC),
+                        kind=event.kind,
+                        message=event.message,
+                        upstream=None if event.upstream is None else self.upstreams[event.upstream].name,
+                    )
+                )
                 level = logging.WARNING if event.kind in ("detection", "outage", "release") else logging.INFO
                 failover_log.log(level, "%s", event.message)
             for action in actions:
@@ -299,6 +349,8 @@ class MinerProxy:
             for name in ("submitted", "accepted", "rejected", "switches", "extranonce_changes", "reconnects_sent", "stale_local"):
                 self._totals[name] += getattr(stats, name)
             self._totals["unconfirmed"] += stats.timed_out + stats.lost_upstream
+            self._rejected_by_reason.update(stats.rejected_by_reason)
+            self._accepted_difficulty += stats.accepted_difficulty
             self._closed[reason.split(":", 1)[0]] += 1
             await close_quietly(stream)
         log.info(
@@ -309,11 +361,15 @@ class MinerProxy:
     def statistics(self) -> ProxyStatistics:
         """Counters over every rig connection so far, open ones included."""
         totals = Counter(self._totals)
+        rejected_by_reason = Counter(self._rejected_by_reason)
+        accepted_difficulty = self._accepted_difficulty
         for rig in self._rigs.values():
             stats = rig.channel.statistics()
             for name in ("submitted", "accepted", "rejected", "switches", "extranonce_changes", "reconnects_sent", "stale_local"):
                 totals[name] += getattr(stats, name)
             totals["unconfirmed"] += stats.timed_out + stats.lost_upstream
+            rejected_by_reason.update(stats.rejected_by_reason)
+            accepted_difficulty += stats.accepted_difficulty
         return ProxyStatistics(
             connections_accepted=self._accepted_connections,
             connections_active=self._active,
@@ -329,7 +385,31 @@ class MinerProxy:
             failover=self.policy.statistics(trio.current_time()) if _in_trio() else None,
             admission=self.admission.statistics(),
             contained_errors=self.containment.errors,
+            rejected_by_reason=dict(rejected_by_reason),
+            accepted_difficulty=accepted_difficulty,
         )
+
+    def rigs(self) -> list[RigStatus]:
+        """The connected rigs, oldest first."""
+        return [rig.status() for rig in list(self._rigs.values())]
+
+    def links(self) -> list[LinkStatus]:
+        """The stratumrm:// upstreams' links to their sidecars."""
+        found = []
+        for upstream in self.upstreams:
+            link = upstream.link
+            if link is None:
+                continue
+            connection = link.connection
+            found.append(
+                LinkStatus(
+                    upstream=upstream.name,
+                    connections_made=link.connections_made,
+                    failure=link.failure,
+                    connection=None if connection is None else connection.statistics(),
+                )
+            )
+        return found
 
 
 class _LegTask:
@@ -368,6 +448,19 @@ class _RigConnection:
         self._moving = False
         self._nursery: trio.Nursery | None = None
         self._learned = False
+        self.connected_at = datetime.now(UTC)
+
+    def status(self) -> RigStatus:
+        channel = self.channel
+        task = self.legs.get(id(channel.leg)) if channel.leg is not None else None
+        return RigStatus(
+            id=self.id,
+            peer=self.peer,
+            workers=list(channel.authorized_workers),
+            upstream=None if task is None else task.upstream.name,
+            connected_at=self.connected_at,
+            shares=channel.statistics(),
+        )
 
     async def run(self) -> str:
         channel = self.channel

@@ -5,9 +5,10 @@
   connection to the sidecar; the live connection and every rig on it carry on. It logs
   reloads, files that do not load (the previous certificate stays in use), and a
   certificate that expires within the warning window, once a day.
-- With ``status_listen``, a :class:`~bridge.stats.status.StatusServer` serves
-  ``GET /status``: :class:`ProxyStatus` (the proxy's counters, its certificate and
-  its handshakes, full and resumed) and the watcher's warnings.
+- With ``http_listen``, a :class:`~bridge.web.app.ManagementApp` serves the
+  management port: dashboard, ``/metrics``, ``/api/v1/...``, ``/healthz``,
+  ``/readyz`` and ``GET /status`` (:class:`ProxyStatus`: the proxy's counters, its
+  certificate and its handshakes, full and resumed, and the watcher's warnings).
 
 :class:`ProxyService` runs all of it next to ``MinerProxy.serve``.
 """
@@ -32,7 +33,6 @@ from bridge.pki.rotation import (
     Reminders,
     expiry_warning,
 )
-from bridge.stats.status import StatusServer
 
 __all__ = ["CertificateWatcher", "ProxyService", "ProxyStatus"]
 
@@ -149,18 +149,25 @@ class ProxyService:
         proxy: MinerProxy,
         *,
         credentials: ClientCredentials | None = None,
-        status_listen: tuple[str, int] | None = None,
+        http_listen: tuple[str, int] | None = None,
+        metrics_per_worker: bool = False,
         reload_interval: float = DEFAULT_RELOAD_INTERVAL,
     ) -> None:
+        from bridge.web.app import ManagementApp
+        from bridge.web.roles import ProxyView
+
         self.proxy = proxy
         self.credentials = credentials
-        self.status_listen = status_listen
+        self.http_listen = http_listen
         self.watcher = (
             CertificateWatcher(credentials, reload_interval=reload_interval)
             if credentials is not None
             else None
         )
-        self.status: StatusServer | None = None
+        self.web = ManagementApp(
+            ProxyView(self, metrics_per_worker=metrics_per_worker), containment=self.proxy.containment
+        )
+        """The management port's endpoints (served with ``http_listen``); ``web.draining`` for SIGTERM."""
 
     def statistics(self) -> ProxyStatus:
         return proxy_status(self.proxy, self.credentials)
@@ -171,15 +178,14 @@ class ProxyService:
         return found + self.proxy.policy.warnings(trio.current_time())
 
     async def run(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve rigs on ``host:port`` (and the status endpoint) until cancelled; reports the port."""
+        """Serve rigs on ``host:port`` (and the management port) until cancelled; reports the port."""
         watcher = self.watcher
         async with trio.open_nursery() as nursery:
             await nursery.start(self.proxy.serve, host, port)
             if watcher is not None and watcher.credentials.files:
                 nursery.start_soon(watcher.run)
-            if self.status_listen is not None:
-                self.status = StatusServer("proxy", self.statistics, self.warnings, containment=self.proxy.containment)
-                await nursery.start(self.status.serve, *self.status_listen)
+            if self.http_listen is not None:
+                await nursery.start(self.web.serve, *self.http_listen)
             task_status.started(self.proxy.port)
             if watcher is not None and threading.current_thread() is threading.main_thread():
                 with trio.open_signal_receiver(signal.SIGHUP) as signals:

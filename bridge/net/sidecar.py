@@ -110,6 +110,7 @@ from bridge.pki.rotation import (
 )
 from bridge.pki.tls import check_miner_peer, explain_handshake_failure
 from bridge.relay.sidecar import (
+    ChannelStatus,
     DEFAULT_BATCH_WINDOW,
     DEFAULT_DEAD_AFTER,
     DEFAULT_HEARTBEAT,
@@ -221,6 +222,22 @@ class SidecarStatistics(Struct, frozen=True, kw_only=True):
     """The control port's admission control (connections before their TLS handshake)."""
     contained_errors: int = 0
     """Internal errors while handling one connection, channel or datagram: that one was ended, the sidecar went on."""
+    rejected_by_reason: dict[str, int] = {}
+    """Rejected shares by reason (stale, duplicate, low-difficulty ...)."""
+    pool_up: bool = True
+    """The pool answers (the sidecar's own watch connection)."""
+    pool_reason: str = ""
+
+
+class SessionStatus(Struct, frozen=True, kw_only=True):
+    """One proxy's control connection: who it is, its channels (rigs) and its counters."""
+
+    peer: str
+    certificate: str
+    accounts: list[str]
+    connected_at: datetime
+    channels: list[ChannelStatus]
+    statistics: SidecarSessionStatistics
 
 
 class SidecarServer:
@@ -317,6 +334,7 @@ class SidecarServer:
         self._pool_connect_failures = 0
         self._closed: Counter[str] = Counter()
         self._finished: Counter[str] = Counter()
+        self._finished_rejects: Counter[str] = Counter()
         self._revocation_error: str | None = None
         self._reminders = Reminders()
         self.pool_watch = PoolWatch(
@@ -738,6 +756,7 @@ class SidecarServer:
         finished = self._finished
         for name in _SUMMED:
             finished[name] += getattr(stats, name)
+        self._finished_rejects.update(stats.rejected_by_reason)
 
     # ------------------------------------------------------------------ statistics
 
@@ -745,9 +764,11 @@ class SidecarServer:
         """Counters over every control connection so far, open ones included."""
         totals: Counter[str] = Counter(self._finished)
         live: list[SidecarSessionStatistics] = [c.session.statistics() for c in self._connections.values()]
+        rejects: Counter[str] = Counter(self._finished_rejects)
         for stats in live:
             for name in _SUMMED:
                 totals[name] += getattr(stats, name)
+            rejects.update(stats.rejected_by_reason)
         udp = self.intake.statistics()
         now = datetime.now(UTC)
         credentials = self.credentials
@@ -772,8 +793,25 @@ class SidecarServer:
             connected_certificates=self._connected_certificates(now),
             admission=self.admission.statistics(),
             contained_errors=self.containment.errors,
+            rejected_by_reason=dict(rejects),
+            pool_up=self.pool_watch.up,
+            pool_reason=self.pool_watch.reason or "",
             **{name: totals[name] for name in _SUMMED},
         )
+
+    def session_statuses(self) -> list[SessionStatus]:
+        """The live control connections, with their channels."""
+        return [
+            SessionStatus(
+                peer=connection.peer,
+                certificate=connection.identity.name,
+                accounts=list(connection.identity.accounts),
+                connected_at=connection.connected_at,
+                channels=connection.session.channel_statuses(),
+                statistics=connection.session.statistics(),
+            )
+            for connection in list(self._connections.values())
+        ]
 
     def sessions(self) -> list[SidecarSession]:
         """The live sessions (for tests and the dashboard)."""
@@ -821,6 +859,7 @@ class _ProxyConnection:
         self.stream = stream
         self.peer = peer
         self.identity = identity
+        self.connected_at = datetime.now(UTC)
         udp = server.udp_port is not None
         self.session = SidecarSession(
             now=trio.current_time(),

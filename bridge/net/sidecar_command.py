@@ -9,7 +9,8 @@ there is no unauthenticated mode. Stops on Ctrl-C or SIGTERM.
 It watches ``--revocations``, ``--cert`` and ``--key`` (every few seconds, and at
 once on SIGHUP): a new revocation list closes the sessions of newly revoked
 certificates, a renewed certificate and key serve the next handshakes while live
-sessions go on. ``--status-listen`` serves ``GET /status`` for ``stratumrm status``.
+sessions go on. ``--http-listen`` serves the management port (dashboard, /metrics,
+/api/v1/..., /healthz, /readyz, and ``GET /status`` for ``stratumrm status``).
 
 The lead registers it with ``cli.add_command(sidecar)``.
 """
@@ -101,7 +102,8 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--clock-skew", type=click.FloatRange(min=0.0), default=10.0, show_default=True, help="Seconds of leeway on certificates' validity periods (clocks that disagree).")
 @click.option("--max-connections-per-cert", type=click.IntRange(min=0), default=4, show_default=True, help="Control connections one miner certificate may hold at once (0: no limit).")
 @click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when a certificate expires within this many days.")
-@click.option("--status-listen", metavar="HOST:PORT", help="Serve GET /status (JSON statistics) here, e.g. 127.0.0.1:9101, for `stratumrm status`.")
+@click.option("--http-listen", "--status-listen", "http_listen", metavar="HOST:PORT", help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9101. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.")
+@click.option("--metrics-per-worker", is_flag=True, help="Add per-worker series to /metrics (the busiest 1000 workers).")
 @click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_HANDSHAKE_TIMEOUT, show_default=True, help="Seconds a proxy has to finish the TLS handshake.")
 @click.option("--max-pending", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING, show_default=True, help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).")
 @click.option("--max-pending-per-source", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address.")
@@ -123,7 +125,8 @@ def sidecar(
     clock_skew: float,
     max_connections_per_cert: int,
     cert_warn_days: float,
-    status_listen: str | None,
+    http_listen: str | None,
+    metrics_per_worker: bool,
     handshake_timeout: float,
     max_pending: int,
     max_pending_per_source: int,
@@ -154,7 +157,7 @@ def sidecar(
         if pool.transport == "stratumrm":
             raise BridgeError("--pool is the pool software itself: stratum+tcp:// or stratum+ssl://, not stratumrm://")
         advertise_host, advertise_port = parse_advertise(advertise) if advertise else (None, None)
-        status_address = parse_listen(status_listen) if status_listen else None
+        http_address = parse_listen(http_listen) if http_listen else None
         warn_window = timedelta(days=cert_warn_days)
         credentials = ServerCredentials(cert, key, ca, expiry_warning=warn_window)
         pool_context = public_client_context(pool_ca) if pool.tls else None
@@ -183,22 +186,27 @@ def sidecar(
         ),
     )
     try:
-        run_until_interrupted(_serve_until_signalled, server, host, port, status_address)
+        run_until_interrupted(_serve_until_signalled, server, host, port, http_address, metrics_per_worker)
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {listen}: {exc}; is the address in use or the port privileged?") from None
 
 
 async def _serve_until_signalled(
-    server: SidecarServer, host: str, port: int, status_address: tuple[str, int] | None = None
+    server: SidecarServer,
+    host: str,
+    port: int,
+    http_address: tuple[str, int] | None = None,
+    metrics_per_worker: bool = False,
 ) -> None:
     """Serve until SIGTERM; SIGHUP re-reads the revocation list and certificate files."""
-    from bridge.stats.status import StatusServer
+    from bridge.web.app import ManagementApp
+    from bridge.web.roles import SidecarView
 
+    web = ManagementApp(SidecarView(server, metrics_per_worker=metrics_per_worker), containment=server.containment)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
-        if status_address is not None:
-            status_server = StatusServer("sidecar", server.statistics, server.warnings, containment=server.containment)
-            await nursery.start(status_server.serve, *status_address)
+        if http_address is not None:
+            await nursery.start(web.serve, *http_address)
         if threading.current_thread() is threading.main_thread():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
                 async for signum in signals:

@@ -78,6 +78,10 @@ Session = SV1Upstream | RMUpstreamHandle
 NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError, ConnectionError)
 
 
+PROBE_PEER = "probe"
+"""The peer name of the probe's channel, so a sidecar can tell it from rigs."""
+
+
 class Upstream:
     """One configured upstream: its URL, policy spec and transport."""
 
@@ -178,7 +182,7 @@ class Probe:
         index = upstream.index
         while True:
             try:
-                session = await upstream.open_session("probe")
+                session = await upstream.open_session(PROBE_PEER)
             except NETWORK_ERRORS as exc:
                 self.policy.lost(index, f"cannot connect: {describe_error(exc)}", trio.current_time(), connect_failed=True)
                 self.wake()

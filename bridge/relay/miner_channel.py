@@ -107,6 +107,7 @@ from bridge.sv1.messages import (
     SuggestTarget,
     params_list,
 )
+from bridge.sv1.rejects import reject_reason_name, read_verdict
 from bridge.sv1.server import ServerSession
 
 RECONNECT_LINGER = 2.0
@@ -211,6 +212,12 @@ class MinerChannelStatistics(Struct, frozen=True):
     extranonce_changes: int = 0
     reconnects_sent: int = 0
     stale_local: int = 0
+    difficulty: float | None = None
+    """The share difficulty the pool set last (``mining.set_difficulty``)."""
+    accepted_difficulty: float = 0.0
+    """Sum of the difficulty of accepted shares (hashrate = its growth * 2**32 / seconds)."""
+    rejected_by_reason: dict[str, int] = {}
+    """Rejected shares by reason (stale, duplicate, low-difficulty ...), the pool's answers classified."""
 
 
 # What a connection that is not Stratum looks like in its first bytes.
@@ -306,6 +313,9 @@ class MinerChannel:
         self._extranonce_changes = 0
         self._reconnects = 0
         self._stale_local = 0
+        self._difficulty: float | None = None
+        self._accepted_difficulty = 0.0
+        self._rejected_by_reason: dict[str, int] = {}
 
     @property
     def closed(self) -> bool:
@@ -502,6 +512,7 @@ class MinerChannel:
                     params = msgspec.structs.replace(params, clean_jobs=True)
             miner.notify(params)
         elif kind is SetDifficulty:
+            self._difficulty = float(event.difficulty)
             miner.set_difficulty(event.difficulty)
         elif kind is SetExtranonce:
             values = event.params
@@ -555,8 +566,11 @@ class MinerChannel:
                 pending.leg.pending -= 1
             if reply.accepted:
                 self._accepted += 1
+                self._accepted_difficulty += self._difficulty or 1.0
             else:
                 self._rejected += 1
+                reason = reject_reason_name(read_verdict(reply.response).code)
+                self._rejected_by_reason[reason] = self._rejected_by_reason.get(reason, 0) + 1
         elif method == "mining.subscribe":
             values = _subscribe_values(reply.response)
             if values is not None:
@@ -891,6 +905,9 @@ class MinerChannel:
             extranonce_changes=self._extranonce_changes,
             reconnects_sent=self._reconnects,
             stale_local=self._stale_local,
+            difficulty=self._difficulty,
+            accepted_difficulty=self._accepted_difficulty,
+            rejected_by_reason=dict(self._rejected_by_reason),
         )
 
 

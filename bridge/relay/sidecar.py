@@ -148,7 +148,7 @@ from bridge.sv1.messages import (
     TextParams,
     error_value,
 )
-from bridge.sv1.rejects import JOB_NOT_FOUND, OTHER, UNAUTHORIZED
+from bridge.sv1.rejects import JOB_NOT_FOUND, OTHER, UNAUTHORIZED, read_verdict, reject_reason_name
 from bridge.sv1.validate import is_hex
 from bridge.wire.control import (
     FEATURES,
@@ -392,6 +392,8 @@ class SidecarSessionStatistics(Struct, frozen=True):
     pool_bytes_sent: int
     udp_bytes_received: int
     udp_bytes_sent: int
+    rejected_by_reason: dict[str, int] = {}
+    """Rejected shares by reason (stale, duplicate, low-difficulty ...)."""
 
 
 # ----------------------------------------------------------------- the UDP intake
@@ -502,7 +504,10 @@ class _JobEntry:
 class _Channel:
     """One rig connection at the proxy and its pool connection here."""
 
-    __slots__ = ("ch", "connected", "jobs", "peer", "pool", "refused_accounts", "refused_methods", "workers")
+    __slots__ = (
+        "accepted", "accepted_difficulty", "ch", "connected", "difficulty", "jobs", "peer", "pool",
+        "refused_accounts", "refused_methods", "rejected", "stale", "workers",
+    )
 
     def __init__(self, ch: int, peer: str) -> None:
         self.ch = ch
@@ -513,6 +518,27 @@ class _Channel:
         self.refused_accounts: set[str] = set()
         self.refused_methods: set[str] = set()
         self.jobs: OrderedDict[str, int] = OrderedDict()
+        self.accepted = 0
+        self.rejected = 0
+        self.stale = 0
+        self.accepted_difficulty = 0.0
+        self.difficulty: float | None = None
+
+
+class ChannelStatus(Struct, frozen=True, kw_only=True):
+    """One rig's channel at the sidecar: its peer at the proxy, workers and verdicts."""
+
+    ch: int
+    peer: str
+    workers: list[str]
+    pool_connected: bool
+    difficulty: float | None
+    accepted: int
+    rejected: int
+    stale: int
+    """Rejected as stale (job not found, or ckpool's "stale")."""
+    accepted_difficulty: float
+    """Sum of the difficulty of accepted shares (hashrate = its growth * 2**32 / seconds)."""
 
 
 def _u32(value: Any) -> int | None:
@@ -640,6 +666,7 @@ class SidecarSession:
         self._requests_refused = 0
         self._accepted = 0
         self._rejected = 0
+        self._rejected_by_reason: dict[str, int] = {}
         self._verdicts_udp = 0
         self._verdicts_tls = 0
         self._results_lines = 0
@@ -1151,10 +1178,19 @@ class SidecarSession:
 
     def _judged(self, entry: _Share, response: Response) -> None:
         """The pool's verdict for a forwarded share: answer every copy, cache it."""
+        channel = self._channels.get(entry.ch)
         if response.accepted:
             self._accepted += 1
+            if channel is not None:
+                channel.accepted += 1
+                channel.accepted_difficulty += channel.difficulty or 1.0
         else:
             self._rejected += 1
+            reason = reject_reason_name(read_verdict(response).code)
+            self._rejected_by_reason[reason] = self._rejected_by_reason.get(reason, 0) + 1
+            if channel is not None:
+                channel.rejected += 1
+                channel.stale += reason == "stale"
         plain = (
             response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
         )
@@ -1364,6 +1400,8 @@ class SidecarSession:
         elif kind is Notify:
             self._notify(channel, event)
         elif kind is SetDifficulty or kind is SetExtranonce or kind is SetVersionMask or kind is ShowMessage:
+            if kind is SetDifficulty:
+                channel.difficulty = float(event.difficulty)
             method = event.__struct_config__.tag
             self._write_channel(ch, encode_channel_request(ch, None, method, Raw(_encode(event.params))))
         elif kind is Reconnect:
@@ -1545,7 +1583,25 @@ class SidecarSession:
             pool_bytes_sent=self._pool_out,
             udp_bytes_received=self._udp_in,
             udp_bytes_sent=self._udp_out,
+            rejected_by_reason=dict(self._rejected_by_reason),
         )
+
+    def channel_statuses(self) -> list[ChannelStatus]:
+        """The open channels (one per rig at the proxy)."""
+        return [
+            ChannelStatus(
+                ch=channel.ch,
+                peer=channel.peer,
+                workers=list(channel.workers),
+                pool_connected=channel.connected,
+                difficulty=channel.difficulty,
+                accepted=channel.accepted,
+                rejected=channel.rejected,
+                stale=channel.stale,
+                accepted_difficulty=channel.accepted_difficulty,
+            )
+            for channel in list(self._channels.values())
+        ]
 
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.closed else f"{len(self._channels)} channels"

@@ -1,10 +1,8 @@
-"""A small local status endpoint: ``GET /status`` returns a role's statistics as JSON.
+"""The status document (``GET /status`` on the management port) and ``stratumrm status``'s side.
 
-``stratumrm sidecar --status-listen 127.0.0.1:9101`` (and ``proxy --status-listen``)
-serve it; ``stratumrm status --url http://127.0.0.1:9101`` prints it for people. It
-is deliberately tiny: plain HTTP/1.1 over trio, one request per connection, nothing
-but ``GET``/``HEAD /status``; the Prometheus exposition and the dashboard that an
-operations issue will add read the same ``statistics()`` values.
+``stratumrm sidecar --http-listen 127.0.0.1:9101`` (and ``proxy --http-listen``)
+serve it with the rest of the management port (:mod:`bridge.web.app`);
+``stratumrm status --url http://127.0.0.1:9101`` fetches it and prints it for people.
 
 The document (:class:`StatusDocument`)::
 
@@ -22,46 +20,21 @@ advice) or to a management network, never to the miners' side.
 
 from __future__ import annotations
 
-import ipaddress
-import logging
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
-import trio
 
-from bridge import __version__
 from bridge.errors import BridgeError
-from bridge.net.admission import Admission, AdmissionLimits
-from bridge.net.containment import Containment
-from bridge.net.listen import Pending, serve_admitted
 from bridge.sv1.framing import decode_json
 
-__all__ = ["StatusDocument", "StatusServer", "fetch_status", "format_status", "status_url"]
-
-log = logging.getLogger("bridge.status")
+__all__ = ["StatusDocument", "fetch_status", "format_status", "status_url"]
 
 STATUS_PATH = "/status"
-MAX_REQUEST_HEAD = 8192
-REQUEST_TIMEOUT = 5.0
-MAX_CONCURRENT_REQUESTS = 16
-#: Requests in progress from one address at once (admission control: a flood of
-#: silent connections from a few addresses cannot lock the operator out).
-MAX_REQUESTS_PER_SOURCE = 4
-#: Free file descriptors below which the status port accepts nothing: smaller than the
-#: other ports' reserve, so the status stays reachable when they refuse (admission).
-STATUS_FD_RESERVE = 8
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    503: "Service Unavailable",
-}
 
 
 class StatusDocument(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,145 +50,6 @@ class StatusDocument(msgspec.Struct, frozen=True, kw_only=True):
     statistics: Any
 
 
-class StatusServer:
-    """Serves :class:`StatusDocument` for one role.
-
-    ``statistics`` returns the role's statistics (any msgspec-encodable value);
-    ``warnings`` the role's current warnings. Both are called per request, so the
-    answer is always current. ``containment`` is the role's, so an internal error
-    here counts with the role's others (its own when None).
-    """
-
-    def __init__(
-        self,
-        role: str,
-        statistics: Callable[[], Any],
-        warnings: Callable[[], list[str]] = list,
-        *,
-        containment: Containment | None = None,
-    ) -> None:
-        self.role = role
-        self.containment = containment or Containment(log, f"{role} status endpoint")
-        self.statistics = statistics
-        self.warnings = warnings
-        self.port: int | None = None
-        self.requests = 0
-        self._started = datetime.now(UTC)
-        self._started_clock = 0.0
-        self.admission = Admission(
-            "status port",
-            AdmissionLimits(
-                max_pending=MAX_CONCURRENT_REQUESTS,
-                max_pending_per_source=MAX_REQUESTS_PER_SOURCE,
-                handshake_timeout=REQUEST_TIMEOUT + 1.0,
-                fd_reserve=STATUS_FD_RESERVE,
-            ),
-        )
-        self._encoder = msgspec.json.Encoder()
-
-    def document(self) -> StatusDocument:
-        return StatusDocument(
-            role=self.role,
-            version=__version__,
-            started=self._started,
-            uptime=round(trio.current_time() - self._started_clock, 3),
-            warnings=list(self.warnings()),
-            statistics=self.statistics(),
-        )
-
-    async def serve(self, host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on ``host:port`` (0: any free port) until cancelled; reports the port."""
-        self._started_clock = trio.current_time()
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
-        self.port = listeners[0].socket.getsockname()[1]
-        if not _is_loopback(host):
-            log.warning(
-                "status endpoint on %s:%d is reachable from other hosts; it shows certificate names and "
-                "accounts, so keep it on 127.0.0.1 or a management network",
-                host,
-                self.port,
-            )
-        log.info("status on http://%s:%d%s", _url_host(host), self.port, STATUS_PATH)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                serve_admitted, self.containment.connections(self._handle, "status connection"), listeners,
-                self.admission,
-            )
-            task_status.started(self.port)
-
-    async def _handle(self, stream: trio.SocketStream, pending: Pending) -> None:
-        # A request is pending for admission from accept to answer: at most
-        # MAX_CONCURRENT_REQUESTS at once, MAX_REQUESTS_PER_SOURCE from one address.
-        try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                status, body, headers, head_only = await self._answer(stream)
-                await self._send(stream, status, body, headers, head_only)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    async def _answer(self, stream: trio.SocketStream) -> tuple[int, bytes, dict[str, str], bool]:
-        head = bytearray()
-        while b"\r\n\r\n" not in head and b"\n\n" not in head:
-            data = await stream.receive_some(4096)
-            if not data:
-                break
-            head += data
-            if len(head) > MAX_REQUEST_HEAD:
-                return 400, self._error("request head too long"), {}, False
-        request_line = bytes(head).split(b"\n", 1)[0].strip()
-        parts = request_line.split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return 400, self._error("not an HTTP/1.x request; try GET /status"), {}, False
-        method, target = parts[0], parts[1].decode("latin-1")
-        if method not in (b"GET", b"HEAD"):
-            return 405, self._error("only GET and HEAD"), {"Allow": "GET, HEAD"}, False
-        try:
-            path = urlsplit(target).path
-        except ValueError:  # "//[" and friends
-            return 400, self._error("unreadable request target; try GET /status"), {}, False
-        if path.rstrip("/") != STATUS_PATH:
-            return 404, self._error(f"no such path; the status is at {STATUS_PATH}"), {}, method == b"HEAD"
-        self.requests += 1
-        try:
-            body = self._encoder.encode(self.document())
-        except Exception:  # a statistics bug must not take the role down
-            log.exception("status document could not be built")
-            return 503, self._error("statistics unavailable; see the log"), {}, method == b"HEAD"
-        return 200, body, {}, method == b"HEAD"
-
-    def _error(self, message: str) -> bytes:
-        return self._encoder.encode({"error": message})
-
-    async def _send(
-        self, stream: trio.SocketStream, status: int, body: bytes, headers: dict[str, str], head_only: bool
-    ) -> None:
-        lines = [
-            f"HTTP/1.1 {status} {_REASONS[status]}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in headers.items()),
-        ]
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        await stream.send_all(data if head_only else data + body)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 # --------------------------------------------------------------------------- the client side
 
 
@@ -223,13 +57,13 @@ def status_url(url: str) -> str:
     """``http://HOST:PORT`` (or with ``/status``) as the URL to fetch; BridgeError if it is not one."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme != "http" or not parts.hostname:
-        raise BridgeError(f"--url {url!r}: write http://HOST:PORT, the --status-listen address of the role")
+        raise BridgeError(f"--url {url!r}: write http://HOST:PORT, the --http-listen address of the role")
     try:
         port = parts.port
     except ValueError:
         port = None
     if port is None:
-        raise BridgeError(f"--url {url!r}: write http://HOST:PORT with the port number of --status-listen")
+        raise BridgeError(f"--url {url!r}: write http://HOST:PORT with the port number of --http-listen")
     path = parts.path.rstrip("/") or STATUS_PATH
     return f"http://{parts.netloc}{path}"
 
@@ -248,7 +82,7 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise BridgeError(
-            f"cannot reach {target}: {reason}; is the role running with --status-listen on that address?"
+            f"cannot reach {target}: {reason}; is the role running with --http-listen on that address?"
         ) from None
     try:
         document = decode_json(body)

@@ -57,6 +57,20 @@ class Verdict(Struct, frozen=True):
 
 ACCEPTED = Verdict(True)
 
+_REASON_NAMES = {
+    OTHER: "other",
+    JOB_NOT_FOUND: "stale",
+    DUPLICATE: "duplicate",
+    LOW_DIFFICULTY: "low-difficulty",
+    UNAUTHORIZED: "unauthorized",
+    NOT_SUBSCRIBED: "not-subscribed",
+}
+
+
+def reject_reason_name(code: int) -> str:
+    """A reject code as a short label for statistics (``stale``, ``duplicate`` ...; ``other``)."""
+    return _REASON_NAMES.get(code, "other")
+
 
 def _code_from_text(text: str, default: int = OTHER) -> int:
     lowered = text.lower()

@@ -26,6 +26,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
+from bridge.sv1.framing import decode_json
+
 __all__ = ["ByteFlipper", "Observer", "WorkerThief"]
 
 _MAX_BUFFER = 1 << 20
@@ -112,8 +116,8 @@ class WorkerThief:
 
 def _json_object(line: bytes) -> dict[str, Any] | None:
     try:
-        message = json.loads(line)
-    except ValueError:
+        message = decode_json(line)
+    except msgspec.DecodeError:
         return None
     return message if isinstance(message, dict) else None
 

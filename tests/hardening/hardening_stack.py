@@ -23,7 +23,8 @@ from bridge.config import parse_upstream_url
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
 from bridge.pki.tls import TestPKI
-from bridge.stats.status import StatusServer
+from bridge.web.app import ManagementApp
+from bridge.web.roles import SidecarView
 from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig, ReferencePool
 
@@ -48,7 +49,7 @@ class Stack:
         self.pool: ReferencePool
         self.sidecar: SidecarServer
         self.proxy: MinerProxy
-        self.status: StatusServer
+        self.status: ManagementApp
         self.miner: Miner
         self.proxy_port = self.sidecar_port = self.udp_port = self.status_port = 0
 
@@ -80,9 +81,7 @@ class Stack:
             self.sidecar_port = await nursery.start(self.sidecar.serve, HOST, 0)
             assert self.sidecar.udp_port is not None
             self.udp_port = self.sidecar.udp_port
-            self.status = StatusServer(
-                "sidecar", self.sidecar.statistics, self.sidecar.warnings, containment=self.sidecar.containment
-            )
+            self.status = ManagementApp(SidecarView(self.sidecar), containment=self.sidecar.containment)
             self.status_port = await nursery.start(self.status.serve, HOST, 0)
             self.proxy = MinerProxy(
                 parse_upstream_url(f"stratumrm://{HOST}:{self.sidecar_port}"),
@@ -153,7 +152,7 @@ class Stack:
         with socket.create_connection((HOST, self.status_port), timeout=WAIT) as client:
             client.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
             response = read_until_closed(client)
-        assert response.startswith(b"HTTP/1.1 200 OK"), response[:200]
+        assert response.startswith(b"HTTP/1.1 200 "), response[:200]
         assert json.loads(response.split(b"\r\n\r\n", 1)[1])["role"] == "sidecar"
 
     def tls_connection(self) -> ssl.SSLSocket:

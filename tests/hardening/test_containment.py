@@ -20,7 +20,7 @@ from bridge.net.sidecar import SidecarServer
 from bridge.pki.tls import make_test_pki
 from bridge.relay.miner_channel import MinerChannel
 from bridge.relay.sidecar import SidecarIntake
-from bridge.stats.status import StatusServer
+from bridge.web.server import WebServer, json_response
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 HOST = "127.0.0.1"
@@ -170,32 +170,42 @@ async def test_a_bug_on_one_datagram_drops_that_datagram_only(tmp_path, monkeypa
         nursery.cancel_scope.cancel()
 
 
+def _status_server() -> WebServer:
+    server = WebServer("proxy management")
+
+    async def status(request):
+        return json_response({"ok": True})
+
+    server.route("/status", status)
+    return server
+
+
 async def test_a_bug_answering_one_status_request_ends_that_request_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    status = StatusServer("proxy", lambda: {"ok": True})
-    original = status._answer
+    status = _status_server()
+    original = status._serve_one
     calls = []
 
-    async def answer(stream):
+    async def serve_one(stream, pending):
         calls.append(1)
         if len(calls) == 1:
-            raise PlantedBug("planted in StatusServer._answer")
-        return await original(stream)
+            raise PlantedBug("planted in WebServer._serve_one")
+        return await original(stream, pending)
 
-    monkeypatch.setattr(status, "_answer", answer)
+    monkeypatch.setattr(status, "_serve_one", serve_one)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(status.serve, HOST, 0)
-        assert await trio.to_thread.run_sync(talk, port, b"GET /status HTTP/1.1\r\n\r\n") == b""
-        second = await trio.to_thread.run_sync(talk, port, b"GET /status HTTP/1.1\r\n\r\n")
-        assert second.startswith(b"HTTP/1.1 200 OK") and status.containment.errors == 1
+        assert await trio.to_thread.run_sync(talk, port, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+        second = await trio.to_thread.run_sync(talk, port, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert second.startswith(b"HTTP/1.1 200") and status.containment.errors == 1
         nursery.cancel_scope.cancel()
 
 
 async def test_an_unreadable_request_target_is_a_400_not_an_error() -> None:
-    status = StatusServer("proxy", lambda: {"ok": True})
+    status = _status_server()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(status.serve, HOST, 0)
-        answer = await trio.to_thread.run_sync(talk, port, b"GET //[ HTTP/1.1\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 400 Bad Request") and status.containment.errors == 0
+        answer = await trio.to_thread.run_sync(talk, port, b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 4") and status.containment.errors == 0
         nursery.cancel_scope.cancel()
 
 

@@ -226,10 +226,10 @@ def test_udp_port(stack: Stack, batch: list[tuple[str, bytes]]) -> None:
 @EXAMPLES
 @given(data=http_requests)
 def test_status_port(stack: Stack, data: bytes) -> None:
-    before = stack.call(lambda: stack.status.containment.errors)
+    before = stack.call(lambda: stack.sidecar.containment.errors)
     send_and_read_until_closed(stack.status_port, data)
     stack.honest_status_request()
-    assert stack.call(lambda: stack.status.containment.errors) == before
+    assert stack.call(lambda: stack.sidecar.containment.errors) == before
 
 
 def test_the_honest_miner_mined_throughout(stack: Stack) -> None:

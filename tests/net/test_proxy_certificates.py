@@ -170,13 +170,13 @@ async def test_the_proxy_status_shows_its_certificate_handshakes_and_expiry_warn
         proxy = MinerProxy(
             parse_upstream_url(f"stratumrm://{LOCALHOST}:{server.port}"), upstream_ssl_context=credentials
         )  # type: ignore[arg-type]
-        service = ProxyService(proxy, credentials=credentials, status_listen=(LOCALHOST, 0))
+        service = ProxyService(proxy, credentials=credentials, http_listen=(LOCALHOST, 0))
         await nursery.start(service.run, LOCALHOST, 0)
         assert proxy.link is not None and proxy.link.credentials is credentials
         await proxy.link.open_handle(RIG)
-        assert service.status is not None and service.status.port is not None
+        assert service.web.port is not None
         document: dict[str, Any] = await trio.to_thread.run_sync(
-            fetch_status, f"http://{LOCALHOST}:{service.status.port}"
+            fetch_status, f"http://{LOCALHOST}:{service.web.port}"
         )
         assert document["role"] == "proxy"
         tls = document["statistics"]["tls"]

@@ -630,7 +630,8 @@ async def test_a_connection_flood_leaves_room_for_an_honest_proxy_the_status_por
 
     from bridge.net.admission import AdmissionLimits
     from bridge.net.listen import fd_gauge, raise_fd_limit
-    from bridge.stats.status import StatusServer
+    from bridge.web.app import ManagementApp
+    from bridge.web.roles import SidecarView
 
     raise_fd_limit()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -642,7 +643,7 @@ async def test_a_connection_flood_leaves_room_for_an_honest_proxy_the_status_por
         async with trio.open_nursery() as nursery:
             limits = AdmissionLimits(max_pending=10_000, max_pending_per_source=10_000, fd_reserve=80)
             pool, server = await start(nursery, pki, admission=limits, handshake_timeout=120.0)
-            status = StatusServer("sidecar", server.statistics, server.warnings)
+            status = ManagementApp(SidecarView(server))
             status_port = await nursery.start(status.serve, LOCALHOST, 0)
             assert server.port is not None
             sources = [f"127.0.0.{n}" for n in range(2, 6)]

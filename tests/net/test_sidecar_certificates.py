@@ -284,7 +284,6 @@ async def test_live_sessions_of_a_newly_revoked_certificate_close_within_seconds
         for proxy in (doomed, steady):
             await proxy.hello()
             await proxy.open(3)
-        started = trio.current_time()
         pki.authority.revoke(pki.miner_name)  # rewrites revocations.pem; nobody calls reload()
         reason = await refused(doomed)
         assert "was revoked" in reason  # found by the file watcher; no wall-clock bound (tests run loaded)

@@ -133,4 +133,4 @@ async def test_the_sidecar_command_reloads_on_sighup_caps_connections_and_serves
     log = log_path.read_text()
     assert "SIGHUP: re-reading the revocation list and certificate files" in log
     assert "closing the session of proxy" in log and "--max-connections-per-cert 1" in log
-    assert f"status on http://{LOCALHOST}:{status_port}/status" in log
+    assert f"sidecar management on http://{LOCALHOST}:{status_port}/" in log  # --status-listen: the old name

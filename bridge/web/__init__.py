@@ -1,0 +1,1 @@
+"""The management port: HTTP server, dashboard, metrics and JSON API (see app.py)."""

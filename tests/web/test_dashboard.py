@@ -1,0 +1,93 @@
+"""The live dashboard in a real headless browser (Debian's chromium, driven by selenium).
+
+The proxy runs in-process on the real chain (reference miner -> proxy -> sidecar ->
+reference pool); chromium opens ``/``, the page's script connects to ``/ws``, and
+the numbers on the page must change as shares flow.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from bridge.net.proxy_service import ProxyService
+from bridge.testing.chain import start_chain
+from bridge.testing.miner import Miner
+from bridge.testing.pool import PoolConfig
+
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+WAIT = 60.0
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e '.[test]'")
+if not (Path(CHROMEDRIVER).exists() and Path(CHROMIUM).exists()):
+    pytest.skip(
+        "no chromium/chromedriver on this machine: run `bash tests/setup-system.sh` as root to install them",
+        allow_module_level=True,
+    )
+
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
+
+
+def open_browser() -> webdriver.Chrome:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1400,1000", "--no-proxy-server"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def number(driver: webdriver.Chrome, element_id: str) -> int | None:
+    text = driver.find_element("id", element_id).text.replace(",", "")
+    return int(text) if text.isdigit() else None
+
+
+def watch_the_page(url: str, screenshot: Path | None = None) -> dict[str, object]:
+    """Open the dashboard and wait until its numbers move; what was seen (in a thread)."""
+    driver = open_browser()
+    try:
+        driver.set_page_load_timeout(WAIT)
+        driver.get(url)
+        wait = WebDriverWait(driver, WAIT, poll_frequency=0.2)
+        wait.until(lambda d: (number(d, "total-accepted") or 0) >= 2)
+        first = number(driver, "total-accepted")
+        assert first is not None
+        wait.until(lambda d: (number(d, "total-accepted") or 0) >= first + 2)
+        wait.until(lambda d: d.find_element("id", "total-hashrate").text not in ("–", "0.0 H/s"))
+        wait.until(lambda d: "web.rig1" in d.find_element("id", "rigs").text)
+        seen = {
+            "first": first,
+            "later": number(driver, "total-accepted"),
+            "rigs": number(driver, "total-rigs"),
+            "state": driver.find_element("id", "state").text,
+            "role": driver.find_element("id", "role").text,
+            "hashrate": driver.find_element("id", "total-hashrate").text,
+            "upstreams": driver.find_element("id", "upstreams").text,
+            "rtt": driver.find_element("id", "total-rtt").text,
+        }
+        if screenshot is not None:
+            driver.save_screenshot(str(screenshot))
+        return seen
+    finally:
+        driver.quit()
+
+
+async def test_the_dashboard_numbers_change_as_shares_flow(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.0001))
+        service = ProxyService(chain.proxy)
+        port = await nursery.start(service.web.serve, "127.0.0.1", 0)
+        miner = Miner(chain.miner_url, "web.rig1", profile="cgminer", hashrate=400_000)
+        nursery.start_soon(miner.run)
+        seen = await trio.to_thread.run_sync(watch_the_page, f"http://127.0.0.1:{port}/")
+        assert str(seen["role"]).lower() == "proxy" and seen["state"] == "ready" and seen["rigs"] == 1
+        assert seen["later"] >= seen["first"] + 2  # type: ignore[operator]
+        assert seen["hashrate"].endswith("H/s")  # type: ignore[union-attr]
+        assert "active" in seen["upstreams"] and "up" in seen["upstreams"]  # type: ignore[operator]
+        assert seen["rtt"].endswith(" ms")  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
