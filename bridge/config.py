@@ -58,6 +58,10 @@ SCHEMES = {
 }
 
 
+URL_FRAGMENTS = frozenset({"xnsub"})
+"""Fragments :func:`parse_upstream_url` understands (the proxy's entries add ``#priority=`` etc.)."""
+
+
 class UpstreamURL(Struct, frozen=True):
     """A parsed upstream pool URL."""
 
@@ -97,6 +101,16 @@ def parse_upstream_url(text: str) -> UpstreamURL:
     if not parts.hostname or port is None:
         raise ConfigError(f"upstream {text!r} needs a host and a port, e.g. {scheme}://pool.example.com:3333")
     fragments = {f.strip().lower() for f in parts.fragment.split("#") if f.strip()}
+    unknown = sorted(fragments - URL_FRAGMENTS)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(URL_FRAGMENTS | set(_ENTRY_OPTIONS)), n=1)
+        hint = f" (did you mean #{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"upstream {text!r}: unknown fragment #{unknown[0]}{hint}; valid fragments: #xnsub, "
+            "and for the proxy's upstreams #priority=N, #weight=W, #name=TEXT"
+        )
     return UpstreamURL(scheme, parts.hostname, port, SCHEMES[scheme], xnsub="xnsub" in fragments)
 
 
