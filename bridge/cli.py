@@ -1,12 +1,11 @@
 """The ``stratumrm`` command line.
 
 Roles: ``proxy`` (miner side), ``sidecar`` (pool side, with the StratumRM issue);
-tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``.
+tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``, ``config``.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
@@ -14,22 +13,21 @@ import click
 from bridge import __version__
 from bridge.config import parse_listen
 from bridge.errors import BridgeError
+from bridge.logs import log_format_option, setup_role
 from bridge.net.admission import (
     DEFAULT_FD_RESERVE,
     RIG_MAX_PENDING,
     RIG_MAX_PENDING_PER_SOURCE,
     AdmissionLimits,
 )
-from bridge.runtime import run_until_interrupted
+from bridge.runtime import OptionProblem, check_names, run_role
 
 
-def setup_logging(verbose: int, quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(verbose: int, quiet: bool = False, log_format: str = "text") -> None:
+    """The one logging set-up (bridge/logs.py); every -v is one level more than the default."""
+    from bridge import logs
+
+    logs.setup(verbose, quiet=quiet, log_format=log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,11 +81,12 @@ _FAILOVER_DEFAULTS = {
 @click.option("--probe-password", help="Its password (default: that rig's).")
 @click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when this proxy's certificate expires within this many days.")
 @click.option("--status-listen", metavar="HOST:PORT", help="Serve GET /status (JSON statistics) here, e.g. 127.0.0.1:9100, for `stratumrm status`.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More logging: -v debug, -vv the libraries' debug too.")
+@log_format_option
 @click.pass_context
 def proxy(context: click.Context, config_file, listen, upstreams, backups, cert, key, ca, bundle, upstream_ca,
           submit_timeout, opening_timeout, max_pending, max_pending_per_source, fd_reserve, share_batch_window,
-          cert_warn_days, status_listen, verbose, **failover_options) -> None:
+          cert_warn_days, status_listen, verbose, log_format, **failover_options) -> None:
     """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream, with failover.
 
     Upstreams are tried in priority order (--upstream, then --backup); standbys are
@@ -99,47 +98,40 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
     """
     from datetime import timedelta
 
-    from bridge.config import FailoverFileSection, ProxyFileConfig, load_proxy_config, parse_upstream_entry
+    from bridge import settings as settings_module
+    from bridge.config import parse_upstream_entry
     from bridge.net.miner_proxy import MinerProxy
     from bridge.net.proxy_service import ProxyService
     from bridge.pki.rotation import ClientCredentials
     from bridge.pki.tls import public_client_context
     from bridge.relay.failover import FailoverConfig, NoUpstreamPolicy, Strategy
 
-    setup_logging(verbose)
-
-    def given(name: str) -> bool:
-        return context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
-
     try:
-        file = load_proxy_config(config_file) if config_file else ProxyFileConfig()
-        section = file.failover if config_file else FailoverFileSection()
-
-        def pick(name: str, value, file_value):
-            return value if given(name) or file_value is None else file_value
-
-        listen = pick("listen", listen, file.listen)
-        cert, key, ca = pick("cert", cert, file.cert), pick("key", key, file.key), pick("ca", ca, file.ca)
-        bundle = pick("bundle", bundle, file.bundle)
-        upstream_ca = pick("upstream_ca", upstream_ca, file.upstream_ca)
-        submit_timeout = pick("submit_timeout", submit_timeout, file.submit_timeout)
-        opening_timeout = pick("opening_timeout", opening_timeout, file.opening_timeout)
-        admission = AdmissionLimits(
-            max_pending=pick("max_pending", max_pending, file.max_pending),
-            max_pending_per_source=pick("max_pending_per_source", max_pending_per_source, file.max_pending_per_source),
-            fd_reserve=pick("fd_reserve", fd_reserve, file.fd_reserve),
-        )
-        share_batch_window = pick("share_batch_window", share_batch_window, file.share_batch_window)
-        settings = {name: pick(name, failover_options[name], getattr(section, name)) for name in _FAILOVER_DEFAULTS}
+        chosen = settings_module.merge("proxy", config_file, settings_module.given_on_command_line(context))
+    except (BridgeError, ValueError) as exc:
+        raise OptionProblem(str(exc)) from None
+    setup_role(chosen, verbose)
+    failover_settings = chosen.failover
+    settings = {name: getattr(failover_settings, name) for name in _FAILOVER_DEFAULTS}
+    listen, cert, key, ca, bundle = chosen.listen, chosen.cert, chosen.key, chosen.ca, chosen.bundle
+    upstream_ca, submit_timeout, opening_timeout = chosen.upstream_ca, chosen.submit_timeout, chosen.opening_timeout
+    share_batch_window, cert_warn_days, status_listen = chosen.share_batch_window, chosen.cert_warn_days, chosen.status_listen
+    admission = AdmissionLimits(
+        max_pending=chosen.max_pending,
+        max_pending_per_source=chosen.max_pending_per_source,
+        fd_reserve=chosen.fd_reserve,
+    )
+    try:
         host, port = parse_listen(listen)
         if upstreams or backups:
             entries = [parse_upstream_entry(text, position) for position, text in enumerate(upstreams)]
             level = max((entry.priority for entry in entries), default=-1) + 1
             entries += [parse_upstream_entry(text, level + position) for position, text in enumerate(backups)]
         else:
-            entries = file.entries()
+            entries = chosen.entries()
         if not entries:
-            raise click.UsageError("give at least one --upstream (or [[upstream]] in --config)")
+            raise OptionProblem("give at least one --upstream (or [[upstream]] in --config); "
+                                "`stratumrm config example proxy` shows a complete file")
         status_address = parse_listen(status_listen) if status_listen else None
         failover = FailoverConfig(
             strategy=Strategy(settings["strategy"]),
@@ -153,7 +145,8 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
             no_upstream_grace=settings["no_upstream_grace"],
         )
     except (BridgeError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise OptionProblem(str(exc)) from None
+    check_names({f"--upstream {entry.url}": entry.url.host for entry in entries})
     credentials = None
     pool_context = None
     try:
@@ -187,7 +180,10 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
         admission=admission,
     )
     service = ProxyService(server, credentials=credentials, status_listen=status_address)
-    _run_forever(service.run, host, port)
+    listens = {"--listen": (host, port)}
+    if status_address is not None:
+        listens["--status-listen"] = status_address
+    run_role(service.run, host, port, listens=listens)
 
 
 @cli.command()
@@ -201,16 +197,9 @@ def demo(duration, miners, difficulty, hashrate, loss, verbose) -> None:
     """Run the whole chain on 127.0.0.1 (pool, sidecar, proxy, miners) and check every share's tally."""
     from bridge import demo as demo_module
 
-    setup_logging(verbose, quiet=verbose == 0)
+    setup_logging(max(verbose - 1, 0), quiet=verbose == 0)
     status = demo_module.main(duration or None, miners, difficulty, hashrate, loss)
     sys.exit(status)
-
-
-def _run_forever(serve, *args) -> None:
-    try:
-        run_until_interrupted(serve, *args)
-    except OSError as exc:
-        raise click.ClickException(f"{exc}; is the address in use or the port privileged?") from None
 
 
 def _register_optional() -> None:
@@ -219,6 +208,7 @@ def _register_optional() -> None:
     from bridge.testing.miner_command import testminer
 
     from bridge.bench.command import bench
+    from bridge.config_command import config
     from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
     from bridge.status_command import status
@@ -229,6 +219,7 @@ def _register_optional() -> None:
     cli.add_command(sidecar)
     cli.add_command(bench)
     cli.add_command(status)
+    cli.add_command(config)
 
 
 def main() -> None:

@@ -192,6 +192,12 @@ def setup(verbose: int = 0, *, quiet: bool = False, log_format: str = "text", st
         logging.getLogger(noisy).setLevel(logging.DEBUG if step > 2 else logging.WARNING)
 
 
+def setup_role(settings: Any, verbose: int) -> None:
+    """A role's logging from its merged settings (``log_level``, ``log_format``) and the ``-v`` count."""
+    steps = {"warning": -1, "info": 0, "debug": 1}[settings.log_level] + verbose
+    setup(max(steps, 0), quiet=steps < 0, log_format=settings.log_format)
+
+
 def log_format_option(function: Callable) -> Callable:
     """The ``--log-format`` option every serving command takes (click decorator)."""
     import click

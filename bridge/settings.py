@@ -33,11 +33,19 @@ from msgspec import Meta, Struct
 
 from bridge.config import parse_listen, parse_upstream_entry, parse_upstream_url
 from bridge.errors import ConfigError
+from bridge.net.admission import (
+    DEFAULT_FD_RESERVE,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_PER_SOURCE,
+    RIG_MAX_PENDING,
+    RIG_MAX_PENDING_PER_SOURCE,
+)
 
 __all__ = [
+    "ROLES",
     "FailoverSettings",
     "ProxySettings",
-    "ROLES",
     "SidecarSettings",
     "UpstreamSettings",
     "check_file",
@@ -50,8 +58,10 @@ __all__ = [
 
 
 def _doc(description: str, breaks: str, *, secret: bool = False, path: bool = False,
-         example: Any = None, **limits: Any) -> Meta:
+         example: Any = None, required: bool = False, **limits: Any) -> Meta:
     extra: dict[str, Any] = {"breaks": breaks}
+    if required:
+        extra["required"] = True
     if secret:
         extra["secret"] = True
     if path:
@@ -196,6 +206,16 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     share_batch_window: Annotated[float, _doc(
         "Seconds to hold UDP shares so several travel in one datagram (e.g. 0.001 for large farms)",
         "adds this much latency to every share", ge=0)] = 0.0
+    max_pending: Annotated[int, _doc(
+        "Rig connections that have not sent their first Stratum request yet, at most (a flood is refused beyond)",
+        "too low: a farm reconnecting at once is partly refused for a moment; too high: a flood holds sockets",
+        ge=1)] = RIG_MAX_PENDING
+    max_pending_per_source: Annotated[int, _doc(
+        "... of them from one IP address (raise it for many rigs behind one NAT that reconnect at once)",
+        "too low: rigs behind one NAT are refused after a power cut", ge=1)] = RIG_MAX_PENDING_PER_SOURCE
+    fd_reserve: Annotated[int, _doc(
+        "File descriptors kept free for upstream connections and the status port: no new rig is accepted below it",
+        "0: a flood can use the last descriptor and cut the proxy off from its pools", ge=0)] = DEFAULT_FD_RESERVE
     cert_warn_days: Annotated[float, _doc(
         "Warn (log, status) when this proxy's certificate expires within this many days",
         "0: no warning before the sidecar starts refusing an expired certificate", ge=0)] = 14.0
@@ -233,7 +253,7 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         if self.status_listen is not None:
             _check(lambda: parse_listen(self.status_listen), "status_listen")
         for index, item in enumerate(self.upstream):
-            _check(lambda: parse_upstream_entry(item.url, index), f"upstream[{index}].url")
+            _check(lambda url=item.url, index=index: parse_upstream_entry(url, index), f"upstream[{index}].url")
 
 
 class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -245,20 +265,20 @@ class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pool: Annotated[str | None, _doc(
         "The pool software: stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT (required)",
         "every rig's channel fails to open; the sidecar reports the pool down to its proxies",
-        example="stratum+tcp://127.0.0.1:3333")] = None
+        example="stratum+tcp://127.0.0.1:3333", required=True)] = None
     pool_ca: Annotated[str | None, _doc(
         "CA file to verify a stratum+ssl:// pool (default: the system trust store)",
         "the TLS handshake with the pool fails", path=True, example="pool-ca.pem")] = None
     cert: Annotated[str | None, _doc(
         "This sidecar's certificate (`stratumrm pki issue-pool`; required), relative to this file",
         "proxies refuse the sidecar: the name or address they dial must be in it",
-        path=True, example="sidecar.crt")] = None
+        path=True, example="sidecar.crt", required=True)] = None
     key: Annotated[str | None, _doc(
         "The private key of cert (required); readable by the service user only",
-        "the sidecar does not start", path=True, example="sidecar.key")] = None
+        "the sidecar does not start", path=True, example="sidecar.key", required=True)] = None
     ca: Annotated[str | None, _doc(
         "The StratumRM CA certificate that proxies' certificates are checked against (required)",
-        "every proxy is refused (wrong CA)", path=True, example="ca.crt")] = None
+        "every proxy is refused (wrong CA)", path=True, example="ca.crt", required=True)] = None
     revocations: Annotated[str | None, _doc(
         "Revocation list to enforce and watch (the CA's revocations.pem)",
         "revoked proxies keep mining", path=True, example="revocations.pem")] = None
@@ -286,6 +306,19 @@ class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_connections_per_cert: Annotated[int, _doc(
         "Control connections one proxy certificate may hold at once (0: no limit)",
         "too low: proxies sharing a bundle are refused; 0: a leaked bundle can open any number", ge=0)] = 4
+    handshake_timeout: Annotated[float, _doc(
+        "Seconds a proxy has to finish the TLS handshake",
+        "too low: proxies on slow links are refused; too high: silent connections hold sockets longer",
+        ge=0.1)] = DEFAULT_HANDSHAKE_TIMEOUT
+    max_pending: Annotated[int, _doc(
+        "Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest)",
+        "too low: proxies reconnecting after an outage wait; too high: a flood costs memory", ge=1)] = DEFAULT_MAX_PENDING
+    max_pending_per_source: Annotated[int, _doc(
+        "... of them from one IP address",
+        "too low: many proxies behind one balancer or NAT are refused", ge=1)] = DEFAULT_MAX_PENDING_PER_SOURCE
+    fd_reserve: Annotated[int, _doc(
+        "File descriptors kept free for pool connections and the status port: no new proxy connection below it",
+        "0: a flood can use the last descriptor and cut rigs off from the pool", ge=0)] = DEFAULT_FD_RESERVE
     cert_warn_days: Annotated[float, _doc(
         "Warn (log, status) when a certificate expires within this many days",
         "0: no warning before proxies are refused for an expired certificate", ge=0)] = 14.0
@@ -383,6 +416,11 @@ def _explain(path_name: str, model: type[Struct], exc: msgspec.ValidationError) 
         valid = sorted(_field_table(parent)) if parent is not None else []
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if parent is not None and not close:
+            for section, field in _field_table(parent).items():
+                inner = _struct_at(parent, [section])
+                if inner is not None and name in _field_table(inner):
+                    hint = f" (it belongs in the [{section}] table)"
         full = _dotted([*path, name])
         return f"{path_name}: unknown key {full}{hint}; valid keys{' in ' + key if path else ''}: {', '.join(valid)}"
     field = _field_at(model, path)
@@ -475,12 +513,12 @@ def merge(role: str, config_file: str | None, given: dict[str, Any], rename: dic
     return settings
 
 
-def given_on_command_line(context: Any, values: dict[str, Any]) -> dict[str, Any]:
+def given_on_command_line(context: Any) -> dict[str, Any]:
     """The options of a click command the user actually typed (or set in the environment)."""
     import click
 
     typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-    return {name: value for name, value in values.items() if context.get_parameter_source(name) in typed}
+    return {name: value for name, value in context.params.items() if context.get_parameter_source(name) in typed}
 
 
 def detect_role(path: str | Path) -> str:
@@ -580,8 +618,8 @@ def _field_lines(field: msgspec.structs.FieldInfo) -> list[str]:
     if extra.get("breaks"):
         lines += _wrap(f"if wrong: {extra['breaks']}")
     if default is None:
-        sample = extra.get("example", "")
-        lines.append(f"# {field.name} = {_toml_value(sample)}")
+        sample = _toml_value(extra.get("example", ""))
+        lines.append(f"{field.name} = {sample}" if extra.get("required") else f"# {field.name} = {sample}")
     else:
         lines.append(f"{field.name} = {_toml_value(default)}")
     return lines
