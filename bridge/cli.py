@@ -107,7 +107,8 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
     from bridge.relay.failover import FailoverConfig, NoUpstreamPolicy, Strategy
 
     try:
-        chosen = settings_module.merge("proxy", config_file, settings_module.given_on_command_line(context))
+        chosen = settings_module.merge("proxy", config_file, settings_module.given_on_command_line(context),
+                                       rename={"status_listen": "http_listen"})
     except (BridgeError, ValueError) as exc:
         raise OptionProblem(str(exc)) from None
     setup_role(chosen, verbose)
@@ -115,7 +116,7 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
     settings = {name: getattr(failover_settings, name) for name in _FAILOVER_DEFAULTS}
     listen, cert, key, ca, bundle = chosen.listen, chosen.cert, chosen.key, chosen.ca, chosen.bundle
     upstream_ca, submit_timeout, opening_timeout = chosen.upstream_ca, chosen.submit_timeout, chosen.opening_timeout
-    share_batch_window, cert_warn_days, status_listen = chosen.share_batch_window, chosen.cert_warn_days, chosen.status_listen
+    share_batch_window, cert_warn_days, status_listen = chosen.share_batch_window, chosen.cert_warn_days, chosen.http_listen
     admission = AdmissionLimits(
         max_pending=chosen.max_pending,
         max_pending_per_source=chosen.max_pending_per_source,

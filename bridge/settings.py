@@ -219,8 +219,8 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     cert_warn_days: Annotated[float, _doc(
         "Warn (log, status) when this proxy's certificate expires within this many days",
         "0: no warning before the sidecar starts refusing an expired certificate", ge=0)] = 14.0
-    status_listen: Annotated[str | None, _doc(
-        "HOST:PORT serving GET /status (JSON) for `stratumrm status`",
+    http_listen: Annotated[str | None, _doc(
+        "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
         "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
         example="127.0.0.1:9100")] = None
     log_format: Annotated[LogFormat, _doc(
@@ -250,8 +250,8 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     def validate(self) -> None:
         """Check the values the types do not (addresses, URLs); ConfigError names the key."""
         _check(lambda: parse_listen(self.listen), "listen")
-        if self.status_listen is not None:
-            _check(lambda: parse_listen(self.status_listen), "status_listen")
+        if self.http_listen is not None:
+            _check(lambda: parse_listen(self.http_listen), "http_listen")
         for index, item in enumerate(self.upstream):
             _check(lambda url=item.url, index=index: parse_upstream_entry(url, index), f"upstream[{index}].url")
 
@@ -322,8 +322,8 @@ class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     cert_warn_days: Annotated[float, _doc(
         "Warn (log, status) when a certificate expires within this many days",
         "0: no warning before proxies are refused for an expired certificate", ge=0)] = 14.0
-    status_listen: Annotated[str | None, _doc(
-        "HOST:PORT serving GET /status (JSON) for `stratumrm status`",
+    http_listen: Annotated[str | None, _doc(
+        "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
         "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
         example="127.0.0.1:9101")] = None
     log_format: Annotated[LogFormat, _doc(
@@ -337,8 +337,8 @@ class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         if self.udp_port is not None and not 0 <= self.udp_port <= 65535:
             raise ConfigError("key udp_port: a port number from 0 to 65535")
         _check(lambda: parse_listen(self.listen), "listen")
-        if self.status_listen is not None:
-            _check(lambda: parse_listen(self.status_listen), "status_listen")
+        if self.http_listen is not None:
+            _check(lambda: parse_listen(self.http_listen), "http_listen")
         if self.pool is not None:
             url = _check(lambda: parse_upstream_url(self.pool), "pool")
             if url.transport == "stratumrm":

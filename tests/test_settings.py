@@ -22,7 +22,8 @@ _register_optional()
 
 # Options of the role commands that are not settings (they say what to run, not how).
 NOT_SETTINGS = {"config_file", "verbose", "upstreams", "backups"}
-RENAMED = {"sidecar": {"pool_url": "pool", "no_udp": "udp"}}
+RENAMED = {"sidecar": {"pool_url": "pool", "no_udp": "udp", "status_listen": "http_listen"},
+           "proxy": {"status_listen": "http_listen"}}
 
 
 def _keys(model: type) -> set[str]:

@@ -143,14 +143,14 @@ def sidecar(
     if "no_udp" in given:
         given["udp"] = not given.pop("no_udp")
     try:
-        chosen = settings_module.merge("sidecar", config_file, given, rename={"pool_url": "pool"})
+        chosen = settings_module.merge("sidecar", config_file, given, rename={"pool_url": "pool", "status_listen": "http_listen"})
     except BridgeError as exc:
         raise OptionProblem(str(exc)) from None
     listen, pool_url, pool_ca, cert, key, ca = chosen.listen, chosen.pool, chosen.pool_ca, chosen.cert, chosen.key, chosen.ca
     revocations, udp_port, no_udp, advertise = chosen.revocations, chosen.udp_port, not chosen.udp, chosen.advertise
     rekey_interval, dead_after, clock_skew = chosen.rekey_interval, chosen.dead_after, chosen.clock_skew
     max_connections_per_cert, cert_warn_days = chosen.max_connections_per_cert, chosen.cert_warn_days
-    status_listen = chosen.status_listen
+    status_listen = chosen.http_listen
     missing = [name for name, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if not value]
     if missing:
         raise OptionProblem(
