@@ -156,7 +156,7 @@ def test_the_example_configs_are_valid(role: str) -> None:
 def test_the_containerfile_installs_this_clone_as_a_non_root_user() -> None:
     text = (DEPLOY / "Containerfile").read_text()
     assert "pip wheel" in text and "COPY bridge ./bridge" in text and "pip install --no-cache-dir /wheels/*.whl" in text
-    assert re.search(r"^USER stratumrm$", text, re.M)
+    assert re.search(r"^USER stratumrm$", text, re.MULTILINE)
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert 'ENTRYPOINT ["stratumrm"]' in text
 
