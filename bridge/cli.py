@@ -43,7 +43,7 @@ _FAILOVER_DEFAULTS = {
 }
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--config", "-c", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML configuration file (see README, Failover); command-line options win.")
 @click.option("--listen", default="0.0.0.0:3333", show_default=True, help="HOST:PORT where rigs connect.")
 @click.option(
@@ -95,7 +95,12 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
     after --hold-down. A renewed --bundle (or --cert/--key) is picked up without a
     restart (checked every few seconds and on SIGHUP) and used from the next
     connection to the sidecar.
+
+    Subcommand: `stratumrm proxy enroll URL --token T --fingerprint FP` gets this
+    proxy's certificate from a sidecar's management port.
     """
+    if context.invoked_subcommand is not None:
+        return
     from datetime import timedelta
 
     from bridge import settings as settings_module
@@ -212,6 +217,7 @@ def _register_optional() -> None:
     from bridge.config_command import config
     from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
+    from bridge.pki.enroll_commands import enroll_command
     from bridge.status_command import status
 
     cli.add_command(testpool)
@@ -221,6 +227,7 @@ def _register_optional() -> None:
     cli.add_command(bench)
     cli.add_command(status)
     cli.add_command(config)
+    proxy.add_command(enroll_command)
 
 
 def main() -> None:
