@@ -58,8 +58,12 @@ class UpstreamURL(Struct, frozen=True):
         return f"{self.scheme}://{host}:{self.port}" + ("#xnsub" if self.xnsub else "")
 
 
-def parse_upstream_url(text: str) -> UpstreamURL:
-    """Parse ``stratum+tcp://``, ``stratum+ssl://`` or ``stratumrm://`` URLs."""
+def parse_upstream_url(text: str, extra_fragments: frozenset[str] = frozenset()) -> UpstreamURL:
+    """Parse ``stratum+tcp://``, ``stratum+ssl://`` or ``stratumrm://`` URLs.
+
+    A fragment other than ``#xnsub`` (or one of ``extra_fragments``, which the caller
+    reads itself) is refused with the valid ones: a typo must not go unnoticed.
+    """
     if "://" not in text:
         raise ConfigError(
             f"upstream {text!r} has no scheme; write it as stratum+tcp://HOST:PORT, "
@@ -79,7 +83,7 @@ def parse_upstream_url(text: str) -> UpstreamURL:
     if not parts.hostname or port is None:
         raise ConfigError(f"upstream {text!r} needs a host and a port, e.g. {scheme}://pool.example.com:3333")
     fragments = {f.strip().lower() for f in parts.fragment.split("#") if f.strip()}
-    unknown = sorted(fragments - URL_FRAGMENTS)
+    unknown = sorted(fragments - URL_FRAGMENTS - extra_fragments)
     if unknown:
         import difflib
 

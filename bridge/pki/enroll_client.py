@@ -26,7 +26,13 @@ from cryptography.x509.oid import NameOID
 
 from bridge.errors import PKIError
 from bridge.pki.bundle import write_bundle
-from bridge.pki.enrollment import ENROLL_CA_PATH, ENROLL_PATH, EnrollResponse, ca_fingerprint, normalize_fingerprint
+from bridge.pki.enrollment import (
+    ENROLL_CA_PATH,
+    ENROLL_PATH,
+    EnrollResponse,
+    ca_fingerprint,
+    normalize_fingerprint,
+)
 from bridge.pki.issuing import KeyType, PrivateKey, generate_private_key
 
 __all__ = ["enroll"]

@@ -15,8 +15,20 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from bridge.errors import PKIError
 from bridge.pki.bundle import read_bundle
-from bridge.pki.commands import _key_type_option, _pass_directory, _PKIDirectory, _reports_errors, _when, pki
-from bridge.pki.enrollment import DATABASE_FILE, EnrollmentStore, ca_fingerprint, parse_ttl
+from bridge.pki.commands import (
+    _key_type_option,
+    _pass_directory,
+    _PKIDirectory,
+    _reports_errors,
+    _when,
+    pki,
+)
+from bridge.pki.enrollment import (
+    DATABASE_FILE,
+    EnrollmentStore,
+    ca_fingerprint,
+    parse_ttl,
+)
 from bridge.pki.issuing import KEY_TYPES, KeyType
 
 __all__ = ["enroll_command"]

@@ -29,6 +29,7 @@ import hashlib
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,8 +40,8 @@ from cryptography.hazmat.primitives import serialization
 
 from bridge.errors import PKIError
 from bridge.pki.authority import CertificateAuthority
-from bridge.pki.identity import format_serial, normalize_accounts, validate_name
-from bridge.pki.issuing import certificate_pem
+from bridge.pki.identity import format_serial, key_type_of, normalize_accounts, validate_name
+from bridge.pki.issuing import KEY_TYPES, certificate_pem
 
 __all__ = [
     "DATABASE_FILE",
@@ -136,7 +137,8 @@ class EnrollmentStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        # One connection, used from whichever thread the server runs the handler in (one at a time).
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(
             """
@@ -253,14 +255,22 @@ class EnrollmentService:
     def __init__(self, authority: CertificateAuthority, store: EnrollmentStore) -> None:
         self.authority = authority
         self.store = store
+        self._lock = threading.Lock()
 
     def ca(self) -> tuple[int, str, bytes]:
         """``GET /api/v1/enroll/ca``: the CA certificate (PEM), which the client checks against its fingerprint."""
         return 200, "application/x-pem-file", certificate_pem(self.authority.ca_certificate)
 
     def enroll(self, body: bytes, client: str, now: datetime | None = None) -> tuple[int, str, bytes]:
-        """``POST /api/v1/enroll`` with an :class:`EnrollRequest`; an :class:`EnrollResponse` or ``{"error"}``."""
-        now = now or datetime.now(UTC)
+        """``POST /api/v1/enroll`` with an :class:`EnrollRequest`; an :class:`EnrollResponse` or ``{"error"}``.
+
+        Blocking (SQLite, signing): a trio server runs it with ``trio.to_thread.run_sync``;
+        requests are handled one at a time.
+        """
+        with self._lock:
+            return self._enroll(body, client, now or datetime.now(UTC))
+
+    def _enroll(self, body: bytes, client: str, now: datetime) -> tuple[int, str, bytes]:
         try:
             request = msgspec.json.decode(body, type=EnrollRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -272,6 +282,9 @@ class EnrollmentService:
             if not csr.is_signature_valid:
                 raise ValueError("its signature does not match its key")
             public_key = csr.public_key()
+            if key_type_of(public_key) not in KEY_TYPES:
+                raise ValueError(f"its {key_type_of(public_key)} key is not a supported key type "
+                                 f"({', '.join(KEY_TYPES)}); make the key with `stratumrm proxy enroll`")
         except ValueError as exc:
             self.store.refused(None, f"bad certificate signing request: {exc}", client, now)
             return _error(400, f"not a valid certificate signing request: {exc}")
