@@ -40,7 +40,12 @@ from cryptography.hazmat.primitives import serialization
 
 from bridge.errors import PKIError
 from bridge.pki.authority import CertificateAuthority
-from bridge.pki.identity import format_serial, key_type_of, normalize_accounts, validate_name
+from bridge.pki.identity import (
+    format_serial,
+    key_type_of,
+    normalize_accounts,
+    validate_name,
+)
 from bridge.pki.issuing import KEY_TYPES, certificate_pem
 
 __all__ = [
