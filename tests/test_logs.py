@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -19,6 +20,22 @@ from bridge import logs
 from bridge.net.miner_proxy import explain_authorize_refusal
 from bridge.net.tcp import describe_error
 from bridge.runtime import describe_bind_problem
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """logs.setup() changes the root logger: give the next tests pytest's set-up back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    libraries = {name: logging.getLogger(name).level for name in ("hpack", "hypercorn.access", "trio_websocket", "asyncio")}
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name, old in libraries.items():
+        logging.getLogger(name).setLevel(old)
 
 
 def _record(message: str, *args, level: int = logging.WARNING, name: str = "bridge.sidecar") -> logging.LogRecord:
@@ -56,13 +73,10 @@ async def test_connection_ids_follow_a_task_and_its_children_in_json() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(child)
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection, "rig")
-            nursery.start_soon(connection, "proxy")
-        log.info("no connection here")
-    finally:
-        logs.setup(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection, "rig")
+        nursery.start_soon(connection, "proxy")
+    log.info("no connection here")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     by_conn: dict[str | None, list[str]] = {}
     for line in lines:
@@ -78,12 +92,9 @@ async def test_connection_ids_follow_a_task_and_its_children_in_json() -> None:
 def test_text_lines_carry_the_connection_id() -> None:
     stream = io.StringIO()
     logs.setup(0, stream=stream)
-    try:
-        record = _record("rig %s disconnected", "10.0.0.7:4000", level=logging.INFO, name="bridge.proxy")
-        record.conn = "rig-17"
-        logging.getLogger("bridge.proxy").handle(record)
-    finally:
-        logs.setup(0)
+    record = _record("rig %s disconnected", "10.0.0.7:4000", level=logging.INFO, name="bridge.proxy")
+    record.conn = "rig-17"
+    logging.getLogger("bridge.proxy").handle(record)
     assert "INFO    bridge.proxy [rig-17] rig 10.0.0.7:4000 disconnected" in stream.getvalue()
 
 
