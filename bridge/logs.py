@@ -167,7 +167,7 @@ def redact(key: str, value: Any) -> Any:
 
 
 def setup(verbose: int = 0, *, quiet: bool = False, log_format: str = "text", stream: TextIO | None = None) -> None:
-    """Configure the root logger for a command (replaces any earlier set-up).
+    """Configure the root logger for a command (replaces an earlier call's handler, leaves others).
 
     Every ``-v`` is one level more than the command's default: INFO by default
     (``quiet``: WARNING), ``-v`` DEBUG for the bridge, ``-vv`` DEBUG for the
@@ -182,9 +182,11 @@ def setup(verbose: int = 0, *, quiet: bool = False, log_format: str = "text", st
     handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_ConnectionField())
     handler.addFilter(RepeatFilter())
+    handler.stratumrm = True  # type: ignore[attr-defined]  # ours: the next setup() replaces it
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if getattr(old, "stratumrm", False):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     # Libraries' chatter stays at WARNING unless -vv.

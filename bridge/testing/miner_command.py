@@ -142,9 +142,10 @@ def testminer(
     verbose: int,
 ) -> None:
     """Mine for real against a pool with reference miners and report every verdict."""
-    from bridge import logs
+    if verbose:  # each -v one level more than the default (warnings only)
+        from bridge import logs
 
-    logs.setup(max(verbose - 1, 0), quiet=verbose == 0)  # warnings by default; each -v one level more
+        logs.setup(verbose - 1)
     if duration is None and max_shares is None:
         click.echo("mining until interrupted (Ctrl-C); use --duration or --max-shares to stop on your own", err=True)
     printer = None if quiet else print_event
