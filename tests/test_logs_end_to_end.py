@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import subprocess
 import threading
 import time
@@ -109,3 +110,48 @@ def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(
     assert "shutting down (SIGTERM)" in sidecar_log and "Traceback" not in sidecar_log
     wrong_log = logs[id(wrong)]
     assert wrong_log.count("cannot connect to sidecar") == 1, wrong_log  # once, not per retry
+
+
+def _find(document: object, key: str) -> object:
+    """The first value under ``key`` anywhere in a JSON document."""
+    if isinstance(document, dict):
+        if key in document:
+            return document[key]
+        documents = list(document.values())
+    elif isinstance(document, list):
+        documents = document
+    else:
+        return None
+    for inner in documents:
+        found = _find(inner, key)
+        if found is not None:
+            return found
+    return None
+
+
+def test_a_scanner_flood_is_five_lines_not_one_per_connection(tmp_path: Path) -> None:
+    """Scanners send garbage to every open port: the sidecar logs the first few, counts the rest."""
+    from bridge.stats.status import fetch_status
+
+    pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
+    port, status_port = free_port(), free_port()
+    sidecar = Role(["sidecar", "--listen", f"127.0.0.1:{port}", "--no-udp", "--pool", "stratum+tcp://127.0.0.1:9",
+                    "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
+                    "--status-listen", f"127.0.0.1:{status_port}"])
+    try:
+        sidecar.wait_for("sidecar listening")
+        flood = 30
+        for _ in range(flood):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as scanner:
+                scanner.sendall(b"GET / HTTP/1.0\r\nCookie: mstshash=Administr\r\n\r\n")
+                scanner.recv(4096)  # the sidecar answers with a TLS alert, or closes
+        deadline = time.monotonic() + 60
+        while True:  # until the sidecar has counted every failed handshake
+            counted = _find(fetch_status(f"http://127.0.0.1:{status_port}", 5.0), "handshake_failures")
+            if isinstance(counted, int) and counted >= flood:
+                break
+            assert time.monotonic() < deadline, f"handshake failures counted: {counted}"
+            time.sleep(0.1)
+    finally:
+        log = sidecar.stop()
+    assert log.count("TLS handshake with") == 5, log
