@@ -134,6 +134,9 @@ def run_role(async_fn: Callable[..., Awaitable[Any]], *args: Any,
     if failure is None:
         _log.info("stopped")
         return
+    import gc
+
+    gc.collect()  # sockets the failed start left to the garbage collector are closed before the probes
     for kind, what, table in ((_socket.SOCK_STREAM, "TCP", listens or {}), (_socket.SOCK_DGRAM, "UDP", udp or {})):
         for option, (host, port) in table.items():
             problem = _probe_bind(host, port, kind) if port else None
