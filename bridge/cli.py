@@ -1,12 +1,11 @@
 """The ``stratumrm`` command line.
 
 Roles: ``proxy`` (miner side), ``sidecar`` (pool side, with the StratumRM issue);
-tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``, ``ping``.
+tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``, ``ping``, ``config``.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
@@ -14,22 +13,21 @@ import click
 from bridge import __version__
 from bridge.config import parse_listen
 from bridge.errors import BridgeError
+from bridge.logs import log_format_option, setup_role
 from bridge.net.admission import (
     DEFAULT_FD_RESERVE,
     RIG_MAX_PENDING,
     RIG_MAX_PENDING_PER_SOURCE,
     AdmissionLimits,
 )
-from bridge.runtime import run_until_interrupted
+from bridge.runtime import OptionProblem, check_names, run_role
 
 
-def setup_logging(verbose: int, quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(verbose: int, quiet: bool = False, log_format: str = "text") -> None:
+    """The one logging set-up (bridge/logs.py); every -v is one level more than the default."""
+    from bridge import logs
+
+    logs.setup(verbose, quiet=quiet, log_format=log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +43,7 @@ _FAILOVER_DEFAULTS = {
 }
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--config", "-c", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML configuration file (see README, Failover); command-line options win.")
 @click.option("--listen", default="0.0.0.0:3333", show_default=True, help="HOST:PORT where rigs connect.")
 @click.option(
@@ -83,12 +81,13 @@ _FAILOVER_DEFAULTS = {
 @click.option("--probe-password", help="Its password (default: that rig's).")
 @click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when this proxy's certificate expires within this many days.")
 @click.option("--http-listen", "--status-listen", "http_listen", metavar="HOST:PORT", help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9100. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.")
-@click.option("--metrics-per-worker", is_flag=True, default=None, help="Add per-worker series to /metrics (the busiest 1000 workers).")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("--metrics-per-worker", is_flag=True, help="Add per-worker series to /metrics (the busiest 1000 workers).")
+@click.option("-v", "--verbose", count=True, help="More logging: -v debug, -vv the libraries' debug too.")
+@log_format_option
 @click.pass_context
 def proxy(context: click.Context, config_file, listen, upstreams, backups, cert, key, ca, bundle, upstream_ca,
           submit_timeout, opening_timeout, max_pending, max_pending_per_source, fd_reserve, share_batch_window,
-          cert_warn_days, http_listen, metrics_per_worker, verbose, **failover_options) -> None:
+          cert_warn_days, http_listen, metrics_per_worker, verbose, log_format, **failover_options) -> None:
     """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream, with failover.
 
     Upstreams are tried in priority order (--upstream, then --backup); standbys are
@@ -97,52 +96,48 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
     after --hold-down. A renewed --bundle (or --cert/--key) is picked up without a
     restart (checked every few seconds and on SIGHUP) and used from the next
     connection to the sidecar.
+
+    Subcommand: `stratumrm proxy enroll URL --token T --fingerprint FP` gets this
+    proxy's certificate from a sidecar's management port.
     """
+    if context.invoked_subcommand is not None:
+        return
     from datetime import timedelta
 
-    from bridge.config import FailoverFileSection, ProxyFileConfig, load_proxy_config, parse_upstream_entry
+    from bridge import settings as settings_module
+    from bridge.config import parse_upstream_entry
     from bridge.net.miner_proxy import MinerProxy
     from bridge.net.proxy_service import ProxyService
     from bridge.pki.rotation import ClientCredentials
     from bridge.pki.tls import public_client_context
     from bridge.relay.failover import FailoverConfig, NoUpstreamPolicy, Strategy
 
-    setup_logging(verbose)
-
-    def given(name: str) -> bool:
-        return context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
-
     try:
-        file = load_proxy_config(config_file) if config_file else ProxyFileConfig()
-        section = file.failover if config_file else FailoverFileSection()
-
-        def pick(name: str, value, file_value):
-            return value if given(name) or file_value is None else file_value
-
-        listen = pick("listen", listen, file.listen)
-        cert, key, ca = pick("cert", cert, file.cert), pick("key", key, file.key), pick("ca", ca, file.ca)
-        bundle = pick("bundle", bundle, file.bundle)
-        upstream_ca = pick("upstream_ca", upstream_ca, file.upstream_ca)
-        submit_timeout = pick("submit_timeout", submit_timeout, file.submit_timeout)
-        opening_timeout = pick("opening_timeout", opening_timeout, file.opening_timeout)
-        admission = AdmissionLimits(
-            max_pending=pick("max_pending", max_pending, file.max_pending),
-            max_pending_per_source=pick("max_pending_per_source", max_pending_per_source, file.max_pending_per_source),
-            fd_reserve=pick("fd_reserve", fd_reserve, file.fd_reserve),
-        )
-        share_batch_window = pick("share_batch_window", share_batch_window, file.share_batch_window)
-        settings = {name: pick(name, failover_options[name], getattr(section, name)) for name in _FAILOVER_DEFAULTS}
+        chosen = settings_module.merge("proxy", config_file, settings_module.given_on_command_line(context))
+    except (BridgeError, ValueError) as exc:
+        raise OptionProblem(str(exc)) from None
+    setup_role(chosen, verbose)
+    failover_settings = chosen.failover
+    settings = {name: getattr(failover_settings, name) for name in _FAILOVER_DEFAULTS}
+    listen, cert, key, ca, bundle = chosen.listen, chosen.cert, chosen.key, chosen.ca, chosen.bundle
+    upstream_ca, submit_timeout, opening_timeout = chosen.upstream_ca, chosen.submit_timeout, chosen.opening_timeout
+    share_batch_window, cert_warn_days, http_listen = chosen.share_batch_window, chosen.cert_warn_days, chosen.http_listen
+    admission = AdmissionLimits(
+        max_pending=chosen.max_pending,
+        max_pending_per_source=chosen.max_pending_per_source,
+        fd_reserve=chosen.fd_reserve,
+    )
+    try:
         host, port = parse_listen(listen)
         if upstreams or backups:
             entries = [parse_upstream_entry(text, position) for position, text in enumerate(upstreams)]
             level = max((entry.priority for entry in entries), default=-1) + 1
             entries += [parse_upstream_entry(text, level + position) for position, text in enumerate(backups)]
         else:
-            entries = file.entries()
+            entries = chosen.entries()
         if not entries:
-            raise click.UsageError("give at least one --upstream (or [[upstream]] in --config)")
-        http_listen = pick("http_listen", http_listen, file.http_listen)
-        metrics_per_worker = bool(pick("metrics_per_worker", metrics_per_worker, file.metrics_per_worker))
+            raise OptionProblem("give at least one --upstream (or [[upstream]] in --config); "
+                                "`stratumrm config example proxy` shows a complete file")
         http_address = parse_listen(http_listen) if http_listen else None
         failover = FailoverConfig(
             strategy=Strategy(settings["strategy"]),
@@ -156,7 +151,8 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
             no_upstream_grace=settings["no_upstream_grace"],
         )
     except (BridgeError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise OptionProblem(str(exc)) from None
+    check_names({f"--upstream {entry.url}": entry.url.host for entry in entries})
     credentials = None
     pool_context = None
     try:
@@ -190,9 +186,12 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
         admission=admission,
     )
     service = ProxyService(
-        server, credentials=credentials, http_listen=http_address, metrics_per_worker=metrics_per_worker
+        server, credentials=credentials, http_listen=http_address, metrics_per_worker=chosen.metrics_per_worker
     )
-    _run_forever(service.run, host, port)
+    listens = {"--listen": (host, port)}
+    if http_address is not None:
+        listens["--http-listen"] = http_address
+    run_role(service.run, host, port, listens=listens)
 
 
 @cli.command()
@@ -206,16 +205,9 @@ def demo(duration, miners, difficulty, hashrate, loss, verbose) -> None:
     """Run the whole chain on 127.0.0.1 (pool, sidecar, proxy, miners) and check every share's tally."""
     from bridge import demo as demo_module
 
-    setup_logging(verbose, quiet=verbose == 0)
+    setup_logging(max(verbose - 1, 0), quiet=verbose == 0)
     status = demo_module.main(duration or None, miners, difficulty, hashrate, loss)
     sys.exit(status)
-
-
-def _run_forever(serve, *args) -> None:
-    try:
-        run_until_interrupted(serve, *args)
-    except OSError as exc:
-        raise click.ClickException(f"{exc}; is the address in use or the port privileged?") from None
 
 
 def _register_optional() -> None:
@@ -225,8 +217,10 @@ def _register_optional() -> None:
 
     from bridge.bench.command import bench
     from bridge.net.ping_command import ping
+    from bridge.config_command import config
     from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
+    from bridge.pki.enroll_commands import enroll_command
     from bridge.status_command import status
 
     cli.add_command(testpool)
@@ -236,6 +230,8 @@ def _register_optional() -> None:
     cli.add_command(bench)
     cli.add_command(status)
     cli.add_command(ping)
+    cli.add_command(config)
+    proxy.add_command(enroll_command)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Configuration values shared by the roles: upstream URLs, listen addresses, the proxy's file.
+"""Configuration values shared by the roles: upstream URLs and listen addresses.
 
 URL forms (cgminer's, plus ours):
 
@@ -16,35 +16,13 @@ fragments: ``#priority=N`` (the failover level, lower first; by default the
 position in the list), ``#weight=W`` (the rigs' share in its level, or across
 upstreams with ``--strategy weighted``; default 1) and ``#name=TEXT`` (for logs).
 
-The proxy's configuration file (:func:`load_proxy_config`) is TOML, read with
-the standard library's ``tomllib``, one table per concern::
-
-    listen = "0.0.0.0:3333"
-    bundle = "farm1.bundle.pem"           # certificate for stratumrm:// upstreams
-
-    [[upstream]]                          # ordered: the first is the primary
-    url = "stratumrm://sidecar.pool.example:3334"
-    [[upstream]]
-    url = "stratum+tcp://backup.pool.example:3333#xnsub"
-    priority = 1                          # default: position in the list
-    weight = 1.0
-
-    [failover]                            # every key optional; see bridge/relay/failover.py
-    strategy = "failover"                 # or "weighted"
-    silence_timeout = 5.0
-    hold_down = 120.0
-    no_upstream = "disconnect"            # or "keep"
-
-Options given on the command line win over the file.
+The roles' configuration files (TOML, one model per role) are :mod:`bridge.settings`.
 """
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
 from urllib.parse import urlsplit
 
-import msgspec
 from msgspec import Struct
 
 from bridge.errors import ConfigError
@@ -56,6 +34,10 @@ SCHEMES = {
     "stratum+tls": "sv1+tls",
     "stratumrm": "stratumrm",
 }
+
+
+URL_FRAGMENTS = frozenset({"xnsub"})
+"""Fragments :func:`parse_upstream_url` understands (the proxy's entries add ``#priority=`` etc.)."""
 
 
 class UpstreamURL(Struct, frozen=True):
@@ -76,8 +58,12 @@ class UpstreamURL(Struct, frozen=True):
         return f"{self.scheme}://{host}:{self.port}" + ("#xnsub" if self.xnsub else "")
 
 
-def parse_upstream_url(text: str) -> UpstreamURL:
-    """Parse ``stratum+tcp://``, ``stratum+ssl://`` or ``stratumrm://`` URLs."""
+def parse_upstream_url(text: str, extra_fragments: frozenset[str] = frozenset()) -> UpstreamURL:
+    """Parse ``stratum+tcp://``, ``stratum+ssl://`` or ``stratumrm://`` URLs.
+
+    A fragment other than ``#xnsub`` (or one of ``extra_fragments``, which the caller
+    reads itself) is refused with the valid ones: a typo must not go unnoticed.
+    """
     if "://" not in text:
         raise ConfigError(
             f"upstream {text!r} has no scheme; write it as stratum+tcp://HOST:PORT, "
@@ -97,6 +83,16 @@ def parse_upstream_url(text: str) -> UpstreamURL:
     if not parts.hostname or port is None:
         raise ConfigError(f"upstream {text!r} needs a host and a port, e.g. {scheme}://pool.example.com:3333")
     fragments = {f.strip().lower() for f in parts.fragment.split("#") if f.strip()}
+    unknown = sorted(fragments - URL_FRAGMENTS - extra_fragments)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(URL_FRAGMENTS | set(_ENTRY_OPTIONS)), n=1)
+        hint = f" (did you mean #{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"upstream {text!r}: unknown fragment #{unknown[0]}{hint}; valid fragments: #xnsub, "
+            "and for the proxy's upstreams #priority=N, #weight=W, #name=TEXT"
+        )
     return UpstreamURL(scheme, parts.hostname, port, SCHEMES[scheme], xnsub="xnsub" in fragments)
 
 
@@ -157,87 +153,3 @@ def parse_upstream_entry(text: str, default_priority: int) -> UpstreamEntry:
     if weight < 0 or weight != weight:
         raise ConfigError(f"upstream {text!r}: weight must not be negative")
     return UpstreamEntry(url, priority, weight, options.get("name") or None)
-
-
-class UpstreamFileEntry(Struct, frozen=True, forbid_unknown_fields=True):
-    url: str
-    priority: int | None = None
-    weight: float = 1.0
-    name: str | None = None
-
-
-class FailoverFileSection(Struct, frozen=True, forbid_unknown_fields=True):
-    """``[failover]``: the keys of :class:`bridge.relay.failover.FailoverConfig`, plus the probe's."""
-
-    strategy: str | None = None
-    silence_timeout: float | None = None
-    keepalive: str | None = None
-    job_timeout: float | None = None
-    lag_delay: float | None = None
-    hold_down: float | None = None
-    switch_rate: float | None = None
-    switch_burst: int | None = None
-    drain_timeout: float | None = None
-    no_upstream: str | None = None
-    no_upstream_grace: float | None = None
-    probe_user: str | None = None
-    probe_password: str | None = None
-
-
-class ProxyFileConfig(Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``stratumrm proxy --config FILE`` file (TOML); every key optional."""
-
-    listen: str | None = None
-    upstream: list[UpstreamFileEntry] = []
-    cert: str | None = None
-    key: str | None = None
-    ca: str | None = None
-    bundle: str | None = None
-    upstream_ca: str | None = None
-    submit_timeout: float | None = None
-    opening_timeout: float | None = None
-    share_batch_window: float | None = None
-    max_pending: int | None = None
-    max_pending_per_source: int | None = None
-    fd_reserve: int | None = None
-    http_listen: str | None = None
-    """HOST:PORT of the management port (dashboard, /metrics, /api/v1, /healthz, /readyz)."""
-    metrics_per_worker: bool | None = None
-    failover: FailoverFileSection = FailoverFileSection()
-
-    def entries(self) -> list[UpstreamEntry]:
-        """The upstreams, parsed; relative priorities default to the position in the list."""
-        entries = []
-        for position, item in enumerate(self.upstream):
-            entry = parse_upstream_entry(item.url, position)
-            entries.append(
-                UpstreamEntry(
-                    entry.url,
-                    entry.priority if item.priority is None else item.priority,
-                    item.weight if item.weight != 1.0 else entry.weight,
-                    item.name or entry.name,
-                )
-            )
-        return entries
-
-
-def load_proxy_config(path: str | Path) -> ProxyFileConfig:
-    """Read a proxy configuration file; relative certificate paths are taken from its directory."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    try:
-        config = msgspec.convert(data, ProxyFileConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    base = path.parent
-    relative = {}
-    for name in ("cert", "key", "ca", "bundle", "upstream_ca"):
-        value = getattr(config, name)
-        if value is not None and not Path(value).is_absolute():
-            relative[name] = str(base / value)
-    return msgspec.structs.replace(config, **relative) if relative else config

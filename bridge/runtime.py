@@ -19,3 +19,136 @@ def run_until_interrupted(async_fn: Callable[..., Awaitable[Any]], *args: Any) -
         trio.run(async_fn, *args)
     except* KeyboardInterrupt:
         pass
+
+
+# ---------------------------------------------------------------- start-up failures
+#
+# A role that cannot start says so in one line naming the option and what to do,
+# with exit status 2 (a usage error), never a traceback.
+
+import errno as _errno
+import logging as _logging
+import socket as _socket
+
+import click as _click
+
+_log = _logging.getLogger("bridge")
+
+
+class OptionProblem(_click.ClickException):
+    """One line ``Error: ...`` and exit status 2: the command line (or config file) is wrong."""
+
+    exit_code = 2
+
+
+def _probe_bind(host: str, port: int, kind: int) -> OSError | None:
+    """Bind a throw-away socket like a role would; the error, if any."""
+    try:
+        infos = _socket.getaddrinfo(host or None, port, type=kind, flags=_socket.AI_PASSIVE)
+    except _socket.gaierror as exc:
+        return exc
+    for family, socktype, proto, _name, address in infos:
+        with _socket.socket(family, socktype, proto) as sock:
+            if kind == _socket.SOCK_STREAM:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            if family == _socket.AF_INET6:
+                sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                return exc
+    return None
+
+
+def describe_bind_problem(option: str, host: str, port: int, exc: OSError, what: str = "TCP") -> str:
+    """The one line for an address ``option`` names that cannot be used."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(exc, _socket.gaierror):
+        return (f"{option} {shown}: the host name {host!r} does not resolve; use an IP address of this machine "
+                "(0.0.0.0 for all) or fix the name in DNS or /etc/hosts")
+    if exc.errno == _errno.EADDRINUSE:
+        return (f"{option} {shown}: {what} port {port} is already in use by another program (another stratumrm?); "
+                f"stop it, or choose a free port with {option}")
+    if exc.errno == _errno.EADDRNOTAVAIL:
+        return (f"{option} {shown}: {host} is not an address of this machine; use one of its addresses "
+                f"(`ip -br addr`), or 0.0.0.0 for all")
+    if exc.errno == _errno.EACCES:
+        return (f"{option} {shown}: ports below 1024 need privileges; use a port from 1024 up, or grant "
+                "CAP_NET_BIND_SERVICE (AmbientCapabilities= in the systemd unit)")
+    return f"{option} {shown}: cannot listen there: {exc.strerror or exc}"
+
+
+def check_names(names: dict[str, str]) -> None:
+    """Refuse (exit 2) an option whose host name does not resolve at all.
+
+    ``names`` maps an option (``--pool``) to a host name. A temporary DNS failure
+    (EAI_AGAIN) is not a typo: the role starts and its connections retry.
+    """
+    for option, host in names.items():
+        try:
+            _socket.getaddrinfo(host, None)
+        except _socket.gaierror as exc:
+            if exc.errno in (_socket.EAI_AGAIN,):
+                _log.warning("%s: %s does not resolve yet (%s); starting anyway, connections will retry",
+                             option, host, exc.strerror)
+                continue
+            raise OptionProblem(
+                f"{option}: the host name {host!r} does not resolve; check the spelling, DNS or /etc/hosts"
+            ) from None
+
+
+async def _until_terminated(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run the role; SIGTERM (systemd, docker stop) stops it like Ctrl-C, with a line saying so."""
+    import signal
+    import threading
+
+    async with trio.open_nursery() as nursery:
+        if threading.current_thread() is threading.main_thread():
+
+            async def watch() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        _log.info("shutting down (SIGTERM): closing connections")
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+        await async_fn(*args)
+        nursery.cancel_scope.cancel()
+
+
+def run_role(async_fn: Callable[..., Awaitable[Any]], *args: Any,
+             listens: dict[str, tuple[str, int]] | None = None, udp: dict[str, tuple[str, int]] | None = None) -> None:
+    """Run a serving role until Ctrl-C or SIGTERM; a failure to listen is one line, exit status 2.
+
+    ``listens`` maps options to the TCP addresses the role binds (``{"--listen": (host, port)}``),
+    ``udp`` likewise for UDP. When the role fails with an ``OSError`` (after trio has closed
+    every socket it opened), each address is probed to name the option at fault.
+    """
+    failure: OSError | None = None
+    try:
+        trio.run(_until_terminated, async_fn, *args)
+    except* KeyboardInterrupt:
+        _log.info("shutting down (interrupted)")
+    except* OSError as group:
+        failure = _first_os_error(group)
+    if failure is None:
+        _log.info("stopped")
+        return
+    import gc
+
+    gc.collect()  # sockets the failed start left to the garbage collector are closed before the probes
+    for kind, what, table in ((_socket.SOCK_STREAM, "TCP", listens or {}), (_socket.SOCK_DGRAM, "UDP", udp or {})):
+        for option, (host, port) in table.items():
+            problem = _probe_bind(host, port, kind) if port else None
+            if problem is not None:
+                raise OptionProblem(describe_bind_problem(option, host, port, problem, what))
+    raise OptionProblem(f"cannot start: {failure.strerror or failure}")
+
+
+def _first_os_error(group: BaseExceptionGroup) -> OSError:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_os_error(exc)
+        if isinstance(exc, OSError):
+            return exc
+    raise AssertionError("except* OSError gave a group without one")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.config import load_proxy_config, parse_upstream_entry
+from bridge.config import parse_upstream_entry
 from bridge.errors import ConfigError
+from bridge.settings import load
 
 
 def test_upstream_entries_take_priority_weight_and_name_fragments() -> None:
@@ -45,7 +46,7 @@ silence_timeout = 2.0
 no_upstream = "keep"
 """
     )
-    config = load_proxy_config(path)
+    config = load(path, "proxy")
     assert config.listen == "0.0.0.0:3335" and config.bundle == str(tmp_path / "farm1.bundle.pem")
     entries = config.entries()
     assert [(e.label, e.priority, e.weight) for e in entries] == [
@@ -59,7 +60,7 @@ def test_a_misspelt_key_is_refused_with_its_name(tmp_path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text('[failover]\nsilence_timout = 2.0\n')
     with pytest.raises(ConfigError, match="silence_timout"):
-        load_proxy_config(path)
+        load(path, "proxy")
     path.write_text("listen = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        load_proxy_config(path)
+        load(path, "proxy")

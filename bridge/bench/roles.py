@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import cProfile
 import functools
-import logging
 import os
 import ssl
 import subprocess
@@ -249,10 +248,9 @@ def _to_builtins(value: Any) -> Any:
 @click.pass_context
 def roles(context: click.Context, verbose: bool, profile_path: str | None) -> None:
     """Roles of the benchmark chain, one per process (started by `stratumrm bench`)."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from bridge import logs
+
+    logs.setup(0, quiet=not verbose)
     if profile_path is not None:
         profiler = cProfile.Profile()
         profiler.enable()

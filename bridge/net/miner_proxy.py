@@ -49,6 +49,7 @@ import trio
 from msgspec import Struct
 
 from bridge.config import UpstreamEntry, UpstreamURL
+from bridge.logs import bind_connection
 from bridge.net.admission import (
     RIG_MAX_PENDING,
     RIG_MAX_PENDING_PER_SOURCE,
@@ -139,6 +140,20 @@ class LinkStatus(Struct, frozen=True, kw_only=True):
     connections_made: int
     failure: str | None
     connection: ConnectionStatistics | None
+
+
+def explain_authorize_refusal(error: str) -> str:
+    """The pool's or the sidecar's error for a refused mining.authorize, with what to do about it."""
+    try:
+        decoded = msgspec.json.decode(error)
+    except msgspec.DecodeError:
+        decoded = error
+    text = decoded[1] if isinstance(decoded, list) and len(decoded) > 1 else str(decoded)
+    if "certificate does not cover account" in str(text):
+        return (f"{text}. The sidecar only lets this proxy mine for the accounts its certificate names: ask the "
+                "pool operator for a certificate covering this account (`stratumrm pki issue-miner NAME --account "
+                "ACCOUNT ...`, or an enrollment token), or correct the rig's worker name")
+    return f"{text}; check the worker name and password the rig sends"
 
 
 class MinerProxy:
@@ -332,6 +347,7 @@ class MinerProxy:
             submit_timeout=self.submit_timeout, drain_timeout=self.drain_timeout, max_line=MAX_LINE_FROM_MINER
         )
         rig_id = next(self._rig_ids)
+        bind_connection(f"rig-{rig_id}", fresh=False)
         connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
         self._rigs[rig_id] = connection
         reason = "proxy shutting down"
@@ -518,6 +534,8 @@ class _RigConnection:
                 failover_log.info("rig %s: switch to %s failed: %s", self.peer, task.upstream.name, result.reason)
                 proxy.policy.move_failed(self.id, task.upstream.index, result.reason, now)
             proxy.wake_policy()
+        for user, error in channel.take_authorize_refusals():
+            log.warning("rig %s: the upstream refused worker %r: %s", self.peer, user, explain_authorize_refusal(error))
         channel.retire_drained(now)
         for key, task in list(self.legs.items()):
             if task.leg.state == "gone":

@@ -36,9 +36,13 @@ from bridge import __version__
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.net.containment import Containment
+from bridge.logs import bind_connection
 from bridge.net.tcp import close_quietly, describe_error, tune_stream
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
+
+GOODBYE_TIMEOUT = 1.0
+"""Seconds a stopping proxy spends telling the sidecar it closes (TLS close_notify)."""
 
 log = logging.getLogger("bridge.proxy.stratumrm")
 
@@ -113,6 +117,7 @@ class StratumRMLink:
         self._progress = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.failure: str | None = None
+        self._logged_failure: str | None = None
         self.connections_made = 0
 
     @property
@@ -161,6 +166,7 @@ class StratumRMLink:
         return self.connection
 
     async def _connect_and_serve(self) -> None:
+        bind_connection("sidecar")
         url = self.url
         connection = StratumRMConnection(agent=f"stratumrm/{__version__}", detect_blocks=self.detect_blocks)
         address = (url.host, url.port)
@@ -168,8 +174,13 @@ class StratumRMLink:
             stream, context = await self._open_tls()
         except (OSError, trio.BrokenResourceError, ValueError) as exc:
             self.credentials.forget_session(address)
-            self.failure = f"cannot connect to sidecar {url}: {describe_error(exc)}"
-            log.warning("%s; check the address, the certificates (stratumrm pki) and that the sidecar runs", self.failure)
+            self.failure = describe_error(exc)
+            # Once per distinct failure: a sidecar that stays down is not a warning per retry.
+            repeated = self.failure == self._logged_failure
+            self._logged_failure = self.failure
+            (log.debug if repeated else log.warning)(
+                "cannot connect to sidecar %s: %s; check the address, the certificates (stratumrm pki) "
+                "and that the sidecar runs%s", url, self.failure, "" if repeated else " (retrying quietly)")
             self._connecting = False
             self._ready.set()
             return
@@ -195,6 +206,7 @@ class StratumRMLink:
                     # The hello result came after the tickets: this session can resume.
                     self.credentials.remember_session(address, context, stream.session)
                     await self._open_udp(connection, nursery)
+                    self._logged_failure = None
                     log.info("StratumRM session with %s ready (%s)", url,
                              "UDP on port %s" % connection.hello.udp_port if connection.hello.udp_port else "TLS only")
                 self._connecting = False
@@ -213,6 +225,14 @@ class StratumRMLink:
             self._handles.clear()
             self._connecting = False
             self._ready.set()
+            if reason == "closed":
+                # A normal stop (the proxy shutting down): say goodbye (TLS close_notify) so the
+                # sidecar logs a clean close, not a broken connection; never wait long for it.
+                with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT):
+                    try:
+                        await stream.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
             await close_quietly(stream)
             if self._udp is not None:
                 self._udp.close()

@@ -85,6 +85,7 @@ from msgspec import Struct
 
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
+from bridge.logs import bind_connection
 from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
 from bridge.net.containment import Containment
 from bridge.net.listen import Pending, fd_gauge, serve_admitted
@@ -637,6 +638,7 @@ class SidecarServer:
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, tcp: trio.SocketStream, pending: Pending) -> None:
+        bind_connection("proxy")
         tune_stream(tcp)
         peer = peer_name(tcp)
         # No TLS state (tens of KiB in OpenSSL) for a connection that has sent nothing yet:

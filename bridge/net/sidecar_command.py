@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ import trio
 
 from bridge.config import parse_listen, parse_upstream_url
 from bridge.errors import BridgeError
+from bridge.logs import log_format_option, setup_role
 from bridge.net.admission import (
     DEFAULT_FD_RESERVE,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -36,7 +36,7 @@ from bridge.net.admission import (
     DEFAULT_MAX_PENDING_PER_SOURCE,
     AdmissionLimits,
 )
-from bridge.runtime import run_until_interrupted
+from bridge.runtime import OptionProblem, check_names, run_role
 
 if TYPE_CHECKING:
     from bridge.net.sidecar import SidecarServer
@@ -78,15 +78,8 @@ def parse_advertise(text: str) -> tuple[str | None, int | None]:
     return host, port
 
 
-def _setup_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 @click.command("sidecar")
+@click.option("--config", "-c", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML configuration file (`stratumrm config example sidecar` prints one); command-line options win.")
 @click.option("--listen", default="0.0.0.0:3334", show_default=True, help="HOST:PORT where proxies connect (TLS, and UDP on the same port).")
 @click.option("--pool", "pool_url", metavar="URL", help="The pool software: stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT.")
 @click.option("--pool-ca", type=click.Path(dir_okay=False), help="CA file to verify a stratum+ssl pool (default: the system trust store).")
@@ -108,8 +101,12 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--max-pending", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING, show_default=True, help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).")
 @click.option("--max-pending-per-source", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address.")
 @click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for pool connections and the status port: no new proxy connection is accepted below it.")
-@click.option("-v", "--verbose", count=True, help="Debug logging.")
+@click.option("-v", "--verbose", count=True, help="More logging: -v debug, -vv the libraries' debug too.")
+@log_format_option
+@click.pass_context
 def sidecar(
+    context: click.Context,
+    config_file: str | None,
     listen: str,
     pool_url: str | None,
     pool_ca: str | None,
@@ -132,25 +129,40 @@ def sidecar(
     max_pending_per_source: int,
     fd_reserve: int,
     verbose: int,
+    log_format: str | None,
 ) -> None:
     """Pool-side sidecar: terminate StratumRM and relay each rig to the pool.
 
     Reloads --revocations, --cert and --key when they change (and on SIGHUP)
     without dropping sessions.
     """
+    from bridge import settings as settings_module
     from bridge.net.sidecar import SidecarServer
     from bridge.pki.revocation import RevocationList
     from bridge.pki.rotation import ServerCredentials
     from bridge.pki.tls import public_client_context
 
+    given = settings_module.given_on_command_line(context)
+    if "no_udp" in given:
+        given["udp"] = not given.pop("no_udp")
+    try:
+        chosen = settings_module.merge("sidecar", config_file, given, rename={"pool_url": "pool"})
+    except BridgeError as exc:
+        raise OptionProblem(str(exc)) from None
+    listen, pool_url, pool_ca, cert, key, ca = chosen.listen, chosen.pool, chosen.pool_ca, chosen.cert, chosen.key, chosen.ca
+    revocations, udp_port, no_udp, advertise = chosen.revocations, chosen.udp_port, not chosen.udp, chosen.advertise
+    rekey_interval, dead_after, clock_skew = chosen.rekey_interval, chosen.dead_after, chosen.clock_skew
+    max_connections_per_cert, cert_warn_days = chosen.max_connections_per_cert, chosen.cert_warn_days
+    http_listen, metrics_per_worker = chosen.http_listen, chosen.metrics_per_worker
     missing = [name for name, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if not value]
     if missing:
-        raise click.UsageError(
+        raise OptionProblem(
             MISSING_CERTIFICATES.format(missing=", ".join(missing), verb="is" if len(missing) == 1 else "are")
         )
     assert cert is not None and key is not None and ca is not None
     if not pool_url:
-        raise click.UsageError("--pool is required: the pool software, e.g. --pool stratum+tcp://127.0.0.1:3333")
+        raise OptionProblem("--pool is required: the pool software, e.g. --pool stratum+tcp://127.0.0.1:3333 "
+                            "(or pool = \"...\" in --config)")
     try:
         host, port = parse_listen(listen)
         pool = parse_upstream_url(pool_url)
@@ -163,8 +175,9 @@ def sidecar(
         pool_context = public_client_context(pool_ca) if pool.tls else None
         revocation_list = RevocationList(revocations, ca) if revocations else None
     except BridgeError as exc:
-        raise click.UsageError(str(exc)) from None
-    _setup_logging(verbose)
+        raise OptionProblem(str(exc)) from None
+    setup_role(chosen, verbose)
+    check_names({"--pool": pool.host})
     server = SidecarServer(
         pool,
         credentials,
@@ -180,15 +193,17 @@ def sidecar(
         clock_skew=timedelta(seconds=clock_skew),
         max_connections_per_cert=max_connections_per_cert or None,
         expiry_warning=warn_window,
-        handshake_timeout=handshake_timeout,
+        handshake_timeout=chosen.handshake_timeout,
         admission=AdmissionLimits(
-            max_pending=max_pending, max_pending_per_source=max_pending_per_source, fd_reserve=fd_reserve
+            max_pending=chosen.max_pending, max_pending_per_source=chosen.max_pending_per_source,
+            fd_reserve=chosen.fd_reserve,
         ),
     )
-    try:
-        run_until_interrupted(_serve_until_signalled, server, host, port, http_address, metrics_per_worker)
-    except OSError as exc:
-        raise click.ClickException(f"cannot serve on {listen}: {exc}; is the address in use or the port privileged?") from None
+    listens = {"--listen": (host, port)}
+    if http_address is not None:
+        listens["--http-listen"] = http_address
+    udp = {} if no_udp else {"--udp-port" if udp_port is not None else "--listen": (host, port if udp_port is None else udp_port)}
+    run_role(_serve_until_signalled, server, host, port, http_address, metrics_per_worker, listens=listens, udp=udp)
 
 
 async def _serve_until_signalled(
@@ -214,5 +229,6 @@ async def _serve_until_signalled(
                         log.info("SIGHUP: re-reading the revocation list and certificate files")
                         server.reload(force=True)
                         continue
+                    log.info("shutting down (SIGTERM): closing proxy sessions")
                     nursery.cancel_scope.cancel()
                     break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 import struct
@@ -89,12 +90,79 @@ async def close_quietly(stream: trio.abc.Stream | None) -> None:
             pass
 
 
+_ERRNO_WORDS = {
+    errno.ECONNREFUSED: "connection refused (nothing listens there: is it running, is the port right?)",
+    errno.ETIMEDOUT: "connection timed out (a firewall dropping packets, or the host is down)",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ECONNRESET: "connection reset by the peer",
+    errno.EPIPE: "connection closed by the peer",
+}
+
+_TLS_WORDS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust this side's certificate: it is not from the peer's CA (wrong CA)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer refused this side's certificate as expired: renew it",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the peer refused this side's certificate as revoked",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused this side's certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer refused this side's certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate and none was sent",
+    "UNEXPECTED_EOF_WHILE_READING": "the peer closed the connection without a TLS goodbye (it stopped, or the link broke)",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS on that port (a plain Stratum port?)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the peer does not support TLS 1.3",
+}
+
+
+def _causes(exc: BaseException, depth: int = 0) -> list[BaseException]:
+    """``exc`` and what it wraps (causes, contexts, exception-group members), outermost first."""
+    if depth > 6:
+        return []
+    found = [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found += _causes(inner, depth + 1)
+    inner = exc.__cause__ or exc.__context__
+    if inner is not None and inner is not exc:
+        found += _causes(inner, depth + 1)
+    return found
+
+
+def _plain_words(exc: BaseException) -> str | None:
+    """What a person should read for one low-level error, or None to keep its own text."""
+    if isinstance(exc, socket.gaierror):
+        return "the host name does not resolve (check the spelling, DNS or /etc/hosts)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or str(exc)
+        if "expired" in message:
+            return "the server's certificate has expired (ask its operator to renew it)"
+        if "Hostname mismatch" in message or "IP address mismatch" in message:
+            return ("the server's certificate does not name the address dialled (issue it with that name or "
+                    "address: `stratumrm pki issue-pool NAME --dns HOST --ip ADDRESS`)")
+        return (f"the server's certificate is not signed by a CA this side trusts (CERTIFICATE_VERIFY_FAILED: "
+                f"{message}): wrong CA; for stratumrm:// both ends need certificates of the same StratumRM CA, "
+                "for stratum+ssl:// pass the pool's CA with --upstream-ca")
+    if isinstance(exc, ssl.SSLError) and exc.reason in _TLS_WORDS:
+        return _TLS_WORDS[exc.reason]
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:
+        return _ERRNO_WORDS[exc.errno]
+    return None
+
+
 def describe_error(exc: BaseException) -> str:
-    """A one-line account of a network error, including the TLS reason trio wraps."""
-    parts = []
-    while exc is not None and len(parts) < 3:
-        text = str(exc) or type(exc).__name__
-        if text not in parts:
+    """A one-line account of a network error in people's words, without trio's wrapping.
+
+    A refused connection reads "connection refused (...)" once, not trio's "all attempts
+    to connect to ... failed (1 sub-exception)"; TLS failures say which side refused what.
+    """
+    causes = _causes(exc)
+    for cause in causes:
+        words = _plain_words(cause)
+        if words is not None:
+            return words
+    parts: list[str] = []
+    for cause in causes[:3]:
+        text = str(cause) or type(cause).__name__
+        if isinstance(cause, BaseExceptionGroup) or text.startswith("all attempts to connect"):
+            continue
+        if text not in parts and not any(text in part for part in parts):
             parts.append(text)
-        exc = exc.__cause__ or exc.__context__
-    return ": ".join(parts)
+    return ": ".join(parts) or type(exc).__name__

@@ -47,16 +47,25 @@ from bridge.pki._files import (
     replace_secret_file,
 )
 from bridge.pki.bundle import write_bundle
-from bridge.pki.identity import format_serial, identity_of, normalize_accounts, parse_serial, validate_name
+from bridge.pki.identity import (
+    format_serial,
+    identity_of,
+    key_type_of,
+    normalize_accounts,
+    parse_serial,
+    validate_name,
+)
 from bridge.pki.issuing import (
     DEFAULT_KEY_TYPE,
     KEY_TYPES,
     KeyType,
     PrivateKey,
+    PublicKey,
     RevocationReason,
     RevokedSerial,
     build_ca_certificate,
     build_miner_certificate,
+    build_operator_certificate,
     build_pool_certificate,
     build_revocation_list,
     certificate_pem,
@@ -75,7 +84,9 @@ DEFAULT_MINER_DAYS = 30
 DEFAULT_CRL_DAYS = 30
 MIN_SERIAL_PREFIX_DIGITS = 6
 
-LeafRole = Literal["pool", "miner"]
+DEFAULT_OPERATOR_DAYS = 365
+
+LeafRole = Literal["pool", "miner", "operator"]
 
 CA_CERTIFICATE_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -85,6 +96,7 @@ LOCK_FILE = ".lock"
 CERTIFICATES_DIRECTORY = "certs"
 POOLS_DIRECTORY = "pools"
 MINERS_DIRECTORY = "miners"
+OPERATORS_DIRECTORY = "operators"
 
 
 class IssuedCertificate(msgspec.Struct, frozen=True, kw_only=True):
@@ -316,6 +328,53 @@ class CertificateAuthority:
                 renews=None,
             )
 
+    def enroll_miner(
+        self,
+        name: str,
+        *,
+        accounts: Iterable[str],
+        public_key: PublicKey,
+        days: int = DEFAULT_MINER_DAYS,
+        now: datetime | None = None,
+    ) -> Issuance:
+        """Issue a miner certificate for a key made elsewhere (an enrollment's CSR); writes no key or bundle."""
+        normalized = normalize_accounts(accounts)
+        with exclusive_lock(self._lock_path):
+            return self._issue(
+                role="miner",
+                name=name,
+                accounts=normalized,
+                dns_names=(),
+                ip_addresses=(),
+                days=days,
+                key_type=key_type_of(public_key),
+                now=now or _utc_now(),
+                renews=None,
+                public_key=public_key,
+            )
+
+    def issue_operator(
+        self,
+        name: str,
+        *,
+        days: int = DEFAULT_OPERATOR_DAYS,
+        key_type: KeyType = DEFAULT_KEY_TYPE,
+        now: datetime | None = None,
+    ) -> Issuance:
+        """Issue a person's management-port certificate; writes ``operators/NAME.bundle.pem``."""
+        with exclusive_lock(self._lock_path):
+            return self._issue(
+                role="operator",
+                name=name,
+                accounts=(),
+                dns_names=(),
+                ip_addresses=(),
+                days=days,
+                key_type=key_type,
+                now=now or _utc_now(),
+                renews=None,
+            )
+
     def renew(
         self,
         name: str,
@@ -409,6 +468,7 @@ class CertificateAuthority:
         now: datetime,
         renews: str | None,
         index: _Index | None = None,
+        public_key: PublicKey | None = None,
     ) -> Issuance:
         validate_name(name)
         if key_type not in KEY_TYPES:
@@ -431,13 +491,22 @@ class CertificateAuthority:
                 )
 
         ca_key = self._ca_key()
-        key = generate_private_key(key_type)
+        key = generate_private_key(key_type) if public_key is None else None
+        subject_key = public_key if public_key is not None else key.public_key()
         period = validity_period(now, days)
-        if role == "pool":
+        if role == "operator":
+            certificate = build_operator_certificate(
+                ca_certificate=self.ca_certificate,
+                ca_key=ca_key,
+                public_key=subject_key,
+                name=name,
+                period=period,
+            )
+        elif role == "pool":
             certificate = build_pool_certificate(
                 ca_certificate=self.ca_certificate,
                 ca_key=ca_key,
-                public_key=key.public_key(),
+                public_key=subject_key,
                 name=name,
                 dns_names=dns_names,
                 ip_addresses=ip_addresses,
@@ -447,7 +516,7 @@ class CertificateAuthority:
             certificate = build_miner_certificate(
                 ca_certificate=self.ca_certificate,
                 ca_key=ca_key,
-                public_key=key.public_key(),
+                public_key=subject_key,
                 name=name,
                 accounts=accounts,
                 period=period,
@@ -474,7 +543,9 @@ class CertificateAuthority:
         make_private_directory(self.directory / CERTIFICATES_DIRECTORY)
         archive_path = self.directory / archive_relative
         create_public_file(archive_path, certificate_pem(certificate))
-        if role == "pool":
+        if key is None:
+            issuance = Issuance(record, certificate, archive_path)  # the key stays where it was made
+        elif role == "pool":
             make_private_directory(self.directory / POOLS_DIRECTORY)
             key_path = self.directory / POOLS_DIRECTORY / f"{name}.key"
             pool_certificate_path = self.directory / POOLS_DIRECTORY / f"{name}.pem"
@@ -488,9 +559,10 @@ class CertificateAuthority:
                 pool_certificate_path=pool_certificate_path,
             )
         else:
-            make_private_directory(self.directory / MINERS_DIRECTORY)
+            directory = OPERATORS_DIRECTORY if role == "operator" else MINERS_DIRECTORY
+            make_private_directory(self.directory / directory)
             bundle_path = write_bundle(
-                self.directory / MINERS_DIRECTORY / f"{name}.bundle.pem",
+                self.directory / directory / f"{name}.bundle.pem",
                 certificate,
                 key,
                 self.ca_certificate,

@@ -54,13 +54,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bridge.errors import PKIError
 
-Role = Literal["ca", "pool", "miner"]
-"""What a certificate is for: the private CA, a pool-side sidecar, or a miner-side proxy."""
+Role = Literal["ca", "pool", "miner", "operator"]
+"""What a certificate is for: the private CA, a pool-side sidecar, a miner-side proxy, or a
+person logging in to a management port (never accepted for mining)."""
 
 URN_PREFIX = "urn:stratumrm:"
 ACCOUNT_URN_PREFIX = URN_PREFIX + "account:"
 MINER_URN_PREFIX = URN_PREFIX + "miner:"
 POOL_URN_PREFIX = URN_PREFIX + "pool:"
+OPERATOR_URN_PREFIX = URN_PREFIX + "operator:"
 
 DEFAULT_CLOCK_SKEW_LEEWAY = timedelta(seconds=10)
 """Leeway for notBefore/notAfter when the caller does not configure one (SV2 also uses 10 s)."""
@@ -285,6 +287,8 @@ def _leaf_identity(
             roles.append(("miner", uri[len(MINER_URN_PREFIX) :]))
         elif uri.startswith(POOL_URN_PREFIX):
             roles.append(("pool", uri[len(POOL_URN_PREFIX) :]))
+        elif uri.startswith(OPERATOR_URN_PREFIX):
+            roles.append(("operator", uri[len(OPERATOR_URN_PREFIX) :]))
         else:
             account = account_from_uri(uri)
             if account is not None:
@@ -298,7 +302,7 @@ def _leaf_identity(
     usages = _extension_value(certificate, x509.ExtendedKeyUsage)
     expected_usage, usage_name = (
         (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")
-        if role == "miner"
+        if role in ("miner", "operator")
         else (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth")
     )
     if not isinstance(usages, x509.ExtendedKeyUsage) or expected_usage not in usages:
@@ -306,8 +310,8 @@ def _leaf_identity(
             f"{role} certificate {name!r} lacks the {usage_name} extended key usage; "
             "re-issue it with `stratumrm pki`"
         )
-    if role == "pool" and accounts:
-        raise PKIError(f"pool certificate {name!r} names accounts; only miner certificates may")
+    if role != "miner" and accounts:
+        raise PKIError(f"{role} certificate {name!r} names accounts; only miner certificates may")
     return (
         role,
         name,

@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from bridge.errors import PKIError
 from bridge.pki.identity import (
     MINER_URN_PREFIX,
+    OPERATOR_URN_PREFIX,
     POOL_URN_PREFIX,
     account_uri,
     normalize_accounts,
@@ -284,6 +285,26 @@ def build_miner_certificate(
         name=name,
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         alternative_names=alternative_names,
+        period=period,
+    )
+
+
+def build_operator_certificate(
+    *,
+    ca_certificate: x509.Certificate,
+    ca_key: PrivateKey,
+    public_key: PublicKey,
+    name: str,
+    period: ValidityPeriod,
+) -> x509.Certificate:
+    """A person's client certificate for the management ports (``--http-require-operator``); it cannot mine."""
+    return _build_leaf(
+        ca_certificate=ca_certificate,
+        ca_key=ca_key,
+        public_key=public_key,
+        name=name,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        alternative_names=[x509.UniformResourceIdentifier(OPERATOR_URN_PREFIX + validate_name(name))],
         period=period,
     )
 

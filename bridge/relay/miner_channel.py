@@ -293,6 +293,7 @@ class MinerChannel:
         # What the rig did in its handshake, to replay on a new upstream.
         self._handshake: list[tuple[Any, PendingRequest | None]] = []
         self._authorized: dict[str, str | None] = {}
+        self._authorize_refusals: list[tuple[str, str]] = []
         self.rig_extranonce: tuple[str, int] | None = None
         self.rig_version_mask: str | None = None
         self._old_jobs: OrderedDict[str, None] = OrderedDict()
@@ -334,6 +335,11 @@ class MinerChannel:
     def subscribed(self) -> bool:
         """The rig has had its subscribe result."""
         return self.miner.subscribed
+
+    def take_authorize_refusals(self) -> list[tuple[str, str]]:
+        """Workers whose mining.authorize the upstream refused since the last call, with its error (for the log)."""
+        refusals, self._authorize_refusals = self._authorize_refusals, []
+        return refusals
 
     @property
     def authorized_workers(self) -> dict[str, str | None]:
@@ -585,6 +591,11 @@ class MinerChannel:
                     pending.leg.version_mask = mask
         elif method == "mining.authorize" and reply.accepted and isinstance(pending.event, Authorize):
             self._remember_worker(pending.event.params.user, pending.event.params.password)
+        elif method == "mining.authorize" and isinstance(pending.event, Authorize):
+            if len(self._authorize_refusals) < MAX_HANDSHAKE_RECORDS:
+                self._authorize_refusals.append(
+                    (pending.event.params.user, bytes(reply.response.error).decode(errors="replace"))
+                )
         if pending.miner_id is not None:
             self.miner.respond_raw(msgspec.structs.replace(reply.response, id=pending.miner_id))
 

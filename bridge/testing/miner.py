@@ -1529,7 +1529,7 @@ class MinerURL(Struct, frozen=True):
 
 def parse_miner_url(text: str) -> MinerURL:
     """Parse a pool URL for a miner; raises :class:`~bridge.errors.ConfigError` with a fix."""
-    url = parse_upstream_url(text)
+    url = parse_upstream_url(text.replace("&", "#"), extra_fragments=frozenset({"redirect"}))
     if url.transport == "stratumrm":
         raise ConfigError(
             f"{text!r}: a miner speaks Stratum V1; use stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT"

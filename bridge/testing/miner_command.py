@@ -15,9 +15,7 @@ difficulty around 0.0001 or lower, and ``--hashrate`` to share the CPU fairly.
 
 from __future__ import annotations
 
-import logging
 import ssl
-import sys
 
 import click
 import trio
@@ -144,12 +142,10 @@ def testminer(
     verbose: int,
 ) -> None:
     """Mine for real against a pool with reference miners and report every verdict."""
-    if verbose:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose > 1 else logging.INFO,
-            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+    if verbose:  # each -v one level more than the default (warnings only)
+        from bridge import logs
+
+        logs.setup(verbose - 1)
     if duration is None and max_shares is None:
         click.echo("mining until interrupted (Ctrl-C); use --duration or --max-shares to stop on your own", err=True)
     printer = None if quiet else print_event
