@@ -88,11 +88,13 @@ from bridge.errors import PKIError
 from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
 from bridge.net.listen import Pending, fd_gauge, serve_admitted
 from bridge.net.pool_watch import PoolWatch
+from bridge.net.proxy_protocol import TrustedBalancers, format_address, parse_address, read_proxy_header
 from bridge.net.tcp import (
     close_quietly,
     describe_error,
     open_stream,
     peer_name,
+    socket_of,
     tune_stream,
 )
 from bridge.net.udp import receive_datagrams
@@ -122,6 +124,7 @@ from bridge.relay.sidecar import (
     WritePool,
 )
 from bridge.wire.control import ErrorNotice, encode_rm
+from bridge.wire.proxy_header import ProxyHeaderError
 from bridge.wire.receiver import DEFAULT_BURST, DEFAULT_GRACE, DEFAULT_RATE
 
 __all__ = ["ConnectedCertificate", "SidecarServer", "SidecarStatistics"]
@@ -261,6 +264,8 @@ class SidecarServer:
         max_connections_per_cert: int | None = DEFAULT_MAX_CONNECTIONS_PER_CERT,
         expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING,
         reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+        proxy_protocol_from: TrustedBalancers | None = None,
+        proxy_protocol_to_pool: bool = False,
     ) -> None:
         if pool.transport == "stratumrm":
             raise ValueError("the sidecar's pool is plain Stratum V1: stratum+tcp:// or stratum+ssl://")
@@ -314,12 +319,16 @@ class SidecarServer:
         self._finished: Counter[str] = Counter()
         self._revocation_error: str | None = None
         self._reminders = Reminders()
+        self.proxy_protocol_from = proxy_protocol_from or TrustedBalancers(())
+        self.proxy_protocol_to_pool = proxy_protocol_to_pool
+        self._proxy_header_failures = 0
         self.pool_watch = PoolWatch(
             pool,
             self.pool_ssl_context,
             self._pool_status_changed,
             connect_timeout=connect_timeout,
             local_shortage=self._fd_shortage,
+            proxy_protocol=proxy_protocol_to_pool,
         )
 
     @property
@@ -603,6 +612,12 @@ class SidecarServer:
         # No TLS state (tens of KiB in OpenSSL) for a connection that has sent nothing yet:
         # a flood of silent connections costs only the socket and this task.
         await trio.lowlevel.wait_readable(tcp.socket)
+        if self.proxy_protocol_from:
+            real = await self._read_proxy_header(tcp, peer)
+            if real is None:
+                await close_quietly(tcp)
+                return
+            peer = real
         tls = trio.SSLStream(tcp, self.ssl_context, server_side=True)
         try:
             identity = await self._handshake(tls, peer, pending)
@@ -629,6 +644,33 @@ class SidecarServer:
                     del self._per_certificate[fingerprint]
         finally:
             await close_quietly(tls)
+
+    async def _read_proxy_header(self, tcp: trio.SocketStream, peer: str) -> str | None:
+        """A balancer's connection (``--proxy-protocol-from``): the proxy's real address, or None (refused).
+
+        Connections from other addresses are taken as they are. A LOCAL header (the
+        balancer's own health check) keeps the balancer's address.
+        """
+        sock = socket_of(tcp)
+        try:
+            host = sock.getpeername()[0] if sock is not None else ""
+        except OSError:
+            return None
+        if not self.proxy_protocol_from.covers(host):
+            return peer
+        try:
+            header = await read_proxy_header(tcp, self.handshake_timeout)
+        except ProxyHeaderError as exc:
+            self._proxy_header_failures += 1
+            self._refusals["proxy protocol"] += 1
+            log.warning("connection from balancer %s refused: %s", peer, exc)
+            return None
+        if header.local or header.source is None:
+            log.debug("balancer %s: PROXY v2 LOCAL connection (a health check)", peer)
+            return peer
+        real = format_address(*header.source)
+        log.debug("balancer %s carries proxy %s", peer, real)
+        return real
 
     async def _serve_proxy(self, tls: trio.SSLStream, peer: str, identity: CertificateIdentity) -> None:
         """One accepted proxy, from its first control line to its disconnection."""
@@ -944,6 +986,8 @@ class _ProxyConnection:
                         server.pool.port,
                         ssl_context=server.pool_ssl_context,
                         timeout=server.connect_timeout,
+                        proxy_header=server.proxy_protocol_to_pool,
+                        proxy_source=parse_address(link.rig),
                     )
                 except (OSError, trio.BrokenResourceError, ValueError) as exc:
                     server._pool_connect_failures += 1

@@ -106,6 +106,8 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--max-pending", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING, show_default=True, help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).")
 @click.option("--max-pending-per-source", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address.")
 @click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for pool connections and the status port: no new proxy connection is accepted below it.")
+@click.option("--proxy-protocol-from", "proxy_protocol_from", metavar="CIDR", multiple=True, help="Balancer address or network (repeatable) whose connections start with a PROXY v2 header naming the real proxy; off by default.")
+@click.option("--proxy-protocol-to-pool", is_flag=True, help="Open each pool connection with a PROXY v2 header naming the rig (for pool software that reads it).")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def sidecar(
     listen: str,
@@ -129,12 +131,15 @@ def sidecar(
     max_pending_per_source: int,
     fd_reserve: int,
     verbose: int,
+    proxy_protocol_from: tuple[str, ...] = (),
+    proxy_protocol_to_pool: bool = False,
 ) -> None:
     """Pool-side sidecar: terminate StratumRM and relay each rig to the pool.
 
     Reloads --revocations, --cert and --key when they change (and on SIGHUP)
     without dropping sessions.
     """
+    from bridge.net.proxy_protocol import TrustedBalancers
     from bridge.net.sidecar import SidecarServer
     from bridge.pki.revocation import RevocationList
     from bridge.pki.rotation import ServerCredentials
@@ -159,6 +164,7 @@ def sidecar(
         credentials = ServerCredentials(cert, key, ca, expiry_warning=warn_window)
         pool_context = public_client_context(pool_ca) if pool.tls else None
         revocation_list = RevocationList(revocations, ca) if revocations else None
+        balancers = TrustedBalancers(proxy_protocol_from)
     except BridgeError as exc:
         raise click.UsageError(str(exc)) from None
     _setup_logging(verbose)
@@ -181,6 +187,8 @@ def sidecar(
         admission=AdmissionLimits(
             max_pending=max_pending, max_pending_per_source=max_pending_per_source, fd_reserve=fd_reserve
         ),
+        proxy_protocol_from=balancers,
+        proxy_protocol_to_pool=proxy_protocol_to_pool,
     )
     try:
         run_until_interrupted(_serve_until_signalled, server, host, port, status_address)

@@ -161,6 +161,20 @@ class ProxyHeaderParser:
         self.rest = b""
         self.header: ProxyHeader | None = None
 
+    def bytes_needed(self) -> int:
+        """How many more bytes at least complete the header (or its fixed part).
+
+        A driver that reads at most this many bytes at a time never reads past the
+        header, so the stream after it needs no re-injection.
+        """
+        buffer = self._buffer
+        if self.header is not None:
+            return 0
+        if len(buffer) < HEADER_FIXED:
+            return HEADER_FIXED - len(buffer)
+        (length,) = struct.unpack_from("!H", buffer, HEADER_FIXED - 2)
+        return max(1, HEADER_FIXED + length - len(buffer))
+
     def receive_data(self, data: bytes) -> ProxyHeader | None:
         if self.header is not None:
             raise RuntimeError("the header is complete; the stream's bytes are in .rest")

@@ -156,3 +156,15 @@ def test_build_then_parse_round_trips(src, sport, dst, dport, tlvs):
     assert rest == b"" and header.size == len(data) and header.tlvs == tuple(tlvs)
     if src.version == dst.version:
         assert header.source == (str(src), sport) and header.destination == (str(dst), dport)
+
+
+def test_bytes_needed_never_reads_past_the_header():
+    parser = ProxyHeaderParser()
+    stream = TCP4_EXAMPLE + b"\x16\x03\x01"
+    position = 0
+    header = None
+    while header is None:
+        want = parser.bytes_needed()
+        header = parser.receive_data(stream[position : position + want])
+        position += want
+    assert position == len(TCP4_EXAMPLE) and parser.rest == b"" and parser.bytes_needed() == 0
