@@ -322,6 +322,9 @@ class SidecarServer:
         self.proxy_protocol_from = proxy_protocol_from or TrustedBalancers(())
         self.proxy_protocol_to_pool = proxy_protocol_to_pool
         self._proxy_header_failures = 0
+        self._listeners: list[trio.SocketListener] = []
+        self._drain_started: float | None = None
+        self._drained = trio.Event()
         self.pool_watch = PoolWatch(
             pool,
             self.pool_ssl_context,
@@ -363,6 +366,7 @@ class SidecarServer:
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._watch_files)
                 nursery.start_soon(self.pool_watch.run)
+                self._listeners = listeners
                 await nursery.start(serve_admitted, self._handle, listeners, self.admission)
                 task_status.started(self.port)
         finally:
@@ -376,6 +380,46 @@ class SidecarServer:
         if free is not None and free < reserve:
             return f"only {free} file descriptors free, below the reserve of {reserve}"
         return None
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` began: not ready for new proxies (``/readyz`` says so)."""
+        return self._drain_started is not None
+
+    async def drain(self, deadline: float, reason: str = "sidecar shutting down") -> None:
+        """Stop taking proxies and ask each to move (``rm.goaway``); return when all left or at ``deadline`` s.
+
+        The listener closes first, so the balancer sends the proxies' new connections
+        to another sidecar; the UDP socket and every live session keep working (shares
+        in flight get their verdicts) until the proxy closes its connection. Sessions
+        left at the deadline are closed with ``rm.error``.
+        """
+        now = trio.current_time()
+        self._drain_started = now
+        for listener in self._listeners:
+            await listener.aclose()  # serve_admitted stops accepting; accepted connections carry on
+        told = sum(c.session.go_away(deadline, reason, now) for c in list(self._connections.values()))
+        for connection in list(self._connections.values()):
+            connection.step()
+        log.info(
+            "draining: listener closed, %d of %d proxies told to move (rm.goaway) within %g s",
+            told, len(self._connections), deadline,
+        )
+        with trio.move_on_after(deadline):
+            while self._connections:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            log.info("drained: every proxy moved after %.1f s", trio.current_time() - now)
+            return
+        left = list(self._connections.values())
+        log.warning("drain deadline of %g s passed; closing the %d proxies still connected", deadline, len(left))
+        for connection in left:
+            connection.session.close(f"sidecar drained: {reason}", trio.current_time())
+            connection.step()
+        with trio.move_on_after(CLOSE_FLUSH_TIMEOUT + 0.5):
+            while self._connections:
+                self._drained = trio.Event()
+                await self._drained.wait()
 
     def _pool_status_changed(self, up: bool, reason: str) -> None:
         """The pool went down or came back (PoolWatch): tell every proxy (rm.pool, C10)."""
@@ -687,6 +731,7 @@ class SidecarServer:
             reason = "internal error"
         finally:
             del self._connections[connection.session]
+            self._drained.set()
             connection.session.connection_lost("connection closed", trio.current_time())
             self._account_finished(connection.session)
         self._closed[reason.split(":", 1)[0]] += 1

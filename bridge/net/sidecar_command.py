@@ -108,6 +108,7 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for pool connections and the status port: no new proxy connection is accepted below it.")
 @click.option("--proxy-protocol-from", "proxy_protocol_from", metavar="CIDR", multiple=True, help="Balancer address or network (repeatable) whose connections start with a PROXY v2 header naming the real proxy; off by default.")
 @click.option("--proxy-protocol-to-pool", is_flag=True, help="Open each pool connection with a PROXY v2 header naming the rig (for pool software that reads it).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0.0), default=30.0, show_default=True, help="On SIGTERM (or SIGUSR1): close the listener, tell proxies to move (rm.goaway) and exit once they have, or after this many seconds; 0 exits at once. A second SIGTERM exits now.")
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def sidecar(
     listen: str,
@@ -133,6 +134,7 @@ def sidecar(
     verbose: int,
     proxy_protocol_from: tuple[str, ...] = (),
     proxy_protocol_to_pool: bool = False,
+    drain_timeout: float = 30.0,
 ) -> None:
     """Pool-side sidecar: terminate StratumRM and relay each rig to the pool.
 
@@ -191,15 +193,24 @@ def sidecar(
         proxy_protocol_to_pool=proxy_protocol_to_pool,
     )
     try:
-        run_until_interrupted(_serve_until_signalled, server, host, port, status_address)
+        run_until_interrupted(_serve_until_signalled, server, host, port, status_address, drain_timeout)
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {listen}: {exc}; is the address in use or the port privileged?") from None
 
 
 async def _serve_until_signalled(
-    server: SidecarServer, host: str, port: int, status_address: tuple[str, int] | None = None
+    server: SidecarServer,
+    host: str,
+    port: int,
+    status_address: tuple[str, int] | None = None,
+    drain_timeout: float = 0.0,
 ) -> None:
-    """Serve until SIGTERM; SIGHUP re-reads the revocation list and certificate files."""
+    """Serve until SIGTERM; SIGHUP re-reads the revocation list and certificate files.
+
+    With ``drain_timeout`` > 0 the first SIGTERM (or SIGUSR1, the drain command that
+    does not count as a second SIGTERM) drains (:meth:`SidecarServer.drain`) and exits
+    when done; a second SIGTERM exits at once.
+    """
     from bridge.stats.status import StatusServer
 
     async with trio.open_nursery() as nursery:
@@ -208,11 +219,26 @@ async def _serve_until_signalled(
             status_server = StatusServer("sidecar", server.statistics, server.warnings)
             await nursery.start(status_server.serve, *status_address)
         if threading.current_thread() is threading.main_thread():
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: re-reading the revocation list and certificate files")
                         server.reload(force=True)
                         continue
-                    nursery.cancel_scope.cancel()
-                    break
+                    if server.draining or drain_timeout <= 0:
+                        if signum == signal.SIGTERM:
+                            log.info("second SIGTERM: exiting now")
+                            nursery.cancel_scope.cancel()
+                            break
+                        continue
+                    log.info(
+                        "%s: draining (proxies move to other sidecars within %g s; SIGTERM again to exit now)",
+                        signal.Signals(signum).name, drain_timeout,
+                    )
+                    nursery.start_soon(_drain_then_exit, server, drain_timeout, nursery.cancel_scope)
+
+
+async def _drain_then_exit(server: SidecarServer, timeout: float, scope: trio.CancelScope) -> None:
+    await server.drain(timeout, "sidecar draining for a restart")
+    log.info("drain finished; exiting")
+    scope.cancel()

@@ -118,6 +118,7 @@ class Probe:
         self.connections = 0
         self.keepalives = 0
         self._pool_up = True
+        self._serve_scope = trio.CancelScope()
 
     def set_identity(self, user: str, password: str | None) -> None:
         if self.identity is None:
@@ -140,17 +141,25 @@ class Probe:
                 continue
             self.connections += 1
             self.session = session
+            self._serve_scope = trio.CancelScope()
             try:
-                reason, subscribed = await self._serve(session)
+                with self._serve_scope:
+                    reason, subscribed = await self._serve(session)
             finally:
                 self.session = None
                 await session.aclose()
+            if self._serve_scope.cancelled_caught:
+                continue  # relink(): the sidecar went away; reconnect at once, nothing was lost
             self.policy.lost(index, reason, trio.current_time(), connect_failed=not subscribed)
             self.wake()
             if subscribed:
                 backoff = BACKOFF_FIRST
             await self._back_off(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def relink(self) -> None:
+        """The upstream's StratumRM link was replaced (``rm.goaway``): reopen the probe on the new one."""
+        self._serve_scope.cancel()
 
     def _check_pool_status(self) -> bool | None:
         """Report the sidecar's ``rm.pool`` view of its pool to the policy; None without one."""
