@@ -184,6 +184,17 @@ class FailoverFileSection(Struct, frozen=True, forbid_unknown_fields=True):
     probe_password: str | None = None
 
 
+class InterceptFileEntry(Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``[[intercept]]`` table: connections redirected to ``match`` go to ``upstream``.
+
+    ``match`` is ``HOST:PORT`` (a name is resolved when the proxy starts) — the pool
+    address the rigs are configured with; ``upstream`` any upstream URL.
+    """
+
+    match: str
+    upstream: str
+
+
 class ProxyFileConfig(Struct, frozen=True, forbid_unknown_fields=True):
     """The ``stratumrm proxy --config FILE`` file (TOML); every key optional."""
 
@@ -201,6 +212,10 @@ class ProxyFileConfig(Struct, frozen=True, forbid_unknown_fields=True):
     max_pending_per_source: int | None = None
     fd_reserve: int | None = None
     failover: FailoverFileSection = FailoverFileSection()
+    intercept: list[InterceptFileEntry] = []
+    intercept_default: str = "pass"
+    """Redirected connections no ``[[intercept]]`` matches: ``pass`` (to their original
+    destination, untouched) or ``refuse``."""
 
     def entries(self) -> list[UpstreamEntry]:
         """The upstreams, parsed; relative priorities default to the position in the list."""

@@ -190,16 +190,34 @@ class MinerProxy:
                       else str(u.url) for u in self.upstreams),
         )
         async with trio.open_nursery() as nursery:
-            for upstream in self.upstreams:
-                if upstream.link is not None:
-                    upstream.link.on_goaway = functools.partial(self._on_goaway, upstream)
-                    await nursery.start(upstream.link.run)
-            self._nursery = nursery
-            for probe in self.probes:
-                nursery.start_soon(probe.run)
-            nursery.start_soon(self._run_policy)
+            await self._start(nursery)
             task_status.started(self.port)
             await serve_admitted(self._handle, listeners, self.admission)
+
+    async def serve_streams(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Everything :meth:`serve` runs but the listener: rigs arrive through :meth:`handle_rig`.
+
+        For a listener shared by several proxies (transparent interception,
+        :mod:`bridge.net.intercept`).
+        """
+        async with trio.open_nursery() as nursery:
+            await self._start(nursery)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def handle_rig(self, stream: trio.SocketStream, pending: Pending) -> None:
+        """Serve one rig connection accepted (and admitted) elsewhere; needs :meth:`serve_streams` running."""
+        await self._handle(stream, pending)
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        for upstream in self.upstreams:
+            if upstream.link is not None:
+                upstream.link.on_goaway = functools.partial(self._on_goaway, upstream)
+                await nursery.start(upstream.link.run)
+        self._nursery = nursery
+        for probe in self.probes:
+            nursery.start_soon(probe.run)
+        nursery.start_soon(self._run_policy)
 
     def wake_policy(self) -> None:
         self._policy_wake.set()

@@ -661,6 +661,12 @@ class SidecarServer:
             if real is None:
                 await close_quietly(tcp)
                 return
+            if real != peer:
+                # Admission counts the proxy behind the balancer, not the balancer itself.
+                host = real.rpartition(":")[0].strip("[]")
+                if not pending.rebind(host):
+                    await close_quietly(tcp)
+                    return
             peer = real
         tls = trio.SSLStream(tcp, self.ssl_context, server_side=True)
         try:
