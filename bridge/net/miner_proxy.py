@@ -253,13 +253,21 @@ class MinerProxy:
             "sidecar behind %s is going away (%s) within %g s: moving %d rigs to a new connection",
             upstream.name, goaway.reason or "draining", goaway.deadline, old.channels_open,
         )
-        for attempt in range(1, 4):
+        pause = 0.2
+        while True:  # until connected, or the old sidecar's deadline is near
             try:
                 await new.connect()
                 break
             except ConnectionError as exc:
-                failover_log.warning("new connection to %s failed (attempt %d): %s", upstream.url, attempt, exc)
-                await trio.sleep(0.5 * attempt)
+                if trio.current_time() + pause >= deadline:
+                    failover_log.warning(
+                        "no new connection to %s before the draining sidecar's deadline (%s); its rigs stay "
+                        "until it closes, then fail over as after a lost connection", upstream.url, exc,
+                    )
+                    break
+                failover_log.warning("new connection to %s failed: %s; retrying in %g s", upstream.url, exc, pause)
+                await trio.sleep(pause)
+                pause = min(pause * 2, 2.0)
         self.probes[upstream.index].relink()
         moved = 0
         with trio.move_on_at(deadline + 1.0):
