@@ -29,7 +29,6 @@ import logging
 import math
 import socket
 import ssl
-
 from collections.abc import Callable
 
 import trio

@@ -9,14 +9,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from bridge.config import parse_upstream_url
-from bridge.net.proxy_protocol import TrustedBalancers, format_address, parse_address, read_proxy_header
+from bridge.net.proxy_protocol import (
+    TrustedBalancers,
+    format_address,
+    parse_address,
+    read_proxy_header,
+)
 from bridge.net.sidecar import SidecarServer
 from bridge.pki.tls import TestPKI, make_test_pki
 from bridge.sv1.framing import LineBuffer

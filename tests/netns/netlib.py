@@ -28,10 +28,10 @@ def unavailable() -> str | None:
     if shutil.which("ip") is None:
         return "`ip` (iproute2) is not installed; run tests/setup-system.sh or apt-get install -y iproute2"
     name = f"srmprobe{os.getpid()}"
-    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    probe = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True, text=True)
     if probe.returncode != 0:
         return f"`ip netns add` fails here ({probe.stderr.strip()}); network namespaces are not available"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
     return None
 
 
@@ -43,7 +43,7 @@ def missing(*programs: str) -> str | None:
 
 
 def run(*args: str) -> str:
-    result = subprocess.run(list(args), capture_output=True, text=True)
+    result = subprocess.run(list(args), check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -107,7 +107,7 @@ class Lab:
             except subprocess.TimeoutExpired:
                 pass
         for namespace in self.namespaces:
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, lab: Lab | None = None, step: float = 0.1) -> Any:
