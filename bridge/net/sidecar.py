@@ -325,6 +325,7 @@ class SidecarServer:
         self._listeners: list[trio.SocketListener] = []
         self._drain_started: float | None = None
         self._drained = trio.Event()
+        self._drain_by: tuple[float, str] | None = None
         self.pool_watch = PoolWatch(
             pool,
             self.pool_ssl_context,
@@ -396,11 +397,12 @@ class SidecarServer:
         """
         now = trio.current_time()
         self._drain_started = now
+        self._drain_by = (now + deadline, reason)
         for listener in self._listeners:
             await listener.aclose()  # serve_admitted stops accepting; accepted connections carry on
-        told = sum(c.session.go_away(deadline, reason, now) for c in list(self._connections.values()))
         for connection in list(self._connections.values()):
-            connection.step()
+            connection.step()  # sends rm.goaway (and to proxies whose hello comes later)
+        told = sum(c.goaway_sent for c in self._connections.values())
         log.info(
             "draining: listener closed, %d of %d proxies told to move (rm.goaway) within %g s",
             told, len(self._connections), deadline,
@@ -905,6 +907,7 @@ class _ProxyConnection:
             accounts=identity.accounts if server.enforce_accounts else None,
         )
         self._links: dict[int, _PoolLink] = {}
+        self.goaway_sent = False
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         if not server.pool_watch.up:
@@ -946,6 +949,10 @@ class _ProxyConnection:
                         log.info("proxy %s channel %d closed: %s", self.peer, command.ch, command.reason)
         for refusal in session.refusals():
             self._log_refusal(refusal)
+        drain = self.server._drain_by
+        if drain is not None and not self.goaway_sent and session.hello is not None and not session.closed:
+            now = trio.current_time()
+            self.goaway_sent = session.go_away(round(drain[0] - now, 3), drain[1], now)
         self._wake.set()
 
     def _log_refusal(self, refusal: AccountRefused) -> None:

@@ -116,3 +116,32 @@ async def test_a_draining_sidecar_moves_its_rigs_to_another_without_dropping_one
         assert len(pool_keys) == len(pool.accepted) and pool.statistics().duplicates == 0
         assert share_keys(s for m in miners for s in m.accepted) <= pool_keys
         nursery.cancel_scope.cancel()
+
+
+async def test_a_proxy_that_says_hello_during_the_drain_is_told_too(tmp_path) -> None:
+    import json
+
+    pki = make_test_pki(tmp_path, accounts=("alice",))
+    async with trio.open_nursery() as nursery:
+        url = parse_upstream_url(f"stratum+tcp://{LOCALHOST}:9")
+        sidecar = SidecarServer(url, pki.server_context(), udp=False)
+        port = await nursery.start(sidecar.serve, LOCALHOST, 0)
+        stream = trio.SSLStream(await trio.open_tcp_stream(LOCALHOST, port), pki.client_context(), server_hostname=LOCALHOST)
+        await stream.do_handshake()
+        with trio.fail_after(30):
+            await until(lambda: len(sidecar.sessions()) == 1)
+        nursery.start_soon(sidecar.drain, 60.0, "late hello")
+        await until(lambda: sidecar.draining)
+        await stream.send_all(b'{"id":1,"method":"rm.hello","params":{"version":1,"features":["goaway"]}}\n')
+        data = b""
+        with trio.fail_after(30):
+            while b"rm.goaway" not in data:
+                chunk = await stream.receive_some(65536)
+                assert chunk
+                data += chunk
+        goaway = next(json.loads(line) for line in data.splitlines() if b"rm.goaway" in line)
+        assert goaway["params"]["reason"] == "late hello" and 0 < goaway["params"]["deadline"] <= 60.0
+        await stream.aclose()
+        with trio.fail_after(30):
+            await until(lambda: not sidecar.sessions())
+        nursery.cancel_scope.cancel()

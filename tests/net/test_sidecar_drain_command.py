@@ -50,7 +50,7 @@ async def test_first_sigterm_drains_second_exits(tmp_path: Path) -> None:
         assert "goaway" in result["result"]["features"]
         process.send_signal(signal.SIGTERM)
         goaway = await read_until(stream, "rm.goaway", buffer)
-        assert goaway["params"]["deadline"] == 300.0
+        assert 250.0 < goaway["params"]["deadline"] <= 300.0
         # Draining: the listener is closed, the session lives on.
         with trio.fail_after(10):
             while True:
