@@ -88,7 +88,12 @@ from bridge.errors import PKIError
 from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
 from bridge.net.listen import Pending, fd_gauge, serve_admitted
 from bridge.net.pool_watch import PoolWatch
-from bridge.net.proxy_protocol import TrustedBalancers, format_address, parse_address, read_proxy_header
+from bridge.net.proxy_protocol import (
+    TrustedBalancers,
+    format_address,
+    parse_address,
+    read_proxy_header,
+)
 from bridge.net.tcp import (
     close_quietly,
     describe_error,
