@@ -4,7 +4,8 @@
 ``python -m tests.netns.roles miners URL USER PROFILES STATE``. Each rewrites its
 STATE file (JSON, atomically) every 0.2 s: the pool its accepted share keys and
 duplicate count, the miners each miner's accepted share keys, disconnects and
-pending submits. On SIGTERM the miners stop submitting, wait for the verdicts of
+pending submits. On SIGTERM the miners' connection counters are frozen (finishing
+closes connections itself), the miners stop submitting, wait for the verdicts of
 the shares in flight (30 s at most), write a final state and exit.
 """
 
@@ -51,14 +52,21 @@ async def miners(url: str, user: str, profiles: str, state: str) -> None:
         profile = profile.removesuffix("+xnsub")
         group.append(Miner(url + ("#xnsub" if xnsub else ""), f"{user}.{profile}{index}", profile=profile, reconnect_delay=0.5))
 
+    # Connection counters frozen when the stop was asked: finishing closes connections itself.
+    frozen: dict[str, tuple[int, int]] = {}
+
     def snapshot(final: bool) -> dict:
+        def connection(m: Miner) -> tuple[int, int]:
+            stats = m.statistics()
+            return frozen.get(m.config.user, (stats.disconnects, stats.reconnect_requests))
+
         return {
             "final": final,
             "miners": {
                 m.config.user: {
                     "accepted": keys(m.accepted),
-                    "disconnects": m.statistics().disconnects,
-                    "reconnect_requests": m.statistics().reconnect_requests,
+                    "disconnects": connection(m)[0],
+                    "reconnect_requests": connection(m)[1],
                     "pending": m.statistics().pending,
                     "unanswered": len(m.unanswered()),
                 }
@@ -80,11 +88,13 @@ async def miners(url: str, user: str, profiles: str, state: str) -> None:
             async for _ in signals:
                 break
             for miner in group:
+                stats = miner.statistics()
+                frozen[miner.config.user] = (stats.disconnects, stats.reconnect_requests)
+            for miner in group:
                 miner.finish()
             with trio.move_on_after(30):
                 while any(m.statistics().pending for m in group):
                     await trio.sleep(0.1)
-            # The final tally before stop(): stopping closes the connections itself.
             publish(Path(state), snapshot(True))
             for miner in group:
                 miner.stop()
