@@ -135,8 +135,11 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
             entries += [parse_upstream_entry(text, level + position) for position, text in enumerate(backups)]
         else:
             entries = chosen.entries()
-        if not entries:
-            raise OptionProblem("give at least one --upstream (or [[upstream]] in --config); "
+        from bridge.net.intercept import parse_rules
+
+        rules = parse_rules(chosen.intercept)
+        if not entries and not rules:
+            raise OptionProblem("give at least one --upstream (or [[upstream]] or [[intercept]] in --config); "
                                 "`stratumrm config example proxy` shows a complete file")
         http_address = parse_listen(http_listen) if http_listen else None
         failover = FailoverConfig(
@@ -156,7 +159,8 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
     credentials = None
     pool_context = None
     try:
-        if any(entry.url.transport == "stratumrm" for entry in entries):
+        transports = {entry.url.transport for entry in entries} | {rule.upstream.transport for rule in rules}
+        if "stratumrm" in transports:
             warn_window = timedelta(days=cert_warn_days)
             if bundle:
                 credentials = ClientCredentials.from_bundle(bundle, expiry_warning=warn_window)
@@ -167,24 +171,43 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
                     "a stratumrm:// upstream needs this proxy's certificate: pass --bundle FILE "
                     "(from 'stratumrm pki issue-miner') or --cert, --key and --ca"
                 )
-        if any(entry.url.transport == "sv1+tls" for entry in entries):
+        if "sv1+tls" in transports:
             pool_context = public_client_context(upstream_ca)
     except BridgeError as exc:
         raise click.ClickException(str(exc)) from None
-    server = MinerProxy(
-        entries,
-        upstream_ssl_context=credentials,
-        pool_ssl_context=pool_context,
-        submit_timeout=submit_timeout,
-        opening_timeout=opening_timeout,
-        share_batch_window=share_batch_window,
-        failover=failover,
-        drain_timeout=settings["drain_timeout"],
-        probe_user=settings["probe_user"],
-        probe_password=settings["probe_password"],
-        keepalive=settings["keepalive"],
-        admission=admission,
-    )
+    def make_proxy(upstream_entries):
+        return MinerProxy(
+            upstream_entries,
+            upstream_ssl_context=credentials,
+            pool_ssl_context=pool_context,
+            submit_timeout=submit_timeout,
+            opening_timeout=opening_timeout,
+            share_batch_window=share_batch_window,
+            failover=failover,
+            drain_timeout=settings["drain_timeout"],
+            probe_user=settings["probe_user"],
+            probe_password=settings["probe_password"],
+            keepalive=settings["keepalive"],
+            admission=admission,
+        )
+
+    if rules:
+        from bridge.config import UpstreamEntry
+        from bridge.net.intercept import InterceptServer
+
+        proxies = {}
+        for rule in rules:
+            if str(rule.upstream) not in proxies:
+                proxies[str(rule.upstream)] = make_proxy([UpstreamEntry(rule.upstream)])
+        try:
+            interceptor = InterceptServer(
+                rules, proxies, make_proxy(entries) if entries else None, default=chosen.intercept_default
+            )
+        except BridgeError as exc:
+            raise OptionProblem(str(exc)) from None
+        run_role(interceptor.serve, host, port, listens={"--listen": (host, port)})
+        return
+    server = make_proxy(entries)
     service = ProxyService(
         server, credentials=credentials, http_listen=http_address, metrics_per_worker=chosen.metrics_per_worker
     )

@@ -47,6 +47,7 @@ __all__ = [
     "FailoverSettings",
     "ProxySettings",
     "SidecarSettings",
+    "InterceptSettings",
     "UpstreamSettings",
     "check_file",
     "describe",
@@ -58,8 +59,10 @@ __all__ = [
 
 
 def _doc(description: str, breaks: str, *, secret: bool = False, path: bool = False,
-         example: Any = None, required: bool = False, **limits: Any) -> Meta:
+         example: Any = None, required: bool = False, commented: bool = False, **limits: Any) -> Meta:
     extra: dict[str, Any] = {"breaks": breaks}
+    if commented:
+        extra["commented"] = True  # an optional table: the example shows it commented out
     if required:
         extra["required"] = True
     if secret:
@@ -99,6 +102,21 @@ class UpstreamSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         "nothing but harder-to-read logs",
         example="primary",
     )] = None
+
+
+class InterceptSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[[intercept]]``: connections the kernel redirected to ``match`` go to ``upstream``."""
+
+    match: Annotated[str, _doc(
+        "HOST:PORT the rigs are configured with (their original destination; a name is resolved at start)",
+        "redirected rigs fall to intercept_default instead of this upstream",
+        example="pool.example.com:3333",
+    )]
+    upstream: Annotated[str, _doc(
+        "Upstream URL for those rigs: stratumrm://SIDECAR:PORT, stratum+tcp:// or stratum+ssl://",
+        "redirected rigs get no work; an unknown scheme is refused at start",
+        example="stratumrm://sidecar.pool.example:3334",
+    )]
 
 
 class FailoverSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -182,6 +200,17 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         "The pools, in priority order (see [[upstream]] below)",
         "no upstream: the proxy does not start",
     )] = []
+    intercept: Annotated[list[InterceptSettings], _doc(
+        "Transparent interception at a farm gateway (nftables REDIRECT to listen): rigs keep their pool URL "
+        "and each original destination maps to an upstream (deploy/nftables)",
+        "redirected rigs reach the wrong pool, or fall to intercept_default",
+        commented=True,
+    )] = []
+    intercept_default: Annotated[Literal["pass", "refuse"], _doc(
+        "Redirected connections no [[intercept]] matches: pass (to their original destination, untouched) "
+        "or refuse",
+        "pass lets unmatched rigs mine in the clear; refuse cuts them off",
+    )] = "pass"
     bundle: Annotated[str | None, _doc(
         "Certificate, key and CA in one file (from `stratumrm pki issue-miner` or `stratumrm proxy enroll`), "
         "for stratumrm:// upstreams; relative to this file",
@@ -330,6 +359,19 @@ class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
         "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
         example="127.0.0.1:9101")] = None
+    proxy_protocol_from: Annotated[list[str], _doc(
+        "Balancer addresses or networks (CIDR) whose connections start with a PROXY v2 header naming the real "
+        "proxy; empty: off",
+        "a balancer left out: every proxy looks like the balancer (one admission source); a range too wide: "
+        "anyone there can claim any address",
+        example=["10.0.0.5/32"])] = []
+    proxy_protocol_to_pool: Annotated[bool, _doc(
+        "Open each pool connection with a PROXY v2 header naming the rig (pool software that reads it)",
+        "a pool that does not read the header closes every connection")] = False
+    drain_timeout: Annotated[float, _doc(
+        "On SIGTERM (or SIGUSR1): close the listener, tell proxies to move (rm.goaway) and exit once they have, "
+        "or after this many seconds; 0 exits at once",
+        "0: a restart drops every rig of this sidecar's proxies for a reconnect", ge=0)] = 30.0
     metrics_per_worker: Annotated[bool, _doc(
         "Add per-worker series to /metrics (capped at the busiest 1000 workers)",
         "thousands more series per scrape on a large farm: Prometheus needs more memory")] = False
@@ -620,6 +662,8 @@ def _field_lines(field: msgspec.structs.FieldInfo) -> list[str]:
     if choices:
         lines += _wrap("choices: " + ", ".join(map(str, choices)))
     default = field.default
+    if default is msgspec.NODEFAULT and field.default_factory is not msgspec.NODEFAULT:
+        default = field.default_factory()
     shown_default = "none" if default is None else _toml_value(default)
     lines += _wrap(f"default: {shown_default}")
     if extra.get("breaks"):
@@ -650,8 +694,9 @@ def example(role: str) -> str:
             continue
         if typing.get_origin(base) is list:
             (item,) = typing.get_args(base)
-            sections.append((field.name, item, field))
-            continue
+            if isinstance(item, type) and issubclass(item, Struct):
+                sections.append((field.name, item, field))
+                continue
         out += _field_lines(field)
         out.append("")
     for name, section, field in sections:
@@ -659,12 +704,15 @@ def example(role: str) -> str:
         is_list = typing.get_origin(base) is list
         out += _wrap((meta.description if meta is not None else "") + ("" if not is_list else
                      "; repeat the table once per entry"))
-        out.append(f"[[{name}]]" if is_list else f"[{name}]")
+        commented = bool(meta is not None and (meta.extra or {}).get("commented"))
+        out.append(("# " if commented else "") + (f"[[{name}]]" if is_list else f"[{name}]"))
         for item in msgspec.structs.fields(section):
             item_lines = _field_lines(item)
-            if is_list and item.name == "url":
+            if is_list and item.required:
                 _, item_meta = _unwrap(item.type)
-                item_lines[-1] = f"url = {_toml_value((item_meta.extra or {}).get('example'))}"
+                item_lines[-1] = f"{item.name} = {_toml_value((item_meta.extra or {}).get('example'))}"
+            if commented:
+                item_lines[-1] = "# " + item_lines[-1]
             out += item_lines
             out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -218,6 +218,8 @@ async def serve_admitted(
         while True:
             try:
                 stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return  # the listener was closed (a draining sidecar): accepted connections carry on
             except OSError as exc:
                 if exc.errno not in RESOURCE_ERRNOS:
                     raise

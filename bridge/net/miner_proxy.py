@@ -35,6 +35,7 @@ and counted in :meth:`MinerProxy.statistics`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -267,18 +268,93 @@ class MinerProxy:
                       else str(u.url) for u in self.upstreams),
         )
         async with trio.open_nursery() as nursery:
-            for upstream in self.upstreams:
-                if upstream.link is not None:
-                    await nursery.start(upstream.link.run)
-            self._nursery = nursery
-            for probe in self.probes:
-                nursery.start_soon(probe.run)
-            nursery.start_soon(self._run_policy)
+            await self._start(nursery)
             task_status.started(self.port)
             await serve_admitted(self.containment.connections(self._handle, "rig connection"), listeners, self.admission)
 
+    async def serve_streams(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Everything :meth:`serve` runs but the listener: rigs arrive through :meth:`handle_rig`.
+
+        For a listener shared by several proxies (transparent interception,
+        :mod:`bridge.net.intercept`).
+        """
+        async with trio.open_nursery() as nursery:
+            await self._start(nursery)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def handle_rig(self, stream: trio.SocketStream, pending: Pending) -> None:
+        """Serve one rig connection accepted (and admitted) elsewhere; needs :meth:`serve_streams` running."""
+        await self._handle(stream, pending)
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        for upstream in self.upstreams:
+            if upstream.link is not None:
+                upstream.link.on_goaway = functools.partial(self._on_goaway, upstream)
+                await nursery.start(upstream.link.run)
+        self._nursery = nursery
+        for probe in self.probes:
+            nursery.start_soon(probe.run)
+        nursery.start_soon(self._run_policy)
+
     def wake_policy(self) -> None:
         self._policy_wake.set()
+
+    # ------------------------------------------------------------ rm.goaway (a draining sidecar)
+
+    def _on_goaway(self, upstream: Upstream, old: StratumRMLink) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._follow_goaway, upstream, old)
+
+    async def _follow_goaway(self, upstream: Upstream, old: StratumRMLink) -> None:
+        """The sidecar behind ``upstream`` drains: a new link (the balancer picks another sidecar), rigs move.
+
+        Each rig moves as a failover move does (``mining.set_extranonce`` when it
+        subscribed to it, else ``client.reconnect`` once its shares in flight have
+        their verdicts), so no rig connection is dropped; the old link keeps every
+        verdict path until its last channel is gone or the sidecar's deadline passes.
+        """
+        connection = old.connection
+        assert connection is not None and connection.goaway is not None
+        goaway, deadline = connection.goaway, connection.goaway_by or trio.current_time()
+        assert self._nursery is not None
+        new = StratumRMLink(
+            old.url, old.credentials, connect_timeout=old.connect_timeout, batch_window=old.batch_window,
+            detect_blocks=old.detect_blocks,
+        )
+        new.on_goaway = functools.partial(self._on_goaway, upstream)
+        await self._nursery.start(new.run)
+        upstream.link = new
+        if self.link is old:
+            self.link = new
+        failover_log.warning(
+            "sidecar behind %s is going away (%s) within %g s: moving %d rigs to a new connection",
+            upstream.name, goaway.reason or "draining", goaway.deadline, old.channels_open,
+        )
+        pause = 0.2
+        while True:  # until connected, or the old sidecar's deadline is near
+            try:
+                await new.connect()
+                break
+            except ConnectionError as exc:
+                if trio.current_time() + pause >= deadline:
+                    failover_log.warning(
+                        "no new connection to %s before the draining sidecar's deadline (%s); its rigs stay "
+                        "until it closes, then fail over as after a lost connection", upstream.url, exc,
+                    )
+                    break
+                failover_log.warning("new connection to %s failed: %s; retrying in %g s", upstream.url, exc, pause)
+                await trio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        self.probes[upstream.index].relink()
+        moved = 0
+        with trio.move_on_at(deadline + 1.0):
+            while old.channels_open:
+                for rig in list(self._rigs.values()):
+                    moved += rig.follow_goaway(upstream, old)
+                await trio.sleep(0.1)
+        failover_log.info("left the draining sidecar behind %s: %d rigs moved", upstream.name, moved)
+        old.retire("moved to another sidecar after rm.goaway")
 
     def _set_probe_identity(self, user: str, password: str | None) -> None:
         for probe in self.probes:
@@ -617,6 +693,17 @@ class _RigConnection:
         else:
             channel.request_reconnect(f"moving to {target.name}: {action.reason}", trio.current_time(), self._reconnect_params())
         self._spawn(self._step)
+
+    def follow_goaway(self, upstream: Upstream, old: StratumRMLink) -> int:
+        """Move off ``old`` (its sidecar is draining) to ``upstream``'s new link; 1 if a move began."""
+        channel = self.channel
+        task = self._current_task()
+        if task is None or getattr(task.session, "link", None) is not old:
+            return 0
+        if channel.closed or channel.reconnecting or channel.switching or not channel.subscribed:
+            return 0  # busy (a handshake or a move in progress): looked at again shortly
+        self.move(MoveRig(self.id, upstream.index, upstream.index, "the sidecar is going away (rm.goaway)", urgent=True))
+        return 1
 
     def release(self, reason: str) -> None:
         self.channel.release(reason)

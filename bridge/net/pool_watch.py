@@ -75,12 +75,15 @@ class PoolWatch:
         check_timeout: float = 5.0,
         quiet_after: float | None = DEFAULT_QUIET_AFTER,
         local_shortage: Callable[[], str | None] | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         self.pool = pool
         self.ssl_context = ssl_context
         self.on_change = on_change
         self.connect_timeout = connect_timeout
         self.check_timeout = check_timeout
+        self.proxy_protocol = proxy_protocol
+        """Open each check with a PROXY v2 LOCAL header (a pool that requires the header)."""
         self.local_shortage = local_shortage
         #: Checks that could not tell because this host was short of resources.
         self.inconclusive = 0
@@ -168,7 +171,8 @@ class PoolWatch:
         pool = self.pool
         try:
             stream = await open_stream(
-                pool.host, pool.port, ssl_context=self.ssl_context if pool.tls else None, timeout=self.connect_timeout
+                pool.host, pool.port, ssl_context=self.ssl_context if pool.tls else None, timeout=self.connect_timeout,
+                proxy_header=self.proxy_protocol,
             )
         except (OSError, trio.BrokenResourceError, ValueError) as exc:
             if is_resource_shortage(exc):

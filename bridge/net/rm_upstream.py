@@ -29,6 +29,7 @@ import logging
 import math
 import socket
 import ssl
+from collections.abc import Callable
 
 import trio
 
@@ -119,6 +120,10 @@ class StratumRMLink:
         self.failure: str | None = None
         self._logged_failure: str | None = None
         self.connections_made = 0
+        self.on_goaway: Callable[[StratumRMLink], None] | None = None
+        """Called once when the sidecar sends ``rm.goaway`` (it is draining): the proxy moves its rigs."""
+        self._goaway_reported = False
+        self._run_scope = trio.CancelScope()
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -127,10 +132,32 @@ class StratumRMLink:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the link's tasks; start it once in the proxy's nursery."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        with self._run_scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+
+    @property
+    def going_away(self) -> bool:
+        """The sidecar said ``rm.goaway``: no new channel belongs on this link."""
+        return self.connection is not None and self.connection.goaway is not None
+
+    @property
+    def channels_open(self) -> int:
+        return len(self._handles)
+
+    def retire(self, reason: str) -> None:
+        """Close this link for good (its rigs moved after ``rm.goaway``) and end its tasks."""
+        connection = self.connection
+        if connection is not None and connection.close_reason is None:
+            connection._fail(reason)
+        self._stepped()
+        self._run_scope.cancel()
+
+    async def connect(self) -> None:
+        """Open the connection now (before any rig needs it); raises ConnectionError on failure."""
+        await self._live_connection()
 
     def kick(self) -> None:
         """Something is queued to send (or a deadline moved): wake the writer and the timer."""
@@ -219,7 +246,8 @@ class StratumRMLink:
                 connection._fail("internal error; the next rig opens a new session")
             reason = connection.close_reason or "closed"
             self.failure = reason
-            (log.info if reason == "closed" else log.warning)("StratumRM session with %s ended: %s", url, reason)
+            quiet = reason == "closed" or self._goaway_reported
+            (log.info if quiet else log.warning)("StratumRM session with %s ended: %s", url, reason)
             connection.connection_lost(reason)
             self._deliver()
             self._handles.clear()
@@ -296,6 +324,12 @@ class StratumRMLink:
     def _deliver(self) -> None:
         """Wake every rig whose channel has events."""
         connection = self.connection
+        if (
+            connection is not None and connection.goaway is not None and not self._goaway_reported
+            and self.on_goaway is not None
+        ):
+            self._goaway_reported = True
+            self.on_goaway(self)
         for handle in list(self._handles.values()):
             if handle.session.events:
                 handle._events_ready()

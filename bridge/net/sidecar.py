@@ -90,11 +90,18 @@ from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
 from bridge.net.containment import Containment
 from bridge.net.listen import Pending, fd_gauge, serve_admitted
 from bridge.net.pool_watch import PoolWatch
+from bridge.net.proxy_protocol import (
+    TrustedBalancers,
+    format_address,
+    parse_address,
+    read_proxy_header,
+)
 from bridge.net.tcp import (
     close_quietly,
     describe_error,
     open_stream,
     peer_name,
+    socket_of,
     tune_stream,
 )
 from bridge.net.udp import receive_datagrams
@@ -126,6 +133,7 @@ from bridge.relay.sidecar import (
     WritePool,
 )
 from bridge.wire.control import ErrorNotice, encode_rm
+from bridge.wire.proxy_header import ProxyHeaderError
 from bridge.wire.receiver import DEFAULT_BURST, DEFAULT_GRACE, DEFAULT_RATE
 
 __all__ = ["ConnectedCertificate", "SidecarServer", "SidecarStatistics"]
@@ -283,6 +291,8 @@ class SidecarServer:
         max_connections_per_cert: int | None = DEFAULT_MAX_CONNECTIONS_PER_CERT,
         expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING,
         reload_interval: float = DEFAULT_RELOAD_INTERVAL,
+        proxy_protocol_from: TrustedBalancers | None = None,
+        proxy_protocol_to_pool: bool = False,
     ) -> None:
         if pool.transport == "stratumrm":
             raise ValueError("the sidecar's pool is plain Stratum V1: stratum+tcp:// or stratum+ssl://")
@@ -338,12 +348,20 @@ class SidecarServer:
         self._finished_rejects: Counter[str] = Counter()
         self._revocation_error: str | None = None
         self._reminders = Reminders()
+        self.proxy_protocol_from = proxy_protocol_from or TrustedBalancers(())
+        self.proxy_protocol_to_pool = proxy_protocol_to_pool
+        self._proxy_header_failures = 0
+        self._listeners: list[trio.SocketListener] = []
+        self._drain_started: float | None = None
+        self._drained = trio.Event()
+        self._drain_by: tuple[float, str] | None = None
         self.pool_watch = PoolWatch(
             pool,
             self.pool_ssl_context,
             self._pool_status_changed,
             connect_timeout=connect_timeout,
             local_shortage=self._fd_shortage,
+            proxy_protocol=proxy_protocol_to_pool,
         )
 
     @property
@@ -378,6 +396,7 @@ class SidecarServer:
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._watch_files)
                 nursery.start_soon(self.pool_watch.run)
+                self._listeners = listeners
                 await nursery.start(
                     serve_admitted, self.containment.connections(self._handle, "proxy connection"), listeners,
                     self.admission,
@@ -394,6 +413,47 @@ class SidecarServer:
         if free is not None and free < reserve:
             return f"only {free} file descriptors free, below the reserve of {reserve}"
         return None
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` began: not ready for new proxies (``/readyz`` says so)."""
+        return self._drain_started is not None
+
+    async def drain(self, deadline: float, reason: str = "sidecar shutting down") -> None:
+        """Stop taking proxies and ask each to move (``rm.goaway``); return when all left or at ``deadline`` s.
+
+        The listener closes first, so the balancer sends the proxies' new connections
+        to another sidecar; the UDP socket and every live session keep working (shares
+        in flight get their verdicts) until the proxy closes its connection. Sessions
+        left at the deadline are closed with ``rm.error``.
+        """
+        now = trio.current_time()
+        self._drain_started = now
+        self._drain_by = (now + deadline, reason)
+        for listener in self._listeners:
+            await listener.aclose()  # serve_admitted stops accepting; accepted connections carry on
+        for connection in list(self._connections.values()):
+            connection.step()  # sends rm.goaway (and to proxies whose hello comes later)
+        told = sum(c.goaway_sent for c in self._connections.values())
+        log.info(
+            "draining: listener closed, %d of %d proxies told to move (rm.goaway) within %g s",
+            told, len(self._connections), deadline,
+        )
+        with trio.move_on_after(deadline):
+            while self._connections:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            log.info("drained: every proxy moved after %.1f s", trio.current_time() - now)
+            return
+        left = list(self._connections.values())
+        log.warning("drain deadline of %g s passed; closing the %d proxies still connected", deadline, len(left))
+        for connection in left:
+            connection.session.close(f"sidecar drained: {reason}", trio.current_time())
+            connection.step()
+        with trio.move_on_after(CLOSE_FLUSH_TIMEOUT + 0.5):
+            while self._connections:
+                self._drained = trio.Event()
+                await self._drained.wait()
 
     def _pool_status_changed(self, up: bool, reason: str) -> None:
         """The pool went down or came back (PoolWatch): tell every proxy (rm.pool, C10)."""
@@ -644,6 +704,18 @@ class SidecarServer:
         # No TLS state (tens of KiB in OpenSSL) for a connection that has sent nothing yet:
         # a flood of silent connections costs only the socket and this task.
         await trio.lowlevel.wait_readable(tcp.socket)
+        if self.proxy_protocol_from:
+            real = await self._read_proxy_header(tcp, peer)
+            if real is None:
+                await close_quietly(tcp)
+                return
+            if real != peer:
+                # Admission counts the proxy behind the balancer, not the balancer itself.
+                host = real.rpartition(":")[0].strip("[]")
+                if not pending.rebind(host):
+                    await close_quietly(tcp)
+                    return
+            peer = real
         tls = trio.SSLStream(tcp, self.ssl_context, server_side=True)
         try:
             identity = await self._handshake(tls, peer, pending)
@@ -671,6 +743,33 @@ class SidecarServer:
         finally:
             await close_quietly(tls)
 
+    async def _read_proxy_header(self, tcp: trio.SocketStream, peer: str) -> str | None:
+        """A balancer's connection (``--proxy-protocol-from``): the proxy's real address, or None (refused).
+
+        Connections from other addresses are taken as they are. A LOCAL header (the
+        balancer's own health check) keeps the balancer's address.
+        """
+        sock = socket_of(tcp)
+        try:
+            host = sock.getpeername()[0] if sock is not None else ""
+        except OSError:
+            return None
+        if not self.proxy_protocol_from.covers(host):
+            return peer
+        try:
+            header = await read_proxy_header(tcp, self.handshake_timeout)
+        except ProxyHeaderError as exc:
+            self._proxy_header_failures += 1
+            self._refusals["proxy protocol"] += 1
+            log.warning("connection from balancer %s refused: %s", peer, exc)
+            return None
+        if header.local or header.source is None:
+            log.debug("balancer %s: PROXY v2 LOCAL connection (a health check)", peer)
+            return peer
+        real = format_address(*header.source)
+        log.debug("balancer %s carries proxy %s", peer, real)
+        return real
+
     async def _serve_proxy(self, tls: trio.SSLStream, peer: str, identity: CertificateIdentity) -> None:
         """One accepted proxy, from its first control line to its disconnection."""
         connection = _ProxyConnection(self, tls, peer, identity)
@@ -686,6 +785,7 @@ class SidecarServer:
                 reason = "internal error"
         finally:
             del self._connections[connection.session]
+            self._drained.set()
             connection.session.connection_lost("connection closed", trio.current_time())
             self._account_finished(connection.session)
         self._closed[reason.split(":", 1)[0]] += 1
@@ -875,6 +975,7 @@ class _ProxyConnection:
             accounts=identity.accounts if server.enforce_accounts else None,
         )
         self._links: dict[int, _PoolLink] = {}
+        self.goaway_sent = False
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         if not server.pool_watch.up:
@@ -916,6 +1017,10 @@ class _ProxyConnection:
                         log.info("proxy %s channel %d closed: %s", self.peer, command.ch, command.reason)
         for refusal in session.refusals():
             self._log_refusal(refusal)
+        drain = self.server._drain_by
+        if drain is not None and not self.goaway_sent and session.hello is not None and not session.closed:
+            now = trio.current_time()
+            self.goaway_sent = session.go_away(round(drain[0] - now, 3), drain[1], now)
         self._wake.set()
 
     def _log_refusal(self, refusal: Refusal) -> None:
@@ -1014,6 +1119,8 @@ class _ProxyConnection:
                         server.pool.port,
                         ssl_context=server.pool_ssl_context,
                         timeout=server.connect_timeout,
+                        proxy_header=server.proxy_protocol_to_pool,
+                        proxy_source=parse_address(link.rig),
                     )
                 except (OSError, trio.BrokenResourceError, ValueError) as exc:
                     server._pool_connect_failures += 1

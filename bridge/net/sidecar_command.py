@@ -101,6 +101,9 @@ def parse_advertise(text: str) -> tuple[str | None, int | None]:
 @click.option("--max-pending", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING, show_default=True, help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).")
 @click.option("--max-pending-per-source", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address.")
 @click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for pool connections and the status port: no new proxy connection is accepted below it.")
+@click.option("--proxy-protocol-from", "proxy_protocol_from", metavar="CIDR", multiple=True, help="Balancer address or network (repeatable) whose connections start with a PROXY v2 header naming the real proxy; off by default.")
+@click.option("--proxy-protocol-to-pool", is_flag=True, help="Open each pool connection with a PROXY v2 header naming the rig (for pool software that reads it).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0.0), default=30.0, show_default=True, help="On SIGTERM (or SIGUSR1): close the listener, tell proxies to move (rm.goaway) and exit once they have, or after this many seconds; 0 exits at once. A second SIGTERM exits now.")
 @click.option("-v", "--verbose", count=True, help="More logging: -v debug, -vv the libraries' debug too.")
 @log_format_option
 @click.pass_context
@@ -130,6 +133,9 @@ def sidecar(
     fd_reserve: int,
     verbose: int,
     log_format: str | None,
+    proxy_protocol_from: tuple[str, ...] = (),
+    proxy_protocol_to_pool: bool = False,
+    drain_timeout: float = 30.0,
 ) -> None:
     """Pool-side sidecar: terminate StratumRM and relay each rig to the pool.
 
@@ -137,6 +143,7 @@ def sidecar(
     without dropping sessions.
     """
     from bridge import settings as settings_module
+    from bridge.net.proxy_protocol import TrustedBalancers
     from bridge.net.sidecar import SidecarServer
     from bridge.pki.revocation import RevocationList
     from bridge.pki.rotation import ServerCredentials
@@ -174,6 +181,7 @@ def sidecar(
         credentials = ServerCredentials(cert, key, ca, expiry_warning=warn_window)
         pool_context = public_client_context(pool_ca) if pool.tls else None
         revocation_list = RevocationList(revocations, ca) if revocations else None
+        balancers = TrustedBalancers(tuple(chosen.proxy_protocol_from))
     except BridgeError as exc:
         raise OptionProblem(str(exc)) from None
     setup_role(chosen, verbose)
@@ -198,12 +206,17 @@ def sidecar(
             max_pending=chosen.max_pending, max_pending_per_source=chosen.max_pending_per_source,
             fd_reserve=chosen.fd_reserve,
         ),
+        proxy_protocol_from=balancers,
+        proxy_protocol_to_pool=chosen.proxy_protocol_to_pool,
     )
     listens = {"--listen": (host, port)}
     if http_address is not None:
         listens["--http-listen"] = http_address
     udp = {} if no_udp else {"--udp-port" if udp_port is not None else "--listen": (host, port if udp_port is None else udp_port)}
-    run_role(_serve_until_signalled, server, host, port, http_address, metrics_per_worker, listens=listens, udp=udp)
+    run_role(
+        _serve_until_signalled, server, host, port, http_address, metrics_per_worker, chosen.drain_timeout,
+        listens=listens, udp=udp,
+    )
 
 
 async def _serve_until_signalled(
@@ -212,8 +225,14 @@ async def _serve_until_signalled(
     port: int,
     http_address: tuple[str, int] | None = None,
     metrics_per_worker: bool = False,
+    drain_timeout: float = 0.0,
 ) -> None:
-    """Serve until SIGTERM; SIGHUP re-reads the revocation list and certificate files."""
+    """Serve until SIGTERM; SIGHUP re-reads the revocation list and certificate files.
+
+    With ``drain_timeout`` > 0 the first SIGTERM (or SIGUSR1, the drain command that
+    does not count as a second SIGTERM) drains (:meth:`SidecarServer.drain`) and exits
+    when done; a second SIGTERM exits at once.
+    """
     from bridge.web.app import ManagementApp
     from bridge.web.roles import SidecarView
 
@@ -223,12 +242,28 @@ async def _serve_until_signalled(
         if http_address is not None:
             await nursery.start(web.serve, *http_address)
         if threading.current_thread() is threading.main_thread():
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: re-reading the revocation list and certificate files")
                         server.reload(force=True)
                         continue
-                    log.info("shutting down (SIGTERM): closing proxy sessions")
-                    nursery.cancel_scope.cancel()
-                    break
+                    if server.draining or drain_timeout <= 0:
+                        if signum == signal.SIGTERM:
+                            log.info("second SIGTERM: exiting now")
+                            nursery.cancel_scope.cancel()
+                            break
+                        continue
+                    log.info(
+                        "shutting down (%s): draining first (proxies move to other sidecars within %g s; "
+                        "SIGTERM again to exit now)",
+                        signal.Signals(signum).name, drain_timeout,
+                    )
+                    web.draining = True  # /readyz answers 503: balancers stop sending new proxies
+                    nursery.start_soon(_drain_then_exit, server, drain_timeout, nursery.cancel_scope)
+
+
+async def _drain_then_exit(server: SidecarServer, timeout: float, scope: trio.CancelScope) -> None:
+    await server.drain(timeout, "sidecar draining for a restart")
+    log.info("drain finished; exiting")
+    scope.cancel()

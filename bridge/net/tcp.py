@@ -61,14 +61,30 @@ async def open_stream(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     timeout: float = 10.0,
+    proxy_header: bool = False,
+    proxy_source: tuple[str, int] | None = None,
 ) -> trio.abc.Stream:
     """Connect (and run the TLS handshake when a context is given) within ``timeout``.
 
+    ``proxy_header`` sends a PROXY protocol v2 header first (before TLS): naming
+    ``proxy_source`` as the client and the address connected to as the server, or a
+    LOCAL header (no address) when ``proxy_source`` is None.
     Raises ``OSError`` with a message naming the address on failure or timeout.
     """
     with trio.move_on_after(timeout) as scope:
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         tune_stream(stream)
+        if proxy_header:
+            from bridge.wire.proxy_header import build_proxy_header
+
+            sock = socket_of(stream)
+            destination = sock.getpeername()[:2] if sock is not None and proxy_source is not None else None
+            source = proxy_source if destination is not None else None
+            try:
+                await stream.send_all(build_proxy_header(source, destination))
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
         if ssl_context is not None:
             tls = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host, https_compatible=False)
             try:

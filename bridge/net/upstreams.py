@@ -152,6 +152,7 @@ class Probe:
         self._spare: tuple[trio.abc.Stream, float] | None = None  # (connection, opened at) for the next check
         self._nursery: trio.Nursery | None = None
         self._pool_up = True
+        self._serve_scope = trio.CancelScope()
 
     def set_identity(self, user: str, password: str | None) -> None:
         """The worker name to authorize as; sent once on the live session (at its next flush)."""
@@ -192,8 +193,9 @@ class Probe:
             self.connections += 1
             self.session = session
             reason, subscribed = "internal error", False
+            self._serve_scope = trio.CancelScope()
             try:
-                with self.containment.guard(upstream.name, "probe session") as guard:
+                with self._serve_scope, self.containment.guard(upstream.name, "probe session") as guard:
                     reason, subscribed = await self._serve(session)
                 if guard.error is not None:
                     reason = f"internal error ({type(guard.error).__name__})"
@@ -201,12 +203,18 @@ class Probe:
                 self.session = None
                 await session.aclose()
                 await self.close_spare()
+            if self._serve_scope.cancelled_caught:
+                continue  # relink(): the sidecar went away; reconnect at once, nothing was lost
             self.policy.lost(index, reason, trio.current_time(), connect_failed=not subscribed)
             self.wake()
             if subscribed:
                 backoff = BACKOFF_FIRST
             await self._back_off(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def relink(self) -> None:
+        """The upstream's StratumRM link was replaced (``rm.goaway``): reopen the probe on the new one."""
+        self._serve_scope.cancel()
 
     def _check_pool_status(self) -> bool | None:
         """Report the sidecar's ``rm.pool`` view of its pool to the policy; None without one."""

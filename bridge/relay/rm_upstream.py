@@ -297,6 +297,9 @@ class StratumRMConnection:
         self.pool_up = True
         """False while the sidecar reports its pool unreachable (``rm.pool``, feature pool-status)."""
         self.pool_reason = ""
+        self.goaway: control.GoAway | None = None
+        """The sidecar is draining (``rm.goaway``, feature goaway): move before ``goaway_by``."""
+        self.goaway_by: float | None = None
         self._udp_failures = 0
         self._next_probe: float | None = None
         self._probe_retry = 0.1
@@ -597,6 +600,10 @@ class StratumRMConnection:
         elif method == "rm.pool":
             self.pool_up = params.status != "down"
             self.pool_reason = params.reason
+        elif method == "rm.goaway":
+            if self.goaway is None:
+                self.goaway = params
+                self.goaway_by = now + params.deadline
         else:
             raise ControlDecodeError(f"{method} is not for the proxy")
 

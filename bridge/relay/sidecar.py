@@ -160,6 +160,7 @@ from bridge.wire.control import (
     ControlDecodeError,
     ControlLine,
     ErrorNotice,
+    GoAway,
     Hello,
     HelloResult,
     Job,
@@ -824,6 +825,18 @@ class SidecarSession:
             return  # up is the assumption; nothing new to say
         self._pool_sent = up
         self._write(encode_rm("rm.pool", PoolStatus(status="up" if up else "down", reason=self._pool_down or "")))
+
+    def go_away(self, deadline: float, reason: str, now: float) -> bool:
+        """This sidecar is draining: ask the proxy to move within ``deadline`` seconds (``rm.goaway``).
+
+        False when the proxy did not negotiate ``goaway`` (or has not said hello): it
+        only learns of the drain when the connection closes at the deadline.
+        """
+        self._now = now
+        if self.hello is None or self.closed or "goaway" not in self.features:
+            return False
+        self._write(encode_rm("rm.goaway", GoAway(deadline=max(0.0, deadline), reason=reason)))
+        return True
 
     def close(self, reason: str, now: float) -> None:
         """Close deliberately (shutdown, revoked certificate): ``rm.error`` with ``reason``, then close."""

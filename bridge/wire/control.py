@@ -33,7 +33,7 @@ MAX_CONTROL_LINE = 256 * 1024
 MAX_RESULTS_PER_LINE = 2048
 MAX_CHANNELS_PER_NOTIFY = 4096
 
-FEATURES = ("udp-shares", "job-dedup", "batch-verdicts", "pool-status")
+FEATURES = ("udp-shares", "job-dedup", "batch-verdicts", "pool-status", "goaway")
 
 
 # ----------------------------------------------------------------- rm params
@@ -148,6 +148,19 @@ class PoolStatus(Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
+class GoAway(Struct, frozen=True, kw_only=True):
+    """``rm.goaway`` (sidecar → proxy, feature ``goaway``): this sidecar is draining.
+
+    The proxy should open a new control connection (through the balancer, it
+    reaches another sidecar) and move its rigs there within ``deadline`` seconds
+    (relative: the two clocks need not agree); after that the sidecar closes the
+    connection. Shares in flight keep their verdict path until then.
+    """
+
+    deadline: float
+    reason: str = ""
+
+
 RM_PARAMS: dict[str, type[Struct]] = {
     "rm.hello": Hello,
     "rm.keys": Keys,
@@ -160,6 +173,7 @@ RM_PARAMS: dict[str, type[Struct]] = {
     "rm.pong": Ping,
     "rm.error": ErrorNotice,
     "rm.pool": PoolStatus,
+    "rm.goaway": GoAway,
 }
 
 

@@ -1,0 +1,46 @@
+"""Shared setup of the namespace tests: skip with the reason when they cannot run, the PKI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.netns.netlib import ROOT, missing, unavailable
+
+
+@pytest.fixture(scope="session")
+def netns_reason() -> str | None:
+    return unavailable()
+
+
+def make_pki(directory: Path, sidecar_ip: str) -> dict[str, Path]:
+    """The operator's CA, one sidecar certificate (shared by every sidecar) and a farm bundle."""
+
+    def pki(*args: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "bridge", "pki", "--dir", str(directory), *args],
+            check=True, capture_output=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        )
+
+    pki("init")
+    pki("issue-pool", "sidecar", "--ip", sidecar_ip)
+    pki("issue-miner", "farm1", "--account", "alice")
+    files = {
+        "cert": directory / "pools" / "sidecar.pem",
+        "key": directory / "pools" / "sidecar.key",
+        "ca": directory / "ca.pem",
+        "revocations": directory / "revocations.pem",
+        "bundle": directory / "miners" / "farm1.bundle.pem",
+    }
+    for name, path in files.items():
+        assert path.exists(), f"stratumrm pki did not write the {name} file {path}"
+    return files
+
+
+def require(netns_reason: str | None, *programs: str) -> None:
+    reason = netns_reason or missing(*programs)
+    if reason:
+        pytest.skip(reason)
