@@ -420,7 +420,7 @@ def sidecar(
             "sidecar": _to_builtins(server.statistics()),
             "udp_bytes_sent": sum(s.udp_bytes_sent for s in sessions),
             "udp_bytes_received": sum(s.udp_bytes_received for s in sessions),
-            "udp_datagrams_sent": sum(s.probe_acks_sent for s in sessions),
+            "udp_datagrams_sent": sum(s.udp_datagrams_sent for s in sessions),
             "results_lines": sum(s.results_lines for s in sessions),
             "job_lines": sum(s.jobs_announced for s in sessions),
             "notify_lines": sum(s.notify_lines for s in sessions),

@@ -898,14 +898,14 @@ class _ProxyConnection:
                     if data:
                         await self._send_control(data)
                 return
-            if data and not await self._send_control(data):
-                continue  # the session now knows the connection is lost
-            if datagrams and udp_socket is not None:
+            if datagrams and udp_socket is not None:  # verdicts first: they are what the rigs wait for
                 for datagram in datagrams:
                     try:
                         await udp_socket.sendto(datagram.data, datagram.address)
                     except OSError as exc:
                         log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
+            if data and not await self._send_control(data):
+                continue  # the session now knows the connection is lost
             deadline = session.next_deadline()
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._wake.wait()

@@ -32,7 +32,7 @@ MAX_CONTROL_LINE = 256 * 1024
 MAX_RESULTS_PER_LINE = 2048
 MAX_CHANNELS_PER_NOTIFY = 4096
 
-FEATURES = ("udp-shares", "job-dedup", "batch-verdicts", "pool-status")
+FEATURES = ("udp-shares", "udp-v2", "job-dedup", "batch-verdicts", "pool-status")
 
 
 # ----------------------------------------------------------------- rm params
