@@ -1256,7 +1256,7 @@ class SidecarSession:
             ranges.append(AckRange(high, low))
             for start in range(0, len(ranges), ACK_MAX_RANGES):
                 group = tuple(ranges[start : start + ACK_MAX_RANGES])
-                delay = max(0, int((now - pns[group[0].high]) * 1e6))
+                delay = max(0, round((now - pns[group[0].high]) * 1e6))
                 ack = Ack(ranges=group, ack_delay_us=min(delay, 0xFFFF_FFFF))
                 address = intake.receiver.send_to(self, OVERHEAD + 5 + 12 * len(group))
                 if address is None:
