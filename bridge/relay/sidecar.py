@@ -220,7 +220,7 @@ DEFAULT_BATCH_WINDOW: Final = 0.002
 DEFAULT_MAX_ACK_DELAY: Final = 0.005
 #: Share datagrams waiting for an acknowledgement after which an ACK goes out at once.
 MAX_UNACKED: Final = 256
-_VERDICT_ROOM: Final = MAX_DATAGRAM_SIZE - OVERHEAD - 1
+_VERDICT_ROOM: Final = MAX_DATAGRAM_SIZE - OVERHEAD
 #: Shares remembered per session for duplicate detection (LRU).
 DEFAULT_SHARE_CACHE: Final = 65536
 DEFAULT_MAX_CHANNELS: Final = 4096

@@ -43,7 +43,7 @@ Bodies (the plaintext, by type):
     of waiting on pool latency. The sidecar sends one only when no VERDICT named
     the packet within the ack delay (about 5 ms): a verdict acknowledges too.
 ``VERDICT`` (6, sidecar to proxy only)
-    ``count`` (u8, 1..64) then ``count`` entries: ``pn`` (u48) of the share
+    1..64 entries back to back, up to the end of the plaintext: ``pn`` (u48) of the share
     datagram, then one byte: bits 0..5 the share's index in it, bit 6 DETAIL, bit
     7 reserved (0). Without DETAIL the pool accepted the share plainly
     (``result: true, error: null``); with DETAIL a ``u16`` length and that many
@@ -384,7 +384,7 @@ MIN_BODY_SIZE: Final[dict[int, int]] = {
     DatagramType.PROBE: 4,
     DatagramType.PROBE_ACK: 4,
     DatagramType.ACK: _ACK_HEAD.size + _ACK_RANGE.size,
-    DatagramType.VERDICT: 1 + _VERDICT_PN.size,
+    DatagramType.VERDICT: _VERDICT_PN.size,
 }
 
 
@@ -598,7 +598,7 @@ def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> b
     count = len(entries)
     if not 1 <= count <= VERDICT_MAX_ENTRIES:
         raise DatagramEncodeError(f"a VERDICT holds 1..{VERDICT_MAX_ENTRIES} entries, not {count}")
-    out = bytearray((count,))
+    out = bytearray()
     pack = _VERDICT_PN.pack
     for entry in entries:
         pn, index, detail = entry.pn, entry.index, entry.detail
@@ -615,15 +615,14 @@ def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> b
 
 
 def _decode_verdicts(data: bytes) -> Verdicts:
-    if not data:
-        raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT count missing")
-    count = data[0]
-    if not 1 <= count <= VERDICT_MAX_ENTRIES:
-        raise DatagramDecodeError(DropReason.MALFORMED, f"VERDICT count {count}")
     entries = []
-    offset = 1
+    offset = 0
     end = len(data)
-    for _ in range(count):
+    if not end:
+        raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT without entries")
+    while offset < end:
+        if len(entries) == VERDICT_MAX_ENTRIES:
+            raise DatagramDecodeError(DropReason.MALFORMED, f"more than {VERDICT_MAX_ENTRIES} VERDICT entries")
         if offset + _VERDICT_PN.size > end:
             raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT entry truncated")
         high, low, flags = _VERDICT_PN.unpack_from(data, offset)
@@ -641,6 +640,4 @@ def _decode_verdicts(data: bytes) -> Verdicts:
             detail = bytes(data[offset : offset + length])
             offset += length
         entries.append(VerdictEntry(pn=high << 32 | low, index=flags & _VERDICT_INDEX, detail=detail))
-    if offset != end:
-        raise DatagramDecodeError(DropReason.MALFORMED, "bytes after the last VERDICT entry")
     return Verdicts(entries=tuple(entries))

@@ -492,10 +492,10 @@ def test_a_udp_share_is_rebuilt_forwarded_at_once_and_its_verdict_sent_at_once()
     assert submit["params"] == ["alice.rig1", "j1", "0000002a", "6554a2c1", "b2957c02", "00c00000"]
     assert harness.session.next_deadline() == pytest.approx(harness.now + 0.005)  # the ACK, unless a verdict comes
     harness.pool(3, {"id": submit["id"], "result": True, "error": None})
-    # One 40-byte VERDICT datagram, no waiting for company, no ACK (the verdict acknowledges).
+    # One 39-byte VERDICT datagram, no waiting for company, no ACK (the verdict acknowledges).
     assert harness.results() == [[0, 0, 0, 1]]
     [(data, address)] = harness.datagrams
-    assert len(data) == 40 and address == RIG
+    assert len(data) == 39 and address == RIG
     assert harness.session.next_deadline() > harness.now + 0.005
     harness.advance(0.01)
     assert len(harness.datagrams) == 1 and harness.tls_results() == []

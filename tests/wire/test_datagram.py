@@ -221,23 +221,22 @@ def test_verdict_round_trip_and_sizes() -> None:
     detail = b'{"result":false,"error":[23,"Low difficulty share",null]}'
     body = Verdicts(entries=(VerdictEntry(pn=(1 << 48) - 1, index=31), VerdictEntry(pn=5, index=0, detail=detail)))
     plaintext = encode_body(body)
-    assert len(plaintext) == 1 + verdict_entry_size(None) + verdict_entry_size(detail) == 1 + 7 + 9 + len(detail)
+    assert len(plaintext) == verdict_entry_size(None) + verdict_entry_size(detail) == 7 + 9 + len(detail)
     assert decode_body(DatagramType.VERDICT, plaintext) == body
-    # A lone plain accept: 8 plaintext bytes, a 40-byte datagram.
-    assert len(encode_body(Verdicts((VerdictEntry(7),)))) == 8
+    # A lone plain accept: 7 plaintext bytes, a 39-byte datagram.
+    assert len(encode_body(Verdicts((VerdictEntry(7),)))) == 7
 
 
 @pytest.mark.parametrize(
     ("plaintext", "why"),
     [
-        ("", "count missing"),
-        ("00", "count 0"),
-        ("41" + "00000000000100" * 65, "count over 64"),
-        ("01000000000001", "entry truncated"),
-        ("0100000000000180", "reserved flag"),
-        ("010000000000014000", "detail length truncated"),
-        ("01000000000001400005aa", "detail truncated"),
-        ("0100000000000100ff", "trailing byte"),
+        ("", "no entries"),
+        ("00000000000100" * 65, "over 64 entries"),
+        ("000000000001", "entry truncated"),
+        ("00000000000180", "reserved flag"),
+        ("0000000000014000", "detail length truncated"),
+        ("000000000001400005aa", "detail truncated"),
+        ("00000000000100ff", "trailing byte"),
     ],
 )
 def test_verdict_malformed(plaintext: str, why: str) -> None:

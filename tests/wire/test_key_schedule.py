@@ -190,17 +190,15 @@ VECTOR_ACK_DATAGRAM = (
     "7695def428e62944645ba85e"
 )
 VECTOR_VERDICT_DETAIL = b'{"result":null,"error":[21,"Job not found",null]}'
-VECTOR_VERDICT_PLAINTEXT = (
-    "02" "00000000002a00" "00000000002b41" "0031" + VECTOR_VERDICT_DETAIL.hex()
-)
+VECTOR_VERDICT_PLAINTEXT = "00000000002a00" "00000000002b41" "0031" + VECTOR_VERDICT_DETAIL.hex()
 VECTOR_VERDICT_DATAGRAM = (
     "26010123456789abcdef000000000008"
-    "83154225245b81e3ff55bba03323d80fe9204cbf9aa41cdd2270f002c7f2bd4c9445825ab9f665cef684d6f8db324b77e0e53be6"
-    "fd4b352f88b6100e980bc2dadc5cec22"
-    "caa2321d70107bceb4454a80d81f"
+    "811542252471abe3ff55bba01849993ea3791ca88ca205c57468a419def2fd42d3528247a4a67daf9f87cbf6b3174635aee420"
+    "b2bb422f3482f01e4c8312c2ebfcd6a2"
+    "27c479f892817d83713992edb1a0"
 )
 VECTOR_LONE_VERDICT_DATAGRAM = (
-    "26010123456789abcdef000000000008" "80154225245b81e3" "cffc6dae5ec336e68e6108e0e230aaf9"
+    "26010123456789abcdef000000000008" "811542252471ab" "905de996d21a54db83958f3a4a8e47dd"
 )
 
 
@@ -245,4 +243,4 @@ def test_known_answer_vector() -> None:
     verdict_sealer = Sealer(conn_id=VECTOR_CONN_ID, epoch=1, key=key_s2p, first_pn=8)
     assert verdict_sealer.seal(verdicts).data.hex() == VECTOR_VERDICT_DATAGRAM
     lone = Sealer(conn_id=VECTOR_CONN_ID, epoch=1, key=key_s2p, first_pn=8).seal(Verdicts((VerdictEntry(0x2A),)))
-    assert lone.data.hex() == VECTOR_LONE_VERDICT_DATAGRAM and len(lone.data) == 40
+    assert lone.data.hex() == VECTOR_LONE_VERDICT_DATAGRAM and len(lone.data) == 39
