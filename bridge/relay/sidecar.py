@@ -218,6 +218,9 @@ DEFAULT_BATCH_WINDOW: Final = 0.002
 #: How long a received share datagram may wait for a VERDICT to acknowledge it before
 #: an ACK datagram is sent instead (PROTOCOL.md §2.6; QUIC's max_ack_delay).
 DEFAULT_MAX_ACK_DELAY: Final = 0.005
+#: Bytes the sidecar may send to a learned address per authenticated byte received from it
+#: (PROTOCOL.md §7): a share datagram whose pool is slow gets an ACK and then its VERDICT.
+AMPLIFICATION_FACTOR: Final = 2.0
 #: Share datagrams waiting for an acknowledgement after which an ACK goes out at once.
 MAX_UNACKED: Final = 256
 _VERDICT_ROOM: Final = MAX_DATAGRAM_SIZE - OVERHEAD
@@ -390,6 +393,7 @@ class SidecarIntake:
             grace=grace,
             stranger_rate=stranger_rate,
             stranger_burst=stranger_burst,
+            amplification_factor=AMPLIFICATION_FACTOR,
         )
 
     def receive(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
