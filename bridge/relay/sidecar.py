@@ -180,9 +180,7 @@ from bridge.wire.datagram import (
     ProbeAck,
     Share,
     ShareBatch,
-    VerdictEntry,
-    encode_verdicts,
-    verdict_entry_size,
+    pack_verdict_entry,
 )
 from bridge.wire.keys import KeyExhausted, KeyMaterial, KeySet, Role, Sealer
 from bridge.wire.limits import Address
@@ -1178,24 +1176,24 @@ class SidecarSession:
             sealer = self._sealers.get(epoch)
             unacked = self._unacked.get(epoch)
             start = 0
-            while start < len(items):
-                entries: list[VerdictEntry] = []
+            count = len(items)
+            while start < count:
+                pieces: list[bytes] = []
                 room = _VERDICT_ROOM
                 end = start
-                while end < len(items) and len(entries) < VERDICT_MAX_ENTRIES:
+                while end < count and end - start < VERDICT_MAX_ENTRIES:
                     pn, index, verdict = items[end]
-                    detail = None if type(verdict) is int else _encode(verdict)
-                    size = verdict_entry_size(detail)
-                    if size > room and entries:
+                    piece = pack_verdict_entry(pn, index, None if type(verdict) is int else _encode(verdict))
+                    if len(piece) > room and pieces:
                         break
-                    room -= size
-                    entries.append(VerdictEntry(pn, index, detail))
+                    room -= len(piece)
+                    pieces.append(piece)
                     end += 1
                 chunk = items[start:end]
                 start = end
                 sent = False
                 if sealer is not None and intake is not None and room >= 0:
-                    plaintext = encode_verdicts(entries)
+                    plaintext = b"".join(pieces)
                     address = intake.receiver.send_to(self, OVERHEAD + len(plaintext))
                     if address is None:
                         self._verdicts_over_budget += len(chunk)

@@ -125,6 +125,7 @@ __all__ = [
     "encode_body",
     "encode_verdicts",
     "pack_header",
+    "pack_verdict_entry",
     "parse_header",
     "verdict_entry_size",
 ]
@@ -591,6 +592,13 @@ def decode_body(dtype: int, data: bytes) -> Body:
 def verdict_entry_size(detail: bytes | None) -> int:
     """Bytes one VERDICT entry takes: 7 for a plain accept, 9 + the detail otherwise."""
     return _VERDICT_PN.size if detail is None else _VERDICT_PN.size + 2 + len(detail)
+
+
+def pack_verdict_entry(pn: int, index: int, detail: bytes | None = None) -> bytes:
+    """One VERDICT entry, for the send path (``pn`` a u48, ``index`` 0..63, a detail under 64 KiB)."""
+    if detail is None:
+        return _VERDICT_PN.pack(pn >> 32, pn & _U32, index)
+    return _VERDICT_PN.pack(pn >> 32, pn & _U32, index | _VERDICT_DETAIL) + _U16_ONE.pack(len(detail)) + detail
 
 
 def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> bytes:
