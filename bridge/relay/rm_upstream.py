@@ -375,8 +375,9 @@ class StratumRMConnection:
 
     def datagrams_to_send(self) -> list[bytes]:
         """Seal queued share records (batched) and probes; the driver sends them to the UDP peer."""
-        if self._queued_records or self._urgent_records:
+        if self._urgent_records:
             self._seal_records(self._urgent_records, urgent=True)
+        if self._queued_records:
             self._seal_records(self._queued_records, urgent=False)
         datagrams, self._datagrams = self._datagrams, []
         self._datagrams_sent += len(datagrams)
