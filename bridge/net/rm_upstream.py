@@ -36,6 +36,7 @@ from bridge import __version__
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.net.tcp import close_quietly, describe_error, tune_stream
+from bridge.net.udp import receive_datagrams, tune_udp
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
 
@@ -261,6 +262,7 @@ class StratumRMLink:
         info = await trio.socket.getaddrinfo(host, hello.udp_port, type=socket.SOCK_DGRAM)
         family, _, _, _, address = info[0]
         udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        tune_udp(udp)
         await udp.connect(address)
         self._udp = udp
         nursery.start_soon(self._read_udp, connection, udp)
@@ -292,15 +294,14 @@ class StratumRMLink:
         self._stepped()
 
     async def _read_udp(self, connection: StratumRMConnection, udp) -> None:
-        while True:
-            try:
-                data, address = await udp.recvfrom(2048)
-            except OSError as exc:  # ICMP port unreachable and friends: UDP looks blocked
-                log.debug("UDP receive error: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            connection.receive_datagram(data, address, trio.current_time())
-            self._deliver()
+        def on_datagram(data: bytes, address: object, now: float) -> StratumRMConnection:
+            connection.receive_datagram(data, address, now)
+            return connection
+
+        def after_batch(_touched: set) -> None:
+            self._deliver()  # once per batch: waking the rigs is the costly part
+
+        await receive_datagrams(udp, on_datagram, 2048, after_batch)
 
     async def _write(self, connection: StratumRMConnection, stream, scope: trio.CancelScope) -> None:
         while True:
@@ -309,7 +310,7 @@ class StratumRMLink:
             if self.batch_window and connection._queued_records:
                 await trio.sleep(self.batch_window)
             data = connection.data_to_send()
-            datagrams = connection.datagrams_to_send()
+            datagrams = connection.datagrams_to_send(trio.current_time())
             if datagrams and self._udp is not None:
                 for datagram in datagrams:
                     try:

@@ -95,7 +95,7 @@ from bridge.net.tcp import (
     peer_name,
     tune_stream,
 )
-from bridge.net.udp import receive_datagrams
+from bridge.net.udp import receive_datagrams, tune_udp
 from bridge.pki.identity import DEFAULT_CLOCK_SKEW_LEEWAY, CertificateIdentity, CertificateRefused
 from bridge.pki.revocation import RevocationList, RevocationStatus
 from bridge.pki.rotation import (
@@ -401,6 +401,7 @@ class SidecarServer:
 
     async def _receive_datagrams(self, udp_socket: trio.socket.SocketType) -> None:
         connections = self._connections
+        tune_udp(udp_socket)
 
         def after_batch(sessions: set[Any]) -> None:
             for session in sessions:

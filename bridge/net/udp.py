@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["receive_datagrams"]
+__all__ = ["BUFFER_SIZE", "receive_datagrams", "tune_udp"]
 
 
 async def receive_datagrams(
@@ -64,3 +64,20 @@ async def receive_datagrams(
                 after_batch(touched)
     finally:
         raw.close()
+
+
+#: Bytes asked for each direction's kernel buffer (the kernel may cap it, net.core.rmem_max).
+BUFFER_SIZE = 4 * 1024 * 1024
+
+
+def tune_udp(sock: Any) -> None:
+    """Ask for :data:`BUFFER_SIZE` receive and send buffers (best effort).
+
+    A burst of datagrams (a pool answering a batch of shares, many rigs at once) then
+    waits in the kernel instead of being dropped while the event loop serves others.
+    """
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
+        except OSError:
+            pass

@@ -373,8 +373,14 @@ class StratumRMConnection:
         self._last_sent = self._now
         return data
 
-    def datagrams_to_send(self) -> list[bytes]:
-        """Seal queued share records (batched) and probes; the driver sends them to the UDP peer."""
+    def datagrams_to_send(self, now: float | None = None) -> list[bytes]:
+        """Seal queued share records (batched) and probes; the driver sends them to the UDP peer.
+
+        ``now`` is when they go out: their retransmission deadlines and RTT samples
+        count from it (without it, from the last input this connection saw).
+        """
+        if now is not None:
+            self._now = now
         if self._urgent_records:
             self._seal_records(self._urgent_records, urgent=True)
         if self._queued_records:
