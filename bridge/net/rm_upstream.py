@@ -36,7 +36,7 @@ from bridge import __version__
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.net.tcp import close_quietly, describe_error, tune_stream
-from bridge.net.udp import receive_datagrams, tune_udp
+from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
 
@@ -104,6 +104,7 @@ class StratumRMLink:
         self._handles: dict[int, RMUpstreamHandle] = {}
         self._stream: trio.abc.Stream | None = None
         self._udp: trio.socket.SocketType | None = None
+        self._udp_sender: DatagramSender | None = None
         self._ready = trio.Event()
         self._connecting = False
         self._kick = trio.Event()
@@ -209,6 +210,9 @@ class StratumRMLink:
             self._connecting = False
             self._ready.set()
             await close_quietly(stream)
+            if self._udp_sender is not None:
+                self._udp_sender.close()
+                self._udp_sender = None
             if self._udp is not None:
                 self._udp.close()
                 self._udp = None
@@ -265,6 +269,7 @@ class StratumRMLink:
         tune_udp(udp)
         await udp.connect(address)
         self._udp = udp
+        self._udp_sender = DatagramSender(udp)
         nursery.start_soon(self._read_udp, connection, udp)
         connection.probe(trio.current_time())  # keys may have come before the socket
         self.kick()
@@ -311,10 +316,11 @@ class StratumRMLink:
                 await trio.sleep(self.batch_window)
             data = connection.data_to_send()
             datagrams = connection.datagrams_to_send(trio.current_time())
-            if datagrams and self._udp is not None:
-                for datagram in datagrams:
+            sender = self._udp_sender
+            if datagrams and sender is not None:
+                for datagram in datagrams:  # never waits: a full buffer drops, as a network would
                     try:
-                        await self._udp.send(datagram)
+                        sender.send(datagram)
                     except OSError as exc:
                         log.debug("UDP send error: %s", exc)
             if data:

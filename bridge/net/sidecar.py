@@ -301,6 +301,7 @@ class SidecarServer:
         self.port: int | None = None
         self.udp_port: int | None = None
         self._udp_socket: trio.socket.SocketType | None = None
+        self._udp_sender: DatagramSender | None = None
         self._connections: dict[SidecarSession, _ProxyConnection] = {}
         self._sessions_total = 0
         self._handshakes_full = 0
@@ -338,6 +339,7 @@ class SidecarServer:
         self.port = listeners[0].socket.getsockname()[1]
         if udp_socket is not None:
             self._udp_socket = udp_socket
+            self._udp_sender = DatagramSender(udp_socket)
             self.udp_port = udp_socket.getsockname()[1]
         log.info(
             "sidecar listening on %s:%d (TLS control%s), pool %s",
@@ -409,7 +411,12 @@ class SidecarServer:
                 if connection is not None:
                     connection.step()
 
-        await receive_datagrams(udp_socket, self.intake.receive, DATAGRAM_RECEIVE_SIZE, after_batch)
+        try:
+            await receive_datagrams(udp_socket, self.intake.receive, DATAGRAM_RECEIVE_SIZE, after_batch)
+        finally:
+            if self._udp_sender is not None:
+                self._udp_sender.close()
+                self._udp_sender = None
 
     async def _housekeeping(self) -> None:
         while True:
@@ -899,10 +906,11 @@ class _ProxyConnection:
                     if data:
                         await self._send_control(data)
                 return
-            if datagrams and udp_socket is not None:  # verdicts first: they are what the rigs wait for
-                for datagram in datagrams:
+            sender = self.server._udp_sender
+            if datagrams and sender is not None:  # verdicts first: they are what the rigs wait for
+                for datagram in datagrams:  # never waits: a full buffer drops, as a network would
                     try:
-                        await udp_socket.sendto(datagram.data, datagram.address)
+                        sender.send(datagram.data, datagram.address)
                     except OSError as exc:
                         log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
             if data and not await self._send_control(data):

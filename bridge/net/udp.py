@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["BUFFER_SIZE", "receive_datagrams", "tune_udp"]
+__all__ = ["BUFFER_SIZE", "DatagramSender", "receive_datagrams", "tune_udp"]
 
 
 async def receive_datagrams(
@@ -81,3 +81,38 @@ def tune_udp(sock: Any) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
         except OSError:
             pass
+
+
+class DatagramSender:
+    """Sends on one trio UDP socket that never wait (through a duplicate of its descriptor).
+
+    A datagram the kernel cannot take right now (the send buffer is full: on loopback
+    a datagram stays charged to it until the peer reads it) is dropped and counted,
+    as the network would drop it; the data channel's retransmission recovers it.
+    Waiting instead would hold up whatever else the sending task writes, the control
+    connection included.
+    """
+
+    def __init__(self, udp_socket: trio.socket.SocketType) -> None:
+        self._raw = socket.socket(fileno=os.dup(udp_socket.fileno()))
+        self._raw.setblocking(False)
+        self.dropped = 0
+        """Datagrams the kernel had no room for (not sent)."""
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def send(self, data: bytes, address: Any = None) -> bool:
+        """Send ``data`` (to ``address`` unless the socket is connected); False if it was dropped.
+
+        ``OSError`` other than a full buffer (e.g. an ICMP error reported now) is raised.
+        """
+        try:
+            if address is None:
+                self._raw.send(data)
+            else:
+                self._raw.sendto(data, address)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1
+            return False
+        return True
