@@ -95,7 +95,7 @@ from bridge.net.tcp import (
     peer_name,
     tune_stream,
 )
-from bridge.net.udp import receive_datagrams, tune_udp
+from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
 from bridge.pki.identity import DEFAULT_CLOCK_SKEW_LEEWAY, CertificateIdentity, CertificateRefused
 from bridge.pki.revocation import RevocationList, RevocationStatus
 from bridge.pki.rotation import (
