@@ -235,16 +235,15 @@ def demo(duration, miners, difficulty, hashrate, loss, verbose) -> None:
 
 def _register_optional() -> None:
     """Commands that live next to the code they run."""
-    from bridge.testing.commands import testpool
-    from bridge.testing.miner_command import testminer
-
     from bridge.bench.command import bench
-    from bridge.net.ping_command import ping
     from bridge.config_command import config
+    from bridge.net.ping_command import ping
     from bridge.net.sidecar_command import sidecar
     from bridge.pki.commands import pki
     from bridge.pki.enroll_commands import enroll_command
     from bridge.status_command import status
+    from bridge.testing.commands import testpool
+    from bridge.testing.miner_command import testminer
 
     cli.add_command(testpool)
     cli.add_command(testminer)

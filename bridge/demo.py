@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 import trio
-
-import tempfile
-from pathlib import Path
 
 from bridge.net.miner_proxy import MinerProxy
 from bridge.testing.chain import Chain, start_chain

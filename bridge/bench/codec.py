@@ -21,7 +21,13 @@ import msgspec
 
 from bridge.sv1.client import ClientSession
 from bridge.sv1.framing import BoundedDecoder
-from bridge.sv1.messages import MinerRequest, Notify, OutgoingRequest, PoolRequest, params_list
+from bridge.sv1.messages import (
+    MinerRequest,
+    Notify,
+    OutgoingRequest,
+    PoolRequest,
+    params_list,
+)
 from bridge.sv1.server import ServerSession
 
 SUBMIT_LINE = (

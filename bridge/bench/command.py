@@ -148,6 +148,9 @@ def codec_command(iterations: int, repeats: int) -> None:
 @click.option("--step-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds per throughput step [default: 2].")
 @click.option("--max-rate", type=click.FloatRange(min=100), default=None, help="Highest rate offered [default: 80000].")
 @click.option("--loss", "lossy_percent", type=click.FloatRange(0, 100), default=None, help="UDP loss (percent, each way) of the lossy StratumRM run; 0 skips it [default: 2].")
+@click.option("--lone-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds of the lone-share closed loop [default: 5].")
+@click.option("--closed-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds of the rigs x 4 in flight closed loop [default: 3].")
+@click.option("--search/--no-search", default=None, help="Also search the highest open-loop rate with zero loss [default: on].")
 def transport_command(
     quick: bool, runs: int | None, keep_logs: Path | None, verbose_logs: bool, profile: bool, **overrides: Any
 ) -> None:

@@ -82,7 +82,7 @@ class FarmSettings:
 
     runs: int = 3
     miners: int = 500
-    share_interval: float = 5.0
+    share_interval: float = 10.0
     job_interval: float = 30.0
     block_interval: float = 600.0
     time_scale: float = 10.0

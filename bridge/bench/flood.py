@@ -45,7 +45,13 @@ from bridge.mining.share import Job
 from bridge.pki.tls import client_context_from_bundle, make_test_pki
 from bridge.sv1.framing import LineBuffer
 from bridge.wire.control import MAX_CONTROL_LINE
-from bridge.wire.datagram import DatagramType, Share, pack_header
+from bridge.wire.datagram import (
+    DatagramDecodeError,
+    DatagramType,
+    Share,
+    decode_body,
+    pack_header,
+)
 from bridge.wire.keys import KeyMaterial, KeySet, Role
 
 KINDS = ("random bytes", "unknown conn_id", "bad tag", "replay")
@@ -101,8 +107,29 @@ class HonestProxy:
         await udp.bind((HOST, 0))
         proxy = cls(stream, udp, (HOST, udp_port))
         nursery.start_soon(proxy._read)
+        nursery.start_soon(proxy._read_udp)
         nursery.start_soon(proxy._heartbeat)
         return proxy
+
+    async def _read_udp(self) -> None:
+        """VERDICT datagrams (data channel v2), shown to :meth:`share` as the verdicts they carry."""
+        try:
+            while True:
+                data, _address = await self.udp.recvfrom(2048)
+                keys = self.keys
+                if keys is None or data[0] & 0x0F != DatagramType.VERDICT:
+                    continue  # ACKs and probe answers: nothing to wait for
+                plaintext = keys.opener.open(data)
+                if plaintext is None:
+                    continue
+                try:
+                    entries = decode_body(DatagramType.VERDICT, plaintext).entries
+                except DatagramDecodeError:
+                    continue
+                self.inbox.append({"method": "rm.results", "params": {"v": [[0, e.pn, e.index, 1] for e in entries]}})
+                self.arrived.set()
+        except (trio.ClosedResourceError, OSError):
+            pass
 
     async def _heartbeat(self) -> None:
         """rm.ping every second: the sidecar closes a proxy that sends no line for dead_after (C8)."""
@@ -150,7 +177,7 @@ class HonestProxy:
         return None
 
     async def start(self) -> None:
-        await self.send({"id": 1, "method": "rm.hello", "params": {"version": 1, "features": ["udp-shares", "job-dedup"], "agent": "bench-flood"}})
+        await self.send({"id": 1, "method": "rm.hello", "params": {"version": 1, "features": ["udp-shares", "udp-v2", "job-dedup"], "agent": "bench-flood"}})
         hello = await self.wait_for(lambda m: m.get("id") == 1 and "result" in m, 30.0)
         if hello is None or not hello.get("result") or hello["result"].get("udp_port") is None:
             raise BenchError(f"the sidecar did not offer UDP: {hello}")

@@ -104,6 +104,11 @@ class SyntheticMiner:
         self.recording = False
         self.round_trips: list[float] = []
         self.send_times: dict[int, float] = {}
+        self.verdict_times: dict[int, float] = {}
+        self._serial_of: dict[int, int] = {}
+        #: Closed loop: keep this many shares in flight (a new one per verdict); 0 = off.
+        self.in_flight = 0
+        self.serials: Iterator[int] | None = None
         self._en2_width = 0
         self._out.append(
             b'{"id": 0, "method": "mining.subscribe", "params": ["' + CGMINER_USER_AGENT.encode() + b'"]}\n'
@@ -141,9 +146,11 @@ class SyntheticMiner:
         pending = self.pending
         if self.recording:
             send_times = self.send_times
+            serial_of = self._serial_of
             for request_id, serial in self._unstamped:
                 pending[request_id] = now
                 send_times[serial] = now
+                serial_of[request_id] = serial
         else:
             for request_id, _ in self._unstamped:
                 pending[request_id] = now
@@ -182,6 +189,11 @@ class SyntheticMiner:
                 self.reject_reasons[bytes(line.error).decode(errors="replace")[:80]] += 1
             if self.recording:
                 self.round_trips.append(now - sent_at)
+                serial = self._serial_of.pop(request_id, None)
+                if serial is not None:
+                    self.verdict_times[serial] = now
+            if self.in_flight and self.serials is not None and len(self.pending) + len(self._unstamped) < self.in_flight:
+                self.submit(next(self.serials))
         elif request_id == _SUBSCRIBE_ID:
             self._subscribed(line)
         elif request_id == _AUTHORIZE_ID:
@@ -275,6 +287,7 @@ class Recording:
 
     round_trips: list[float] = field(default_factory=list)
     send_times: dict[int, float] = field(default_factory=dict)
+    verdict_times: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -364,6 +377,29 @@ class LoadGenerator:
                 await trio.sleep(max(0.0, start + sent / rate - time.monotonic()))
         return OfferResult(rate, sent, time.monotonic() - start)
 
+    async def closed_loop(self, in_flight: int, seconds: float, connections: list[LoadConnection]) -> OfferResult:
+        """Keep ``in_flight`` shares outstanding on every connection for ``seconds``.
+
+        Each verdict sends the next share at once (a rig that always has work), so the
+        rate is whatever the path sustains; one connection with one in flight is a
+        lone share in a closed loop. The shares still out at the end are left to
+        :meth:`settle`.
+        """
+        start = time.monotonic()
+        before = sum(c.miner.submitted for c in connections)
+        for connection in connections:
+            miner = connection.miner
+            miner.serials = self.serials
+            miner.in_flight = in_flight
+            for _ in range(max(0, in_flight - len(miner.pending))):
+                miner.submit(next(self.serials))
+            await connection.flush()
+        await trio.sleep(seconds)
+        for connection in connections:
+            connection.miner.in_flight = 0
+        sent = sum(c.miner.submitted for c in connections) - before
+        return OfferResult(sent / seconds if seconds > 0 else 0.0, sent, time.monotonic() - start)
+
     async def settle(self, timeout: float) -> bool:
         """Wait until every submitted share has its verdict; False if some are still out after ``timeout``."""
         with trio.move_on_after(timeout):
@@ -395,6 +431,8 @@ class LoadGenerator:
             miner = connection.miner
             miner.round_trips = []
             miner.send_times = {}
+            miner.verdict_times = {}
+            miner._serial_of = {}
             miner.recording = True
 
     def stop_recording(self, connections: list[LoadConnection] | None = None) -> Recording:
@@ -404,8 +442,11 @@ class LoadGenerator:
             miner.recording = False
             recording.round_trips.extend(miner.round_trips)
             recording.send_times.update(miner.send_times)
+            recording.verdict_times.update(miner.verdict_times)
             miner.round_trips = []
             miner.send_times = {}
+            miner.verdict_times = {}
+            miner._serial_of = {}
         return recording
 
     async def wait_for_new_job(self, connections: list[LoadConnection], seen: dict[str, int], timeout: float) -> bool:

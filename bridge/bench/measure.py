@@ -221,6 +221,22 @@ class TcpLinkMeter:
         return total
 
 
+def udp_out_datagrams() -> int:
+    """UDP datagrams the host sent (all sockets): ``OutDatagrams`` of /proc/net/snmp, 0 if missing.
+
+    Other programs can only raise it, so over a window it is an upper bound for a
+    link's own count (the benchmark's cross-check of its datagram counters).
+    """
+    try:
+        with open("/proc/net/snmp") as handle:
+            lines = [line.split() for line in handle if line.startswith("Udp:")]
+    except OSError:
+        return 0
+    if len(lines) < 2 or "OutDatagrams" not in lines[0]:
+        return 0
+    return int(lines[1][lines[0].index("OutDatagrams")])
+
+
 def udp_receive_buffer_errors() -> int:
     """Datagrams the host dropped because a socket's receive buffer was full (all sockets).
 

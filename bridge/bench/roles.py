@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import cProfile
 import functools
+import math
 import os
 import ssl
 import subprocess
@@ -201,13 +202,29 @@ class TimestampingPool(ReferencePool):
     def __init__(self, config: PoolConfig) -> None:
         super().__init__(config)
         self.receipts: dict[int, float] | None = None
+        #: Seconds every verdict is held back (a slow pool); 0 answers at once.
+        self.delay = 0.0
+        self._delayed_send, self._delayed = trio.open_memory_channel(math.inf)
 
     def _submit(self, connection: PoolConnection, submit: Submit) -> None:
         receipts = self.receipts
+        now = time.monotonic()
         if receipts is not None:
             nonce = submit.params.nonce
-            receipts[nonce if isinstance(nonce, int) else int(nonce, 16)] = time.monotonic()
+            receipts[nonce if isinstance(nonce, int) else int(nonce, 16)] = now
+        if self.delay > 0:
+            self._delayed_send.send_nowait((now + self.delay, connection, submit))
+            return
         super()._submit(connection, submit)
+
+    async def answer_late(self) -> None:
+        """Judge the held-back submits when they are due (run in the pool's nursery)."""
+        async for due, connection, submit in self._delayed:
+            wait = due - time.monotonic()
+            if wait > 0:
+                await trio.sleep(wait)
+            super()._submit(connection, submit)
+            connection.wake()
 
 
 Handler = Callable[[dict[str, Any]], Any]
@@ -315,8 +332,13 @@ def pool(
     def stats(_message: dict[str, Any]) -> Any:
         return _to_builtins(reference_pool.statistics())
 
+    def delay(message: dict[str, Any]) -> float:
+        reference_pool.delay = float(message.get("seconds", 0.0))
+        return reference_pool.delay
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(reference_pool.answer_late)
             ports: dict[str, int] = {}
             for name in listeners:
                 ports[name] = await nursery.start(reference_pool.serve, HOST, 0)
@@ -324,7 +346,7 @@ def pool(
                 ports[name] = await nursery.start(
                     functools.partial(reference_pool.serve, HOST, 0, ssl_context=tls_context)
                 )
-            handlers = {"stats": stats, "record": record, "receipts": receipts, "new_block": new_block}
+            handlers = {"stats": stats, "record": record, "receipts": receipts, "new_block": new_block, "delay": delay}
             await _serve_commands(handlers, {"ports": ports})
             nursery.cancel_scope.cancel()
 
@@ -419,7 +441,7 @@ def sidecar(
             "sidecar": _to_builtins(server.statistics()),
             "udp_bytes_sent": sum(s.udp_bytes_sent for s in sessions),
             "udp_bytes_received": sum(s.udp_bytes_received for s in sessions),
-            "udp_datagrams_sent": sum(s.probe_acks_sent for s in sessions),
+            "udp_datagrams_sent": sum(s.udp_datagrams_sent for s in sessions),
             "results_lines": sum(s.results_lines for s in sessions),
             "job_lines": sum(s.jobs_announced for s in sessions),
             "notify_lines": sum(s.notify_lines for s in sessions),
@@ -438,12 +460,13 @@ def sidecar(
 @click.option("--port", type=int, required=True, help="UDP port to listen on.")
 @click.option("--target-port", type=int, required=True, help="UDP port to relay to (on 127.0.0.1).")
 @click.option("--loss", type=float, required=True, help="Percent of datagrams dropped, each direction.")
+@click.option("--delay-ms", type=float, default=0.0, show_default=True, help="Delay of every datagram, each direction.")
 @click.option("--seed", type=int, default=None)
-def lossy_link(port: int, target_port: int, loss: float, seed: int | None) -> None:
-    """A UDP relay that drops a share of the datagrams."""
+def lossy_link(port: int, target_port: int, loss: float, delay_ms: float, seed: int | None) -> None:
+    """A UDP relay that drops a share of the datagrams (and delays the rest)."""
     from bridge.testing.lossy_link import LossyLink
 
-    link = LossyLink(HOST, port, (HOST, target_port), loss=loss, seed=seed)
+    link = LossyLink(HOST, port, (HOST, target_port), loss=loss, delay_ms=delay_ms, seed=seed)
 
     def stats(_message: dict[str, Any]) -> Any:
         return _to_builtins(link.statistics())

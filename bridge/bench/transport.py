@@ -61,7 +61,30 @@ state), then for the measured window; the counters are read around the window.
   ``lossy_percent`` of the datagrams in each direction; latency p50/p99 at the
   latency rate, and the share of shares the proxy sent again.
 
-Each run starts every process afresh; the table shows the median of the runs.
+Closed loop (the wire-efficiency issue's table): rigs that always have work and
+submit the next share the moment a verdict arrives.
+
+- **Lone share**: one rig, one share in flight, for ``lone_seconds``: bytes on the
+  link per share (share, verdict and every ACK both ways, counted as above), p50/p99
+  submit → pool receipt and the added p50 over ``direct``, and the **return leg**:
+  from the pool's receipt of the share to its verdict at the rig (the pool's own
+  validation is in it, the same on every path), whose p50 on StratumRM is compared
+  with the SV1-over-TLS pair.
+- **20 rigs × 4 in flight** for ``closed_seconds``: shares/s through the path with
+  zero loss, and CPU µs per share of the proxy and sidecar together.
+- **Slow pool** (StratumRM only): the lone-share loop while the pool answers every
+  share 50 ms late (``slow_pool_delay``); the proxy must send nothing again.
+- **Loss**: the lossy StratumRM run also delays every datagram ``lossy_delay_ms``
+  each way; p99 submit → pool receipt. (SV1 over TLS under the same loss would need
+  a lossy TCP link, netem, which the benchmark cannot set up without root: it is not
+  measured here.)
+
+Bytes counted twice, once: for the lone StratumRM share, the UDP bytes from the
+proxy's and sidecar's own counters are checked against the kernel's host-wide UDP
+datagram counters (``/proc/net/snmp``), which other programs on the machine can only
+raise; the report prints both.
+
+Each run starts every process afresh; the tables show the median of the runs.
 """
 
 from __future__ import annotations
@@ -84,6 +107,7 @@ from bridge.bench.measure import (
     TcpLinkMeter,
     median,
     percentile,
+    udp_out_datagrams,
     udp_receive_buffer_errors,
     udp_traffic,
 )
@@ -115,6 +139,13 @@ FAILURES_TO_STOP = 2
 TARGET_BYTES_PER_SHARE = 90.0
 TARGET_SHARES_PER_SECOND = 20_000.0
 TARGET_ADDED_P50_MS = 0.5
+# Targets of the wire-efficiency issue (data channel v2), as ratios to SV1 over TLS.
+TARGET_LONE_RATIO = 0.5
+TARGET_FARM_RATIO = 0.2
+TARGET_RETURN_LEG_MS = 0.5
+TARGET_CLOSED_SHARES_PER_SECOND = 40_000.0
+TARGET_CPU_US_PER_SHARE = 43.0 / 2
+TARGET_LOSSY_P99_RATIO = 0.1
 
 
 @dataclass(frozen=True)
@@ -132,7 +163,14 @@ class TransportSettings:
     refine_steps: int = 2
     lag_limit: float = 0.100
     lossy_percent: float = 2.0
+    lossy_delay_ms: float = 10.0
     settle_timeout: float = 30.0
+    lone_seconds: float = 5.0
+    closed_seconds: float = 3.0
+    closed_in_flight: int = 4
+    slow_pool_delay: float = 0.050
+    slow_seconds: float = 3.0
+    search: bool = True
 
     @classmethod
     def quick(cls) -> TransportSettings:
@@ -148,6 +186,9 @@ class TransportSettings:
             max_rate=2000.0,
             refine_steps=0,
             settle_timeout=10.0,
+            lone_seconds=1.0,
+            closed_seconds=1.0,
+            slow_seconds=1.0,
         )
 
 
@@ -179,6 +220,8 @@ class Window:
     shares_sent_again: int
     udp_buffer_drops: int
     cpu_seconds: dict[str, float]
+    return_legs: list[float] = field(default_factory=list)
+    kernel_udp_datagrams: int = 0
 
     @property
     def traffic(self) -> LinkTraffic:
@@ -215,6 +258,10 @@ class Window:
     def round_trip_ms(self, fraction: float) -> float:
         return percentile(self.round_trips, fraction) * 1e3
 
+    def return_leg_ms(self, fraction: float) -> float:
+        """Pool receipt -> verdict at the rig (ms), over the shares with both times."""
+        return percentile(self.return_legs, fraction) * 1e3 if self.return_legs else math.nan
+
     def loss(self, lag_limit: float | None = None) -> str | None:
         """Why this window does not count as sustained with zero loss, or None."""
         if self.unanswered:
@@ -241,6 +288,9 @@ class PathRun:
     failed_rates: list[float] = field(default_factory=list)
     max_sustained: float = 0.0
     best_step: Window | None = None
+    lone: Window | None = None
+    closed: Window | None = None
+    slow: Window | None = None
 
     @property
     def first_failure(self) -> float:
@@ -274,6 +324,8 @@ class LinkReading:
     """Retransmissions of the StratumRM proxy (UDP and TLS)."""
     udp_buffer_drops: int = 0
     """Datagrams the kernel dropped on a full receive buffer (host-wide; StratumRM only)."""
+    kernel_udp_datagrams: int = 0
+    """UDP datagrams the whole host sent (an upper bound of the link's own count)."""
 
 
 class LinkMeter:
@@ -297,6 +349,7 @@ class LinkMeter:
             "bytes_down": sidecar["udp_bytes_sent"],
             "sent_again": link.get("retransmissions_udp", 0) + link.get("retransmissions_tls", 0),
             "buffer_drops": udp_receive_buffer_errors(),
+            "kernel_udp_out": udp_out_datagrams(),
         }
 
     async def start(self) -> None:
@@ -311,7 +364,9 @@ class LinkMeter:
         udp = udp_traffic(
             delta.get("datagrams_up", 0), delta.get("bytes_up", 0), delta.get("datagrams_down", 0), delta.get("bytes_down", 0)
         )
-        return LinkReading(tcp, udp, delta.get("sent_again", 0), delta.get("buffer_drops", 0))
+        return LinkReading(
+            tcp, udp, delta.get("sent_again", 0), delta.get("buffer_drops", 0), delta.get("kernel_udp_out", 0)
+        )
 
 
 @dataclass
@@ -407,6 +462,127 @@ async def measure_window(
     )
 
 
+async def measure_closed(
+    context: _Context,
+    connections: list[LoadConnection],
+    meter: LinkMeter,
+    cpu: CpuMeter,
+    in_flight: int,
+    seconds: float,
+    *,
+    lead_in: float,
+) -> Window:
+    """Keep ``in_flight`` shares out per connection for ``lead_in + seconds``; measure the last ``seconds``.
+
+    Like :func:`measure_window` (same counters, same loss checks), but closed loop:
+    each verdict sends the next share, so the rate is what the path sustains. Pool
+    receipts are recorded, and matched per share with the verdict time at the rig.
+    """
+    load, pool = context.load, context.pool
+    step_before = load.totals(connections)
+    pool_before = await _pool_accepted(pool)
+    offered: OfferResult | None = None
+
+    async def run_loop() -> None:
+        nonlocal offered
+        offered = await load.closed_loop(in_flight, lead_in + seconds, connections)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_loop)
+        await trio.sleep(lead_in)
+        await pool.request("record", on=True)
+        load.start_recording(connections)
+        measured_before = load.totals(connections)
+        await meter.start()
+        cpu.start()
+        await trio.sleep(seconds)
+        measured_after = load.totals(connections)
+    await load.settle(context.settings.settle_timeout)
+    await trio.sleep(TRAILING_ACK_WAIT)
+    cpu_seconds = cpu.seconds()
+    link = await meter.reading()
+    recording = load.stop_recording(connections)
+    receipts = dict(await pool.request("receipts"))
+    await pool.request("record", on=False)
+    latencies: list[float] = []
+    return_legs: list[float] = []
+    for serial, sent_at in recording.send_times.items():
+        received_at = receipts.get(serial & 0xFFFFFFFF)
+        if received_at is None:
+            continue
+        latencies.append(received_at - sent_at)
+        verdict_at = recording.verdict_times.get(serial)
+        if verdict_at is not None:
+            return_legs.append(verdict_at - received_at)
+    after = load.totals(connections)
+    reasons = {
+        reason: count - step_before.reject_reasons.get(reason, 0)
+        for reason, count in after.reject_reasons.items()
+        if count != step_before.reject_reasons.get(reason, 0)
+    }
+    assert offered is not None
+    shares = measured_after.submitted - measured_before.submitted
+    rate = shares / seconds
+    return Window(
+        rate=rate,
+        offered=OfferResult(rate, shares, seconds),  # closed loop: the rate is what was achieved
+        shares=shares,
+        step_shares=after.submitted - step_before.submitted,
+        accepted=after.accepted - step_before.accepted,
+        rejected=after.rejected - step_before.rejected,
+        unanswered=after.pending,
+        pool_accepted=await _pool_accepted(pool) - pool_before,
+        reject_reasons=reasons,
+        round_trips=sorted(recording.round_trips),
+        latencies=sorted(latencies),
+        tcp_traffic=link.tcp,
+        udp_traffic=link.udp,
+        shares_sent_again=link.shares_sent_again,
+        udp_buffer_drops=link.udp_buffer_drops,
+        cpu_seconds=cpu_seconds,
+        return_legs=sorted(return_legs),
+        kernel_udp_datagrams=link.kernel_udp_datagrams,
+    )
+
+
+async def _measure_closed_loops(
+    context: _Context, label: str, path: str, connections: list[LoadConnection], meter: LinkMeter,
+    cpu: CpuMeter, result: PathRun,
+) -> None:
+    """The closed-loop windows of one path: lone share, 20 × 4 in flight, and (StratumRM) a slow pool."""
+    settings, progress = context.settings, context.progress
+    lead_in = settings.lead_in_seconds
+    result.lone = await measure_closed(context, connections[:1], meter, cpu, 1, settings.lone_seconds, lead_in=lead_in)
+    lone = result.lone
+    problem = lone.loss()
+    progress(
+        f"{label}: lone share (1 rig, 1 in flight) for {settings.lone_seconds:g} s: {_describe_window(lone)}, "
+        f"return leg p50 {lone.return_leg_ms(0.5):.3f} ms" + (f"; LOSS: {problem}" if problem else "")
+    )
+    result.closed = await measure_closed(
+        context, connections, meter, cpu, settings.closed_in_flight, settings.closed_seconds, lead_in=lead_in
+    )
+    closed = result.closed
+    problem = closed.loss()
+    progress(
+        f"{label}: {len(connections)} rigs x {settings.closed_in_flight} in flight for {settings.closed_seconds:g} s: "
+        f"{closed.rate:,.0f} shares/s, {sum(closed.bytes_per_share()):.0f} B/share"
+        + _describe_resends(closed) + (f"; LOSS: {problem}" if problem else "")
+    )
+    if path == STRATUMRM and settings.slow_pool_delay > 0:
+        await context.pool.request("delay", seconds=settings.slow_pool_delay)
+        try:
+            result.slow = await measure_closed(
+                context, connections[:1], meter, cpu, 1, settings.slow_seconds, lead_in=lead_in
+            )
+        finally:
+            await context.pool.request("delay", seconds=0.0)
+        progress(
+            f"{label}: lone share, pool answering {settings.slow_pool_delay * 1e3:g} ms late: "
+            f"{_describe_window(result.slow)}; {result.slow.shares_sent_again} sent again"
+        )
+
+
 async def _fresh_job(context: _Context, connections: list[LoadConnection]) -> None:
     """A new block at the pool (empties its duplicate sets); wait until every miner has it."""
     seen = {c.miner.worker: c.miner.jobs_received for c in connections}
@@ -477,7 +653,9 @@ async def _measure_path(
             f"{_describe_window(latency)}" + (f"; LOSS: {problem}" if problem else "")
         )
         result = PathRun(path, latency)
-        await _search_throughput(context, label, connections, meter, cpu, result)
+        await _measure_closed_loops(context, label, path, connections, meter, cpu, result)
+        if settings.search:
+            await _search_throughput(context, label, connections, meter, cpu, result)
         return result
     finally:
         await load.release(connections)
@@ -557,7 +735,8 @@ async def _measure_lossy(context: _Context, cpu_pids: dict[str, int]) -> LossyRu
     try:
         link = await launcher.start(
             "lossy-link", "lossy-link",
-            ["--port", str(link_port), "--target-port", str(sidecar_udp), "--loss", str(settings.lossy_percent), "--seed", "7"],
+            ["--port", str(link_port), "--target-port", str(sidecar_udp), "--loss", str(settings.lossy_percent),
+             "--delay-ms", str(settings.lossy_delay_ms), "--seed", "7"],
         )
         started.append(link)
         sidecar = await launcher.start("sidecar-lossy", "sidecar", _sidecar_options(pki, pool_port) + [
@@ -706,10 +885,64 @@ class PathSummary:
     split: dict[str, float]
     datagrams_per_share: float
     sent_again_at_max_percent: float
+    closed: ClosedSummary | None = None
 
     @property
     def bytes_total(self) -> float:
         return self.bytes_up + self.bytes_down
+
+
+@dataclass(frozen=True)
+class ClosedSummary:
+    """Medians over the runs of one path's closed-loop windows."""
+
+    lone_bytes: float
+    lone_udp_datagrams: float
+    lone_kernel_udp_datagrams: float
+    lone_p50_ms: float
+    lone_p99_ms: float
+    lone_round_trip_p50_ms: float
+    return_leg_p50_ms: float
+    lone_sent_again: float
+    closed_rate: float
+    closed_loss: str | None
+    closed_cpu_us: float
+    closed_sent_again: float
+    slow_sent_again: float
+    slow_shares: float
+
+    def return_leg_ms_text(self) -> str:
+        return f"{self.return_leg_p50_ms * 1e3:.0f} us"
+
+
+def _closed_summary(results: list[PathRun]) -> ClosedSummary | None:
+    lone = [r.lone for r in results if r.lone is not None]
+    closed = [r.closed for r in results if r.closed is not None]
+    slow = [r.slow for r in results if r.slow is not None]
+    if not lone or not closed:
+        return None
+    losses = [w.loss() for w in closed if w.loss()]
+
+    def pair_cpu(window: Window) -> float:
+        per_share = window.cpu_us_per_share()
+        return sum(per_share.get(name, 0.0) for name in ("proxy", "sidecar"))
+
+    return ClosedSummary(
+        lone_bytes=median(sum(w.bytes_per_share()) for w in lone),
+        lone_udp_datagrams=median(w.udp_traffic.packets_up + w.udp_traffic.packets_down for w in lone),
+        lone_kernel_udp_datagrams=median(w.kernel_udp_datagrams for w in lone),
+        lone_p50_ms=median(w.latency_ms(0.5) for w in lone),
+        lone_p99_ms=median(w.latency_ms(0.99) for w in lone),
+        lone_round_trip_p50_ms=median(w.round_trip_ms(0.5) for w in lone),
+        return_leg_p50_ms=median(w.return_leg_ms(0.5) for w in lone),
+        lone_sent_again=median(w.shares_sent_again for w in lone),
+        closed_rate=median(w.rate if w.loss() is None else 0.0 for w in closed),
+        closed_loss=losses[0] if losses else None,
+        closed_cpu_us=median(pair_cpu(w) for w in closed),
+        closed_sent_again=median(w.shares_sent_again for w in closed),
+        slow_sent_again=median(w.shares_sent_again for w in slow) if slow else math.nan,
+        slow_shares=median(w.shares for w in slow) if slow else math.nan,
+    )
 
 
 @dataclass(frozen=True)
@@ -759,6 +992,7 @@ def summarize(settings: TransportSettings, runs: list[TransportRun]) -> Transpor
             sent_again_at_max_percent=median(
                 100 * r.best_step.shares_sent_again / max(1, r.best_step.shares) for r in results if r.best_step is not None
             ),
+            closed=_closed_summary(results),
         )
     lossy_runs = [run.lossy for run in runs if run.lossy is not None]
     lossy = None
@@ -856,8 +1090,59 @@ def report(summary: TransportSummary) -> str:
             _number(result.bytes_at_max),
         ])
     lines.append(format_table(header, rows))
-    lines += ["", *targets(summary)]
+    lines += ["", *closed_report(summary), "", *targets(summary)]
     return "\n".join(lines)
+
+
+def closed_report(summary: TransportSummary) -> list[str]:
+    """The wire-efficiency issue's table: closed loops, ratios against SV1 over TLS of the same runs."""
+    paths = summary.paths
+    settings = summary.settings
+    tls = paths.get(SV1_TLS)
+    direct = paths.get(DIRECT)
+    tls_closed = tls.closed if tls is not None else None
+    direct_closed = direct.closed if direct is not None else None
+    if tls_closed is None:
+        return []
+    lines = [
+        f"Closed loop (medians of {summary.runs} run(s)): lone share = 1 rig, 1 share in flight, "
+        f"{settings.lone_seconds:g} s; throughput = {settings.connections} rigs x {settings.closed_in_flight} in flight, "
+        f"{settings.closed_seconds:g} s. Bytes: share + verdict + every ACK, both ways, with IP/TCP/UDP headers.",
+        "Latency: submit -> pool receipt; return leg: pool receipt -> verdict at the rig.",
+        "",
+    ]
+    header = ["path", "lone B/share", "vs TLS", "p50 us", "p99 us", "+p50 us", "return leg p50 us",
+              "verdict p50 us", "shares/s", "vs TLS", "proxy+sidecar CPU us/share", "sent again"]
+    rows = []
+    for path, result in paths.items():
+        c = result.closed
+        if c is None:
+            continue
+        added = c.lone_p50_ms - direct_closed.lone_p50_ms if direct_closed and path != DIRECT else math.nan
+        rows.append([
+            path, _number(c.lone_bytes), _number(c.lone_bytes / tls_closed.lone_bytes, 2),
+            _number(c.lone_p50_ms * 1e3), _number(c.lone_p99_ms * 1e3), _number(added * 1e3),
+            _number(c.return_leg_p50_ms * 1e3), _number(c.lone_round_trip_p50_ms * 1e3),
+            _number(c.closed_rate), _number(c.closed_rate / tls_closed.closed_rate if tls_closed.closed_rate else math.nan, 2),
+            _number(c.closed_cpu_us, 1) if path in (SV1_RELAY, SV1_TLS, STRATUMRM) else "-",
+            _number(c.lone_sent_again + c.closed_sent_again),
+        ])
+    lines.append(format_table(header, rows))
+    rm = paths.get(STRATUMRM)
+    if rm is not None and rm.closed is not None:
+        c = rm.closed
+        if c.closed_loss:
+            lines.append(f"stratumrm {settings.connections} x {settings.closed_in_flight}: NOT zero loss: {c.closed_loss}")
+        lines.append(
+            f"stratumrm lone share: {c.lone_udp_datagrams:.0f} UDP datagrams counted by proxy and sidecar, "
+            f"{c.lone_kernel_udp_datagrams:.0f} sent by the whole host per the kernel (/proc/net/snmp; other "
+            "programs can only add to it)"
+        )
+        lines.append(
+            f"stratumrm, pool answering {settings.slow_pool_delay * 1e3:g} ms late: {c.slow_sent_again:.0f} shares sent "
+            f"again of {c.slow_shares:.0f}; at 0 % loss: {c.lone_sent_again + c.closed_sent_again:.0f} sent again"
+        )
+    return lines
 
 
 def targets(summary: TransportSummary) -> list[str]:
@@ -870,7 +1155,7 @@ def targets(summary: TransportSummary) -> list[str]:
     def verdict(met: bool) -> str:
         return "met" if met else "MISSED"
 
-    out = ["Targets (StratumRM issue, item 9):"]
+    out = [*closed_targets(summary), "", "Targets (StratumRM issue, item 9):"]
     ratio = f", {rm.bytes_total / tls.bytes_total:.2f}x SV1 over TLS ({tls.bytes_total:.0f} B)" if tls else ""
     out.append(
         f"  bytes on the wire per share <= {TARGET_BYTES_PER_SHARE:g}: {rm.bytes_total:.0f}{ratio} -> "
@@ -892,6 +1177,55 @@ def targets(summary: TransportSummary) -> list[str]:
             f"  (the busier of proxy and sidecar used {busiest:.1f} µs per share at its best step: on a core of "
             f"its own it would cap the pair near {1e6 / busiest:,.0f} shares/s)"
         )
+    return out
+
+
+def closed_targets(summary: TransportSummary) -> list[str]:
+    """The wire-efficiency issue's targets (data channel v2) against the closed-loop windows."""
+    paths = summary.paths
+    rm, tls, direct = paths.get(STRATUMRM), paths.get(SV1_TLS), paths.get(DIRECT)
+    if rm is None or tls is None or rm.closed is None or tls.closed is None:
+        return []
+    c, t = rm.closed, tls.closed
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "MISSED"
+
+    out = ["Targets (wire-efficiency issue, data channel v2), against SV1 over TLS in the same runs:"]
+    ratio = c.lone_bytes / t.lone_bytes
+    out.append(
+        f"  1. lone share bytes <= {TARGET_LONE_RATIO:g}x: {c.lone_bytes:.0f} B vs {t.lone_bytes:.0f} B = {ratio:.2f}x -> "
+        f"{verdict(ratio <= TARGET_LONE_RATIO)}"
+    )
+    if direct is not None and direct.closed is not None:
+        added_rm = c.lone_p50_ms - direct.closed.lone_p50_ms
+        added_tls = t.lone_p50_ms - direct.closed.lone_p50_ms
+        out.append(
+            f"  3. added p50 submit -> pool <= the TLS pair's: {added_rm * 1e3:.0f} us vs {added_tls * 1e3:.0f} us -> "
+            f"{verdict(added_rm <= added_tls)}"
+        )
+    out.append(
+        f"  3. verdict back within {TARGET_RETURN_LEG_MS:g} ms of the pool's answer at p50: return leg "
+        f"{c.return_leg_ms_text()} -> {verdict(c.return_leg_p50_ms <= TARGET_RETURN_LEG_MS)}"
+    )
+    out.append(
+        f"  4. {summary.settings.connections} x {summary.settings.closed_in_flight} in flight >= the TLS pair: "
+        f"{c.closed_rate:,.0f} vs {t.closed_rate:,.0f} shares/s -> {verdict(c.closed_rate >= t.closed_rate)}; "
+        f">= {TARGET_CLOSED_SHARES_PER_SECOND:,.0f}/s -> {verdict(c.closed_rate >= TARGET_CLOSED_SHARES_PER_SECOND)}; "
+        f"proxy+sidecar CPU <= {TARGET_CPU_US_PER_SHARE:g} us/share: {c.closed_cpu_us:.1f} -> "
+        f"{verdict(c.closed_cpu_us <= TARGET_CPU_US_PER_SHARE)}"
+    )
+    resent = c.lone_sent_again + c.closed_sent_again + (0 if math.isnan(c.slow_sent_again) else c.slow_sent_again)
+    out.append(
+        f"  5. no retransmission at 0 % loss, also with a {summary.settings.slow_pool_delay * 1e3:g} ms pool: "
+        f"{resent:.0f} -> {verdict(resent == 0)}"
+    )
+    if summary.lossy is not None:
+        out.append(
+            f"  6. {summary.settings.lossy_percent:g} % loss, {summary.settings.lossy_delay_ms:g} ms each way: p99 submit -> "
+            f"pool {summary.lossy.latency_p99:.1f} ms (SV1 over TLS under loss is not measured here: no netem)"
+        )
+    out.append("  2. the realistic farm: stratumrm bench farm")
     return out
 
 

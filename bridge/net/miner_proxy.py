@@ -61,8 +61,20 @@ from bridge.net.admission import (
 from bridge.net.containment import Containment
 from bridge.net.listen import Pending, serve_admitted
 from bridge.net.rm_upstream import StratumRMLink
-from bridge.net.tcp import close_quietly, describe_error, peer_name, socket_of, tune_stream
-from bridge.net.upstreams import KEEPALIVE_METHODS, NETWORK_ERRORS, Probe, Session, Upstream
+from bridge.net.tcp import (
+    close_quietly,
+    describe_error,
+    peer_name,
+    socket_of,
+    tune_stream,
+)
+from bridge.net.upstreams import (
+    KEEPALIVE_METHODS,
+    NETWORK_ERRORS,
+    Probe,
+    Session,
+    Upstream,
+)
 from bridge.relay.failover import (
     FailoverConfig,
     FailoverPolicy,
@@ -74,6 +86,7 @@ from bridge.relay.failover import (
 )
 from bridge.relay.miner_channel import Leg, MinerChannel, MinerChannelStatistics
 from bridge.relay.rm_upstream import ConnectionStatistics
+from bridge.sv1.framing import decode_json
 
 log = logging.getLogger("bridge.proxy")
 failover_log = logging.getLogger("bridge.proxy.failover")
@@ -146,7 +159,7 @@ class LinkStatus(Struct, frozen=True, kw_only=True):
 def explain_authorize_refusal(error: str) -> str:
     """The pool's or the sidecar's error for a refused mining.authorize, with what to do about it."""
     try:
-        decoded = msgspec.json.decode(error)
+        decoded = decode_json(error)
     except msgspec.DecodeError:
         decoded = error
     text = decoded[1] if isinstance(decoded, list) and len(decoded) > 1 else str(decoded)

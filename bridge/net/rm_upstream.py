@@ -36,9 +36,10 @@ import trio
 from bridge import __version__
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
-from bridge.net.containment import Containment
 from bridge.logs import bind_connection
+from bridge.net.containment import Containment
 from bridge.net.tcp import close_quietly, describe_error, tune_stream
+from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
 
@@ -111,6 +112,7 @@ class StratumRMLink:
         self._handles: dict[int, RMUpstreamHandle] = {}
         self._stream: trio.abc.Stream | None = None
         self._udp: trio.socket.SocketType | None = None
+        self._udp_sender: DatagramSender | None = None
         self._ready = trio.Event()
         self._connecting = False
         self._kick = trio.Event()
@@ -262,6 +264,9 @@ class StratumRMLink:
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
             await close_quietly(stream)
+            if self._udp_sender is not None:
+                self._udp_sender.close()
+                self._udp_sender = None
             if self._udp is not None:
                 self._udp.close()
                 self._udp = None
@@ -315,8 +320,10 @@ class StratumRMLink:
         info = await trio.socket.getaddrinfo(host, hello.udp_port, type=socket.SOCK_DGRAM)
         family, _, _, _, address = info[0]
         udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        tune_udp(udp)
         await udp.connect(address)
         self._udp = udp
+        self._udp_sender = DatagramSender(udp)
         nursery.start_soon(self._read_udp, connection, udp)
         connection.probe(trio.current_time())  # keys may have come before the socket
         self.kick()
@@ -352,18 +359,18 @@ class StratumRMLink:
         self._stepped()
 
     async def _read_udp(self, connection: StratumRMConnection, udp) -> None:
-        while True:
+        def on_datagram(data: bytes, address: object, now: float) -> StratumRMConnection | None:
             try:
-                data, address = await udp.recvfrom(2048)
-            except OSError as exc:  # ICMP port unreachable and friends: UDP looks blocked
-                log.debug("UDP receive error: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            try:
-                connection.receive_datagram(data, address, trio.current_time())
+                connection.receive_datagram(data, address, now)
             except Exception as exc:  # noqa: BLE001 - that datagram is dropped; the session goes on
                 self.containment.record(exc, address, "datagram")
-            self._deliver()
+                return None
+            return connection
+
+        def after_batch(_touched: set) -> None:
+            self._deliver()  # once per batch: waking the rigs is the costly part
+
+        await receive_datagrams(udp, on_datagram, 2048, after_batch)
 
     async def _write(self, connection: StratumRMConnection, stream, scope: trio.CancelScope) -> None:
         while True:
@@ -372,11 +379,12 @@ class StratumRMLink:
             if self.batch_window and connection._queued_records:
                 await trio.sleep(self.batch_window)
             data = connection.data_to_send()
-            datagrams = connection.datagrams_to_send()
-            if datagrams and self._udp is not None:
-                for datagram in datagrams:
+            datagrams = connection.datagrams_to_send(trio.current_time())
+            sender = self._udp_sender
+            if datagrams and sender is not None:
+                for datagram in datagrams:  # never waits: a full buffer drops, as a network would
                     try:
-                        await self._udp.send(datagram)
+                        sender.send(datagram)
                     except OSError as exc:
                         log.debug("UDP send error: %s", exc)
             if data:

@@ -104,8 +104,12 @@ from bridge.net.tcp import (
     socket_of,
     tune_stream,
 )
-from bridge.net.udp import receive_datagrams
-from bridge.pki.identity import DEFAULT_CLOCK_SKEW_LEEWAY, CertificateIdentity, CertificateRefused
+from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
+from bridge.pki.identity import (
+    DEFAULT_CLOCK_SKEW_LEEWAY,
+    CertificateIdentity,
+    CertificateRefused,
+)
 from bridge.pki.revocation import RevocationList, RevocationStatus
 from bridge.pki.rotation import (
     DEFAULT_EXPIRY_WARNING,
@@ -118,11 +122,11 @@ from bridge.pki.rotation import (
 )
 from bridge.pki.tls import check_miner_peer, explain_handshake_failure
 from bridge.relay.sidecar import (
-    ChannelStatus,
     DEFAULT_BATCH_WINDOW,
     DEFAULT_DEAD_AFTER,
     DEFAULT_HEARTBEAT,
     DEFAULT_REKEY_INTERVAL,
+    ChannelStatus,
     ClosePool,
     OpenPool,
     Refusal,
@@ -334,6 +338,7 @@ class SidecarServer:
         self.port: int | None = None
         self.udp_port: int | None = None
         self._udp_socket: trio.socket.SocketType | None = None
+        self._udp_sender: DatagramSender | None = None
         self._connections: dict[SidecarSession, _ProxyConnection] = {}
         self._sessions_total = 0
         self._handshakes_full = 0
@@ -380,6 +385,7 @@ class SidecarServer:
         self.port = listeners[0].socket.getsockname()[1]
         if udp_socket is not None:
             self._udp_socket = udp_socket
+            self._udp_sender = DatagramSender(udp_socket)
             self.udp_port = udp_socket.getsockname()[1]
         log.info(
             "sidecar listening on %s:%d (TLS control%s), pool %s",
@@ -488,6 +494,7 @@ class SidecarServer:
 
     async def _receive_datagrams(self, udp_socket: trio.socket.SocketType) -> None:
         connections = self._connections
+        tune_udp(udp_socket)
 
         def receive(data: bytes, address: Any, now: float) -> Any:
             try:
@@ -505,7 +512,12 @@ class SidecarServer:
                     if guard.error is not None:
                         connection.session.close("internal error", trio.current_time())
 
-        await receive_datagrams(udp_socket, receive, DATAGRAM_RECEIVE_SIZE, after_batch)
+        try:
+            await receive_datagrams(udp_socket, receive, DATAGRAM_RECEIVE_SIZE, after_batch)
+        finally:
+            if self._udp_sender is not None:
+                self._udp_sender.close()
+                self._udp_sender = None
 
     async def _housekeeping(self) -> None:
         while True:
@@ -1063,7 +1075,6 @@ class _ProxyConnection:
     async def _pump(self) -> None:
         """Write control lines and datagrams; run the session's timers."""
         session = self.session
-        udp_socket = self.server._udp_socket
         while True:
             self._wake = trio.Event()
             data = session.data_to_send()
@@ -1073,14 +1084,15 @@ class _ProxyConnection:
                     if data:
                         await self._send_control(data)
                 return
-            if data and not await self._send_control(data):
-                continue  # the session now knows the connection is lost
-            if datagrams and udp_socket is not None:
-                for datagram in datagrams:
+            sender = self.server._udp_sender
+            if datagrams and sender is not None:  # verdicts first: they are what the rigs wait for
+                for datagram in datagrams:  # never waits: a full buffer drops, as a network would
                     try:
-                        await udp_socket.sendto(datagram.data, datagram.address)
+                        sender.send(datagram.data, datagram.address)
                     except OSError as exc:
                         log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
+            if data and not await self._send_control(data):
+                continue  # the session now knows the connection is lost
             deadline = session.next_deadline()
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._wake.wait()

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["receive_datagrams"]
+__all__ = ["BUFFER_SIZE", "DatagramSender", "receive_datagrams", "tune_udp"]
 
 
 async def receive_datagrams(
@@ -64,3 +64,55 @@ async def receive_datagrams(
                 after_batch(touched)
     finally:
         raw.close()
+
+
+#: Bytes asked for each direction's kernel buffer (the kernel may cap it, net.core.rmem_max).
+BUFFER_SIZE = 4 * 1024 * 1024
+
+
+def tune_udp(sock: Any) -> None:
+    """Ask for :data:`BUFFER_SIZE` receive and send buffers (best effort).
+
+    A burst of datagrams (a pool answering a batch of shares, many rigs at once) then
+    waits in the kernel instead of being dropped while the event loop serves others.
+    """
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
+        except OSError:
+            pass
+
+
+class DatagramSender:
+    """Sends on one trio UDP socket that never wait (through a duplicate of its descriptor).
+
+    A datagram the kernel cannot take right now (the send buffer is full: on loopback
+    a datagram stays charged to it until the peer reads it) is dropped and counted,
+    as the network would drop it; the data channel's retransmission recovers it.
+    Waiting instead would hold up whatever else the sending task writes, the control
+    connection included.
+    """
+
+    def __init__(self, udp_socket: trio.socket.SocketType) -> None:
+        self._raw = socket.socket(fileno=os.dup(udp_socket.fileno()))
+        self._raw.setblocking(False)
+        self.dropped = 0
+        """Datagrams the kernel had no room for (not sent)."""
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def send(self, data: bytes, address: Any = None) -> bool:
+        """Send ``data`` (to ``address`` unless the socket is connected); False if it was dropped.
+
+        ``OSError`` other than a full buffer (e.g. an ICMP error reported now) is raised.
+        """
+        try:
+            if address is None:
+                self._raw.send(data)
+            else:
+                self._raw.sendto(data, address)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1
+            return False
+        return True

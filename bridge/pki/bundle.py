@@ -30,7 +30,12 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from bridge.errors import PKIError
 from bridge.pki._files import create_secret_file, read_bytes, replace_secret_file
 from bridge.pki.identity import format_serial, identity_of
-from bridge.pki.issuing import PrivateKey, certificate_pem, load_private_key_pem, private_key_pem
+from bridge.pki.issuing import (
+    PrivateKey,
+    certificate_pem,
+    load_private_key_pem,
+    private_key_pem,
+)
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 

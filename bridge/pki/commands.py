@@ -38,7 +38,13 @@ from bridge.pki.identity import (
     key_type_of,
     public_key_fingerprint,
 )
-from bridge.pki.issuing import DEFAULT_KEY_TYPE, KEY_TYPES, REVOCATION_REASONS, KeyType, RevocationReason
+from bridge.pki.issuing import (
+    DEFAULT_KEY_TYPE,
+    KEY_TYPES,
+    REVOCATION_REASONS,
+    KeyType,
+    RevocationReason,
+)
 from bridge.pki.revocation import crl_number_of
 
 KEY_TYPE_NAMES = {"p256": "ECDSA P-256", "ed25519": "Ed25519"}

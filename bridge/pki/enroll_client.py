@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import ssl
 import urllib.error
 import urllib.request
@@ -34,6 +33,7 @@ from bridge.pki.enrollment import (
     normalize_fingerprint,
 )
 from bridge.pki.issuing import KeyType, PrivateKey, generate_private_key
+from bridge.sv1.framing import decode_json
 
 __all__ = ["enroll"]
 
@@ -54,7 +54,7 @@ def _fetch(request: urllib.request.Request | str, context: ssl.SSLContext, what:
             return response.read(MAX_RESPONSE)
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read(MAX_RESPONSE))["error"]
+            message = decode_json(exc.read(MAX_RESPONSE))["error"]
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {exc.code} {exc.reason}"
         raise PKIError(f"the server refused the enrollment: {message}") from None
@@ -114,7 +114,7 @@ def enroll(url: str, token: str, fingerprint: str, out: str | Path, *, key_type:
                                      headers={"Content-Type": "application/json"})
     answer = _fetch(request, verified, f"enroll at {base} (its certificate must be from that CA and name {host})")
     try:
-        response = msgspec.json.decode(answer, type=EnrollResponse)
+        response = decode_json(answer, type=EnrollResponse)
         certificate = x509.load_pem_x509_certificate(response.certificate.encode())
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
         raise PKIError(f"the server's answer is not a certificate: {exc}") from None

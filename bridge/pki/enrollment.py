@@ -47,6 +47,7 @@ from bridge.pki.identity import (
     validate_name,
 )
 from bridge.pki.issuing import KEY_TYPES, certificate_pem
+from bridge.sv1.framing import decode_json
 
 __all__ = [
     "DATABASE_FILE",
@@ -218,7 +219,7 @@ class EnrollmentStore:
             else:
                 self._db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE hash = ?",
                                  (now.isoformat(), client, digest))
-                return row[0], tuple(msgspec.json.decode(row[1])), digest
+                return row[0], tuple(decode_json(row[1])), digest
             self._audit(now, "refused", row[0] if row else None, reason, client)
         raise EnrollmentRefused(reason)
 
@@ -277,7 +278,7 @@ class EnrollmentService:
 
     def _enroll(self, body: bytes, client: str, now: datetime) -> tuple[int, str, bytes]:
         try:
-            request = msgspec.json.decode(body, type=EnrollRequest)
+            request = decode_json(body, type=EnrollRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return _error(400, f"expected {{\"token\": ..., \"csr\": PEM}}: {exc}")
         if len(request.csr) > MAX_CSR_BYTES:

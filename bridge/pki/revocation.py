@@ -34,7 +34,6 @@ from bridge.errors import PKIError
 from bridge.pki._files import FileStamp, read_bytes
 from bridge.pki.identity import format_serial
 
-
 #: A list whose nextUpdate is this close is flagged, so someone re-publishes it in time.
 REPUBLISH_WARNING = timedelta(days=3)
 

@@ -27,7 +27,6 @@ task: the drivers decide when to poll.
 from __future__ import annotations
 
 import abc
-
 import hashlib
 import os
 import ssl

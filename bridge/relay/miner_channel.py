@@ -101,13 +101,13 @@ from bridge.sv1.messages import (
     SetVersionMask,
     ShowMessage,
     Submit,
-    Subscribe,
     SubmitParams,
+    Subscribe,
     SuggestDifficulty,
     SuggestTarget,
     params_list,
 )
-from bridge.sv1.rejects import reject_reason_name, read_verdict
+from bridge.sv1.rejects import read_verdict, reject_reason_name
 from bridge.sv1.server import ServerSession
 
 RECONNECT_LINGER = 2.0

@@ -15,12 +15,19 @@ channel"). The parts that are this module's job:
   job has a handle, its worker was authorized on the channel, its hex is lower
   case and UDP is up; otherwise a channel ``mining.submit`` over TLS. Records
   queued in one step go out together as a SHARE_BATCH when the driver calls
-  :meth:`datagrams_to_send`.
-- **No share silently lost.** Every share has a deadline of one RTO (RFC 6298
-  estimator over share→verdict round trips, Karn's rule). A first timeout sends
-  it again over UDP with a new packet number, a second over TLS, which is
-  reliable. The first verdict for any copy settles the share; the sidecar's
-  duplicate set makes copies harmless.
+  :meth:`datagrams_to_send`; a lone share goes alone, at once (no batching window).
+- **No share silently lost (data channel v2).** The sidecar acknowledges each
+  share datagram, by the VERDICT datagram that carries its verdict or, when the
+  pool is slower than the ack delay (~5 ms), by an ACK datagram. The RTO runs on
+  that transport round trip (RFC 6298 estimator over pn→acknowledgement samples,
+  which are never ambiguous since every copy has its own pn; the ACK's ack delay
+  is subtracted, and every deadline adds the sidecar's 5 ms ack delay as QUIC's
+  PTO does). An unacknowledged share is sent again over UDP with a new packet
+  number after one RTO, then over TLS, which is reliable. An acknowledged share
+  whose verdict does not follow within the verdict timeout (its own estimator
+  over ack→verdict delays, at least 250 ms: a lost VERDICT datagram) is sent again
+  so the sidecar answers it from its verdict cache. The first verdict for any copy
+  settles the share; the sidecar's duplicate set makes copies harmless.
 - **Fallback.** UDP counts as up once a PROBE is answered. Three timer expiries
   in a row that had to send shares over TLS after their UDP retransmission, with
   no UDP verdict in between, mark it down; it is probed again every
@@ -34,22 +41,23 @@ channel"). The parts that are this module's job:
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from typing import Any, Callable
 
 import msgspec
 from msgspec import UNSET, Raw, Struct
 
+from bridge.errors import LineTooLong
 from bridge.mining.share import Job as MiningJob
 from bridge.mining.share import roll_version
-from bridge.errors import LineTooLong
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
 from bridge.sv1.framing import BoundedDecoder, LineBuffer, decode_json
 from bridge.sv1.messages import (
     FALSE,
     NULL,
-    TRUE,
     POOL_METHODS,
+    TRUE,
     Notify,
     NotifyParams,
     PoolRequest,
@@ -63,10 +71,12 @@ from bridge.wire import control
 from bridge.wire.control import ControlDecodeError, ControlLine
 from bridge.wire.datagram import (
     BATCH_MAX_SHARES,
+    Ack,
     Probe,
     ProbeAck,
     Share,
     ShareBatch,
+    Verdicts,
 )
 from bridge.wire.keys import KeyMaterial, KeySet, Role
 from bridge.wire.receiver import Accepted, DatagramReceiver
@@ -80,6 +90,13 @@ MAX_WORKERS_PER_CHANNEL = 256
 JOBS_KEPT = 4096
 UDP_FAILURES_BEFORE_FALLBACK = 3
 DEFAULT_VERSION_MASK = 0x1FFFE000
+#: The sidecar's longest wait before it acknowledges a share datagram (PROTOCOL.md §2.6).
+MAX_ACK_DELAY = 0.005
+#: Bounds of the verdict timeout (acknowledged share, no verdict yet: a lost VERDICT).
+VERDICT_TIMEOUT_MIN = 0.25
+VERDICT_TIMEOUT_INITIAL = 1.0
+VERDICT_TIMEOUT_MAX = 10.0
+_PLAIN_ACCEPT = Response(None, TRUE, NULL)
 
 
 class ChannelClosed(Struct, frozen=True):
@@ -97,6 +114,10 @@ class ConnectionStatistics(Struct, frozen=True):
     shares_tls: int
     retransmissions_udp: int
     retransmissions_tls: int
+    verdict_queries: int
+    """Acknowledged shares sent again because their verdict did not follow (lost VERDICT)."""
+    acks_received: int
+    verdict_datagrams_received: int
     block_candidates: int
     settled: int
     pending: int
@@ -114,7 +135,7 @@ class _Share:
     """One rig share on its way: where copies went and who waits for the verdict."""
 
     __slots__ = ("serial", "channel", "params", "context", "record", "job", "tries", "sent_at",
-                 "deadline", "refs", "tls_ids", "settled", "urgent")
+                 "deadline", "refs", "tls_ids", "settled", "urgent", "acked", "acked_at")
 
     def __init__(self, serial: int, channel: "RMChannel", params: SubmitParams, context: Any) -> None:
         self.serial = serial
@@ -130,6 +151,11 @@ class _Share:
         self.tls_ids: list[int] = []
         self.settled = False
         self.urgent = False
+        self.acked = False
+        self.acked_at = 0.0
+
+    def __lt__(self, other: "_Share") -> bool:
+        return self.serial < other.serial
 
 
 class RMChannel:
@@ -283,10 +309,14 @@ class StratumRMConnection:
         self._jobs: OrderedDict[int, NotifyParams] = OrderedDict()
         self._mining_jobs: OrderedDict[int, MiningJob] = OrderedDict()
         self._shares: dict[int, _Share] = {}
-        self._timeline: deque[_Share] = deque()
+        self._timeline: list[tuple[float, _Share]] = []  # heap; an entry is stale unless share.deadline matches
         self._refs: dict[tuple[int, int, int], _Share] = {}
+        self._flights: dict[tuple[int, int], tuple[float, list[_Share]]] = {}  # unacknowledged datagrams
         self._next_serial = 1
         self.rtt = RttEstimator(min_rto=min_rto, initial_rto=initial_rto, max_rto=max_rto)
+        self.verdict_rtt = RttEstimator(
+            min_rto=VERDICT_TIMEOUT_MIN, initial_rto=VERDICT_TIMEOUT_INITIAL, max_rto=VERDICT_TIMEOUT_MAX
+        )
         self.ready = False
         self.hello: control.HelloResult | None = None
         self.close_reason: str | None = None
@@ -314,6 +344,9 @@ class StratumRMConnection:
         self._shares_tls = 0
         self._retx_udp = 0
         self._retx_tls = 0
+        self._verdict_queries = 0
+        self._acks_received = 0
+        self._verdicts_received = 0
         self._blocks = 0
         self._settled = 0
         self._fallbacks = 0
@@ -343,10 +376,17 @@ class StratumRMConnection:
         self._last_sent = self._now
         return data
 
-    def datagrams_to_send(self) -> list[bytes]:
-        """Seal queued share records (batched) and probes; the driver sends them to the UDP peer."""
-        if self._queued_records or self._urgent_records:
+    def datagrams_to_send(self, now: float | None = None) -> list[bytes]:
+        """Seal queued share records (batched) and probes; the driver sends them to the UDP peer.
+
+        ``now`` is when they go out: their retransmission deadlines and RTT samples
+        count from it (without it, from the last input this connection saw).
+        """
+        if now is not None:
+            self._now = now
+        if self._urgent_records:
             self._seal_records(self._urgent_records, urgent=True)
+        if self._queued_records:
             self._seal_records(self._queued_records, urgent=False)
         datagrams, self._datagrams = self._datagrams, []
         self._datagrams_sent += len(datagrams)
@@ -357,17 +397,31 @@ class StratumRMConnection:
         keys = self._keys
         live = [s for s in shares if not s.settled]
         shares.clear()
+        now = self._now
+        deadline = now + self.rtt.rto + MAX_ACK_DELAY
+        timeline = self._timeline
         if keys is None:
+            for share in live:  # no keys (yet): the timer sends them over TLS
+                share.deadline = deadline
+                heapq.heappush(timeline, (deadline, share))
             return
         sealer = keys.sealer
+        epoch = sealer.epoch
+        refs = self._refs
         for start in range(0, len(live), BATCH_MAX_SHARES):
             group = live[start:start + BATCH_MAX_SHARES]
             body = group[0].record if len(group) == 1 else ShareBatch(tuple(s.record for s in group))
             sealed = sealer.seal(body, urgent=urgent)
+            pn = sealed.pn
+            self._flights[(epoch, pn)] = (now, group)
             for index, share in enumerate(group):
-                ref = (sealer.epoch, sealed.pn, index)
+                ref = (epoch, pn, index)
                 share.refs.append(ref)
-                self._refs[ref] = share
+                refs[ref] = share
+                share.acked = False
+                share.sent_at = now
+                share.deadline = deadline
+                heapq.heappush(timeline, (deadline, share))
             self._datagrams.append(sealed.data)
 
     # ---------------------------------------------------------------- channels
@@ -412,8 +466,6 @@ class StratumRMConnection:
         else:
             self._send_tls(share)
             share.tries = 2
-        share.deadline = now + self.rtt.rto
-        self._timeline.append(share)
         return serial
 
     def _record_for(self, channel: RMChannel, params: SubmitParams) -> Share | None:
@@ -484,7 +536,8 @@ class StratumRMConnection:
         self._settled += 1
         if via_udp:
             self._udp_failures = 0
-            self.rtt.on_answer(share.sent_at, now, transmissions=share.tries)
+            if share.acked and share.tries == 1:
+                self.verdict_rtt.observe(now - share.acked_at)
         self._drop_share(share)
         if not share.channel.closed:
             share.channel.events.append(Reply("mining.submit", share.context, response, share.serial))
@@ -492,8 +545,12 @@ class StratumRMConnection:
     def _drop_share(self, share: _Share) -> None:
         share.settled = True
         self._shares.pop(share.serial, None)
+        flights = self._flights
         for ref in share.refs:
             self._refs.pop(ref, None)
+            flight = flights.get((ref[0], ref[1]))
+            if flight is not None and all(s.settled for s in flight[1]):
+                del flights[(ref[0], ref[1])]
         for request_id in share.tls_ids:
             share.channel._pending.pop(request_id, None)
 
@@ -503,25 +560,76 @@ class StratumRMConnection:
             self._drop_share(share)
 
     def _results(self, results: control.Results, now: float) -> None:
+        """Verdicts of UDP shares over TLS (the sidecar's fallback when a VERDICT datagram cannot go)."""
         refs = self._refs
         for epoch, pn, index, verdict in results.v:
             share = refs.get((epoch, pn, index))
             if share is None:
                 continue
-            if verdict == control.ACCEPTED_VERDICT:
-                response = Response(None, TRUE, NULL)
-            elif isinstance(verdict, dict):
-                result = verdict.get("result", UNSET)
-                reason = verdict.get("reject-reason", UNSET)
-                response = Response(
-                    None,
-                    UNSET if result is UNSET else Raw(_encode(result)),
-                    Raw(_encode(verdict.get("error"))),
-                    reason if isinstance(reason, str) else UNSET,
-                )
-            else:
-                response = Response(None, FALSE, error_value(20, "unreadable verdict from the sidecar"))
-            self._settle(share, response, now, via_udp=True)
+            self._settle(share, _verdict_response(verdict), now, via_udp=True)
+
+    def _acknowledged(self, epoch: int, pn: int, now: float) -> float | None:
+        """The sidecar received datagram ``pn``: its shares now wait for verdicts only.
+
+        Returns when it was sent, if this is its first acknowledgement.
+        """
+        flight = self._flights.pop((epoch, pn), None)
+        if flight is None:
+            return None
+        sent_at, shares = flight
+        deadline = now + self.verdict_rtt.rto
+        for share in shares:
+            if share.settled or share.acked:
+                continue
+            share.acked = True
+            share.acked_at = now
+            share.deadline = deadline
+            heapq.heappush(self._timeline, (deadline, share))
+        return sent_at
+
+    def _on_ack(self, epoch: int, ack: Ack, now: float) -> None:
+        self._acks_received += 1
+        self._udp_failures = 0
+        flights = self._flights
+        largest = ack.ranges[0].high
+        sample: float | None = None
+        for r in ack.ranges:
+            if r.high - r.low < len(flights):
+                pns: Any = range(r.high, r.low - 1, -1)
+            else:  # a wide range: look only at what is in flight
+                pns = [pn for (e, pn) in flights if e == epoch and r.low <= pn <= r.high]
+            for pn in pns:
+                sent_at = self._acknowledged(epoch, pn, now)
+                if sent_at is not None and pn == largest:
+                    sample = sent_at
+        if sample is not None:
+            self.rtt.observe(now - sample, ack.ack_delay_us / 1e6)
+
+    def _on_verdicts(self, epoch: int, verdicts: Verdicts, now: float) -> None:
+        self._verdicts_received += 1
+        self._udp_failures = 0
+        refs = self._refs
+        flights = self._flights
+        largest = -1
+        sample: float | None = None
+        acknowledged: list[int] = []
+        for entry in verdicts.entries:
+            pn = entry.pn
+            flight = flights.get((epoch, pn))
+            if flight is not None:
+                acknowledged.append(pn)
+                if pn > largest:
+                    largest, sample = pn, flight[0]
+            share = refs.get((epoch, pn, entry.index))
+            if share is not None:
+                detail = entry.detail
+                self._settle(share, _PLAIN_ACCEPT if detail is None else _detail_response(detail), now, via_udp=True)
+        for pn in acknowledged:  # the other shares of these datagrams now wait for their verdicts only
+            self._acknowledged(epoch, pn, now)
+        if sample is not None:
+            # A verdict acknowledges its datagram; the sidecar sends it within its ack
+            # delay or sends an ACK first, so the sample is at most RTT + 5 ms.
+            self.rtt.observe(now - sample)
 
     # ------------------------------------------------------------------- input
 
@@ -618,6 +726,9 @@ class StratumRMConnection:
         if self.hello.version != control.PROTOCOL_VERSION:
             self._fail(f"sidecar speaks StratumRM {self.hello.version}, this proxy speaks {control.PROTOCOL_VERSION}")
             return
+        if self.hello.udp_port and "udp-v2" not in self.hello.features:
+            # A sidecar that only speaks data channel version 1: shares go over TLS.
+            self.hello = msgspec.structs.replace(self.hello, udp_port=None)
         self.ready = True
 
     def _new_keys(self, keys: control.Keys, now: float) -> None:
@@ -637,7 +748,15 @@ class StratumRMConnection:
     def receive_datagram(self, data: bytes, address: Any, now: float) -> None:
         self._now = now
         result = self._receiver.receive(data, address, now)
-        if type(result) is Accepted and isinstance(result.body, ProbeAck):
+        if type(result) is not Accepted:
+            return
+        body = result.body
+        kind = type(body)
+        if kind is Verdicts:
+            self._on_verdicts(result.epoch, body, now)
+        elif kind is Ack:
+            self._on_ack(result.epoch, body, now)
+        elif kind is ProbeAck:
             if not self.udp_up:
                 self.udp_up = True
                 self._udp_failures = 0
@@ -672,17 +791,18 @@ class StratumRMConnection:
         self.channels.clear()
         self._shares.clear()
         self._refs.clear()
+        self._flights.clear()
         self._timeline.clear()
 
     # -------------------------------------------------------------------- time
 
     def next_deadline(self) -> float | None:
         timeline = self._timeline
-        while timeline and timeline[0].settled:
-            timeline.popleft()
+        while timeline and (timeline[0][1].settled or timeline[0][1].deadline != timeline[0][0]):
+            heapq.heappop(timeline)
         candidates = [t for t in (self._next_probe,) if t is not None]
         if timeline:
-            candidates.append(timeline[0].deadline)
+            candidates.append(timeline[0][0])
         if self.hello is not None:
             candidates.append(self._last_sent + self.hello.heartbeat)
             candidates.append(self._last_received + self.hello.dead_after)
@@ -700,37 +820,42 @@ class StratumRMConnection:
         if self._next_probe is not None and now >= self._next_probe:
             self.probe(now)
         timeline = self._timeline
-        retried: list[_Share] = []
+        lost = False
+        overdue = False
         escalated = False
-        while timeline and (timeline[0].settled or timeline[0].deadline <= now):
-            share = timeline.popleft()
-            if share.settled:
-                continue
+        while timeline and timeline[0][0] <= now:
+            deadline, share = heapq.heappop(timeline)
+            if share.settled or share.deadline != deadline:
+                continue  # settled, or re-armed since (acknowledged, sent again)
+            share.deadline = 0.0
+            if share.acked:
+                # Received by the sidecar, but no verdict within the verdict timeout: the
+                # VERDICT datagram was lost (or the pool is very slow). Ask again; the
+                # sidecar answers from its verdict cache or joins the pending share.
+                self._verdict_queries += 1
+                overdue = True
+            else:
+                lost = True
             if share.tries == 1 and self.udp_up and share.record is not None:
                 self._retx_udp += 1
-                self._queued_records.append(share)
-            elif share.tries <= 2 and not share.tls_ids:
+                self._queued_records.append(share)  # new pn; armed again when sealed
+            elif not share.tls_ids:
                 self._retx_tls += 1
                 escalated = escalated or share.record is not None
                 self._send_tls(share)
             else:
                 continue  # over TLS already: TCP delivers it; the rig's timeout bounds the wait
             share.tries += 1
-            share.sent_at = now
-            share.deadline = now + self.rtt.rto
-            retried.append(share)
         if escalated and self.udp_up:
             # A timer expiry that had to fall back to TLS after a UDP retransmission;
-            # several in a row with no UDP verdict in between mean UDP is blocked.
+            # several in a row with no UDP acknowledgement in between mean UDP is blocked.
             self._udp_failures += 1
             if self._udp_failures >= UDP_FAILURES_BEFORE_FALLBACK:
                 self._udp_down(now)
-        if retried:
+        if lost:
             self.rtt.on_timeout()  # one back-off per timer expiry, however many shares it covers
-            rto = self.rtt.rto
-            for share in retried:
-                share.deadline = now + rto
-        timeline.extend(retried)
+        if overdue:
+            self.verdict_rtt.on_timeout()
 
     @property
     def last_received(self) -> float:
@@ -748,6 +873,9 @@ class StratumRMConnection:
             shares_tls=self._shares_tls,
             retransmissions_udp=self._retx_udp,
             retransmissions_tls=self._retx_tls,
+            verdict_queries=self._verdict_queries,
+            acks_received=self._acks_received,
+            verdict_datagrams_received=self._verdicts_received,
             block_candidates=self._blocks,
             settled=self._settled,
             pending=len(self._shares),
@@ -760,3 +888,28 @@ class StratumRMConnection:
             srtt_ms=None if rtt.srtt is None else rtt.srtt * 1000,
             rto_ms=rtt.rto * 1000,
         )
+
+
+def _verdict_response(verdict: Any) -> Response:
+    """A verdict as the sidecar reports it (``1`` or the pool's response without id) as a Response."""
+    if verdict == control.ACCEPTED_VERDICT and type(verdict) is int:
+        return _PLAIN_ACCEPT
+    if isinstance(verdict, dict):
+        result = verdict.get("result", UNSET)
+        reason = verdict.get("reject-reason", UNSET)
+        return Response(
+            None,
+            UNSET if result is UNSET else Raw(_encode(result)),
+            Raw(_encode(verdict.get("error"))),
+            reason if isinstance(reason, str) else UNSET,
+        )
+    return Response(None, FALSE, error_value(20, "unreadable verdict from the sidecar"))
+
+
+def _detail_response(detail: bytes) -> Response:
+    """The DETAIL of a VERDICT entry (the pool's response object, JSON) as a Response."""
+    try:
+        verdict = decode_json(detail)
+    except msgspec.DecodeError:
+        verdict = None
+    return _verdict_response(verdict)

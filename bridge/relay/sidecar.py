@@ -148,7 +148,13 @@ from bridge.sv1.messages import (
     TextParams,
     error_value,
 )
-from bridge.sv1.rejects import JOB_NOT_FOUND, OTHER, UNAUTHORIZED, read_verdict, reject_reason_name
+from bridge.sv1.rejects import (
+    JOB_NOT_FOUND,
+    OTHER,
+    UNAUTHORIZED,
+    read_verdict,
+    reject_reason_name,
+)
 from bridge.sv1.validate import is_hex
 from bridge.wire.control import (
     FEATURES,
@@ -180,12 +186,19 @@ from bridge.wire.control import (
 )
 from bridge.wire.control import Ping as PingParams
 from bridge.wire.datagram import (
+    ACK_MAX_RANGES,
+    MAX_DATAGRAM_SIZE,
     OVERHEAD,
+    VERDICT_MAX_ENTRIES,
+    Ack,
+    AckRange,
+    DatagramType,
     DropReason,
     Probe,
     ProbeAck,
     Share,
     ShareBatch,
+    pack_verdict_entry,
 )
 from bridge.wire.keys import KeyExhausted, KeyMaterial, KeySet, Role, Sealer
 from bridge.wire.limits import Address
@@ -221,6 +234,15 @@ __all__ = [
 AGENT: Final = f"stratumrm-sidecar/{__version__}"
 #: How long verdicts and notify channel lists are collected before they are written.
 DEFAULT_BATCH_WINDOW: Final = 0.002
+#: How long a received share datagram may wait for a VERDICT to acknowledge it before
+#: an ACK datagram is sent instead (PROTOCOL.md §2.6; QUIC's max_ack_delay).
+DEFAULT_MAX_ACK_DELAY: Final = 0.005
+#: Bytes the sidecar may send to a learned address per authenticated byte received from it
+#: (PROTOCOL.md §7): a share datagram whose pool is slow gets an ACK and then its VERDICT.
+AMPLIFICATION_FACTOR: Final = 2.0
+#: Share datagrams waiting for an acknowledgement after which an ACK goes out at once.
+MAX_UNACKED: Final = 256
+_VERDICT_ROOM: Final = MAX_DATAGRAM_SIZE - OVERHEAD
 #: Shares remembered per session for duplicate detection (LRU).
 DEFAULT_SHARE_CACHE: Final = 65536
 DEFAULT_MAX_CHANNELS: Final = 4096
@@ -386,6 +408,13 @@ class SidecarSessionStatistics(Struct, frozen=True):
     probe_acks_over_budget: int
     bad_tag_rekeys: int
     """Rekeys (new conn_id) because forged datagrams reached the threshold (§6.1)."""
+    verdict_datagrams_sent: int
+    """VERDICT datagrams (data channel v2)."""
+    ack_datagrams_sent: int
+    """ACK datagrams: share datagrams no VERDICT acknowledged within max_ack_delay."""
+    verdicts_over_budget: int
+    """Verdicts sent over TLS because the anti-amplification budget refused their datagram."""
+    udp_datagrams_sent: int
     key_epoch: int
     control_bytes_received: int
     control_bytes_sent: int
@@ -427,6 +456,7 @@ class SidecarIntake:
             grace=grace,
             stranger_rate=stranger_rate,
             stranger_burst=stranger_burst,
+            amplification_factor=AMPLIFICATION_FACTOR,
         )
 
     def receive(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
@@ -588,6 +618,7 @@ class SidecarSession:
         share_cache_size: int = DEFAULT_SHARE_CACHE,
         max_channels: int = DEFAULT_MAX_CHANNELS,
         rekey_after_bad_tags: int = DEFAULT_REKEY_AFTER_BAD_TAGS,
+        max_ack_delay: float = DEFAULT_MAX_ACK_DELAY,
         randbytes: Callable[[int], bytes] = os.urandom,
         agent: str = AGENT,
     ) -> None:
@@ -612,6 +643,7 @@ class SidecarSession:
         if rekey_after_bad_tags < 1:
             raise ValueError("rekey_after_bad_tags must be at least 1")
         self.rekey_after_bad_tags = rekey_after_bad_tags
+        self.max_ack_delay = max_ack_delay
         self.agent = agent
         self._randbytes = randbytes
 
@@ -647,6 +679,13 @@ class SidecarSession:
         self._notify_due: float | None = None
         self._results: list[tuple[int, int, int, Any]] = []
         self._results_due: float | None = None
+        # Data channel v2: verdicts of UDP shares go back as VERDICT datagrams at the
+        # end of the input that produced them; share datagrams no verdict named within
+        # max_ack_delay are acknowledged by an ACK datagram (both per key epoch).
+        self._verdict_out: dict[int, list[tuple[int, int, Any]]] = {}
+        self._unacked: dict[int, dict[int, float]] = {}
+        self._unacked_count = 0
+        self._ack_due: float | None = None
 
         self._epoch = -1
         self._sealers: dict[int, Sealer] = {}
@@ -680,6 +719,10 @@ class SidecarSession:
         self._bad_tag_rekeys = 0
         self._probe_acks = 0
         self._probe_acks_over_budget = 0
+        self._verdict_datagrams = 0
+        self._ack_datagrams = 0
+        self._udp_datagrams_out = 0
+        self._verdicts_over_budget = 0
         self._control_in = 0
         self._control_out = 0
         self._pool_in = 0
@@ -760,7 +803,7 @@ class SidecarSession:
         deadline = self._last_received + self.dead_after
         if self.hello is not None:
             deadline = min(deadline, self._last_sent + self.heartbeat)
-        for due in (self._notify_due, self._results_due, self._rekey_due):
+        for due in (self._notify_due, self._results_due, self._rekey_due, self._ack_due):
             if due is not None and due < deadline:
                 deadline = due
         return deadline
@@ -779,6 +822,8 @@ class SidecarSession:
             self._flush_notifies()
         if self._results_due is not None and now >= self._results_due:
             self._flush_results()
+        if self._ack_due is not None and now >= self._ack_due:
+            self._send_acks(now)
         if self._rekey_due is not None and now >= self._rekey_due:
             self.rekey(now)
         if self.hello is not None and now >= self._last_sent + self.heartbeat:
@@ -896,8 +941,9 @@ class SidecarSession:
             return
         self.hello = hello
         offered = set(hello.features)
-        udp = self.udp_port is not None and "udp-shares" in offered
-        features = tuple(f for f in FEATURES if f in offered and (f != "udp-shares" or udp))
+        # Data channel version 1 is gone: UDP only with a proxy that speaks version 2.
+        udp = self.udp_port is not None and "udp-shares" in offered and "udp-v2" in offered
+        features = tuple(f for f in FEATURES if f in offered and (f not in ("udp-shares", "udp-v2") or udp))
         self.features = features
         self._udp = udp
         self._dedup_jobs = "job-dedup" in features
@@ -1240,12 +1286,127 @@ class SidecarSession:
             self._write_channel(ch, encode_channel_response(ch, request_id, FALSE, error_value(code, message)))
 
     def _add_result(self, ref: UdpRef, verdict: Any, urgent: bool) -> None:
-        self._results.append((ref[0], ref[1], ref[2], verdict))
         self._verdicts_udp += 1
+        out = self._verdict_out.get(ref[0])
+        if out is None:
+            self._verdict_out[ref[0]] = [(ref[1], ref[2], verdict)]
+        else:
+            out.append((ref[1], ref[2], verdict))
+
+    def _add_tls_result(self, epoch: int, pn: int, index: int, verdict: Any, urgent: bool) -> None:
+        """A verdict of a UDP share that cannot go back as a datagram: ``rm.results`` over TLS."""
+        self._results.append((epoch, pn, index, verdict))
         if urgent or len(self._results) >= MAX_RESULTS_PER_LINE:
             self._flush_results()
         elif self._results_due is None:
             self._results_due = self._now + self.batch_window
+
+    def _flush_verdicts(self) -> None:
+        """Send the verdicts collected during this input as VERDICT datagrams (per key epoch).
+
+        A verdict goes over TLS (``rm.results``) instead when its epoch can no longer
+        seal or the anti-amplification budget (§7) does not allow the datagram.
+        """
+        pending, self._verdict_out = self._verdict_out, {}
+        intake = self.intake
+        for epoch, items in pending.items():
+            sealer = self._sealers.get(epoch)
+            unacked = self._unacked.get(epoch)
+            start = 0
+            count = len(items)
+            while start < count:
+                pieces: list[bytes] = []
+                room = _VERDICT_ROOM
+                end = start
+                while end < count and end - start < VERDICT_MAX_ENTRIES:
+                    pn, index, verdict = items[end]
+                    piece = pack_verdict_entry(pn, index, None if type(verdict) is int else _encode(verdict))
+                    if len(piece) > room and pieces:
+                        break
+                    room -= len(piece)
+                    pieces.append(piece)
+                    end += 1
+                chunk = items[start:end]
+                start = end
+                sent = False
+                if sealer is not None and intake is not None and room >= 0:
+                    plaintext = b"".join(pieces)
+                    address = intake.receiver.send_to(self, OVERHEAD + len(plaintext))
+                    if address is None:
+                        self._verdicts_over_budget += len(chunk)
+                    else:
+                        try:
+                            sealed = sealer.seal_plaintext(DatagramType.VERDICT, plaintext)
+                        except KeyExhausted:
+                            self.rekey(self._now)
+                        else:
+                            sent = True
+                            self._verdict_datagrams += 1
+                            self._send_datagram(sealed.data, address)
+                            if unacked:
+                                for pn, _, _ in chunk:
+                                    if unacked.pop(pn, None) is not None:
+                                        self._unacked_count -= 1
+                if not sent:
+                    for pn, index, verdict in chunk:
+                        self._add_tls_result(epoch, pn, index, verdict, True)
+        if self._unacked_count == 0:
+            self._ack_due = None
+
+    def _send_datagram(self, data: bytes, address: Address) -> None:
+        self._udp_out += len(data)
+        self._udp_datagrams_out += 1
+        self._datagrams.append(OutgoingDatagram(data, address))
+
+    def _note_received(self, epoch: int, pn: int, now: float) -> None:
+        """A share datagram to acknowledge: by a VERDICT naming it, else an ACK within max_ack_delay."""
+        pns = self._unacked.get(epoch)
+        if pns is None:
+            pns = self._unacked[epoch] = {}
+        if pn not in pns:
+            pns[pn] = now
+            self._unacked_count += 1
+        if self._ack_due is None:
+            self._ack_due = now + self.max_ack_delay
+        if self._unacked_count >= MAX_UNACKED:
+            self._ack_due = now
+
+    def _send_acks(self, now: float) -> None:
+        """ACK every share datagram no VERDICT acknowledged (ranges highest first, per epoch)."""
+        self._ack_due = None
+        unacked, self._unacked = self._unacked, {}
+        self._unacked_count = 0
+        intake = self.intake
+        if intake is None:
+            return
+        for epoch, pns in unacked.items():
+            sealer = self._sealers.get(epoch)
+            if sealer is None or not pns:
+                continue
+            ordered = sorted(pns, reverse=True)
+            ranges: list[AckRange] = []
+            high = low = ordered[0]
+            for pn in ordered[1:]:
+                if pn == low - 1:
+                    low = pn
+                    continue
+                ranges.append(AckRange(high, low))
+                high = low = pn
+            ranges.append(AckRange(high, low))
+            for start in range(0, len(ranges), ACK_MAX_RANGES):
+                group = tuple(ranges[start : start + ACK_MAX_RANGES])
+                delay = max(0, round((now - pns[group[0].high]) * 1e6))
+                ack = Ack(ranges=group, ack_delay_us=min(delay, 0xFFFF_FFFF))
+                address = intake.receiver.send_to(self, OVERHEAD + 5 + 12 * len(group))
+                if address is None:
+                    continue  # the proxy's retransmission recovers; the budget refills as it sends
+                try:
+                    sealed = sealer.seal(ack)
+                except KeyExhausted:
+                    self.rekey(now)
+                    return
+                self._ack_datagrams += 1
+                self._send_datagram(sealed.data, address)
 
     def _flush_results(self) -> None:
         self._results_due = None
@@ -1276,10 +1437,12 @@ class SidecarSession:
         body = accepted.body
         kind = type(body)
         if kind is Share:
+            self._note_received(accepted.epoch, accepted.header.pn, now)
             self._udp_share(cast(Share, body), (accepted.epoch, accepted.header.pn, 0), accepted.header.urgent)
         elif kind is ShareBatch:
             pn = accepted.header.pn
             urgent = accepted.header.urgent
+            self._note_received(accepted.epoch, pn, now)
             for index, share in enumerate(cast(ShareBatch, body).shares):
                 self._udp_share(share, (accepted.epoch, pn, index), urgent)
         elif kind is Probe:
@@ -1322,8 +1485,7 @@ class SidecarSession:
             self.rekey(self._now)
             return
         self._probe_acks += 1
-        self._udp_out += len(sealed.data)
-        self._datagrams.append(OutgoingDatagram(sealed.data, address))
+        self._send_datagram(sealed.data, address)
 
     def _issue_keys(self, now: float) -> None:
         intake = self.intake
@@ -1528,7 +1690,9 @@ class SidecarSession:
         self._write(line)
 
     def _after_input(self) -> None:
-        """Without negotiated batching, collected lines go out at the end of each input."""
+        """Verdicts go out at the end of each input; so do lines without negotiated batching."""
+        if self._verdict_out:
+            self._flush_verdicts()
         if not self._batch_verdicts and self._results:
             self._flush_results()
         if self.batch_window == 0:
@@ -1552,7 +1716,10 @@ class SidecarSession:
         self._pending_notify.clear()
         self._pending_notify_channels.clear()
         self._results.clear()
-        self._notify_due = self._results_due = self._rekey_due = None
+        self._verdict_out.clear()
+        self._unacked.clear()
+        self._unacked_count = 0
+        self._notify_due = self._results_due = self._rekey_due = self._ack_due = None
         self._shares.clear()
         if self._registered and self.intake is not None:
             self.intake.receiver.remove_session(self)
@@ -1589,6 +1756,10 @@ class SidecarSession:
             probe_acks_sent=self._probe_acks,
             probe_acks_over_budget=self._probe_acks_over_budget,
             bad_tag_rekeys=self._bad_tag_rekeys,
+            verdict_datagrams_sent=self._verdict_datagrams,
+            ack_datagrams_sent=self._ack_datagrams,
+            verdicts_over_budget=self._verdicts_over_budget,
+            udp_datagrams_sent=self._udp_datagrams_out,
             key_epoch=self._epoch,
             control_bytes_received=self._control_in,
             control_bytes_sent=self._control_out,

@@ -48,14 +48,14 @@ _KEEP_BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
-def json_too_deep(data: bytes | bytearray | memoryview, limit: int = MAX_JSON_DEPTH) -> bool:
+def json_too_deep(data: str | bytes | bytearray | memoryview, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when the JSON in ``data`` may nest deeper than ``limit`` levels.
 
     Exact for valid JSON; for invalid JSON an over-estimate (unclosed brackets
     count), never an under-estimate of how deep a decoder would recurse.
     """
     if type(data) is not bytes:
-        data = bytes(data)
+        data = data.encode() if isinstance(data, str) else bytes(data)
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
     if b'"' in data:
@@ -85,7 +85,7 @@ class BoundedDecoder(Generic[_T]):
         self.max_depth = max_depth
         self.max_size = max_size
 
-    def decode(self, data: bytes | bytearray | memoryview | msgspec.Raw) -> _T:
+    def decode(self, data: str | bytes | bytearray | memoryview | msgspec.Raw) -> _T:
         if self.max_size is not None and len(data) > self.max_size:
             raise msgspec.DecodeError(f"JSON document of {len(data)} bytes exceeds the {self.max_size}-byte limit")
         if json_too_deep(data, self.max_depth):
@@ -96,7 +96,7 @@ class BoundedDecoder(Generic[_T]):
 _ANY = BoundedDecoder()
 
 
-def decode_json(data: bytes | bytearray | memoryview | msgspec.Raw, *, type: Any = Any) -> Any:
+def decode_json(data: str | bytes | bytearray | memoryview | msgspec.Raw, *, type: Any = Any) -> Any:
     """``msgspec.json.decode`` with the bounds of :class:`BoundedDecoder`."""
     if type is Any:
         return _ANY.decode(data)

@@ -19,8 +19,8 @@ import click
 import trio
 
 from bridge.errors import ConfigError
-from bridge.testing.pool import PoolConfig, ReferencePool
 from bridge.runtime import run_until_interrupted
+from bridge.testing.pool import PoolConfig, ReferencePool
 
 __all__ = ["parse_listen", "testpool"]
 

@@ -33,7 +33,7 @@ MAX_CONTROL_LINE = 256 * 1024
 MAX_RESULTS_PER_LINE = 2048
 MAX_CHANNELS_PER_NOTIFY = 4096
 
-FEATURES = ("udp-shares", "job-dedup", "batch-verdicts", "pool-status", "goaway")
+FEATURES = ("udp-shares", "udp-v2", "job-dedup", "batch-verdicts", "pool-status", "goaway")
 
 
 # ----------------------------------------------------------------- rm params

@@ -6,7 +6,7 @@ Theory of operation
 Every UDP datagram of the share channel is::
 
     offset size  field
-     0     1     version (high nibble, = 1) | type (low nibble)
+     0     1     version (high nibble, = 2) | type (low nibble)
      1     1     flags: bit 0 KEY_PHASE, bit 1 URGENT, bits 2..7 reserved (must be 0)
      2     8     conn_id (u64): the session handle handed out over TLS with the key
     10     6     packet number (u48): strictly increasing per key and direction
@@ -37,11 +37,19 @@ Bodies (the plaintext, by type):
     ``ack_delay_us`` (u32), ``range_count`` (u8, 1..32), then ``range_count`` times
     ``high`` (u48), ``low`` (u48): inclusive ranges of packet numbers received
     (authenticated) in the opposite direction under the same conn_id, highest
-    range first, disjoint. It reports *receipt*, not the pool's verdict: verdicts
-    carry the pool's error text and go reliably over TLS (``rm.results``). The ACK
+    range first, disjoint. It reports *receipt*, not the pool's verdict. The ACK
     exists so the proxy's retransmission timer measures the UDP path alone (clean,
     unambiguous RTT samples, since a retransmission always gets a new pn), instead
-    of waiting on pool latency and on TCP retransmissions of the verdict stream.
+    of waiting on pool latency. The sidecar sends one only when no VERDICT named
+    the packet within the ack delay (about 5 ms): a verdict acknowledges too.
+``VERDICT`` (6, sidecar to proxy only)
+    1..64 entries back to back, up to the end of the plaintext: ``pn`` (u48) of the share
+    datagram, then one byte: bits 0..5 the share's index in it, bit 6 DETAIL, bit
+    7 reserved (0). Without DETAIL the pool accepted the share plainly
+    (``result: true, error: null``); with DETAIL a ``u16`` length and that many
+    bytes of the pool's response object without its id (JSON) follow. The entries
+    name packets sealed under the same conn_id as the VERDICT itself; naming a
+    packet also acknowledges it.
 
 A share record::
 
@@ -109,14 +117,20 @@ __all__ = [
     "ProbeAck",
     "Share",
     "ShareBatch",
+    "VERDICT_MAX_ENTRIES",
+    "VerdictEntry",
+    "Verdicts",
     "body_type",
     "decode_body",
     "encode_body",
+    "encode_verdicts",
     "pack_header",
+    "pack_verdict_entry",
     "parse_header",
+    "verdict_entry_size",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 HEADER_SIZE: Final = 16
 TAG_SIZE: Final = 16
 OVERHEAD: Final = HEADER_SIZE + TAG_SIZE
@@ -127,6 +141,7 @@ MAX_PN: Final = (1 << 48) - 1
 MAX_EXTRANONCE2_SIZE: Final = 8
 BATCH_MAX_SHARES: Final = 32
 ACK_MAX_RANGES: Final = 32
+VERDICT_MAX_ENTRIES: Final = 64
 
 _U16: Final = 0xFFFF
 _U32: Final = 0xFFFF_FFFF
@@ -141,6 +156,7 @@ class DatagramType(enum.IntEnum):
     PROBE = 3
     PROBE_ACK = 4
     ACK = 5
+    VERDICT = 6
 
 
 class Flags(enum.IntFlag):
@@ -312,7 +328,25 @@ class Ack(msgspec.Struct, frozen=True, gc=False):
         return self.ranges[0].high
 
 
-Body: TypeAlias = Share | ShareBatch | Probe | ProbeAck | Ack
+class VerdictEntry(msgspec.Struct, frozen=True, gc=False):
+    """The pool's verdict on share ``index`` of the datagram ``pn``.
+
+    ``detail`` is None for a plain accept (``result: true, error: null``), otherwise
+    the pool's response object without its id, as JSON bytes.
+    """
+
+    pn: int
+    index: int = 0
+    detail: bytes | None = None
+
+
+class Verdicts(msgspec.Struct, frozen=True, gc=False):
+    """Verdicts of shares, each naming its datagram by packet number (which it acknowledges)."""
+
+    entries: tuple[VerdictEntry, ...]
+
+
+Body: TypeAlias = Share | ShareBatch | Probe | ProbeAck | Ack | Verdicts
 
 _BODY_TYPES: Final[dict[type, DatagramType]] = {
     Share: DatagramType.SHARE,
@@ -320,6 +354,7 @@ _BODY_TYPES: Final[dict[type, DatagramType]] = {
     Probe: DatagramType.PROBE,
     ProbeAck: DatagramType.PROBE_ACK,
     Ack: DatagramType.ACK,
+    Verdicts: DatagramType.VERDICT,
 }
 
 # Record flag bits.
@@ -337,6 +372,11 @@ _ACK_HEAD = struct.Struct(">IB")
 _ACK_RANGE = struct.Struct(">HIHI")  # high (16+32 bits), low (16+32 bits)
 
 _SHARE_RECORD_MIN: Final = 1 + 2 + 2 + 4 + 4
+_VERDICT_PN = struct.Struct(">HIB")  # pn (16+32 bits), index | flags
+_U16_ONE = struct.Struct(">H")
+_VERDICT_INDEX: Final = 0x3F
+_VERDICT_DETAIL: Final = 0x40
+_VERDICT_RESERVED: Final = 0x80
 
 #: Smallest plaintext of each type (a cheap length check before any cryptography).
 MIN_BODY_SIZE: Final[dict[int, int]] = {
@@ -345,6 +385,7 @@ MIN_BODY_SIZE: Final[dict[int, int]] = {
     DatagramType.PROBE: 4,
     DatagramType.PROBE_ACK: 4,
     DatagramType.ACK: _ACK_HEAD.size + _ACK_RANGE.size,
+    DatagramType.VERDICT: _VERDICT_PN.size,
 }
 
 
@@ -467,6 +508,8 @@ def encode_body(body: Body) -> bytes:
         return _encode_padded_id(body.probe_id, body.padding, "ProbeAck")
     if isinstance(body, Ack):
         return _encode_ack(body)
+    if isinstance(body, Verdicts):
+        return encode_verdicts(body.entries)
     raise DatagramEncodeError(f"not a datagram body: {type(body).__name__}")
 
 
@@ -541,4 +584,68 @@ def decode_body(dtype: int, data: bytes) -> Body:
         return ProbeAck(probe_id=probe_id, padding=padding)
     if dtype == DatagramType.ACK:
         return _decode_ack(data)
+    if dtype == DatagramType.VERDICT:
+        return _decode_verdicts(data)
     raise DatagramDecodeError(DropReason.UNKNOWN_TYPE, f"type {dtype}")
+
+
+def verdict_entry_size(detail: bytes | None) -> int:
+    """Bytes one VERDICT entry takes: 7 for a plain accept, 9 + the detail otherwise."""
+    return _VERDICT_PN.size if detail is None else _VERDICT_PN.size + 2 + len(detail)
+
+
+def pack_verdict_entry(pn: int, index: int, detail: bytes | None = None) -> bytes:
+    """One VERDICT entry, for the send path (``pn`` a u48, ``index`` 0..63, a detail under 64 KiB)."""
+    if detail is None:
+        return _VERDICT_PN.pack(pn >> 32, pn & _U32, index)
+    return _VERDICT_PN.pack(pn >> 32, pn & _U32, index | _VERDICT_DETAIL) + _U16_ONE.pack(len(detail)) + detail
+
+
+def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> bytes:
+    """The plaintext of a VERDICT datagram; raise :class:`DatagramEncodeError` if it does not fit."""
+    count = len(entries)
+    if not 1 <= count <= VERDICT_MAX_ENTRIES:
+        raise DatagramEncodeError(f"a VERDICT holds 1..{VERDICT_MAX_ENTRIES} entries, not {count}")
+    out = bytearray()
+    pack = _VERDICT_PN.pack
+    for entry in entries:
+        pn, index, detail = entry.pn, entry.index, entry.detail
+        _check_u(pn, MAX_PN, "VerdictEntry.pn")
+        _check_u(index, _VERDICT_INDEX, "VerdictEntry.index")
+        if detail is None:
+            out += pack(pn >> 32, pn & _U32, index)
+        else:
+            _check_u(len(detail), MAX_DATAGRAM_SIZE, "VerdictEntry.detail length")
+            out += pack(pn >> 32, pn & _U32, index | _VERDICT_DETAIL)
+            out += _U16_ONE.pack(len(detail))
+            out += detail
+    return bytes(out)
+
+
+def _decode_verdicts(data: bytes) -> Verdicts:
+    entries = []
+    offset = 0
+    end = len(data)
+    if not end:
+        raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT without entries")
+    while offset < end:
+        if len(entries) == VERDICT_MAX_ENTRIES:
+            raise DatagramDecodeError(DropReason.MALFORMED, f"more than {VERDICT_MAX_ENTRIES} VERDICT entries")
+        if offset + _VERDICT_PN.size > end:
+            raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT entry truncated")
+        high, low, flags = _VERDICT_PN.unpack_from(data, offset)
+        offset += _VERDICT_PN.size
+        if flags & _VERDICT_RESERVED:
+            raise DatagramDecodeError(DropReason.MALFORMED, "reserved VERDICT entry flag set")
+        detail = None
+        if flags & _VERDICT_DETAIL:
+            if offset + 2 > end:
+                raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT detail length missing")
+            (length,) = _U16_ONE.unpack_from(data, offset)
+            offset += 2
+            if offset + length > end:
+                raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT detail truncated")
+            detail = bytes(data[offset : offset + length])
+            offset += length
+        entries.append(VerdictEntry(pn=high << 32 | low, index=flags & _VERDICT_INDEX, detail=detail))
+    return Verdicts(entries=tuple(entries))

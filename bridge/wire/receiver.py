@@ -13,7 +13,7 @@ Every datagram goes through the checks cheapest-first, and the first failing che
 decides the drop reason (:class:`~bridge.wire.datagram.DropReason`):
 
 1. length: at least 32 bytes (header + tag), at most 1200  -> ``truncated``, ``oversized``
-2. version nibble == 1                                      -> ``bad version``
+2. version nibble == 2                                      -> ``bad version``
 3. type: defined, and one this role receives               -> ``unknown type``, ``unexpected type``
 4. flags: no reserved bit; URGENT only on shares           -> ``bad flags``
 5. length against the type's smallest body                 -> ``truncated``
@@ -98,7 +98,9 @@ RECEIVED_TYPES: Final[dict[Role, frozenset[DatagramType]]] = {
     Role.SIDECAR: frozenset(
         {DatagramType.SHARE, DatagramType.SHARE_BATCH, DatagramType.PROBE, DatagramType.PROBE_ACK}
     ),
-    Role.PROXY: frozenset({DatagramType.PROBE, DatagramType.PROBE_ACK, DatagramType.ACK}),
+    Role.PROXY: frozenset(
+        {DatagramType.PROBE, DatagramType.PROBE_ACK, DatagramType.ACK, DatagramType.VERDICT}
+    ),
 }
 _SHARE_TYPES: Final = frozenset({DatagramType.SHARE, DatagramType.SHARE_BATCH})
 _KNOWN_TYPES: Final = frozenset(int(t) for t in DatagramType)

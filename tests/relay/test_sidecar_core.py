@@ -77,6 +77,7 @@ class Harness:
         self.keys: KeySet | None = None
         self.material: KeyMaterial | None = None
         self.datagrams: list[tuple[bytes, Any]] = []
+        self.openers: dict[int, Any] = {}  # conn_id -> the proxy's opener of that epoch
 
     # ---------------------------------------------------------------- plumbing
 
@@ -107,7 +108,21 @@ class Harness:
                 params = message["params"]
                 self.material = KeyMaterial(int(params["conn_id"], 16), params["epoch"], bytes.fromhex(params["secret"]))
                 self.keys = KeySet.derive(self.material, Role.PROXY)
+                self.openers[self.material.conn_id] = self.keys.opener
         return new
+
+    def received(self, dtype: DatagramType | None = None) -> list[tuple[int, int, Any]]:
+        """Every datagram the session sent, opened: ``(epoch, type, body)``, optionally of one type."""
+        out = []
+        for data, _ in self.datagrams:
+            conn_id = int.from_bytes(data[2:10], "big")
+            opener = self.openers[conn_id]
+            plaintext = opener.open(data)
+            assert plaintext is not None
+            kind = data[0] & 0x0F
+            if dtype is None or kind == dtype:
+                out.append((opener.epoch, kind, decode_body(kind, plaintext)))
+        return out
 
     def take(self) -> list[dict[str, Any]]:
         self.pump()
@@ -173,6 +188,15 @@ class Harness:
         return [m for m in self.to_pool[ch] if m.get("method") == "mining.submit"]
 
     def results(self) -> list[list[Any]]:
+        """Verdicts of UDP shares, ``[epoch, pn, index, verdict]``: VERDICT datagrams, then rm.results."""
+        out: list[list[Any]] = []
+        for epoch, _, body in self.received(DatagramType.VERDICT):
+            for entry in body.entries:
+                verdict = 1 if entry.detail is None else json.loads(entry.detail)
+                out.append([epoch, entry.pn, entry.index, verdict])
+        return out + self.tls_results()
+
+    def tls_results(self) -> list[list[Any]]:
         return [entry for m in self.lines if m.get("method") == "rm.results" for entry in m["params"]["v"]]
 
 
@@ -188,11 +212,11 @@ def ready(**options: Any) -> Harness:
 
 def test_hello_answers_version_features_udp_and_sends_keys() -> None:
     harness = Harness(udp_host="pool.example.com", heartbeat=0.5, dead_after=3.0)
-    harness.send({"id": 1, "method": "rm.hello", "params": {"version": 1, "features": ["udp-shares", "job-dedup", "future-x"], "agent": "p"}})
+    harness.send({"id": 1, "method": "rm.hello", "params": {"version": 1, "features": ["udp-shares", "udp-v2", "job-dedup", "future-x"], "agent": "p"}})
     hello, keys = harness.take()
     assert hello["id"] == 1 and hello["error"] is None
     result = hello["result"]
-    assert result["version"] == 1 and result["features"] == ["udp-shares", "job-dedup"]
+    assert result["version"] == 1 and result["features"] == ["udp-shares", "udp-v2", "job-dedup"]
     assert result["udp_port"] == 3334 and result["udp_host"] == "pool.example.com"
     assert result["heartbeat"] == 0.5 and result["dead_after"] == 3.0
     assert keys["method"] == "rm.keys" and keys["id"] is None
@@ -348,8 +372,9 @@ def test_pool_loss_closes_the_channel_with_a_reason_after_pending_verdicts() -> 
     harness.pool(3, {"id": submit["id"], "result": True, "error": None})
     harness.session.pool_closed(3, "pool connection error: reset by peer", harness.now)
     lines = harness.take()
-    assert [m["method"] for m in lines] == ["rm.results", "rm.close"]  # the verdict is not held back
-    assert lines[1]["params"] == {"ch": 3, "reason": "pool connection error: reset by peer"}
+    assert harness.results() == [[0, 0, 0, 1]]  # the verdict went out at once, before the close
+    assert [m["method"] for m in lines] == ["rm.close"]
+    assert lines[0]["params"] == {"ch": 3, "reason": "pool connection error: reset by peer"}
     assert 3 in harness.closed_pools and not harness.session.closed
 
 
@@ -460,16 +485,20 @@ def test_job_tables_stay_bounded_and_forget_old_handles() -> None:
 # ------------------------------------------------------------------ shares
 
 
-def test_a_udp_share_is_rebuilt_forwarded_at_once_and_its_verdict_batched() -> None:
+def test_a_udp_share_is_rebuilt_forwarded_at_once_and_its_verdict_sent_at_once() -> None:
     harness = ready()
     harness.datagram(harness.seal(harness.share()))
     [submit] = harness.submits()
     assert submit["params"] == ["alice.rig1", "j1", "0000002a", "6554a2c1", "b2957c02", "00c00000"]
+    assert harness.session.next_deadline() == pytest.approx(harness.now + 0.005)  # the ACK, unless a verdict comes
     harness.pool(3, {"id": submit["id"], "result": True, "error": None})
-    assert harness.results() == []
-    assert harness.session.next_deadline() == pytest.approx(harness.now + 0.002)
-    harness.advance(0.002)
+    # One 39-byte VERDICT datagram, no waiting for company, no ACK (the verdict acknowledges).
     assert harness.results() == [[0, 0, 0, 1]]
+    [(data, address)] = harness.datagrams
+    assert len(data) == 39 and address == RIG
+    assert harness.session.next_deadline() > harness.now + 0.005
+    harness.advance(0.01)
+    assert len(harness.datagrams) == 1 and harness.tls_results() == []
     # Without version bits the sixth param is left out.
     harness.datagram(harness.seal(harness.share(nonce=1, version_bits=None)))
     assert harness.submits()[1]["params"] == ["alice.rig1", "j1", "0000002a", "6554a2c1", "00000001"]
@@ -511,7 +540,7 @@ def test_a_batch_reports_each_share_by_index_and_picks_workers_by_index() -> Non
     harness.pool(3, *({"id": s["id"], "result": True, "error": None} for s in submits))
     harness.advance(0.01)
     assert harness.results() == [[0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 2, 1]]
-    assert sum(1 for m in harness.lines if m.get("method") == "rm.results") == 1
+    assert len(harness.received(DatagramType.VERDICT)) == 1 and harness.tls_results() == []
 
 
 def test_a_share_reaches_the_pool_once_whatever_repeats_it() -> None:
@@ -607,20 +636,38 @@ def test_pending_copies_per_share_are_bounded() -> None:
     assert len(harness.results()) == 64
 
 
-def test_verdict_lines_hold_at_most_2048_entries() -> None:
+def test_verdict_datagrams_hold_at_most_64_entries_and_fit_1200_bytes() -> None:
+    harness = ready(intake=SidecarIntake(rate=1e6, burst=1e6))
+    reason = {"result": False, "error": [23, "Low difficulty share " + "x" * 300, None]}
+    for nonce in range(70):
+        harness.datagram(harness.seal(ShareBatch(tuple(harness.share(nonce=nonce * 4 + i) for i in range(4)))))
+    harness.pool(3, *({"id": s["id"], **reason} for s in harness.submits()[:8]))
+    harness.pool(3, *({"id": s["id"], "result": True, "error": None} for s in harness.submits()[8:]))
+    received = harness.received(DatagramType.VERDICT)
+    assert sum(len(body.entries) for _, _, body in received) == 280
+    assert all(len(body.entries) <= 64 for _, _, body in received)
+    assert all(len(data) <= 1200 for data, _ in harness.datagrams)
+    assert harness.tls_results() == []
+
+
+def test_verdicts_the_budget_refuses_go_over_tls_in_lines_of_at_most_2048(monkeypatch) -> None:
     harness = ready(intake=SidecarIntake(rate=1e6, burst=1e6))
     share = harness.share()
     harness.datagram(harness.seal(share))
+    intake = harness.session.intake
+    assert intake is not None
+    monkeypatch.setattr(intake.receiver, "send_to", lambda session, size: None)
     harness.pool(3, {"id": harness.submits()[0]["id"], "result": True, "error": None})
     for _ in range(2100):
         harness.datagram(harness.seal(share))
     harness.advance(0.01)
     sizes = [len(m["params"]["v"]) for m in harness.lines if m.get("method") == "rm.results"]
-    assert sizes == [2048, 2101 - 2048]
+    assert sum(sizes) == 2101 and max(sizes) <= 2048
+    assert harness.datagrams == [] and harness.session.statistics().verdicts_over_budget == 2101
 
 
 def test_without_batch_verdicts_each_input_flushes_its_verdicts() -> None:
-    harness = Harness(features=["udp-shares", "job-dedup"])
+    harness = Harness(features=["udp-shares", "udp-v2", "job-dedup"])
     harness.hello()
     harness.open_channel(3)
     harness.datagram(harness.seal(harness.share()))
@@ -672,8 +719,8 @@ def hostile_datagrams(harness: Harness) -> dict[str, list[bytes]]:
     return {
         "truncated": [good[:20]],
         "oversized": [bytes(1300)],
-        "bad version": [bytes([0x21]) + good[1:]],
-        "unknown type": [bytes([0x17]) + good[1:]],
+        "bad version": [bytes([0x11]) + good[1:]],
+        "unknown type": [bytes([0x27]) + good[1:]],
         "unexpected type": [ack],
         "bad flags": [good[:1] + bytes([good[1] | 0x04]) + good[2:]],
         "unknown conn_id": [stranger],
@@ -696,7 +743,9 @@ def test_hostile_datagrams_are_dropped_without_a_reply_and_counted_by_reason(rea
     for data in sequence:
         harness.datagram(data, address=("198.51.100.66", 666))
     harness.advance(0.01)
-    assert harness.datagrams == []  # never a reply
+    # Never a reply; an authenticated share in the sequence is acknowledged, nothing else.
+    assert all(kind == DatagramType.ACK for _, kind, _ in harness.received())
+    assert len(harness.datagrams) == (1 if reason in ("replayed", "too old") else 0)
     intake = harness.session.intake
     assert intake is not None and intake.statistics().dropped[reason] == 1
     # At most the one legitimate copy in the sequence reached the pool.
@@ -860,3 +909,23 @@ def test_cost_per_udp_share_through_the_core() -> None:
     print(f"\nsidecar core: {per_share:.1f} µs per UDP share (open, submit, verdict, rm.results)")
     assert session.statistics().accepted == count
     assert per_share < 2000  # a pathology guard, not a benchmark
+
+
+def test_a_share_the_pool_is_slow_to_judge_is_acknowledged_after_the_ack_delay() -> None:
+    harness = ready()
+    for nonce in (1, 2, 3):
+        harness.datagram(harness.seal(harness.share(nonce=nonce)))  # pns 0, 1, 2
+    first, second, third = harness.submits()
+    harness.pool(3, {"id": second["id"], "result": True, "error": None})  # pn 1 judged at once
+    harness.advance(0.004)
+    assert [kind for _, kind, _ in harness.received()] == [DatagramType.VERDICT]
+    harness.advance(0.002)  # past the 5 ms ack delay: one ACK for pns 0 and 2, with its delay
+    [(_, _, ack)] = harness.received(DatagramType.ACK)
+    assert ack.ranges == (AckRange(high=2, low=2), AckRange(high=0, low=0))
+    assert ack.ack_delay_us == 6000
+    assert len(harness.datagrams[-1][0]) == 32 + 5 + 24
+    harness.pool(3, {"id": first["id"], "result": True, "error": None}, {"id": third["id"], "result": True, "error": None})
+    assert harness.results() == [[0, 1, 0, 1], [0, 0, 0, 1], [0, 2, 0, 1]]
+    harness.advance(0.01)
+    stats = harness.session.statistics()
+    assert stats.ack_datagrams_sent == 1 and stats.verdict_datagrams_sent == 2 and stats.udp_datagrams_sent == 3

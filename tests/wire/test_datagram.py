@@ -53,7 +53,7 @@ TYPICAL = Share(
 def test_header_layout_is_big_endian_and_16_bytes() -> None:
     header = Header(type=DatagramType.SHARE, conn_id=0x0102030405060708, pn=0x0A0B0C0D0E0F, flags=0x03)
     raw = header.encode()
-    assert raw == bytes.fromhex("11 03 0102030405060708 0a0b0c0d0e0f")
+    assert raw == bytes.fromhex("21 03 0102030405060708 0a0b0c0d0e0f")
     assert parse_header(raw) == header
     assert header.key_phase == 1 and header.urgent
 
@@ -210,3 +210,47 @@ def test_minimum_body_sizes_match_smallest_encodings() -> None:
     assert len(encode_body(Probe(probe_id=0))) == MIN_BODY_SIZE[DatagramType.PROBE]
     assert len(encode_body(ProbeAck(probe_id=0))) == MIN_BODY_SIZE[DatagramType.PROBE_ACK]
     assert len(encode_body(Ack(ranges=(AckRange(0, 0),)))) == MIN_BODY_SIZE[DatagramType.ACK]
+
+
+# ------------------------------------------------------------------ VERDICT (version 2)
+
+
+def test_verdict_round_trip_and_sizes() -> None:
+    from bridge.wire.datagram import VerdictEntry, Verdicts, verdict_entry_size
+
+    detail = b'{"result":false,"error":[23,"Low difficulty share",null]}'
+    body = Verdicts(entries=(VerdictEntry(pn=(1 << 48) - 1, index=31), VerdictEntry(pn=5, index=0, detail=detail)))
+    plaintext = encode_body(body)
+    assert len(plaintext) == verdict_entry_size(None) + verdict_entry_size(detail) == 7 + 9 + len(detail)
+    assert decode_body(DatagramType.VERDICT, plaintext) == body
+    # A lone plain accept: 7 plaintext bytes, a 39-byte datagram.
+    assert len(encode_body(Verdicts((VerdictEntry(7),)))) == 7
+
+
+@pytest.mark.parametrize(
+    ("plaintext", "why"),
+    [
+        ("", "no entries"),
+        ("00000000000100" * 65, "over 64 entries"),
+        ("000000000001", "entry truncated"),
+        ("00000000000180", "reserved flag"),
+        ("0000000000014000", "detail length truncated"),
+        ("000000000001400005aa", "detail truncated"),
+        ("00000000000100ff", "trailing byte"),
+    ],
+)
+def test_verdict_malformed(plaintext: str, why: str) -> None:
+    with pytest.raises(DatagramDecodeError) as info:
+        decode_body(DatagramType.VERDICT, bytes.fromhex(plaintext))
+    assert info.value.reason is DropReason.MALFORMED, why
+
+
+def test_verdict_encode_refuses_out_of_range() -> None:
+    from bridge.wire.datagram import VerdictEntry, Verdicts
+
+    with pytest.raises(DatagramEncodeError):
+        encode_body(Verdicts(entries=()))
+    with pytest.raises(DatagramEncodeError):
+        encode_body(Verdicts(entries=(VerdictEntry(pn=1, index=64),)))
+    with pytest.raises(DatagramEncodeError):
+        encode_body(Verdicts(entries=(VerdictEntry(pn=1 << 48),)))

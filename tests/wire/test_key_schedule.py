@@ -20,6 +20,9 @@ from bridge.wire.datagram import (
     DatagramType,
     Probe,
     Share,
+    VerdictEntry,
+    Verdicts,
+    encode_body,
     parse_header,
 )
 from bridge.wire.keys import (
@@ -177,14 +180,25 @@ VECTOR_KEY_P2S = "ccbeca87cb14916096f8cbb7f22277ddce8b11c67d43c78cfa8763b747f2bf
 VECTOR_KEY_S2P = "44e20186f025acfa31e2333e81f07a4e99f38eb3ab1ef6db9d3bdd568d41d651"
 VECTOR_SHARE_PLAINTEXT = "1400031a2b000000016554a2c1b2957c0200c00000"
 VECTOR_SHARE_DATAGRAM = (
-    "11030123456789abcdef00000000002a"
+    "21030123456789abcdef00000000002a"
     "f9d98d16bb5da85b3b67be3a1ccf2835ff370f0cad"
-    "7bc102cac48965a3f4b358ada3357f67"
+    "e88f300331ba919c025f302bf66f1c5c"
 )
 VECTOR_ACK_DATAGRAM = (
-    "15010123456789abcdef000000000007"
-    "86345dbf3cf00537cf39019534dff1d6a749e18e19e3cc379d14dd7381996cab58"
-    "7ecb99dbbc53678171f775b3"
+    "25010123456789abcdef000000000007"
+    "86345dbf3cf00537cf39019534dff1d6a749e18e19e3cc379d14dd7381865b0e8d"
+    "7695def428e62944645ba85e"
+)
+VECTOR_VERDICT_DETAIL = b'{"result":null,"error":[21,"Job not found",null]}'
+VECTOR_VERDICT_PLAINTEXT = "00000000002a00" "00000000002b41" "0031" + VECTOR_VERDICT_DETAIL.hex()
+VECTOR_VERDICT_DATAGRAM = (
+    "26010123456789abcdef000000000008"
+    "811542252471abe3ff55bba01849993ea3791ca88ca205c57468a419def2fd42d3528247a4a67daf9f87cbf6b3174635aee420"
+    "b2bb422f3482f01e4c8312c2ebfcd6a2"
+    "27c479f892817d83713992edb1a0"
+)
+VECTOR_LONE_VERDICT_DATAGRAM = (
+    "26010123456789abcdef000000000008" "811542252471ab" "905de996d21a54db83958f3a4a8e47dd"
 )
 
 
@@ -195,7 +209,7 @@ def test_known_answer_vector() -> None:
     assert key_p2s.hex() == VECTOR_KEY_P2S and key_s2p.hex() == VECTOR_KEY_S2P
 
     # Built by hand from the PROTOCOL.md description, then compared with the Sealer.
-    header = bytes.fromhex("1103") + salt + (0x2A).to_bytes(6, "big")  # SHARE, KEY_PHASE|URGENT
+    header = bytes.fromhex("2103") + salt + (0x2A).to_bytes(6, "big")  # SHARE, KEY_PHASE|URGENT
     nonce = bytes(4) + (0x2A).to_bytes(8, "big")
     plaintext = bytes.fromhex(VECTOR_SHARE_PLAINTEXT)
     by_hand = header + ChaCha20Poly1305(key_p2s).encrypt(nonce, plaintext, header)
@@ -215,3 +229,18 @@ def test_known_answer_vector() -> None:
     ack_sealer = Sealer(conn_id=VECTOR_CONN_ID, epoch=1, key=key_s2p, first_pn=7)
     ack = Ack(ranges=(AckRange(high=0x2A, low=0x28), AckRange(high=0x25, low=0x20)), ack_delay_us=1500)
     assert ack_sealer.seal(ack).data.hex() == VECTOR_ACK_DATAGRAM
+
+    # VERDICT: share 0 of pn 0x2a accepted plainly, share 1 of pn 0x2b refused with detail.
+    verdicts = Verdicts(
+        entries=(VerdictEntry(pn=0x2A), VerdictEntry(pn=0x2B, index=1, detail=VECTOR_VERDICT_DETAIL))
+    )
+    assert encode_body(verdicts).hex() == VECTOR_VERDICT_PLAINTEXT
+    verdict_header = bytes.fromhex("2601") + salt + (8).to_bytes(6, "big")
+    by_hand = verdict_header + ChaCha20Poly1305(key_s2p).encrypt(
+        bytes(4) + (8).to_bytes(8, "big"), bytes.fromhex(VECTOR_VERDICT_PLAINTEXT), verdict_header
+    )
+    assert by_hand.hex() == VECTOR_VERDICT_DATAGRAM
+    verdict_sealer = Sealer(conn_id=VECTOR_CONN_ID, epoch=1, key=key_s2p, first_pn=8)
+    assert verdict_sealer.seal(verdicts).data.hex() == VECTOR_VERDICT_DATAGRAM
+    lone = Sealer(conn_id=VECTOR_CONN_ID, epoch=1, key=key_s2p, first_pn=8).seal(Verdicts((VerdictEntry(0x2A),)))
+    assert lone.data.hex() == VECTOR_LONE_VERDICT_DATAGRAM and len(lone.data) == 39

@@ -199,22 +199,24 @@ def test_truncated_below_header_and_tag() -> None:
 
 def test_oversized() -> None:
     pair = Pair()
-    assert pair.dropped(b"\x11" + bytes(MAX_DATAGRAM_SIZE)) is DropReason.OVERSIZED
+    assert pair.dropped(b"\x21" + bytes(MAX_DATAGRAM_SIZE)) is DropReason.OVERSIZED
 
 
 @pytest.mark.parametrize(
     ("first_byte", "flags", "reason"),
     [
         (0x01, 0, DropReason.BAD_VERSION),
-        (0x21, 0, DropReason.BAD_VERSION),
+        (0x11, 0, DropReason.BAD_VERSION),  # version 1 datagrams are gone
+        (0x31, 0, DropReason.BAD_VERSION),
         (0xF1, 0, DropReason.BAD_VERSION),
-        (0x10, 0, DropReason.UNKNOWN_TYPE),
-        (0x16, 0, DropReason.UNKNOWN_TYPE),
-        (0x1F, 0, DropReason.UNKNOWN_TYPE),
-        (0x15, 0, DropReason.UNEXPECTED_TYPE),
-        (0x11, 0x04, DropReason.BAD_FLAGS),
-        (0x11, 0x80, DropReason.BAD_FLAGS),
-        (0x13, 0x02, DropReason.BAD_FLAGS),  # URGENT on a probe
+        (0x20, 0, DropReason.UNKNOWN_TYPE),
+        (0x27, 0, DropReason.UNKNOWN_TYPE),
+        (0x2F, 0, DropReason.UNKNOWN_TYPE),
+        (0x25, 0, DropReason.UNEXPECTED_TYPE),
+        (0x26, 0, DropReason.UNEXPECTED_TYPE),
+        (0x21, 0x04, DropReason.BAD_FLAGS),
+        (0x21, 0x80, DropReason.BAD_FLAGS),
+        (0x23, 0x02, DropReason.BAD_FLAGS),  # URGENT on a probe
     ],
 )
 def test_header_checks(first_byte: int, flags: int, reason: DropReason) -> None:
