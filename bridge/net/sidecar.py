@@ -409,6 +409,8 @@ class SidecarServer:
                 )
                 task_status.started(self.port)
         finally:
+            for listener in listeners:  # also when a drain already closed them: closing twice is fine
+                listener.socket.close()
             if udp_socket is not None:
                 udp_socket.close()
 

@@ -91,10 +91,9 @@ async def test_stratumrm_status_warns_and_exits_3_while_the_upstream_is_down() -
         pool_port = await nursery.start(pool.serve, "127.0.0.1", 0)
         pool.kill()  # down before the proxy starts
         proxy = MinerProxy(parse_upstream_url(f"stratum+tcp://127.0.0.1:{pool_port}"), failover=FailoverConfig(**FAST))
-        service = ProxyService(proxy, status_listen=("127.0.0.1", 0))
+        service = ProxyService(proxy, http_listen=("127.0.0.1", 0))
         await nursery.start(service.run, "127.0.0.1", 0)
-        assert service.status is not None
-        url = f"http://127.0.0.1:{service.status.port}"
+        url = f"http://127.0.0.1:{service.web.port}"
         runner = CliRunner()
         with trio.fail_after(30):
             await until(lambda: proxy.policy.is_down(0))  # the probe runs with no rig and no worker name
