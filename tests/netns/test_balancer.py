@@ -50,7 +50,7 @@ frontend stratumrm
     default_backend sidecars
 backend sidecars
     balance leastconn
-    option httpchk GET /status
+    option httpchk GET /readyz
 {servers}
 """
 
@@ -120,7 +120,7 @@ class PoolFarm:
             self.pool_ns, name, "-m", "bridge", "sidecar", "--listen", f"0.0.0.0:{port}",
             "--pool", "stratum+tcp://127.0.0.1:3333", "--cert", str(pki["cert"]), "--key", str(pki["key"]),
             "--ca", str(pki["ca"]), "--revocations", str(pki["revocations"]), "--advertise", f"{POOL_IP}:{port}",
-            "--proxy-protocol-from", "127.0.0.1", "--status-listen", f"127.0.0.1:{STATUS_PORTS[name]}",
+            "--proxy-protocol-from", "127.0.0.1", "--http-listen", f"127.0.0.1:{STATUS_PORTS[name]}",
             "--drain-timeout", "30",
         )
 
