@@ -56,6 +56,7 @@ _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    "/static/enroll.js": ("enroll.js", "text/javascript; charset=utf-8"),
 }
 
 
