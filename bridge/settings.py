@@ -623,7 +623,10 @@ def check_file(path: str | Path, role: str | None = None, *, files: bool = True)
             value = getattr(settings, name)
             if meta is not None and (meta.extra or {}).get("path") and value is not None:
                 try:
-                    Path(value).read_bytes()
+                    if Path(value).is_dir():  # enroll_ca: a CA directory
+                        Path(value, "ca.pem").read_bytes()
+                    else:
+                        Path(value).read_bytes()
                 except OSError as exc:
                     raise ConfigError(f"{path}: key {name}: cannot read {value}: {exc.strerror or exc}") from None
     return role, settings, warnings
