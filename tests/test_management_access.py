@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,7 +31,7 @@ def _get(url: str, ca: Path, bundle: Path | None = None, accept: str = "applicat
 def test_rigs_enroll_and_only_operators_get_in(tmp_path: Path) -> None:
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
     pool_port, sidecar_port, http_port, proxy_port = free_port(), free_port(), free_port(), free_port()
-    run = lambda *args: subprocess.run(STRATUMRM + list(args), capture_output=True, text=True, timeout=90, check=False)  # noqa: E731
+    run = lambda *args: subprocess.run(STRATUMRM + list(args), capture_output=True, text=True, timeout=90, check=False)
     operator = run("pki", "--dir", str(pki.directory), "issue-operator", "ann")
     assert operator.returncode == 0, operator.stderr
     processes = []

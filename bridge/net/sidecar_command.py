@@ -321,7 +321,11 @@ def _management(
         from pathlib import Path
 
         from bridge.pki.authority import CertificateAuthority
-        from bridge.pki.enrollment import DATABASE_FILE, EnrollmentService, EnrollmentStore
+        from bridge.pki.enrollment import (
+            DATABASE_FILE,
+            EnrollmentService,
+            EnrollmentStore,
+        )
         from bridge.web.enroll import OPEN_PATHS
 
         authority = CertificateAuthority.open(enroll_ca)

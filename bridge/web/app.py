@@ -41,7 +41,14 @@ from bridge.stats.status import StatusDocument
 from bridge.web.api import DashboardSnapshot, Health
 from bridge.web.metrics import CONTENT_TYPE_LATEST, exposition, registry_for
 from bridge.web.roles import RoleView, limited
-from bridge.web.server import Guard, Handler, Request, Response, WebServer, json_response
+from bridge.web.server import (
+    Guard,
+    Handler,
+    Request,
+    Response,
+    WebServer,
+    json_response,
+)
 
 __all__ = ["FEED_INTERVAL", "MAX_DASHBOARD_RIGS", "ManagementApp"]
 

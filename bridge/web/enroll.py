@@ -29,7 +29,13 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 
-from bridge.pki.enrollment import ENROLL_CA_PATH, ENROLL_PATH, TOKENS_PATH, EnrollmentService, ca_fingerprint
+from bridge.pki.enrollment import (
+    ENROLL_CA_PATH,
+    ENROLL_PATH,
+    TOKENS_PATH,
+    EnrollmentService,
+    ca_fingerprint,
+)
 from bridge.web.access import operator_of
 from bridge.web.server import Request, Response, json_response
 
