@@ -138,6 +138,8 @@ def test_a_browser_without_operator_certificate_is_refused_and_sees_no_token_for
             reason = driver.find_element("id", "enroll-reason").text
             assert "--http-require-operator" in reason and "stratumrm pki token" in reason
             assert not driver.find_element("id", "enroll-form").is_displayed()
+            # The live feed works over TLS too (wss://): the page fills in from it.
+            wait.until(lambda d: d.find_element("id", "role").text.lower() == "sidecar")
         finally:
             driver.quit()
     finally:
