@@ -359,6 +359,20 @@ class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
         "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
         example="127.0.0.1:9101")] = None
+    http_tls: Annotated[bool, _doc(
+        "Serve the management port over HTTPS with cert and key (implied by http_require_operator and enroll_ca)",
+        "false: statistics and the dashboard travel in the clear to whoever listens on the management network")] = False
+    http_require_operator: Annotated[bool, _doc(
+        "Let onto the management port only browsers with an operator certificate of ca "
+        "(`stratumrm pki issue-operator NAME`); enrollment and /healthz, /readyz stay open; also lets operators "
+        "create enrollment tokens on the dashboard",
+        "false: anyone who reaches the port sees rigs, accounts and certificates; true without the certificate "
+        "installed: your browser gets a refusal page")] = False
+    enroll_ca: Annotated[str | None, _doc(
+        "CA directory (`stratumrm pki init --dir`) whose CA signs enrollments on the management port "
+        "(`stratumrm proxy enroll`); its enrollment.sqlite holds the tokens and the audit trail",
+        "unset: `stratumrm proxy enroll` gets 404; a directory the sidecar cannot read stops the start",
+        path=True, example="pki")] = None
     proxy_protocol_from: Annotated[list[str], _doc(
         "Balancer addresses or networks (CIDR) whose connections start with a PROXY v2 header naming the real "
         "proxy; empty: off",
@@ -609,7 +623,10 @@ def check_file(path: str | Path, role: str | None = None, *, files: bool = True)
             value = getattr(settings, name)
             if meta is not None and (meta.extra or {}).get("path") and value is not None:
                 try:
-                    Path(value).read_bytes()
+                    if Path(value).is_dir():  # enroll_ca: a CA directory
+                        Path(value, "ca.pem").read_bytes()
+                    else:
+                        Path(value).read_bytes()
                 except OSError as exc:
                     raise ConfigError(f"{path}: key {name}: cannot read {value}: {exc.strerror or exc}") from None
     return role, settings, warnings

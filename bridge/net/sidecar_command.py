@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ from bridge.runtime import OptionProblem, check_names, run_role
 
 if TYPE_CHECKING:
     from bridge.net.sidecar import SidecarServer
+    from bridge.pki.enrollment import EnrollmentService
+    from bridge.web.server import Guard
 
 log = logging.getLogger("bridge.sidecar")
 
@@ -97,6 +100,9 @@ def parse_advertise(text: str) -> tuple[str | None, int | None]:
 @click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when a certificate expires within this many days.")
 @click.option("--http-listen", "--status-listen", "http_listen", metavar="HOST:PORT", help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9101. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.")
 @click.option("--metrics-per-worker", is_flag=True, help="Add per-worker series to /metrics (the busiest 1000 workers).")
+@click.option("--http-tls", is_flag=True, help="Serve the management port over HTTPS with --cert/--key (implied by the next two).")
+@click.option("--http-require-operator", is_flag=True, help="Let in only browsers with an operator certificate of --ca (`stratumrm pki issue-operator NAME`); enrollment and health checks stay open.")
+@click.option("--enroll-ca", type=click.Path(file_okay=False), metavar="PKI_DIR", help="Serve enrollment (`stratumrm proxy enroll`) on the management port, signing with the CA in PKI_DIR; with --http-require-operator, operators also create tokens on the dashboard.")
 @click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_HANDSHAKE_TIMEOUT, show_default=True, help="Seconds a proxy has to finish the TLS handshake.")
 @click.option("--max-pending", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING, show_default=True, help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).")
 @click.option("--max-pending-per-source", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address.")
@@ -127,6 +133,9 @@ def sidecar(
     cert_warn_days: float,
     http_listen: str | None,
     metrics_per_worker: bool,
+    http_tls: bool,
+    http_require_operator: bool,
+    enroll_ca: str | None,
     handshake_timeout: float,
     max_pending: int,
     max_pending_per_source: int,
@@ -182,6 +191,8 @@ def sidecar(
         pool_context = public_client_context(pool_ca) if pool.tls else None
         revocation_list = RevocationList(revocations, ca) if revocations else None
         balancers = TrustedBalancers(tuple(chosen.proxy_protocol_from))
+        management = _management(http_address, cert, key, ca, chosen.http_tls, chosen.http_require_operator,
+                                 chosen.enroll_ca)
     except BridgeError as exc:
         raise OptionProblem(str(exc)) from None
     setup_role(chosen, verbose)
@@ -215,6 +226,7 @@ def sidecar(
     udp = {} if no_udp else {"--udp-port" if udp_port is not None else "--listen": (host, port if udp_port is None else udp_port)}
     run_role(
         _serve_until_signalled, server, host, port, http_address, metrics_per_worker, chosen.drain_timeout,
+        management,
         listens=listens, udp=udp,
     )
 
@@ -226,6 +238,7 @@ async def _serve_until_signalled(
     http_address: tuple[str, int] | None = None,
     metrics_per_worker: bool = False,
     drain_timeout: float = 0.0,
+    management: Management | None = None,
 ) -> None:
     """Serve until SIGTERM; SIGHUP re-reads the revocation list and certificate files.
 
@@ -236,7 +249,15 @@ async def _serve_until_signalled(
     from bridge.web.app import ManagementApp
     from bridge.web.roles import SidecarView
 
-    web = ManagementApp(SidecarView(server, metrics_per_worker=metrics_per_worker), containment=server.containment)
+    management = management or Management()
+    web = ManagementApp(
+        SidecarView(server, metrics_per_worker=metrics_per_worker), containment=server.containment,
+        ssl_context=management.ssl_context, guard=management.guard,
+    )
+    if management.enrollment is not None:
+        from bridge.web.enroll import mount_enrollment
+
+        mount_enrollment(web, management.enrollment, browser_tokens=management.browser_tokens)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
         if http_address is not None:
@@ -267,3 +288,48 @@ async def _drain_then_exit(server: SidecarServer, timeout: float, scope: trio.Ca
     await server.drain(timeout, "sidecar draining for a restart")
     log.info("drain finished; exiting")
     scope.cancel()
+
+
+class Management:
+    """The management port's HTTPS context, operator check and enrollment service (see :func:`_management`)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, guard: Guard | None = None,
+                 enrollment: EnrollmentService | None = None, browser_tokens: bool = False) -> None:
+        self.ssl_context = ssl_context
+        self.guard = guard
+        self.enrollment = enrollment
+        self.browser_tokens = browser_tokens
+        """Operators may create enrollment tokens on the dashboard (needs operator certificates)."""
+
+
+def _management(
+    http_address: tuple[str, int] | None, cert: str, key: str, ca: str, tls: bool, require_operator: bool,
+    enroll_ca: str | None,
+) -> Management:
+    """From the options: HTTPS for --http-tls (implied by the other two), the guard, the enrollment service."""
+    if not (tls or require_operator or enroll_ca):
+        return Management()
+    if http_address is None:
+        raise BridgeError("--http-tls, --http-require-operator and --enroll-ca need --http-listen HOST:PORT "
+                          "(the management port they apply to)")
+    from bridge.web.access import management_tls_context, operator_guard
+
+    context = management_tls_context(cert, key, ca if require_operator else None)
+    open_paths: list[str] = ["/healthz", "/readyz"]
+    enrollment = None
+    if enroll_ca:
+        from pathlib import Path
+
+        from bridge.pki.authority import CertificateAuthority
+        from bridge.pki.enrollment import (
+            DATABASE_FILE,
+            EnrollmentService,
+            EnrollmentStore,
+        )
+        from bridge.web.enroll import OPEN_PATHS
+
+        authority = CertificateAuthority.open(enroll_ca)
+        enrollment = EnrollmentService(authority, EnrollmentStore(Path(enroll_ca) / DATABASE_FILE))
+        open_paths += OPEN_PATHS
+    guard = operator_guard(open_paths) if require_operator else None
+    return Management(context, guard, enrollment, browser_tokens=require_operator)

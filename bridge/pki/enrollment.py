@@ -53,12 +53,15 @@ __all__ = [
     "DATABASE_FILE",
     "ENROLL_CA_PATH",
     "ENROLL_PATH",
+    "TOKENS_PATH",
     "AuditEntry",
     "EnrollRequest",
     "EnrollResponse",
     "EnrollmentRefused",
     "EnrollmentService",
     "EnrollmentStore",
+    "TokenCreated",
+    "TokenRequest",
     "ca_fingerprint",
     "parse_ttl",
 ]
@@ -66,6 +69,7 @@ __all__ = [
 DATABASE_FILE = "enrollment.sqlite"
 ENROLL_PATH = "/api/v1/enroll"
 ENROLL_CA_PATH = "/api/v1/enroll/ca"
+TOKENS_PATH = "/api/v1/enroll/tokens"
 TOKEN_PREFIX = "srm1_"
 MAX_TTL = timedelta(days=30)
 MAX_CSR_BYTES = 8192
@@ -107,6 +111,24 @@ class EnrollResponse(msgspec.Struct, frozen=True, kw_only=True):
     accounts: list[str]
     serial: str
     not_after: datetime
+
+
+class TokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /api/v1/enroll/tokens`` (the dashboard's form): what ``stratumrm pki token`` takes."""
+
+    name: str
+    accounts: list[str]
+    ttl: str = "1h"
+
+
+class TokenCreated(msgspec.Struct, frozen=True, kw_only=True):
+    token: str
+    """Shown once; only its hash is stored."""
+    name: str
+    accounts: list[str]
+    expires: datetime
+    fingerprint: str
+    """The CA's, for ``stratumrm proxy enroll --fingerprint``."""
 
 
 def parse_ttl(text: str) -> timedelta:
@@ -266,6 +288,28 @@ class EnrollmentService:
     def ca(self) -> tuple[int, str, bytes]:
         """``GET /api/v1/enroll/ca``: the CA certificate (PEM), which the client checks against its fingerprint."""
         return 200, "application/x-pem-file", certificate_pem(self.authority.ca_certificate)
+
+    def create_token(self, body: bytes, actor: str, now: datetime | None = None) -> tuple[int, str, bytes]:
+        """``POST /api/v1/enroll/tokens`` with a :class:`TokenRequest`: a :class:`TokenCreated` or ``{"error"}``.
+
+        The caller has checked that ``actor`` (who the audit trail names) is an operator.
+        Blocking, as :meth:`enroll`.
+        """
+        try:
+            request = decode_json(body, type=TokenRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _error(400, f"expected {{\"name\": ..., \"accounts\": [...], \"ttl\": \"1h\"}}: {exc}")
+        with self._lock:
+            try:
+                token, expires = self.store.create(request.name, request.accounts, parse_ttl(request.ttl),
+                                                   now=now, actor=actor)
+            except PKIError as exc:
+                return _error(400, str(exc))
+        created = TokenCreated(
+            token=token, name=request.name, accounts=list(normalize_accounts(request.accounts)), expires=expires,
+            fingerprint=ca_fingerprint(self.authority.ca_certificate),
+        )
+        return 200, "application/json", msgspec.json.encode(created)
 
     def enroll(self, body: bytes, client: str, now: datetime | None = None) -> tuple[int, str, bytes]:
         """``POST /api/v1/enroll`` with an :class:`EnrollRequest`; an :class:`EnrollResponse` or ``{"error"}``.

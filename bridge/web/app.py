@@ -26,6 +26,7 @@ more endpoints on the same port.
 from __future__ import annotations
 
 import logging
+import ssl
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -40,7 +41,14 @@ from bridge.stats.status import StatusDocument
 from bridge.web.api import DashboardSnapshot, Health
 from bridge.web.metrics import CONTENT_TYPE_LATEST, exposition, registry_for
 from bridge.web.roles import RoleView, limited
-from bridge.web.server import Handler, Request, Response, WebServer, json_response
+from bridge.web.server import (
+    Guard,
+    Handler,
+    Request,
+    Response,
+    WebServer,
+    json_response,
+)
 
 __all__ = ["FEED_INTERVAL", "MAX_DASHBOARD_RIGS", "ManagementApp"]
 
@@ -55,6 +63,7 @@ _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    "/static/enroll.js": ("enroll.js", "text/javascript; charset=utf-8"),
 }
 
 
@@ -65,9 +74,12 @@ def _static(name: str) -> bytes:
 class ManagementApp:
     """The management endpoints of one role (see the module docs), served by :meth:`serve`."""
 
-    def __init__(self, view: RoleView, *, containment: Containment | None = None) -> None:
+    def __init__(self, view: RoleView, *, containment: Containment | None = None,
+                 ssl_context: ssl.SSLContext | None = None, guard: Guard | None = None) -> None:
+        """``ssl_context``: HTTPS (bridge/web/access.py); ``guard``: e.g. the operator-certificate check."""
         self.view = view
-        self.server = WebServer(f"{view.role} management", containment=containment)
+        self.server = WebServer(f"{view.role} management", containment=containment,
+                                ssl_context=ssl_context, guard=guard)
         self.registry = registry_for(view.metric_families)
         self.started = datetime.now(UTC)
         self._started_clock: float | None = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -74,6 +75,9 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     """Lower-case names; a repeated header keeps its last value."""
     body: bytes
     client: str
+    client_certificate: bytes | None = None
+    """The client's certificate (DER) when the port serves HTTPS and the client presented one
+    its CA verified (see :func:`bridge.web.access.management_tls_context`)."""
 
 
 class Response(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,6 +97,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Guard = Callable[[Request], "Response | None"]
+"""Checks a request before its handler: None lets it through, a Response refuses it."""
 SocketHandler = Callable[[trio_websocket.WebSocketConnection, Request], Awaitable[None]]
 
 
@@ -132,10 +138,14 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
 class WebServer:
     """One role's management port: register routes, then :meth:`serve`."""
 
-    def __init__(self, name: str = "management", *, containment: Containment | None = None) -> None:
+    def __init__(self, name: str = "management", *, containment: Containment | None = None,
+                 ssl_context: ssl.SSLContext | None = None, guard: Guard | None = None) -> None:
+        """``ssl_context``: serve HTTPS (and WebSockets over TLS); ``guard``: see :data:`Guard`."""
         self.name = name
         self.containment = containment or Containment(log, name)
         """Counts and logs an internal error answering one request (the role's, so they count together)."""
+        self.ssl_context = ssl_context
+        self.guard = guard
         self.port: int | None = None
         self.requests = 0
         self._routes: dict[str, _Route] = {}
@@ -179,7 +189,8 @@ class WebServer:
                 "so keep it on 127.0.0.1 or a management network",
                 self.name, host or "*", self.port,
             )
-        log.info("%s on http://%s:%d/ (dashboard, /metrics, /api/v1/health)", self.name, _url_host(host), self.port)
+        scheme = "https" if self.ssl_context is not None else "http"
+        log.info("%s on %s://%s:%d/ (dashboard, /metrics, /api/v1/health)", self.name, scheme, _url_host(host), self.port)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_admitted, self._connection, listeners, self.admission)
             task_status.started(self.port)
@@ -188,16 +199,24 @@ class WebServer:
         try:
             async with self.containment.guard(_client(stream), f"{self.name} request"):
                 try:
-                    await self._serve_one(stream, pending)
-                except* _GONE:  # the client went away (WebSocket errors come grouped by its nursery)
+                    if self.ssl_context is None:
+                        await self._serve_one(stream, pending)
+                    else:
+                        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                        with trio.move_on_after(REQUEST_TIMEOUT) as scope:
+                            await tls.do_handshake()
+                        if not scope.cancelled_caught:
+                            await self._serve_one(tls, pending, _client(stream), _peer_certificate(tls))
+                except* _GONE:  # the client went away, or failed the TLS handshake (SSLError is an OSError)
                     pass
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, stream: trio.SocketStream, pending: Pending) -> None:
+    async def _serve_one(self, stream: trio.abc.Stream, pending: Pending, client: str | None = None,
+                         certificate: bytes | None = None) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         raw = bytearray()
-        client = _client(stream)
+        client = client or _client(stream)
         request: Request | Response | None = None
         socket_handler: SocketHandler | None = None
         # A request is pending for admission from accept to answer (serve_admitted's deadline).
@@ -213,6 +232,12 @@ class WebServer:
             if isinstance(request, Response):
                 await self._send(stream, connection, request, False)
                 await _linger(stream)
+                return
+            if certificate is not None:
+                request = msgspec.structs.replace(request, client_certificate=certificate)
+            refusal = self.guard(request) if self.guard is not None else None
+            if refusal is not None:
+                await self._send(stream, connection, refusal, request.method == "HEAD")
                 return
             key = _normal(request.path)
             socket_handler = self._sockets.get(key)
@@ -329,6 +354,8 @@ async def _linger(stream: trio.SocketStream) -> None:
     Closing with unread bytes makes the kernel send a reset, which can destroy the
     answer in flight; so half-close and drop what still comes, briefly and bounded.
     """
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return  # TLS has no half-close; the client has what it needs
     with trio.move_on_after(LINGER_TIMEOUT):
         await stream.send_eof()
         drained = 0
@@ -338,6 +365,13 @@ async def _linger(stream: trio.SocketStream) -> None:
 
 def _normal(path: str) -> str:
     return path.rstrip("/") or "/"
+
+
+def _peer_certificate(tls: trio.SSLStream) -> bytes | None:
+    try:
+        return tls.getpeercert(binary_form=True)
+    except (ValueError, ssl.SSLError):
+        return None
 
 
 def _client(stream: trio.SocketStream) -> str:

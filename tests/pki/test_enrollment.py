@@ -219,3 +219,31 @@ def test_operator_certificates_cannot_mine(tmp_path: Path) -> None:
 
     loaded = pkcs12.load_pkcs12(p12, passphrase.encode())
     assert loaded.cert is not None and identity_of(loaded.cert.certificate).name == "ann"
+
+
+def test_the_dashboard_form_creates_audited_tokens_and_refuses_bad_ones(authority, tmp_path: Path) -> None:
+    """EnrollmentService.create_token (POST /api/v1/enroll/tokens): what `pki token` does, named for the operator."""
+    from bridge.pki.enrollment import TokenCreated
+
+    store = EnrollmentStore(tmp_path / "enroll.sqlite")
+    service = EnrollmentService(authority, store)
+    form = {"name": "farm9", "accounts": ["Alice", "bob"], "ttl": "2h"}
+    status, _, body = service.create_token(json.dumps(form).encode(), "operator ann (dashboard, 10.0.0.9)")
+    assert status == 200
+    created = msgspec.json.decode(body, type=TokenCreated)
+    assert created.name == "farm9" and created.fingerprint == ca_fingerprint(authority.ca_certificate)
+    assert timedelta(hours=1.9) < created.expires - datetime.now(UTC) <= timedelta(hours=2)
+    csr, _ = _csr()
+    status, _, _ = service.enroll(json.dumps({"token": created.token, "csr": csr}).encode(), "10.0.0.7")
+    assert status == 200
+    creation = next(entry for entry in store.audit() if entry.event == "token created")
+    assert creation.actor == "operator ann (dashboard, 10.0.0.9)" and creation.name == "farm9"
+    for bad, needle in (
+        ({"name": "farm9", "accounts": ["alice"], "ttl": "90d"}, "between 1 s and 30 days"),
+        ({"name": "farm9", "accounts": []}, "at least one"),
+        ({"name": "farm9"}, "accounts"),
+        ({"name": "farm9", "accounts": ["alice"], "admin": True}, "admin"),
+    ):
+        status, _, body = service.create_token(json.dumps(bad).encode(), "operator ann")
+        assert status == 400 and needle in body.decode(), body
+    assert sum(entry.event == "token created" for entry in store.audit()) == 1

@@ -91,3 +91,58 @@ async def test_the_dashboard_numbers_change_as_shares_flow(tmp_path: Path) -> No
         assert "active" in seen["upstreams"] and "up" in seen["upstreams"]  # type: ignore[operator]
         assert seen["rtt"].endswith(" ms")  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
+
+
+def test_a_browser_without_operator_certificate_is_refused_and_sees_no_token_form(tmp_path: Path) -> None:
+    """Chromium on two HTTPS sidecar ports: one requires operator certificates (a browser
+    with none gets the refusal page), one serves enrollment without that requirement (the
+    dashboard shows the enrollment section with why it cannot create tokens, and no form)."""
+    import subprocess
+
+    from processes import STRATUMRM, free_port, wait_for_port
+
+    from bridge.pki.tls import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
+    common = ["--no-udp", "--pool", "stratum+tcp://127.0.0.1:9", "--cert", str(pki.pool_certificate),
+              "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate), "--enroll-ca", str(pki.directory)]
+    guarded, open_port = free_port(), free_port()
+    sidecars = [
+        subprocess.Popen(STRATUMRM + ["sidecar", "--listen", f"127.0.0.1:{free_port()}", *common,
+                                      "--http-listen", f"127.0.0.1:{guarded}", "--http-require-operator"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(STRATUMRM + ["sidecar", "--listen", f"127.0.0.1:{free_port()}", *common,
+                                      "--http-listen", f"127.0.0.1:{open_port}", "--http-tls"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        wait_for_port(guarded, timeout=30)
+        wait_for_port(open_port, timeout=30)
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                         "--no-proxy-server", "--ignore-certificate-errors"):
+            options.add_argument(argument)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        try:
+            driver.set_page_load_timeout(WAIT)
+            wait = WebDriverWait(driver, WAIT, poll_frequency=0.2)
+            driver.get(f"https://127.0.0.1:{guarded}/")
+            heading = driver.find_element("tag name", "h1").text
+            body = driver.find_element("tag name", "body").text
+            assert heading == "Operator certificate required"
+            assert "your browser sent none" in body and "stratumrm pki issue-operator" in body
+            driver.get(f"https://127.0.0.1:{open_port}/")
+            wait.until(lambda d: d.find_element("id", "enroll").is_displayed())
+            wait.until(lambda d: d.find_element("id", "enroll-reason").is_displayed())
+            reason = driver.find_element("id", "enroll-reason").text
+            assert "--http-require-operator" in reason and "stratumrm pki token" in reason
+            assert not driver.find_element("id", "enroll-form").is_displayed()
+            # The live feed works over TLS too (wss://): the page fills in from it.
+            wait.until(lambda d: d.find_element("id", "role").text.lower() == "sidecar")
+        finally:
+            driver.quit()
+    finally:
+        for sidecar in sidecars:
+            sidecar.terminate()
+            sidecar.wait(timeout=30)
