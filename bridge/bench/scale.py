@@ -90,6 +90,22 @@ class Farm:
         self.changed = trio.Event()
 
 
+def source_address(index: int) -> str:
+    """Rig ``index``'s own loopback address (127.1.x.y): rigs of a farm have addresses of their own."""
+    return f"127.1.{index // 250 % 256}.{index % 250 + 1}"
+
+
+async def _connect(index: int, port: int) -> trio.SocketStream:
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    try:
+        await sock.bind((source_address(index), 0))
+        await sock.connect((HOST, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 @dataclass
 class Rig:
     """One lightweight SV1 rig: subscribe, authorize, a share every few seconds."""
@@ -106,7 +122,7 @@ class Rig:
         while True:
             storm = farm.storm
             try:
-                stream = await trio.open_tcp_stream(HOST, farm.port)
+                stream = await _connect(self.index, farm.port)
             except OSError:
                 farm.connect_failures += 1
                 await trio.sleep(0.2 + farm.random.random())
@@ -211,17 +227,20 @@ async def _wait_working(farm: Farm, target: int, timeout: float, progress: Calla
             now = trio.current_time()
             if now - last_report >= 5:
                 last_report = now
-                progress(f"[scale] {label}: {farm.working}/{target} rigs working, {now - started:.0f} s")
+                progress(
+                    f"[scale] {label}: {farm.working}/{target} rigs working, {now - started:.0f} s "
+                    f"({farm.disconnects} disconnects, {farm.connect_failures} failed connects so far)"
+                )
         return trio.current_time() - started
     return None
 
 
 async def run_size(
     rigs: int, directory: Path, progress: Callable[[str], None], *, share_interval: float, window: float,
-    storm_spread: float, seed: int,
+    storm_spread: float, seed: int, verbose_logs: bool = False,
 ) -> SizeResult:
     pki = make_test_pki(directory / "pki", accounts=(ACCOUNT,))
-    launcher = RoleLauncher(directory)
+    launcher = RoleLauncher(directory, verbose=verbose_logs)
     started: list[RoleProcess] = []
     try:
         pool = await launcher.start("pool", "pool", ["--listener", "sv1", "--notify-interval", "30"])
@@ -295,7 +314,7 @@ async def run_size(
 
 async def run(
     sizes: tuple[int, ...], progress: Callable[[str], None], *, runs: int = 1, share_interval: float = 5.0,
-    window: float = 10.0, storm_spread: float = 3.0, keep_logs: Path | None = None,
+    window: float = 10.0, storm_spread: float = 3.0, keep_logs: Path | None = None, verbose_logs: bool = False,
 ) -> list[list[SizeResult]]:
     limit = raise_file_limit()
     needed = max(sizes) + 200
@@ -311,7 +330,7 @@ async def run(
                 progress(f"[scale] {size} rigs, run {number + 1} of {runs}")
                 samples.append(await run_size(
                     size, directory, progress, share_interval=share_interval, window=window,
-                    storm_spread=storm_spread, seed=number,
+                    storm_spread=storm_spread, seed=number, verbose_logs=verbose_logs,
                 ))
             results.append(samples)
     return results
@@ -365,7 +384,11 @@ def _sizes(text: str) -> tuple[int, ...]:
 @click.option("--window", type=click.FloatRange(min=0.5), default=10.0, show_default=True, help="Measured steady seconds.")
 @click.option("--storm-spread", type=click.FloatRange(min=0.0), default=3.0, show_default=True, help="Rigs reconnect within this many seconds.")
 @click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the processes' logs here.")
-def command(rigs: str, runs: int, share_interval: float, window: float, storm_spread: float, keep_logs: Path | None) -> None:
+@click.option("--verbose-logs", is_flag=True, help="The processes log at info level (with --keep-logs).")
+def command(
+    rigs: str, runs: int, share_interval: float, window: float, storm_spread: float, keep_logs: Path | None,
+    verbose_logs: bool,
+) -> None:
     """Thousands of rigs behind one proxy and one sidecar: memory, storm, shares/s, CPU, disconnects."""
     from bridge.bench.command import _progress_printer, _run
 
@@ -373,6 +396,6 @@ def command(rigs: str, runs: int, share_interval: float, window: float, storm_sp
     progress = _progress_printer()
     results = _run(lambda: run(
         sizes, progress, runs=runs, share_interval=share_interval, window=window, storm_spread=storm_spread,
-        keep_logs=keep_logs,
+        keep_logs=keep_logs, verbose_logs=verbose_logs,
     ))
     click.echo(report(results, share_interval, storm_spread))
