@@ -162,6 +162,8 @@ class _Share:
 class RMChannel:
     """One rig's connection carried over the StratumRM connection (an upstream session)."""
 
+    __slots__ = ("_next_id", "_pending", "ch", "closed", "connection", "events", "extranonce1", "job_handles", "version_mask", "workers")
+
     def __init__(self, connection: "StratumRMConnection", ch: int) -> None:
         self.connection = connection
         self.ch = ch
