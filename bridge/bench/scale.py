@@ -257,6 +257,7 @@ async def run_size(
         await trio.sleep(1.0)
         baseline = {name: rss_bytes(pid) for name, pid in roles.items()}
         farm = Farm(proxy.ready["port"], share_interval, seed)
+        failure = None
         async with trio.open_nursery() as nursery:
             progress(f"[scale] {rigs} rigs: connecting")
             all_rigs = [Rig(farm, index) for index in range(rigs)]
@@ -266,37 +267,41 @@ async def run_size(
                     await trio.sleep(0.05)
             connect = await _wait_working(farm, rigs, 120 + rigs / 50, progress, f"{rigs} rigs connecting")
             if connect is None:
-                raise RuntimeError(f"only {farm.working} of {rigs} rigs got to work; logs: {directory}")
-            progress(f"[scale] {rigs} rigs working after {connect:.1f} s; steady window {window:g} s")
-            await trio.sleep(min(share_interval, 5.0))
-            disconnects0 = farm.disconnects
-            answered0, submitted0 = farm.answered, farm.submitted
-            cpu0 = {name: process_cpu_seconds(pid) for name, pid in roles.items()}
-            t0 = trio.current_time()
-            await trio.sleep(window)
-            elapsed = trio.current_time() - t0
-            answered = farm.answered - answered0
-            submitted = farm.submitted - submitted0
-            cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in roles.items()}
-            rss = {name: (rss_bytes(pid) - baseline[name]) / rigs for name, pid in roles.items()}
-            progress(
-                f"[scale] {rigs} rigs: {answered / elapsed:.0f} shares/s, RSS/rig "
-                + ", ".join(f"{n} {v / 1024:.1f} KiB" for n, v in rss.items())
-            )
-            progress(f"[scale] {rigs} rigs: reconnect storm (all disconnect, back within {storm_spread:g} s)")
-            farm.storm_spread = storm_spread
-            storm_at = trio.current_time()
-            storm, farm.storm = farm.storm, trio.Event()
-            storm.set()
-            for rig in all_rigs:
-                if rig.scope is not None:
-                    rig.scope.cancel()
-            await trio.sleep(0)
-            settle_wait = await _wait_working(farm, rigs, 120 + rigs / 50, progress, f"{rigs} rigs storm")
-            settle = None if settle_wait is None else trio.current_time() - storm_at
-            disconnects = farm.disconnects - disconnects0
-            progress(f"[scale] {rigs} rigs: storm settled in {settle if settle is not None else float('nan'):.1f} s")
-            nursery.cancel_scope.cancel()
+                failure = f"only {farm.working} of {rigs} rigs got to work; logs: {directory} (--keep-logs DIR keeps them)"
+                nursery.cancel_scope.cancel()
+            else:
+                progress(f"[scale] {rigs} rigs working after {connect:.1f} s; steady window {window:g} s")
+                await trio.sleep(min(share_interval, 5.0))
+                disconnects0 = farm.disconnects
+                answered0, submitted0 = farm.answered, farm.submitted
+                cpu0 = {name: process_cpu_seconds(pid) for name, pid in roles.items()}
+                t0 = trio.current_time()
+                await trio.sleep(window)
+                elapsed = trio.current_time() - t0
+                answered = farm.answered - answered0
+                submitted = farm.submitted - submitted0
+                cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in roles.items()}
+                rss = {name: (rss_bytes(pid) - baseline[name]) / rigs for name, pid in roles.items()}
+                progress(
+                    f"[scale] {rigs} rigs: {answered / elapsed:.0f} shares/s, RSS/rig "
+                    + ", ".join(f"{n} {v / 1024:.1f} KiB" for n, v in rss.items())
+                )
+                progress(f"[scale] {rigs} rigs: reconnect storm (all disconnect, back within {storm_spread:g} s)")
+                farm.storm_spread = storm_spread
+                storm_at = trio.current_time()
+                storm, farm.storm = farm.storm, trio.Event()
+                storm.set()
+                for rig in all_rigs:
+                    if rig.scope is not None:
+                        rig.scope.cancel()
+                await trio.sleep(0)
+                settle_wait = await _wait_working(farm, rigs, 120 + rigs / 50, progress, f"{rigs} rigs storm")
+                settle = None if settle_wait is None else trio.current_time() - storm_at
+                disconnects = farm.disconnects - disconnects0
+                progress(f"[scale] {rigs} rigs: storm settled in {settle if settle is not None else float('nan'):.1f} s")
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise RuntimeError(failure)
         return SizeResult(
             rigs=rigs,
             connect_seconds=connect,
