@@ -8,6 +8,8 @@
 - ``stratumrm bench flood``: forged datagrams dropped per sidecar CPU-second, honest shares
   during the flood (:mod:`bridge.bench.flood`); ``stratumrm bench pending``: memory per
   connection that has not finished its TLS handshake (:mod:`bridge.bench.pending`);
+- ``stratumrm bench scale``: 1,000 to 10,000 rigs behind one proxy and one sidecar:
+  memory per rig, reconnect storm, shares/s, CPU per share (:mod:`bridge.bench.scale`);
 - ``stratumrm bench`` or ``stratumrm bench all``: all three, tables at the end.
 
 ``--quick`` makes one short run with small loads (a check that everything works, not a
@@ -202,6 +204,15 @@ def _register_flood() -> None:
 
 
 _register_flood()
+
+
+def _register_scale() -> None:
+    from bridge.bench import scale
+
+    bench.add_command(scale.command)
+
+
+_register_scale()
 
 
 @bench.command("all")

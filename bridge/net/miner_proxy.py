@@ -530,6 +530,11 @@ class _LegTask:
 class _RigConnection:
     """The tasks of one rig connection."""
 
+    __slots__ = (
+        "_done", "_learned", "_miner_lock", "_moving", "_nursery", "_placing", "_wake_timer",
+        "channel", "connected_at", "id", "legs", "peer", "pending", "proxy", "stream",
+    )
+
     def __init__(
         self,
         proxy: MinerProxy,

@@ -38,7 +38,7 @@ from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.logs import bind_connection
 from bridge.net.containment import Containment
-from bridge.net.tcp import close_quietly, describe_error, tune_stream
+from bridge.net.tcp import close_quietly, describe_error, tune_stream, unread_bytes
 from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
@@ -402,6 +402,9 @@ class StratumRMLink:
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._timer_wake.wait()
                 continue
-            connection.on_timer(trio.current_time())
+            now = trio.current_time()
+            if now >= connection.silent_deadline() and unread_bytes(self._stream):
+                connection.input_waiting(now)  # busy here, not a silent sidecar
+            connection.on_timer(now)
             self._deliver()
         self._stepped()

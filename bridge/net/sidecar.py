@@ -103,6 +103,7 @@ from bridge.net.tcp import (
     peer_name,
     socket_of,
     tune_stream,
+    unread_bytes,
 )
 from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
 from bridge.pki.identity import (
@@ -1100,6 +1101,8 @@ class _ProxyConnection:
                 await self._wake.wait()
             now = trio.current_time()
             if deadline is not None and now >= deadline:
+                if now >= session.silent_deadline() and unread_bytes(self.stream):
+                    session.input_waiting(now)  # busy here, not a silent proxy
                 session.on_timer(now)
                 self.step()
 

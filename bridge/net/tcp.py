@@ -6,6 +6,8 @@ import errno
 import socket
 import ssl
 import struct
+import termios
+import fcntl
 
 import trio
 
@@ -31,6 +33,21 @@ def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     while isinstance(inner, trio.SSLStream):
         inner = inner.transport_stream
     return inner.socket if isinstance(inner, trio.SocketStream) else None
+
+
+def unread_bytes(stream: trio.abc.Stream | None) -> int:
+    """Bytes the kernel holds for ``stream`` that nobody has read yet (FIONREAD); 0 if unknown.
+
+    A liveness check asks it before declaring a peer silent: bytes waiting mean the
+    peer spoke and this process is behind, so heartbeats never queue behind work.
+    """
+    sock = socket_of(stream) if stream is not None else None
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 def peer_name(stream: trio.abc.Stream) -> str:

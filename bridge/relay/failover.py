@@ -280,7 +280,7 @@ class FailoverStatistics(Struct, frozen=True):
 class _Upstream:
     __slots__ = (
         "index", "spec", "probing", "connected", "lost_kind", "lost_detail", "last_rx", "last_job",
-        "job_since_connect", "tip", "seen", "pool_down", "keepalive_at", "state", "kind", "detail",
+        "job_since_connect", "tip", "seen", "pool_down", "keepalive_at", "first_keepalive_at", "state", "kind", "detail",
         "healthy_since", "failed_before", "detections", "connected_at",
         "hold_done",
     )
@@ -299,6 +299,9 @@ class _Upstream:
         self.seen: OrderedDict[str, float] = OrderedDict()
         self.pool_down: str | None = None
         self.keepalive_at: float | None = None
+        #: The first keepalive sent since ``last_rx``: silence is judged from it, so an
+        #: upstream is never declared silent before a keepalive had its time to answer.
+        self.first_keepalive_at: float | None = None
         self.state = State.UNKNOWN
         self.kind: Reason | None = None
         self.detail: str | None = None
@@ -487,8 +490,9 @@ class FailoverPolicy:
             if keepalive is not None and up.last_rx is not None:
                 quiet_from = up.last_rx if up.keepalive_at is None else max(up.last_rx, up.keepalive_at)
                 deadlines.append(quiet_from + keepalive)
-                if up.state is not State.DOWN:
-                    deadlines.append(up.last_rx + config.silence_timeout)
+                silent_at = self._silent_at(up)
+                if up.state is not State.DOWN and silent_at is not None:
+                    deadlines.append(silent_at)
             if up.last_job is not None and up.state is not State.DOWN:
                 deadlines.append(up.last_job + config.job_timeout)
             elif not up.job_since_connect and up.connected_at is not None:
@@ -529,6 +533,8 @@ class FailoverPolicy:
                 quiet_from = up.last_rx if up.keepalive_at is None else max(up.last_rx, up.keepalive_at)
                 if now >= quiet_from + keepalive:  # the very sum next_deadline() waits for
                     up.keepalive_at = now
+                    if up.first_keepalive_at is None or up.first_keepalive_at < up.last_rx:
+                        up.first_keepalive_at = now
                     actions.append(SendKeepalive(up.index))
         eligible = self._eligible(now)
         self._nothing_eligible = not eligible
@@ -550,6 +556,18 @@ class FailoverPolicy:
             state, kind, detail = self._evaluate(up, now)
             self._transition(up, state, kind, detail, now)
 
+    def _silent_at(self, up: _Upstream) -> float | None:
+        """When ``up`` counts as silent: ``silence_timeout`` after the last line, and never before
+        the first keepalive since then had its share of that time to be answered (a process
+        that was busy and late with its keepalive does not blame the upstream); None when
+        no keepalive went out since the last line yet (it goes out first)."""
+        config = self.config
+        keepalive = config.keepalive
+        first = up.first_keepalive_at
+        if keepalive is None or up.last_rx is None or first is None or first < up.last_rx:
+            return None
+        return max(up.last_rx + config.silence_timeout, first + config.silence_timeout - keepalive)
+
     def _evaluate(self, up: _Upstream, now: float) -> tuple[State, Reason | None, str | None]:
         config = self.config
         if up.pool_down is not None:
@@ -558,8 +576,9 @@ class FailoverPolicy:
             return State.UNKNOWN, None, None
         if not up.connected:
             return State.DOWN, up.lost_kind, up.lost_detail
-        if config.keepalive is not None and up.last_rx is not None:
-            if now >= up.last_rx + config.silence_timeout:
+        silent_at = self._silent_at(up)
+        if silent_at is not None and up.last_rx is not None:
+            if now >= silent_at:
                 quiet = now - up.last_rx
                 return State.DOWN, Reason.SILENT, f"nothing received for {quiet:.1f} s (bound {config.silence_timeout:g} s)"
         if not up.job_since_connect:

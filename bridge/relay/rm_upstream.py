@@ -42,6 +42,7 @@ channel"). The parts that are this module's job:
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -160,6 +161,8 @@ class _Share:
 
 class RMChannel:
     """One rig's connection carried over the StratumRM connection (an upstream session)."""
+
+    __slots__ = ("_next_id", "_pending", "ch", "closed", "connection", "events", "extranonce1", "job_handles", "version_mask", "workers")
 
     def __init__(self, connection: "StratumRMConnection", ch: int) -> None:
         self.connection = connection
@@ -807,6 +810,14 @@ class StratumRMConnection:
             candidates.append(self._last_sent + self.hello.heartbeat)
             candidates.append(self._last_received + self.hello.dead_after)
         return min(candidates) if candidates else None
+
+    def silent_deadline(self) -> float:
+        """When the sidecar counts as silent unless something is heard from it."""
+        return self._last_received + self.hello.dead_after if self.hello is not None else math.inf
+
+    def input_waiting(self, now: float) -> None:
+        """The transport holds unread bytes from the sidecar: it spoke, this side is behind."""
+        self._last_received = max(self._last_received, now)
 
     def on_timer(self, now: float) -> None:
         self._now = now

@@ -245,7 +245,7 @@ MAX_UNACKED: Final = 256
 _VERDICT_ROOM: Final = MAX_DATAGRAM_SIZE - OVERHEAD
 #: Shares remembered per session for duplicate detection (LRU).
 DEFAULT_SHARE_CACHE: Final = 65536
-DEFAULT_MAX_CHANNELS: Final = 4096
+DEFAULT_MAX_CHANNELS: Final = 16384
 DEFAULT_HEARTBEAT: Final = 1.0
 DEFAULT_DEAD_AFTER: Final = 5.0
 DEFAULT_REKEY_INTERVAL: Final = 3600.0
@@ -809,6 +809,14 @@ class SidecarSession:
         return deadline
 
     # ------------------------------------------------------------------ timers
+
+    def silent_deadline(self) -> float:
+        """When the proxy counts as silent unless something is heard from it."""
+        return self._last_received + self.dead_after
+
+    def input_waiting(self, now: float) -> None:
+        """The transport holds unread bytes from the proxy: it spoke, this side is behind."""
+        self._last_received = max(self._last_received, now)
 
     def on_timer(self, now: float) -> None:
         """Flush collected lines, send heartbeats, rekey, and notice a silent proxy."""

@@ -95,6 +95,21 @@ def test_silence_is_declared_only_after_keepalives_went_unanswered() -> None:
     assert p.state(0) is State.UP
 
 
+def test_a_late_timer_sends_the_keepalive_before_blaming_the_upstream() -> None:
+    # A process too busy to run its timers for 4 s must not call a healthy upstream silent:
+    # the keepalive goes out first and gets its share of the window to be answered.
+    p = policy(silence_timeout=3.0)
+    bring_up(p, 0, 0.0)
+    bring_up(p, 1, 0.0)
+    actions = run(p, 4.0)  # the first timer run since 0 s, long past the 3 s bound
+    assert SendKeepalive(0) in actions and p.state(0) is State.UP and p.state(1) is State.UP
+    p.traffic(0, 4.2)  # u0 answers its keepalive; u1 stays silent
+    assert p.next_deadline(4.2) is not None and p.next_deadline(4.2) > 4.2
+    run(p, 6.0)
+    assert p.state(0) is State.UP and p.state(1) is State.DOWN
+    assert p.down_reason(1).startswith("silent")
+
+
 def test_keepalives_off_means_no_silence_rule() -> None:
     p = policy(keepalive_interval=None, job_timeout=30.0)
     bring_up(p, 0, 0.0)

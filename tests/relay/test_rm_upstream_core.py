@@ -361,3 +361,16 @@ def test_forged_probe_acks_do_not_bring_udp_up() -> None:
     stranger = KeySet.derive(KeyMaterial(0x1122334455667788, 1, bytes(32)), Role.SIDECAR)
     conn.receive_datagram(stranger.sealer.seal(ProbeAck(1)).data, ("127.0.0.1", 3334), 1.0)
     assert not conn.udp_up
+
+
+def test_a_sidecar_whose_bytes_wait_unread_is_busy_not_silent() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(dead_after=5.0)
+    channel_ready(conn, sidecar)
+    due = conn.silent_deadline()
+    conn.input_waiting(due)  # the driver saw bytes in the kernel: the proxy is behind
+    conn.on_timer(due)
+    assert conn.close_reason is None and conn.silent_deadline() == due + 5.0
+    conn.on_timer(due + 5.0)
+    assert conn.close_reason and "silent" in conn.close_reason

@@ -929,3 +929,14 @@ def test_a_share_the_pool_is_slow_to_judge_is_acknowledged_after_the_ack_delay()
     harness.advance(0.01)
     stats = harness.session.statistics()
     assert stats.ack_datagrams_sent == 1 and stats.verdict_datagrams_sent == 2 and stats.udp_datagrams_sent == 3
+
+
+def test_a_proxy_whose_bytes_wait_unread_is_busy_not_silent() -> None:
+    harness = ready(heartbeat=1.0, dead_after=5.0)
+    for _ in range(4):
+        harness.advance(1.0)
+    assert harness.now >= harness.session.silent_deadline() - 1.0
+    due = harness.session.silent_deadline()
+    harness.session.input_waiting(due)  # the driver saw bytes in the kernel: the sidecar is behind
+    harness.session.on_timer(due)
+    assert not harness.session.closed and harness.session.silent_deadline() == due + 5.0
