@@ -48,7 +48,7 @@ _decode = BoundedDecoder().decode
 class _Rig:
     """A synthetic rig: subscribe, authorize, read; no hashing."""
 
-    def __init__(self, index: int, port: int, xnsub: bool, clock: "_Clock") -> None:
+    def __init__(self, index: int, port: int, xnsub: bool, clock: _Clock) -> None:
         self.index = index
         self.port = port
         self.xnsub = xnsub

@@ -51,7 +51,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
-from typing import Union
 
 __all__ = [
     "DIFF1_TARGET",
@@ -90,7 +89,7 @@ MAX_TARGET: int = (1 << 256) - 1
 
 U32_MASK: int = 0xFFFFFFFF
 
-Difficulty = Union[int, float, Fraction, Decimal]
+Difficulty = int | float | Fraction | Decimal
 """A share difficulty: ``int``, ``float`` (as decoded from JSON), ``Fraction`` or ``Decimal``."""
 
 _HEX_RE = re.compile(r"(?:[0-9a-fA-F]{2})*")

@@ -279,10 +279,27 @@ class FailoverStatistics(Struct, frozen=True):
 
 class _Upstream:
     __slots__ = (
-        "index", "spec", "probing", "connected", "lost_kind", "lost_detail", "last_rx", "last_job",
-        "job_since_connect", "tip", "seen", "pool_down", "keepalive_at", "state", "kind", "detail",
-        "healthy_since", "failed_before", "detections", "connected_at",
+        "connected",
+        "connected_at",
+        "detail",
+        "detections",
+        "failed_before",
+        "healthy_since",
         "hold_done",
+        "index",
+        "job_since_connect",
+        "keepalive_at",
+        "kind",
+        "last_job",
+        "last_rx",
+        "lost_detail",
+        "lost_kind",
+        "pool_down",
+        "probing",
+        "seen",
+        "spec",
+        "state",
+        "tip",
     )
 
     def __init__(self, index: int, spec: UpstreamSpec) -> None:
@@ -314,7 +331,7 @@ class _Upstream:
 
 
 class _Rig:
-    __slots__ = ("id", "upstream", "moving", "retry_at")
+    __slots__ = ("id", "moving", "retry_at", "upstream")
 
     def __init__(self, rig_id: int, upstream: int | None) -> None:
         self.id = rig_id
@@ -676,7 +693,7 @@ class FailoverPolicy:
         order = sorted(range(len(eligible)), key=lambda i: (-(exact[i] - shares[i]), eligible[i].spec.priority, i))
         for i in order[: total - sum(shares)]:
             shares[i] += 1
-        return {up.index: share for up, share in zip(eligible, shares)}
+        return {up.index: share for up, share in zip(eligible, shares, strict=False)}
 
     def _place(self, eligible: list[_Upstream], counts: Counter[int] | None = None, extra: int = 1) -> int | None:
         """The eligible upstream furthest below its share once ``extra`` more rigs are placed."""

@@ -135,8 +135,20 @@ class Leg:
     """One upstream session of the channel: current, joining, draining or gone."""
 
     __slots__ = (
-        "session", "key", "state", "jobs", "pending", "held", "extranonce1", "extranonce2_size",
-        "version_mask", "replays", "failure", "force_clean", "switched_at", "forward_handshake",
+        "extranonce1",
+        "extranonce2_size",
+        "failure",
+        "force_clean",
+        "forward_handshake",
+        "held",
+        "jobs",
+        "key",
+        "pending",
+        "replays",
+        "session",
+        "state",
+        "switched_at",
+        "version_mask",
     )
 
     def __init__(self, session: UpstreamSession, key: Any, state: str) -> None:
@@ -169,7 +181,7 @@ class Leg:
 class PendingRequest:
     """A rig's request on its way to the pool; the context of the upstream request."""
 
-    __slots__ = ("miner_id", "method", "deadline", "upstream_id", "answered", "leg", "event")
+    __slots__ = ("answered", "deadline", "event", "leg", "method", "miner_id", "upstream_id")
 
     def __init__(self, miner_id: RequestId, method: str, deadline: float, leg: Leg | None = None, event: Any = None) -> None:
         self.miner_id = miner_id

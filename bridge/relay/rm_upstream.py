@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct
@@ -134,10 +135,25 @@ class ConnectionStatistics(Struct, frozen=True):
 class _Share:
     """One rig share on its way: where copies went and who waits for the verdict."""
 
-    __slots__ = ("serial", "channel", "params", "context", "record", "job", "tries", "sent_at",
-                 "deadline", "refs", "tls_ids", "settled", "urgent", "acked", "acked_at")
+    __slots__ = (
+        "acked",
+        "acked_at",
+        "channel",
+        "context",
+        "deadline",
+        "job",
+        "params",
+        "record",
+        "refs",
+        "sent_at",
+        "serial",
+        "settled",
+        "tls_ids",
+        "tries",
+        "urgent",
+    )
 
-    def __init__(self, serial: int, channel: "RMChannel", params: SubmitParams, context: Any) -> None:
+    def __init__(self, serial: int, channel: RMChannel, params: SubmitParams, context: Any) -> None:
         self.serial = serial
         self.channel = channel
         self.params = params
@@ -154,14 +170,14 @@ class _Share:
         self.acked = False
         self.acked_at = 0.0
 
-    def __lt__(self, other: "_Share") -> bool:
+    def __lt__(self, other: _Share) -> bool:
         return self.serial < other.serial
 
 
 class RMChannel:
     """One rig's connection carried over the StratumRM connection (an upstream session)."""
 
-    def __init__(self, connection: "StratumRMConnection", ch: int) -> None:
+    def __init__(self, connection: StratumRMConnection, ch: int) -> None:
         self.connection = connection
         self.ch = ch
         self.events: list[Any] = []

@@ -866,7 +866,7 @@ class SidecarSession:
         if self.hello is None or self.closed or "pool-status" not in self.features:
             return
         up = self._pool_down is None
-        if self._pool_sent is None and up or self._pool_sent == up:
+        if (self._pool_sent is None and up) or self._pool_sent == up:
             return  # up is the assumption; nothing new to say
         self._pool_sent = up
         self._write(encode_rm("rm.pool", PoolStatus(status="up" if up else "down", reason=self._pool_down or "")))

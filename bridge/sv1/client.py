@@ -25,7 +25,7 @@ a miner needs it, and because the StratumRM sidecar reports it to the miner side
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct
@@ -85,7 +85,7 @@ class ClientSessionStatistics(Struct, frozen=True):
     authorized: bool
 
 
-ClientEvent = Union[PoolRequest, Reply, UnknownPoolRequest, ProtocolViolation]
+ClientEvent = PoolRequest | Reply | UnknownPoolRequest | ProtocolViolation
 
 
 class ClientSession:

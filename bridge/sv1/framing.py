@@ -104,7 +104,7 @@ def decode_json(data: str | bytes | bytearray | memoryview | msgspec.Raw, *, typ
 
 
 class LineBuffer:
-    __slots__ = ("_buf", "max_line", "_broken")
+    __slots__ = ("_broken", "_buf", "max_line")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._buf = b""
@@ -125,9 +125,8 @@ class LineBuffer:
         self._buf = rest
         lines = []
         limit = self.max_line
-        for line in complete:
-            if line.endswith(b"\r"):
-                line = line[:-1]
+        for raw in complete:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
             if not line.strip():
                 continue
             if len(line) > limit:

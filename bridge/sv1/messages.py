@@ -25,12 +25,12 @@ fields).
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
 
-RequestId = Union[int, str, None]
+RequestId = int | str | None
 
 NULL = Raw(b"null")
 TRUE = Raw(b"true")
@@ -170,17 +170,10 @@ class GetTransactions(Request, tag="mining.get_transactions", frozen=True):
     params: list[str] = []
 
 
-MinerRequest = Union[
-    Submit,
-    Subscribe,
-    Authorize,
-    Configure,
-    ExtranonceSubscribe,
-    SuggestDifficulty,
-    SuggestTarget,
-    MultiVersion,
-    GetTransactions,
-]
+MinerRequest = (
+    Submit | Subscribe | Authorize | Configure | ExtranonceSubscribe | SuggestDifficulty | SuggestTarget | MultiVersion
+    | GetTransactions
+)
 
 MINER_METHODS = frozenset(
     t.__struct_config__.tag for t in MinerRequest.__args__  # type: ignore[attr-defined]
@@ -238,9 +231,7 @@ class Ping(Request, tag="mining.ping", frozen=True):
     params: list[Any] = []
 
 
-PoolRequest = Union[
-    Notify, SetDifficulty, SetExtranonce, SetVersionMask, Reconnect, ShowMessage, GetVersion, Ping
-]
+PoolRequest = Notify | SetDifficulty | SetExtranonce | SetVersionMask | Reconnect | ShowMessage | GetVersion | Ping
 
 POOL_METHODS = frozenset(
     t.__struct_config__.tag for t in PoolRequest.__args__  # type: ignore[attr-defined]

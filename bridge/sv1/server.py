@@ -29,7 +29,7 @@ Rules enforced here, because every miner-facing server needs them
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct
@@ -87,7 +87,7 @@ class ServerSessionStatistics(Struct, frozen=True):
     authorized_workers: int
 
 
-ServerEvent = Union[MinerRequest, MinerResponse, ProtocolViolation]
+ServerEvent = MinerRequest | MinerResponse | ProtocolViolation
 
 
 class ServerSession:

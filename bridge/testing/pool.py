@@ -990,7 +990,8 @@ class ReferencePool:
                     kept.append(line)
                     continue
                 message["method"] = canonical
-                line = _encode_object(message)
+                kept.append(_encode_object(message))
+                continue
             kept.append(line)
         return b"".join(line + b"\n" for line in kept)
 

@@ -18,7 +18,7 @@ proxy-side and sidecar-side cores (bridge/relay) do.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
@@ -279,4 +279,4 @@ def encode(value: Any) -> bytes:
     return _encode(value)
 
 
-RMParams = Union[Hello, HelloResult, Keys, Open, Close, Job, NotifyChannels, Results, Ping, ErrorNotice, PoolStatus]
+RMParams = Hello | HelloResult | Keys | Open | Close | Job | NotifyChannels | Results | Ping | ErrorNotice | PoolStatus
