@@ -383,8 +383,7 @@ class MinerChannel:
                 self._close(f"not a Stratum client: {what}")
                 return
         for event in self.miner.receive_data(data):
-            kind = type(event)
-            if kind is ProtocolViolation:
+            if isinstance(event, ProtocolViolation):
                 self._violations += 1
                 if event.fatal:
                     self._close(f"protocol violation from the rig: {event.reason}")

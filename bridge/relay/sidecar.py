@@ -172,7 +172,6 @@ from bridge.wire.control import (
     Job,
     Keys,
     NotifyChannels,
-    Open,
     PoolStatus,
     Results,
     RMResponse,
@@ -285,7 +284,7 @@ RELAYED_PARAMS: Final[dict[str, Any]] = {
     "mining.multi_version": NumberParams,
     "mining.get_transactions": list[str],
 }
-_RELAYED_DECODERS: Final = {method: BoundedDecoder(shape) for method, shape in RELAYED_PARAMS.items()}
+_RELAYED_DECODERS: Final = {method: BoundedDecoder[Any](shape) for method, shape in RELAYED_PARAMS.items()}
 
 
 def _encode_params(params: Any) -> Raw:
@@ -929,7 +928,7 @@ class SidecarSession:
         if self.hello is not None:
             self._protocol_violation("rm.hello sent twice")
             return
-        hello = cast(Hello, decode_params("rm.hello", message.params))
+        hello = decode_params("rm.hello", message.params)
         if hello.version != PROTOCOL_VERSION:
             self._write(
                 _hello_error(
@@ -963,7 +962,7 @@ class SidecarSession:
         self._send_pool_status()
 
     def _on_open(self, message: ControlLine) -> None:
-        params = cast(Open, decode_params("rm.open", message.params))
+        params = decode_params("rm.open", message.params)
         ch = params.ch
         if not 1 <= ch <= MAX_CHANNEL_NUMBER:
             self._protocol_violation(f"rm.open for channel {ch}: channel numbers are 1 to 2^32-1")
@@ -981,20 +980,20 @@ class SidecarSession:
         self._commands.append(OpenPool(ch, params.peer))
 
     def _on_close(self, message: ControlLine) -> None:
-        params = cast(Close, decode_params("rm.close", message.params))
+        params = decode_params("rm.close", message.params)
         channel = self._channels.get(params.ch)
         if channel is not None:
             self._drop_channel(channel, f"proxy closed the channel: {params.reason or 'rig disconnected'}")
 
     def _on_ping(self, message: ControlLine) -> None:
-        params = cast(PingParams, decode_params("rm.ping", message.params))
+        params = decode_params("rm.ping", message.params)
         self._write(encode_rm("rm.pong", PingParams(t=params.t)))
 
     def _on_pong(self, message: ControlLine) -> None:
         decode_params("rm.pong", message.params)  # liveness only; validates the shape
 
     def _on_error(self, message: ControlLine) -> None:
-        params = cast(ErrorNotice, decode_params("rm.error", message.params))
+        params = decode_params("rm.error", message.params)
         self._close(f"proxy closed the connection: {params.reason}", tell_proxy=False)
 
     def _on_wrong_direction(self, message: ControlLine) -> None:

@@ -59,9 +59,9 @@ class _PoolLine(Struct, frozen=True):
     result: Any = UNSET
 
 
-_decode_line = BoundedDecoder(_PoolLine).decode
-_decode_pool_request = BoundedDecoder(PoolRequest).decode
-_decode_response = BoundedDecoder(Response).decode
+_decode_line = BoundedDecoder[_PoolLine](_PoolLine).decode
+_decode_pool_request = BoundedDecoder[PoolRequest](PoolRequest).decode
+_decode_response = BoundedDecoder[Response](Response).decode
 _encode = msgspec.json.Encoder().encode
 
 # Methods that may be sent before the handshake is over.
@@ -260,19 +260,18 @@ class ClientSession:
             return ProtocolViolation(f"malformed {method}: {exc}", line=line)
         return self._apply(message, line)
 
-    def _apply(self, message: Any, line: bytes) -> ClientEvent:
-        kind = type(message)
-        if kind is Notify:
+    def _apply(self, message: PoolRequest, line: bytes) -> ClientEvent:
+        if isinstance(message, Notify):
             try:
                 check_notify(message.params)
             except ValueError as exc:
                 return ProtocolViolation(str(exc), line=line)
-        elif kind is SetDifficulty:
+        elif isinstance(message, SetDifficulty):
             difficulty = message.difficulty
             if not difficulty > 0:
                 return ProtocolViolation(f"difficulty {difficulty!r} is not positive", line=line)
             self.difficulty = difficulty
-        elif kind is SetExtranonce:
+        elif isinstance(message, SetExtranonce):
             params = message.params
             extranonce1 = params.extranonce1
             if extranonce1 is not None and (not is_hex(extranonce1) or len(extranonce1) % 2):
@@ -281,7 +280,7 @@ class ClientSession:
                 self.extranonce1 = extranonce1
             if params.extranonce2_size is not None:
                 self.extranonce2_size = params.extranonce2_size
-        elif kind is SetVersionMask:
+        elif isinstance(message, SetVersionMask):
             if not is_hex(message.mask, 8):
                 return ProtocolViolation("mining.set_version_mask mask is not 8 hex digits", line=line)
             self.version_mask = message.mask

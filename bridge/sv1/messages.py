@@ -176,7 +176,7 @@ MinerRequest = (
 )
 
 MINER_METHODS = frozenset(
-    t.__struct_config__.tag for t in MinerRequest.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag for t in MinerRequest.__args__
 )
 
 
@@ -234,7 +234,7 @@ class Ping(Request, tag="mining.ping", frozen=True):
 PoolRequest = Notify | SetDifficulty | SetExtranonce | SetVersionMask | Reconnect | ShowMessage | GetVersion | Ping
 
 POOL_METHODS = frozenset(
-    t.__struct_config__.tag for t in PoolRequest.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag for t in PoolRequest.__args__
 )
 
 

@@ -623,7 +623,7 @@ def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> b
 
 
 def _decode_verdicts(data: bytes) -> Verdicts:
-    entries = []
+    entries: list[VerdictEntry] = []
     offset = 0
     end = len(data)
     if not end:
