@@ -1,6 +1,6 @@
 """``stratumrm bench transport``: the same share load through four transports, side by side.
 
-Paths (design brief §7, the StratumRM issue, item 9):
+Paths:
 
 ==============  ===========================================  =============================
 path            chain                                        link measured

@@ -1,8 +1,7 @@
 """Share math for Bitcoin SHA256d Stratum V1: the one place where it lives.
 
 A pool checks a submitted share by rebuilding the block header the miner hashed
-and comparing its double-SHA256 with the target for the share difficulty
-(reference: ``stratum-v1.md`` section 2).
+and comparing its double-SHA256 with the target for the share difficulty.
 
 **Coinbase and merkle root.** The coinbase transaction is
 ``coinb1 || extranonce1 || extranonce2 || coinb2``, with extranonce2 exactly as

@@ -9,7 +9,7 @@ channel never touches a socket or a clock: the driver feeds it bytes and events
 with the current time ``now``, asks :meth:`next_deadline`, calls
 :meth:`on_timer`, and writes what the sessions queued.
 
-Transparency rules (reference/stratum-v1.md §4.6, design brief §5):
+Transparency rules:
 
 - every request keeps the rig's own id: upstream requests carry a
   :class:`PendingRequest` as their context and the pool's reply is relayed with
@@ -67,7 +67,7 @@ its verdicts still reach the rig; its notifications do not. A submit is routed
 by its job id (the leg that sent the job; when two legs sent the same id the
 newest wins). A share on a job of a leg that is gone is answered locally,
 ``[21, "Stale: …", null]`` with ``result: false``, and never reaches another
-pool, where the job id might mean something else (reference §4.3). When a leg is
+pool, where the job id might mean something else. When a leg is
 lost its pending requests get explicit errors (shares: "not confirmed"). The
 driver retires a draining leg (:meth:`retire_drained`) once it has no pending
 share and ``drain_timeout`` passed since the switch.

@@ -64,7 +64,7 @@ pool. When a pool connection cannot be opened, closes or breaks the protocol,
 ``mining.authorize`` requests are kept in the order sent (at most 256, the range
 of ``worker_index``); when the driver passes the certificate's ``accounts``, an
 authorize or submit for any other account is refused with error 24 and never
-reaches the pool (design brief §6).
+reaches the pool.
 
 Jobs (C5). Every distinct notify (all nine params equal) gets a job handle, sent
 once as ``rm.job``; the channels that receive it are collected for
@@ -581,7 +581,7 @@ def _u32(value: Any) -> int | None:
 
 
 def _account(worker: str) -> str:
-    """The account part of ``user.worker`` (design brief §6)."""
+    """The account part of ``user.worker``."""
     return worker.split(".", 1)[0]
 
 

@@ -9,7 +9,7 @@ the pool's bytes into events: the pool's notification Structs
 :class:`~bridge.sv1.events.UnknownPoolRequest` for methods we do not know (a
 relay passes them on), and :class:`~bridge.sv1.events.ProtocolViolation`.
 
-Pool-side ordering (reference/stratum-v1.md pitfall 15) is enforced here, so a
+Pool-side ordering is enforced here, so a
 relay can forward a miner's pipelined handshake as it arrives: ckpool drops a
 client that sends a non-handshake method before subscribe, fails an authorize
 sent before subscribe, and silently ignores requests sent before authorisation

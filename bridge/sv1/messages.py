@@ -16,7 +16,7 @@ session hands to its user, so nothing is copied on the hot path.
 
 Response ``result``/``error`` values are kept as :class:`msgspec.Raw` so a relay can
 pass a pool's verdict to the miner byte for byte (only the id is changed), whatever
-dialect the pool speaks (reference/stratum-v1.md §1.5).
+dialect the pool speaks.
 
 Params are ``array_like`` Structs: trailing fields with defaults may be omitted by
 the sender, extra trailing elements are ignored (msgspec's default for unknown
@@ -295,7 +295,7 @@ def params_list(params: Struct) -> list[Any]:
 
 
 def error_value(code: int, message: str) -> Raw:
-    """The ``[code, "message", null]`` error form every miner parses (§1.5)."""
+    """The ``[code, "message", null]`` error form every miner parses."""
     return Raw(msgspec.json.encode([code, message, None]))
 
 

@@ -1,6 +1,6 @@
 """Reading a pool's share verdict, whatever dialect the pool speaks.
 
-Pools answer ``mining.submit`` in at least five ways (reference/stratum-v1.md §1.5):
+Pools answer ``mining.submit`` in at least five ways:
 ``[code, "msg", data]`` arrays (the original spec, public-pool, slush with code
 -2), two-element arrays (NOMP), JSON-RPC 2.0 error objects (miningcore),
 ``result:false`` with a top-level ``"reject-reason"`` (ckpool), and plain strings

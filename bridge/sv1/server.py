@@ -8,8 +8,7 @@ Structs themselves (:class:`~bridge.sv1.messages.Submit`, ``Subscribe`` ...),
 and notification methods, which queue bytes; the driver writes
 :meth:`data_to_send` to the socket. No I/O, no clock.
 
-Rules enforced here, because every miner-facing server needs them
-(reference/stratum-v1.md §3.8 and §5):
+Rules enforced here, because every miner-facing server needs them:
 
 - ids are echoed exactly as sent (int, string or null), and a request with
   ``"id": null`` is never answered (bfgminer's ``suggest_target`` comes before
