@@ -1,6 +1,6 @@
 """The ``stratumrm`` command line.
 
-Roles: ``proxy`` (miner side), ``sidecar`` (pool side, with the StratumRM issue);
+Roles: ``proxy`` (miner side), ``sidecar`` (pool side);
 tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``, ``ping``, ``config``.
 """
 

@@ -195,7 +195,7 @@ def summary(result: DemoResult) -> str:
     pool_stats = result.pool.statistics()
     rows.append(("pool", "", "", str(pool_stats.accepted), str(sum(pool_stats.rejected.values())), "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 2, "-" * len(lines[0]))

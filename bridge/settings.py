@@ -45,9 +45,9 @@ from bridge.net.admission import (
 __all__ = [
     "ROLES",
     "FailoverSettings",
+    "InterceptSettings",
     "ProxySettings",
     "SidecarSettings",
-    "InterceptSettings",
     "UpstreamSettings",
     "check_file",
     "describe",
@@ -480,7 +480,7 @@ def _explain(path_name: str, model: type[Struct], exc: msgspec.ValidationError) 
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         if parent is not None and not close:
-            for section, field in _field_table(parent).items():
+            for section in _field_table(parent):
                 inner = _struct_at(parent, [section])
                 if inner is not None and name in _field_table(inner):
                     hint = f" (it belongs in the [{section}] table)"

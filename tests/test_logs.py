@@ -182,8 +182,7 @@ def test_a_url_fragment_typo_is_refused_with_the_choices() -> None:
 def test_json_logs_with_connection_ids_and_a_shutting_down_line() -> None:
     port, pool = free_port(), free_port()
     process = subprocess.Popen(
-        STRATUMRM + ["proxy", "--listen", f"127.0.0.1:{port}", "-o", f"stratum+tcp://127.0.0.1:{pool}",
-                     "--log-format", "json"],
+        [*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{port}", "-o", f"stratum+tcp://127.0.0.1:{pool}", "--log-format", "json"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     lines: queue.Queue[str] = queue.Queue()

@@ -36,15 +36,10 @@ def test_rigs_enroll_and_only_operators_get_in(tmp_path: Path) -> None:
     assert operator.returncode == 0, operator.stderr
     processes = []
     try:
-        processes.append(subprocess.Popen(STRATUMRM + ["testpool", "--listen", f"127.0.0.1:{pool_port}",
-                                                       "--difficulty", "0.0001"],
+        processes.append(subprocess.Popen([*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         sidecar_log = (tmp_path / "sidecar.log").open("w")
-        processes.append(subprocess.Popen(STRATUMRM + [
-            "sidecar", "--listen", f"127.0.0.1:{sidecar_port}", "--no-udp", "--pool", f"stratum+tcp://127.0.0.1:{pool_port}",
-            "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
-            "--http-listen", f"127.0.0.1:{http_port}", "--http-require-operator", "--enroll-ca", str(pki.directory),
-        ], stdout=sidecar_log, stderr=subprocess.STDOUT))
+        processes.append(subprocess.Popen([*STRATUMRM, "sidecar", "--listen", f"127.0.0.1:{sidecar_port}", "--no-udp", "--pool", f"stratum+tcp://127.0.0.1:{pool_port}", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate), "--http-listen", f"127.0.0.1:{http_port}", "--http-require-operator", "--enroll-ca", str(pki.directory)], stdout=sidecar_log, stderr=subprocess.STDOUT))
         wait_for_port(http_port, timeout=30)
         base = f"https://127.0.0.1:{http_port}"
 
@@ -89,9 +84,7 @@ def test_rigs_enroll_and_only_operators_get_in(tmp_path: Path) -> None:
         assert _get(f"{base}/healthz", pki.ca_certificate)[0] == 200  # load balancers need no certificate
 
         # The enrolled bundle mines.
-        processes.append(subprocess.Popen(STRATUMRM + [
-            "proxy", "--listen", f"127.0.0.1:{proxy_port}", "-o", f"stratumrm://127.0.0.1:{sidecar_port}",
-            "--bundle", str(bundle)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        processes.append(subprocess.Popen([*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "-o", f"stratumrm://127.0.0.1:{sidecar_port}", "--bundle", str(bundle)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for_port(proxy_port, timeout=30)
         miner = run("testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}", "--user", "alice.rig1",
                     "--max-shares", "1", "--duration", "60")
@@ -109,11 +102,7 @@ def test_without_operator_certificates_the_dashboard_cannot_create_tokens(tmp_pa
     """A loopback port without --http-require-operator: enrollment works, token creation is refused."""
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
     sidecar_port, http_port = free_port(), free_port()
-    sidecar = subprocess.Popen(STRATUMRM + [
-        "sidecar", "--listen", f"127.0.0.1:{sidecar_port}", "--no-udp", "--pool", "stratum+tcp://127.0.0.1:9",
-        "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
-        "--http-listen", f"127.0.0.1:{http_port}", "--enroll-ca", str(pki.directory),
-    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sidecar = subprocess.Popen([*STRATUMRM, "sidecar", "--listen", f"127.0.0.1:{sidecar_port}", "--no-udp", "--pool", "stratum+tcp://127.0.0.1:9", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate), "--http-listen", f"127.0.0.1:{http_port}", "--enroll-ca", str(pki.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(http_port, timeout=30)
         tokens = f"https://127.0.0.1:{http_port}/api/v1/enroll/tokens"

@@ -19,7 +19,7 @@ runs in one process on 127.0.0.1, so the figures include the CPU contention of
 100 rigs, two pools and the proxy on one core.
 
 For comparison: cgminer on its own gives up on a silent pool after 90 s, and a
-reset makes it retry the same pool before it fails over (reference/stratum-v1.md §3).
+reset makes it retry the same pool before it fails over.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _decode = BoundedDecoder().decode
 class _Rig:
     """A synthetic rig: subscribe, authorize, read; no hashing."""
 
-    def __init__(self, index: int, port: int, xnsub: bool, clock: "_Clock") -> None:
+    def __init__(self, index: int, port: int, xnsub: bool, clock: _Clock) -> None:
         self.index = index
         self.port = port
         self.xnsub = xnsub

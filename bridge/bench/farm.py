@@ -1,6 +1,6 @@
 """``stratumrm bench farm``: link bytes per miner per hour for a farm behind one proxy.
 
-The scenario of the StratumRM issue, item 10: ``miners`` miners, each submitting a
+The scenario: ``miners`` miners, each submitting a
 share every ``share_interval`` seconds; the pool sends a new job every
 ``job_interval`` seconds and on each new block (every ``block_interval`` seconds),
 the same ``mining.notify`` to every connection, as most pools do. The same farm is

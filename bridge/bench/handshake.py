@@ -15,7 +15,7 @@ is the sidecar's post-handshake check alone (parse the peer certificate, role,
 validity, issuing CA), which every handshake pays, resumed ones included.
 
 Resumption saves the certificate signatures and their verification, not round trips:
-on a WAN both cost TCP 1 RTT + TLS 1 RTT (reference/security.md §4.6).
+on a WAN both cost TCP 1 RTT + TLS 1 RTT.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``stratumrm bench transport``: the same share load through four transports, side by side.
 
-Paths (design brief §7, the StratumRM issue, item 9):
+Paths:
 
 ==============  ===========================================  =============================
 path            chain                                        link measured
@@ -739,8 +739,7 @@ async def _measure_lossy(context: _Context, cpu_pids: dict[str, int]) -> LossyRu
              "--delay-ms", str(settings.lossy_delay_ms), "--seed", "7"],
         )
         started.append(link)
-        sidecar = await launcher.start("sidecar-lossy", "sidecar", _sidecar_options(pki, pool_port) + [
-            "--udp-port", str(sidecar_udp), "--advertise-port", str(link_port)])
+        sidecar = await launcher.start("sidecar-lossy", "sidecar", [*_sidecar_options(pki, pool_port), "--udp-port", str(sidecar_udp), "--advertise-port", str(link_port)])
         started.append(sidecar)
         proxy = await launcher.start("proxy-lossy", "proxy", [
             "--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)])
@@ -1017,7 +1016,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths, strict=False)))
 
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in rows]

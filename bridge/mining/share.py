@@ -1,8 +1,7 @@
 """Share math for Bitcoin SHA256d Stratum V1: the one place where it lives.
 
 A pool checks a submitted share by rebuilding the block header the miner hashed
-and comparing its double-SHA256 with the target for the share difficulty
-(reference: ``stratum-v1.md`` section 2).
+and comparing its double-SHA256 with the target for the share difficulty.
 
 **Coinbase and merkle root.** The coinbase transaction is
 ``coinb1 || extranonce1 || extranonce2 || coinb2``, with extranonce2 exactly as
@@ -51,7 +50,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
-from typing import Union
 
 __all__ = [
     "DIFF1_TARGET",
@@ -90,7 +88,7 @@ MAX_TARGET: int = (1 << 256) - 1
 
 U32_MASK: int = 0xFFFFFFFF
 
-Difficulty = Union[int, float, Fraction, Decimal]
+Difficulty = int | float | Fraction | Decimal
 """A share difficulty: ``int``, ``float`` (as decoded from JSON), ``Fraction`` or ``Decimal``."""
 
 _HEX_RE = re.compile(r"(?:[0-9a-fA-F]{2})*")

@@ -68,7 +68,7 @@ _raised: tuple[int, int] | None = None
 
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit (once per process); return (soft, hard)."""
-    global _raised
+    global _raised  # noqa: PLW0603 -- the limit is per process, raised once
     if _raised is not None:
         return _raised
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -132,7 +132,7 @@ _gauge: FdGauge | None = None
 
 def fd_gauge() -> FdGauge:
     """The process's one gauge (file descriptors are a per-process resource)."""
-    global _gauge
+    global _gauge  # noqa: PLW0603 -- one gauge per process, made on first use
     if _gauge is None:
         _gauge = FdGauge()
     return _gauge

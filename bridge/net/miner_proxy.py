@@ -205,7 +205,7 @@ class MinerProxy:
                 "keepalive 'authorize' is no longer offered (ckpool never answers a second authorize, so healthy "
                 "pools looked silent): use keepalive = \"subscribe\""
             )
-        if keepalive not in KEEPALIVE_METHODS + ("none",):
+        if keepalive not in (*KEEPALIVE_METHODS, "none"):
             raise ValueError(f"keepalive must be one of subscribe, ping, none; got {keepalive!r}")
         if pool_ssl_context is None and isinstance(upstream_ssl_context, ssl.SSLContext):
             pool_ssl_context = upstream_ssl_context
@@ -518,7 +518,7 @@ class MinerProxy:
 
 
 class _LegTask:
-    __slots__ = ("leg", "session", "upstream", "scope")
+    __slots__ = ("leg", "scope", "session", "upstream")
 
     def __init__(self, leg: Leg, session: Session, upstream: Upstream) -> None:
         self.leg = leg

@@ -54,7 +54,7 @@ RECEIVE_SIZE = 65536
 class RMUpstreamHandle:
     """One rig's view of the shared StratumRM connection (an upstream, like SV1Upstream)."""
 
-    def __init__(self, link: "StratumRMLink", channel: RMChannel) -> None:
+    def __init__(self, link: StratumRMLink, channel: RMChannel) -> None:
         self.link = link
         self.session = channel
         self._wake = trio.Event()
@@ -237,7 +237,7 @@ class StratumRMLink:
                     await self._open_udp(connection, nursery)
                     self._logged_failure = None
                     log.info("StratumRM session with %s ready (%s)", url,
-                             "UDP on port %s" % connection.hello.udp_port if connection.hello.udp_port else "TLS only")
+                             f"UDP on port {connection.hello.udp_port}" if connection.hello.udp_port else "TLS only")
                 self._connecting = False
                 self._ready.set()
                 while connection.close_reason is None:
@@ -362,7 +362,7 @@ class StratumRMLink:
         def on_datagram(data: bytes, address: object, now: float) -> StratumRMConnection | None:
             try:
                 connection.receive_datagram(data, address, now)
-            except Exception as exc:  # noqa: BLE001 - that datagram is dropped; the session goes on
+            except Exception as exc:
                 self.containment.record(exc, address, "datagram")
                 return None
             return connection

@@ -502,7 +502,7 @@ class SidecarServer:
         def receive(data: bytes, address: Any, now: float) -> Any:
             try:
                 return self.intake.receive(data, address, now)
-            except Exception as exc:  # noqa: BLE001 - that datagram is dropped; UDP goes on
+            except Exception as exc:
                 self.containment.record(exc, address, "datagram")
                 return None
 

@@ -35,7 +35,7 @@ class SV1Upstream:
     @classmethod
     async def connect(
         cls, url: UpstreamURL, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 10.0
-    ) -> "SV1Upstream":
+    ) -> SV1Upstream:
         if url.tls and ssl_context is None:
             raise ValueError(f"{url} needs a TLS context")
         stream = await open_stream(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
 import ssl
 import struct
 import termios
-import fcntl
 
 import trio
 

@@ -1,6 +1,6 @@
 """The revocation list as the sidecar uses it: a CRL file, checked in the application.
 
-Python's ``ssl`` is a poor place to enforce revocation (reference/security.md §4.3): a
+Python's ``ssl`` is a poor place to enforce revocation: a
 CRL only counts with ``VERIFY_CRL_CHECK_LEAF``, every client is refused while no CRL is
 loaded or once it passes nextUpdate, CRLs can only be added to a live context (never
 removed), and TLS 1.3 resumed sessions skip certificate checks altogether. So the sidecar

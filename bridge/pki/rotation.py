@@ -1,6 +1,6 @@
 """Certificates that change on disk while a role runs: reloading, expiry, resumption.
 
-Rotation without downtime (reference/security.md §4.5) needs three things, all here:
+Rotation without downtime needs three things, all here:
 
 - **Reloading.** :class:`ServerCredentials` (the sidecar's certificate, key and CA) and
   :class:`ClientCredentials` (a proxy's bundle, or certificate, key and CA) remember the

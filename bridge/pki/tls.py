@@ -20,7 +20,7 @@ Control channel (miner-side proxy ⇄ pool-side sidecar):
 Backup pools reached directly over ``stratum+ssl://`` use :func:`public_client_context`.
 
 Treat a context as fixed once built: to rotate a certificate or CA, build a new context
-and use it for new connections (reference/security.md §4.5). Session tickets belong to
+and use it for new connections. Session tickets belong to
 the context that issued them, so connections after a swap make full handshakes.
 """
 

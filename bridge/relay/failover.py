@@ -35,8 +35,7 @@ reset, closed, TLS failure, StratumRM link dead) and
   ``mining.subscribe`` for plain SV1 (cgminer's pool test), the link's own
   ``rm.ping`` liveness for StratumRM. Never ``mining.authorize`` again: ckpool
   never answers a second one (and logs "trying to authorise twice"), nor
-  ``mining.ping`` or unknown methods from a client (reference/stratum-v1.md
-  pitfall 14), so a healthy pool would look silent. With
+  ``mining.ping`` or unknown methods from a client, so a healthy pool would look silent. With
   keepalives off (``keepalive_interval=None``) the silence rule is off too and
   only loss, missing jobs and lag remain. A TCP-level probe would not do: a
   stalled pool process (or a stalled relay in between) still has its kernel ACK
@@ -75,14 +74,13 @@ Placement
   upstream over its share (gentle rebalance) are moved to the upstreams furthest
   below theirs. Moves are paced by a token bucket, ``switch_rate`` rigs per
   second in bursts of ``switch_burst``, urgent ones first, so a farm of
-  hundreds of rigs does not stampede the backup (reference/stratum-v1.md §4.5).
+  hundreds of rigs does not stampede the backup.
   A rig whose session died waits ``settle`` seconds (50 ms) before it is placed:
   when a pool dies every connection to it breaks at once, and the probe's own
   loss decides the upstream's fate before the orphans are re-homed.
 - **No upstream usable.** ``disconnect`` (default): after
   ``no_upstream_grace`` seconds (5 s) every rig is released (its connection
-  closed) so its own backup pools take over, as cgminer's failover expects
-  (reference §4.4), and rigs that connect meanwhile are released at once;
+  closed) so its own backup pools take over, as cgminer's failover expects, and rigs that connect meanwhile are released at once;
   ``keep``: rigs stay connected on their last job until an upstream is back.
 
 How a move reaches the rig (``mining.set_extranonce`` or ``client.reconnect``)
@@ -90,15 +88,13 @@ is the driver's and the miner channel's business; this module only says who
 goes where, when.
 
 Why rigs' own sessions on the backup are opened at switch time, not kept open in
-advance (measured on 127.0.0.1, ``python -m bridge.bench.failover``, 100 rigs):
-opening one (connect, subscribe, authorize: two round trips) takes 0.5 ms
-median, about two WAN round trips in a real farm; for StratumRM, a channel on the
-warm link is one round trip. A failover's time is detection (0.02 s after a RST,
-up to ``silence_timeout`` after a blackhole) plus the pacing of the moves (100
-rigs at 500/s: 0.15 s); the medians were 0.22 s (RST) and 1.86 s (blackhole,
-2 s bound). An idle session per rig per standby would double the connections
-every pool sees to save those round trips; the probe already keeps each standby
-connected, authorized and known to send jobs, and keeps StratumRM links open.
+advance: opening one (connect, subscribe, authorize) costs two round trips, and for
+StratumRM a channel on the warm link costs one. A failover's time is detection
+(right after a RST, up to ``silence_timeout`` after a blackhole) plus the pacing of
+the moves; ``stratumrm bench failover`` prints both. An idle session per rig per
+standby would double the connections every pool sees to save those round trips; the
+probe already keeps each standby connected, authorized and known to send jobs, and
+keeps StratumRM links open.
 """
 
 from __future__ import annotations
@@ -279,10 +275,28 @@ class FailoverStatistics(Struct, frozen=True):
 
 class _Upstream:
     __slots__ = (
-        "index", "spec", "probing", "connected", "lost_kind", "lost_detail", "last_rx", "last_job",
-        "job_since_connect", "tip", "seen", "pool_down", "keepalive_at", "first_keepalive_at", "state", "kind", "detail",
-        "healthy_since", "failed_before", "detections", "connected_at",
+        "connected",
+        "connected_at",
+        "detail",
+        "detections",
+        "failed_before",
+        "first_keepalive_at",
+        "healthy_since",
         "hold_done",
+        "index",
+        "job_since_connect",
+        "keepalive_at",
+        "kind",
+        "last_job",
+        "last_rx",
+        "lost_detail",
+        "lost_kind",
+        "pool_down",
+        "probing",
+        "seen",
+        "spec",
+        "state",
+        "tip",
     )
 
     def __init__(self, index: int, spec: UpstreamSpec) -> None:
@@ -317,7 +331,7 @@ class _Upstream:
 
 
 class _Rig:
-    __slots__ = ("id", "upstream", "moving", "retry_at")
+    __slots__ = ("id", "moving", "retry_at", "upstream")
 
     def __init__(self, rig_id: int, upstream: int | None) -> None:
         self.id = rig_id
@@ -695,7 +709,7 @@ class FailoverPolicy:
         order = sorted(range(len(eligible)), key=lambda i: (-(exact[i] - shares[i]), eligible[i].spec.priority, i))
         for i in order[: total - sum(shares)]:
             shares[i] += 1
-        return {up.index: share for up, share in zip(eligible, shares)}
+        return {up.index: share for up, share in zip(eligible, shares, strict=False)}
 
     def _place(self, eligible: list[_Upstream], counts: Counter[int] | None = None, extra: int = 1) -> int | None:
         """The eligible upstream furthest below its share once ``extra`` more rigs are placed."""

@@ -89,7 +89,7 @@ class _Line(Struct, frozen=True):
     error: Raw | UnsetType = UNSET
 
 
-_decode_line = BoundedDecoder(_Line).decode
+_decode_line = BoundedDecoder[_Line](_Line).decode
 _encode = msgspec.json.Encoder().encode
 
 

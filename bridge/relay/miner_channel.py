@@ -9,7 +9,7 @@ channel never touches a socket or a clock: the driver feeds it bytes and events
 with the current time ``now``, asks :meth:`next_deadline`, calls
 :meth:`on_timer`, and writes what the sessions queued.
 
-Transparency rules (reference/stratum-v1.md §4.6, design brief §5):
+Transparency rules:
 
 - every request keeps the rig's own id: upstream requests carry a
   :class:`PendingRequest` as their context and the pool's reply is relayed with
@@ -67,7 +67,7 @@ its verdicts still reach the rig; its notifications do not. A submit is routed
 by its job id (the leg that sent the job; when two legs sent the same id the
 newest wins). A share on a job of a leg that is gone is answered locally,
 ``[21, "Stale: …", null]`` with ``result: false``, and never reaches another
-pool, where the job id might mean something else (reference §4.3). When a leg is
+pool, where the job id might mean something else. When a leg is
 lost its pending requests get explicit errors (shares: "not confirmed"). The
 driver retires a draining leg (:meth:`retire_drained`) once it has no pending
 share and ``drain_timeout`` passed since the switch.
@@ -135,8 +135,20 @@ class Leg:
     """One upstream session of the channel: current, joining, draining or gone."""
 
     __slots__ = (
-        "session", "key", "state", "jobs", "pending", "held", "extranonce1", "extranonce2_size",
-        "version_mask", "replays", "failure", "force_clean", "switched_at", "forward_handshake",
+        "extranonce1",
+        "extranonce2_size",
+        "failure",
+        "force_clean",
+        "forward_handshake",
+        "held",
+        "jobs",
+        "key",
+        "pending",
+        "replays",
+        "session",
+        "state",
+        "switched_at",
+        "version_mask",
     )
 
     def __init__(self, session: UpstreamSession, key: Any, state: str) -> None:
@@ -169,7 +181,7 @@ class Leg:
 class PendingRequest:
     """A rig's request on its way to the pool; the context of the upstream request."""
 
-    __slots__ = ("miner_id", "method", "deadline", "upstream_id", "answered", "leg", "event")
+    __slots__ = ("answered", "deadline", "event", "leg", "method", "miner_id", "upstream_id")
 
     def __init__(self, miner_id: RequestId, method: str, deadline: float, leg: Leg | None = None, event: Any = None) -> None:
         self.miner_id = miner_id
@@ -371,8 +383,7 @@ class MinerChannel:
                 self._close(f"not a Stratum client: {what}")
                 return
         for event in self.miner.receive_data(data):
-            kind = type(event)
-            if kind is ProtocolViolation:
+            if isinstance(event, ProtocolViolation):
                 self._violations += 1
                 if event.fatal:
                     self._close(f"protocol violation from the rig: {event.reason}")

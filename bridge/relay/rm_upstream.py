@@ -44,10 +44,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
-from msgspec import UNSET, Raw, Struct
+from msgspec import UNSET, Raw, Struct, UnsetType
 
 from bridge.errors import LineTooLong
 from bridge.mining.share import Job as MiningJob
@@ -63,6 +64,8 @@ from bridge.sv1.messages import (
     NotifyParams,
     PoolRequest,
     Response,
+    SetExtranonce,
+    SetVersionMask,
     SubmitParams,
     error_value,
     params_list,
@@ -83,7 +86,7 @@ from bridge.wire.keys import KeyMaterial, KeySet, Role
 from bridge.wire.receiver import Accepted, DatagramReceiver
 from bridge.wire.rtt import RttEstimator
 
-_decode_pool_request = BoundedDecoder(PoolRequest).decode
+_decode_pool_request = BoundedDecoder[PoolRequest](PoolRequest).decode
 _encode = msgspec.json.Encoder().encode
 
 JOBS_PER_CHANNEL = 256
@@ -135,10 +138,25 @@ class ConnectionStatistics(Struct, frozen=True):
 class _Share:
     """One rig share on its way: where copies went and who waits for the verdict."""
 
-    __slots__ = ("serial", "channel", "params", "context", "record", "job", "tries", "sent_at",
-                 "deadline", "refs", "tls_ids", "settled", "urgent", "acked", "acked_at")
+    __slots__ = (
+        "acked",
+        "acked_at",
+        "channel",
+        "context",
+        "deadline",
+        "job",
+        "params",
+        "record",
+        "refs",
+        "sent_at",
+        "serial",
+        "settled",
+        "tls_ids",
+        "tries",
+        "urgent",
+    )
 
-    def __init__(self, serial: int, channel: "RMChannel", params: SubmitParams, context: Any) -> None:
+    def __init__(self, serial: int, channel: RMChannel, params: SubmitParams, context: Any) -> None:
         self.serial = serial
         self.channel = channel
         self.params = params
@@ -155,7 +173,7 @@ class _Share:
         self.acked = False
         self.acked_at = 0.0
 
-    def __lt__(self, other: "_Share") -> bool:
+    def __lt__(self, other: _Share) -> bool:
         return self.serial < other.serial
 
 
@@ -164,7 +182,7 @@ class RMChannel:
 
     __slots__ = ("_next_id", "_pending", "ch", "closed", "connection", "events", "extranonce1", "job_handles", "version_mask", "workers")
 
-    def __init__(self, connection: "StratumRMConnection", ch: int) -> None:
+    def __init__(self, connection: StratumRMConnection, ch: int) -> None:
         self.connection = connection
         self.ch = ch
         self.events: list[Any] = []
@@ -250,18 +268,20 @@ class RMChannel:
 
     def _notification(self, line: ControlLine, raw_line: bytes) -> None:
         method = line.method
+        if isinstance(method, UnsetType):  # a response: the caller hands those to _response
+            return
         if method in POOL_METHODS:
             try:
                 message = _decode_pool_request(raw_line)
             except msgspec.ValidationError as exc:
                 self.events.append(ProtocolViolation(f"malformed {method} from the sidecar: {exc}"))
                 return
-            if method == "mining.set_extranonce" and message.params.extranonce1:
+            if isinstance(message, SetExtranonce) and message.params.extranonce1:
                 try:
                     self.extranonce1 = bytes.fromhex(message.params.extranonce1)
                 except ValueError:
                     pass
-            elif method == "mining.set_version_mask":
+            elif isinstance(message, SetVersionMask):
                 try:
                     self.version_mask = int(message.mask, 16)
                 except ValueError:
@@ -413,7 +433,9 @@ class StratumRMConnection:
         refs = self._refs
         for start in range(0, len(live), BATCH_MAX_SHARES):
             group = live[start:start + BATCH_MAX_SHARES]
-            body = group[0].record if len(group) == 1 else ShareBatch(tuple(s.record for s in group))
+            # only shares with a record are queued for UDP (see _submit)
+            records = [s.record for s in group if s.record is not None]
+            body = records[0] if len(records) == 1 else ShareBatch(tuple(records))
             sealed = sealer.seal(body, urgent=urgent)
             pn = sealed.pn
             self._flights[(epoch, pn)] = (now, group)
@@ -477,6 +499,9 @@ class StratumRMConnection:
             return None
         en2, ntime, nonce, bits = params.extranonce2, params.ntime, params.nonce, params.version_bits
         if not (en2.islower() or en2.isdigit()) or len(en2) > 16:
+            return None
+        # the server session normalised ntime and nonce to hex strings (normalise_submit)
+        if not isinstance(ntime, str) or not isinstance(nonce, str):
             return None
         for field in (ntime, nonce, bits):
             if field is not None and not (field.islower() or field.isdigit()):
@@ -673,50 +698,51 @@ class StratumRMConnection:
             return
         if not isinstance(method, str) or not method.startswith("rm."):
             raise ControlDecodeError(f"unexpected line from the sidecar: {raw[:120]!r}")
-        params = control.decode_params(method, line.params)
-        if method == "rm.job":
-            self._notify_lines += 1
-            try:
-                check_notify(params.notify)
-            except ValueError as exc:
-                raise ControlDecodeError(f"rm.job with a bad notify: {exc}") from None
-            self._jobs[params.job] = params.notify
-            while len(self._jobs) > JOBS_KEPT:
-                self._jobs.popitem(last=False)
-        elif method == "rm.notify":
-            self._notify_lines += 1
-            notify = self._jobs.get(params.job)
-            if notify is None:
-                raise ControlDecodeError(f"rm.notify for unknown job {params.job}")
-            for ch in params.ch:
-                channel = self.channels.get(ch)
+        # decode_params gives the Struct RM_PARAMS names for the method; the match narrows it
+        match method, control.decode_params(method, line.params):
+            case "rm.job", control.Job() as job:
+                self._notify_lines += 1
+                try:
+                    check_notify(job.notify)
+                except ValueError as exc:
+                    raise ControlDecodeError(f"rm.job with a bad notify: {exc}") from None
+                self._jobs[job.job] = job.notify
+                while len(self._jobs) > JOBS_KEPT:
+                    self._jobs.popitem(last=False)
+            case "rm.notify", control.NotifyChannels() as notify_channels:
+                self._notify_lines += 1
+                notify = self._jobs.get(notify_channels.job)
+                if notify is None:
+                    raise ControlDecodeError(f"rm.notify for unknown job {notify_channels.job}")
+                for ch in notify_channels.ch:
+                    channel = self.channels.get(ch)
+                    if channel is not None:
+                        channel._deliver_job(notify_channels.job, notify)
+            case "rm.results", control.Results() as results:
+                self._results(results, now)
+            case "rm.keys", control.Keys() as keys:
+                self._new_keys(keys, now)
+            case "rm.close", control.Close() as close:
+                channel = self.channels.pop(close.ch, None)
                 if channel is not None:
-                    channel._deliver_job(params.job, notify)
-        elif method == "rm.results":
-            self._results(params, now)
-        elif method == "rm.keys":
-            self._new_keys(params, now)
-        elif method == "rm.close":
-            channel = self.channels.pop(params.ch, None)
-            if channel is not None:
-                for share in [s for s in self._shares.values() if s.channel is channel]:
-                    self._drop_share(share)
-                channel._fail_pending(f"sidecar closed the channel: {params.reason}")
-        elif method == "rm.ping":
-            self._write(control.encode_rm("rm.pong", params))
-        elif method == "rm.pong":
-            pass
-        elif method == "rm.error":
-            self._fail(f"sidecar error: {params.reason}")
-        elif method == "rm.pool":
-            self.pool_up = params.status != "down"
-            self.pool_reason = params.reason
-        elif method == "rm.goaway":
-            if self.goaway is None:
-                self.goaway = params
-                self.goaway_by = now + params.deadline
-        else:
-            raise ControlDecodeError(f"{method} is not for the proxy")
+                    for share in [s for s in self._shares.values() if s.channel is channel]:
+                        self._drop_share(share)
+                    channel._fail_pending(f"sidecar closed the channel: {close.reason}")
+            case "rm.ping", control.Ping() as ping:
+                self._write(control.encode_rm("rm.pong", ping))
+            case "rm.pong", control.Ping():
+                pass
+            case "rm.error", control.ErrorNotice() as error:
+                self._fail(f"sidecar error: {error.reason}")
+            case "rm.pool", control.PoolStatus() as pool:
+                self.pool_up = pool.status != "down"
+                self.pool_reason = pool.reason
+            case "rm.goaway", control.GoAway() as goaway:
+                if self.goaway is None:
+                    self.goaway = goaway
+                    self.goaway_by = now + goaway.deadline
+            case _:
+                raise ControlDecodeError(f"{method} is not for the proxy")
 
     def _hello_result(self, line: ControlLine) -> None:
         if bytes(line.error) != b"null" or line.result is UNSET:
@@ -754,12 +780,11 @@ class StratumRMConnection:
         if type(result) is not Accepted:
             return
         body = result.body
-        kind = type(body)
-        if kind is Verdicts:
+        if isinstance(body, Verdicts):
             self._on_verdicts(result.epoch, body, now)
-        elif kind is Ack:
+        elif isinstance(body, Ack):
             self._on_ack(result.epoch, body, now)
-        elif kind is ProbeAck:
+        elif isinstance(body, ProbeAck):
             if not self.udp_up:
                 self.udp_up = True
                 self._udp_failures = 0

@@ -64,7 +64,7 @@ pool. When a pool connection cannot be opened, closes or breaks the protocol,
 ``mining.authorize`` requests are kept in the order sent (at most 256, the range
 of ``worker_index``); when the driver passes the certificate's ``accounts``, an
 authorize or submit for any other account is refused with error 24 and never
-reaches the pool (design brief §6).
+reaches the pool.
 
 Jobs (C5). Every distinct notify (all nine params equal) gets a job handle, sent
 once as ``rm.job``; the channels that receive it are collected for
@@ -172,7 +172,6 @@ from bridge.wire.control import (
     Job,
     Keys,
     NotifyChannels,
-    Open,
     PoolStatus,
     Results,
     RMResponse,
@@ -285,7 +284,7 @@ RELAYED_PARAMS: Final[dict[str, Any]] = {
     "mining.multi_version": NumberParams,
     "mining.get_transactions": list[str],
 }
-_RELAYED_DECODERS: Final = {method: BoundedDecoder(shape) for method, shape in RELAYED_PARAMS.items()}
+_RELAYED_DECODERS: Final = {method: BoundedDecoder[Any](shape) for method, shape in RELAYED_PARAMS.items()}
 
 
 def _encode_params(params: Any) -> Raw:
@@ -582,7 +581,7 @@ def _u32(value: Any) -> int | None:
 
 
 def _account(worker: str) -> str:
-    """The account part of ``user.worker`` (design brief §6)."""
+    """The account part of ``user.worker``."""
     return worker.split(".", 1)[0]
 
 
@@ -874,7 +873,7 @@ class SidecarSession:
         if self.hello is None or self.closed or "pool-status" not in self.features:
             return
         up = self._pool_down is None
-        if self._pool_sent is None and up or self._pool_sent == up:
+        if (self._pool_sent is None and up) or self._pool_sent == up:
             return  # up is the assumption; nothing new to say
         self._pool_sent = up
         self._write(encode_rm("rm.pool", PoolStatus(status="up" if up else "down", reason=self._pool_down or "")))
@@ -937,7 +936,7 @@ class SidecarSession:
         if self.hello is not None:
             self._protocol_violation("rm.hello sent twice")
             return
-        hello = cast(Hello, decode_params("rm.hello", message.params))
+        hello = decode_params("rm.hello", message.params)
         if hello.version != PROTOCOL_VERSION:
             self._write(
                 _hello_error(
@@ -971,7 +970,7 @@ class SidecarSession:
         self._send_pool_status()
 
     def _on_open(self, message: ControlLine) -> None:
-        params = cast(Open, decode_params("rm.open", message.params))
+        params = decode_params("rm.open", message.params)
         ch = params.ch
         if not 1 <= ch <= MAX_CHANNEL_NUMBER:
             self._protocol_violation(f"rm.open for channel {ch}: channel numbers are 1 to 2^32-1")
@@ -989,20 +988,20 @@ class SidecarSession:
         self._commands.append(OpenPool(ch, params.peer))
 
     def _on_close(self, message: ControlLine) -> None:
-        params = cast(Close, decode_params("rm.close", message.params))
+        params = decode_params("rm.close", message.params)
         channel = self._channels.get(params.ch)
         if channel is not None:
             self._drop_channel(channel, f"proxy closed the channel: {params.reason or 'rig disconnected'}")
 
     def _on_ping(self, message: ControlLine) -> None:
-        params = cast(PingParams, decode_params("rm.ping", message.params))
+        params = decode_params("rm.ping", message.params)
         self._write(encode_rm("rm.pong", PingParams(t=params.t)))
 
     def _on_pong(self, message: ControlLine) -> None:
         decode_params("rm.pong", message.params)  # liveness only; validates the shape
 
     def _on_error(self, message: ControlLine) -> None:
-        params = cast(ErrorNotice, decode_params("rm.error", message.params))
+        params = decode_params("rm.error", message.params)
         self._close(f"proxy closed the connection: {params.reason}", tell_proxy=False)
 
     def _on_wrong_direction(self, message: ControlLine) -> None:

@@ -9,7 +9,7 @@ the pool's bytes into events: the pool's notification Structs
 :class:`~bridge.sv1.events.UnknownPoolRequest` for methods we do not know (a
 relay passes them on), and :class:`~bridge.sv1.events.ProtocolViolation`.
 
-Pool-side ordering (reference/stratum-v1.md pitfall 15) is enforced here, so a
+Pool-side ordering is enforced here, so a
 relay can forward a miner's pipelined handshake as it arrives: ckpool drops a
 client that sends a non-handshake method before subscribe, fails an authorize
 sent before subscribe, and silently ignores requests sent before authorisation
@@ -25,7 +25,7 @@ a miner needs it, and because the StratumRM sidecar reports it to the miner side
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct
@@ -59,9 +59,9 @@ class _PoolLine(Struct, frozen=True):
     result: Any = UNSET
 
 
-_decode_line = BoundedDecoder(_PoolLine).decode
-_decode_pool_request = BoundedDecoder(PoolRequest).decode
-_decode_response = BoundedDecoder(Response).decode
+_decode_line = BoundedDecoder[_PoolLine](_PoolLine).decode
+_decode_pool_request = BoundedDecoder[PoolRequest](PoolRequest).decode
+_decode_response = BoundedDecoder[Response](Response).decode
 _encode = msgspec.json.Encoder().encode
 
 # Methods that may be sent before the handshake is over.
@@ -85,7 +85,7 @@ class ClientSessionStatistics(Struct, frozen=True):
     authorized: bool
 
 
-ClientEvent = Union[PoolRequest, Reply, UnknownPoolRequest, ProtocolViolation]
+ClientEvent = PoolRequest | Reply | UnknownPoolRequest | ProtocolViolation
 
 
 class ClientSession:
@@ -260,19 +260,18 @@ class ClientSession:
             return ProtocolViolation(f"malformed {method}: {exc}", line=line)
         return self._apply(message, line)
 
-    def _apply(self, message: Any, line: bytes) -> ClientEvent:
-        kind = type(message)
-        if kind is Notify:
+    def _apply(self, message: PoolRequest, line: bytes) -> ClientEvent:
+        if isinstance(message, Notify):
             try:
                 check_notify(message.params)
             except ValueError as exc:
                 return ProtocolViolation(str(exc), line=line)
-        elif kind is SetDifficulty:
+        elif isinstance(message, SetDifficulty):
             difficulty = message.difficulty
             if not difficulty > 0:
                 return ProtocolViolation(f"difficulty {difficulty!r} is not positive", line=line)
             self.difficulty = difficulty
-        elif kind is SetExtranonce:
+        elif isinstance(message, SetExtranonce):
             params = message.params
             extranonce1 = params.extranonce1
             if extranonce1 is not None and (not is_hex(extranonce1) or len(extranonce1) % 2):
@@ -281,7 +280,7 @@ class ClientSession:
                 self.extranonce1 = extranonce1
             if params.extranonce2_size is not None:
                 self.extranonce2_size = params.extranonce2_size
-        elif kind is SetVersionMask:
+        elif isinstance(message, SetVersionMask):
             if not is_hex(message.mask, 8):
                 return ProtocolViolation("mining.set_version_mask mask is not 8 hex digits", line=line)
             self.version_mask = message.mask

@@ -31,6 +31,7 @@ invalid JSON, the control channel closes with a protocol error.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -81,7 +82,7 @@ class BoundedDecoder(Generic[_T]):
     __slots__ = ("_decode", "max_depth", "max_size")
 
     def __init__(self, type: Any = Any, *, max_depth: int = MAX_JSON_DEPTH, max_size: int | None = None) -> None:
-        self._decode = msgspec.json.Decoder(type).decode
+        self._decode: Callable[[str | bytes | bytearray | memoryview | msgspec.Raw], _T] = msgspec.json.Decoder(type).decode
         self.max_depth = max_depth
         self.max_size = max_size
 
@@ -93,7 +94,7 @@ class BoundedDecoder(Generic[_T]):
         return self._decode(data)
 
 
-_ANY = BoundedDecoder()
+_ANY = BoundedDecoder[Any]()
 
 
 def decode_json(data: str | bytes | bytearray | memoryview | msgspec.Raw, *, type: Any = Any) -> Any:
@@ -104,7 +105,7 @@ def decode_json(data: str | bytes | bytearray | memoryview | msgspec.Raw, *, typ
 
 
 class LineBuffer:
-    __slots__ = ("_buf", "max_line", "_broken")
+    __slots__ = ("_broken", "_buf", "max_line")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._buf = b""
@@ -125,9 +126,8 @@ class LineBuffer:
         self._buf = rest
         lines = []
         limit = self.max_line
-        for line in complete:
-            if line.endswith(b"\r"):
-                line = line[:-1]
+        for raw in complete:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
             if not line.strip():
                 continue
             if len(line) > limit:

@@ -16,7 +16,7 @@ session hands to its user, so nothing is copied on the hot path.
 
 Response ``result``/``error`` values are kept as :class:`msgspec.Raw` so a relay can
 pass a pool's verdict to the miner byte for byte (only the id is changed), whatever
-dialect the pool speaks (reference/stratum-v1.md §1.5).
+dialect the pool speaks.
 
 Params are ``array_like`` Structs: trailing fields with defaults may be omitted by
 the sender, extra trailing elements are ignored (msgspec's default for unknown
@@ -25,12 +25,12 @@ fields).
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
 
-RequestId = Union[int, str, None]
+RequestId = int | str | None
 
 NULL = Raw(b"null")
 TRUE = Raw(b"true")
@@ -170,20 +170,13 @@ class GetTransactions(Request, tag="mining.get_transactions", frozen=True):
     params: list[str] = []
 
 
-MinerRequest = Union[
-    Submit,
-    Subscribe,
-    Authorize,
-    Configure,
-    ExtranonceSubscribe,
-    SuggestDifficulty,
-    SuggestTarget,
-    MultiVersion,
-    GetTransactions,
-]
+MinerRequest = (
+    Submit | Subscribe | Authorize | Configure | ExtranonceSubscribe | SuggestDifficulty | SuggestTarget | MultiVersion
+    | GetTransactions
+)
 
 MINER_METHODS = frozenset(
-    t.__struct_config__.tag for t in MinerRequest.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag for t in MinerRequest.__args__
 )
 
 
@@ -238,12 +231,10 @@ class Ping(Request, tag="mining.ping", frozen=True):
     params: list[Any] = []
 
 
-PoolRequest = Union[
-    Notify, SetDifficulty, SetExtranonce, SetVersionMask, Reconnect, ShowMessage, GetVersion, Ping
-]
+PoolRequest = Notify | SetDifficulty | SetExtranonce | SetVersionMask | Reconnect | ShowMessage | GetVersion | Ping
 
 POOL_METHODS = frozenset(
-    t.__struct_config__.tag for t in PoolRequest.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag for t in PoolRequest.__args__
 )
 
 
@@ -304,7 +295,7 @@ def params_list(params: Struct) -> list[Any]:
 
 
 def error_value(code: int, message: str) -> Raw:
-    """The ``[code, "message", null]`` error form every miner parses (§1.5)."""
+    """The ``[code, "message", null]`` error form every miner parses."""
     return Raw(msgspec.json.encode([code, message, None]))
 
 

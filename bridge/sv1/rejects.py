@@ -1,6 +1,6 @@
 """Reading a pool's share verdict, whatever dialect the pool speaks.
 
-Pools answer ``mining.submit`` in at least five ways (reference/stratum-v1.md §1.5):
+Pools answer ``mining.submit`` in at least five ways:
 ``[code, "msg", data]`` arrays (the original spec, public-pool, slush with code
 -2), two-element arrays (NOMP), JSON-RPC 2.0 error objects (miningcore),
 ``result:false`` with a top-level ``"reject-reason"`` (ckpool), and plain strings
@@ -101,7 +101,7 @@ def read_verdict(response: Response) -> Verdict:
         message = str(error.get("message", ""))
         raw_code = error.get("code")
         standard = isinstance(raw_code, int) and not isinstance(raw_code, bool) and 20 <= raw_code <= 25
-        return Verdict(False, raw_code if standard else _code_from_text(message), message)
+        return Verdict(False, raw_code if standard and isinstance(raw_code, int) else _code_from_text(message), message)
     if isinstance(error, str):
         return Verdict(False, _code_from_text(error), error)
     return Verdict(False, OTHER, "rejected")

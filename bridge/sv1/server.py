@@ -8,8 +8,7 @@ Structs themselves (:class:`~bridge.sv1.messages.Submit`, ``Subscribe`` ...),
 and notification methods, which queue bytes; the driver writes
 :meth:`data_to_send` to the socket. No I/O, no clock.
 
-Rules enforced here, because every miner-facing server needs them
-(reference/stratum-v1.md §3.8 and §5):
+Rules enforced here, because every miner-facing server needs them:
 
 - ids are echoed exactly as sent (int, string or null), and a request with
   ``"id": null`` is never answered (bfgminer's ``suggest_target`` comes before
@@ -29,7 +28,7 @@ Rules enforced here, because every miner-facing server needs them
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, Raw, Struct
@@ -67,9 +66,9 @@ from bridge.sv1.messages import (
 )
 from bridge.sv1.validate import normalise_submit
 
-_decode_request = BoundedDecoder(MinerRequest).decode
-_decode_envelope = BoundedDecoder(Envelope).decode
-_decode_response = BoundedDecoder(MinerResponse).decode
+_decode_request = BoundedDecoder[MinerRequest](MinerRequest).decode
+_decode_envelope = BoundedDecoder[Envelope](Envelope).decode
+_decode_response = BoundedDecoder[MinerResponse](MinerResponse).decode
 _encode = msgspec.json.Encoder().encode
 
 # Pipelined handshake requests waiting for their answer; a miner has a handful.
@@ -87,7 +86,7 @@ class ServerSessionStatistics(Struct, frozen=True):
     authorized_workers: int
 
 
-ServerEvent = Union[MinerRequest, MinerResponse, ProtocolViolation]
+ServerEvent = MinerRequest | MinerResponse | ProtocolViolation
 
 
 class ServerSession:
@@ -97,7 +96,7 @@ class ServerSession:
         self._lines = LineBuffer(max_line)
         self._out: list[bytes] = []
         self._held: list[bytes] = []
-        self._pending: dict[RequestId, Struct] = {}
+        self._pending: dict[RequestId, Subscribe | Authorize | Configure] = {}
         self.subscribed = False
         self.closed = False
         self.user_agent: str | None = None
@@ -194,13 +193,12 @@ class ServerSession:
             self.respond_error(submit.id, 20, str(exc), result=FALSE)
             return ProtocolViolation(str(exc), line=line, code=20)
 
-    def _track(self, request: Struct) -> ServerEvent:
-        kind = type(request)
-        if kind is Subscribe:
+    def _track(self, request: MinerRequest) -> ServerEvent:
+        if isinstance(request, Subscribe):
             self.user_agent = request.params.user_agent
-        elif kind is ExtranonceSubscribe:
+        elif isinstance(request, ExtranonceSubscribe):
             self.extranonce_subscribed = True
-        if kind in (Subscribe, Authorize, Configure) and request.id is not None:
+        if isinstance(request, (Subscribe, Authorize, Configure)) and request.id is not None:
             if len(self._pending) >= MAX_PENDING_HANDSHAKE:
                 return ProtocolViolation("too many unanswered handshake requests", fatal=True)
             self._pending[request.id] = request
@@ -247,14 +245,14 @@ class ServerSession:
         request = self._pending.pop(request_id, None)
         is_subscribe_result = False
         if request is not None:
-            kind = type(request)
             ok = response.result is not UNSET and bytes(response.result) not in (b"null", b"false")
             ok = ok and bytes(response.error) == b"null"
-            if kind is Subscribe:
+            if isinstance(request, Subscribe):
                 is_subscribe_result = ok
-            elif kind is Authorize and ok:
-                self.authorized_workers.add(request.params.user)
-            elif kind is Configure:
+            elif isinstance(request, Authorize):
+                if ok:
+                    self.authorized_workers.add(request.params.user)
+            else:  # Configure
                 self._emit(_encode(response), hold=False)
                 return
         is_error = bytes(response.error) != b"null"

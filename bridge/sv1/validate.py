@@ -60,7 +60,7 @@ def normalise_submit(submit: Submit) -> Submit:
 
 
 def check_notify(params: NotifyParams) -> None:
-    """Validate a ``mining.notify`` the way the strictest miners do (§1.4, pitfall 6)."""
+    """Validate a ``mining.notify`` the way the strictest miners do."""
     if not params.job_id:
         raise ValueError("mining.notify job_id is empty")
     if not is_hex(params.prevhash, 64):

@@ -10,8 +10,8 @@ whatever sat in between. Python reaches about 1.7 MH/s per core, so it only
 makes sense at tiny difficulties (1e-4 is about one share per 430 000 hashes).
 
 **Profiles.** A proxy has to cope with what real miners actually put on the
-wire, so the miner can behave like five of them (reference/stratum-v1.md §1.2,
-§1.4, §3 and the ckpool captures). Lines are byte-for-byte what each program
+wire, so the miner can behave like five of them (the ckpool captures in
+tests/data/captures). Lines are byte-for-byte what each program
 writes: the same key order and spacing, the same ids.
 
 =========== ============================================================================
@@ -403,7 +403,7 @@ class MinerConfig(Struct, frozen=True, kw_only=True):
     max_ntime_roll: int = 60
     """cgminer's drivers roll at most 60 s."""
     chunk_size: int = 4096
-    """Nonces per hashing chunk (about 2.4 ms of hashing in CPython)."""
+    """Nonces per hashing chunk: the range one :meth:`MinerProtocol.next_chunk` hands out."""
     max_shares: int | None = None
     """Stop submitting after this many shares."""
     share_timeout: float = 120.0

@@ -1,7 +1,7 @@
 """The reference pool: a real Stratum V1 server for tests, the demo and benchmarks.
 
-It behaves like a small solo pool (ckpool is the model, reference/stratum-v1.md
-and the ckpool captures), so a proxy that works against it works against real
+It behaves like a small solo pool (ckpool is the model, and the ckpool captures in
+tests/data/captures), so a proxy that works against it works against real
 pools, and every share it accepts has been checked for real.
 
 **Jobs.** The pool makes its own work. A *block* has a height, a random
@@ -173,7 +173,7 @@ STANDARD_MESSAGES: dict[int, str] = {
     UNAUTHORIZED: "Unauthorized worker",
     NOT_SUBSCRIBED: "Not subscribed",
 }
-"""The standard Stratum V1 error codes and their messages (reference §1.5)."""
+"""The standard Stratum V1 error codes and their messages."""
 
 #: ckpool's parse_method order: (case-insensitive prefix, the method it is handled as).
 CKPOOL_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -990,7 +990,8 @@ class ReferencePool:
                     kept.append(line)
                     continue
                 message["method"] = canonical
-                line = _encode_object(message)
+                kept.append(_encode_object(message))
+                continue
             kept.append(line)
         return b"".join(line + b"\n" for line in kept)
 

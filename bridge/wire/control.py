@@ -18,7 +18,7 @@ proxy-side and sidecar-side cores (bridge/relay) do.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, overload
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
@@ -161,7 +161,10 @@ class GoAway(Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-RM_PARAMS: dict[str, type[Struct]] = {
+#: Every rm params Struct: what :func:`decode_params` returns.
+RMParams = Hello | HelloResult | Keys | Open | Close | Job | NotifyChannels | Results | Ping | ErrorNotice | PoolStatus | GoAway
+
+RM_PARAMS: dict[str, type[RMParams]] = {
     "rm.hello": Hello,
     "rm.keys": Keys,
     "rm.open": Open,
@@ -223,8 +226,8 @@ class RMResponse(Struct, frozen=True):
     error: Any = None
 
 
-_decode_line = BoundedDecoder(ControlLine).decode
-_decoders = {method: BoundedDecoder(kind).decode for method, kind in RM_PARAMS.items()}
+_decode_line = BoundedDecoder[ControlLine](ControlLine).decode
+_decoders = {method: BoundedDecoder[RMParams](kind).decode for method, kind in RM_PARAMS.items()}
 _encode = msgspec.json.Encoder().encode
 
 
@@ -239,8 +242,36 @@ def decode_line(line: bytes) -> ControlLine:
         raise ControlDecodeError(f"malformed control line: {exc}") from None
 
 
-def decode_params(method: str, params: Raw) -> Struct:
-    """The params of an ``rm.`` method as its Struct."""
+@overload
+def decode_params(method: Literal["rm.hello"], params: Raw) -> Hello: ...
+@overload
+def decode_params(method: Literal["rm.keys"], params: Raw) -> Keys: ...
+@overload
+def decode_params(method: Literal["rm.open"], params: Raw) -> Open: ...
+@overload
+def decode_params(method: Literal["rm.close"], params: Raw) -> Close: ...
+@overload
+def decode_params(method: Literal["rm.job"], params: Raw) -> Job: ...
+@overload
+def decode_params(method: Literal["rm.notify"], params: Raw) -> NotifyChannels: ...
+@overload
+def decode_params(method: Literal["rm.results"], params: Raw) -> Results: ...
+@overload
+def decode_params(method: Literal["rm.ping", "rm.pong"], params: Raw) -> Ping: ...
+@overload
+def decode_params(method: Literal["rm.error"], params: Raw) -> ErrorNotice: ...
+@overload
+def decode_params(method: Literal["rm.pool"], params: Raw) -> PoolStatus: ...
+@overload
+def decode_params(method: Literal["rm.goaway"], params: Raw) -> GoAway: ...
+@overload
+def decode_params(method: str, params: Raw) -> RMParams: ...
+def decode_params(method: str, params: Raw) -> RMParams:
+    """The params of an ``rm.`` method as its Struct (the type :data:`RM_PARAMS` names for it).
+
+    Typed by method: a caller with a literal method gets that method's Struct, a caller
+    with any method gets the :data:`RMParams` union and narrows it with ``match``.
+    """
     decoder = _decoders.get(method)
     if decoder is None:
         raise ControlDecodeError(f"unknown control method {method!r}")
@@ -278,5 +309,3 @@ ACCEPTED_VERDICT = 1
 def encode(value: Any) -> bytes:
     return _encode(value)
 
-
-RMParams = Union[Hello, HelloResult, Keys, Open, Close, Job, NotifyChannels, Results, Ping, ErrorNotice, PoolStatus]

@@ -104,6 +104,7 @@ __all__ = [
     "OVERHEAD",
     "PROTOCOL_VERSION",
     "TAG_SIZE",
+    "VERDICT_MAX_ENTRIES",
     "Ack",
     "AckRange",
     "Body",
@@ -117,7 +118,6 @@ __all__ = [
     "ProbeAck",
     "Share",
     "ShareBatch",
-    "VERDICT_MAX_ENTRIES",
     "VerdictEntry",
     "Verdicts",
     "body_type",
@@ -623,7 +623,7 @@ def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> b
 
 
 def _decode_verdicts(data: bytes) -> Verdicts:
-    entries = []
+    entries: list[VerdictEntry] = []
     offset = 0
     end = len(data)
     if not end:

@@ -172,7 +172,7 @@ class ProxyHeaderParser:
             return 0
         if len(buffer) < HEADER_FIXED:
             return HEADER_FIXED - len(buffer)
-        (length,) = struct.unpack_from("!H", buffer, HEADER_FIXED - 2)
+        length: int = struct.unpack_from("!H", buffer, HEADER_FIXED - 2)[0]
         return max(1, HEADER_FIXED + length - len(buffer))
 
     def receive_data(self, data: bytes) -> ProxyHeader | None:

@@ -246,8 +246,8 @@ class DatagramReceiver:
         # Every acceptable (first byte, flags) pair -> the smallest datagram of its type:
         # one lookup does checks 2-4 for a plausible header; the rest take _header_drop.
         self._fast: dict[int, int] = {}
-        for dtype, (min_size, allowed_flags) in allowed_by_type.items():
-            first = PROTOCOL_VERSION << 4 | dtype
+        for type_value, (min_size, allowed_flags) in allowed_by_type.items():
+            first = PROTOCOL_VERSION << 4 | type_value
             for flags in range(256):
                 if not flags & ~allowed_flags:
                     self._fast[first << 8 | flags] = min_size

@@ -21,7 +21,7 @@ def test_scale_benchmark_drives_rigs_through_a_real_proxy_and_sidecar_and_a_stor
     table = result.stdout
     assert "proxy KiB/rig" in table and "storm settle s" in table and "disconnects" in table
     row = next(line.split() for line in table.splitlines() if line.split()[:1] == ["50"])
-    rigs, _proxy_kib, _sidecar_kib, shares_per_second, _proxy_us, _sidecar_us, settle, _disconnects = row
+    _rigs, _proxy_kib, _sidecar_kib, shares_per_second, _proxy_us, _sidecar_us, settle, _disconnects = row
     assert float(shares_per_second) > 0  # rigs submitted and were answered in the window
     assert settle != "never" and float(settle) >= 0  # every rig came back after the storm
     assert "[scale] 50 rigs: reconnect storm" in result.stderr  # progress lines while it runs

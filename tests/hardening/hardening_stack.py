@@ -23,10 +23,10 @@ from bridge.config import parse_upstream_url
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
 from bridge.pki.tls import TestPKI
-from bridge.web.app import ManagementApp
-from bridge.web.roles import SidecarView
 from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig, ReferencePool
+from bridge.web.app import ManagementApp
+from bridge.web.roles import SidecarView
 
 HOST = "127.0.0.1"
 #: Generous: the machine is shared with other test runs. Waits end as soon as their condition holds.
@@ -62,7 +62,7 @@ class Stack:
     def _run(self) -> None:
         try:
             trio.run(self._main)
-        except BaseException as exc:  # noqa: BLE001 - reported by check_alive
+        except BaseException as exc:
             self.error = exc
         finally:
             self._ready.set()

@@ -20,8 +20,8 @@ from bridge.net.sidecar import SidecarServer
 from bridge.pki.tls import make_test_pki
 from bridge.relay.miner_channel import MinerChannel
 from bridge.relay.sidecar import SidecarIntake
-from bridge.web.server import WebServer, json_response
 from bridge.testing.pool import PoolConfig, ReferencePool
+from bridge.web.server import WebServer, json_response
 
 HOST = "127.0.0.1"
 SUBSCRIBE = b'{"id":1,"method":"mining.subscribe","params":["cgminer/4.11.1"]}\n'

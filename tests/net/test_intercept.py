@@ -43,7 +43,7 @@ async def test_rules_resolve_and_route_by_original_destination() -> None:
 def test_bad_rules_say_what_to_write(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
         parse_rules([InterceptSettings(match="pool.example.com", upstream="stratum+tcp://h:1")])
-    with pytest.raises(ConfigError, match="pass.*refuse"):
+    with pytest.raises(ConfigError, match=r"pass.*refuse"):
         InterceptServer([], {}, None, default="drop")
     config = tmp_path / "proxy.toml"
     config.write_text(

@@ -92,7 +92,7 @@ async def test_reconnects_resume_the_tls_session_and_the_sidecar_still_checks_re
         with trio.fail_after(5):
             while link.connection is not None and link.connection.close_reason is None:
                 await trio.sleep(0.01)
-        with pytest.raises(ConnectionError, match="refused by the sidecar: .* is revoked"):
+        with pytest.raises(ConnectionError, match=r"refused by the sidecar: .* is revoked"):
             await link.open_handle(RIG)  # resumed again, and refused after it
         assert credentials.handshakes_resumed == 2
         assert server.statistics().refusals == {"revoked": 1}

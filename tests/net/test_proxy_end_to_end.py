@@ -139,7 +139,7 @@ async def test_stratum_ssl_upstream_with_an_untrusted_certificate_is_refused(tmp
 
 async def test_non_stratum_connections_are_closed_and_counted_without_disturbing_rigs() -> None:
     async with trio.open_nursery() as nursery:
-        pool, proxy, port = await start_chain(nursery, opening_timeout=0.5)
+        _pool, proxy, port = await start_chain(nursery, opening_timeout=0.5)
         miner = Miner(f"stratum+tcp://127.0.0.1:{port}", "steady.rig", profile="cgminer", max_shares=3)
 
         async def intruders() -> None:

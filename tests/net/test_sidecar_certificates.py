@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 from cryptography import x509
+from test_sidecar import DIFFICULTY, LOCALHOST, TestProxy
 
 from bridge.config import parse_upstream_url
 from bridge.net.sidecar import SidecarServer
@@ -24,7 +25,6 @@ from bridge.pki.revocation import RevocationList
 from bridge.pki.rotation import ServerCredentials
 from bridge.pki.tls import TestPKI, client_context_from_bundle, make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
-from test_sidecar import DIFFICULTY, LOCALHOST, TestProxy
 
 LOGGER = "bridge.sidecar"
 

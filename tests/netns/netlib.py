@@ -81,7 +81,7 @@ class Lab:
         run("ip", "-n", namespace, "route", "add", destination, "via", via)
 
     def exec(self, namespace: str, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.directory / f"{name}.log", "ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(
             ["ip", "netns", "exec", namespace, *args], stdout=log, stderr=subprocess.STDOUT, env=env

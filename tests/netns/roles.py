@@ -47,9 +47,9 @@ async def pool(host: str, port: str, difficulty: str, state: str) -> None:
 
 async def miners(url: str, user: str, profiles: str, state: str) -> None:
     group = []
-    for index, profile in enumerate(profiles.split(",")):
-        xnsub = profile.endswith("+xnsub")
-        profile = profile.removesuffix("+xnsub")
+    for index, spec in enumerate(profiles.split(",")):
+        xnsub = spec.endswith("+xnsub")
+        profile = spec.removesuffix("+xnsub")
         group.append(Miner(url + ("#xnsub" if xnsub else ""), f"{user}.{profile}{index}", profile=profile, reconnect_delay=0.5))
 
     # Connection counters frozen when the stop was asked: finishing closes connections itself.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -231,7 +231,7 @@ def test_damaged_index_and_exposed_ca_key_are_reported(authority: CertificateAut
 
 
 def test_status_of_records(authority: CertificateAuthority) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expired = authority.issue_miner("old", accounts=["alice"], days=1, now=now - timedelta(days=3)).record
     future = authority.issue_miner("new", accounts=["alice"], days=1, now=now + timedelta(days=3)).record
     assert expired.status(now) == "expired"

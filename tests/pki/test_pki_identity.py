@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -24,7 +24,7 @@ from bridge.pki.identity import (
 from bridge.pki.issuing import generate_private_key, validity_period
 from bridge.pki.tls import TestPKI
 
-NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def _der(issuance_certificate: x509.Certificate) -> bytes:
@@ -143,7 +143,7 @@ def test_validity_with_leeway(test_pki: TestPKI) -> None:
 
 
 def test_backdated_and_future_certificates_are_detected(test_pki: TestPKI) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expired = test_pki.authority.issue_miner(
         "expired-rig", accounts=["alice"], days=1, now=now - timedelta(days=2)
     )

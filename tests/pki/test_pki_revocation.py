@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -94,9 +94,9 @@ def test_an_older_list_does_not_replace_a_newer_one(test_pki: TestPKI, tmp_path:
 def test_stale_list_is_still_used_and_flagged(test_pki: TestPKI) -> None:
     test_pki.authority.revoke(test_pki.miner_name)
     revocations = RevocationList(test_pki.revocations, test_pki.ca_certificate)
-    later = datetime.now(timezone.utc) + timedelta(days=31)
+    later = datetime.now(UTC) + timedelta(days=31)
     assert revocations.is_stale(later)
-    assert not revocations.is_stale(datetime.now(timezone.utc))
+    assert not revocations.is_stale(datetime.now(UTC))
     assert revocations.is_revoked(_miner_serial(test_pki))
 
 

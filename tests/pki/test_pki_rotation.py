@@ -74,7 +74,7 @@ def test_a_half_written_pair_keeps_the_context_in_use_and_is_retried(
     new_key = test_pki.pool_key.read_bytes()
     test_pki.pool_key.write_bytes(old_key)  # the new certificate arrived, the key not yet
     with pytest.raises(
-        PKIError, match="key belongs to the certificate.*still using the certificate loaded before"
+        PKIError, match=r"key belongs to the certificate.*still using the certificate loaded before"
     ):
         credentials.reload_if_changed()
     assert credentials.context is context and credentials.last_error is not None
@@ -85,7 +85,7 @@ def test_a_half_written_pair_keeps_the_context_in_use_and_is_retried(
 
 def test_the_sidecar_will_not_present_a_miner_certificate(test_pki: TestPKI, tmp_path: Path) -> None:
     bundle = test_pki.miner_bundle
-    with pytest.raises(PKIError, match="holds a miner certificate.*pool certificate"):
+    with pytest.raises(PKIError, match=r"holds a miner certificate.*pool certificate"):
         ServerCredentials(bundle, bundle, test_pki.ca_certificate)
 
 

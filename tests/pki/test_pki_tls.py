@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from bridge.pki.tls import (
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def test_contexts_are_tls13_strict_and_verifying(test_pki: TestPKI) -> None:

@@ -141,7 +141,7 @@ def test_losing_the_old_upstream_mid_switch_answers_its_shares_with_an_explicit_
     assert answer["id"] == 10 and answer["result"] is False and "not confirmed" in answer["error"][1]
     assert not channel.closed
     second.answer_handshake(job="k1")
-    assert [m.get("method") for m in to_rig(channel)][0] == "mining.set_extranonce"
+    assert next(m.get("method") for m in to_rig(channel)) == "mining.set_extranonce"
 
 
 def test_a_refused_authorize_abandons_the_switch() -> None:
@@ -177,7 +177,7 @@ def test_a_rig_without_extranonce_subscribe_is_reconnected_after_its_verdicts() 
 
 
 def test_reconnect_does_not_wait_forever_for_a_silent_pool() -> None:
-    channel, first = connected(xnsub=False)
+    channel, _first = connected(xnsub=False)
     rig(channel, submit(10, "j1"))
     channel.request_reconnect("moving", 2.0)
     assert channel.next_deadline() == 7.0

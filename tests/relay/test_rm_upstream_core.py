@@ -70,7 +70,7 @@ class FakeSidecar:
             keys = control.Keys(conn_id=f"{self.material.conn_id:016x}", epoch=1, secret=self.material.secret.hex())
             self.send(control.encode_rm("rm.keys", keys), now=now)
             [probe] = self.conn.datagrams_to_send()
-            header, body = self.open(probe)
+            _header, body = self.open(probe)
             assert isinstance(body, Probe)
             ack = self.keys.sealer.seal(ProbeAck(body.probe_id)).data
             self.conn.receive_datagram(ack, ("127.0.0.1", 3334), now)
@@ -344,7 +344,7 @@ def test_udp_comes_back_after_a_fallback_when_a_probe_is_answered() -> None:
     assert not conn.udp_up and conn.datagrams_to_send() == []
     conn.on_timer(10.0)  # the re-probe is due
     [probe] = conn.datagrams_to_send()
-    header, body = sidecar.open(probe)
+    _header, body = sidecar.open(probe)
     assert isinstance(body, Probe)
     conn.receive_datagram(sidecar.keys.sealer.seal(ProbeAck(body.probe_id)).data, ("127.0.0.1", 3334), 10.5)
     assert conn.udp_up

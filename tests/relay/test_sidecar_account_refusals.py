@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from bridge.relay.sidecar import AccountRefused
 from test_sidecar_core import Harness
+
+from bridge.relay.sidecar import AccountRefused
 
 
 def test_refused_accounts_are_reported_once_per_account_and_channel() -> None:

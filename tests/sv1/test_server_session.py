@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from bridge.errors import LineTooLong
 from bridge.sv1.events import ProtocolViolation
 from bridge.sv1.framing import LineBuffer
-from bridge.errors import LineTooLong
 from bridge.sv1.messages import (
     Authorize,
     Configure,

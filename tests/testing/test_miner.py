@@ -1,8 +1,7 @@
 """The reference miner: each profile's exact wire behaviour, real hashing, and real pools.
 
 The sans-IO :class:`MinerProtocol` is checked line by line against what real
-miners sent to a real ckpool (tests/data/captures) and reference/stratum-v1.md
-§1.2: ids, order, params, spacing. Where the captures contain a share, the
+miners sent to a real ckpool (tests/data/captures): ids, order, params, spacing. Where the captures contain a share, the
 miner is fed the same job, hashes the nonce range around the captured nonce
 for real, and must find that nonce and submit a byte-identical line. The trio
 driver then mines against the reference pool on 127.0.0.1.
@@ -258,7 +257,7 @@ def test_cpuminer_answers_get_version_ignores_empty_reconnect_and_resumes() -> N
     assert sent(protocol) + replay_until(protocol, second) == miner_lines(second)  # ["cpuminer/2.5.1", "6b05d75b"]
 
 
-# --------------------------------------------------------------------------- handshakes from §1.2
+# --------------------------------------------------------------------------- handshakes
 
 
 def test_cgminer_handshake_suggestion_and_resume() -> None:

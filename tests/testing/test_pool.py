@@ -410,7 +410,7 @@ async def test_every_reject_path_answers_its_code(nursery: trio.Nursery) -> None
     )
     low = submit_params("w1", notify, en2, failing_nonce(notify, en1, en2, DIFFICULTY))
     assert await miner.call(15, "mining.submit", low) == reject(15, 23, "Low difficulty share")
-    other_worker = ["w2"] + params()[1:]
+    other_worker = ["w2", *params()[1:]]
     assert await miner.call(16, "mining.submit", other_worker) == reject(
         16, 24, "Unauthorized worker"
     )
@@ -568,7 +568,7 @@ async def test_version_rolling_within_the_negotiated_mask(nursery: trio.Nursery)
     # the unrolled header is a different share, and it does not meet the target
     assert (await miner.call(5, "mining.submit", params[:5]))["error"][0] == 23
     # bmminer's multi_version sends the whole version: the same header, so a duplicate
-    full = params[:5] + [f"{rolled:08x}"]
+    full = [*params[:5], f"{rolled:08x}"]
     assert await miner.call(6, "mining.submit", full) == reject(6, 22, "Duplicate share")
 
 

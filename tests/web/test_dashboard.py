@@ -108,11 +108,9 @@ def test_a_browser_without_operator_certificate_is_refused_and_sees_no_token_for
               "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate), "--enroll-ca", str(pki.directory)]
     guarded, open_port = free_port(), free_port()
     sidecars = [
-        subprocess.Popen(STRATUMRM + ["sidecar", "--listen", f"127.0.0.1:{free_port()}", *common,
-                                      "--http-listen", f"127.0.0.1:{guarded}", "--http-require-operator"],
+        subprocess.Popen([*STRATUMRM, "sidecar", "--listen", f"127.0.0.1:{free_port()}", *common, "--http-listen", f"127.0.0.1:{guarded}", "--http-require-operator"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen(STRATUMRM + ["sidecar", "--listen", f"127.0.0.1:{free_port()}", *common,
-                                      "--http-listen", f"127.0.0.1:{open_port}", "--http-tls"],
+        subprocess.Popen([*STRATUMRM, "sidecar", "--listen", f"127.0.0.1:{free_port()}", *common, "--http-listen", f"127.0.0.1:{open_port}", "--http-tls"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:
