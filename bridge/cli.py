@@ -37,14 +37,30 @@ def cli() -> None:
 
 
 _FAILOVER_DEFAULTS = {
-    "strategy": "failover", "silence_timeout": 5.0, "keepalive": "subscribe", "job_timeout": 90.0,
-    "lag_delay": 5.0, "hold_down": 120.0, "switch_rate": 500.0, "switch_burst": 25, "drain_timeout": 10.0,
-    "no_upstream": "disconnect", "no_upstream_grace": 5.0, "probe_user": None, "probe_password": None,
+    "strategy": "failover",
+    "silence_timeout": 5.0,
+    "keepalive": "subscribe",
+    "job_timeout": 90.0,
+    "lag_delay": 5.0,
+    "hold_down": 120.0,
+    "switch_rate": 500.0,
+    "switch_burst": 25,
+    "drain_timeout": 10.0,
+    "no_upstream": "disconnect",
+    "no_upstream_grace": 5.0,
+    "probe_user": None,
+    "probe_password": None,
 }
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--config", "-c", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML configuration file (see README, Failover); command-line options win.")
+@click.option(
+    "--config",
+    "-c",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="TOML configuration file (see README, Failover); command-line options win.",
+)
 @click.option("--listen", default="0.0.0.0:3333", show_default=True, help="HOST:PORT where rigs connect.")
 @click.option(
     "--upstream",
@@ -54,40 +70,173 @@ _FAILOVER_DEFAULTS = {
     help="Pool URL, repeat in priority order (cgminer's -o): stratumrm://SIDECAR:PORT, stratum+tcp://HOST:PORT or "
     "stratum+ssl://HOST:PORT; #xnsub, #priority=N, #weight=W, #name=TEXT may follow.",
 )
-@click.option("--backup", "backups", multiple=True, help="Backup pool URL (repeatable): the next priority levels after every --upstream.")
+@click.option(
+    "--backup", "backups", multiple=True, help="Backup pool URL (repeatable): the next priority levels after every --upstream."
+)
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="This proxy's certificate (stratumrm:// upstreams).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
 @click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="The pool operator's CA certificate.")
-@click.option("--bundle", type=click.Path(exists=True, dir_okay=False), help="Certificate, key and CA in one file (from stratumrm pki issue-miner), instead of --cert/--key/--ca.")
-@click.option("--upstream-ca", type=click.Path(exists=True, dir_okay=False), help="CA file to verify stratum+ssl pools (default: system trust store).")
-@click.option("--submit-timeout", default=60.0, show_default=True, help="Seconds to wait for a pool's verdict before answering the rig with an explicit error.")
-@click.option("--opening-timeout", default=10.0, show_default=True, help="Seconds a new connection may stay silent before it is closed.")
-@click.option("--max-pending", type=click.IntRange(min=1), default=RIG_MAX_PENDING, show_default=True, help="Rig connections that have not sent their first Stratum request yet, at most (a flood is refused beyond).")
-@click.option("--max-pending-per-source", type=click.IntRange(min=1), default=RIG_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address (raise it for many rigs behind one NAT that reconnect at once).")
-@click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for upstream connections and the status port: no new rig is accepted below it.")
-@click.option("--share-batch-window", default=0.0, show_default=True, help="Seconds to hold UDP shares so several share a datagram (e.g. 0.001 for large farms).")
-@click.option("--strategy", type=click.Choice(["failover", "weighted"]), default="failover", show_default=True, help="failover: the first healthy priority level takes every rig; weighted: rigs split across healthy upstreams by #weight.")
-@click.option("--silence-timeout", type=float, default=5.0, show_default=True, help="An upstream that sends nothing for this long, although asked (keepalive), is down.")
-@click.option("--keepalive", type=click.Choice(["subscribe", "ping", "none"]), default="subscribe", show_default=True, help="How a quiet upstream proves it is alive: a fresh connection's mining.subscribe (StratumRM: the link's rm.ping), mining.ping on the probe session, or nothing (no silence detection).")
-@click.option("--job-timeout", type=float, default=90.0, show_default=True, help="An upstream without a mining.notify for this long is down.")
-@click.option("--lag-delay", type=float, default=5.0, show_default=True, help="An upstream that has not announced a block another upstream moved to this long ago is lagging (down).")
-@click.option("--hold-down", type=float, default=120.0, show_default=True, help="Seconds a recovered upstream must stay healthy before rigs fail back to it.")
-@click.option("--switch-rate", type=float, default=500.0, show_default=True, help="Rigs moved per second at most (bursts of --switch-burst), so a farm does not stampede the backup.")
+@click.option(
+    "--bundle",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Certificate, key and CA in one file (from stratumrm pki issue-miner), instead of --cert/--key/--ca.",
+)
+@click.option(
+    "--upstream-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA file to verify stratum+ssl pools (default: system trust store).",
+)
+@click.option(
+    "--submit-timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for a pool's verdict before answering the rig with an explicit error.",
+)
+@click.option(
+    "--opening-timeout", default=10.0, show_default=True, help="Seconds a new connection may stay silent before it is closed."
+)
+@click.option(
+    "--max-pending",
+    type=click.IntRange(min=1),
+    default=RIG_MAX_PENDING,
+    show_default=True,
+    help="Rig connections that have not sent their first Stratum request yet, at most (a flood is refused beyond).",
+)
+@click.option(
+    "--max-pending-per-source",
+    type=click.IntRange(min=1),
+    default=RIG_MAX_PENDING_PER_SOURCE,
+    show_default=True,
+    help="... of them from one IP address (raise it for many rigs behind one NAT that reconnect at once).",
+)
+@click.option(
+    "--fd-reserve",
+    type=click.IntRange(min=0),
+    default=DEFAULT_FD_RESERVE,
+    show_default=True,
+    help="File descriptors kept free for upstream connections and the status port: no new rig is accepted below it.",
+)
+@click.option(
+    "--share-batch-window",
+    default=0.0,
+    show_default=True,
+    help="Seconds to hold UDP shares so several share a datagram (e.g. 0.001 for large farms).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["failover", "weighted"]),
+    default="failover",
+    show_default=True,
+    help="failover: the first healthy priority level takes every rig; weighted: rigs split across healthy upstreams by #weight.",
+)
+@click.option(
+    "--silence-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="An upstream that sends nothing for this long, although asked (keepalive), is down.",
+)
+@click.option(
+    "--keepalive",
+    type=click.Choice(["subscribe", "ping", "none"]),
+    default="subscribe",
+    show_default=True,
+    help="How a quiet upstream proves it is alive: a fresh connection's mining.subscribe (StratumRM: the link's rm.ping), mining.ping on the probe session, or nothing (no silence detection).",
+)
+@click.option(
+    "--job-timeout",
+    type=float,
+    default=90.0,
+    show_default=True,
+    help="An upstream without a mining.notify for this long is down.",
+)
+@click.option(
+    "--lag-delay",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="An upstream that has not announced a block another upstream moved to this long ago is lagging (down).",
+)
+@click.option(
+    "--hold-down",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds a recovered upstream must stay healthy before rigs fail back to it.",
+)
+@click.option(
+    "--switch-rate",
+    type=float,
+    default=500.0,
+    show_default=True,
+    help="Rigs moved per second at most (bursts of --switch-burst), so a farm does not stampede the backup.",
+)
 @click.option("--switch-burst", type=int, default=25, show_default=True, help="Rigs moved at once before the rate applies.")
-@click.option("--drain-timeout", type=float, default=10.0, show_default=True, help="Seconds the old upstream keeps its verdict path after a switch (shares in flight, stale submits).")
-@click.option("--no-upstream", type=click.Choice(["disconnect", "keep"]), default="disconnect", show_default=True, help="No upstream usable: disconnect rigs (their own backup pools take over) or keep them on their last job.")
-@click.option("--no-upstream-grace", type=float, default=5.0, show_default=True, help="Seconds without any usable upstream before rigs are disconnected.")
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds the old upstream keeps its verdict path after a switch (shares in flight, stale submits).",
+)
+@click.option(
+    "--no-upstream",
+    type=click.Choice(["disconnect", "keep"]),
+    default="disconnect",
+    show_default=True,
+    help="No upstream usable: disconnect rigs (their own backup pools take over) or keep them on their last job.",
+)
+@click.option(
+    "--no-upstream-grace",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds without any usable upstream before rigs are disconnected.",
+)
 @click.option("--probe-user", help="Worker name the health probes authorize as (default: the first rig's).")
 @click.option("--probe-password", help="Its password (default: that rig's).")
-@click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when this proxy's certificate expires within this many days.")
-@click.option("--http-listen", "--status-listen", "http_listen", metavar="HOST:PORT", help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9100. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.")
+@click.option(
+    "--cert-warn-days",
+    type=click.FloatRange(min=0.0),
+    default=14.0,
+    show_default=True,
+    help="Warn (log, status) when this proxy's certificate expires within this many days.",
+)
+@click.option(
+    "--http-listen",
+    "--status-listen",
+    "http_listen",
+    metavar="HOST:PORT",
+    help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9100. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.",
+)
 @click.option("--metrics-per-worker", is_flag=True, help="Add per-worker series to /metrics (the busiest 1000 workers).")
 @click.option("-v", "--verbose", count=True, help="More logging: -v debug, -vv the libraries' debug too.")
 @log_format_option
 @click.pass_context
-def proxy(context: click.Context, config_file, listen, upstreams, backups, cert, key, ca, bundle, upstream_ca,
-          submit_timeout, opening_timeout, max_pending, max_pending_per_source, fd_reserve, share_batch_window,
-          cert_warn_days, http_listen, metrics_per_worker, verbose, log_format, **failover_options) -> None:
+def proxy(
+    context: click.Context,
+    config_file,
+    listen,
+    upstreams,
+    backups,
+    cert,
+    key,
+    ca,
+    bundle,
+    upstream_ca,
+    submit_timeout,
+    opening_timeout,
+    max_pending,
+    max_pending_per_source,
+    fd_reserve,
+    share_batch_window,
+    cert_warn_days,
+    http_listen,
+    metrics_per_worker,
+    verbose,
+    log_format,
+    **failover_options,
+) -> None:
     """Miner-side proxy: accept plain Stratum V1 rigs and relay them upstream, with failover.
 
     Upstreams are tried in priority order (--upstream, then --backup); standbys are
@@ -139,8 +288,10 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
 
         rules = parse_rules(chosen.intercept)
         if not entries and not rules:
-            raise OptionProblem("give at least one --upstream (or [[upstream]] or [[intercept]] in --config); "
-                                "`stratumrm config example proxy` shows a complete file")
+            raise OptionProblem(
+                "give at least one --upstream (or [[upstream]] or [[intercept]] in --config); "
+                "`stratumrm config example proxy` shows a complete file"
+            )
         http_address = parse_listen(http_listen) if http_listen else None
         failover = FailoverConfig(
             strategy=Strategy(settings["strategy"]),
@@ -175,6 +326,7 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
             pool_context = public_client_context(upstream_ca)
     except BridgeError as exc:
         raise click.ClickException(str(exc)) from None
+
     def make_proxy(upstream_entries):
         return MinerProxy(
             upstream_entries,
@@ -219,10 +371,33 @@ def proxy(context: click.Context, config_file, listen, upstreams, backups, cert,
 
 @cli.command()
 @click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds to run; 0 runs until Ctrl-C.")
-@click.option("--miners", type=click.IntRange(1, 500), default=5, show_default=True, help="Reference miners (profiles cycle: cgminer, cpuminer, bfgminer, bmminer, bitaxe).")
-@click.option("--difficulty", type=float, default=0.0001, show_default=True, help="Pool share difficulty (fractional; lower means more shares).")
-@click.option("--hashrate", type=float, default=None, help="Cap each miner at this many hashes per second (default: as fast as the CPU allows).")
-@click.option("--loss", type=click.FloatRange(0, 100), default=0.0, show_default=True, help="Percent of UDP datagrams a lossy link drops (also duplicates and reorders a quarter as many).")
+@click.option(
+    "--miners",
+    type=click.IntRange(1, 500),
+    default=5,
+    show_default=True,
+    help="Reference miners (profiles cycle: cgminer, cpuminer, bfgminer, bmminer, bitaxe).",
+)
+@click.option(
+    "--difficulty",
+    type=float,
+    default=0.0001,
+    show_default=True,
+    help="Pool share difficulty (fractional; lower means more shares).",
+)
+@click.option(
+    "--hashrate",
+    type=float,
+    default=None,
+    help="Cap each miner at this many hashes per second (default: as fast as the CPU allows).",
+)
+@click.option(
+    "--loss",
+    type=click.FloatRange(0, 100),
+    default=0.0,
+    show_default=True,
+    help="Percent of UDP datagrams a lossy link drops (also duplicates and reorders a quarter as many).",
+)
 @click.option("-v", "--verbose", count=True, help="Show the components' logs.")
 def demo(duration, miners, difficulty, hashrate, loss, verbose) -> None:
     """Run the whole chain on 127.0.0.1 (pool, sidecar, proxy, miners) and check every share's tally."""

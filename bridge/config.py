@@ -73,8 +73,7 @@ def parse_upstream_url(text: str, extra_fragments: frozenset[str] = frozenset())
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise ConfigError(
-            f"upstream {text!r}: unknown scheme {scheme!r}; use one of "
-            + ", ".join(sorted(s for s in SCHEMES if s != "stratum"))
+            f"upstream {text!r}: unknown scheme {scheme!r}; use one of " + ", ".join(sorted(s for s in SCHEMES if s != "stratum"))
         )
     try:
         port = parts.port

@@ -67,24 +67,45 @@ async def run_demo(
 ) -> DemoResult:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="stratumrm-demo-") as pki_dir:
-        return await _run_chain(Path(pki_dir), started, duration=duration, miners=miners, difficulty=difficulty,
-                                hashrate=hashrate, loss=loss, out=out, progress_interval=progress_interval)
+        return await _run_chain(
+            Path(pki_dir),
+            started,
+            duration=duration,
+            miners=miners,
+            difficulty=difficulty,
+            hashrate=hashrate,
+            loss=loss,
+            out=out,
+            progress_interval=progress_interval,
+        )
 
 
-async def _run_chain(pki_dir: Path, started: float, *, duration, miners, difficulty, hashrate, loss, out,
-                     progress_interval) -> DemoResult:
+async def _run_chain(
+    pki_dir: Path, started: float, *, duration, miners, difficulty, hashrate, loss, out, progress_interval
+) -> DemoResult:
     async with trio.open_nursery() as nursery:
         chain = await start_chain(
-            nursery, pki_dir, accounts=("demo",),
+            nursery,
+            pki_dir,
+            accounts=("demo",),
             pool_config=PoolConfig(difficulty=difficulty, notify_interval=10.0, block_interval=20.0),
-            loss=loss, duplicate=loss / 4, reorder=loss / 4, seed=None,
+            loss=loss,
+            duplicate=loss / 4,
+            reorder=loss / 4,
+            seed=None,
         )
         pool = chain.pool
         print(f"throwaway CA     {pki_dir} (sidecar and proxy certificates, account 'demo')", file=out)
         print(f"reference pool   stratum+tcp://127.0.0.1:{pool.port}  (difficulty {difficulty:g})", file=out)
-        print(f"sidecar          TLS 1.3 control on 127.0.0.1:{chain.sidecar.port}, UDP shares on {chain.sidecar.udp_port}"
-              + (f" (via a lossy link: {loss:g}% loss)" if chain.link else ""), file=out)
-        print(f"miner proxy      stratum+tcp://127.0.0.1:{chain.proxy_port}  -> stratumrm://127.0.0.1:{chain.sidecar.port}", file=out)
+        print(
+            f"sidecar          TLS 1.3 control on 127.0.0.1:{chain.sidecar.port}, UDP shares on {chain.sidecar.udp_port}"
+            + (f" (via a lossy link: {loss:g}% loss)" if chain.link else ""),
+            file=out,
+        )
+        print(
+            f"miner proxy      stratum+tcp://127.0.0.1:{chain.proxy_port}  -> stratumrm://127.0.0.1:{chain.sidecar.port}",
+            file=out,
+        )
         proxy_port = chain.proxy_port
         rigs = [
             Miner(
@@ -98,8 +119,12 @@ async def _run_chain(pki_dir: Path, started: float, *, duration, miners, difficu
             for i in range(miners)
         ]
         print(f"{miners} reference miners: " + ", ".join(m.name for m in rigs), file=out)
-        print("Ctrl-C stops the demo and prints the tally." if duration is None else
-              f"running for {duration:g} s (Ctrl-C to stop early)", file=out)
+        print(
+            "Ctrl-C stops the demo and prints the tally."
+            if duration is None
+            else f"running for {duration:g} s (Ctrl-C to stop early)",
+            file=out,
+        )
 
         async with trio.open_nursery() as rig_nursery:
             for rig in rigs:
@@ -143,8 +168,7 @@ def link_figures(chain: Chain) -> tuple[int, int, int, float]:
         return 0, 0, 0, 0.0
     s = connection.statistics()
     link_bytes = s.control_bytes_sent + s.control_bytes_received + s.datagram_bytes_sent
-    return (s.datagrams_sent, s.retransmissions_udp + s.retransmissions_tls, s.shares,
-            link_bytes / s.shares if s.shares else 0.0)
+    return (s.datagrams_sent, s.retransmissions_udp + s.retransmissions_tls, s.shares, link_bytes / s.shares if s.shares else 0.0)
 
 
 async def _print_progress(rigs, chain: Chain, started, duration, interval, out: TextIO) -> None:
@@ -187,34 +211,62 @@ def summary(result: DemoResult) -> str:
     rows = [("miner", "profile", "submitted", "accepted", "rejected", "no verdict", "kH/s")]
     for rig in result.miners:
         s = rig.statistics()
-        rows.append((rig.config.user, s.profile, str(s.submitted), str(s.accepted), str(s.rejected),
-                     str(len(rig.unanswered())), f"{s.hashes / result.elapsed / 1e3:.0f}"))
+        rows.append(
+            (
+                rig.config.user,
+                s.profile,
+                str(s.submitted),
+                str(s.accepted),
+                str(s.rejected),
+                str(len(rig.unanswered())),
+                f"{s.hashes / result.elapsed / 1e3:.0f}",
+            )
+        )
     totals = [rig.statistics() for rig in result.miners]
-    rows.append(("all miners", "", str(sum(s.submitted for s in totals)), str(sum(s.accepted for s in totals)),
-                 str(sum(s.rejected for s in totals)), str(sum(len(r.unanswered()) for r in result.miners)), ""))
+    rows.append(
+        (
+            "all miners",
+            "",
+            str(sum(s.submitted for s in totals)),
+            str(sum(s.accepted for s in totals)),
+            str(sum(s.rejected for s in totals)),
+            str(sum(len(r.unanswered()) for r in result.miners)),
+            "",
+        )
+    )
     pool_stats = result.pool.statistics()
     rows.append(("pool", "", "", str(pool_stats.accepted), str(sum(pool_stats.rejected.values())), "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 2, "-" * len(lines[0]))
     proxy = result.proxy.statistics()
     datagrams, retransmissions, shares, per_share = link_figures(result.chain)
     sidecar = result.chain.sidecar.statistics()
     lines.append("")
-    lines.append(f"proxy: {proxy.connections_accepted} rig connections, {proxy.submitted} shares relayed, "
-                 f"{proxy.accepted} accepted, {proxy.rejected} rejected, {proxy.unconfirmed} unconfirmed")
-    lines.append(f"proxy-sidecar link: {shares} shares in {datagrams} UDP datagrams, {retransmissions} retransmissions, "
-                 f"{per_share:.0f} bytes per share (TLS control + UDP payload, both directions)")
-    lines.append(f"sidecar: {sidecar.shares_forwarded} shares forwarded to the pool ({sidecar.shares_udp} UDP, "
-                 f"{sidecar.shares_tls} TLS), {sidecar.duplicates_from_cache + sidecar.duplicates_joined} duplicates "
-                 f"answered without the pool, {sum(sidecar.datagram_drops.values())} datagrams dropped")
+    lines.append(
+        f"proxy: {proxy.connections_accepted} rig connections, {proxy.submitted} shares relayed, "
+        f"{proxy.accepted} accepted, {proxy.rejected} rejected, {proxy.unconfirmed} unconfirmed"
+    )
+    lines.append(
+        f"proxy-sidecar link: {shares} shares in {datagrams} UDP datagrams, {retransmissions} retransmissions, "
+        f"{per_share:.0f} bytes per share (TLS control + UDP payload, both directions)"
+    )
+    lines.append(
+        f"sidecar: {sidecar.shares_forwarded} shares forwarded to the pool ({sidecar.shares_udp} UDP, "
+        f"{sidecar.shares_tls} TLS), {sidecar.duplicates_from_cache + sidecar.duplicates_joined} duplicates "
+        f"answered without the pool, {sum(sidecar.datagram_drops.values())} datagrams dropped"
+    )
     if result.chain.link is not None:
         link = result.chain.link.statistics()
-        lines.append(f"lossy link: dropped {link.to_target.dropped + link.to_client.dropped}, duplicated "
-                     f"{link.to_target.duplicated + link.to_client.duplicated}, reordered "
-                     f"{link.to_target.reordered + link.to_client.reordered} datagrams")
+        lines.append(
+            f"lossy link: dropped {link.to_target.dropped + link.to_client.dropped}, duplicated "
+            f"{link.to_target.duplicated + link.to_client.duplicated}, reordered "
+            f"{link.to_target.reordered + link.to_client.reordered} datagrams"
+        )
     lines.append(f"ran {result.elapsed:.1f} s")
     if result.ok:
         lines.append("tally OK: every share got the pool's verdict and the pool's accepted set equals the miners'")
@@ -225,7 +277,8 @@ def summary(result: DemoResult) -> str:
 
 def main(duration: float | None, miners: int, difficulty: float, hashrate: float | None, loss: float = 0.0) -> int:
     out = sys.stdout
-    result = trio.run(lambda: run_demo(duration=duration, miners=miners, difficulty=difficulty,
-                                       hashrate=hashrate, loss=loss, out=out))
+    result = trio.run(
+        lambda: run_demo(duration=duration, miners=miners, difficulty=difficulty, hashrate=hashrate, loss=loss, out=out)
+    )
     print(summary(result), file=out)
     return 0 if result.ok else 1

@@ -146,8 +146,9 @@ class RepeatFilter(logging.Filter):
                 self._seen.pop(next(iter(self._seen)))
             self._seen[key] = [now, 1, 0]
             if suppressed:
-                record.msg = f"{record.msg} (this message repeated {suppressed} more times in the last " \
-                             f"{self.window:g} s, not shown)"
+                record.msg = (
+                    f"{record.msg} (this message repeated {suppressed} more times in the last {self.window:g} s, not shown)"
+                )
             return True
         if state[1] < self.burst:
             state[1] += 1
@@ -205,6 +206,8 @@ def log_format_option(function: Callable) -> Callable:
     import click
 
     return click.option(
-        "--log-format", type=click.Choice(FORMATS), default=None,
+        "--log-format",
+        type=click.Choice(FORMATS),
+        default=None,
         help="text (default): one readable line per event; json: one JSON object per line (journald, Loki).",
     )(function)

@@ -65,17 +65,25 @@ def describe_bind_problem(option: str, host: str, port: int, exc: OSError, what:
     """The one line for an address ``option`` names that cannot be used."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(exc, _socket.gaierror):
-        return (f"{option} {shown}: the host name {host!r} does not resolve; use an IP address of this machine "
-                "(0.0.0.0 for all) or fix the name in DNS or /etc/hosts")
+        return (
+            f"{option} {shown}: the host name {host!r} does not resolve; use an IP address of this machine "
+            "(0.0.0.0 for all) or fix the name in DNS or /etc/hosts"
+        )
     if exc.errno == _errno.EADDRINUSE:
-        return (f"{option} {shown}: {what} port {port} is already in use by another program (another stratumrm?); "
-                f"stop it, or choose a free port with {option}")
+        return (
+            f"{option} {shown}: {what} port {port} is already in use by another program (another stratumrm?); "
+            f"stop it, or choose a free port with {option}"
+        )
     if exc.errno == _errno.EADDRNOTAVAIL:
-        return (f"{option} {shown}: {host} is not an address of this machine; use one of its addresses "
-                f"(`ip -br addr`), or 0.0.0.0 for all")
+        return (
+            f"{option} {shown}: {host} is not an address of this machine; use one of its addresses "
+            f"(`ip -br addr`), or 0.0.0.0 for all"
+        )
     if exc.errno == _errno.EACCES:
-        return (f"{option} {shown}: ports below 1024 need privileges; use a port from 1024 up, or grant "
-                "CAP_NET_BIND_SERVICE (AmbientCapabilities= in the systemd unit)")
+        return (
+            f"{option} {shown}: ports below 1024 need privileges; use a port from 1024 up, or grant "
+            "CAP_NET_BIND_SERVICE (AmbientCapabilities= in the systemd unit)"
+        )
     return f"{option} {shown}: cannot listen there: {exc.strerror or exc}"
 
 
@@ -90,8 +98,9 @@ def check_names(names: dict[str, str]) -> None:
             _socket.getaddrinfo(host, None)
         except _socket.gaierror as exc:
             if exc.errno in (_socket.EAI_AGAIN,):
-                _log.warning("%s: %s does not resolve yet (%s); starting anyway, connections will retry",
-                             option, host, exc.strerror)
+                _log.warning(
+                    "%s: %s does not resolve yet (%s); starting anyway, connections will retry", option, host, exc.strerror
+                )
                 continue
             raise OptionProblem(
                 f"{option}: the host name {host!r} does not resolve; check the spelling, DNS or /etc/hosts"
@@ -117,8 +126,12 @@ async def _until_terminated(async_fn: Callable[..., Awaitable[Any]], *args: Any)
         nursery.cancel_scope.cancel()
 
 
-def run_role(async_fn: Callable[..., Awaitable[Any]], *args: Any,
-             listens: dict[str, tuple[str, int]] | None = None, udp: dict[str, tuple[str, int]] | None = None) -> None:
+def run_role(
+    async_fn: Callable[..., Awaitable[Any]],
+    *args: Any,
+    listens: dict[str, tuple[str, int]] | None = None,
+    udp: dict[str, tuple[str, int]] | None = None,
+) -> None:
     """Run a serving role until Ctrl-C or SIGTERM; a failure to listen is one line, exit status 2.
 
     ``listens`` maps options to the TCP addresses the role binds (``{"--listen": (host, port)}``),

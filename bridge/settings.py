@@ -58,8 +58,17 @@ __all__ = [
 ]
 
 
-def _doc(description: str, breaks: str, *, secret: bool = False, path: bool = False,
-         example: Any = None, required: bool = False, commented: bool = False, **limits: Any) -> Meta:
+def _doc(
+    description: str,
+    breaks: str,
+    *,
+    secret: bool = False,
+    path: bool = False,
+    example: Any = None,
+    required: bool = False,
+    commented: bool = False,
+    **limits: Any,
+) -> Meta:
     extra: dict[str, Any] = {"breaks": breaks}
     if commented:
         extra["commented"] = True  # an optional table: the example shows it commented out
@@ -81,189 +90,324 @@ LogLevel = Literal["warning", "info", "debug"]
 class UpstreamSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[[upstream]]``: one pool, in priority order (the first is the primary)."""
 
-    url: Annotated[str, _doc(
-        "Pool URL: stratumrm://SIDECAR:PORT, stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT, "
-        "with #xnsub when the pool supports mining.extranonce.subscribe",
-        "rigs get no work from this upstream; an unknown scheme or fragment is refused at start",
-        example="stratumrm://sidecar.pool.example:3334",
-    )]
-    priority: Annotated[int | None, _doc(
-        "Failover level, lower first; upstreams of one level share the rigs by weight",
-        "rigs sit on a backup while the primary is healthy (or the other way round)",
-        example=0,
-    )] = None
-    weight: Annotated[float, _doc(
-        "This upstream's share of the rigs within its level (or across all, strategy = \"weighted\")",
-        "hashrate split the wrong way between pools",
-        ge=0,
-    )] = 1.0
-    name: Annotated[str | None, _doc(
-        "Name used in logs and status instead of HOST:PORT",
-        "nothing but harder-to-read logs",
-        example="primary",
-    )] = None
+    url: Annotated[
+        str,
+        _doc(
+            "Pool URL: stratumrm://SIDECAR:PORT, stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT, "
+            "with #xnsub when the pool supports mining.extranonce.subscribe",
+            "rigs get no work from this upstream; an unknown scheme or fragment is refused at start",
+            example="stratumrm://sidecar.pool.example:3334",
+        ),
+    ]
+    priority: Annotated[
+        int | None,
+        _doc(
+            "Failover level, lower first; upstreams of one level share the rigs by weight",
+            "rigs sit on a backup while the primary is healthy (or the other way round)",
+            example=0,
+        ),
+    ] = None
+    weight: Annotated[
+        float,
+        _doc(
+            'This upstream\'s share of the rigs within its level (or across all, strategy = "weighted")',
+            "hashrate split the wrong way between pools",
+            ge=0,
+        ),
+    ] = 1.0
+    name: Annotated[
+        str | None,
+        _doc(
+            "Name used in logs and status instead of HOST:PORT",
+            "nothing but harder-to-read logs",
+            example="primary",
+        ),
+    ] = None
 
 
 class InterceptSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[[intercept]]``: connections the kernel redirected to ``match`` go to ``upstream``."""
 
-    match: Annotated[str, _doc(
-        "HOST:PORT the rigs are configured with (their original destination; a name is resolved at start)",
-        "redirected rigs fall to intercept_default instead of this upstream",
-        example="pool.example.com:3333",
-    )]
-    upstream: Annotated[str, _doc(
-        "Upstream URL for those rigs: stratumrm://SIDECAR:PORT, stratum+tcp:// or stratum+ssl://",
-        "redirected rigs get no work; an unknown scheme is refused at start",
-        example="stratumrm://sidecar.pool.example:3334",
-    )]
+    match: Annotated[
+        str,
+        _doc(
+            "HOST:PORT the rigs are configured with (their original destination; a name is resolved at start)",
+            "redirected rigs fall to intercept_default instead of this upstream",
+            example="pool.example.com:3333",
+        ),
+    ]
+    upstream: Annotated[
+        str,
+        _doc(
+            "Upstream URL for those rigs: stratumrm://SIDECAR:PORT, stratum+tcp:// or stratum+ssl://",
+            "redirected rigs get no work; an unknown scheme is refused at start",
+            example="stratumrm://sidecar.pool.example:3334",
+        ),
+    ]
 
 
 class FailoverSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[failover]``: when rigs leave an upstream and when they come back (bridge/relay/failover.py)."""
 
-    strategy: Annotated[Literal["failover", "weighted"], _doc(
-        "failover: the first healthy priority level takes every rig; weighted: rigs split across all "
-        "healthy upstreams by weight",
-        "with weighted, hashrate goes to backups you meant to keep idle",
-    )] = "failover"
-    silence_timeout: Annotated[float, _doc(
-        "Seconds an upstream may stay silent, although asked (keepalive), before it counts as down",
-        "too low: rigs flap between pools on a slow link; too high: lost hashrate while a pool is dead",
-        gt=0,
-    )] = 5.0
-    keepalive: Annotated[Literal["subscribe", "ping", "none"], _doc(
-        "How a quiet upstream proves it is alive: a fresh connection's mining.subscribe (StratumRM: the "
-        "link's rm.ping), mining.ping on the probe session, or nothing (no silence detection)",
-        "ping on a pool that ignores it marks the pool down; none disables silence detection",
-    )] = "subscribe"
-    job_timeout: Annotated[float, _doc(
-        "Seconds without a mining.notify after which an upstream is down",
-        "too low: a pool with slow jobs is abandoned; too high: rigs hash stale work for long",
-        gt=0,
-    )] = 90.0
-    lag_delay: Annotated[float, _doc(
-        "Seconds an upstream may trail another one's new block before it counts as lagging (down)",
-        "too low: brief propagation delays cause moves; too high: stale shares on a lagging pool",
-        gt=0,
-    )] = 5.0
-    hold_down: Annotated[float, _doc(
-        "Seconds a recovered upstream must stay healthy before rigs fail back to it",
-        "too low: rigs bounce on a flapping pool; too high: rigs stay on the backup for long",
-        ge=0,
-    )] = 120.0
-    switch_rate: Annotated[float, _doc(
-        "Rigs moved per second at most during a failover",
-        "too high: the backup pool sees a connection storm; too low: moves take long on a big farm",
-        gt=0,
-    )] = 500.0
-    switch_burst: Annotated[int, _doc(
-        "Rigs moved at once before switch_rate applies",
-        "as switch_rate",
-        ge=1,
-    )] = 25
-    drain_timeout: Annotated[float, _doc(
-        "Seconds the old upstream keeps its verdict path after a switch (shares in flight)",
-        "too low: answers to shares in flight are lost (rigs count them as rejected)",
-        ge=0,
-    )] = 10.0
-    no_upstream: Annotated[Literal["disconnect", "keep"], _doc(
-        "No upstream usable: disconnect the rigs (their own backup pools take over) or keep them on their last job",
-        "keep with rigs that have their own backups: they hash stale work instead of moving",
-    )] = "disconnect"
-    no_upstream_grace: Annotated[float, _doc(
-        "Seconds without any usable upstream before rigs are disconnected",
-        "too low: a brief outage disconnects the whole farm",
-        ge=0,
-    )] = 5.0
-    probe_user: Annotated[str | None, _doc(
-        "Worker name the health probes authorize as (default: the first rig's)",
-        "a name the pool refuses makes every upstream look down",
-        example="farm1.probe",
-    )] = None
-    probe_password: Annotated[str | None, _doc(
-        "Its password (default: that rig's); never logged",
-        "as probe_user",
-        secret=True,
-        example="x",
-    )] = None
+    strategy: Annotated[
+        Literal["failover", "weighted"],
+        _doc(
+            "failover: the first healthy priority level takes every rig; weighted: rigs split across all "
+            "healthy upstreams by weight",
+            "with weighted, hashrate goes to backups you meant to keep idle",
+        ),
+    ] = "failover"
+    silence_timeout: Annotated[
+        float,
+        _doc(
+            "Seconds an upstream may stay silent, although asked (keepalive), before it counts as down",
+            "too low: rigs flap between pools on a slow link; too high: lost hashrate while a pool is dead",
+            gt=0,
+        ),
+    ] = 5.0
+    keepalive: Annotated[
+        Literal["subscribe", "ping", "none"],
+        _doc(
+            "How a quiet upstream proves it is alive: a fresh connection's mining.subscribe (StratumRM: the "
+            "link's rm.ping), mining.ping on the probe session, or nothing (no silence detection)",
+            "ping on a pool that ignores it marks the pool down; none disables silence detection",
+        ),
+    ] = "subscribe"
+    job_timeout: Annotated[
+        float,
+        _doc(
+            "Seconds without a mining.notify after which an upstream is down",
+            "too low: a pool with slow jobs is abandoned; too high: rigs hash stale work for long",
+            gt=0,
+        ),
+    ] = 90.0
+    lag_delay: Annotated[
+        float,
+        _doc(
+            "Seconds an upstream may trail another one's new block before it counts as lagging (down)",
+            "too low: brief propagation delays cause moves; too high: stale shares on a lagging pool",
+            gt=0,
+        ),
+    ] = 5.0
+    hold_down: Annotated[
+        float,
+        _doc(
+            "Seconds a recovered upstream must stay healthy before rigs fail back to it",
+            "too low: rigs bounce on a flapping pool; too high: rigs stay on the backup for long",
+            ge=0,
+        ),
+    ] = 120.0
+    switch_rate: Annotated[
+        float,
+        _doc(
+            "Rigs moved per second at most during a failover",
+            "too high: the backup pool sees a connection storm; too low: moves take long on a big farm",
+            gt=0,
+        ),
+    ] = 500.0
+    switch_burst: Annotated[
+        int,
+        _doc(
+            "Rigs moved at once before switch_rate applies",
+            "as switch_rate",
+            ge=1,
+        ),
+    ] = 25
+    drain_timeout: Annotated[
+        float,
+        _doc(
+            "Seconds the old upstream keeps its verdict path after a switch (shares in flight)",
+            "too low: answers to shares in flight are lost (rigs count them as rejected)",
+            ge=0,
+        ),
+    ] = 10.0
+    no_upstream: Annotated[
+        Literal["disconnect", "keep"],
+        _doc(
+            "No upstream usable: disconnect the rigs (their own backup pools take over) or keep them on their last job",
+            "keep with rigs that have their own backups: they hash stale work instead of moving",
+        ),
+    ] = "disconnect"
+    no_upstream_grace: Annotated[
+        float,
+        _doc(
+            "Seconds without any usable upstream before rigs are disconnected",
+            "too low: a brief outage disconnects the whole farm",
+            ge=0,
+        ),
+    ] = 5.0
+    probe_user: Annotated[
+        str | None,
+        _doc(
+            "Worker name the health probes authorize as (default: the first rig's)",
+            "a name the pool refuses makes every upstream look down",
+            example="farm1.probe",
+        ),
+    ] = None
+    probe_password: Annotated[
+        str | None,
+        _doc(
+            "Its password (default: that rig's); never logged",
+            "as probe_user",
+            secret=True,
+            example="x",
+        ),
+    ] = None
 
 
 class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``stratumrm proxy``: the miner side."""
 
-    listen: Annotated[str, _doc(
-        "HOST:PORT where rigs connect",
-        "rigs cannot connect (point them at this address); a port in use stops the start",
-    )] = "0.0.0.0:3333"
-    upstream: Annotated[list[UpstreamSettings], _doc(
-        "The pools, in priority order (see [[upstream]] below)",
-        "no upstream: the proxy does not start",
-    )] = []
-    intercept: Annotated[list[InterceptSettings], _doc(
-        "Transparent interception at a farm gateway (nftables REDIRECT to listen): rigs keep their pool URL "
-        "and each original destination maps to an upstream (deploy/nftables)",
-        "redirected rigs reach the wrong pool, or fall to intercept_default",
-        commented=True,
-    )] = []
-    intercept_default: Annotated[Literal["pass", "refuse"], _doc(
-        "Redirected connections no [[intercept]] matches: pass (to their original destination, untouched) "
-        "or refuse",
-        "pass lets unmatched rigs mine in the clear; refuse cuts them off",
-    )] = "pass"
-    bundle: Annotated[str | None, _doc(
-        "Certificate, key and CA in one file (from `stratumrm pki issue-miner` or `stratumrm proxy enroll`), "
-        "for stratumrm:// upstreams; relative to this file",
-        "the sidecar refuses the proxy (wrong CA, expired or revoked certificate, account not covered)",
-        path=True, example="farm1.bundle.pem",
-    )] = None
-    cert: Annotated[str | None, _doc(
-        "This proxy's certificate, instead of bundle", "as bundle", path=True, example="farm1.crt")] = None
-    key: Annotated[str | None, _doc(
-        "Its private key, instead of bundle", "as bundle", path=True, example="farm1.key")] = None
-    ca: Annotated[str | None, _doc(
-        "The pool operator's CA certificate, instead of bundle", "the sidecar's certificate is not trusted",
-        path=True, example="ca.crt")] = None
-    upstream_ca: Annotated[str | None, _doc(
-        "CA file to verify stratum+ssl:// pools (default: the system trust store)",
-        "the TLS handshake with the pool fails", path=True, example="pool-ca.pem")] = None
-    submit_timeout: Annotated[float, _doc(
-        "Seconds to wait for a pool's verdict before answering the rig with an explicit error",
-        "too low: good shares reported as rejected to the rig", gt=0)] = 60.0
-    opening_timeout: Annotated[float, _doc(
-        "Seconds a new rig connection may stay silent before it is closed",
-        "too low: slow firmware cannot connect; too high: scanners hold sockets", gt=0)] = 10.0
-    share_batch_window: Annotated[float, _doc(
-        "Seconds to hold UDP shares so several travel in one datagram (e.g. 0.001 for large farms)",
-        "adds this much latency to every share", ge=0)] = 0.0
-    max_pending: Annotated[int, _doc(
-        "Rig connections that have not sent their first Stratum request yet, at most (a flood is refused beyond)",
-        "too low: a farm reconnecting at once is partly refused for a moment; too high: a flood holds sockets",
-        ge=1)] = RIG_MAX_PENDING
-    max_pending_per_source: Annotated[int, _doc(
-        "... of them from one IP address (raise it for many rigs behind one NAT that reconnect at once)",
-        "too low: rigs behind one NAT are refused after a power cut", ge=1)] = RIG_MAX_PENDING_PER_SOURCE
-    fd_reserve: Annotated[int, _doc(
-        "File descriptors kept free for upstream connections and the status port: no new rig is accepted below it",
-        "0: a flood can use the last descriptor and cut the proxy off from its pools", ge=0)] = DEFAULT_FD_RESERVE
-    cert_warn_days: Annotated[float, _doc(
-        "Warn (log, status) when this proxy's certificate expires within this many days",
-        "0: no warning before the sidecar starts refusing an expired certificate", ge=0)] = 14.0
-    http_listen: Annotated[str | None, _doc(
-        "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
-        "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
-        example="127.0.0.1:9100")] = None
-    metrics_per_worker: Annotated[bool, _doc(
-        "Add per-worker series to /metrics (capped at the busiest 1000 workers)",
-        "thousands more series per scrape on a large farm: Prometheus needs more memory")] = False
-    log_format: Annotated[LogFormat, _doc(
-        "text: one readable line per event; json: one JSON object per line (journald, Loki)",
-        "log collectors expecting JSON cannot parse text lines")] = "text"
-    log_level: Annotated[LogLevel, _doc(
-        "warning, info or debug (each -v on the command line is one level more than info)",
-        "debug logs every share and fills disks on big farms")] = "info"
-    failover: Annotated[FailoverSettings, _doc(
-        "When rigs leave an upstream and when they come back", "see each key")] = FailoverSettings()
+    listen: Annotated[
+        str,
+        _doc(
+            "HOST:PORT where rigs connect",
+            "rigs cannot connect (point them at this address); a port in use stops the start",
+        ),
+    ] = "0.0.0.0:3333"
+    upstream: Annotated[
+        list[UpstreamSettings],
+        _doc(
+            "The pools, in priority order (see [[upstream]] below)",
+            "no upstream: the proxy does not start",
+        ),
+    ] = []
+    intercept: Annotated[
+        list[InterceptSettings],
+        _doc(
+            "Transparent interception at a farm gateway (nftables REDIRECT to listen): rigs keep their pool URL "
+            "and each original destination maps to an upstream (deploy/nftables)",
+            "redirected rigs reach the wrong pool, or fall to intercept_default",
+            commented=True,
+        ),
+    ] = []
+    intercept_default: Annotated[
+        Literal["pass", "refuse"],
+        _doc(
+            "Redirected connections no [[intercept]] matches: pass (to their original destination, untouched) or refuse",
+            "pass lets unmatched rigs mine in the clear; refuse cuts them off",
+        ),
+    ] = "pass"
+    bundle: Annotated[
+        str | None,
+        _doc(
+            "Certificate, key and CA in one file (from `stratumrm pki issue-miner` or `stratumrm proxy enroll`), "
+            "for stratumrm:// upstreams; relative to this file",
+            "the sidecar refuses the proxy (wrong CA, expired or revoked certificate, account not covered)",
+            path=True,
+            example="farm1.bundle.pem",
+        ),
+    ] = None
+    cert: Annotated[
+        str | None, _doc("This proxy's certificate, instead of bundle", "as bundle", path=True, example="farm1.crt")
+    ] = None
+    key: Annotated[str | None, _doc("Its private key, instead of bundle", "as bundle", path=True, example="farm1.key")] = None
+    ca: Annotated[
+        str | None,
+        _doc(
+            "The pool operator's CA certificate, instead of bundle",
+            "the sidecar's certificate is not trusted",
+            path=True,
+            example="ca.crt",
+        ),
+    ] = None
+    upstream_ca: Annotated[
+        str | None,
+        _doc(
+            "CA file to verify stratum+ssl:// pools (default: the system trust store)",
+            "the TLS handshake with the pool fails",
+            path=True,
+            example="pool-ca.pem",
+        ),
+    ] = None
+    submit_timeout: Annotated[
+        float,
+        _doc(
+            "Seconds to wait for a pool's verdict before answering the rig with an explicit error",
+            "too low: good shares reported as rejected to the rig",
+            gt=0,
+        ),
+    ] = 60.0
+    opening_timeout: Annotated[
+        float,
+        _doc(
+            "Seconds a new rig connection may stay silent before it is closed",
+            "too low: slow firmware cannot connect; too high: scanners hold sockets",
+            gt=0,
+        ),
+    ] = 10.0
+    share_batch_window: Annotated[
+        float,
+        _doc(
+            "Seconds to hold UDP shares so several travel in one datagram (e.g. 0.001 for large farms)",
+            "adds this much latency to every share",
+            ge=0,
+        ),
+    ] = 0.0
+    max_pending: Annotated[
+        int,
+        _doc(
+            "Rig connections that have not sent their first Stratum request yet, at most (a flood is refused beyond)",
+            "too low: a farm reconnecting at once is partly refused for a moment; too high: a flood holds sockets",
+            ge=1,
+        ),
+    ] = RIG_MAX_PENDING
+    max_pending_per_source: Annotated[
+        int,
+        _doc(
+            "... of them from one IP address (raise it for many rigs behind one NAT that reconnect at once)",
+            "too low: rigs behind one NAT are refused after a power cut",
+            ge=1,
+        ),
+    ] = RIG_MAX_PENDING_PER_SOURCE
+    fd_reserve: Annotated[
+        int,
+        _doc(
+            "File descriptors kept free for upstream connections and the status port: no new rig is accepted below it",
+            "0: a flood can use the last descriptor and cut the proxy off from its pools",
+            ge=0,
+        ),
+    ] = DEFAULT_FD_RESERVE
+    cert_warn_days: Annotated[
+        float,
+        _doc(
+            "Warn (log, status) when this proxy's certificate expires within this many days",
+            "0: no warning before the sidecar starts refusing an expired certificate",
+            ge=0,
+        ),
+    ] = 14.0
+    http_listen: Annotated[
+        str | None,
+        _doc(
+            "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
+            "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
+            example="127.0.0.1:9100",
+        ),
+    ] = None
+    metrics_per_worker: Annotated[
+        bool,
+        _doc(
+            "Add per-worker series to /metrics (capped at the busiest 1000 workers)",
+            "thousands more series per scrape on a large farm: Prometheus needs more memory",
+        ),
+    ] = False
+    log_format: Annotated[
+        LogFormat,
+        _doc(
+            "text: one readable line per event; json: one JSON object per line (journald, Loki)",
+            "log collectors expecting JSON cannot parse text lines",
+        ),
+    ] = "text"
+    log_level: Annotated[
+        LogLevel,
+        _doc(
+            "warning, info or debug (each -v on the command line is one level more than info)",
+            "debug logs every share and fills disks on big farms",
+        ),
+    ] = "info"
+    failover: Annotated[FailoverSettings, _doc("When rigs leave an upstream and when they come back", "see each key")] = (
+        FailoverSettings()
+    )
 
     def entries(self) -> list:
         """The upstreams as :class:`bridge.config.UpstreamEntry`, priorities defaulting to the position."""
@@ -272,12 +416,14 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         entries = []
         for position, item in enumerate(self.upstream):
             entry = parse_upstream_entry(item.url, position)
-            entries.append(UpstreamEntry(
-                entry.url,
-                entry.priority if item.priority is None else item.priority,
-                item.weight if item.weight != 1.0 else entry.weight,
-                item.name or entry.name,
-            ))
+            entries.append(
+                UpstreamEntry(
+                    entry.url,
+                    entry.priority if item.priority is None else item.priority,
+                    item.weight if item.weight != 1.0 else entry.weight,
+                    item.name or entry.name,
+                )
+            )
         return entries
 
     def validate(self) -> None:
@@ -292,109 +438,237 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``stratumrm sidecar``: the pool side."""
 
-    listen: Annotated[str, _doc(
-        "HOST:PORT where proxies connect (TLS control channel; UDP shares on the same port number)",
-        "proxies cannot connect; open TCP and UDP on this port in the firewall")] = "0.0.0.0:3334"
-    pool: Annotated[str | None, _doc(
-        "The pool software: stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT (required)",
-        "every rig's channel fails to open; the sidecar reports the pool down to its proxies",
-        example="stratum+tcp://127.0.0.1:3333", required=True)] = None
-    pool_ca: Annotated[str | None, _doc(
-        "CA file to verify a stratum+ssl:// pool (default: the system trust store)",
-        "the TLS handshake with the pool fails", path=True, example="pool-ca.pem")] = None
-    cert: Annotated[str | None, _doc(
-        "This sidecar's certificate (`stratumrm pki issue-pool`; required), relative to this file",
-        "proxies refuse the sidecar: the name or address they dial must be in it",
-        path=True, example="sidecar.crt", required=True)] = None
-    key: Annotated[str | None, _doc(
-        "The private key of cert (required); readable by the service user only",
-        "the sidecar does not start", path=True, example="sidecar.key", required=True)] = None
-    ca: Annotated[str | None, _doc(
-        "The StratumRM CA certificate that proxies' certificates are checked against (required)",
-        "every proxy is refused (wrong CA)", path=True, example="ca.crt", required=True)] = None
-    revocations: Annotated[str | None, _doc(
-        "Revocation list to enforce and watch (the CA's revocations.pem)",
-        "revoked proxies keep mining", path=True, example="revocations.pem")] = None
-    udp: Annotated[bool, _doc(
-        "Offer the UDP share channel (false: shares travel over the TLS control channel)",
-        "false gives up the low-latency share path; true behind a firewall that drops UDP costs a fallback",
-    )] = True
-    udp_port: Annotated[int | None, _doc(
-        "UDP port for shares (default: the listen port number)",
-        "proxies send shares to a closed port and fall back to TLS", example=3334)] = None
-    advertise: Annotated[str | None, _doc(
-        "UDP address to tell proxies, HOST[:PORT] (a sidecar behind NAT)",
-        "proxies send UDP shares to an unreachable address and fall back to TLS",
-        example="203.0.113.7:3334")] = None
-    rekey_interval: Annotated[float, _doc(
-        "Seconds between new UDP keys", "very low values cost handshakes; very high weaken forward secrecy",
-        ge=1)] = 3600.0
-    dead_after: Annotated[float, _doc(
-        "Seconds of silence after which a proxy is dead",
-        "too low: proxies on lossy links are dropped; too high: dead sessions hold pool connections",
-        ge=0.5)] = 5.0
-    clock_skew: Annotated[float, _doc(
-        "Seconds of leeway on certificates' validity periods (clocks that disagree)",
-        "too low: fresh certificates refused as not yet valid on a farm with a fast clock", ge=0)] = 10.0
-    max_connections_per_cert: Annotated[int, _doc(
-        "Control connections one proxy certificate may hold at once (0: no limit)",
-        "too low: proxies sharing a bundle are refused; 0: a leaked bundle can open any number", ge=0)] = 4
-    handshake_timeout: Annotated[float, _doc(
-        "Seconds a proxy has to finish the TLS handshake",
-        "too low: proxies on slow links are refused; too high: silent connections hold sockets longer",
-        ge=0.1)] = DEFAULT_HANDSHAKE_TIMEOUT
-    max_pending: Annotated[int, _doc(
-        "Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest)",
-        "too low: proxies reconnecting after an outage wait; too high: a flood costs memory", ge=1)] = DEFAULT_MAX_PENDING
-    max_pending_per_source: Annotated[int, _doc(
-        "... of them from one IP address",
-        "too low: many proxies behind one balancer or NAT are refused", ge=1)] = DEFAULT_MAX_PENDING_PER_SOURCE
-    fd_reserve: Annotated[int, _doc(
-        "File descriptors kept free for pool connections and the status port: no new proxy connection below it",
-        "0: a flood can use the last descriptor and cut rigs off from the pool", ge=0)] = DEFAULT_FD_RESERVE
-    cert_warn_days: Annotated[float, _doc(
-        "Warn (log, status) when a certificate expires within this many days",
-        "0: no warning before proxies are refused for an expired certificate", ge=0)] = 14.0
-    http_listen: Annotated[str | None, _doc(
-        "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
-        "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
-        example="127.0.0.1:9101")] = None
-    http_tls: Annotated[bool, _doc(
-        "Serve the management port over HTTPS with cert and key (implied by http_require_operator and enroll_ca)",
-        "false: statistics and the dashboard travel in the clear to whoever listens on the management network")] = False
-    http_require_operator: Annotated[bool, _doc(
-        "Let onto the management port only browsers with an operator certificate of ca "
-        "(`stratumrm pki issue-operator NAME`); enrollment and /healthz, /readyz stay open; also lets operators "
-        "create enrollment tokens on the dashboard",
-        "false: anyone who reaches the port sees rigs, accounts and certificates; true without the certificate "
-        "installed: your browser gets a refusal page")] = False
-    enroll_ca: Annotated[str | None, _doc(
-        "CA directory (`stratumrm pki init --dir`) whose CA signs enrollments on the management port "
-        "(`stratumrm proxy enroll`); its enrollment.sqlite holds the tokens and the audit trail",
-        "unset: `stratumrm proxy enroll` gets 404; a directory the sidecar cannot read stops the start",
-        path=True, example="pki")] = None
-    proxy_protocol_from: Annotated[list[str], _doc(
-        "Balancer addresses or networks (CIDR) whose connections start with a PROXY v2 header naming the real "
-        "proxy; empty: off",
-        "a balancer left out: every proxy looks like the balancer (one admission source); a range too wide: "
-        "anyone there can claim any address",
-        example=["10.0.0.5/32"])] = []
-    proxy_protocol_to_pool: Annotated[bool, _doc(
-        "Open each pool connection with a PROXY v2 header naming the rig (pool software that reads it)",
-        "a pool that does not read the header closes every connection")] = False
-    drain_timeout: Annotated[float, _doc(
-        "On SIGTERM (or SIGUSR1): close the listener, tell proxies to move (rm.goaway) and exit once they have, "
-        "or after this many seconds; 0 exits at once",
-        "0: a restart drops every rig of this sidecar's proxies for a reconnect", ge=0)] = 30.0
-    metrics_per_worker: Annotated[bool, _doc(
-        "Add per-worker series to /metrics (capped at the busiest 1000 workers)",
-        "thousands more series per scrape on a large farm: Prometheus needs more memory")] = False
-    log_format: Annotated[LogFormat, _doc(
-        "text: one readable line per event; json: one JSON object per line (journald, Loki)",
-        "log collectors expecting JSON cannot parse text lines")] = "text"
-    log_level: Annotated[LogLevel, _doc(
-        "warning, info or debug (each -v on the command line is one level more than info)",
-        "debug logs every share and fills disks on a big pool")] = "info"
+    listen: Annotated[
+        str,
+        _doc(
+            "HOST:PORT where proxies connect (TLS control channel; UDP shares on the same port number)",
+            "proxies cannot connect; open TCP and UDP on this port in the firewall",
+        ),
+    ] = "0.0.0.0:3334"
+    pool: Annotated[
+        str | None,
+        _doc(
+            "The pool software: stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT (required)",
+            "every rig's channel fails to open; the sidecar reports the pool down to its proxies",
+            example="stratum+tcp://127.0.0.1:3333",
+            required=True,
+        ),
+    ] = None
+    pool_ca: Annotated[
+        str | None,
+        _doc(
+            "CA file to verify a stratum+ssl:// pool (default: the system trust store)",
+            "the TLS handshake with the pool fails",
+            path=True,
+            example="pool-ca.pem",
+        ),
+    ] = None
+    cert: Annotated[
+        str | None,
+        _doc(
+            "This sidecar's certificate (`stratumrm pki issue-pool`; required), relative to this file",
+            "proxies refuse the sidecar: the name or address they dial must be in it",
+            path=True,
+            example="sidecar.crt",
+            required=True,
+        ),
+    ] = None
+    key: Annotated[
+        str | None,
+        _doc(
+            "The private key of cert (required); readable by the service user only",
+            "the sidecar does not start",
+            path=True,
+            example="sidecar.key",
+            required=True,
+        ),
+    ] = None
+    ca: Annotated[
+        str | None,
+        _doc(
+            "The StratumRM CA certificate that proxies' certificates are checked against (required)",
+            "every proxy is refused (wrong CA)",
+            path=True,
+            example="ca.crt",
+            required=True,
+        ),
+    ] = None
+    revocations: Annotated[
+        str | None,
+        _doc(
+            "Revocation list to enforce and watch (the CA's revocations.pem)",
+            "revoked proxies keep mining",
+            path=True,
+            example="revocations.pem",
+        ),
+    ] = None
+    udp: Annotated[
+        bool,
+        _doc(
+            "Offer the UDP share channel (false: shares travel over the TLS control channel)",
+            "false gives up the low-latency share path; true behind a firewall that drops UDP costs a fallback",
+        ),
+    ] = True
+    udp_port: Annotated[
+        int | None,
+        _doc(
+            "UDP port for shares (default: the listen port number)",
+            "proxies send shares to a closed port and fall back to TLS",
+            example=3334,
+        ),
+    ] = None
+    advertise: Annotated[
+        str | None,
+        _doc(
+            "UDP address to tell proxies, HOST[:PORT] (a sidecar behind NAT)",
+            "proxies send UDP shares to an unreachable address and fall back to TLS",
+            example="203.0.113.7:3334",
+        ),
+    ] = None
+    rekey_interval: Annotated[
+        float, _doc("Seconds between new UDP keys", "very low values cost handshakes; very high weaken forward secrecy", ge=1)
+    ] = 3600.0
+    dead_after: Annotated[
+        float,
+        _doc(
+            "Seconds of silence after which a proxy is dead",
+            "too low: proxies on lossy links are dropped; too high: dead sessions hold pool connections",
+            ge=0.5,
+        ),
+    ] = 5.0
+    clock_skew: Annotated[
+        float,
+        _doc(
+            "Seconds of leeway on certificates' validity periods (clocks that disagree)",
+            "too low: fresh certificates refused as not yet valid on a farm with a fast clock",
+            ge=0,
+        ),
+    ] = 10.0
+    max_connections_per_cert: Annotated[
+        int,
+        _doc(
+            "Control connections one proxy certificate may hold at once (0: no limit)",
+            "too low: proxies sharing a bundle are refused; 0: a leaked bundle can open any number",
+            ge=0,
+        ),
+    ] = 4
+    handshake_timeout: Annotated[
+        float,
+        _doc(
+            "Seconds a proxy has to finish the TLS handshake",
+            "too low: proxies on slow links are refused; too high: silent connections hold sockets longer",
+            ge=0.1,
+        ),
+    ] = DEFAULT_HANDSHAKE_TIMEOUT
+    max_pending: Annotated[
+        int,
+        _doc(
+            "Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest)",
+            "too low: proxies reconnecting after an outage wait; too high: a flood costs memory",
+            ge=1,
+        ),
+    ] = DEFAULT_MAX_PENDING
+    max_pending_per_source: Annotated[
+        int, _doc("... of them from one IP address", "too low: many proxies behind one balancer or NAT are refused", ge=1)
+    ] = DEFAULT_MAX_PENDING_PER_SOURCE
+    fd_reserve: Annotated[
+        int,
+        _doc(
+            "File descriptors kept free for pool connections and the status port: no new proxy connection below it",
+            "0: a flood can use the last descriptor and cut rigs off from the pool",
+            ge=0,
+        ),
+    ] = DEFAULT_FD_RESERVE
+    cert_warn_days: Annotated[
+        float,
+        _doc(
+            "Warn (log, status) when a certificate expires within this many days",
+            "0: no warning before proxies are refused for an expired certificate",
+            ge=0,
+        ),
+    ] = 14.0
+    http_listen: Annotated[
+        str | None,
+        _doc(
+            "Management port, HOST:PORT: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status",
+            "statistics exposed to whoever reaches the port: keep it on 127.0.0.1 or a management network",
+            example="127.0.0.1:9101",
+        ),
+    ] = None
+    http_tls: Annotated[
+        bool,
+        _doc(
+            "Serve the management port over HTTPS with cert and key (implied by http_require_operator and enroll_ca)",
+            "false: statistics and the dashboard travel in the clear to whoever listens on the management network",
+        ),
+    ] = False
+    http_require_operator: Annotated[
+        bool,
+        _doc(
+            "Let onto the management port only browsers with an operator certificate of ca "
+            "(`stratumrm pki issue-operator NAME`); enrollment and /healthz, /readyz stay open; also lets operators "
+            "create enrollment tokens on the dashboard",
+            "false: anyone who reaches the port sees rigs, accounts and certificates; true without the certificate "
+            "installed: your browser gets a refusal page",
+        ),
+    ] = False
+    enroll_ca: Annotated[
+        str | None,
+        _doc(
+            "CA directory (`stratumrm pki init --dir`) whose CA signs enrollments on the management port "
+            "(`stratumrm proxy enroll`); its enrollment.sqlite holds the tokens and the audit trail",
+            "unset: `stratumrm proxy enroll` gets 404; a directory the sidecar cannot read stops the start",
+            path=True,
+            example="pki",
+        ),
+    ] = None
+    proxy_protocol_from: Annotated[
+        list[str],
+        _doc(
+            "Balancer addresses or networks (CIDR) whose connections start with a PROXY v2 header naming the real "
+            "proxy; empty: off",
+            "a balancer left out: every proxy looks like the balancer (one admission source); a range too wide: "
+            "anyone there can claim any address",
+            example=["10.0.0.5/32"],
+        ),
+    ] = []
+    proxy_protocol_to_pool: Annotated[
+        bool,
+        _doc(
+            "Open each pool connection with a PROXY v2 header naming the rig (pool software that reads it)",
+            "a pool that does not read the header closes every connection",
+        ),
+    ] = False
+    drain_timeout: Annotated[
+        float,
+        _doc(
+            "On SIGTERM (or SIGUSR1): close the listener, tell proxies to move (rm.goaway) and exit once they have, "
+            "or after this many seconds; 0 exits at once",
+            "0: a restart drops every rig of this sidecar's proxies for a reconnect",
+            ge=0,
+        ),
+    ] = 30.0
+    metrics_per_worker: Annotated[
+        bool,
+        _doc(
+            "Add per-worker series to /metrics (capped at the busiest 1000 workers)",
+            "thousands more series per scrape on a large farm: Prometheus needs more memory",
+        ),
+    ] = False
+    log_format: Annotated[
+        LogFormat,
+        _doc(
+            "text: one readable line per event; json: one JSON object per line (journald, Loki)",
+            "log collectors expecting JSON cannot parse text lines",
+        ),
+    ] = "text"
+    log_level: Annotated[
+        LogLevel,
+        _doc(
+            "warning, info or debug (each -v on the command line is one level more than info)",
+            "debug logs every share and fills disks on a big pool",
+        ),
+    ] = "info"
 
     def validate(self) -> None:
         if self.udp_port is not None and not 0 <= self.udp_port <= 65535:
@@ -405,8 +679,7 @@ class SidecarSettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         if self.pool is not None:
             url = _check(lambda: parse_upstream_url(self.pool), "pool")
             if url.transport == "stratumrm":
-                raise ConfigError("key pool: the pool software itself, stratum+tcp:// or stratum+ssl://, "
-                                  "not stratumrm://")
+                raise ConfigError("key pool: the pool software itself, stratum+tcp:// or stratum+ssl://, not stratumrm://")
         if self.advertise is not None:
             from bridge.net.sidecar_command import parse_advertise
 
@@ -424,6 +697,7 @@ def _check(function, key: str):
 
 
 # ---------------------------------------------------------------- reading
+
 
 def _unwrap(annotation: Any) -> tuple[Any, Meta | None]:
     if typing.get_origin(annotation) is Annotated:
@@ -615,8 +889,10 @@ def check_file(path: str | Path, role: str | None = None, *, files: bool = True)
     if role == "sidecar":
         missing = [name for name in ("pool", "cert", "key", "ca") if getattr(settings, name) is None]
         if missing:
-            warnings.append(f"{', '.join(missing)} not set: give {'them' if len(missing) > 1 else 'it'} on the "
-                            f"command line (--{' --'.join(m.replace('_', '-') for m in missing)})")
+            warnings.append(
+                f"{', '.join(missing)} not set: give {'them' if len(missing) > 1 else 'it'} on the "
+                f"command line (--{' --'.join(m.replace('_', '-') for m in missing)})"
+            )
     if files:
         for name, field in _field_table(ROLES[role]).items():
             _, meta = _unwrap(field.type)
@@ -652,6 +928,7 @@ def describe(settings: Struct) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the example
+
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -719,8 +996,9 @@ def example(role: str) -> str:
     for name, section, field in sections:
         base, meta = _unwrap(field.type)
         is_list = typing.get_origin(base) is list
-        out += _wrap((meta.description if meta is not None else "") + ("" if not is_list else
-                     "; repeat the table once per entry"))
+        out += _wrap(
+            (meta.description if meta is not None else "") + ("" if not is_list else "; repeat the table once per entry")
+        )
         commented = bool(meta is not None and (meta.extra or {}).get("commented"))
         out.append(("# " if commented else "") + (f"[[{name}]]" if is_list else f"[{name}]"))
         for item in msgspec.structs.fields(section):

@@ -26,9 +26,7 @@ WARNINGS_EXIT_STATUS = 3
     help="The role's status address, as given to its --status-listen: http://127.0.0.1:PORT.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON document instead.")
-@click.option(
-    "--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds to wait."
-)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds to wait.")
 def status(url: str, as_json: bool, timeout: float) -> None:
     """Show a running proxy's or sidecar's statistics, certificates and warnings.
 

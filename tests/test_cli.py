@@ -23,23 +23,50 @@ def test_demo_runs_the_chain_and_reports_a_clean_tally() -> None:
 
 
 def test_bench_prints_microseconds_per_message() -> None:
-    done = subprocess.run([*STRATUMRM, "bench", "codec", "--iterations", "2000", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [*STRATUMRM, "bench", "codec", "--iterations", "2000", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert "submit codec" in done.stdout and "notify relay" in done.stdout
 
 
 def test_proxy_testpool_and_testminer_as_separate_processes() -> None:
     pool_port, proxy_port = free_port(), free_port()
-    pool = subprocess.Popen([*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proxy = subprocess.Popen([*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"stratum+tcp://127.0.0.1:{pool_port}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pool = subprocess.Popen(
+        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    proxy = subprocess.Popen(
+        [*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"stratum+tcp://127.0.0.1:{pool_port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for_port(pool_port)
         wait_for_port(proxy_port)
         miner = subprocess.run(
-            [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}", "--user", "alice.rig1", "--profile", "cgminer", "--max-shares", "2"],
-            capture_output=True, text=True, timeout=90, check=False,
+            [
+                *STRATUMRM,
+                "testminer",
+                "--url",
+                f"stratum+tcp://127.0.0.1:{proxy_port}",
+                "--user",
+                "alice.rig1",
+                "--profile",
+                "cgminer",
+                "--max-shares",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
         )
         assert miner.returncode == 0, miner.stdout + miner.stderr
         assert miner.stdout.count("Accepted") >= 2
@@ -51,11 +78,14 @@ def test_proxy_testpool_and_testminer_as_separate_processes() -> None:
     assert "proxy listening" in proxy_log and "alice.rig1" in proxy_log + pool_log
 
 
-@pytest.mark.parametrize("args, message", [
-    (["proxy", "--upstream", "pool:3333"], "no scheme"),
-    (["proxy", "--upstream", "http://pool:3333"], "unknown scheme"),
-    (["proxy", "--upstream", "stratum+tcp://pool"], "needs a host and a port"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["proxy", "--upstream", "pool:3333"], "no scheme"),
+        (["proxy", "--upstream", "http://pool:3333"], "unknown scheme"),
+        (["proxy", "--upstream", "stratum+tcp://pool"], "needs a host and a port"),
+    ],
+)
 def test_bad_upstream_urls_say_what_to_write(args, message) -> None:
     done = subprocess.run(STRATUMRM + args, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode != 0 and message in done.stderr

@@ -11,21 +11,54 @@ from processes import STRATUMRM, free_port, wait_for_port
 def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> None:
     primary_port, backup_port, proxy_port = free_port(), free_port(), free_port()
     pools = [
-        subprocess.Popen([*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{port}", "--difficulty", "0.0001"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{port}", "--difficulty", "0.0001"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for port in (primary_port, backup_port)
     ]
     proxy = subprocess.Popen(
-        [*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "-o", f"stratum+tcp://127.0.0.1:{primary_port}#name=primary", "--backup", f"stratum+tcp://127.0.0.1:{backup_port}#name=backup", "--silence-timeout", "2", "--hold-down", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            *STRATUMRM,
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{proxy_port}",
+            "-o",
+            f"stratum+tcp://127.0.0.1:{primary_port}#name=primary",
+            "--backup",
+            f"stratum+tcp://127.0.0.1:{backup_port}#name=backup",
+            "--silence-timeout",
+            "2",
+            "--hold-down",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     miner = None
     try:
         for port in (primary_port, backup_port, proxy_port):
             wait_for_port(port)
         miner = subprocess.Popen(
-            [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}#xnsub", "--user", "alice.rig1", "--profile", "bmminer", "--max-shares", "8", "--hashrate", "400000"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                *STRATUMRM,
+                "testminer",
+                "--url",
+                f"stratum+tcp://127.0.0.1:{proxy_port}#xnsub",
+                "--user",
+                "alice.rig1",
+                "--profile",
+                "bmminer",
+                "--max-shares",
+                "8",
+                "--hashrate",
+                "400000",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         assert miner.stdout is not None
         lines = []

@@ -26,7 +26,8 @@ def test_both_roles_have_a_unit() -> None:
 def test_units_run_as_a_dedicated_hardened_user(unit: Path) -> None:
     text = unit.read_text()
     service = dict(
-        line.split("=", 1) for line in text.split("[Service]")[1].split("[Install]")[0].splitlines()
+        line.split("=", 1)
+        for line in text.split("[Service]")[1].split("[Install]")[0].splitlines()
         if line and not line.startswith("#")
     )
     assert service["User"] == "stratumrm" and service["Group"] == "stratumrm"
@@ -52,8 +53,13 @@ def test_units_pass_systemd_analyze(unit: Path, tmp_path: Path) -> None:
     verify = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=120, check=False)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
     # Exposure 0-100 (shown as 0.0-10.0): these units score about 17 ("OK"); 30 still counts as "OK".
-    security = subprocess.run([analyze, "security", "--offline=yes", "--threshold=30", str(copy)],
-                              capture_output=True, text=True, timeout=120, check=False)
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", "--threshold=30", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if "--offline" in security.stderr and "unrecognized" in security.stderr:
         pytest.skip("this systemd-analyze has no offline security check")
     assert security.returncode == 0, security.stdout[-2000:] + security.stderr
@@ -91,8 +97,9 @@ def test_the_compose_file_runs_the_pool_side_and_its_monitoring() -> None:
 
 def test_prometheus_scrapes_every_role_that_compose_runs() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = {job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
-               for job in config["scrape_configs"]}
+    targets = {
+        job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]] for job in config["scrape_configs"]
+    }
     assert targets == {"stratumrm-sidecar": ["sidecar:9101"], "stratumrm-proxy": ["proxy:9100"]}
     sidecar_settings = settings.load(DEPLOY / "config" / "sidecar.toml", "sidecar")
     assert sidecar_settings.http_listen.endswith(":9101")
@@ -109,8 +116,17 @@ def _metric_names() -> set[str]:
     names = set()
     for kind, name in re.findall(r"\b(counter|counters_by|declare_counter|gauge|declare_gauge)\(\s*\"([a-z_]+)\"", source):
         names.add("stratumrm_" + name + ("_total" if "counter" in kind else ""))
-    names |= {f"stratumrm_process_{n}" for n in ("cpu_seconds_total", "resident_memory_bytes", "virtual_memory_bytes",
-                                                  "open_fds", "max_fds", "start_time_seconds")}
+    names |= {
+        f"stratumrm_process_{n}"
+        for n in (
+            "cpu_seconds_total",
+            "resident_memory_bytes",
+            "virtual_memory_bytes",
+            "open_fds",
+            "max_fds",
+            "start_time_seconds",
+        )
+    }
     return names
 
 
@@ -125,9 +141,16 @@ def test_the_grafana_dashboard_loads_and_uses_existing_metrics() -> None:
         for target in panel["targets"]:
             used |= set(re.findall(r"\bstratumrm_[a-z_]+", target["expr"]))
     # The list: rigs, shares by outcome, failovers, UDP, RTT, certificates, refusals, resources.
-    for needed in ("stratumrm_rigs_connected", "stratumrm_shares_rejected_total", "stratumrm_failovers_total",
-                   "stratumrm_datagrams_dropped_total", "stratumrm_rtt_seconds", "stratumrm_certificate_days_left",
-                   "stratumrm_admission_refusals_total", "stratumrm_process_cpu_seconds_total"):
+    for needed in (
+        "stratumrm_rigs_connected",
+        "stratumrm_shares_rejected_total",
+        "stratumrm_failovers_total",
+        "stratumrm_datagrams_dropped_total",
+        "stratumrm_rtt_seconds",
+        "stratumrm_certificate_days_left",
+        "stratumrm_admission_refusals_total",
+        "stratumrm_process_cpu_seconds_total",
+    ):
         assert needed in used
     unknown = used - _metric_names()
     assert not unknown, f"the dashboard queries metrics no role exposes: {sorted(unknown)}"

@@ -82,7 +82,9 @@ def test_nftables_rules_check(tmp_path: Path) -> None:
     assert "redirect to :3335" in text
     if shutil.which("nft") is None:
         pytest.skip("nft is not installed (tests/setup-system.sh installs nftables); the text checks passed")
-    result = subprocess.run(["nft", "-c", "-f", str(DEPLOY / "nftables/gateway.nft")], check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        ["nft", "-c", "-f", str(DEPLOY / "nftables/gateway.nft")], check=False, capture_output=True, text=True
+    )
     if result.returncode != 0 and "Operation not permitted" in result.stderr:
         pytest.skip("nft -c needs CAP_NET_ADMIN (run as root)")
     assert result.returncode == 0, result.stderr

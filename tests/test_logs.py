@@ -152,8 +152,17 @@ def test_a_port_in_use_is_one_line_naming_the_option() -> None:
         pool = free_port()
         done = _run(["proxy", "--listen", f"127.0.0.1:{port}", "-o", f"stratum+tcp://127.0.0.1:{pool}"])
         _one_line_usage_error(done, f"--listen 127.0.0.1:{port}", "already in use")
-        done = _run(["proxy", "--listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{port}",
-                     "-o", f"stratum+tcp://127.0.0.1:{pool}"])
+        done = _run(
+            [
+                "proxy",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--http-listen",
+                f"127.0.0.1:{port}",
+                "-o",
+                f"stratum+tcp://127.0.0.1:{pool}",
+            ]
+        )
         _one_line_usage_error(done, "--http-listen", "already in use")
 
 
@@ -183,7 +192,9 @@ def test_json_logs_with_connection_ids_and_a_shutting_down_line() -> None:
     port, pool = free_port(), free_port()
     process = subprocess.Popen(
         [*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{port}", "-o", f"stratum+tcp://127.0.0.1:{pool}", "--log-format", "json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
@@ -191,8 +202,7 @@ def test_json_logs_with_connection_ids_and_a_shutting_down_line() -> None:
     seen: list[dict] = []
     try:
         wait_for_port(port, timeout=30)  # a rig connection, closed at once
-        while not any(str(line.get("conn", "")).startswith("rig-") and "disconnected" in line["msg"]
-                      for line in seen):
+        while not any(str(line.get("conn", "")).startswith("rig-") and "disconnected" in line["msg"] for line in seen):
             seen.append(json.loads(lines.get(timeout=30)))
     finally:
         process.terminate()

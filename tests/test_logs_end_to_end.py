@@ -18,8 +18,7 @@ class Role:
     """A stratumrm process whose log lines are collected as they come."""
 
     def __init__(self, args: list[str]) -> None:
-        self.process = subprocess.Popen(STRATUMRM + args, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(STRATUMRM + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -62,23 +61,58 @@ def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(
     miners: list[subprocess.Popen] = []
 
     def miner(port: int, user: str) -> None:
-        miners.append(subprocess.Popen(
-            [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{port}", "--user", user, "--duration", "60"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        miners.append(
+            subprocess.Popen(
+                [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{port}", "--user", user, "--duration", "60"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     try:
         pool = Role(["testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"])
         roles.append(pool)
-        sidecar = Role(["sidecar", "--listen", f"127.0.0.1:{sidecar_port}", "--no-udp",
-                        "--pool", f"stratum+tcp://127.0.0.1:{pool_port}", "--cert", str(pki.pool_certificate),
-                        "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate)])
+        sidecar = Role(
+            [
+                "sidecar",
+                "--listen",
+                f"127.0.0.1:{sidecar_port}",
+                "--no-udp",
+                "--pool",
+                f"stratum+tcp://127.0.0.1:{pool_port}",
+                "--cert",
+                str(pki.pool_certificate),
+                "--key",
+                str(pki.pool_key),
+                "--ca",
+                str(pki.ca_certificate),
+            ]
+        )
         roles.append(sidecar)
         sidecar.wait_for("sidecar listening")
-        proxy = Role(["proxy", "--listen", f"127.0.0.1:{proxy_port}", "-o", f"stratumrm://127.0.0.1:{sidecar_port}",
-                      "--bundle", str(pki.miner_bundle)])
+        proxy = Role(
+            [
+                "proxy",
+                "--listen",
+                f"127.0.0.1:{proxy_port}",
+                "-o",
+                f"stratumrm://127.0.0.1:{sidecar_port}",
+                "--bundle",
+                str(pki.miner_bundle),
+            ]
+        )
         roles.append(proxy)
-        wrong = Role(["proxy", "--listen", f"127.0.0.1:{wrong_port}", "-o", f"stratumrm://127.0.0.1:{sidecar_port}",
-                      "--bundle", str(other.miner_bundle)])
+        wrong = Role(
+            [
+                "proxy",
+                "--listen",
+                f"127.0.0.1:{wrong_port}",
+                "-o",
+                f"stratumrm://127.0.0.1:{sidecar_port}",
+                "--bundle",
+                str(other.miner_bundle),
+            ]
+        )
         roles.append(wrong)
         wait_for_port(proxy_port)
         wait_for_port(wrong_port)
@@ -136,9 +170,24 @@ def test_a_scanner_flood_is_five_lines_not_one_per_connection(tmp_path: Path) ->
 
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
     port, status_port = free_port(), free_port()
-    sidecar = Role(["sidecar", "--listen", f"127.0.0.1:{port}", "--no-udp", "--pool", "stratum+tcp://127.0.0.1:9",
-                    "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
-                    "--status-listen", f"127.0.0.1:{status_port}"])
+    sidecar = Role(
+        [
+            "sidecar",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-udp",
+            "--pool",
+            "stratum+tcp://127.0.0.1:9",
+            "--cert",
+            str(pki.pool_certificate),
+            "--key",
+            str(pki.pool_key),
+            "--ca",
+            str(pki.ca_certificate),
+            "--status-listen",
+            f"127.0.0.1:{status_port}",
+        ]
+    )
     try:
         sidecar.wait_for("sidecar listening")
         flood = 30

@@ -50,7 +50,9 @@ no_upstream = "keep"
     assert config.listen == "0.0.0.0:3335" and config.bundle == str(tmp_path / "farm1.bundle.pem")
     entries = config.entries()
     assert [(e.label, e.priority, e.weight) for e in entries] == [
-        ("main", 0, 1.0), ("backup.example:3333", 1, 2.0), ("other.example:3333", 1, 1.0),
+        ("main", 0, 1.0),
+        ("backup.example:3333", 1, 2.0),
+        ("other.example:3333", 1, 1.0),
     ]
     assert entries[1].url.xnsub
     assert config.failover.strategy == "weighted" and config.failover.silence_timeout == 2.0
@@ -58,7 +60,7 @@ no_upstream = "keep"
 
 def test_a_misspelt_key_is_refused_with_its_name(tmp_path) -> None:
     path = tmp_path / "proxy.toml"
-    path.write_text('[failover]\nsilence_timout = 2.0\n')
+    path.write_text("[failover]\nsilence_timout = 2.0\n")
     with pytest.raises(ConfigError, match="silence_timout"):
         load(path, "proxy")
     path.write_text("listen = \n")

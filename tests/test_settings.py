@@ -87,11 +87,11 @@ def test_errors_name_the_file_the_key_and_the_valid_choices(tmp_path: Path) -> N
     path = tmp_path / "proxy.toml"
     cases = {
         '[failover]\nstrategy = "fail-over"\n': ["proxy.toml", "failover.strategy", "failover, weighted"],
-        '[failover]\nhold_dwn = 5\n': ["proxy.toml", "failover.hold_dwn", "did you mean 'hold_down'"],
-        'hold_down = 5\n': ["hold_down", "[failover] table"],
+        "[failover]\nhold_dwn = 5\n": ["proxy.toml", "failover.hold_dwn", "did you mean 'hold_down'"],
+        "hold_down = 5\n": ["hold_down", "[failover] table"],
         '[[upstream]]\nurl = "stratum+tcp://pool:3333#xnusb"\n': ["upstream[0].url", "#xnusb", "#xnsub"],
         'listen = "0.0.0.0:99999"\n': ["key listen", "0 to 65535"],
-        'listen = \n': ["proxy.toml", "not valid TOML"],
+        "listen = \n": ["proxy.toml", "not valid TOML"],
         'submit_timeout = "soon"\n': ["key submit_timeout", "expected `float`"],
     }
     for text, needles in cases.items():
@@ -105,8 +105,9 @@ def test_errors_name_the_file_the_key_and_the_valid_choices(tmp_path: Path) -> N
 def test_defaults_then_file_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "sidecar.toml"
     path.write_text('listen = "127.0.0.1:4000"\ndead_after = 9.0\ncert = "certs/sidecar.crt"\n')
-    merged = settings.merge("sidecar", str(path), {"dead_after": 2.0, "pool_url": "stratum+tcp://p:1"},
-                            rename={"pool_url": "pool"})
+    merged = settings.merge(
+        "sidecar", str(path), {"dead_after": 2.0, "pool_url": "stratum+tcp://p:1"}, rename={"pool_url": "pool"}
+    )
     assert merged.listen == "127.0.0.1:4000"  # file over default
     assert merged.dead_after == 2.0  # flag over file
     assert merged.pool == "stratum+tcp://p:1"
@@ -130,7 +131,7 @@ def test_config_commands_print_an_example_and_check_files(tmp_path: Path) -> Non
     assert result.exit_code == 0
     tomllib.loads(result.output)
     path = tmp_path / "proxy.toml"
-    path.write_text(result.output.replace("# probe_password = \"x\"", "probe_password = \"s3cret\""))
+    path.write_text(result.output.replace('# probe_password = "x"', 'probe_password = "s3cret"'))
     result = runner.invoke(cli, ["config", "check", str(path), "--show"])
     assert result.exit_code == 0, result.output
     assert "a valid proxy configuration" in result.output
@@ -155,12 +156,17 @@ def test_the_sidecar_runs_from_a_config_file_and_flags_win(tmp_path: Path) -> No
     text = text.replace('ca = "ca.crt"', f'ca = "{pki.ca_certificate}"')
     text = text.replace("udp = true", "udp = false")
     path.write_text(text)
-    check = subprocess.run([sys.executable, "-m", "bridge", "config", "check", str(path)],
-                           check=False, capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [sys.executable, "-m", "bridge", "config", "check", str(path)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stderr
     for extra, port in (([], file_port), (["--listen", f"127.0.0.1:{flag_port}"], flag_port)):
-        process = subprocess.Popen([sys.executable, "-m", "bridge", "sidecar", "--config", str(path), *extra],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "sidecar", "--config", str(path), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             wait_for_port(port, timeout=30)
         finally:

@@ -65,7 +65,9 @@ def run(iterations: int = 50_000, repeats: int = 7) -> dict[str, float]:
         return encode(OutgoingRequest(1, "mining.submit", params_list(submit.params)))
 
     server = ServerSession()
-    server.receive_data(b'{"id":1,"method":"mining.subscribe","params":[]}\n{"id":2,"method":"mining.authorize","params":["minerd1.rig1","x"]}\n')
+    server.receive_data(
+        b'{"id":1,"method":"mining.subscribe","params":[]}\n{"id":2,"method":"mining.authorize","params":["minerd1.rig1","x"]}\n'
+    )
     server.subscribe_result(1, "5ad7056b", 8, [["mining.notify", "1"]])
     server.respond(2, True)
     server.data_to_send()

@@ -45,7 +45,9 @@ QUICK_CODEC_REPEATS = 3
 def _common_options(function: F) -> F:
     options = [
         click.option("--quick", is_flag=True, help="One short run with small loads: checks that it all works."),
-        click.option("--runs", type=click.IntRange(1), default=None, help="Runs to take medians over [default: 3; 1 with --quick]."),
+        click.option(
+            "--runs", type=click.IntRange(1), default=None, help="Runs to take medians over [default: 3; 1 with --quick]."
+        ),
         click.option(
             "--keep-logs",
             type=click.Path(file_okay=False, path_type=Path),
@@ -90,9 +92,8 @@ def _farm_settings(quick: bool, runs: int | None, **overrides: Any) -> farm.Farm
 
 
 def _codec_report(iterations: int, repeats: int) -> str:
-    return (
-        f"SV1 codec, median of {repeats} runs of {iterations} messages (python {sys.version.split()[0]})\n"
-        + codec.report(codec.run(iterations, repeats))
+    return f"SV1 codec, median of {repeats} runs of {iterations} messages (python {sys.version.split()[0]})\n" + codec.report(
+        codec.run(iterations, repeats)
     )
 
 
@@ -109,9 +110,7 @@ class LogOptions:
             raise click.UsageError("--profile needs --keep-logs DIR: the profiles are written there")
 
 
-def _transport_report(
-    settings: transport.TransportSettings, logs: LogOptions, progress: Callable[[str], None]
-) -> str:
+def _transport_report(settings: transport.TransportSettings, logs: LogOptions, progress: Callable[[str], None]) -> str:
     runs = _run(lambda: transport.run(settings, progress, logs.keep, verbose_logs=logs.verbose, profile=logs.profile))
     return transport.report(transport.summarize(settings, runs))
 
@@ -129,9 +128,7 @@ def bench(
 ) -> None:
     """Benchmarks: SV1 codec, transports side by side, farm bandwidth (all of them by default)."""
     if context.invoked_subcommand is None:
-        context.invoke(
-            all_benchmarks, quick=quick, runs=runs, keep_logs=keep_logs, verbose_logs=verbose_logs, profile=profile
-        )
+        context.invoke(all_benchmarks, quick=quick, runs=runs, keep_logs=keep_logs, verbose_logs=verbose_logs, profile=profile)
 
 
 @bench.command("codec")
@@ -145,13 +142,35 @@ def codec_command(iterations: int, repeats: int) -> None:
 @bench.command("transport")
 @_common_options
 @click.option("--connections", type=click.IntRange(1), default=None, help="Miners per path [default: 20].")
-@click.option("--latency-rate", type=click.FloatRange(min=1), default=None, help="Shares/s for bytes and latency [default: 1000].")
-@click.option("--latency-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds at that rate [default: 5].")
-@click.option("--step-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds per throughput step [default: 2].")
+@click.option(
+    "--latency-rate", type=click.FloatRange(min=1), default=None, help="Shares/s for bytes and latency [default: 1000]."
+)
+@click.option(
+    "--latency-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds at that rate [default: 5]."
+)
+@click.option(
+    "--step-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds per throughput step [default: 2]."
+)
 @click.option("--max-rate", type=click.FloatRange(min=100), default=None, help="Highest rate offered [default: 80000].")
-@click.option("--loss", "lossy_percent", type=click.FloatRange(0, 100), default=None, help="UDP loss (percent, each way) of the lossy StratumRM run; 0 skips it [default: 2].")
-@click.option("--lone-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds of the lone-share closed loop [default: 5].")
-@click.option("--closed-seconds", type=click.FloatRange(min=0.1), default=None, help="Measured seconds of the rigs x 4 in flight closed loop [default: 3].")
+@click.option(
+    "--loss",
+    "lossy_percent",
+    type=click.FloatRange(0, 100),
+    default=None,
+    help="UDP loss (percent, each way) of the lossy StratumRM run; 0 skips it [default: 2].",
+)
+@click.option(
+    "--lone-seconds",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Measured seconds of the lone-share closed loop [default: 5].",
+)
+@click.option(
+    "--closed-seconds",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Measured seconds of the rigs x 4 in flight closed loop [default: 3].",
+)
 @click.option("--search/--no-search", default=None, help="Also search the highest open-loop rate with zero loss [default: on].")
 def transport_command(
     quick: bool, runs: int | None, keep_logs: Path | None, verbose_logs: bool, profile: bool, **overrides: Any
@@ -179,7 +198,9 @@ def farm_command(
 
 
 @bench.command("handshake")
-@click.option("--repeats", type=click.IntRange(1), default=200, show_default=True, help="Full and resumed handshakes per key type.")
+@click.option(
+    "--repeats", type=click.IntRange(1), default=200, show_default=True, help="Full and resumed handshakes per key type."
+)
 def handshake_command(repeats: int) -> None:
     """Control-channel TLS 1.3 handshake: full versus resumed (P-256, Ed25519)."""
     from bridge.bench import handshake
@@ -217,9 +238,7 @@ _register_scale()
 
 @bench.command("all")
 @_common_options
-def all_benchmarks(
-    quick: bool, runs: int | None, keep_logs: Path | None, verbose_logs: bool, profile: bool
-) -> None:
+def all_benchmarks(quick: bool, runs: int | None, keep_logs: Path | None, verbose_logs: bool, profile: bool) -> None:
     """Every benchmark in one run; the tables are printed at the end."""
     logs = LogOptions(keep_logs, verbose_logs, profile)
     logs.check()

@@ -245,12 +245,24 @@ def report(result: dict[str, Any]) -> str:
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Runs per fault; medians are printed.")
 @click.option("--backup", type=click.Choice(["sv1", "stratumrm"]), default="sv1", show_default=True)
 @click.option("--fault", "faults", type=click.Choice(FAULTS), multiple=True, help="Only this fault (repeatable).")
-@click.option("--silence-timeout", type=float, default=2.0, show_default=True, help="The proxy's silence bound (its default is 5 s).")
+@click.option(
+    "--silence-timeout", type=float, default=2.0, show_default=True, help="The proxy's silence bound (its default is 5 s)."
+)
 @click.option("--switch-rate", type=float, default=500.0, show_default=True, help="Rigs moved per second at most.")
 def command(miners: int, runs: int, backup: str, faults: tuple[str, ...], silence_timeout: float, switch_rate: float) -> None:
     """Failover time: fault to the first backup job at every rig (RST and blackhole)."""
-    click.echo(report(run(miners, runs=runs, backup=backup, faults=faults or FAULTS,
-                          silence_timeout=silence_timeout, switch_rate=switch_rate)))
+    click.echo(
+        report(
+            run(
+                miners,
+                runs=runs,
+                backup=backup,
+                faults=faults or FAULTS,
+                silence_timeout=silence_timeout,
+                switch_rate=switch_rate,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":  # python -m bridge.bench.failover

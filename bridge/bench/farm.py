@@ -144,29 +144,58 @@ async def _measure_variant(
     scale = settings.time_scale
     started: list[RoleProcess] = []
     try:
-        listener = ["--tls-listener", "farm", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key)] \
-            if variant == SV1_TLS else ["--listener", "farm"]
-        pool = await launcher.start(f"farm-pool-{variant.replace(' ', '-')}", "pool", [
-            *listener,
-            "--notify-interval", repr(settings.job_interval / scale),
-            "--block-interval", repr(settings.block_interval / scale),
-            "--seed", str(seed),
-        ])
+        listener = (
+            ["--tls-listener", "farm", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key)]
+            if variant == SV1_TLS
+            else ["--listener", "farm"]
+        )
+        pool = await launcher.start(
+            f"farm-pool-{variant.replace(' ', '-')}",
+            "pool",
+            [
+                *listener,
+                "--notify-interval",
+                repr(settings.job_interval / scale),
+                "--block-interval",
+                repr(settings.block_interval / scale),
+                "--seed",
+                str(seed),
+            ],
+        )
         started.append(pool)
         pool_port = pool.ready["ports"]["farm"]
         proxy: RoleProcess | None = None
         sidecar: RoleProcess | None = None
         if variant == STRATUMRM:
-            sidecar = await launcher.start("farm-sidecar", "sidecar", [
-                "--pool", f"stratum+tcp://{HOST}:{pool_port}",
-                "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
-                "--batch-window", repr(settings.verdict_window / scale),
-            ])
+            sidecar = await launcher.start(
+                "farm-sidecar",
+                "sidecar",
+                [
+                    "--pool",
+                    f"stratum+tcp://{HOST}:{pool_port}",
+                    "--cert",
+                    str(pki.pool_certificate),
+                    "--key",
+                    str(pki.pool_key),
+                    "--ca",
+                    str(pki.ca_certificate),
+                    "--batch-window",
+                    repr(settings.verdict_window / scale),
+                ],
+            )
             started.append(sidecar)
-            proxy = await launcher.start("farm-proxy", "proxy", [
-                "--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle),
-                "--share-batch-window", repr(settings.share_window / scale),
-            ])
+            proxy = await launcher.start(
+                "farm-proxy",
+                "proxy",
+                [
+                    "--upstream",
+                    f"stratumrm://{HOST}:{sidecar.ready['port']}",
+                    "--bundle",
+                    str(pki.miner_bundle),
+                    "--share-batch-window",
+                    repr(settings.share_window / scale),
+                ],
+            )
             started.append(proxy)
             entry_port = proxy.ready["port"]
             meter = LinkMeter([sidecar.ready["port"]], proxy, sidecar)
@@ -214,9 +243,7 @@ async def _measure_variant(
             accepted=totals_after.accepted - totals_before.accepted,
             rejected=totals_after.rejected - totals_before.rejected,
             results_lines=sidecar_after.get("results_lines", 0) - sidecar_before.get("results_lines", 0),
-            job_lines=sum(
-                sidecar_after.get(name, 0) - sidecar_before.get(name, 0) for name in ("job_lines", "notify_lines")
-            ),
+            job_lines=sum(sidecar_after.get(name, 0) - sidecar_before.get(name, 0) for name in ("job_lines", "notify_lines")),
             cpu_seconds=cpu_seconds,
         )
         per_hour = window.traffic.wire_total / settings.miners / settings.simulated_hours
@@ -250,10 +277,12 @@ async def run(
             log_dir.mkdir(parents=True, exist_ok=True)
             label = f"[farm {index + 1}/{settings.runs}]"
             launcher = RoleLauncher(log_dir, verbose=verbose_logs, profile=profile)
-            runs.append({
-                variant: await _measure_variant(settings, variant, pki, launcher, index + 1, label, progress)
-                for variant in VARIANTS
-            })
+            runs.append(
+                {
+                    variant: await _measure_variant(settings, variant, pki, launcher, index + 1, label, progress)
+                    for variant in VARIANTS
+                }
+            )
         return runs
 
 
@@ -287,7 +316,8 @@ def summarize(settings: FarmSettings, runs: list[dict[str, FarmWindow]]) -> Farm
         shares_per_miner_hour=medians(lambda w: w.shares / scale),
         shares_per_datagram=median(
             r[STRATUMRM].shares / r[STRATUMRM].udp_traffic.packets_up
-            for r in runs if STRATUMRM in r and r[STRATUMRM].udp_traffic.packets_up
+            for r in runs
+            if STRATUMRM in r and r[STRATUMRM].udp_traffic.packets_up
         ),
         verdicts_per_line=median(
             r[STRATUMRM].shares / r[STRATUMRM].results_lines for r in runs if STRATUMRM in r and r[STRATUMRM].results_lines
@@ -321,17 +351,23 @@ def report(summary: FarmSummary) -> str:
         ),
         "",
     ]
-    header = ["variant", "link measured", "kB/miner/hour", "up", "down", "vs SV1", "vs TLS",
-              "shares/miner/h", "jobs/h"]
+    header = ["variant", "link measured", "kB/miner/hour", "up", "down", "vs SV1", "vs TLS", "shares/miner/h", "jobs/h"]
     rows = []
     for variant in VARIANTS:
         total = summary.bytes_per_miner_hour[variant]
-        rows.append([
-            variant, LINKS[variant], _kb(total), _kb(summary.up_per_miner_hour[variant]),
-            _kb(summary.down_per_miner_hour[variant]),
-            f"{total / plain:.2f}" if plain else "-", f"{total / tls:.2f}" if tls else "-",
-            f"{summary.shares_per_miner_hour[variant]:,.0f}", f"{summary.jobs_per_hour[variant]:,.0f}",
-        ])
+        rows.append(
+            [
+                variant,
+                LINKS[variant],
+                _kb(total),
+                _kb(summary.up_per_miner_hour[variant]),
+                _kb(summary.down_per_miner_hour[variant]),
+                f"{total / plain:.2f}" if plain else "-",
+                f"{total / tls:.2f}" if tls else "-",
+                f"{summary.shares_per_miner_hour[variant]:,.0f}",
+                f"{summary.jobs_per_hour[variant]:,.0f}",
+            ]
+        )
     lines.append(format_table(header, rows))
     lines.append(
         f"stratumrm: {summary.shares_per_datagram:.2f} shares per datagram, {summary.verdicts_per_line:.2f} verdicts "

@@ -177,7 +177,13 @@ class HonestProxy:
         return None
 
     async def start(self) -> None:
-        await self.send({"id": 1, "method": "rm.hello", "params": {"version": 1, "features": ["udp-shares", "udp-v2", "job-dedup"], "agent": "bench-flood"}})
+        await self.send(
+            {
+                "id": 1,
+                "method": "rm.hello",
+                "params": {"version": 1, "features": ["udp-shares", "udp-v2", "job-dedup"], "agent": "bench-flood"},
+            }
+        )
         hello = await self.wait_for(lambda m: m.get("id") == 1 and "result" in m, 30.0)
         if hello is None or not hello.get("result") or hello["result"].get("udp_port") is None:
             raise BenchError(f"the sidecar did not offer UDP: {hello}")
@@ -206,7 +212,9 @@ class HonestProxy:
         self._extranonce2 += 1
         job = Job.from_notify_fields(*self.channel["notify"][:8])
         en2 = self._extranonce2.to_bytes(self.channel["extranonce2_size"], "big")
-        return Share(channel_id=1, job_handle=self.channel["handle"], extranonce2=en2, ntime=job.ntime_int, nonce=0, version_bits=0)
+        return Share(
+            channel_id=1, job_handle=self.channel["handle"], extranonce2=en2, ntime=job.ntime_int, nonce=0, version_bits=0
+        )
 
     async def share(self, timeout: float) -> tuple[str, float]:
         """Submit one share; return its path ("UDP" or "TLS") and its latency in seconds.
@@ -429,10 +437,20 @@ async def run_once(settings: FloodSettings, directory: Path, progress: Callable[
     pool = await launcher.start("pool", "pool", ["--listener", "sv1"])
     sidecar = None
     try:
-        sidecar = await launcher.start("sidecar", "sidecar", [
-            "--pool", f"stratum+tcp://{HOST}:{pool.ready['ports']['sv1']}",
-            "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
-        ])
+        sidecar = await launcher.start(
+            "sidecar",
+            "sidecar",
+            [
+                "--pool",
+                f"stratum+tcp://{HOST}:{pool.ready['ports']['sv1']}",
+                "--cert",
+                str(pki.pool_certificate),
+                "--key",
+                str(pki.pool_key),
+                "--ca",
+                str(pki.ca_certificate),
+            ],
+        )
         port, udp_port = sidecar.ready["port"], sidecar.ready["udp_port"]
         windows: list[Window] = []
         async with trio.open_nursery() as nursery:
@@ -492,9 +510,7 @@ def report(settings: FloodSettings, runs: list[list[Window]]) -> str:
         if first.paths:
             p50 = m(lambda w: percentile(sorted(w.latencies), 0.5)) * 1e3
             p99 = m(lambda w: percentile(sorted(w.latencies), 0.99)) * 1e3
-            line += (
-                f" {m(lambda w: w.share_rate):>9.1f} {m(lambda w: w.udp_fraction):>8.0%} {p50:>7.1f} {p99:>7.1f}"
-            )
+            line += f" {m(lambda w: w.share_rate):>9.1f} {m(lambda w: w.udp_fraction):>8.0%} {p50:>7.1f} {p99:>7.1f}"
         lines.append(line)
     lines += [
         "",
@@ -512,8 +528,12 @@ def report(settings: FloodSettings, runs: list[list[Window]]) -> str:
 @click.option("--seconds", type=click.FloatRange(min=0.5), default=None, help="Measured seconds per kind [default: 5].")
 @click.option("--share-rate", type=click.FloatRange(min=1), default=None, help="Honest shares per second [default: 20].")
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(KINDS), help="Only these kinds (repeatable).")
-@click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the processes' logs here.")
-def command(quick: bool, runs: int | None, seconds: float | None, share_rate: float | None, kinds: tuple[str, ...], keep_logs: Path | None) -> None:
+@click.option(
+    "--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the processes' logs here."
+)
+def command(
+    quick: bool, runs: int | None, seconds: float | None, share_rate: float | None, kinds: tuple[str, ...], keep_logs: Path | None
+) -> None:
     """Forged-datagram floods: drops per sidecar CPU-second, and the honest shares' path and latency."""
     from bridge.bench.command import _progress_printer, _run
 

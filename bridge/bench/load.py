@@ -110,9 +110,7 @@ class SyntheticMiner:
         self.in_flight = 0
         self.serials: Iterator[int] | None = None
         self._en2_width = 0
-        self._out.append(
-            b'{"id": 0, "method": "mining.subscribe", "params": ["' + CGMINER_USER_AGENT.encode() + b'"]}\n'
-        )
+        self._out.append(b'{"id": 0, "method": "mining.subscribe", "params": ["' + CGMINER_USER_AGENT.encode() + b'"]}\n')
 
     @property
     def ready(self) -> bool:
@@ -130,9 +128,7 @@ class SyntheticMiner:
         self._next_id += 1
         extranonce2 = b"%0*x" % (self._en2_width, serial >> 32)
         nonce = serial & 0xFFFFFFFF
-        self._out.append(
-            _SUBMIT_LINE % (self._worker, self.job_id, extranonce2, self.job_ntime, nonce, request_id)
-        )
+        self._out.append(_SUBMIT_LINE % (self._worker, self.job_id, extranonce2, self.job_ntime, nonce, request_id))
         self._unstamped.append((request_id, serial))
         self.submitted += 1
 
@@ -163,7 +159,7 @@ class SyntheticMiner:
         if end < 0:
             return
         lines = bytes(buffer[:end]).split(b"\n")
-        del buffer[:end + 1]
+        del buffer[: end + 1]
         for line in lines:
             if line.strip():
                 self._line(line, now)
@@ -214,9 +210,7 @@ class SyntheticMiner:
         self.extranonce1 = extranonce1
         self.extranonce2_size = size
         self._en2_width = 2 * size
-        self._out.append(
-            b'{"id": 1, "method": "mining.authorize", "params": ["' + self._worker + b'", "x"]}\n'
-        )
+        self._out.append(b'{"id": 1, "method": "mining.authorize", "params": ["' + self._worker + b'", "x"]}\n')
 
     def _notify(self, params: Raw) -> None:
         try:
@@ -353,9 +347,7 @@ class LoadGenerator:
         self.connections.extend(opened)
         return opened
 
-    async def offer(
-        self, rate: float, seconds: float, connections: list[LoadConnection] | None = None
-    ) -> OfferResult:
+    async def offer(self, rate: float, seconds: float, connections: list[LoadConnection] | None = None) -> OfferResult:
         """Send ``rate × seconds`` shares, evenly spread in time, round-robin over the connections."""
         targets = connections if connections is not None else self.connections
         total = max(1, round(rate * seconds))

@@ -89,12 +89,8 @@ def tcp_connections(local_ports: Collection[int]) -> dict[ConnectionKey, TcpCoun
     wanted = set(local_ports)
     found: dict[ConnectionKey, TcpCounters] = {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as sock:
-        request = _INET_DIAG_REQ_V2.pack(
-            socket.AF_INET, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1), 0, 1 << _TCP_ESTABLISHED
-        )
-        header = _NLMSG_HEADER.pack(
-            _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
-        )
+        request = _INET_DIAG_REQ_V2.pack(socket.AF_INET, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1), 0, 1 << _TCP_ESTABLISHED)
+        header = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
         sock.sendall(header + request)
         while True:
             data = sock.recv(1 << 20)
@@ -112,20 +108,18 @@ def tcp_connections(local_ports: Collection[int]) -> dict[ConnectionKey, TcpCoun
                 return found
 
 
-def _parse_diag_message(
-    data: bytes, start: int, end: int, wanted: set[int], found: dict[ConnectionKey, TcpCounters]
-) -> None:
+def _parse_diag_message(data: bytes, start: int, end: int, wanted: set[int], found: dict[ConnectionKey, TcpCounters]) -> None:
     local_port, remote_port = struct.unpack_from(">HH", data, start + 4)
     if local_port not in wanted:
         return
-    remote = socket.inet_ntoa(data[start + 24:start + 28])
+    remote = socket.inet_ntoa(data[start + 24 : start + 28])
     offset = start + _INET_DIAG_MSG_SIZE
     while offset + _RTATTR.size <= end:
         length, kind = _RTATTR.unpack_from(data, offset)
         if length < _RTATTR.size:
             return
         if kind == _INET_DIAG_INFO:
-            info = data[offset + _RTATTR.size:offset + length]
+            info = data[offset + _RTATTR.size : offset + length]
             found[(local_port, remote, remote_port)] = _tcp_counters(info)
             return
         offset += (length + 3) & ~3

@@ -109,12 +109,26 @@ async def run(settings: PendingSettings, progress: Callable[[str], None]) -> dic
             for run_index in range(settings.runs):
                 for shape in SHAPES:
                     progress(f"[pending] run {run_index + 1} of {settings.runs}: {settings.count} x {shape}")
-                    sidecar = await launcher.start("sidecar", "sidecar", [
-                        "--pool", f"stratum+tcp://{HOST}:{pool.ready['ports']['sv1']}",
-                        "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
-                        "--handshake-timeout", "600", "--max-pending", str(settings.count + 64),
-                        "--max-pending-per-source", str(PER_SOURCE),
-                    ])
+                    sidecar = await launcher.start(
+                        "sidecar",
+                        "sidecar",
+                        [
+                            "--pool",
+                            f"stratum+tcp://{HOST}:{pool.ready['ports']['sv1']}",
+                            "--cert",
+                            str(pki.pool_certificate),
+                            "--key",
+                            str(pki.pool_key),
+                            "--ca",
+                            str(pki.ca_certificate),
+                            "--handshake-timeout",
+                            "600",
+                            "--max-pending",
+                            str(settings.count + 64),
+                            "--max-pending-per-source",
+                            str(PER_SOURCE),
+                        ],
+                    )
                     try:
                         results[shape].append(await measure(shape, settings.count, sidecar))
                     finally:

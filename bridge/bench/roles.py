@@ -130,7 +130,7 @@ class RoleProcess:
             self._buffer += data
         end = self._buffer.index(b"\n")
         line = bytes(self._buffer[:end])
-        del self._buffer[:end + 1]
+        del self._buffer[: end + 1]
         message = _decode(line)
         if not isinstance(message, dict):
             raise RoleError(f"{self.name} wrote {line[:80]!r}, not a JSON object")
@@ -245,7 +245,7 @@ async def _serve_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -
         while b"\n" in buffer:
             end = buffer.index(b"\n")
             line = bytes(buffer[:end])
-            del buffer[:end + 1]
+            del buffer[: end + 1]
             try:
                 message = _decode(line)
                 handler = handlers[message["command"]]
@@ -261,7 +261,9 @@ def _to_builtins(value: Any) -> Any:
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at info level (default: warnings only).")
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), help="Run under cProfile; write the stats here on exit.")
+@click.option(
+    "--profile", "profile_path", type=click.Path(dir_okay=False), help="Run under cProfile; write the stats here on exit."
+)
 @click.pass_context
 def roles(context: click.Context, verbose: bool, profile_path: str | None) -> None:
     """Roles of the benchmark chain, one per process (started by `stratumrm bench`)."""
@@ -288,7 +290,13 @@ def roles(context: click.Context, verbose: bool, profile_path: str | None) -> No
 @click.option("--notify-interval", type=float, default=3600.0, show_default=True)
 @click.option("--block-interval", type=float, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--max-merkle-branches", type=click.IntRange(0, 24), default=12, show_default=True, help="Jobs get 0 to this many merkle branches.")
+@click.option(
+    "--max-merkle-branches",
+    type=click.IntRange(0, 24),
+    default=12,
+    show_default=True,
+    help="Jobs get 0 to this many merkle branches.",
+)
 def pool(
     listeners: tuple[str, ...],
     tls_listeners: tuple[str, ...],
@@ -343,9 +351,7 @@ def pool(
             for name in listeners:
                 ports[name] = await nursery.start(reference_pool.serve, HOST, 0)
             for name in tls_listeners:
-                ports[name] = await nursery.start(
-                    functools.partial(reference_pool.serve, HOST, 0, ssl_context=tls_context)
-                )
+                ports[name] = await nursery.start(functools.partial(reference_pool.serve, HOST, 0, ssl_context=tls_context))
             handlers = {"stats": stats, "record": record, "receipts": receipts, "new_block": new_block, "delay": delay}
             await _serve_commands(handlers, {"ports": ports})
             nursery.cancel_scope.cancel()

@@ -154,8 +154,10 @@ class Rig:
         farm = self.farm
         user = f"{ACCOUNT}.r{self.index}"
         await stream.send_all(
-            _encode({"id": 1, "method": "mining.subscribe", "params": ["scale-rig/1.0"]}) + b"\n"
-            + _encode({"id": 2, "method": "mining.authorize", "params": [user, "x"]}) + b"\n"
+            _encode({"id": 1, "method": "mining.subscribe", "params": ["scale-rig/1.0"]})
+            + b"\n"
+            + _encode({"id": 2, "method": "mining.authorize", "params": [user, "x"]})
+            + b"\n"
         )
         buffer = b""
         extranonce2_size = 4
@@ -199,7 +201,13 @@ class Rig:
             if self.working:
                 self._request += 1
                 job = self._job
-                params = [user, job[0], self._request.to_bytes(extranonce2_size, "big").hex(), job[7], f"{self._request & 0xFFFFFFFF:08x}"]
+                params = [
+                    user,
+                    job[0],
+                    self._request.to_bytes(extranonce2_size, "big").hex(),
+                    job[7],
+                    f"{self._request & 0xFFFFFFFF:08x}",
+                ]
                 await stream.send_all(_encode({"id": self._request, "method": "mining.submit", "params": params}) + b"\n")
                 farm.submitted += 1
                 next_share += farm.share_interval
@@ -236,8 +244,15 @@ async def _wait_working(farm: Farm, target: int, timeout: float, progress: Calla
 
 
 async def run_size(
-    rigs: int, directory: Path, progress: Callable[[str], None], *, share_interval: float, window: float,
-    storm_spread: float, seed: int, verbose_logs: bool = False,
+    rigs: int,
+    directory: Path,
+    progress: Callable[[str], None],
+    *,
+    share_interval: float,
+    window: float,
+    storm_spread: float,
+    seed: int,
+    verbose_logs: bool = False,
 ) -> SizeResult:
     pki = make_test_pki(directory / "pki", accounts=(ACCOUNT,))
     launcher = RoleLauncher(directory, verbose=verbose_logs)
@@ -245,13 +260,24 @@ async def run_size(
     try:
         pool = await launcher.start("pool", "pool", ["--listener", "sv1", "--notify-interval", "30"])
         started.append(pool)
-        sidecar = await launcher.start("sidecar", "sidecar", [
-            "--pool", f"stratum+tcp://{HOST}:{pool.ready['ports']['sv1']}",
-            "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate),
-        ])
+        sidecar = await launcher.start(
+            "sidecar",
+            "sidecar",
+            [
+                "--pool",
+                f"stratum+tcp://{HOST}:{pool.ready['ports']['sv1']}",
+                "--cert",
+                str(pki.pool_certificate),
+                "--key",
+                str(pki.pool_key),
+                "--ca",
+                str(pki.ca_certificate),
+            ],
+        )
         started.append(sidecar)
-        proxy = await launcher.start("proxy", "proxy", [
-            "--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)])
+        proxy = await launcher.start(
+            "proxy", "proxy", ["--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)]
+        )
         started.append(proxy)
         roles = {"proxy": proxy.pid, "sidecar": sidecar.pid}
         await trio.sleep(1.0)
@@ -318,13 +344,22 @@ async def run_size(
 
 
 async def run(
-    sizes: tuple[int, ...], progress: Callable[[str], None], *, runs: int = 1, share_interval: float = 5.0,
-    window: float = 10.0, storm_spread: float = 3.0, keep_logs: Path | None = None, verbose_logs: bool = False,
+    sizes: tuple[int, ...],
+    progress: Callable[[str], None],
+    *,
+    runs: int = 1,
+    share_interval: float = 5.0,
+    window: float = 10.0,
+    storm_spread: float = 3.0,
+    keep_logs: Path | None = None,
+    verbose_logs: bool = False,
 ) -> list[list[SizeResult]]:
     limit = raise_file_limit()
     needed = max(sizes) + 200
     if needed > limit:
-        raise RuntimeError(f"{max(sizes)} rigs need about {needed} file descriptors, the hard limit is {limit}: raise it (ulimit -Hn)")
+        raise RuntimeError(
+            f"{max(sizes)} rigs need about {needed} file descriptors, the hard limit is {limit}: raise it (ulimit -Hn)"
+        )
     results: list[list[SizeResult]] = []
     with tempfile.TemporaryDirectory(prefix="stratumrm-scale-") as temporary:
         for size in sizes:
@@ -333,10 +368,18 @@ async def run(
                 directory = (keep_logs or Path(temporary)) / f"rigs{size}-run{number + 1}"
                 directory.mkdir(parents=True, exist_ok=True)
                 progress(f"[scale] {size} rigs, run {number + 1} of {runs}")
-                samples.append(await run_size(
-                    size, directory, progress, share_interval=share_interval, window=window,
-                    storm_spread=storm_spread, seed=number, verbose_logs=verbose_logs,
-                ))
+                samples.append(
+                    await run_size(
+                        size,
+                        directory,
+                        progress,
+                        share_interval=share_interval,
+                        window=window,
+                        storm_spread=storm_spread,
+                        seed=number,
+                        verbose_logs=verbose_logs,
+                    )
+                )
             results.append(samples)
     return results
 
@@ -351,6 +394,7 @@ def report(results: list[list[SizeResult]], share_interval: float, storm_spread:
         f"{'sidecar us/share':>16} {'storm settle s':>14} {'disconnects':>11}",
     ]
     for samples in results:
+
         def m(value: Callable[[SizeResult], float], samples: list[SizeResult] = samples) -> float:
             return statistics.median(value(s) for s in samples)
 
@@ -385,13 +429,28 @@ def _sizes(text: str) -> tuple[int, ...]:
 @click.command("scale")
 @click.option("--rigs", default=",".join(map(str, DEFAULT_SIZES)), show_default=True, help="Rig counts, comma separated.")
 @click.option("--runs", type=click.IntRange(1), default=1, show_default=True, help="Runs per size to take medians over.")
-@click.option("--share-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between a rig's shares.")
+@click.option(
+    "--share-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between a rig's shares."
+)
 @click.option("--window", type=click.FloatRange(min=0.5), default=10.0, show_default=True, help="Measured steady seconds.")
-@click.option("--storm-spread", type=click.FloatRange(min=0.0), default=3.0, show_default=True, help="Rigs reconnect within this many seconds.")
-@click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the processes' logs here.")
+@click.option(
+    "--storm-spread",
+    type=click.FloatRange(min=0.0),
+    default=3.0,
+    show_default=True,
+    help="Rigs reconnect within this many seconds.",
+)
+@click.option(
+    "--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the processes' logs here."
+)
 @click.option("--verbose-logs", is_flag=True, help="The processes log at info level (with --keep-logs).")
 def command(
-    rigs: str, runs: int, share_interval: float, window: float, storm_spread: float, keep_logs: Path | None,
+    rigs: str,
+    runs: int,
+    share_interval: float,
+    window: float,
+    storm_spread: float,
+    keep_logs: Path | None,
     verbose_logs: bool,
 ) -> None:
     """Thousands of rigs behind one proxy and one sidecar: memory, storm, shares/s, CPU, disconnects."""
@@ -399,8 +458,16 @@ def command(
 
     sizes = _sizes(rigs)
     progress = _progress_printer()
-    results = _run(lambda: run(
-        sizes, progress, runs=runs, share_interval=share_interval, window=window, storm_spread=storm_spread,
-        keep_logs=keep_logs, verbose_logs=verbose_logs,
-    ))
+    results = _run(
+        lambda: run(
+            sizes,
+            progress,
+            runs=runs,
+            share_interval=share_interval,
+            window=window,
+            storm_spread=storm_spread,
+            keep_logs=keep_logs,
+            verbose_logs=verbose_logs,
+        )
+    )
     click.echo(report(results, share_interval, storm_spread))

@@ -364,9 +364,7 @@ class LinkMeter:
         udp = udp_traffic(
             delta.get("datagrams_up", 0), delta.get("bytes_up", 0), delta.get("datagrams_down", 0), delta.get("bytes_down", 0)
         )
-        return LinkReading(
-            tcp, udp, delta.get("sent_again", 0), delta.get("buffer_drops", 0), delta.get("kernel_udp_out", 0)
-        )
+        return LinkReading(tcp, udp, delta.get("sent_again", 0), delta.get("buffer_drops", 0), delta.get("kernel_udp_out", 0))
 
 
 @dataclass
@@ -546,8 +544,13 @@ async def measure_closed(
 
 
 async def _measure_closed_loops(
-    context: _Context, label: str, path: str, connections: list[LoadConnection], meter: LinkMeter,
-    cpu: CpuMeter, result: PathRun,
+    context: _Context,
+    label: str,
+    path: str,
+    connections: list[LoadConnection],
+    meter: LinkMeter,
+    cpu: CpuMeter,
+    result: PathRun,
 ) -> None:
     """The closed-loop windows of one path: lone share, 20 × 4 in flight, and (StratumRM) a slow pool."""
     settings, progress = context.settings, context.progress
@@ -567,14 +570,13 @@ async def _measure_closed_loops(
     progress(
         f"{label}: {len(connections)} rigs x {settings.closed_in_flight} in flight for {settings.closed_seconds:g} s: "
         f"{closed.rate:,.0f} shares/s, {sum(closed.bytes_per_share()):.0f} B/share"
-        + _describe_resends(closed) + (f"; LOSS: {problem}" if problem else "")
+        + _describe_resends(closed)
+        + (f"; LOSS: {problem}" if problem else "")
     )
     if path == STRATUMRM and settings.slow_pool_delay > 0:
         await context.pool.request("delay", seconds=settings.slow_pool_delay)
         try:
-            result.slow = await measure_closed(
-                context, connections[:1], meter, cpu, 1, settings.slow_seconds, lead_in=lead_in
-            )
+            result.slow = await measure_closed(context, connections[:1], meter, cpu, 1, settings.slow_seconds, lead_in=lead_in)
         finally:
             await context.pool.request("delay", seconds=0.0)
         progress(
@@ -644,8 +646,14 @@ async def _measure_path(
             await wait_for_udp(proxy)
         cpu = CpuMeter(cpu_pids)
         latency = await measure_window(
-            context, connections, meter, cpu, settings.latency_rate, settings.latency_seconds,
-            lead_in=settings.lead_in_seconds, pool_receipts=True,
+            context,
+            connections,
+            meter,
+            cpu,
+            settings.latency_rate,
+            settings.latency_seconds,
+            lead_in=settings.lead_in_seconds,
+            pool_receipts=True,
         )
         problem = latency.loss()
         progress(
@@ -674,15 +682,20 @@ async def _search_throughput(
 
     async def step(rate: float) -> bool:
         window = await measure_window(
-            context, connections, meter, cpu, rate, settings.step_seconds,
-            lead_in=settings.lead_in_seconds, pool_receipts=False,
+            context,
+            connections,
+            meter,
+            cpu,
+            rate,
+            settings.step_seconds,
+            lead_in=settings.lead_in_seconds,
+            pool_receipts=False,
         )
         result.steps.append(window)
         problem = window.loss(settings.lag_limit)
         context.progress(
             f"{label}: {rate:,.0f} shares/s offered for {settings.step_seconds:g} s: "
-            + (f"not sustained, {problem}" if problem else
-               f"sustained (verdict p99 {window.round_trip_ms(0.99):.1f} ms)")
+            + (f"not sustained, {problem}" if problem else f"sustained (verdict p99 {window.round_trip_ms(0.99):.1f} ms)")
             + _describe_resends(window)
         )
         if not await context.load.settle(settings.settle_timeout):
@@ -734,15 +747,33 @@ async def _measure_lossy(context: _Context, cpu_pids: dict[str, int]) -> LossyRu
     started: list[RoleProcess] = []
     try:
         link = await launcher.start(
-            "lossy-link", "lossy-link",
-            ["--port", str(link_port), "--target-port", str(sidecar_udp), "--loss", str(settings.lossy_percent),
-             "--delay-ms", str(settings.lossy_delay_ms), "--seed", "7"],
+            "lossy-link",
+            "lossy-link",
+            [
+                "--port",
+                str(link_port),
+                "--target-port",
+                str(sidecar_udp),
+                "--loss",
+                str(settings.lossy_percent),
+                "--delay-ms",
+                str(settings.lossy_delay_ms),
+                "--seed",
+                "7",
+            ],
         )
         started.append(link)
-        sidecar = await launcher.start("sidecar-lossy", "sidecar", [*_sidecar_options(pki, pool_port), "--udp-port", str(sidecar_udp), "--advertise-port", str(link_port)])
+        sidecar = await launcher.start(
+            "sidecar-lossy",
+            "sidecar",
+            [*_sidecar_options(pki, pool_port), "--udp-port", str(sidecar_udp), "--advertise-port", str(link_port)],
+        )
         started.append(sidecar)
-        proxy = await launcher.start("proxy-lossy", "proxy", [
-            "--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)])
+        proxy = await launcher.start(
+            "proxy-lossy",
+            "proxy",
+            ["--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)],
+        )
         started.append(proxy)
         connections = await context.load.connect(
             context.nursery, HOST, proxy.ready["port"], settings.connections, f"{ACCOUNT}.lossy-"
@@ -754,8 +785,14 @@ async def _measure_lossy(context: _Context, cpu_pids: dict[str, int]) -> LossyRu
             meter = LinkMeter([sidecar.ready["port"]], proxy, sidecar)
             cpu = CpuMeter({"proxy": proxy.pid, "sidecar": sidecar.pid, **cpu_pids})
             window = await measure_window(
-                context, connections, meter, cpu, settings.latency_rate, settings.latency_seconds,
-                lead_in=settings.lead_in_seconds, pool_receipts=True,
+                context,
+                connections,
+                meter,
+                cpu,
+                settings.latency_rate,
+                settings.latency_seconds,
+                lead_in=settings.lead_in_seconds,
+                pool_receipts=True,
             )
             link_after = await link.request("stats")
         finally:
@@ -776,10 +813,14 @@ async def _measure_lossy(context: _Context, cpu_pids: dict[str, int]) -> LossyRu
 
 def _sidecar_options(pki: TestPKI, pool_port: int) -> list[str]:
     return [
-        "--pool", f"stratum+tcp://{HOST}:{pool_port}",
-        "--cert", str(pki.pool_certificate),
-        "--key", str(pki.pool_key),
-        "--ca", str(pki.ca_certificate),
+        "--pool",
+        f"stratum+tcp://{HOST}:{pool_port}",
+        "--cert",
+        str(pki.pool_certificate),
+        "--key",
+        str(pki.pool_key),
+        "--ca",
+        str(pki.ca_certificate),
     ]
 
 
@@ -794,22 +835,41 @@ async def run_once(
     """One run: start every process, measure every path and the lossy case, stop everything."""
     started: list[RoleProcess] = []
     try:
-        pool = await launcher.start("pool", "pool", [
-            "--listener", "direct", "--listener", "sv1", "--listener", "rm", "--listener", "lossy",
-            "--tls-listener", "tls", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key),
-            "--max-merkle-branches", "0",
-        ])
+        pool = await launcher.start(
+            "pool",
+            "pool",
+            [
+                "--listener",
+                "direct",
+                "--listener",
+                "sv1",
+                "--listener",
+                "rm",
+                "--listener",
+                "lossy",
+                "--tls-listener",
+                "tls",
+                "--cert",
+                str(pki.pool_certificate),
+                "--key",
+                str(pki.pool_key),
+                "--max-merkle-branches",
+                "0",
+            ],
+        )
         started.append(pool)
         ports = pool.ready["ports"]
         proxy_sv1 = await launcher.start("proxy-sv1", "proxy", ["--upstream", f"stratum+tcp://{HOST}:{ports['sv1']}"])
         started.append(proxy_sv1)
-        proxy_tls = await launcher.start("proxy-tls", "proxy", [
-            "--upstream", f"stratum+ssl://{HOST}:{ports['tls']}", "--upstream-ca", str(pki.ca_certificate)])
+        proxy_tls = await launcher.start(
+            "proxy-tls", "proxy", ["--upstream", f"stratum+ssl://{HOST}:{ports['tls']}", "--upstream-ca", str(pki.ca_certificate)]
+        )
         started.append(proxy_tls)
         sidecar = await launcher.start("sidecar", "sidecar", _sidecar_options(pki, ports["rm"]))
         started.append(sidecar)
-        proxy_rm = await launcher.start("proxy-rm", "proxy", [
-            "--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)])
+        proxy_rm = await launcher.start(
+            "proxy-rm", "proxy", ["--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)]
+        )
         started.append(proxy_rm)
 
         common_pids = {"pool": pool.pid, "load": os.getpid()}
@@ -841,7 +901,12 @@ async def run_once(
 
 
 async def run(
-    settings: TransportSettings, progress: Progress, log_root: Path | None = None, *, verbose_logs: bool = False, profile: bool = False
+    settings: TransportSettings,
+    progress: Progress,
+    log_root: Path | None = None,
+    *,
+    verbose_logs: bool = False,
+    profile: bool = False,
 ) -> list[TransportRun]:
     """Every run of the transport benchmark.
 
@@ -1016,7 +1081,9 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths, strict=False)))
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths, strict=False))
+        )
 
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in rows]
@@ -1043,18 +1110,42 @@ def report(summary: TransportSummary) -> str:
         ),
         "",
     ]
-    header = ["path", "link measured", "B/share up", "down", "total", "vs TLS", "pkts/share",
-              "p50 ms", "p99 ms", "+p50 ms", "verdict p50 ms", "max shares/s", "first miss/s"]
+    header = [
+        "path",
+        "link measured",
+        "B/share up",
+        "down",
+        "total",
+        "vs TLS",
+        "pkts/share",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "verdict p50 ms",
+        "max shares/s",
+        "first miss/s",
+    ]
     rows = []
     for path, result in paths.items():
         added = result.latency_p50 - direct.latency_p50 if direct and path != DIRECT else math.nan
         versus_tls = result.bytes_total / tls.bytes_total if tls and tls.bytes_total else math.nan
-        rows.append([
-            path, LINKS[path], _number(result.bytes_up), _number(result.bytes_down), _number(result.bytes_total),
-            _number(versus_tls, 2), _number(result.packets, 2), _number(result.latency_p50, 3),
-            _number(result.latency_p99, 3), _number(added, 3), _number(result.round_trip_p50, 2),
-            _number(result.max_sustained), _number(result.first_failure),
-        ])
+        rows.append(
+            [
+                path,
+                LINKS[path],
+                _number(result.bytes_up),
+                _number(result.bytes_down),
+                _number(result.bytes_total),
+                _number(versus_tls, 2),
+                _number(result.packets, 2),
+                _number(result.latency_p50, 3),
+                _number(result.latency_p99, 3),
+                _number(added, 3),
+                _number(result.round_trip_p50, 2),
+                _number(result.max_sustained),
+                _number(result.first_failure),
+            ]
+        )
     lines.append(format_table(header, rows))
     lines.append(
         f"(max shares/s: highest step sustained; first miss/s: lowest step not sustained, '-' when every step "
@@ -1081,13 +1172,18 @@ def report(summary: TransportSummary) -> str:
     rows = []
     for path, result in paths.items():
         low, high = result.cpu_at_latency_rate, result.cpu_at_max
-        rows.append([
-            path,
-            _number(low.get("proxy", math.nan), 1), _number(low.get("sidecar", math.nan), 1),
-            _number(low.get("pool", math.nan), 1), _number(low.get("load", math.nan), 1),
-            _number(high.get("proxy", math.nan), 1), _number(high.get("sidecar", math.nan), 1),
-            _number(result.bytes_at_max),
-        ])
+        rows.append(
+            [
+                path,
+                _number(low.get("proxy", math.nan), 1),
+                _number(low.get("sidecar", math.nan), 1),
+                _number(low.get("pool", math.nan), 1),
+                _number(low.get("load", math.nan), 1),
+                _number(high.get("proxy", math.nan), 1),
+                _number(high.get("sidecar", math.nan), 1),
+                _number(result.bytes_at_max),
+            ]
+        )
     lines.append(format_table(header, rows))
     lines += ["", *closed_report(summary), "", *targets(summary)]
     return "\n".join(lines)
@@ -1110,22 +1206,42 @@ def closed_report(summary: TransportSummary) -> list[str]:
         "Latency: submit -> pool receipt; return leg: pool receipt -> verdict at the rig.",
         "",
     ]
-    header = ["path", "lone B/share", "vs TLS", "p50 us", "p99 us", "+p50 us", "return leg p50 us",
-              "verdict p50 us", "shares/s", "vs TLS", "proxy+sidecar CPU us/share", "sent again"]
+    header = [
+        "path",
+        "lone B/share",
+        "vs TLS",
+        "p50 us",
+        "p99 us",
+        "+p50 us",
+        "return leg p50 us",
+        "verdict p50 us",
+        "shares/s",
+        "vs TLS",
+        "proxy+sidecar CPU us/share",
+        "sent again",
+    ]
     rows = []
     for path, result in paths.items():
         c = result.closed
         if c is None:
             continue
         added = c.lone_p50_ms - direct_closed.lone_p50_ms if direct_closed and path != DIRECT else math.nan
-        rows.append([
-            path, _number(c.lone_bytes), _number(c.lone_bytes / tls_closed.lone_bytes, 2),
-            _number(c.lone_p50_ms * 1e3), _number(c.lone_p99_ms * 1e3), _number(added * 1e3),
-            _number(c.return_leg_p50_ms * 1e3), _number(c.lone_round_trip_p50_ms * 1e3),
-            _number(c.closed_rate), _number(c.closed_rate / tls_closed.closed_rate if tls_closed.closed_rate else math.nan, 2),
-            _number(c.closed_cpu_us, 1) if path in (SV1_RELAY, SV1_TLS, STRATUMRM) else "-",
-            _number(c.lone_sent_again + c.closed_sent_again),
-        ])
+        rows.append(
+            [
+                path,
+                _number(c.lone_bytes),
+                _number(c.lone_bytes / tls_closed.lone_bytes, 2),
+                _number(c.lone_p50_ms * 1e3),
+                _number(c.lone_p99_ms * 1e3),
+                _number(added * 1e3),
+                _number(c.return_leg_p50_ms * 1e3),
+                _number(c.lone_round_trip_p50_ms * 1e3),
+                _number(c.closed_rate),
+                _number(c.closed_rate / tls_closed.closed_rate if tls_closed.closed_rate else math.nan, 2),
+                _number(c.closed_cpu_us, 1) if path in (SV1_RELAY, SV1_TLS, STRATUMRM) else "-",
+                _number(c.lone_sent_again + c.closed_sent_again),
+            ]
+        )
     lines.append(format_table(header, rows))
     rm = paths.get(STRATUMRM)
     if rm is not None and rm.closed is not None:

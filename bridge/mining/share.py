@@ -133,9 +133,7 @@ def parse_hex(value: str, name: str, length: int | None = None) -> bytes:
     if _HEX_RE.fullmatch(value) is None:
         raise ValueError(f"{name}: not an even-length hex string: {_preview(value)}")
     if length is not None and len(value) != 2 * length:
-        raise ValueError(
-            f"{name}: expected {2 * length} hex characters ({length} bytes), got {len(value)}"
-        )
+        raise ValueError(f"{name}: expected {2 * length} hex characters ({length} bytes), got {len(value)}")
     return bytes.fromhex(value)
 
 
@@ -214,9 +212,7 @@ def version_bits_allowed(version_bits: int, mask: int) -> bool:
 # --------------------------------------------------------------------------- header
 
 
-def build_header(
-    version: int, prevhash: bytes, merkle_root: bytes, ntime: int, nbits: int, nonce: int
-) -> bytes:
+def build_header(version: int, prevhash: bytes, merkle_root: bytes, ntime: int, nbits: int, nonce: int) -> bytes:
     """Pack the 80-byte block header; ``prevhash`` is in header order (see
     :func:`prevhash_to_header`), ``merkle_root`` in internal order."""
     if len(prevhash) != 32:
@@ -227,8 +223,7 @@ def build_header(
         return _HEADER.pack(version, prevhash, merkle_root, ntime, nbits, nonce)
     except struct.error as exc:
         raise ValueError(
-            f"header fields must be uint32 (version={version!r}, ntime={ntime!r}, "
-            f"nbits={nbits!r}, nonce={nonce!r}): {exc}"
+            f"header fields must be uint32 (version={version!r}, ntime={ntime!r}, nbits={nbits!r}, nonce={nonce!r}): {exc}"
         ) from None
 
 
@@ -378,18 +373,14 @@ class Job:
         if not isinstance(job_id, str):
             raise ValueError(f"job_id: expected a string, got {type(job_id).__name__}")
         if isinstance(merkle_branch, (str, bytes)) or not isinstance(merkle_branch, Sequence):
-            raise ValueError(
-                f"merkle_branch: expected a list of hex strings, got {type(merkle_branch).__name__}"
-            )
+            raise ValueError(f"merkle_branch: expected a list of hex strings, got {type(merkle_branch).__name__}")
         return cls(
             job_id=job_id,
             prevhash=prevhash,
             prevhash_header=prevhash_to_header(prevhash),
             coinb1=parse_hex(coinb1, "coinb1"),
             coinb2=parse_hex(coinb2, "coinb2"),
-            merkle_branch=tuple(
-                parse_hex(b, f"merkle_branch[{i}]", 32) for i, b in enumerate(merkle_branch)
-            ),
+            merkle_branch=tuple(parse_hex(b, f"merkle_branch[{i}]", 32) for i, b in enumerate(merkle_branch)),
             version_int=parse_u32_hex(version, "version"),
             nbits_int=parse_u32_hex(nbits, "nbits"),
             ntime_int=parse_u32_hex(ntime, "ntime"),
@@ -425,9 +416,7 @@ class Job:
         """The merkle root (internal byte order) for these extranonces."""
         return merkle_root(self.coinbase(extranonce1, extranonce2), self.merkle_branch)
 
-    def header76(
-        self, extranonce1: bytes, extranonce2: bytes, ntime: int, version: int | None = None
-    ) -> bytes:
+    def header76(self, extranonce1: bytes, extranonce2: bytes, ntime: int, version: int | None = None) -> bytes:
         """The first 76 header bytes (everything but the nonce), for :func:`scan_nonces`."""
         return self.header(extranonce1, extranonce2, ntime, 0, version)[:76]
 
@@ -452,8 +441,7 @@ class Job:
             tail = _U32_LE.pack(ntime) + self._nbits_packed + _U32_LE.pack(nonce)
         except struct.error as exc:
             raise ValueError(
-                f"version, ntime and nonce must be uint32 (version={version!r}, "
-                f"ntime={ntime!r}, nonce={nonce!r}): {exc}"
+                f"version, ntime and nonce must be uint32 (version={version!r}, ntime={ntime!r}, nonce={nonce!r}): {exc}"
             ) from None
         return b"".join((head, self.prevhash_header, root, tail))
 

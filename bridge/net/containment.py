@@ -82,9 +82,7 @@ class Guard:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if exc is None:
             return False
         if isinstance(exc, Exception):
@@ -105,9 +103,7 @@ class Guard:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         return self.__exit__(kind, exc, tb)
 
 
@@ -173,7 +169,13 @@ class Containment:
         self.log.warning(
             "%s %s: internal error %s: %s; only this %s was ended, the %s carries on%s. "
             "This is a bug: please report it with the traceback from --log-level debug",
-            what, describe_peer(peer), kind, _message(exc), what, self.role, more,
+            what,
+            describe_peer(peer),
+            kind,
+            _message(exc),
+            what,
+            self.role,
+            more,
         )
         self.log.debug("traceback of the %s error from %s", kind, describe_peer(peer), exc_info=exc)
 

@@ -121,7 +121,7 @@ class InterceptServer:
 
     def __init__(self, rules: list[InterceptRule], proxies: dict[str, Any], direct: Any = None, *, default: str = "pass") -> None:
         if default not in DEFAULTS:
-            raise ConfigError(f"intercept_default = {default!r}: write \"pass\" or \"refuse\"")
+            raise ConfigError(f'intercept_default = {default!r}: write "pass" or "refuse"')
         self.rules = rules
         self.proxies = proxies
         self.direct = direct
@@ -146,14 +146,19 @@ class InterceptServer:
         for rule in self.rules:
             await rule.resolve()
             log.info(
-                "intercepting %s (%s) -> %s", rule.match, ", ".join(sorted(f"{h}:{p}" for h, p in rule.addresses)),
+                "intercepting %s (%s) -> %s",
+                rule.match,
+                ", ".join(sorted(f"{h}:{p}" for h, p in rule.addresses)),
                 rule.upstream,
             )
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.port = listeners[0].socket.getsockname()[1]
         log.info(
             "proxy accepting redirected rigs on %s:%d; unmatched destinations: %s; direct connections: %s",
-            host, self.port, self.default, "regular upstreams" if self.direct is not None else "refused",
+            host,
+            self.port,
+            self.default,
+            "regular upstreams" if self.direct is not None else "refused",
         )
         async with trio.open_nursery() as nursery:
             for proxy in {id(p): p for p in [*self.proxies.values(), self.direct] if p is not None}.values():

@@ -82,7 +82,8 @@ def raise_fd_limit() -> tuple[int, int]:
     log.info(
         "open-file limit %d (hard %s); each connection takes one: raise LimitNOFILE (systemd) "
         "or ulimit -n if that is short of rigs + pool connections",
-        soft, "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        soft,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
     )
     _raised = (soft, hard)
     return _raised
@@ -227,8 +228,9 @@ async def serve_admitted(
                 if now - shortage_logged >= admission.limits.log_interval:
                     shortage_logged = now
                     log.warning(
-                        "%s: cannot accept connections: %s; pausing accepts (raise LimitNOFILE / ulimit -n "
-                        "if this lasts)", admission.name, os.strerror(exc.errno or 0),
+                        "%s: cannot accept connections: %s; pausing accepts (raise LimitNOFILE / ulimit -n if this lasts)",
+                        admission.name,
+                        os.strerror(exc.errno or 0),
                     )
                 await trio.sleep(ACCEPT_BACKOFF)
                 continue
@@ -254,4 +256,3 @@ async def serve_admitted(
         for listener in listeners:
             nursery.start_soon(accept_loop, listener, nursery)
         task_status.started(listeners)
-

@@ -164,9 +164,11 @@ def explain_authorize_refusal(error: str) -> str:
         decoded = error
     text = decoded[1] if isinstance(decoded, list) and len(decoded) > 1 else str(decoded)
     if "certificate does not cover account" in str(text):
-        return (f"{text}. The sidecar only lets this proxy mine for the accounts its certificate names: ask the "
-                "pool operator for a certificate covering this account (`stratumrm pki issue-miner NAME --account "
-                "ACCOUNT ...`, or an enrollment token), or correct the rig's worker name")
+        return (
+            f"{text}. The sidecar only lets this proxy mine for the accounts its certificate names: ask the "
+            "pool operator for a certificate covering this account (`stratumrm pki issue-miner NAME --account "
+            "ACCOUNT ...`, or an enrollment token), or correct the rig's worker name"
+        )
     return f"{text}; check the worker name and password the rig sends"
 
 
@@ -203,7 +205,7 @@ class MinerProxy:
         if keepalive == "authorize":
             raise ValueError(
                 "keepalive 'authorize' is no longer offered (ckpool never answers a second authorize, so healthy "
-                "pools looked silent): use keepalive = \"subscribe\""
+                'pools looked silent): use keepalive = "subscribe"'
             )
         if keepalive not in (*KEEPALIVE_METHODS, "none"):
             raise ValueError(f"keepalive must be one of subscribe, ping, none; got {keepalive!r}")
@@ -237,9 +239,7 @@ class MinerProxy:
         config = failover or FailoverConfig()
         if keepalive == "none":
             config = msgspec.structs.replace(config, keepalive_interval=None)
-        self.policy = FailoverPolicy(
-            [UpstreamSpec(u.name, u.entry.priority, u.entry.weight) for u in self.upstreams], config
-        )
+        self.policy = FailoverPolicy([UpstreamSpec(u.name, u.entry.priority, u.entry.weight) for u in self.upstreams], config)
         self.probes = [
             Probe(
                 u,
@@ -276,9 +276,14 @@ class MinerProxy:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         log.info(
-            "proxy listening on %s:%d, upstream%s %s", host, self.port, "s" if len(self.upstreams) > 1 else "",
-            ", ".join(f"{u.url} (priority {u.entry.priority}, weight {u.entry.weight:g})" if len(self.upstreams) > 1
-                      else str(u.url) for u in self.upstreams),
+            "proxy listening on %s:%d, upstream%s %s",
+            host,
+            self.port,
+            "s" if len(self.upstreams) > 1 else "",
+            ", ".join(
+                f"{u.url} (priority {u.entry.priority}, weight {u.entry.weight:g})" if len(self.upstreams) > 1 else str(u.url)
+                for u in self.upstreams
+            ),
         )
         async with trio.open_nursery() as nursery:
             await self._start(nursery)
@@ -332,7 +337,10 @@ class MinerProxy:
         goaway, deadline = connection.goaway, connection.goaway_by or trio.current_time()
         assert self._nursery is not None
         new = StratumRMLink(
-            old.url, old.credentials, connect_timeout=old.connect_timeout, batch_window=old.batch_window,
+            old.url,
+            old.credentials,
+            connect_timeout=old.connect_timeout,
+            batch_window=old.batch_window,
             detect_blocks=old.detect_blocks,
         )
         new.on_goaway = functools.partial(self._on_goaway, upstream)
@@ -342,7 +350,10 @@ class MinerProxy:
             self.link = new
         failover_log.warning(
             "sidecar behind %s is going away (%s) within %g s: moving %d rigs to a new connection",
-            upstream.name, goaway.reason or "draining", goaway.deadline, old.channels_open,
+            upstream.name,
+            goaway.reason or "draining",
+            goaway.deadline,
+            old.channels_open,
         )
         pause = 0.2
         while True:  # until connected, or the old sidecar's deadline is near
@@ -353,7 +364,9 @@ class MinerProxy:
                 if trio.current_time() + pause >= deadline:
                     failover_log.warning(
                         "no new connection to %s before the draining sidecar's deadline (%s); its rigs stay "
-                        "until it closes, then fail over as after a lost connection", upstream.url, exc,
+                        "until it closes, then fail over as after a lost connection",
+                        upstream.url,
+                        exc,
                     )
                     break
                 failover_log.warning("new connection to %s failed: %s; retrying in %g s", upstream.url, exc, pause)
@@ -432,9 +445,7 @@ class MinerProxy:
         peer = peer_name(stream)
         self._accepted_connections += 1
         self._active += 1
-        channel = MinerChannel(
-            submit_timeout=self.submit_timeout, drain_timeout=self.drain_timeout, max_line=MAX_LINE_FROM_MINER
-        )
+        channel = MinerChannel(submit_timeout=self.submit_timeout, drain_timeout=self.drain_timeout, max_line=MAX_LINE_FROM_MINER)
         rig_id = next(self._rig_ids)
         bind_connection(f"rig-{rig_id}", fresh=False)
         connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
@@ -460,7 +471,11 @@ class MinerProxy:
             await close_quietly(stream)
         log.info(
             "rig %s disconnected (%s); %d submitted, %d accepted, %d rejected",
-            peer, reason, stats.submitted, stats.accepted, stats.rejected,
+            peer,
+            reason,
+            stats.submitted,
+            stats.accepted,
+            stats.rejected,
         )
 
     def statistics(self) -> ProxyStatistics:
@@ -531,8 +546,21 @@ class _RigConnection:
     """The tasks of one rig connection."""
 
     __slots__ = (
-        "_done", "_learned", "_miner_lock", "_moving", "_nursery", "_placing", "_wake_timer",
-        "channel", "connected_at", "id", "legs", "peer", "pending", "proxy", "stream",
+        "_done",
+        "_learned",
+        "_miner_lock",
+        "_moving",
+        "_nursery",
+        "_placing",
+        "_wake_timer",
+        "channel",
+        "connected_at",
+        "id",
+        "legs",
+        "peer",
+        "pending",
+        "proxy",
+        "stream",
     )
 
     def __init__(

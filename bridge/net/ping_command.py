@@ -150,7 +150,9 @@ async def _ping_sv1(url: UpstreamURL, user: str, password: str, context: ssl.SSL
         _check(await _wait_reply(session, stream, session.subscribe(AGENT)), "mining.subscribe")
         phases["subscribe"] = (trio.current_time() - started) * 1000
         started = trio.current_time()
-        _check(await _wait_reply(session, stream, session.authorize(user, password)), f"mining.authorize as {user}", result_true=True)
+        _check(
+            await _wait_reply(session, stream, session.authorize(user, password)), f"mining.authorize as {user}", result_true=True
+        )
         phases["authorize"] = (trio.current_time() - started) * 1000
     finally:
         await trio.aclose_forcefully(stream)
@@ -207,9 +209,7 @@ def _resumed(credentials: Any) -> int:
     return credentials.statistics(datetime.now(UTC)).handshakes_resumed
 
 
-async def ping_once(
-    url: UpstreamURL, *, user: str, password: str, timeout: float, context: Any = None
-) -> Attempt:
+async def ping_once(url: UpstreamURL, *, user: str, password: str, timeout: float, context: Any = None) -> Attempt:
     """One attempt against ``url``; never raises for network trouble (the Attempt says it)."""
     try:
         with trio.fail_after(timeout):
@@ -269,13 +269,30 @@ def _default_user(credentials: Any) -> str:
 @click.option("-W", "--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds an attempt may take.")
 @click.option("--user", "-u", help="Worker to authorize as (default: ACCOUNT.ping from the bundle, or 'ping').")
 @click.option("--password", "-p", default="x", show_default=True, help="Its password.")
-@click.option("--bundle", type=click.Path(exists=True, dir_okay=False), help="stratumrm://: this farm's bundle (stratumrm pki issue-miner).")
+@click.option(
+    "--bundle", type=click.Path(exists=True, dir_okay=False), help="stratumrm://: this farm's bundle (stratumrm pki issue-miner)."
+)
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="stratumrm://: the certificate, instead of --bundle.")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), help="stratumrm://: its private key.")
 @click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="stratumrm://: the pool operator's CA.")
-@click.option("--upstream-ca", type=click.Path(exists=True, dir_okay=False), help="stratum+ssl://: CA to verify the pool (default: the system trust store).")
-def ping(url: str, count: int, interval: float, timeout: float, user: str | None, password: str,
-         bundle: str | None, cert: str | None, key: str | None, ca: str | None, upstream_ca: str | None) -> None:
+@click.option(
+    "--upstream-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="stratum+ssl://: CA to verify the pool (default: the system trust store).",
+)
+def ping(
+    url: str,
+    count: int,
+    interval: float,
+    timeout: float,
+    user: str | None,
+    password: str,
+    bundle: str | None,
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+    upstream_ca: str | None,
+) -> None:
     """Time connect, TLS, subscribe and authorize against a pool or sidecar, COUNT times.
 
     URL is stratumrm://SIDECAR:PORT, stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT.

@@ -88,9 +88,7 @@ class PoolWatch:
         #: Checks that could not tell because this host was short of resources.
         self.inconclusive = 0
         self._local_logged = -math.inf
-        self.health = HealthWatch(
-            0.0, quiet_after=quiet_after, backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX
-        )
+        self.health = HealthWatch(0.0, quiet_after=quiet_after, backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX)
         self._wake = trio.Event()
 
     @property
@@ -142,7 +140,9 @@ class PoolWatch:
             else:
                 log.warning(
                     "pool %s is down (%s; after: %s); proxies are told (rm.pool down), checking again with backoff",
-                    self.pool, change.reason, self.health.suspicion or "no line from the pool for a while",
+                    self.pool,
+                    change.reason,
+                    self.health.suspicion or "no line from the pool for a while",
                 )
             self.on_change(change.up, change.reason)
 
@@ -162,7 +162,8 @@ class PoolWatch:
                     "cannot check pool %s: this host is short of resources: %s; proxies are NOT told the pool "
                     "is down, the check is retried (raise LimitNOFILE / ulimit -n, or look for a connection flood "
                     "in the admission statistics)",
-                    self.pool, reason,
+                    self.pool,
+                    reason,
                 )
         return ok, reason
 
@@ -171,14 +172,15 @@ class PoolWatch:
         pool = self.pool
         try:
             stream = await open_stream(
-                pool.host, pool.port, ssl_context=self.ssl_context if pool.tls else None, timeout=self.connect_timeout,
+                pool.host,
+                pool.port,
+                ssl_context=self.ssl_context if pool.tls else None,
+                timeout=self.connect_timeout,
                 proxy_header=self.proxy_protocol,
             )
         except (OSError, trio.BrokenResourceError, ValueError) as exc:
             if is_resource_shortage(exc):
                 return None, f"connecting to pool {pool} failed locally: {describe_error(exc)}"
             return False, f"cannot connect to pool {pool}: {describe_error(exc)}"
-        verdict = await check_subscribe(
-            pool.host, pool.port, agent=CHECK_AGENT, timeout=self.check_timeout, stream=stream
-        )
+        verdict = await check_subscribe(pool.host, pool.port, agent=CHECK_AGENT, timeout=self.check_timeout, stream=stream)
         return verdict.up, verdict.reason

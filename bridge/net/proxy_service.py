@@ -50,9 +50,7 @@ class ProxyStatus(Struct, frozen=True, kw_only=True):
 class CertificateWatcher:
     """Reloads a proxy's certificate files when they change, and warns before they expire."""
 
-    def __init__(
-        self, credentials: ClientCredentials, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL
-    ) -> None:
+    def __init__(self, credentials: ClientCredentials, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL) -> None:
         self.credentials = credentials
         self.reload_interval = reload_interval
         self._reminders = Reminders()
@@ -159,14 +157,8 @@ class ProxyService:
         self.proxy = proxy
         self.credentials = credentials
         self.http_listen = http_listen
-        self.watcher = (
-            CertificateWatcher(credentials, reload_interval=reload_interval)
-            if credentials is not None
-            else None
-        )
-        self.web = ManagementApp(
-            ProxyView(self, metrics_per_worker=metrics_per_worker), containment=self.proxy.containment
-        )
+        self.watcher = CertificateWatcher(credentials, reload_interval=reload_interval) if credentials is not None else None
+        self.web = ManagementApp(ProxyView(self, metrics_per_worker=metrics_per_worker), containment=self.proxy.containment)
         """The management port's endpoints (served with ``http_listen``); ``web.draining`` for SIGTERM."""
 
     def statistics(self) -> ProxyStatus:

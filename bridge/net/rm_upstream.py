@@ -102,9 +102,7 @@ class StratumRMLink:
     ) -> None:
         self.url = url
         self.containment = containment or Containment(log, "proxy")
-        self.credentials = (
-            ssl_context if isinstance(ssl_context, ClientCredentials) else ClientCredentials.fixed(ssl_context)
-        )
+        self.credentials = ssl_context if isinstance(ssl_context, ClientCredentials) else ClientCredentials.fixed(ssl_context)
         self.connect_timeout = connect_timeout
         self.batch_window = batch_window
         self.detect_blocks = detect_blocks
@@ -209,7 +207,11 @@ class StratumRMLink:
             self._logged_failure = self.failure
             (log.debug if repeated else log.warning)(
                 "cannot connect to sidecar %s: %s; check the address, the certificates (stratumrm pki) "
-                "and that the sidecar runs%s", url, self.failure, "" if repeated else " (retrying quietly)")
+                "and that the sidecar runs%s",
+                url,
+                self.failure,
+                "" if repeated else " (retrying quietly)",
+            )
             self._connecting = False
             self._ready.set()
             return
@@ -236,8 +238,11 @@ class StratumRMLink:
                     self.credentials.remember_session(address, context, stream.session)
                     await self._open_udp(connection, nursery)
                     self._logged_failure = None
-                    log.info("StratumRM session with %s ready (%s)", url,
-                             f"UDP on port {connection.hello.udp_port}" if connection.hello.udp_port else "TLS only")
+                    log.info(
+                        "StratumRM session with %s ready (%s)",
+                        url,
+                        f"UDP on port {connection.hello.udp_port}" if connection.hello.udp_port else "TLS only",
+                    )
                 self._connecting = False
                 self._ready.set()
                 while connection.close_reason is None:
@@ -279,8 +284,7 @@ class StratumRMLink:
             if credentials.reload_if_changed():
                 certificate = credentials.certificate
                 serial = f"{certificate.serial_number:X}" if certificate is not None else "?"
-                log.info("certificate reloaded from %s (serial %s); new connections use it",
-                         credentials.certificate_file, serial)
+                log.info("certificate reloaded from %s (serial %s); new connections use it", credentials.certificate_file, serial)
         except PKIError as exc:
             log.warning("certificate not reloaded: %s", exc)
         context = credentials.context
@@ -331,10 +335,7 @@ class StratumRMLink:
     def _deliver(self) -> None:
         """Wake every rig whose channel has events."""
         connection = self.connection
-        if (
-            connection is not None and connection.goaway is not None and not self._goaway_reported
-            and self.on_goaway is not None
-        ):
+        if connection is not None and connection.goaway is not None and not self._goaway_reported and self.on_goaway is not None:
             self._goaway_reported = True
             self.on_goaway(self)
         for handle in list(self._handles.values()):

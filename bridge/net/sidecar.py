@@ -405,7 +405,9 @@ class SidecarServer:
                 nursery.start_soon(self.pool_watch.run)
                 self._listeners = listeners
                 await nursery.start(
-                    serve_admitted, self.containment.connections(self._handle, "proxy connection"), listeners,
+                    serve_admitted,
+                    self.containment.connections(self._handle, "proxy connection"),
+                    listeners,
                     self.admission,
                 )
                 task_status.started(self.port)
@@ -446,7 +448,9 @@ class SidecarServer:
         told = sum(c.goaway_sent for c in self._connections.values())
         log.info(
             "draining: listener closed, %d of %d proxies told to move (rm.goaway) within %g s",
-            told, len(self._connections), deadline,
+            told,
+            len(self._connections),
+            deadline,
         )
         with trio.move_on_after(deadline):
             while self._connections:
@@ -471,9 +475,7 @@ class SidecarServer:
             connection.session.pool_status(up, reason, now)
             connection.step()
 
-    async def _bind(
-        self, host: str, port: int
-    ) -> tuple[list[trio.SocketListener], trio.socket.SocketType | None]:
+    async def _bind(self, host: str, port: int) -> tuple[list[trio.SocketListener], trio.socket.SocketType | None]:
         """The TCP listener and the UDP socket (same port number unless configured)."""
         for _attempt in range(_UDP_BIND_ATTEMPTS):
             listeners = await trio.open_tcp_listeners(port, host=host or None)
@@ -562,7 +564,9 @@ class SidecarServer:
             return
         log.info(
             "revocation list %s reloaded: CRL number %d, %d revoked certificates",
-            revocations.path, revocations.crl_number, len(revocations),
+            revocations.path,
+            revocations.crl_number,
+            len(revocations),
         )
         for connection in list(self._connections.values()):
             identity = connection.identity
@@ -571,7 +575,9 @@ class SidecarServer:
                 log.warning(
                     "closing the session of proxy %s: %s was revoked; its %d channels end now, and the "
                     "proxy is refused until it has a new certificate",
-                    connection.peer, identity.describe(), channels,
+                    connection.peer,
+                    identity.describe(),
+                    channels,
                 )
                 connection.session.close(f"{identity.describe()} was revoked", trio.current_time())
                 connection.step()
@@ -590,8 +596,12 @@ class SidecarServer:
             log.info(
                 "certificate reloaded from %s: %s certificate %r (serial %s, valid until %s UTC); new "
                 "handshakes use it, the %d live sessions continue",
-                credentials.certificate_file, status.role, status.name, status.serial,
-                f"{status.not_after:%Y-%m-%d %H:%M}", len(self._connections),
+                credentials.certificate_file,
+                status.role,
+                status.name,
+                status.serial,
+                f"{status.not_after:%Y-%m-%d %H:%M}",
+                len(self._connections),
             )
 
     def _log_certificates(self) -> None:
@@ -602,12 +612,18 @@ class SidecarServer:
             if status is not None:
                 log.info(
                     "presenting %s certificate %r (serial %s, valid until %s UTC) from %s; watching it for renewal",
-                    status.role, status.name, status.serial, f"{status.not_after:%Y-%m-%d %H:%M}", status.file,
+                    status.role,
+                    status.name,
+                    status.serial,
+                    f"{status.not_after:%Y-%m-%d %H:%M}",
+                    status.file,
                 )
         if self.revocations is not None:
             log.info(
                 "enforcing the revocation list %s (CRL number %d, %d revoked); watching it for changes",
-                self.revocations.path, self.revocations.crl_number, len(self.revocations),
+                self.revocations.path,
+                self.revocations.crl_number,
+                len(self.revocations),
             )
         self._log_warnings()
 
@@ -655,8 +671,7 @@ class SidecarServer:
         if revocations is None:
             add(
                 "no revocation list",
-                "no revocation list (--revocations): revoked certificates are not refused; pass the CA's "
-                "revocations.pem",
+                "no revocation list (--revocations): revoked certificates are not refused; pass the CA's revocations.pem",
             )
         else:
             crl = revocations.status(now)
@@ -740,7 +755,9 @@ class SidecarServer:
             limit = self.max_connections_per_cert
             if limit is not None and self._per_certificate[fingerprint] >= limit:
                 await self._refuse(
-                    tls, peer, "connection limit",
+                    tls,
+                    peer,
+                    "connection limit",
                     f"{identity.describe()} already holds {self._per_certificate[fingerprint]} control "
                     f"connections, the limit (--max-connections-per-cert {limit}); one proxy needs one, so "
                     "several proxies probably share a bundle: give each its own "
@@ -810,13 +827,21 @@ class SidecarServer:
                 "proxy %s (%s) sent a malformed control line: %s; connection closed. "
                 "Check that the proxy runs a StratumRM version this sidecar speaks (1); "
                 "other proxies are not affected",
-                peer, identity.name, connection.session.protocol_error,
+                peer,
+                identity.name,
+                connection.session.protocol_error,
             )
         log.info(
             "proxy %s (%s) disconnected: %s; %d channels, %d shares forwarded (%d UDP, %d TLS), "
             "%d duplicates answered from cache",
-            peer, identity.name, reason, stats.channels_opened, stats.shares_forwarded,
-            stats.shares_udp, stats.shares_tls, stats.duplicates_from_cache + stats.duplicates_joined,
+            peer,
+            identity.name,
+            reason,
+            stats.channels_opened,
+            stats.shares_forwarded,
+            stats.shares_udp,
+            stats.shares_tls,
+            stats.duplicates_from_cache + stats.duplicates_joined,
         )
 
     async def _handshake(self, tls: trio.SSLStream, peer: str, pending: Pending) -> CertificateIdentity | None:
@@ -1043,7 +1068,10 @@ class _ProxyConnection:
             log.warning(
                 "proxy %s channel %d: refused %r, not relayed to the pool (%s); "
                 "a proxy sending this is not StratumRM's or has been tampered with: check its version and host",
-                self.peer, refusal.ch, refusal.method, refusal.reason,
+                self.peer,
+                refusal.ch,
+                refusal.method,
+                refusal.reason,
             )
             return
         identity = self.identity
@@ -1053,8 +1081,15 @@ class _ProxyConnection:
             "the accounts %s, not %r. If this proxy should mine for %r, issue a certificate that names "
             "it too (`stratumrm pki issue-miner NEWNAME --account %s`), install that bundle on the proxy "
             "and revoke the old one; otherwise correct the rig's worker name",
-            self.peer, refusal.ch, refusal.method, refusal.worker, identity.describe(), covered,
-            refusal.account, refusal.account, " --account ".join((*identity.accounts, refusal.account)),
+            self.peer,
+            refusal.ch,
+            refusal.method,
+            refusal.worker,
+            identity.describe(),
+            covered,
+            refusal.account,
+            refusal.account,
+            " --account ".join((*identity.accounts, refusal.account)),
         )
 
     # ------------------------------------------------------------------ control channel

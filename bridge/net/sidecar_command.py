@@ -82,34 +82,133 @@ def parse_advertise(text: str) -> tuple[str | None, int | None]:
 
 
 @click.command("sidecar")
-@click.option("--config", "-c", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML configuration file (`stratumrm config example sidecar` prints one); command-line options win.")
-@click.option("--listen", default="0.0.0.0:3334", show_default=True, help="HOST:PORT where proxies connect (TLS, and UDP on the same port).")
+@click.option(
+    "--config",
+    "-c",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="TOML configuration file (`stratumrm config example sidecar` prints one); command-line options win.",
+)
+@click.option(
+    "--listen", default="0.0.0.0:3334", show_default=True, help="HOST:PORT where proxies connect (TLS, and UDP on the same port)."
+)
 @click.option("--pool", "pool_url", metavar="URL", help="The pool software: stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT.")
-@click.option("--pool-ca", type=click.Path(dir_okay=False), help="CA file to verify a stratum+ssl pool (default: the system trust store).")
+@click.option(
+    "--pool-ca", type=click.Path(dir_okay=False), help="CA file to verify a stratum+ssl pool (default: the system trust store)."
+)
 @click.option("--cert", type=click.Path(dir_okay=False), help="This sidecar's certificate (`stratumrm pki issue-pool`).")
 @click.option("--key", type=click.Path(dir_okay=False), help="The private key of --cert.")
-@click.option("--ca", type=click.Path(dir_okay=False), help="The StratumRM CA certificate proxies' certificates are checked against.")
-@click.option("--revocations", type=click.Path(dir_okay=False), help="Revocation list to enforce and watch (the CA's revocations.pem).")
-@click.option("--udp-port", type=click.IntRange(0, 65535), default=None, help="UDP port for shares (default: the --listen port number).")
+@click.option(
+    "--ca", type=click.Path(dir_okay=False), help="The StratumRM CA certificate proxies' certificates are checked against."
+)
+@click.option(
+    "--revocations", type=click.Path(dir_okay=False), help="Revocation list to enforce and watch (the CA's revocations.pem)."
+)
+@click.option(
+    "--udp-port", type=click.IntRange(0, 65535), default=None, help="UDP port for shares (default: the --listen port number)."
+)
 @click.option("--no-udp", is_flag=True, help="Offer no UDP: shares travel over the TLS control channel.")
 @click.option("--advertise", metavar="HOST[:PORT]", help="UDP address to tell proxies (a sidecar behind NAT).")
-@click.option("--rekey-interval", type=click.FloatRange(min=1.0), default=3600.0, show_default=True, help="Seconds between new UDP keys.")
-@click.option("--dead-after", type=click.FloatRange(min=0.5), default=5.0, show_default=True, help="Seconds of silence after which a proxy is dead.")
-@click.option("--clock-skew", type=click.FloatRange(min=0.0), default=10.0, show_default=True, help="Seconds of leeway on certificates' validity periods (clocks that disagree).")
-@click.option("--max-connections-per-cert", type=click.IntRange(min=0), default=4, show_default=True, help="Control connections one miner certificate may hold at once (0: no limit).")
-@click.option("--cert-warn-days", type=click.FloatRange(min=0.0), default=14.0, show_default=True, help="Warn (log, status) when a certificate expires within this many days.")
-@click.option("--http-listen", "--status-listen", "http_listen", metavar="HOST:PORT", help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9101. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.")
+@click.option(
+    "--rekey-interval", type=click.FloatRange(min=1.0), default=3600.0, show_default=True, help="Seconds between new UDP keys."
+)
+@click.option(
+    "--dead-after",
+    type=click.FloatRange(min=0.5),
+    default=5.0,
+    show_default=True,
+    help="Seconds of silence after which a proxy is dead.",
+)
+@click.option(
+    "--clock-skew",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds of leeway on certificates' validity periods (clocks that disagree).",
+)
+@click.option(
+    "--max-connections-per-cert",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="Control connections one miner certificate may hold at once (0: no limit).",
+)
+@click.option(
+    "--cert-warn-days",
+    type=click.FloatRange(min=0.0),
+    default=14.0,
+    show_default=True,
+    help="Warn (log, status) when a certificate expires within this many days.",
+)
+@click.option(
+    "--http-listen",
+    "--status-listen",
+    "http_listen",
+    metavar="HOST:PORT",
+    help="Management port: dashboard, /metrics, /api/v1/..., /healthz, /readyz and /status (for `stratumrm status`), e.g. 127.0.0.1:9101. Keep it on 127.0.0.1 or a management network. --status-listen is its old name.",
+)
 @click.option("--metrics-per-worker", is_flag=True, help="Add per-worker series to /metrics (the busiest 1000 workers).")
-@click.option("--http-tls", is_flag=True, help="Serve the management port over HTTPS with --cert/--key (implied by the next two).")
-@click.option("--http-require-operator", is_flag=True, help="Let in only browsers with an operator certificate of --ca (`stratumrm pki issue-operator NAME`); enrollment and health checks stay open.")
-@click.option("--enroll-ca", type=click.Path(file_okay=False), metavar="PKI_DIR", help="Serve enrollment (`stratumrm proxy enroll`) on the management port, signing with the CA in PKI_DIR; with --http-require-operator, operators also create tokens on the dashboard.")
-@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_HANDSHAKE_TIMEOUT, show_default=True, help="Seconds a proxy has to finish the TLS handshake.")
-@click.option("--max-pending", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING, show_default=True, help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).")
-@click.option("--max-pending-per-source", type=click.IntRange(min=1), default=DEFAULT_MAX_PENDING_PER_SOURCE, show_default=True, help="... of them from one IP address.")
-@click.option("--fd-reserve", type=click.IntRange(min=0), default=DEFAULT_FD_RESERVE, show_default=True, help="File descriptors kept free for pool connections and the status port: no new proxy connection is accepted below it.")
-@click.option("--proxy-protocol-from", "proxy_protocol_from", metavar="CIDR", multiple=True, help="Balancer address or network (repeatable) whose connections start with a PROXY v2 header naming the real proxy; off by default.")
-@click.option("--proxy-protocol-to-pool", is_flag=True, help="Open each pool connection with a PROXY v2 header naming the rig (for pool software that reads it).")
-@click.option("--drain-timeout", type=click.FloatRange(min=0.0), default=30.0, show_default=True, help="On SIGTERM (or SIGUSR1): close the listener, tell proxies to move (rm.goaway) and exit once they have, or after this many seconds; 0 exits at once. A second SIGTERM exits now.")
+@click.option(
+    "--http-tls", is_flag=True, help="Serve the management port over HTTPS with --cert/--key (implied by the next two)."
+)
+@click.option(
+    "--http-require-operator",
+    is_flag=True,
+    help="Let in only browsers with an operator certificate of --ca (`stratumrm pki issue-operator NAME`); enrollment and health checks stay open.",
+)
+@click.option(
+    "--enroll-ca",
+    type=click.Path(file_okay=False),
+    metavar="PKI_DIR",
+    help="Serve enrollment (`stratumrm proxy enroll`) on the management port, signing with the CA in PKI_DIR; with --http-require-operator, operators also create tokens on the dashboard.",
+)
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=0.1),
+    default=DEFAULT_HANDSHAKE_TIMEOUT,
+    show_default=True,
+    help="Seconds a proxy has to finish the TLS handshake.",
+)
+@click.option(
+    "--max-pending",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PENDING,
+    show_default=True,
+    help="Connections still in their TLS handshake, at most (a flood is refused beyond, or evicts its own oldest).",
+)
+@click.option(
+    "--max-pending-per-source",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PENDING_PER_SOURCE,
+    show_default=True,
+    help="... of them from one IP address.",
+)
+@click.option(
+    "--fd-reserve",
+    type=click.IntRange(min=0),
+    default=DEFAULT_FD_RESERVE,
+    show_default=True,
+    help="File descriptors kept free for pool connections and the status port: no new proxy connection is accepted below it.",
+)
+@click.option(
+    "--proxy-protocol-from",
+    "proxy_protocol_from",
+    metavar="CIDR",
+    multiple=True,
+    help="Balancer address or network (repeatable) whose connections start with a PROXY v2 header naming the real proxy; off by default.",
+)
+@click.option(
+    "--proxy-protocol-to-pool",
+    is_flag=True,
+    help="Open each pool connection with a PROXY v2 header naming the rig (for pool software that reads it).",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0.0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM (or SIGUSR1): close the listener, tell proxies to move (rm.goaway) and exit once they have, or after this many seconds; 0 exits at once. A second SIGTERM exits now.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging: -v debug, -vv the libraries' debug too.")
 @log_format_option
 @click.pass_context
@@ -172,13 +271,12 @@ def sidecar(
     http_listen, metrics_per_worker = chosen.http_listen, chosen.metrics_per_worker
     missing = [name for name, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if not value]
     if missing:
-        raise OptionProblem(
-            MISSING_CERTIFICATES.format(missing=", ".join(missing), verb="is" if len(missing) == 1 else "are")
-        )
+        raise OptionProblem(MISSING_CERTIFICATES.format(missing=", ".join(missing), verb="is" if len(missing) == 1 else "are"))
     assert cert is not None and key is not None and ca is not None
     if not pool_url:
-        raise OptionProblem("--pool is required: the pool software, e.g. --pool stratum+tcp://127.0.0.1:3333 "
-                            "(or pool = \"...\" in --config)")
+        raise OptionProblem(
+            '--pool is required: the pool software, e.g. --pool stratum+tcp://127.0.0.1:3333 (or pool = "..." in --config)'
+        )
     try:
         host, port = parse_listen(listen)
         pool = parse_upstream_url(pool_url)
@@ -191,8 +289,7 @@ def sidecar(
         pool_context = public_client_context(pool_ca) if pool.tls else None
         revocation_list = RevocationList(revocations, ca) if revocations else None
         balancers = TrustedBalancers(tuple(chosen.proxy_protocol_from))
-        management = _management(http_address, cert, key, ca, chosen.http_tls, chosen.http_require_operator,
-                                 chosen.enroll_ca)
+        management = _management(http_address, cert, key, ca, chosen.http_tls, chosen.http_require_operator, chosen.enroll_ca)
     except BridgeError as exc:
         raise OptionProblem(str(exc)) from None
     setup_role(chosen, verbose)
@@ -214,7 +311,8 @@ def sidecar(
         expiry_warning=warn_window,
         handshake_timeout=chosen.handshake_timeout,
         admission=AdmissionLimits(
-            max_pending=chosen.max_pending, max_pending_per_source=chosen.max_pending_per_source,
+            max_pending=chosen.max_pending,
+            max_pending_per_source=chosen.max_pending_per_source,
             fd_reserve=chosen.fd_reserve,
         ),
         proxy_protocol_from=balancers,
@@ -225,9 +323,16 @@ def sidecar(
         listens["--http-listen"] = http_address
     udp = {} if no_udp else {"--udp-port" if udp_port is not None else "--listen": (host, port if udp_port is None else udp_port)}
     run_role(
-        _serve_until_signalled, server, host, port, http_address, metrics_per_worker, chosen.drain_timeout,
+        _serve_until_signalled,
+        server,
+        host,
+        port,
+        http_address,
+        metrics_per_worker,
+        chosen.drain_timeout,
         management,
-        listens=listens, udp=udp,
+        listens=listens,
+        udp=udp,
     )
 
 
@@ -251,8 +356,10 @@ async def _serve_until_signalled(
 
     management = management or Management()
     web = ManagementApp(
-        SidecarView(server, metrics_per_worker=metrics_per_worker), containment=server.containment,
-        ssl_context=management.ssl_context, guard=management.guard,
+        SidecarView(server, metrics_per_worker=metrics_per_worker),
+        containment=server.containment,
+        ssl_context=management.ssl_context,
+        guard=management.guard,
     )
     if management.enrollment is not None:
         from bridge.web.enroll import mount_enrollment
@@ -278,7 +385,8 @@ async def _serve_until_signalled(
                     log.info(
                         "shutting down (%s): draining first (proxies move to other sidecars within %g s; "
                         "SIGTERM again to exit now)",
-                        signal.Signals(signum).name, drain_timeout,
+                        signal.Signals(signum).name,
+                        drain_timeout,
                     )
                     web.draining = True  # /readyz answers 503: balancers stop sending new proxies
                     nursery.start_soon(_drain_then_exit, server, drain_timeout, nursery.cancel_scope)
@@ -293,8 +401,13 @@ async def _drain_then_exit(server: SidecarServer, timeout: float, scope: trio.Ca
 class Management:
     """The management port's HTTPS context, operator check and enrollment service (see :func:`_management`)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None, guard: Guard | None = None,
-                 enrollment: EnrollmentService | None = None, browser_tokens: bool = False) -> None:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext | None = None,
+        guard: Guard | None = None,
+        enrollment: EnrollmentService | None = None,
+        browser_tokens: bool = False,
+    ) -> None:
         self.ssl_context = ssl_context
         self.guard = guard
         self.enrollment = enrollment
@@ -303,15 +416,21 @@ class Management:
 
 
 def _management(
-    http_address: tuple[str, int] | None, cert: str, key: str, ca: str, tls: bool, require_operator: bool,
+    http_address: tuple[str, int] | None,
+    cert: str,
+    key: str,
+    ca: str,
+    tls: bool,
+    require_operator: bool,
     enroll_ca: str | None,
 ) -> Management:
     """From the options: HTTPS for --http-tls (implied by the other two), the guard, the enrollment service."""
     if not (tls or require_operator or enroll_ca):
         return Management()
     if http_address is None:
-        raise BridgeError("--http-tls, --http-require-operator and --enroll-ca need --http-listen HOST:PORT "
-                          "(the management port they apply to)")
+        raise BridgeError(
+            "--http-tls, --http-require-operator and --enroll-ca need --http-listen HOST:PORT (the management port they apply to)"
+        )
     from bridge.web.access import management_tls_context, operator_guard
 
     context = management_tls_context(cert, key, ca if require_operator else None)

@@ -33,14 +33,10 @@ class SV1Upstream:
         self.bytes_received = 0
 
     @classmethod
-    async def connect(
-        cls, url: UpstreamURL, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 10.0
-    ) -> SV1Upstream:
+    async def connect(cls, url: UpstreamURL, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 10.0) -> SV1Upstream:
         if url.tls and ssl_context is None:
             raise ValueError(f"{url} needs a TLS context")
-        stream = await open_stream(
-            url.host, url.port, ssl_context=ssl_context if url.tls else None, timeout=timeout
-        )
+        stream = await open_stream(url.host, url.port, ssl_context=ssl_context if url.tls else None, timeout=timeout)
         return cls(url, stream)
 
     async def flush(self) -> None:

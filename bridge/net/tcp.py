@@ -168,11 +168,15 @@ def _plain_words(exc: BaseException) -> str | None:
         if "expired" in message:
             return "the server's certificate has expired (ask its operator to renew it)"
         if "Hostname mismatch" in message or "IP address mismatch" in message:
-            return ("the server's certificate does not name the address dialled (issue it with that name or "
-                    "address: `stratumrm pki issue-pool NAME --dns HOST --ip ADDRESS`)")
-        return (f"the server's certificate is not signed by a CA this side trusts (CERTIFICATE_VERIFY_FAILED: "
-                f"{message}): wrong CA; for stratumrm:// both ends need certificates of the same StratumRM CA, "
-                "for stratum+ssl:// pass the pool's CA with --upstream-ca")
+            return (
+                "the server's certificate does not name the address dialled (issue it with that name or "
+                "address: `stratumrm pki issue-pool NAME --dns HOST --ip ADDRESS`)"
+            )
+        return (
+            f"the server's certificate is not signed by a CA this side trusts (CERTIFICATE_VERIFY_FAILED: "
+            f"{message}): wrong CA; for stratumrm:// both ends need certificates of the same StratumRM CA, "
+            "for stratum+ssl:// pass the pool's CA with --upstream-ca"
+        )
     if isinstance(exc, ssl.SSLError) and exc.reason in _TLS_WORDS:
         return _TLS_WORDS[exc.reason]
     if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:

@@ -106,7 +106,10 @@ class Upstream:
             if ssl_context is None:
                 raise ValueError(f"{self.url}: a stratumrm:// upstream needs the proxy's certificate (TLS client context)")
             self.link = StratumRMLink(
-                self.url, ssl_context, connect_timeout=connect_timeout, batch_window=batch_window,
+                self.url,
+                ssl_context,
+                connect_timeout=connect_timeout,
+                batch_window=batch_window,
                 containment=containment,
             )
 
@@ -276,7 +279,8 @@ class Probe:
                         elif event.context == "authorize" and not event.accepted:
                             log.warning(
                                 "probe on %s: worker %r not authorized (%s); health is still measured",
-                                self.upstream.name, self.identity[0] if self.identity else "",
+                                self.upstream.name,
+                                self.identity[0] if self.identity else "",
                                 bytes(event.response.error).decode(errors="replace"),
                             )
                     elif kind is Ping and event.id is not None:
@@ -335,14 +339,23 @@ class Probe:
                 await close_quietly(spare[0])
         try:
             verdict = await check_subscribe(
-                url.host, url.port, agent=PROBE_AGENT, ssl_context=context,
-                timeout=self.check_timeout, connect_timeout=upstream.connect_timeout, stream=stream,
+                url.host,
+                url.port,
+                agent=PROBE_AGENT,
+                ssl_context=context,
+                timeout=self.check_timeout,
+                connect_timeout=upstream.connect_timeout,
+                stream=stream,
             )
             if not verdict.up and stream is not None:
                 # The spare may have been closed by the pool while it waited: judge on a new connection.
                 verdict = await check_subscribe(
-                    url.host, url.port, agent=PROBE_AGENT, ssl_context=context,
-                    timeout=self.check_timeout, connect_timeout=upstream.connect_timeout,
+                    url.host,
+                    url.port,
+                    agent=PROBE_AGENT,
+                    ssl_context=context,
+                    timeout=self.check_timeout,
+                    connect_timeout=upstream.connect_timeout,
                 )
         finally:
             self._checking = False
@@ -362,7 +375,9 @@ class Probe:
         url = upstream.url
         try:
             stream = await open_stream(
-                url.host, url.port, ssl_context=upstream.ssl_context if url.tls else None,
+                url.host,
+                url.port,
+                ssl_context=upstream.ssl_context if url.tls else None,
                 timeout=upstream.connect_timeout,
             )
         except NETWORK_ERRORS:

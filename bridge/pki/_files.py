@@ -32,9 +32,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise PKIError(
-            f"{path} already exists and will not be overwritten; move it away or choose another --dir"
-        ) from None
+        raise PKIError(f"{path} already exists and will not be overwritten; move it away or choose another --dir") from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb", closefd=False) as handle:

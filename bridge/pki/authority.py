@@ -218,11 +218,7 @@ class CertificateAuthority:
         if crl_days <= 0:
             raise PKIError(f"--crl-days must be positive, got {crl_days:g}")
         make_private_directory(root)
-        existing = [
-            name
-            for name in (CA_CERTIFICATE_FILE, CA_KEY_FILE, REVOCATIONS_FILE, INDEX_FILE)
-            if (root / name).exists()
-        ]
+        existing = [name for name in (CA_CERTIFICATE_FILE, CA_KEY_FILE, REVOCATIONS_FILE, INDEX_FILE) if (root / name).exists()]
         if existing:
             raise PKIError(
                 f"{root} already holds a CA ({', '.join(existing)}); nothing was changed. "
@@ -447,9 +443,7 @@ class CertificateAuthority:
                 if crl_days <= 0:
                     raise PKIError(f"--crl-days must be positive, got {crl_days:g}")
                 index.crl_days = crl_days
-            _write_revocation_list(
-                self.revocations_path, self.ca_certificate, self._ca_key(), index, now or _utc_now()
-            )
+            _write_revocation_list(self.revocations_path, self.ca_certificate, self._ca_key(), index, now or _utc_now())
             replace_public_file(self.index_path, _encode_index(index))
         return self.revocations_path
 
@@ -478,9 +472,7 @@ class CertificateAuthority:
         same_name = [record for record in index.certificates if record.name == name]
         other_role = next((record for record in same_name if record.role != role), None)
         if other_role is not None:
-            raise PKIError(
-                f"the name {name!r} already belongs to a {other_role.role} certificate; choose another name"
-            )
+            raise PKIError(f"the name {name!r} already belongs to a {other_role.role} certificate; choose another name")
         if renews is None:
             active = [record for record in same_name if record.is_active(now)]
             if active:
@@ -609,9 +601,7 @@ class CertificateAuthority:
         return load_private_key_pem(pem, str(self.ca_key_path))
 
     def _read_index(self) -> _Index:
-        data = read_bytes(
-            self.index_path, "certificate index", "restore it from backup or start a new CA with `init`"
-        )
+        data = read_bytes(self.index_path, "certificate index", "restore it from backup or start a new CA with `init`")
         try:
             return decode_json(data, type=_Index)
         except msgspec.DecodeError as error:
@@ -624,9 +614,7 @@ def _find(index: _Index, name_or_serial: str) -> list[IssuedCertificate]:
         return by_name
     serial = parse_serial(name_or_serial)
     if serial is None:
-        raise PKIError(
-            f"no certificate named {name_or_serial!r}; see `stratumrm pki list` for names and serials"
-        )
+        raise PKIError(f"no certificate named {name_or_serial!r}; see `stratumrm pki list` for names and serials")
     wanted = format_serial(serial)
     exact = [record for record in index.certificates if record.serial == wanted]
     if exact:
@@ -636,13 +624,8 @@ def _find(index: _Index, name_or_serial: str) -> list[IssuedCertificate]:
     if len(digits) >= MIN_SERIAL_PREFIX_DIGITS and len(prefixed) == 1:
         return prefixed
     if len(prefixed) > 1:
-        raise PKIError(
-            f"serial prefix {name_or_serial!r} matches {len(prefixed)} certificates; give more digits"
-        )
-    raise PKIError(
-        f"no certificate named {name_or_serial!r} or with that serial; "
-        "see `stratumrm pki list` for names and serials"
-    )
+        raise PKIError(f"serial prefix {name_or_serial!r} matches {len(prefixed)} certificates; give more digits")
+    raise PKIError(f"no certificate named {name_or_serial!r} or with that serial; see `stratumrm pki list` for names and serials")
 
 
 def _encode_index(index: _Index) -> bytes:

@@ -49,9 +49,7 @@ class BundleContents:
     ca_certificate_pem: bytes
 
 
-def bundle_text(
-    certificate: x509.Certificate, private_key: PrivateKey, ca_certificate: x509.Certificate
-) -> bytes:
+def bundle_text(certificate: x509.Certificate, private_key: PrivateKey, ca_certificate: x509.Certificate) -> bytes:
     """The bytes of a bundle file (see the module docstring for the layout)."""
     identity = identity_of(certificate)
     header = (
@@ -63,12 +61,7 @@ def bundle_text(
         f"# valid from: {identity.not_valid_before:%Y-%m-%d %H:%M:%S} UTC\n"
         f"# valid until: {identity.not_valid_after:%Y-%m-%d %H:%M:%S} UTC\n"
     )
-    return (
-        header.encode()
-        + certificate_pem(certificate)
-        + certificate_pem(ca_certificate)
-        + private_key_pem(private_key)
-    )
+    return header.encode() + certificate_pem(certificate) + certificate_pem(ca_certificate) + private_key_pem(private_key)
 
 
 def write_bundle(
@@ -100,9 +93,7 @@ def read_bundle(path: str | os.PathLike[str]) -> BundleContents:
     other one, and it must have signed the leaf.
     """
     bundle_path = Path(path)
-    data = read_bytes(
-        bundle_path, "miner bundle", "create one with `stratumrm pki issue-miner NAME --account ACCOUNT`"
-    )
+    data = read_bytes(bundle_path, "miner bundle", "create one with `stratumrm pki issue-miner NAME --account ACCOUNT`")
     return parse_bundle(data, bundle_path)
 
 
@@ -120,15 +111,9 @@ def parse_bundle(data: bytes, bundle_path: str | os.PathLike[str]) -> BundleCont
     key = load_private_key_pem(key_blocks[0], f"the private key in {bundle_path}")
     key_der = _public_key_der(key.public_key())
     certificates = [x509.load_pem_x509_certificate(block) for block in certificate_blocks]
-    matching = [
-        i
-        for i, certificate in enumerate(certificates)
-        if _public_key_der(certificate.public_key()) == key_der
-    ]
+    matching = [i for i, certificate in enumerate(certificates) if _public_key_der(certificate.public_key()) == key_der]
     if len(matching) != 1:
-        raise PKIError(
-            f"the private key in {bundle_path} does not match its certificate; re-issue the bundle"
-        )
+        raise PKIError(f"the private key in {bundle_path} does not match its certificate; re-issue the bundle")
     leaf, ca = certificates[matching[0]], certificates[1 - matching[0]]
     try:
         leaf.verify_directly_issued_by(ca)

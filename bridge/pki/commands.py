@@ -77,9 +77,7 @@ def _reports_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise  # the reader went away (`| head`): not a file problem
         except OSError as error:
             where = f": {error.filename}" if error.filename else ""
-            raise click.ClickException(
-                f"{error.strerror or error}{where}; check the path and its permissions"
-            ) from None
+            raise click.ClickException(f"{error.strerror or error}{where}; check the path and its permissions") from None
 
     return wrapper
 
@@ -134,12 +132,8 @@ _key_type_option = click.option(
 
 @pki.command("init")
 @_key_type_option
-@click.option(
-    "--common-name", default=DEFAULT_CA_COMMON_NAME, show_default=True, help="Subject CN of the CA."
-)
-@click.option(
-    "--days", type=click.IntRange(min=1), default=DEFAULT_CA_DAYS, show_default=True, help="CA lifetime."
-)
+@click.option("--common-name", default=DEFAULT_CA_COMMON_NAME, show_default=True, help="Subject CN of the CA.")
+@click.option("--days", type=click.IntRange(min=1), default=DEFAULT_CA_DAYS, show_default=True, help="CA lifetime.")
 @click.option(
     "--crl-days",
     type=click.IntRange(min=1),
@@ -149,9 +143,7 @@ _key_type_option = click.option(
 )
 @_pass_directory
 @_reports_errors
-def init_command(
-    directory: _PKIDirectory, key_type: KeyType, common_name: str, days: int, crl_days: int
-) -> None:
+def init_command(directory: _PKIDirectory, key_type: KeyType, common_name: str, days: int, crl_days: int) -> None:
     """Create a CA (key, certificate, empty revocation list) in DIR; never overwrites."""
     authority = CertificateAuthority.create(
         directory.path, key_type=key_type, common_name=common_name, days=days, crl_days=crl_days
@@ -178,10 +170,7 @@ def init_command(
 
 def _echo_issuance(verb: str, authority: CertificateAuthority, issuance: Issuance) -> None:
     record = issuance.record
-    click.echo(
-        f"{verb} {record.role} certificate {record.name!r} "
-        f"(serial {record.serial}, {_key_type_name(record.key_type)})"
-    )
+    click.echo(f"{verb} {record.role} certificate {record.name!r} (serial {record.serial}, {_key_type_name(record.key_type)})")
     fields = [("valid", f"{_when(record.not_before)} to {_when(record.not_after)} ({record.days} days)")]
     if record.role == "pool":
         fields.append(("hosts", ", ".join((*record.dns_names, *record.ip_addresses))))
@@ -208,12 +197,8 @@ def _echo_issuance(verb: str, authority: CertificateAuthority, issuance: Issuanc
 @pki.command("issue-pool")
 @click.argument("name")
 @click.option("--dns", "dns_names", multiple=True, metavar="HOST", help="DNS name miners dial (repeatable).")
-@click.option(
-    "--ip", "ip_addresses", multiple=True, metavar="ADDRESS", help="IP address miners dial (repeatable)."
-)
-@click.option(
-    "--days", type=click.IntRange(min=1), default=DEFAULT_POOL_DAYS, show_default=True, help="Lifetime."
-)
+@click.option("--ip", "ip_addresses", multiple=True, metavar="ADDRESS", help="IP address miners dial (repeatable).")
+@click.option("--days", type=click.IntRange(min=1), default=DEFAULT_POOL_DAYS, show_default=True, help="Lifetime.")
 @_key_type_option
 @_pass_directory
 @_reports_errors
@@ -227,9 +212,7 @@ def issue_pool_command(
 ) -> None:
     """Issue a certificate for the pool-side sidecar NAME."""
     authority = directory.open()
-    issuance = authority.issue_pool(
-        name, dns_names=dns_names, ip_addresses=ip_addresses, days=days, key_type=key_type
-    )
+    issuance = authority.issue_pool(name, dns_names=dns_names, ip_addresses=ip_addresses, days=days, key_type=key_type)
     _echo_issuance("Issued", authority, issuance)
 
 
@@ -243,15 +226,11 @@ def issue_pool_command(
     metavar="ACCOUNT",
     help="Account (the user before '.' in user.worker) this proxy may authorize (repeatable).",
 )
-@click.option(
-    "--days", type=click.IntRange(min=1), default=DEFAULT_MINER_DAYS, show_default=True, help="Lifetime."
-)
+@click.option("--days", type=click.IntRange(min=1), default=DEFAULT_MINER_DAYS, show_default=True, help="Lifetime.")
 @_key_type_option
 @_pass_directory
 @_reports_errors
-def issue_miner_command(
-    directory: _PKIDirectory, name: str, accounts: tuple[str, ...], days: int, key_type: KeyType
-) -> None:
+def issue_miner_command(directory: _PKIDirectory, name: str, accounts: tuple[str, ...], days: int, key_type: KeyType) -> None:
     """Issue a certificate and one-file bundle for the miner-side proxy NAME."""
     authority = directory.open()
     issuance = authority.issue_miner(name, accounts=accounts, days=days, key_type=key_type)
@@ -260,9 +239,7 @@ def issue_miner_command(
 
 @pki.command("renew")
 @click.argument("name")
-@click.option(
-    "--days", type=click.IntRange(min=1), default=None, help="New lifetime [default: the previous one]."
-)
+@click.option("--days", type=click.IntRange(min=1), default=None, help="New lifetime [default: the previous one].")
 @click.option("--revoke-previous", is_flag=True, help="Revoke the certificate being replaced right away.")
 @_pass_directory
 @_reports_errors
@@ -273,9 +250,7 @@ def renew_command(directory: _PKIDirectory, name: str, days: int | None, revoke_
     issuance = authority.renew(name, days=days, revoke_previous=revoke_previous)
     _echo_issuance("Renewed", authority, issuance)
     if revoke_previous and not previous.is_revoked:
-        click.echo(
-            f"Revoked the previous certificate {previous.serial}; {authority.revocations_path} updated."
-        )
+        click.echo(f"Revoked the previous certificate {previous.serial}; {authority.revocations_path} updated.")
     elif not previous.is_revoked and not previous.is_expired(_now()):
         click.echo(
             f"The previous certificate {previous.serial} stays valid until {_when(previous.not_after)}; "
@@ -379,8 +354,7 @@ def _warn_if_revocations_due(authority: CertificateAuthority, now: datetime) -> 
     next_update = crl.next_update_utc
     if next_update is not None and (next_update - now).total_seconds() < 3 * 86400:
         click.echo(
-            f"Warning: the revocation list is due for re-publication at {_when(next_update)}; "
-            "run `stratumrm pki crl`.",
+            f"Warning: the revocation list is due for re-publication at {_when(next_update)}; run `stratumrm pki crl`.",
             err=True,
         )
 
@@ -408,9 +382,7 @@ def _certificate_fields(certificate: x509.Certificate, now: datetime) -> list[tu
     if identity is not None and identity.role == "pool":
         fields.append(("hosts", ", ".join((*identity.dns_names, *identity.ip_addresses))))
     start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
-    status = (
-        "not yet valid" if now < start else "expired" if now > end else f"valid, {(end - now).days} days left"
-    )
+    status = "not yet valid" if now < start else "expired" if now > end else f"valid, {(end - now).days} days left"
     fields.append(("valid", f"{_when(start)} to {_when(end)}  ({status})"))
     fields.append(("key", _key_type_name(key_type_of(certificate.public_key()))))
     fields.append(("issuer", certificate.issuer.rfc4514_string()))
@@ -419,9 +391,7 @@ def _certificate_fields(certificate: x509.Certificate, now: datetime) -> list[tu
     return fields
 
 
-def _standing_with_authority(
-    directory: Path, certificate: x509.Certificate, now: datetime
-) -> tuple[str, str] | None:
+def _standing_with_authority(directory: Path, certificate: x509.Certificate, now: datetime) -> tuple[str, str] | None:
     """A ("status", ...) line from DIR's index when DIR holds the CA that issued it."""
     try:
         authority = CertificateAuthority.open(directory)
@@ -457,9 +427,7 @@ def _show_certificate(
 
 
 def _show_revocation_list(path: Path, directory: Path, data: bytes) -> None:
-    crl = (
-        x509.load_pem_x509_crl(data) if b"-----BEGIN X509 CRL-----" in data else x509.load_der_x509_crl(data)
-    )
+    crl = x509.load_pem_x509_crl(data) if b"-----BEGIN X509 CRL-----" in data else x509.load_der_x509_crl(data)
     click.echo(f"{path}: revocation list (CRL)")
     next_update = crl.next_update_utc
     fields = [

@@ -78,8 +78,9 @@ def _csr(key: PrivateKey) -> bytes:
     return builder.sign(key, _signature_hash(key)).public_bytes(serialization.Encoding.PEM)
 
 
-def enroll(url: str, token: str, fingerprint: str, out: str | Path, *, key_type: KeyType = "p256",
-           force: bool = False) -> EnrollResponse:
+def enroll(
+    url: str, token: str, fingerprint: str, out: str | Path, *, key_type: KeyType = "p256", force: bool = False
+) -> EnrollResponse:
     """Enroll and write the bundle to ``out``; PKIError says what went wrong and what to do."""
     base, host = _base(url)
     try:
@@ -98,7 +99,9 @@ def enroll(url: str, token: str, fingerprint: str, out: str | Path, *, key_type:
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError:
-        raise PKIError(f"{base}{ENROLL_CA_PATH} did not answer with a CA certificate; is this a StratumRM management port?") from None
+        raise PKIError(
+            f"{base}{ENROLL_CA_PATH} did not answer with a CA certificate; is this a StratumRM management port?"
+        ) from None
     found = ca_fingerprint(ca)
     if found != expected:
         raise PKIError(
@@ -110,8 +113,7 @@ def enroll(url: str, token: str, fingerprint: str, out: str | Path, *, key_type:
     verified = ssl.create_default_context(cadata=ca_pem.decode())
     verified.minimum_version = ssl.TLSVersion.TLSv1_2
     body = msgspec.json.encode({"token": token, "csr": _csr(key).decode()})
-    request = urllib.request.Request(base + ENROLL_PATH, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(base + ENROLL_PATH, data=body, method="POST", headers={"Content-Type": "application/json"})
     answer = _fetch(request, verified, f"enroll at {base} (its certificate must be from that CA and name {host})")
     try:
         response = decode_json(answer, type=EnrollResponse)

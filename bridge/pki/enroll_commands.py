@@ -41,8 +41,13 @@ def _store(directory: _PKIDirectory) -> EnrollmentStore:
 
 @pki.command("token")
 @click.argument("name")
-@click.option("--account", "accounts", multiple=True, required=True,
-              help="Account (the user part of worker names) the certificate may mine for; repeatable.")
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    required=True,
+    help="Account (the user part of worker names) the certificate may mine for; repeatable.",
+)
 @click.option("--ttl", default="1h", show_default=True, help="How long the token can be used: 30m, 1h, 2d (at most 30d).")
 @_pass_directory
 @_reports_errors
@@ -83,8 +88,9 @@ def enrollments_command(directory: _PKIDirectory) -> None:
         click.echo("No enrollment tokens yet: `stratumrm pki token NAME --account ACCOUNT`.")
         return
     for entry in entries:
-        click.echo(f"{entry.at:%Y-%m-%d %H:%M:%S}  {entry.event:<13}  {entry.name or '-':<20}  "
-                   f"{entry.actor or '-':<22}  {entry.detail}")
+        click.echo(
+            f"{entry.at:%Y-%m-%d %H:%M:%S}  {entry.event:<13}  {entry.name or '-':<20}  {entry.actor or '-':<22}  {entry.detail}"
+        )
 
 
 @pki.command("issue-operator")
@@ -107,7 +113,10 @@ def issue_operator_command(directory: _PKIDirectory, name: str, days: int, key_t
     key = serialization.load_pem_private_key(contents.private_key_pem, password=None)
     passphrase = secrets.token_urlsafe(12)
     p12 = pkcs12.serialize_key_and_certificates(
-        name.encode(), key, issuance.certificate, [authority.ca_certificate],
+        name.encode(),
+        key,
+        issuance.certificate,
+        [authority.ca_certificate],
         serialization.BestAvailableEncryption(passphrase.encode()),
     )
     p12_path = issuance.bundle_path.with_name(f"{name}.p12")
@@ -125,8 +134,13 @@ def issue_operator_command(directory: _PKIDirectory, name: str, days: int, key_t
 @click.argument("url")
 @click.option("--token", required=True, help="The one-time token from `stratumrm pki token`.")
 @click.option("--fingerprint", required=True, help="The CA fingerprint printed with the token (SHA-256).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="proxy.bundle.pem", show_default=True,
-              help="Where to write the bundle (certificate, CA, the new private key; mode 0600).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="proxy.bundle.pem",
+    show_default=True,
+    help="Where to write the bundle (certificate, CA, the new private key; mode 0600).",
+)
 @click.option("--key-type", type=click.Choice(KEY_TYPES), default="p256", show_default=True, help="Key algorithm.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 def enroll_command(url: str, token: str, fingerprint: str, out: Path, key_type: KeyType, force: bool) -> None:
@@ -141,6 +155,8 @@ def enroll_command(url: str, token: str, fingerprint: str, out: Path, key_type: 
         response = enroll(url, token, fingerprint, out, key_type=key_type, force=force)
     except PKIError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"Enrolled {response.name!r} (serial {response.serial}, accounts {', '.join(response.accounts)}, "
-               f"valid until {_when(response.not_after)}); bundle written to {out} (mode 0600).")
+    click.echo(
+        f"Enrolled {response.name!r} (serial {response.serial}, accounts {', '.join(response.accounts)}, "
+        f"valid until {_when(response.not_after)}); bundle written to {out} (mode 0600)."
+    )
     click.echo(f"Run: stratumrm proxy --bundle {out} --upstream stratumrm://SIDECAR:PORT")

@@ -200,7 +200,12 @@ class EnrollmentStore:
         self._db.close()
 
     def create(
-        self, name: str, accounts: Iterable[str], ttl: timedelta, *, now: datetime | None = None,
+        self,
+        name: str,
+        accounts: Iterable[str],
+        ttl: timedelta,
+        *,
+        now: datetime | None = None,
         actor: str | None = None,
     ) -> tuple[str, datetime]:
         """A new token for certificate ``name`` covering ``accounts``: (the token, its expiry). Shown once."""
@@ -216,11 +221,11 @@ class EnrollmentStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO tokens (hash, name, accounts, created_at, created_by, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (_hash(token), name, msgspec.json.encode(list(normalized)).decode(), now.isoformat(), actor,
-                 expires.isoformat()),
+                (_hash(token), name, msgspec.json.encode(list(normalized)).decode(), now.isoformat(), actor, expires.isoformat()),
             )
-            self._audit(now, "token created", name,
-                        f"accounts {', '.join(normalized)}; expires {expires:%Y-%m-%d %H:%M} UTC", actor)
+            self._audit(
+                now, "token created", name, f"accounts {', '.join(normalized)}; expires {expires:%Y-%m-%d %H:%M} UTC", actor
+            )
         return token, expires
 
     def redeem(self, token: str, *, client: str, now: datetime | None = None) -> tuple[str, tuple[str, ...], str]:
@@ -239,14 +244,14 @@ class EnrollmentStore:
             elif datetime.fromisoformat(row[2]) <= now:
                 reason = f"enrollment token for {row[0]!r} expired at {row[2][:16]} UTC; ask for a new one"
             else:
-                self._db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE hash = ?",
-                                 (now.isoformat(), client, digest))
+                self._db.execute("UPDATE tokens SET used_at = ?, used_from = ? WHERE hash = ?", (now.isoformat(), client, digest))
                 return row[0], tuple(decode_json(row[1])), digest
             self._audit(now, "refused", row[0] if row else None, reason, client)
         raise EnrollmentRefused(reason)
 
-    def completed(self, digest: str, name: str, serial: str, accounts: tuple[str, ...], client: str,
-                  now: datetime | None = None) -> None:
+    def completed(
+        self, digest: str, name: str, serial: str, accounts: tuple[str, ...], client: str, now: datetime | None = None
+    ) -> None:
         now = now or datetime.now(UTC)
         with self._db:
             self._db.execute("UPDATE tokens SET serial = ? WHERE hash = ?", (serial, digest))
@@ -258,12 +263,13 @@ class EnrollmentStore:
 
     def audit(self) -> list[AuditEntry]:
         rows = self._db.execute("SELECT at, event, name, detail, actor FROM audit ORDER BY id").fetchall()
-        return [AuditEntry(at=datetime.fromisoformat(r[0]), event=r[1], name=r[2], detail=r[3], actor=r[4])
-                for r in rows]
+        return [AuditEntry(at=datetime.fromisoformat(r[0]), event=r[1], name=r[2], detail=r[3], actor=r[4]) for r in rows]
 
     def _audit(self, now: datetime, event: str, name: str | None, detail: str, actor: str | None) -> None:
-        self._db.execute("INSERT INTO audit (at, event, name, detail, actor) VALUES (?, ?, ?, ?, ?)",
-                         (now.isoformat(), event, name, detail, actor))
+        self._db.execute(
+            "INSERT INTO audit (at, event, name, detail, actor) VALUES (?, ?, ?, ?, ?)",
+            (now.isoformat(), event, name, detail, actor),
+        )
 
 
 def _whoami() -> str:
@@ -298,15 +304,17 @@ class EnrollmentService:
         try:
             request = decode_json(body, type=TokenRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _error(400, f"expected {{\"name\": ..., \"accounts\": [...], \"ttl\": \"1h\"}}: {exc}")
+            return _error(400, f'expected {{"name": ..., "accounts": [...], "ttl": "1h"}}: {exc}')
         with self._lock:
             try:
-                token, expires = self.store.create(request.name, request.accounts, parse_ttl(request.ttl),
-                                                   now=now, actor=actor)
+                token, expires = self.store.create(request.name, request.accounts, parse_ttl(request.ttl), now=now, actor=actor)
             except PKIError as exc:
                 return _error(400, str(exc))
         created = TokenCreated(
-            token=token, name=request.name, accounts=list(normalize_accounts(request.accounts)), expires=expires,
+            token=token,
+            name=request.name,
+            accounts=list(normalize_accounts(request.accounts)),
+            expires=expires,
             fingerprint=ca_fingerprint(self.authority.ca_certificate),
         )
         return 200, "application/json", msgspec.json.encode(created)
@@ -324,7 +332,7 @@ class EnrollmentService:
         try:
             request = decode_json(body, type=EnrollRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _error(400, f"expected {{\"token\": ..., \"csr\": PEM}}: {exc}")
+            return _error(400, f'expected {{"token": ..., "csr": PEM}}: {exc}')
         if len(request.csr) > MAX_CSR_BYTES:
             return _error(413, f"the CSR is over {MAX_CSR_BYTES} bytes")
         try:
@@ -333,8 +341,10 @@ class EnrollmentService:
                 raise ValueError("its signature does not match its key")
             public_key = csr.public_key()
             if key_type_of(public_key) not in KEY_TYPES:
-                raise ValueError(f"its {key_type_of(public_key)} key is not a supported key type "
-                                 f"({', '.join(KEY_TYPES)}); make the key with `stratumrm proxy enroll`")
+                raise ValueError(
+                    f"its {key_type_of(public_key)} key is not a supported key type "
+                    f"({', '.join(KEY_TYPES)}); make the key with `stratumrm proxy enroll`"
+                )
         except ValueError as exc:
             self.store.refused(None, f"bad certificate signing request: {exc}", client, now)
             return _error(400, f"not a valid certificate signing request: {exc}")

@@ -228,9 +228,7 @@ def key_type_of(public_key: object) -> str:
     return type(public_key).__name__
 
 
-def _extension_value(
-    certificate: x509.Certificate, extension_type: type[x509.ExtensionType]
-) -> x509.ExtensionType | None:
+def _extension_value(certificate: x509.Certificate, extension_type: type[x509.ExtensionType]) -> x509.ExtensionType | None:
     try:
         return certificate.extensions.get_extension_for_class(extension_type).value
     except x509.ExtensionNotFound:
@@ -306,10 +304,7 @@ def _leaf_identity(
         else (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth")
     )
     if not isinstance(usages, x509.ExtendedKeyUsage) or expected_usage not in usages:
-        raise PKIError(
-            f"{role} certificate {name!r} lacks the {usage_name} extended key usage; "
-            "re-issue it with `stratumrm pki`"
-        )
+        raise PKIError(f"{role} certificate {name!r} lacks the {usage_name} extended key usage; re-issue it with `stratumrm pki`")
     if role != "miner" and accounts:
         raise PKIError(f"{role} certificate {name!r} names accounts; only miner certificates may")
     return (
@@ -352,14 +347,14 @@ def check_validity(
             "not yet valid",
             f"{identity.describe()} is not valid before {identity.not_valid_before.isoformat()} "
             f"(now {now.isoformat()}, leeway {leeway.total_seconds():g} s); "
-            "check the clocks (NTP) of the CA host and of this host"
+            "check the clocks (NTP) of the CA host and of this host",
         )
     if validity is Validity.EXPIRED:
         raise CertificateRefused(
             "expired",
             f"{identity.describe()} expired at {identity.not_valid_after.isoformat()} "
             f"(now {now.isoformat()}, leeway {leeway.total_seconds():g} s); "
-            f"issue a new one with `stratumrm pki renew {identity.name}`"
+            f"issue a new one with `stratumrm pki renew {identity.name}`",
         )
 
 
@@ -377,7 +372,5 @@ def split_hosts(hosts: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]
 
 def public_key_fingerprint(certificate: x509.Certificate) -> str:
     """SHA-256 of the SubjectPublicKeyInfo, hex (the value SPKI pins use)."""
-    spki = certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()

@@ -52,9 +52,7 @@ PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 CERTIFICATE_BACKDATE = timedelta(minutes=5)
 """How far notBefore lies before the moment of issue, to absorb clock skew."""
 
-RevocationReason = Literal[
-    "unspecified", "key_compromise", "superseded", "cessation_of_operation", "privilege_withdrawn"
-]
+RevocationReason = Literal["unspecified", "key_compromise", "superseded", "cessation_of_operation", "privilege_withdrawn"]
 REVOCATION_REASONS: tuple[RevocationReason, ...] = get_args(RevocationReason)
 
 
@@ -72,9 +70,7 @@ def generate_private_key(key_type: KeyType) -> PrivateKey:
 
 def private_key_pem(key: PrivateKey) -> bytes:
     """PKCS#8 PEM, unencrypted: protect the file with mode 0600 (and keep the CA offline)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def load_private_key_pem(pem: bytes, source: str) -> PrivateKey:
@@ -82,9 +78,7 @@ def load_private_key_pem(pem: bytes, source: str) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except TypeError:
-        raise PKIError(
-            f"{source} is encrypted; StratumRM reads unencrypted keys protected by mode 0600"
-        ) from None
+        raise PKIError(f"{source} is encrypted; StratumRM reads unencrypted keys protected by mode 0600") from None
     except ValueError as error:
         raise PKIError(f"{source} does not hold a readable PEM private key ({error})") from None
     if isinstance(key, ed25519.Ed25519PrivateKey):
@@ -112,9 +106,7 @@ class ValidityPeriod:
     not_after: datetime
 
 
-def validity_period(
-    issued_at: datetime, days: float, backdate: timedelta = CERTIFICATE_BACKDATE
-) -> ValidityPeriod:
+def validity_period(issued_at: datetime, days: float, backdate: timedelta = CERTIFICATE_BACKDATE) -> ValidityPeriod:
     """From ``issued_at - backdate`` to ``issued_at + days``; ``issued_at`` must be aware."""
     if issued_at.tzinfo is None:
         raise ValueError("issued_at must be timezone-aware")
@@ -140,9 +132,7 @@ def _subject_key_identifier(certificate: x509.Certificate) -> x509.SubjectKeyIde
         ) from None
 
 
-def _key_usage(
-    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
-) -> x509.KeyUsage:
+def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=digital_signature,
         content_commitment=False,
@@ -211,9 +201,7 @@ def _build_leaf(
         .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                _subject_key_identifier(ca_certificate)
-            ),
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_subject_key_identifier(ca_certificate)),
             critical=False,
         )
     )
@@ -272,12 +260,8 @@ def build_miner_certificate(
     period: ValidityPeriod,
 ) -> x509.Certificate:
     """A miner-side proxy (TLS client) certificate naming the accounts it may authorize."""
-    alternative_names: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(MINER_URN_PREFIX + validate_name(name))
-    ]
-    alternative_names += [
-        x509.UniformResourceIdentifier(account_uri(a)) for a in normalize_accounts(accounts)
-    ]
+    alternative_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(MINER_URN_PREFIX + validate_name(name))]
+    alternative_names += [x509.UniformResourceIdentifier(account_uri(a)) for a in normalize_accounts(accounts)]
     return _build_leaf(
         ca_certificate=ca_certificate,
         ca_key=ca_key,
@@ -336,19 +320,13 @@ def build_revocation_list(
         .next_update(next_update)
         .add_extension(x509.CRLNumber(crl_number), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                _subject_key_identifier(ca_certificate)
-            ),
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_subject_key_identifier(ca_certificate)),
             critical=False,
         )
     )
     for entry in revoked:
-        revoked_builder = (
-            x509.RevokedCertificateBuilder().serial_number(entry.serial).revocation_date(entry.revoked_at)
-        )
+        revoked_builder = x509.RevokedCertificateBuilder().serial_number(entry.serial).revocation_date(entry.revoked_at)
         if entry.reason != "unspecified":  # RFC 5280 §5.3.1: leave "unspecified" out
-            revoked_builder = revoked_builder.add_extension(
-                x509.CRLReason(x509.ReasonFlags[entry.reason]), critical=False
-            )
+            revoked_builder = revoked_builder.add_extension(x509.CRLReason(x509.ReasonFlags[entry.reason]), critical=False)
         builder = builder.add_revoked_certificate(revoked_builder.build())
     return builder.sign(ca_key, _signature_hash(ca_key))

@@ -56,25 +56,20 @@ class RevocationStatus(msgspec.Struct, frozen=True, kw_only=True):
 def load_ca_certificate(path: str | os.PathLike[str]) -> x509.Certificate:
     """Read a PEM CA certificate, with a helpful error when it is missing or wrong."""
     ca_path = Path(path)
-    pem = read_bytes(
-        ca_path, "CA certificate", "create one with `stratumrm pki init` or pass the CA's ca.pem"
-    )
+    pem = read_bytes(ca_path, "CA certificate", "create one with `stratumrm pki init` or pass the CA's ca.pem")
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError:
         raise PKIError(f"{ca_path} is not a PEM certificate; pass the CA's ca.pem") from None
 
 
-def parse_revocation_list(
-    pem: bytes, ca_certificate: x509.Certificate, source: str
-) -> x509.CertificateRevocationList:
+def parse_revocation_list(pem: bytes, ca_certificate: x509.Certificate, source: str) -> x509.CertificateRevocationList:
     """Parse a PEM CRL and check it was issued and signed by ``ca_certificate``."""
     try:
         crl = x509.load_pem_x509_crl(pem)
     except ValueError:
         raise PKIError(
-            f"{source} is not a PEM revocation list (X509 CRL); point it at the revocations.pem "
-            "that `stratumrm pki` maintains"
+            f"{source} is not a PEM revocation list (X509 CRL); point it at the revocations.pem that `stratumrm pki` maintains"
         ) from None
     public_key = ca_certificate.public_key()
     if crl.issuer != ca_certificate.subject or not crl.is_signature_valid(public_key):  # type: ignore[arg-type]

@@ -105,9 +105,7 @@ def certificate_status(
     )
 
 
-def identity_status(
-    identity: CertificateIdentity, now: datetime, window: timedelta = DEFAULT_EXPIRY_WARNING
-) -> dict[str, Any]:
+def identity_status(identity: CertificateIdentity, now: datetime, window: timedelta = DEFAULT_EXPIRY_WARNING) -> dict[str, Any]:
     """The :class:`CertificateStatus` fields of a peer's identity (for subclasses' constructors)."""
     left = identity.not_valid_after - now
     return {
@@ -132,10 +130,7 @@ def expiry_warning(status: CertificateStatus, what: str, remedy: str) -> str | N
     if status.expired:
         return f"{label} expired at {status.not_after:%Y-%m-%d %H:%M} UTC; {remedy}"
     if status.expiring_soon:
-        return (
-            f"{label} expires in {status.days_left:.1f} days, at {status.not_after:%Y-%m-%d %H:%M} UTC; "
-            f"{remedy}"
-        )
+        return f"{label} expires in {status.days_left:.1f} days, at {status.not_after:%Y-%m-%d %H:%M} UTC; {remedy}"
     return None
 
 
@@ -352,9 +347,7 @@ class ClientCredentials(_Credentials):
             self._context = context
 
     @classmethod
-    def from_bundle(
-        cls, bundle_file: StrPath, *, expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING
-    ) -> ClientCredentials:
+    def from_bundle(cls, bundle_file: StrPath, *, expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING) -> ClientCredentials:
         """From one bundle file (``stratumrm proxy --bundle``)."""
         return cls((bundle_file,), expiry_warning=expiry_warning)
 
@@ -400,9 +393,7 @@ class ClientCredentials(_Credentials):
             return None
         return session
 
-    def remember_session(
-        self, address: object, context: ssl.SSLContext, session: ssl.SSLSession | None
-    ) -> None:
+    def remember_session(self, address: object, context: ssl.SSLContext, session: ssl.SSLSession | None) -> None:
         """Keep ``session`` for the next connection to ``address``.
 
         Take it only after application data arrived: TLS 1.3 tickets come after the

@@ -62,9 +62,7 @@ def _require_file(path: StrPath, what: str, hint: str) -> None:
         raise PKIError(f"{what} not found: {os.fspath(path)}; {hint}")
 
 
-def _load_certificate_and_key(
-    context: ssl.SSLContext, cert_file: StrPath, key_file: StrPath | None, hint: str
-) -> None:
+def _load_certificate_and_key(context: ssl.SSLContext, cert_file: StrPath, key_file: StrPath | None, hint: str) -> None:
     _require_file(cert_file, "certificate file", hint)
     if key_file is not None:
         _require_file(key_file, "private key file", hint)
@@ -78,19 +76,13 @@ def _load_certificate_and_key(
         ) from None
 
 
-def _load_private_ca(
-    context: ssl.SSLContext, ca_file: StrPath | None = None, ca_data: str | None = None
-) -> None:
+def _load_private_ca(context: ssl.SSLContext, ca_file: StrPath | None = None, ca_data: str | None = None) -> None:
     if ca_file is not None:
-        _require_file(
-            ca_file, "CA certificate", "pass the ca.pem of the StratumRM CA (`stratumrm pki init` creates it)"
-        )
+        _require_file(ca_file, "CA certificate", "pass the ca.pem of the StratumRM CA (`stratumrm pki init` creates it)")
     try:
         context.load_verify_locations(cafile=ca_file, cadata=ca_data)
     except ssl.SSLError as error:
-        raise PKIError(
-            f"cannot load the CA certificate {ca_file or '(from bundle)'}: {error.reason or error}"
-        ) from None
+        raise PKIError(f"cannot load the CA certificate {ca_file or '(from bundle)'}: {error.reason or error}") from None
 
 
 class HostCheckingClientContext(ssl.SSLContext):
@@ -115,17 +107,11 @@ class HostCheckingClientContext(ssl.SSLContext):
                 "server_hostname is required: pass the host name or IP address the pool's "
                 "certificate was issued for (e.g. trio.SSLStream(..., server_hostname=host))"
             )
-        return super().wrap_bio(
-            incoming, outgoing, server_side=server_side, server_hostname=server_hostname, session=session
-        )
+        return super().wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname, session=session)
 
 
 def _control_channel_context(*, server_side: bool) -> ssl.SSLContext:
-    context = (
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        if server_side
-        else HostCheckingClientContext(ssl.PROTOCOL_TLS_CLIENT)
-    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if server_side else HostCheckingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_X509_STRICT
@@ -136,9 +122,7 @@ def _control_channel_context(*, server_side: bool) -> ssl.SSLContext:
 VERIFY_NO_CHECK_TIME = 0x200000
 
 
-def server_context(
-    cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath, *, check_time: bool = True
-) -> ssl.SSLContext:
+def server_context(cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath, *, check_time: bool = True) -> ssl.SSLContext:
     """Sidecar side: TLS 1.3 only, presents ``cert_file``, requires a client certificate
     issued by the CA in ``ca_file`` (strict X.509 verification, clientAuth usage).
 
@@ -149,9 +133,7 @@ def server_context(
     context = _control_channel_context(server_side=True)
     if not check_time:
         context.verify_flags |= VERIFY_NO_CHECK_TIME
-    _load_certificate_and_key(
-        context, cert_file, key_file, "issue one with `stratumrm pki issue-pool NAME --dns HOST`"
-    )
+    _load_certificate_and_key(context, cert_file, key_file, "issue one with `stratumrm pki issue-pool NAME --dns HOST`")
     _load_private_ca(context, ca_file)
     return context
 
@@ -164,9 +146,7 @@ def client_context(cert_file: StrPath, key_file: StrPath | None, ca_file: StrPat
     ``wrap_socket``): without it wrapping raises ``ValueError``, by design.
     """
     context = _control_channel_context(server_side=False)
-    _load_certificate_and_key(
-        context, cert_file, key_file, "issue one with `stratumrm pki issue-miner NAME --account ACCOUNT`"
-    )
+    _load_certificate_and_key(context, cert_file, key_file, "issue one with `stratumrm pki issue-miner NAME --account ACCOUNT`")
     _load_private_ca(context, ca_file)
     return context
 
@@ -308,9 +288,7 @@ def _check_issuer_validity(
     if any(ca.not_valid_before_utc - leeway <= now <= ca.not_valid_after_utc + leeway for ca in issuers):
         return
     if not issuers:
-        raise CertificateRefused(
-            "unknown CA", "the certificate's issuer is not among the CAs this sidecar trusts (--ca)"
-        )
+        raise CertificateRefused("unknown CA", "the certificate's issuer is not among the CAs this sidecar trusts (--ca)")
     ca = issuers[0]
     raise CertificateRefused(
         "CA not valid",
@@ -363,8 +341,7 @@ def explain_handshake_failure(error: BaseException) -> tuple[str, str]:
             return "not yet valid", f"its certificate is not valid yet ({message}); check both hosts' clocks (NTP)"
         if code == 26:
             return "not a miner certificate", (
-                f"its certificate is not for TLS clients ({message}); proxies need a bundle from "
-                "`stratumrm pki issue-miner`"
+                f"its certificate is not for TLS clients ({message}); proxies need a bundle from `stratumrm pki issue-miner`"
             )
         return "certificate refused", f"its certificate failed verification ({message})"
     if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
@@ -444,9 +421,7 @@ def make_test_pki(
     dns_names, ip_addresses = split_hosts(pool_hosts)
     pool = authority.issue_pool(pool_name, dns_names=dns_names, ip_addresses=ip_addresses)
     miner = authority.issue_miner(miner_name, accounts=accounts)
-    assert (
-        pool.key_path is not None and pool.pool_certificate_path is not None and miner.bundle_path is not None
-    )
+    assert pool.key_path is not None and pool.pool_certificate_path is not None and miner.bundle_path is not None
     return TestPKI(
         authority=authority,
         directory=authority.directory,

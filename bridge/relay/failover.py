@@ -655,9 +655,7 @@ class FailoverPolicy:
             assert kind is not None
             up.detections[kind.value] += 1
             self._dirty = True
-            self._events.append(
-                PolicyEvent("detection", f"upstream {up.name} is down: {kind}: {detail}", up.index, kind.value)
-            )
+            self._events.append(PolicyEvent("detection", f"upstream {up.name} is down: {kind}: {detail}", up.index, kind.value))
         elif state is State.UP:
             up.healthy_since = now
             up.hold_done = not up.failed_before
@@ -721,7 +719,12 @@ class FailoverPolicy:
         weights = {up.index: max(up.spec.weight, 0.0) or 1.0 for up in eligible}
         best = max(
             eligible,
-            key=lambda up: (shares[up.index] - counts[up.index], -counts[up.index] / weights[up.index], -up.spec.priority, -up.index),
+            key=lambda up: (
+                shares[up.index] - counts[up.index],
+                -counts[up.index] / weights[up.index],
+                -up.spec.priority,
+                -up.index,
+            ),
         )
         return best.index
 
@@ -790,9 +793,7 @@ class FailoverPolicy:
                 actions.append(MoveRig(rig.id, source, target, why, is_urgent))
         self._wanted_moves = starved
         for (kind, why, target_name), count in planned.items():
-            self._events.append(
-                PolicyEvent("switch", f"{kind}: moving {count} rig(s) to {target_name}: {why}", reason=kind)
-            )
+            self._events.append(PolicyEvent("switch", f"{kind}: moving {count} rig(s) to {target_name}: {why}", reason=kind))
         return actions
 
     def _no_upstream(self, now: float) -> list[Action]:

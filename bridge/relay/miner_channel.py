@@ -454,9 +454,7 @@ class MinerChannel:
             session_id = None if params.session_id is None else str(params.session_id)
             pending.upstream_id = leg.session.subscribe(params.user_agent, session_id, context=pending)
         else:
-            pending.upstream_id = leg.session.request(
-                event.__struct_config__.tag, _params(event.params), context=pending
-            )
+            pending.upstream_id = leg.session.request(event.__struct_config__.tag, _params(event.params), context=pending)
 
     def _submit(self, event: Submit, now: float) -> None:
         self._submitted += 1
@@ -604,9 +602,7 @@ class MinerChannel:
             self._remember_worker(pending.event.params.user, pending.event.params.password)
         elif method == "mining.authorize" and isinstance(pending.event, Authorize):
             if len(self._authorize_refusals) < MAX_HANDSHAKE_RECORDS:
-                self._authorize_refusals.append(
-                    (pending.event.params.user, bytes(reply.response.error).decode(errors="replace"))
-                )
+                self._authorize_refusals.append((pending.event.params.user, bytes(reply.response.error).decode(errors="replace")))
         if pending.miner_id is not None:
             self.miner.respond_raw(msgspec.structs.replace(reply.response, id=pending.miner_id))
 
@@ -760,8 +756,12 @@ class MinerChannel:
         response = reply.response
         if context.method == "mining.configure":
             leg.version_mask = _configured_mask(response)
-            if leg.state == "current" and leg.version_mask is not None and self.rig_version_mask is not None \
-                    and leg.version_mask != self.rig_version_mask:
+            if (
+                leg.state == "current"
+                and leg.version_mask is not None
+                and self.rig_version_mask is not None
+                and leg.version_mask != self.rig_version_mask
+            ):
                 self.miner.set_version_mask(leg.version_mask)  # the answer came after the switch
                 self.rig_version_mask = leg.version_mask
             return
@@ -825,7 +825,8 @@ class MinerChannel:
     def retire_drained(self, now: float) -> list[Leg]:
         """Draining legs done with: no share pending and ``drain_timeout`` passed. The driver closes them."""
         done = [
-            leg for leg in self.legs
+            leg
+            for leg in self.legs
             if leg.state == "draining" and leg.pending <= 0 and now >= leg.switched_at + self.drain_timeout
         ]
         for leg in done:

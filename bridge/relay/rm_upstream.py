@@ -180,7 +180,18 @@ class _Share:
 class RMChannel:
     """One rig's connection carried over the StratumRM connection (an upstream session)."""
 
-    __slots__ = ("_next_id", "_pending", "ch", "closed", "connection", "events", "extranonce1", "job_handles", "version_mask", "workers")
+    __slots__ = (
+        "_next_id",
+        "_pending",
+        "ch",
+        "closed",
+        "connection",
+        "events",
+        "extranonce1",
+        "job_handles",
+        "version_mask",
+        "workers",
+    )
 
     def __init__(self, connection: StratumRMConnection, ch: int) -> None:
         self.connection = connection
@@ -432,7 +443,7 @@ class StratumRMConnection:
         epoch = sealer.epoch
         refs = self._refs
         for start in range(0, len(live), BATCH_MAX_SHARES):
-            group = live[start:start + BATCH_MAX_SHARES]
+            group = live[start : start + BATCH_MAX_SHARES]
             # only shares with a record are queued for UDP (see _submit)
             records = [s.record for s in group if s.record is not None]
             body = records[0] if len(records) == 1 else ShareBatch(tuple(records))
@@ -542,8 +553,14 @@ class StratumRMConnection:
                 return None
             try:
                 job = MiningJob.from_notify_fields(
-                    notify.job_id, notify.prevhash, notify.coinb1, notify.coinb2,
-                    notify.merkle_branch, notify.version, notify.nbits, notify.ntime,
+                    notify.job_id,
+                    notify.prevhash,
+                    notify.coinb1,
+                    notify.coinb2,
+                    notify.merkle_branch,
+                    notify.version,
+                    notify.nbits,
+                    notify.ntime,
                 )
             except ValueError:
                 return None

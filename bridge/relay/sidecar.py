@@ -535,8 +535,19 @@ class _Channel:
     """One rig connection at the proxy and its pool connection here."""
 
     __slots__ = (
-        "accepted", "accepted_difficulty", "ch", "connected", "difficulty", "jobs", "peer", "pool",
-        "refused_accounts", "refused_methods", "rejected", "stale", "workers",
+        "accepted",
+        "accepted_difficulty",
+        "ch",
+        "connected",
+        "difficulty",
+        "jobs",
+        "peer",
+        "pool",
+        "refused_accounts",
+        "refused_methods",
+        "rejected",
+        "stale",
+        "workers",
     )
 
     def __init__(self, ch: int, peer: str) -> None:
@@ -925,7 +936,7 @@ class SidecarSession:
             if method.startswith("rm."):
                 self._protocol_violation(f"unknown control method {method!r}")
             else:
-                self._protocol_violation(f"{method!r} without \"ch\": channel lines need a channel number")
+                self._protocol_violation(f'{method!r} without "ch": channel lines need a channel number')
             return
         try:
             handler(self, message)
@@ -1152,7 +1163,9 @@ class SidecarSession:
             return
         index = share.worker_index or 0
         if index >= len(channel.workers):
-            self._refuse_udp(ref, UNAUTHORIZED, f"Unauthorized worker (worker index {index} was never authorized on channel {ch})")
+            self._refuse_udp(
+                ref, UNAUTHORIZED, f"Unauthorized worker (worker index {index} was never authorized on channel {ch})"
+            )
             return
         worker = channel.workers[index]
         if self.accounts is not None and _account(worker) not in self.accounts:
@@ -1220,9 +1233,7 @@ class SidecarSession:
             if len(shares) > self.share_cache_size:
                 shares.popitem(last=False)
 
-    def _duplicate(
-        self, entry: _Share, key: tuple[Any, ...], ref: UdpRef | None, request_id: RequestId, urgent: bool
-    ) -> None:
+    def _duplicate(self, entry: _Share, key: tuple[Any, ...], ref: UdpRef | None, request_id: RequestId, urgent: bool) -> None:
         self._shares.move_to_end(key)
         if entry.verdict is not None:
             self._from_cache += 1
@@ -1257,13 +1268,9 @@ class SidecarSession:
             if channel is not None:
                 channel.rejected += 1
                 channel.stale += reason == "stale"
-        plain = (
-            response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
-        )
+        plain = response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
         entry.response = response
-        entry.verdict = (
-            _PLAIN_ACCEPT if plain else _Verdict(response.result, response.error, response.reject_reason)
-        )
+        entry.verdict = _PLAIN_ACCEPT if plain else _Verdict(response.result, response.error, response.reject_reason)
         for ref in entry.udp_refs:
             self._add_result(ref, entry.verdict, entry.urgent)
         for request_id in entry.tls_ids:
@@ -1812,4 +1819,3 @@ _RM_HANDLERS: Final[dict[str, Callable[[SidecarSession, ControlLine], None]]] = 
     "rm.results": SidecarSession._on_wrong_direction,
     "rm.pool": SidecarSession._on_wrong_direction,
 }
-

@@ -76,14 +76,10 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         with opener.open(target, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as error:
-        raise BridgeError(
-            f"{target} answered {error.code} {error.reason}; is this a StratumRM status endpoint?"
-        ) from None
+        raise BridgeError(f"{target} answered {error.code} {error.reason}; is this a StratumRM status endpoint?") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise BridgeError(
-            f"cannot reach {target}: {reason}; is the role running with --http-listen on that address?"
-        ) from None
+        raise BridgeError(f"cannot reach {target}: {reason}; is the role running with --http-listen on that address?") from None
     try:
         document = decode_json(body)
     except msgspec.DecodeError:
@@ -130,9 +126,7 @@ def _scalar(value: Any) -> str:
     return str(value)
 
 
-def _walk(
-    value: Any, path: str, certificates: list[tuple[str, dict[str, Any]]], counters: list[tuple[str, str]]
-) -> None:
+def _walk(value: Any, path: str, certificates: list[tuple[str, dict[str, Any]]], counters: list[tuple[str, str]]) -> None:
     if _is_certificate(value):
         certificates.append((path, value))
     elif isinstance(value, dict):
@@ -152,10 +146,7 @@ def _walk(
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return [
-        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def format_status(document: dict[str, Any], url: str = "") -> str:
@@ -171,13 +162,7 @@ def format_status(document: dict[str, Any], url: str = "") -> str:
     if certificates:
         rows = [("CERTIFICATE", "ROLE", "NAME", "SERIAL", "NOT AFTER", "DAYS LEFT", "STATE")]
         for path, certificate in certificates:
-            state = (
-                "EXPIRED"
-                if certificate.get("expired")
-                else "EXPIRES SOON"
-                if certificate.get("expiring_soon")
-                else "ok"
-            )
+            state = "EXPIRED" if certificate.get("expired") else "EXPIRES SOON" if certificate.get("expiring_soon") else "ok"
             extra = []
             if certificate.get("accounts"):
                 extra.append("accounts " + ",".join(certificate["accounts"]))

@@ -91,9 +91,7 @@ ClientEvent = PoolRequest | Reply | UnknownPoolRequest | ProtocolViolation
 class ClientSession:
     """One connection to a pool (or to a proxy acting as one), seen from the miner."""
 
-    def __init__(
-        self, *, max_line: int = DEFAULT_MAX_LINE, max_pending: int = DEFAULT_MAX_PENDING
-    ) -> None:
+    def __init__(self, *, max_line: int = DEFAULT_MAX_LINE, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self._lines = LineBuffer(max_line)
         self._out: list[bytes] = []
         self._pending: dict[int, _Pending] = {}
@@ -121,9 +119,7 @@ class ClientSession:
     def configure(self, extensions: list[str], params: dict[str, Any], context: Any = None) -> int | None:
         return self.request("mining.configure", [extensions, params], context)
 
-    def subscribe(
-        self, user_agent: str | None, session_id: str | None = None, context: Any = None
-    ) -> int | None:
+    def subscribe(self, user_agent: str | None, session_id: str | None = None, context: Any = None) -> int | None:
         params: list[Any] = []
         if user_agent is not None or session_id is not None:
             params.append(user_agent)
@@ -153,9 +149,7 @@ class ClientSession:
         if self.closed:
             raise RuntimeError("session is closed")
         if len(self._pending) + len(self._held) >= self.max_pending:
-            raise OverflowError(
-                f"{self.max_pending} requests already unanswered by the pool; it is stalled"
-            )
+            raise OverflowError(f"{self.max_pending} requests already unanswered by the pool; it is stalled")
         if not self._may_send(method):
             self._held.append((method, params, context))
             return None

@@ -139,9 +139,7 @@ class LineBuffer:
     def _check(self, pending: int) -> None:
         if pending > self.max_line:
             self._broken = True
-            raise LineTooLong(
-                f"more than {self.max_line} bytes without a newline; not a Stratum peer or a runaway line"
-            )
+            raise LineTooLong(f"more than {self.max_line} bytes without a newline; not a Stratum peer or a runaway line")
 
     @property
     def pending(self) -> int:

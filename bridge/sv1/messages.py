@@ -171,13 +171,18 @@ class GetTransactions(Request, tag="mining.get_transactions", frozen=True):
 
 
 MinerRequest = (
-    Submit | Subscribe | Authorize | Configure | ExtranonceSubscribe | SuggestDifficulty | SuggestTarget | MultiVersion
+    Submit
+    | Subscribe
+    | Authorize
+    | Configure
+    | ExtranonceSubscribe
+    | SuggestDifficulty
+    | SuggestTarget
+    | MultiVersion
     | GetTransactions
 )
 
-MINER_METHODS = frozenset(
-    t.__struct_config__.tag for t in MinerRequest.__args__
-)
+MINER_METHODS = frozenset(t.__struct_config__.tag for t in MinerRequest.__args__)
 
 
 # ----------------------------------------------------- pool -> miner notifications
@@ -233,9 +238,7 @@ class Ping(Request, tag="mining.ping", frozen=True):
 
 PoolRequest = Notify | SetDifficulty | SetExtranonce | SetVersionMask | Reconnect | ShowMessage | GetVersion | Ping
 
-POOL_METHODS = frozenset(
-    t.__struct_config__.tag for t in PoolRequest.__args__
-)
+POOL_METHODS = frozenset(t.__struct_config__.tag for t in PoolRequest.__args__)
 
 
 # ------------------------------------------------------------------ responses

@@ -228,9 +228,7 @@ class ServerSession:
         raw_error = NULL if error is None else Raw(_encode(error))
         self.respond_raw(Response(request_id, Raw(_encode(result)), raw_error))
 
-    def respond_error(
-        self, request_id: RequestId, code: int, message: str, *, result: Raw = NULL
-    ) -> None:
+    def respond_error(self, request_id: RequestId, code: int, message: str, *, result: Raw = NULL) -> None:
         """Answer with ``[code, message, null]``; share rejects pass ``result=FALSE``."""
         self.respond_raw(Response(request_id, result, error_value(code, message)))
 

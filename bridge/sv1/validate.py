@@ -54,9 +54,7 @@ def normalise_submit(submit: Submit) -> Submit:
         raise ValueError(f"version_bits must be 8 hex digits, got {p.version_bits!r}")
     if ntime is p.ntime and nonce is p.nonce:
         return submit
-    return msgspec.structs.replace(
-        submit, params=msgspec.structs.replace(p, ntime=ntime, nonce=nonce)
-    )
+    return msgspec.structs.replace(submit, params=msgspec.structs.replace(p, ntime=ntime, nonce=nonce))
 
 
 def check_notify(params: NotifyParams) -> None:

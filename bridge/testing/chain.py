@@ -62,8 +62,14 @@ async def start_chain(
     if loss or duplicate or reorder or delay_ms:
         assert sidecar.udp_port is not None
         link = LossyLink(
-            "127.0.0.1", 0, ("127.0.0.1", sidecar.udp_port),
-            loss=loss, duplicate=duplicate, reorder=reorder, delay_ms=delay_ms, seed=seed,
+            "127.0.0.1",
+            0,
+            ("127.0.0.1", sidecar.udp_port),
+            loss=loss,
+            duplicate=duplicate,
+            reorder=reorder,
+            delay_ms=delay_ms,
+            seed=seed,
         )
         sidecar.advertise_port = await nursery.start(link.serve)
     proxy = MinerProxy(

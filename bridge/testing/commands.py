@@ -70,9 +70,7 @@ def _listen_option(ctx: click.Context, param: click.Parameter, value: str) -> tu
     help="Per-connection variable difficulty.",
 )
 @click.option("--extranonce2-size", type=click.IntRange(4, 8), default=8, show_default=True)
-@click.option(
-    "--notify-interval", type=float, default=30.0, show_default=True, help="Seconds between jobs."
-)
+@click.option("--notify-interval", type=float, default=30.0, show_default=True, help="Seconds between jobs.")
 @click.option(
     "--block-interval",
     type=float,
@@ -158,9 +156,7 @@ def _print_log_lines(verbose: bool) -> None:
     logger.addHandler(handler)
 
 
-async def _serve_until_signalled(
-    pool: ReferencePool, host: str, port: int, ssl_context: ssl.SSLContext | None
-) -> None:
+async def _serve_until_signalled(pool: ReferencePool, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
     async with trio.open_nursery() as nursery:
         serve = functools.partial(pool.serve, ssl_context=ssl_context)
         bound = await nursery.start(serve, host, port)
@@ -185,6 +181,5 @@ def _print_summary(pool: ReferencePool) -> None:
     )
     for worker in sorted(set(stats.accepted_by_worker) | set(stats.rejected_by_worker)):
         click.echo(
-            f"  {worker}: {stats.accepted_by_worker.get(worker, 0)} accepted, "
-            f"{stats.rejected_by_worker.get(worker, 0)} rejected"
+            f"  {worker}: {stats.accepted_by_worker.get(worker, 0)} accepted, {stats.rejected_by_worker.get(worker, 0)} rejected"
         )

@@ -135,9 +135,7 @@ class TcpRelay:
         self._bytes_to_client = 0
 
     def statistics(self) -> TcpRelayStatistics:
-        return TcpRelayStatistics(
-            self._connections, len(self._legs), self._resets, self._bytes_to_target, self._bytes_to_client
-        )
+        return TcpRelayStatistics(self._connections, len(self._legs), self._resets, self._bytes_to_target, self._bytes_to_client)
 
     def reset(self) -> int:
         """Reset every relayed connection (RST both ways); return how many."""
@@ -248,7 +246,9 @@ class FaultBench:
 
     async def start_sidecar(self) -> None:
         """A fresh sidecar (no state from the last one) on the same TCP and UDP port."""
-        self.sidecar, self._sidecar_run = await _start_sidecar(self.nursery, self.pki, self.pool_port, self.sidecar_port, self.datagrams.port)
+        self.sidecar, self._sidecar_run = await _start_sidecar(
+            self.nursery, self.pki, self.pool_port, self.sidecar_port, self.datagrams.port
+        )
         self.faults.append("sidecar started")
 
     async def restart_pool(self, down_for: float = 0.0) -> None:

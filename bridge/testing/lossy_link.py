@@ -246,9 +246,7 @@ class LossyLink:
         listen_info = await trio.socket.getaddrinfo(
             self._listen[0], self._listen[1], type=trio.socket.SOCK_DGRAM, flags=trio.socket.AI_PASSIVE
         )
-        target_info = await trio.socket.getaddrinfo(
-            self._target_name[0], self._target_name[1], type=trio.socket.SOCK_DGRAM
-        )
+        target_info = await trio.socket.getaddrinfo(self._target_name[0], self._target_name[1], type=trio.socket.SOCK_DGRAM)
         listen_family, *_, listen_addr = listen_info[0]
         target_family, *_, target_addr = target_info[0]
         listener = trio.socket.socket(listen_family, trio.socket.SOCK_DGRAM)
@@ -258,12 +256,8 @@ class LossyLink:
             await upstream.bind(("::", 0) if target_family == _stdlib_socket.AF_INET6 else ("0.0.0.0", 0))
             self._port = listener.getsockname()[1]
             self._upstream_port = upstream.getsockname()[1]
-            to_target_in, to_target_out = trio.open_memory_channel[tuple[float, bytes, Address]](
-                self._queue_size
-            )
-            to_client_in, to_client_out = trio.open_memory_channel[tuple[float, bytes, Address]](
-                self._queue_size
-            )
+            to_target_in, to_target_out = trio.open_memory_channel[tuple[float, bytes, Address]](self._queue_size)
+            to_client_in, to_client_out = trio.open_memory_channel[tuple[float, bytes, Address]](self._queue_size)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, to_target_out, upstream, self._up)
                 nursery.start_soon(self._send_loop, to_client_out, listener, self._down)

@@ -343,9 +343,7 @@ _SUBMIT_LAYOUT = ("params", "id", "method")  # cgminer, bmminer and bfgminer sub
 _CPUMINER_SUBMIT_LAYOUT = ("method", "params", "id")
 
 
-def render_line(
-    fields: Sequence[tuple[str, Any]], *, compact: bool, tight_keys: frozenset[str] = frozenset()
-) -> bytes:
+def render_line(fields: Sequence[tuple[str, Any]], *, compact: bool, tight_keys: frozenset[str] = frozenset()) -> bytes:
     """One JSON object line with the fields in the given order.
 
     ``compact`` writes ``{"id":1,"params":["a","b"]}`` (ESP-Miner); otherwise the
@@ -418,9 +416,7 @@ class MinerConfig(Struct, frozen=True, kw_only=True):
             raise ConfigError(f"chunk_size must be 1..2**32, got {self.chunk_size}")
         if self.max_shares is not None and self.max_shares < 0:
             raise ConfigError("max_shares must not be negative")
-        if self.suggest_difficulty is not None and not (
-            math.isfinite(self.suggest_difficulty) and self.suggest_difficulty > 0
-        ):
+        if self.suggest_difficulty is not None and not (math.isfinite(self.suggest_difficulty) and self.suggest_difficulty > 0):
             raise ConfigError(f"suggest_difficulty must be a positive number, got {self.suggest_difficulty!r}")
         if self.share_timeout <= 0 or self.max_records < 1 or self.max_ntime_roll < 0:
             raise ConfigError("share_timeout and max_records must be positive, max_ntime_roll not negative")
@@ -1128,9 +1124,7 @@ class MinerProtocol:
                 return [ReconnectRefused(f"Denied stratum reconnect request to non-matching domain {host!r}")]
             return [ReconnectRequested(host, port)]
         # bfgminer: same host, the same registered domain, or #redirect
-        if host == self._host or self.config.allow_redirect or (
-            _registered_domain(host) == _registered_domain(self._host)
-        ):
+        if host == self._host or self.config.allow_redirect or (_registered_domain(host) == _registered_domain(self._host)):
             return [ReconnectRequested(host, port)]
         return [ReconnectRefused(f"redirect to {host!r} is outside {self._host!r}'s domain")]
 
@@ -1531,9 +1525,7 @@ def parse_miner_url(text: str) -> MinerURL:
     """Parse a pool URL for a miner; raises :class:`~bridge.errors.ConfigError` with a fix."""
     url = parse_upstream_url(text.replace("&", "#"), extra_fragments=frozenset({"redirect"}))
     if url.transport == "stratumrm":
-        raise ConfigError(
-            f"{text!r}: a miner speaks Stratum V1; use stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT"
-        )
+        raise ConfigError(f"{text!r}: a miner speaks Stratum V1; use stratum+tcp://HOST:PORT or stratum+ssl://HOST:PORT")
     _, _, fragment = text.partition("#")
     options = {part.strip().lower() for part in fragment.replace("&", "#").split("#") if part.strip()}
     return MinerURL(url.host, url.port, url.tls, xnsub=url.xnsub, redirect="redirect" in options)
@@ -1602,9 +1594,7 @@ class Miner:
         try:
             profile = Profile(profile)
         except ValueError:
-            raise ConfigError(
-                f"unknown miner profile {profile!r}; choose one of {', '.join(p.value for p in Profile)}"
-            ) from None
+            raise ConfigError(f"unknown miner profile {profile!r}; choose one of {', '.join(p.value for p in Profile)}") from None
         if hashrate is not None and not (math.isfinite(hashrate) and hashrate > 0):
             raise ConfigError(f"hashrate must be a positive number of hashes per second, got {hashrate!r}")
         if hashrate is not None:
@@ -1798,9 +1788,7 @@ class Miner:
                 paced_until = trio.current_time()
                 continue
             if self.hash_in_thread:
-                hits = await trio.to_thread.run_sync(
-                    scan_nonces, chunk.header76, chunk.start, chunk.count, chunk.target
-                )
+                hits = await trio.to_thread.run_sync(scan_nonces, chunk.header76, chunk.start, chunk.count, chunk.target)
             else:
                 hits = scan_nonces(chunk.header76, chunk.start, chunk.count, chunk.target)
             events = protocol.chunk_done(chunk, hits, time.time())

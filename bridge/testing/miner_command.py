@@ -119,9 +119,19 @@ async def run_miners(miners: list[Miner], duration: float | None) -> float:
 @click.option("--hashrate", type=click.FloatRange(min=1.0), help="Cap per miner, hashes per second.")
 @click.option("--duration", type=click.FloatRange(min=0.0), help="Stop after this many seconds.")
 @click.option("--max-shares", type=click.IntRange(min=1), help="Each miner stops after this many shares are answered.")
-@click.option("--suggest-difficulty", type=click.FloatRange(min=0.0, min_open=True), help="Difficulty the miner suggests (profile permitting).")
+@click.option(
+    "--suggest-difficulty",
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Difficulty the miner suggests (profile permitting).",
+)
 @click.option("--ntime-roll", is_flag=True, help="Roll ntime forward with the clock, up to 60 s.")
-@click.option("--reconnect-delay", default=5.0, show_default=True, type=click.FloatRange(min=0.0), help="Seconds before reconnecting after a lost connection.")
+@click.option(
+    "--reconnect-delay",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Seconds before reconnecting after a lost connection.",
+)
 @click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False), help="CA file to verify a stratum+ssl pool.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the summary.")
 @click.option("-v", "--verbose", count=True, help="Log protocol details (-vv for debug).")

@@ -315,10 +315,7 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
         if ceiling is not None and ceiling < self.effective_minimum_difficulty:
             raise ConfigError("maximum_difficulty is below the minimum difficulty")
         if not 4 <= self.extranonce2_size <= 8:
-            raise ConfigError(
-                "extranonce2_size must be 4..8 (miners refuse other sizes), "
-                f"got {self.extranonce2_size}"
-            )
+            raise ConfigError(f"extranonce2_size must be 4..8 (miners refuse other sizes), got {self.extranonce2_size}")
         _u32_hex(self.version, "version")
         if _u32_hex(self.version_mask, "version_mask") == 0:
             raise ConfigError("version_mask must not be 00000000")
@@ -475,9 +472,7 @@ class PoolConnection:
     connection's writer task to flush them.
     """
 
-    def __init__(
-        self, pool: ReferencePool, peer: str, socket_stream: trio.SocketStream | None
-    ) -> None:
+    def __init__(self, pool: ReferencePool, peer: str, socket_stream: trio.SocketStream | None) -> None:
         config = pool.config
         self.pool = pool
         self.peer = peer
@@ -564,9 +559,7 @@ class ReferencePool:
     :attr:`rejected` and :attr:`blocks` are deques bounded by ``max_records``.
     """
 
-    def __init__(
-        self, config: PoolConfig | None = None, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, config: PoolConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config = config or PoolConfig()
         self.clock = clock
         self.difficulty = config.difficulty
@@ -841,9 +834,7 @@ class ReferencePool:
             self._next_block_due = trio.current_time() + interval
             self.new_block()
 
-    async def _serve_connection(
-        self, socket_stream: trio.SocketStream, *, ssl_context: ssl.SSLContext | None
-    ) -> None:
+    async def _serve_connection(self, socket_stream: trio.SocketStream, *, ssl_context: ssl.SSLContext | None) -> None:
         try:
             socket_stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer_address = socket_stream.socket.getpeername()
@@ -1088,9 +1079,7 @@ class ReferencePool:
     def _authorize(self, connection: PoolConnection, request: Authorize) -> None:
         worker = request.params.user
         if not worker or worker[0] in "._" or "/" in worker:
-            connection.session.respond_error(
-                request.id, UNAUTHORIZED, "Invalid worker name", result=FALSE
-            )
+            connection.session.respond_error(request.id, UNAUTHORIZED, "Invalid worker name", result=FALSE)
             log.info("%s: refused worker name %r", connection.peer, worker)
             return
         connection.session.respond(request.id, True)
@@ -1156,9 +1145,7 @@ class ReferencePool:
         except _Rejected as reject:
             self._rejected_by_code[reject.code] += 1
             self._rejected_by_worker[params.worker] += 1
-            self.rejected.append(
-                RejectRecord(params.worker, params.job_id, reject.code, reject.message)
-            )
+            self.rejected.append(RejectRecord(params.worker, params.job_id, reject.code, reject.message))
             connection.session.respond_error(submit.id, reject.code, reject.message, result=FALSE)
             log.debug(
                 "%s: rejected %s share on job %s: %d %s",
@@ -1186,13 +1173,9 @@ class ReferencePool:
         if record.block:
             self._blocks_found += 1
             self.blocks.append(record)
-            log.info(
-                "BLOCK %d solved by %s: %s", self._block.height, record.worker, record.hash_hex
-            )
+            log.info("BLOCK %d solved by %s: %s", self._block.height, record.worker, record.hash_hex)
             if self.config.send_show_message:
-                connection.session.show_message(
-                    f"Block {self._block.height} solved by {record.worker}!"
-                )
+                connection.session.show_message(f"Block {self._block.height} solved by {record.worker}!")
         if self.config.vardiff:
             connection.vardiff_shares += 1
             if (
@@ -1323,9 +1306,7 @@ class ReferencePool:
         self._jobs_created += 1
         block = self._block
         rng = self._rng
-        branches = tuple(
-            rng.randbytes(32) for _ in range(rng.randint(0, self.config.max_merkle_branches))
-        )
+        branches = tuple(rng.randbytes(32) for _ in range(rng.randint(0, self.config.max_merkle_branches)))
         job = Job(
             job_id=f"{self._jobs_created:x}",
             prevhash=block.prevhash,
@@ -1391,9 +1372,4 @@ def _check_code(code: int) -> None:
 
 
 def _is_positive_number(value: Any) -> TypeGuard[int | float]:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -97,7 +97,7 @@ class WorkerThief:
         if method == "mining.submit":
             self.rewritten_submit += 1
             if len(params) > 1 and isinstance(params[1], str) and params[1].startswith(self.prefix):
-                params[1] = params[1][len(self.prefix):]  # back to the pool's own job id
+                params[1] = params[1][len(self.prefix) :]  # back to the pool's own job id
         else:
             self.rewritten_authorize += 1
         return json.dumps(message).encode()
@@ -150,7 +150,7 @@ class ByteFlipper:
             return data
         self.datagrams_flipped += 1
         position = (self.offset + self.datagrams_flipped) % len(data)
-        return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1:]
+        return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1 :]
 
 
 class _StreamFlip:
@@ -167,7 +167,7 @@ class _StreamFlip:
             self._pending[way] = False
             self._owner.flipped += 1
             i = self._offset - start
-            return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
+            return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
         return data
 
     def to_target(self, data: bytes) -> bytes:

@@ -74,12 +74,17 @@ def _static(name: str) -> bytes:
 class ManagementApp:
     """The management endpoints of one role (see the module docs), served by :meth:`serve`."""
 
-    def __init__(self, view: RoleView, *, containment: Containment | None = None,
-                 ssl_context: ssl.SSLContext | None = None, guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        view: RoleView,
+        *,
+        containment: Containment | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        guard: Guard | None = None,
+    ) -> None:
         """``ssl_context``: HTTPS (bridge/web/access.py); ``guard``: e.g. the operator-certificate check."""
         self.view = view
-        self.server = WebServer(f"{view.role} management", containment=containment,
-                                ssl_context=ssl_context, guard=guard)
+        self.server = WebServer(f"{view.role} management", containment=containment, ssl_context=ssl_context, guard=guard)
         self.registry = registry_for(view.metric_families)
         self.started = datetime.now(UTC)
         self._started_clock: float | None = None

@@ -93,8 +93,9 @@ def mount_enrollment(app, service: EnrollmentService, *, browser_tokens: bool = 
     async def tokens(request: Request) -> Response:
         operator, why = permission(request)
         if request.method != "POST":
-            return json_response(TokenPermission(allowed=operator is not None, reason=why or None,
-                                                 operator=operator, fingerprint=fingerprint))
+            return json_response(
+                TokenPermission(allowed=operator is not None, reason=why or None, operator=operator, fingerprint=fingerprint)
+            )
         if operator is None:
             log.warning("token creation from %s refused: %s", _address(request), why)
             return json_response({"error": why}, 403)
@@ -104,8 +105,10 @@ def mount_enrollment(app, service: EnrollmentService, *, browser_tokens: bool = 
         origin = request.headers.get("origin")
         if origin is not None and urlsplit(origin).netloc != request.headers.get("host", ""):
             log.warning("token creation from %s refused: Origin %r is not this port", _address(request), origin)
-            return json_response({"error": f"Origin {origin[:100]!r} is not this management port; "
-                                           "create tokens from this port's own dashboard"}, 403)
+            return json_response(
+                {"error": f"Origin {origin[:100]!r} is not this management port; create tokens from this port's own dashboard"},
+                403,
+            )
         actor = f"operator {operator} (dashboard, {_address(request)})"
         status, content_type, body = await trio.to_thread.run_sync(service.create_token, request.body, actor)
         if status == 200:

@@ -336,8 +336,12 @@ class ProxyView(RoleView):
             families.counters_by("failover_detections", "Upstreams found down, by reason.", "reason", failover.detections)
             active = self._active(failover)
             for upstream in failover.upstreams:
-                families.gauge("upstream_up", "1 when the upstream is usable.", int(upstream.state == "up"), upstream=upstream.name)
-                families.gauge("upstream_active", "1 for the upstream taking the rigs.", int(upstream.name == active), upstream=upstream.name)
+                families.gauge(
+                    "upstream_up", "1 when the upstream is usable.", int(upstream.state == "up"), upstream=upstream.name
+                )
+                families.gauge(
+                    "upstream_active", "1 for the upstream taking the rigs.", int(upstream.name == active), upstream=upstream.name
+                )
                 families.gauge("upstream_rigs", "Rigs on each upstream.", upstream.rigs, upstream=upstream.name)
         families.declare_counter("block_candidates", "Shares that met the network target (sent urgently).", "upstream")
         families.declare_counter("datagrams_sent", "UDP datagrams sent to sidecars.", "upstream")
@@ -468,9 +472,15 @@ class SidecarView(RoleView):
         found += [Certificate(use="CA", certificate=ca) for ca in stats.ca_certificates]
         for peer in stats.connected_certificates:
             plain = CertificateStatus(
-                role=peer.role, name=peer.name, serial=peer.serial, not_before=peer.not_before,
-                not_after=peer.not_after, days_left=peer.days_left, expiring_soon=peer.expiring_soon,
-                expired=peer.expired, file=peer.file,
+                role=peer.role,
+                name=peer.name,
+                serial=peer.serial,
+                not_before=peer.not_before,
+                not_after=peer.not_after,
+                days_left=peer.days_left,
+                expiring_soon=peer.expiring_soon,
+                expired=peer.expired,
+                file=peer.file,
             )
             found.append(Certificate(use="connected proxy", certificate=plain))
         return found
@@ -511,7 +521,9 @@ class SidecarView(RoleView):
 
     def role_families(self, families: Families, rigs: list[Rig]) -> None:
         stats = self.server.statistics()
-        families.gauge("rigs_connected", "Rigs connected through the proxies now (their channels; probes not counted).", len(rigs))
+        families.gauge(
+            "rigs_connected", "Rigs connected through the proxies now (their channels; probes not counted).", len(rigs)
+        )
         families.counter("channels_opened", "Rig channels opened.", stats.channels_opened)
         families.gauge("channels_open", "Rig channels open now.", stats.channels_open)
         families.gauge("sessions_active", "Proxies' control connections open now.", stats.sessions_active)
@@ -530,14 +542,21 @@ class SidecarView(RoleView):
         families.counters_by("shares_rejected", "Shares rejected, by reason.", "reason", stats.rejected_by_reason)
         families.counter("shares_stale", "Shares the pool rejected as stale.", _stale(stats.rejected_by_reason))
         families.counter("shares_refused", "Shares answered with an error without reaching the pool.", stats.shares_refused)
-        families.counter("share_duplicates", "Copies answered from another copy's verdict, by kind.", stats.duplicates_from_cache, kind="cached")
+        families.counter(
+            "share_duplicates",
+            "Copies answered from another copy's verdict, by kind.",
+            stats.duplicates_from_cache,
+            kind="cached",
+        )
         families.counter("share_duplicates", "", stats.duplicates_joined, kind="joined")
         families.counter("datagrams_received", "UDP datagrams received.", stats.datagrams_received)
         families.counter("datagrams_accepted", "UDP datagrams authenticated and accepted.", stats.datagrams_accepted)
         families.counters_by("datagrams_dropped", "UDP datagrams dropped, by reason.", "reason", stats.datagram_drops)
         families.gauge("pool_up", "1 when the pool answers.", int(stats.pool_up))
         families.counter("pool_connect_failures", "Pool connections that could not be opened.", stats.pool_connect_failures)
-        families.counter("bytes", "Bytes by link and direction.", stats.control_bytes_received, link="control", direction="received")
+        families.counter(
+            "bytes", "Bytes by link and direction.", stats.control_bytes_received, link="control", direction="received"
+        )
         families.counter("bytes", "", stats.control_bytes_sent, link="control", direction="sent")
         families.counter("bytes", "", stats.pool_bytes_received, link="pool", direction="received")
         families.counter("bytes", "", stats.pool_bytes_sent, link="pool", direction="sent")

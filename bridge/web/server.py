@@ -138,8 +138,14 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
 class WebServer:
     """One role's management port: register routes, then :meth:`serve`."""
 
-    def __init__(self, name: str = "management", *, containment: Containment | None = None,
-                 ssl_context: ssl.SSLContext | None = None, guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "management",
+        *,
+        containment: Containment | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        guard: Guard | None = None,
+    ) -> None:
         """``ssl_context``: serve HTTPS (and WebSockets over TLS); ``guard``: see :data:`Guard`."""
         self.name = name
         self.containment = containment or Containment(log, name)
@@ -187,7 +193,9 @@ class WebServer:
             log.warning(
                 "%s port %s:%d is reachable from other hosts; it shows certificate names and accounts, "
                 "so keep it on 127.0.0.1 or a management network",
-                self.name, host or "*", self.port,
+                self.name,
+                host or "*",
+                self.port,
             )
         scheme = "https" if self.ssl_context is not None else "http"
         log.info("%s on %s://%s:%d/ (dashboard, /metrics, /api/v1/health)", self.name, scheme, _url_host(host), self.port)
@@ -212,8 +220,9 @@ class WebServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, stream: trio.abc.Stream, pending: Pending, client: str | None = None,
-                         certificate: bytes | None = None) -> None:
+    async def _serve_one(
+        self, stream: trio.abc.Stream, pending: Pending, client: str | None = None, certificate: bytes | None = None
+    ) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         raw = bytearray()
         client = client or _client(stream)

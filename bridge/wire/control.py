@@ -308,4 +308,3 @@ ACCEPTED_VERDICT = 1
 
 def encode(value: Any) -> bytes:
     return _encode(value)
-

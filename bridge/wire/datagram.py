@@ -239,9 +239,7 @@ class Header(msgspec.Struct, frozen=True, gc=False):
             raise DatagramEncodeError(f"conn_id {self.conn_id} is not a u64")
         if not 0 <= self.pn <= MAX_PN:
             raise DatagramEncodeError(f"packet number {self.pn} is not a u48")
-        return _HEADER.pack(
-            self.version << 4 | self.type, self.flags, self.conn_id, self.pn >> 32, self.pn & _U32
-        )
+        return _HEADER.pack(self.version << 4 | self.type, self.flags, self.conn_id, self.pn >> 32, self.pn & _U32)
 
 
 def pack_header(dtype: int, flags: int, conn_id: int, pn: int) -> bytes:
@@ -259,9 +257,7 @@ def parse_header(data: bytes) -> Header:
     if len(data) < HEADER_SIZE:
         raise DatagramDecodeError(DropReason.TRUNCATED, f"{len(data)} bytes, header needs 16")
     first, flags, conn_id, pn_high, pn_low = _HEADER.unpack_from(data)
-    return Header(
-        version=first >> 4, type=first & 0x0F, flags=flags, conn_id=conn_id, pn=pn_high << 32 | pn_low
-    )
+    return Header(version=first >> 4, type=first & 0x0F, flags=flags, conn_id=conn_id, pn=pn_high << 32 | pn_low)
 
 
 # --------------------------------------------------------------------------------------

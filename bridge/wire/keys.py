@@ -243,15 +243,11 @@ class Sealer:
         """Seal an already encoded plaintext of type ``dtype`` (no body validation)."""
         pn = self._next_pn
         if pn > MAX_PN:
-            raise KeyExhausted(
-                f"conn_id {self._conn_id:016x} used all 2^48 packet numbers; rekey before sending"
-            )
+            raise KeyExhausted(f"conn_id {self._conn_id:016x} used all 2^48 packet numbers; rekey before sending")
         if not 0 <= dtype <= 0xF:
             raise DatagramEncodeError(f"type {dtype} does not fit a nibble")
         if len(plaintext) + OVERHEAD > MAX_DATAGRAM_SIZE:
-            raise DatagramEncodeError(
-                f"{len(plaintext) + OVERHEAD}-byte datagram exceeds {MAX_DATAGRAM_SIZE} bytes"
-            )
+            raise DatagramEncodeError(f"{len(plaintext) + OVERHEAD}-byte datagram exceeds {MAX_DATAGRAM_SIZE} bytes")
         flags = self._phase_flag
         if urgent:
             if dtype not in (DatagramType.SHARE, DatagramType.SHARE_BATCH):
@@ -275,9 +271,7 @@ class Opener:
 
     __slots__ = ("_aead", "conn_id", "epoch", "key_phase", "window")
 
-    def __init__(
-        self, *, conn_id: int, epoch: int, key: bytes, window_size: int = DEFAULT_WINDOW_SIZE
-    ) -> None:
+    def __init__(self, *, conn_id: int, epoch: int, key: bytes, window_size: int = DEFAULT_WINDOW_SIZE) -> None:
         if len(key) != KEY_SIZE:
             raise ValueError("ChaCha20-Poly1305 keys are 32 bytes")
         self._aead = ChaCha20Poly1305(key)
@@ -318,7 +312,5 @@ class KeySet(NamedTuple):
             send_key, receive_key = keys.sidecar_to_proxy, keys.proxy_to_sidecar
         return cls(
             sealer=Sealer(conn_id=material.conn_id, epoch=material.epoch, key=send_key),
-            opener=Opener(
-                conn_id=material.conn_id, epoch=material.epoch, key=receive_key, window_size=window_size
-            ),
+            opener=Opener(conn_id=material.conn_id, epoch=material.epoch, key=receive_key, window_size=window_size),
         )

@@ -107,9 +107,7 @@ class SourceBudgets:
 
     __slots__ = ("_burst", "_max_trusted", "_rate", "_strangers", "_trusted")
 
-    def __init__(
-        self, rate: float, burst: float, stranger_rate: float, stranger_burst: float, max_trusted: int = 4
-    ) -> None:
+    def __init__(self, rate: float, burst: float, stranger_rate: float, stranger_burst: float, max_trusted: int = 4) -> None:
         if max_trusted < 1:
             raise ValueError("max_trusted must be at least 1")
         TokenBucket(rate, burst)  # validate early

@@ -95,12 +95,8 @@ DEFAULT_MAX_TRUSTED: Final = 4
 
 #: Which datagram types each role accepts.
 RECEIVED_TYPES: Final[dict[Role, frozenset[DatagramType]]] = {
-    Role.SIDECAR: frozenset(
-        {DatagramType.SHARE, DatagramType.SHARE_BATCH, DatagramType.PROBE, DatagramType.PROBE_ACK}
-    ),
-    Role.PROXY: frozenset(
-        {DatagramType.PROBE, DatagramType.PROBE_ACK, DatagramType.ACK, DatagramType.VERDICT}
-    ),
+    Role.SIDECAR: frozenset({DatagramType.SHARE, DatagramType.SHARE_BATCH, DatagramType.PROBE, DatagramType.PROBE_ACK}),
+    Role.PROXY: frozenset({DatagramType.PROBE, DatagramType.PROBE_ACK, DatagramType.ACK, DatagramType.VERDICT}),
 }
 _SHARE_TYPES: Final = frozenset({DatagramType.SHARE, DatagramType.SHARE_BATCH})
 _KNOWN_TYPES: Final = frozenset(int(t) for t in DatagramType)
@@ -270,9 +266,7 @@ class DatagramReceiver:
             raise ValueError(f"session {session!r} already exists; use rekey()")
         if opener.conn_id in self._entries:
             raise ValueError(f"conn_id {opener.conn_id:016x} is already in use")
-        budgets = SourceBudgets(
-            self._rate, self._burst, self._stranger_rate, self._stranger_burst, self._max_trusted
-        )
+        budgets = SourceBudgets(self._rate, self._burst, self._stranger_rate, self._stranger_burst, self._max_trusted)
         state = _Session(session, opener, budgets, AddressBudget(self._amplification_factor))
         self._sessions[session] = state
         self._entries[opener.conn_id] = _Entry(state, opener, None)
@@ -314,9 +308,7 @@ class DatagramReceiver:
     def next_deadline(self) -> float | None:
         """When :meth:`purge` next has something to do, or None."""
         deadlines = [
-            s.previous.retire_at
-            for s in self._sessions.values()
-            if s.previous is not None and s.previous.retire_at is not None
+            s.previous.retire_at for s in self._sessions.values() if s.previous is not None and s.previous.retire_at is not None
         ]
         return min(deadlines, default=None)
 

@@ -158,9 +158,7 @@ class RttEstimator:
         raw = self._srtt + max(self._granularity, _K * self._rttvar)
         self._base_rto = min(max(raw, self._min_rto), self._max_rto)
 
-    def on_answer(
-        self, sent_at: float, now: float, *, transmissions: int = 1, ack_delay: float = 0.0
-    ) -> bool:
+    def on_answer(self, sent_at: float, now: float, *, transmissions: int = 1, ack_delay: float = 0.0) -> bool:
         """An answer arrived at ``now`` for something last sent at ``sent_at``.
 
         Applies Karn's rule (no sample if it was sent more than once). Returns True

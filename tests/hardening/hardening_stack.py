@@ -88,8 +88,7 @@ class Stack:
                 upstream_ssl_context=self.pki.client_context(),
             )
             self.proxy_port = await nursery.start(self.proxy.serve, HOST, 0)
-            self.miner = Miner(f"stratum+tcp://{HOST}:{self.proxy_port}", "honest.rig1", hashrate=20_000,
-                               reconnect_delay=0.2)
+            self.miner = Miner(f"stratum+tcp://{HOST}:{self.proxy_port}", "honest.rig1", hashrate=20_000, reconnect_delay=0.2)
             nursery.start_soon(self.miner.run)
             self._ready.set()
 
@@ -119,11 +118,13 @@ class Stack:
 
     def contained_errors(self) -> dict[str, dict[str, int]]:
         """Every role's contained errors by kind (all empty when nothing went wrong inside)."""
-        return self.call(lambda: {
-            "proxy": dict(self.proxy.containment.by_kind),
-            "sidecar": dict(self.sidecar.containment.by_kind),
-            "pool": dict(self.pool.containment.by_kind),
-        })
+        return self.call(
+            lambda: {
+                "proxy": dict(self.proxy.containment.by_kind),
+                "sidecar": dict(self.sidecar.containment.by_kind),
+                "pool": dict(self.pool.containment.by_kind),
+            }
+        )
 
     # ------------------------------------------------------------------ honest clients
 
@@ -166,8 +167,11 @@ class Stack:
         def settled() -> bool:
             stats = self.sidecar.statistics()
             ended = sum(stats.closed_by_reason.values())
-            return stats.sessions_total >= sessions_total and ended == stats.sessions_total - stats.sessions_active \
+            return (
+                stats.sessions_total >= sessions_total
+                and ended == stats.sessions_total - stats.sessions_active
                 and stats.sessions_active == 1
+            )
 
         self.wait_until(settled, f"control session {sessions_total} to start and end")
 

@@ -48,7 +48,9 @@ def reference_depth(data: bytes) -> int:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), children, max_size=3)
+    ),
     max_leaves=60,
 )
 
@@ -61,8 +63,7 @@ def test_the_depth_check_is_exact_for_valid_json(value, limit) -> None:
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@given(data=st.binary(max_size=300) | st.text(alphabet='[]{}"\\,:a1 ', max_size=300).map(str.encode),
-       limit=st.integers(0, 12))
+@given(data=st.binary(max_size=300) | st.text(alphabet='[]{}"\\,:a1 ', max_size=300).map(str.encode), limit=st.integers(0, 12))
 def test_the_depth_check_never_underestimates_garbage(data, limit) -> None:
     # What a parser would reach before failing is at most the deepest unclosed prefix.
     if reference_depth(data) > limit:

@@ -51,8 +51,16 @@ def deep_nesting(draw: st.DrawFn, max_bytes: int) -> bytes:
     """A line far deeper than any decoder should recurse, within ``max_bytes`` (so it is decoded)."""
     opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]))
     closed = draw(st.booleans())
-    wrapper = draw(st.sampled_from([b'{"id":1,"method":"mining.subscribe","params":%s}', b'{"id":1,"result":%s,"error":null}',
-                                    b'{"id":1,"method":"mining.ping","params":[],"x":%s}', b"%s"]))
+    wrapper = draw(
+        st.sampled_from(
+            [
+                b'{"id":1,"method":"mining.subscribe","params":%s}',
+                b'{"id":1,"result":%s,"error":null}',
+                b'{"id":1,"method":"mining.ping","params":[],"x":%s}',
+                b"%s",
+            ]
+        )
+    )
     room = (max_bytes - len(wrapper) - 2) // (len(opener) + (len(closer) if closed else 0))
     depth = min(draw(st.sampled_from([33, 1000, 1500, 3000, 50_000]) | st.integers(30, room)), room)
     return wrapper % (opener * depth + (b"1" + closer * depth if closed else b""))
@@ -83,15 +91,23 @@ def control_lines() -> st.SearchStrategy[bytes]:
     rm_methods = sorted(RM_PARAMS)
     rm = st.builds(
         lambda request_id, method, params: encode({"id": request_id, "method": method, "params": params}),
-        request_ids, st.sampled_from(rm_methods) | st.text(max_size=10), json_values,
+        request_ids,
+        st.sampled_from(rm_methods) | st.text(max_size=10),
+        json_values,
     )
     channel = st.builds(
         lambda ch, request_id, method, params: encode({"ch": ch, "id": request_id, "method": method, "params": params}),
-        st.integers(-3, 5) | json_values, request_ids, st.sampled_from(sorted(MINER_METHODS)), json_values,
+        st.integers(-3, 5) | json_values,
+        request_ids,
+        st.sampled_from(sorted(MINER_METHODS)),
+        json_values,
     )
     response = st.builds(
         lambda ch, request_id, result, error: encode({"ch": ch, "id": request_id, "result": result, "error": error}),
-        st.integers(0, 5), request_ids, json_values, json_values,
+        st.integers(0, 5),
+        request_ids,
+        json_values,
+        json_values,
     )
     return st.one_of(rm, channel, response, json_values.map(encode), st.binary(max_size=200), deep_nesting(200_000))
 
@@ -187,9 +203,11 @@ def datagrams(draw: st.DrawFn) -> list[tuple[str, bytes]]:
         st.tuples(st.just("live"), st.binary(max_size=MAX_DATAGRAM_SIZE - 8)),
         st.tuples(
             st.just("sealed"),
-            st.builds(lambda dtype, body: bytes([dtype]) + body,
-                      st.sampled_from([int(t) for t in DatagramType]) | st.integers(0, 15),
-                      st.binary(max_size=MAX_DATAGRAM_SIZE - OVERHEAD)),
+            st.builds(
+                lambda dtype, body: bytes([dtype]) + body,
+                st.sampled_from([int(t) for t in DatagramType]) | st.integers(0, 15),
+                st.binary(max_size=MAX_DATAGRAM_SIZE - OVERHEAD),
+            ),
         ),
     )
     return draw(st.lists(kinds, min_size=1, max_size=6))
@@ -199,6 +217,7 @@ def datagrams(draw: st.DrawFn) -> list[tuple[str, bytes]]:
 @given(batch=datagrams())
 def test_udp_port(stack: Stack, batch: list[tuple[str, bytes]]) -> None:
     before = stack.contained_errors()
+
     def live_keys():
         connection = stack.proxy.link.connection
         return None if connection is None or connection._keys is None else connection._keys.sealer

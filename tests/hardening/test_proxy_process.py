@@ -42,10 +42,18 @@ def read_until_closed(sock: socket.socket) -> bytes:
 def test_a_line_nested_a_thousand_deep_ends_that_rig_only_and_the_proxy_serves_the_next() -> None:
     assert len(DEEP_LINE) < 4096, "fits the proxy's line limit, as in the report"
     pool_port, proxy_port = free_port(), free_port()
-    pool = subprocess.Popen([*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proxy = subprocess.Popen([*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"stratum+tcp://127.0.0.1:{pool_port}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pool = subprocess.Popen(
+        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    proxy = subprocess.Popen(
+        [*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"stratum+tcp://127.0.0.1:{pool_port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for_port(pool_port)
         wait_for_port(proxy_port)
@@ -56,8 +64,22 @@ def test_a_line_nested_a_thousand_deep_ends_that_rig_only_and_the_proxy_serves_t
         assert answer["id"] == 1 and answer["error"] is None and answer["result"][2] > 0
         assert proxy.poll() is None, "the proxy process exited because of one line"
         miner = subprocess.run(
-            [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}", "--user", "alice.rig1", "--profile", "cgminer", "--max-shares", "1"],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                *STRATUMRM,
+                "testminer",
+                "--url",
+                f"stratum+tcp://127.0.0.1:{proxy_port}",
+                "--user",
+                "alice.rig1",
+                "--profile",
+                "cgminer",
+                "--max-shares",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert miner.returncode == 0, miner.stdout + miner.stderr
         assert "Accepted" in miner.stdout

@@ -63,8 +63,7 @@ def vector_job() -> Job:
 
 
 def notify_kwargs(**overrides: Any) -> dict[str, Any]:
-    kwargs = {k: NOTIFY[k] for k in
-              ("job_id", "prevhash", "coinb1", "coinb2", "merkle_branch", "version", "nbits", "ntime")}
+    kwargs = {k: NOTIFY[k] for k in ("job_id", "prevhash", "coinb1", "coinb2", "merkle_branch", "version", "nbits", "ntime")}
     kwargs.update(overrides)
     return kwargs
 
@@ -97,8 +96,12 @@ def test_vector_prevhash_forms() -> None:
 def test_vector_header_and_hash() -> None:
     root = bytes.fromhex(EXP["merkle_root_internal"])
     header = build_header(
-        int(NOTIFY["version"], 16), prevhash_to_header(NOTIFY["prevhash"]), root,
-        NTIME, int(NOTIFY["nbits"], 16), NONCE,
+        int(NOTIFY["version"], 16),
+        prevhash_to_header(NOTIFY["prevhash"]),
+        root,
+        NTIME,
+        int(NOTIFY["nbits"], 16),
+        NONCE,
     )
     assert len(header) == 80
     assert header.hex() == EXP["header_hex"]
@@ -305,10 +308,8 @@ def test_target_to_nbits_truncates(target: int) -> None:
 
 
 def test_prevhash_word_swap_layout() -> None:
-    stratum = "00010203" "04050607" "08090a0b" "0c0d0e0f" "10111213" "14151617" "18191a1b" "1c1d1e1f"
-    assert prevhash_to_header(stratum).hex() == (
-        "03020100" "07060504" "0b0a0908" "0f0e0d0c" "13121110" "17161514" "1b1a1918" "1f1e1d1c"
-    )
+    stratum = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+    assert prevhash_to_header(stratum).hex() == ("03020100070605040b0a09080f0e0d0c13121110171615141b1a19181f1e1d1c")
     with pytest.raises(ValueError):
         prevhash_to_header("00" * 31)
     with pytest.raises(ValueError):

@@ -75,8 +75,7 @@ async def test_primary_killed_cgminer_rigs_reconnect_to_the_backup_then_fail_bac
         )
         primary, backup = bench.pools
         miners = [
-            Miner(bench.miner_url(), f"alice.cg{i}", profile="cgminer", reconnect_delay=0.2, hashrate=50_000)
-            for i in range(3)
+            Miner(bench.miner_url(), f"alice.cg{i}", profile="cgminer", reconnect_delay=0.2, hashrate=50_000) for i in range(3)
         ]
         workers = [m.config.user for m in miners]
         for miner in miners:
@@ -107,7 +106,11 @@ async def test_primary_blackholed_xnsub_rigs_get_set_extranonce_from_a_stratumrm
     # trio's clock, not the machine's; capped hash rates let that clock run while rigs hash.
     async with trio.open_nursery() as nursery:
         bench = await start_failover_bench(
-            nursery, stratumrm=(1,), pki_dir=tmp_path, failover=FailoverConfig(**FAST), submit_timeout=30.0,
+            nursery,
+            stratumrm=(1,),
+            pki_dir=tmp_path,
+            failover=FailoverConfig(**FAST),
+            submit_timeout=30.0,
             pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0),
         )
         primary, backup = bench.pools
@@ -243,8 +246,11 @@ async def test_a_sidecar_tells_the_proxy_its_pool_is_down_and_back(tmp_path) -> 
             await until(lambda: all(accepted_at(primary, w) >= 2 for w in workers))
             primary.kill()  # the pool behind the sidecar dies; the sidecar itself is fine
             await until(lambda: all(accepted_at(backup, w) >= 2 for w in workers))
-            await until(lambda: bench.proxy.policy.down_reason(0) is not None
-                        and bench.proxy.policy.down_reason(0).startswith("pool down"))
+            await until(
+                lambda: (
+                    bench.proxy.policy.down_reason(0) is not None and bench.proxy.policy.down_reason(0).startswith("pool down")
+                )
+            )
             assert not bench.sidecars[0].pool_watch.up
             before = {w: accepted_at(primary, w) for w in workers}
             await bench.restore(0)

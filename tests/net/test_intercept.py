@@ -21,10 +21,12 @@ LOCALHOST = "127.0.0.1"
 
 
 async def test_rules_resolve_and_route_by_original_destination() -> None:
-    rules = parse_rules([
-        InterceptSettings(match="localhost:3333", upstream="stratumrm://sidecar.example:3334"),
-        InterceptSettings(match="192.0.2.10:4444", upstream="stratum+tcp://10.0.0.1:3333"),
-    ])
+    rules = parse_rules(
+        [
+            InterceptSettings(match="localhost:3333", upstream="stratumrm://sidecar.example:3334"),
+            InterceptSettings(match="192.0.2.10:4444", upstream="stratum+tcp://10.0.0.1:3333"),
+        ]
+    )
     for rule in rules:
         await rule.resolve()
     a, b = object(), object()

@@ -40,7 +40,9 @@ async def test_ping_times_each_phase_on_every_transport(pki: TestPKI) -> None:
     async with trio.open_nursery() as nursery:
         pool = ReferencePool(PoolConfig(difficulty=0.001, notify_interval=30.0))
         plain = await nursery.start(pool.serve, LOCALHOST, 0)
-        tls = await nursery.start(partial(pool.serve, LOCALHOST, 0, ssl_context=public_server_context(pki.pool_certificate, pki.pool_key)))
+        tls = await nursery.start(
+            partial(pool.serve, LOCALHOST, 0, ssl_context=public_server_context(pki.pool_certificate, pki.pool_key))
+        )
         sidecar = SidecarServer(
             parse_upstream_url(f"stratum+tcp://{LOCALHOST}:{plain}"),
             ServerCredentials(pki.pool_certificate, pki.pool_key, pki.ca_certificate),
@@ -52,7 +54,9 @@ async def test_ping_times_each_phase_on_every_transport(pki: TestPKI) -> None:
         assert all(ms >= 0 for ms in attempt.phases.values())
 
         context = public_client_context(str(pki.ca_certificate))
-        attempt = await ping_once(parse_upstream_url(f"stratum+ssl://{LOCALHOST}:{tls}"), user="a.b", password="x", timeout=20, context=context)
+        attempt = await ping_once(
+            parse_upstream_url(f"stratum+ssl://{LOCALHOST}:{tls}"), user="a.b", password="x", timeout=20, context=context
+        )
         assert attempt.ok and list(attempt.phases) == ["connect", "tls", "subscribe", "authorize"]
 
         credentials = ClientCredentials.from_bundle(pki.miner_bundle)
@@ -69,7 +73,9 @@ async def test_ping_times_each_phase_on_every_transport(pki: TestPKI) -> None:
 
 
 async def test_ping_errors_are_one_line_without_library_wording() -> None:
-    refused = await ping_once(parse_upstream_url(f"stratum+tcp://{LOCALHOST}:{unused_port()}"), user="a", password="x", timeout=10)
+    refused = await ping_once(
+        parse_upstream_url(f"stratum+tcp://{LOCALHOST}:{unused_port()}"), user="a", password="x", timeout=10
+    )
     assert refused.error is not None and refused.error.startswith("connection refused")
     assert "sub-exception" not in refused.error and "\n" not in refused.error
 
@@ -88,9 +94,7 @@ async def test_the_ping_command_prints_attempts_and_a_summary_like_ping() -> Non
     assert lines[0] == f"PING stratum+tcp://{LOCALHOST}:{port} as ping"
     assert [line.split(":")[0] for line in lines[1:4]] == ["attempt 1", "attempt 2", "attempt 3"]
     assert "3 attempts, 3 answered, 0% failed" in lines and lines[-1].startswith("total min/avg/max = ")
-    down = await trio.to_thread.run_sync(
-        partial(runner.invoke, ping, [f"stratum+tcp://{LOCALHOST}:{unused_port()}", "-c", "1"])
-    )
+    down = await trio.to_thread.run_sync(partial(runner.invoke, ping, [f"stratum+tcp://{LOCALHOST}:{unused_port()}", "-c", "1"]))
     assert down.exit_code == 1 and "attempt 1: error: connection refused" in down.output
     usage = await trio.to_thread.run_sync(partial(runner.invoke, ping, ["stratumrm://127.0.0.1:1"]))
     assert usage.exit_code == 2 and "--bundle" in usage.output

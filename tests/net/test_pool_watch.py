@@ -22,8 +22,11 @@ async def test_a_stalled_pool_is_found_down_by_quiet_and_up_again_when_it_answer
         port = await nursery.start(pool.serve, "127.0.0.1", 0)
         changes: list[tuple[bool, str]] = []
         watch = PoolWatch(
-            parse_upstream_url(f"stratum+tcp://127.0.0.1:{port}"), None, lambda up, why: changes.append((up, why)),
-            quiet_after=0.2, check_timeout=0.5,
+            parse_upstream_url(f"stratum+tcp://127.0.0.1:{port}"),
+            None,
+            lambda up, why: changes.append((up, why)),
+            quiet_after=0.2,
+            check_timeout=0.5,
         )
         nursery.start_soon(watch.run)
         with trio.fail_after(30):

@@ -47,9 +47,7 @@ async def start_sidecar(nursery: trio.Nursery, pki: TestPKI) -> SidecarServer:
     return server
 
 
-async def start_link(
-    nursery: trio.Nursery, server: SidecarServer, credentials: ClientCredentials
-) -> StratumRMLink:
+async def start_link(nursery: trio.Nursery, server: SidecarServer, credentials: ClientCredentials) -> StratumRMLink:
     link = StratumRMLink(parse_upstream_url(f"stratumrm://{LOCALHOST}:{server.port}"), credentials)
     await nursery.start(link.run)
     return link
@@ -96,16 +94,11 @@ async def test_reconnects_resume_the_tls_session_and_the_sidecar_still_checks_re
             await link.open_handle(RIG)  # resumed again, and refused after it
         assert credentials.handshakes_resumed == 2
         assert server.statistics().refusals == {"revoked": 1}
-        assert any(
-            "after a resumed TLS session" in r.getMessage() and "revoked" in r.getMessage()
-            for r in caplog.records
-        )
+        assert any("after a resumed TLS session" in r.getMessage() and "revoked" in r.getMessage() for r in caplog.records)
 
         def proxy_says_why() -> bool:
             lines = [r.getMessage() for r in caplog.records if r.name == "bridge.proxy.stratumrm"]
-            return any(
-                "ended: sidecar error: refused by the sidecar" in m and "is revoked" in m for m in lines
-            )
+            return any("ended: sidecar error: refused by the sidecar" in m and "is revoked" in m for m in lines)
 
         with trio.fail_after(2):
             while not proxy_says_why():
@@ -128,8 +121,7 @@ async def test_a_renewed_bundle_is_used_from_the_next_connection_while_the_live_
         renewed = pki.authority.renew(pki.miner_name)  # `stratumrm pki renew`, bundle copied in place
         assert watcher.reload()
         assert any(
-            "certificate reloaded from" in r.getMessage() and "the live one carries on" in r.getMessage()
-            for r in caplog.records
+            "certificate reloaded from" in r.getMessage() and "the live one carries on" in r.getMessage() for r in caplog.records
         )
         await link.open_handle(RIG)  # another rig: same connection, old certificate
         assert link.connections_made == 1 and serials(server) == [old_serial]
@@ -146,9 +138,7 @@ async def test_a_renewed_bundle_is_used_from_the_next_connection_while_the_live_
         nursery.cancel_scope.cancel()
 
 
-async def test_a_broken_bundle_keeps_the_certificate_in_use(
-    pki: TestPKI, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_broken_bundle_keeps_the_certificate_in_use(pki: TestPKI, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     credentials = ClientCredentials.from_bundle(pki.miner_bundle)
     watcher = CertificateWatcher(credentials)
@@ -158,26 +148,20 @@ async def test_a_broken_bundle_keeps_the_certificate_in_use(
     assert credentials.context is context
     [warning] = watcher.warnings()
     assert "certificate not reloaded" in warning and "still using the certificate loaded before" in warning
-    assert any(
-        r.levelno == logging.WARNING and "certificate not reloaded" in r.getMessage() for r in caplog.records
-    )
+    assert any(r.levelno == logging.WARNING and "certificate not reloaded" in r.getMessage() for r in caplog.records)
 
 
 async def test_the_proxy_status_shows_its_certificate_handshakes_and_expiry_warning(pki: TestPKI) -> None:
     credentials = ClientCredentials.from_bundle(pki.miner_bundle, expiry_warning=timedelta(days=400))
     async with trio.open_nursery() as nursery:
         server = await start_sidecar(nursery, pki)
-        proxy = MinerProxy(
-            parse_upstream_url(f"stratumrm://{LOCALHOST}:{server.port}"), upstream_ssl_context=credentials
-        )  # type: ignore[arg-type]
+        proxy = MinerProxy(parse_upstream_url(f"stratumrm://{LOCALHOST}:{server.port}"), upstream_ssl_context=credentials)  # type: ignore[arg-type]
         service = ProxyService(proxy, credentials=credentials, http_listen=(LOCALHOST, 0))
         await nursery.start(service.run, LOCALHOST, 0)
         assert proxy.link is not None and proxy.link.credentials is credentials
         await proxy.link.open_handle(RIG)
         assert service.web.port is not None
-        document: dict[str, Any] = await trio.to_thread.run_sync(
-            fetch_status, f"http://{LOCALHOST}:{service.web.port}"
-        )
+        document: dict[str, Any] = await trio.to_thread.run_sync(fetch_status, f"http://{LOCALHOST}:{service.web.port}")
         assert document["role"] == "proxy"
         tls = document["statistics"]["tls"]
         assert tls["certificate"]["name"] == pki.miner_name and tls["certificate"]["expiring_soon"] is True

@@ -72,9 +72,7 @@ async def test_user_agents_and_version_rolling_reach_the_pool() -> None:
     async with trio.open_nursery() as nursery:
         pool, _proxy, port = await start_chain(nursery)
         agents: set[str] = set()
-        miners = [
-            Miner(f"stratum+tcp://127.0.0.1:{port}", f"{p}.ua", profile=p, max_shares=2) for p in ("bmminer", "bitaxe")
-        ]
+        miners = [Miner(f"stratum+tcp://127.0.0.1:{port}", f"{p}.ua", profile=p, max_shares=2) for p in ("bmminer", "bitaxe")]
 
         async def watch() -> None:
             while True:
@@ -96,7 +94,9 @@ async def test_stratum_ssl_upstream_with_certificate_verification(tmp_path) -> N
     async with trio.open_nursery() as nursery:
         pool = ReferencePool(PoolConfig(difficulty=DIFFICULTY))
         pool_port = await nursery.start(
-            lambda task_status: pool.serve("127.0.0.1", 0, ssl_context=server_context_for_pool_tls(paths), task_status=task_status)
+            lambda task_status: pool.serve(
+                "127.0.0.1", 0, ssl_context=server_context_for_pool_tls(paths), task_status=task_status
+            )
         )
         proxy = MinerProxy(
             parse_upstream_url(f"stratum+ssl://127.0.0.1:{pool_port}"),
@@ -117,7 +117,9 @@ async def test_stratum_ssl_upstream_with_an_untrusted_certificate_is_refused(tmp
     async with trio.open_nursery() as nursery:
         pool = ReferencePool(PoolConfig(difficulty=DIFFICULTY))
         pool_port = await nursery.start(
-            lambda task_status: pool.serve("127.0.0.1", 0, ssl_context=server_context_for_pool_tls(theirs), task_status=task_status)
+            lambda task_status: pool.serve(
+                "127.0.0.1", 0, ssl_context=server_context_for_pool_tls(theirs), task_status=task_status
+            )
         )
         proxy = MinerProxy(
             parse_upstream_url(f"stratum+ssl://127.0.0.1:{pool_port}"),
@@ -166,9 +168,7 @@ async def test_a_stalled_pool_gets_rigs_an_explicit_error_not_silence(autojump_c
     # loaded the machine is; the capped hash rate lets that clock run while the rig hashes.
     async with trio.open_nursery() as nursery:
         pool, proxy, port = await start_chain(nursery, submit_timeout=1.0)
-        miner = Miner(
-            f"stratum+tcp://127.0.0.1:{port}", "patient.rig", profile="cpuminer", max_shares=2, hashrate=200_000
-        )
+        miner = Miner(f"stratum+tcp://127.0.0.1:{port}", "patient.rig", profile="cpuminer", max_shares=2, hashrate=200_000)
         nursery.start_soon(miner.run)
         with trio.fail_after(20):
             while miner.statistics().jobs == 0:

@@ -59,9 +59,7 @@ async def hello(stream: trio.abc.Stream, lines: LineBuffer) -> dict[str, Any]:
                 return message
 
 
-async def test_real_proxy_address_from_balancer_and_rig_address_to_pool(
-    pki: TestPKI, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_real_proxy_address_from_balancer_and_rig_address_to_pool(pki: TestPKI, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="bridge.sidecar")
     pool = HeaderPool()
     async with trio.open_nursery() as nursery:

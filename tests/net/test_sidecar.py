@@ -147,7 +147,13 @@ class TestProxy:
                 await self.arrived.wait()
 
     async def hello(self, features: list[str] | None = None) -> dict[str, Any]:
-        await self.send({"id": 1, "method": "rm.hello", "params": {"version": 1, "features": features or list(FEATURES), "agent": "test-proxy"}})
+        await self.send(
+            {
+                "id": 1,
+                "method": "rm.hello",
+                "params": {"version": 1, "features": features or list(FEATURES), "agent": "test-proxy"},
+            }
+        )
         answer = await self.wait_for(lambda m: m.get("id") == 1 and "result" in m)
         if answer["result"]["udp_port"] is not None:
             await self.wait_for(lambda m: m.get("method") == "rm.keys")
@@ -156,7 +162,12 @@ class TestProxy:
     async def open(self, ch: int, worker: str = "alice.rig1", agent: str = "cgminer/4.11.1") -> Channel:
         await self.send(
             {"method": "rm.open", "params": {"ch": ch, "peer": "203.0.113.5:4028"}},
-            {"ch": ch, "id": 1, "method": "mining.configure", "params": [["version-rolling"], {"version-rolling.mask": "ffffffff"}]},
+            {
+                "ch": ch,
+                "id": 1,
+                "method": "mining.configure",
+                "params": [["version-rolling"], {"version-rolling.mask": "ffffffff"}],
+            },
             {"ch": ch, "id": 2, "method": "mining.subscribe", "params": [agent]},
             {"ch": ch, "id": 3, "method": "mining.authorize", "params": [worker, "x"]},
         )
@@ -193,18 +204,34 @@ def find_share(channel: Channel, extranonce2: int = 1) -> Share:
     job = Job.from_notify_fields(*channel.notify[:8])
     en2 = extranonce2.to_bytes(channel.extranonce2_size, "big")
     bits = 0x00C00000 & channel.version_mask
-    header76 = job.header76(bytes.fromhex(channel.extranonce1), en2, job.ntime_int, job.rolled_version(bits, channel.version_mask))
+    header76 = job.header76(
+        bytes.fromhex(channel.extranonce1), en2, job.ntime_int, job.rolled_version(bits, channel.version_mask)
+    )
     target = difficulty_to_target(DIFFICULTY)
     start = 0
     while True:
         found = scan_nonces(header76, start, 1 << 16, target)
         if found:
-            return Share(channel_id=channel.ch, job_handle=channel.handle, extranonce2=en2, ntime=job.ntime_int, nonce=found[0][0], version_bits=bits)
+            return Share(
+                channel_id=channel.ch,
+                job_handle=channel.handle,
+                extranonce2=en2,
+                ntime=job.ntime_int,
+                nonce=found[0][0],
+                version_bits=bits,
+            )
         start += 1 << 16
 
 
 def submit_params(share: Share, channel: Channel, worker: str = "alice.rig1") -> list[str]:
-    return [worker, channel.notify[0], share.extranonce2.hex(), f"{share.ntime:08x}", f"{share.nonce:08x}", f"{share.version_bits:08x}"]
+    return [
+        worker,
+        channel.notify[0],
+        share.extranonce2.hex(),
+        f"{share.ntime:08x}",
+        f"{share.nonce:08x}",
+        f"{share.version_bits:08x}",
+    ]
 
 
 def results_for(proxy: TestProxy, pn: int) -> Callable[[dict[str, Any]], bool]:
@@ -457,8 +484,10 @@ async def test_a_garbage_flood_does_not_hold_up_honest_shares(pki: TestPKI) -> N
         assert pool.statistics().accepted == len(shares)
         assert stats.datagrams_received >= 5000 and stats.datagrams_accepted == len(shares)
         assert sum(stats.datagram_drops.values()) == stats.datagrams_received - len(shares)
-        print(f"\nverdict latency quiet {max(quiet) * 1e3:.1f} ms, under a flood of {flooded} datagrams "
-              f"{max(flooded_latencies) * 1e3:.1f} ms (max)")
+        print(
+            f"\nverdict latency quiet {max(quiet) * 1e3:.1f} ms, under a flood of {flooded} datagrams "
+            f"{max(flooded_latencies) * 1e3:.1f} ms (max)"
+        )
         # The latency itself is the benchmark's to measure (a wall-clock bound flakes on a loaded
         # machine); here every honest share got its verdict during the flood, in order.
         assert len(flooded_latencies) == len(shares) - 3
@@ -540,7 +569,9 @@ async def test_a_malformed_control_line_closes_only_that_connection(pki: TestPKI
         stats = server.statistics()
         assert stats.sessions_active == 1 and stats.closed_by_reason == {"protocol error": 1}
         assert any(
-            r.levelno == logging.WARNING and "malformed control line" in r.getMessage() and "other proxies are not affected" in r.getMessage()
+            r.levelno == logging.WARNING
+            and "malformed control line" in r.getMessage()
+            and "other proxies are not affected" in r.getMessage()
             for r in caplog.records
         )
         assert any("connected: miner certificate 'test-miner'" in r.getMessage() for r in caplog.records)
@@ -573,16 +604,36 @@ def test_the_command_refuses_to_run_without_certificates(pki: TestPKI) -> None:
     assert done.exit_code == 2
     assert "does not run without certificates" in done.output and "--cert, --key, --ca are missing" in done.output
     assert "stratumrm pki init" in done.output and "issue-pool" in done.output
-    done = runner.invoke(sidecar, ["--pool", "stratum+tcp://127.0.0.1:3333", "--cert", str(pki.pool_certificate), "--ca", str(pki.ca_certificate)])
+    done = runner.invoke(
+        sidecar, ["--pool", "stratum+tcp://127.0.0.1:3333", "--cert", str(pki.pool_certificate), "--ca", str(pki.ca_certificate)]
+    )
     assert done.exit_code == 2 and "--key is missing" in done.output
     done = runner.invoke(
         sidecar,
-        ["--pool", "stratum+tcp://127.0.0.1:3333", "--cert", "/nonexistent/pool.pem", "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate)],
+        [
+            "--pool",
+            "stratum+tcp://127.0.0.1:3333",
+            "--cert",
+            "/nonexistent/pool.pem",
+            "--key",
+            str(pki.pool_key),
+            "--ca",
+            str(pki.ca_certificate),
+        ],
     )
     assert done.exit_code == 2 and "certificate file not found" in done.output
     done = runner.invoke(
         sidecar,
-        ["--cert", str(pki.pool_certificate), "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate), "--pool", "stratumrm://x:1"],
+        [
+            "--cert",
+            str(pki.pool_certificate),
+            "--key",
+            str(pki.pool_key),
+            "--ca",
+            str(pki.ca_certificate),
+            "--pool",
+            "stratumrm://x:1",
+        ],
     )
     assert done.exit_code == 2 and "stratum+tcp://" in done.output
 

@@ -45,9 +45,7 @@ async def start(nursery: trio.Nursery, pki: TestPKI, **options: Any) -> SidecarS
     options.setdefault("revocations", RevocationList(pki.revocations, pki.ca_certificate))
     options.setdefault("reload_interval", 3600.0)  # tests call server.reload() (what SIGHUP does)
     credentials = ServerCredentials(pki.pool_certificate, pki.pool_key, pki.ca_certificate)
-    server = SidecarServer(
-        parse_upstream_url(f"stratum+tcp://{LOCALHOST}:{pool_port}"), credentials, **options
-    )
+    server = SidecarServer(parse_upstream_url(f"stratum+tcp://{LOCALHOST}:{pool_port}"), credentials, **options)
     await nursery.start(server.serve, LOCALHOST, 0)
     return server
 
@@ -120,10 +118,7 @@ async def test_no_certificate_and_another_ca_fail_the_handshake_with_a_clear_log
         stats = server.statistics()
         assert stats.refusals == {"no certificate": 1, "unknown CA": 1} and stats.sessions_total == 0
         logged = warnings(caplog)
-        assert any(
-            "failed: the client presented no certificate" in m and "stratumrm pki issue-miner" in m
-            for m in logged
-        )
+        assert any("failed: the client presented no certificate" in m and "stratumrm pki issue-miner" in m for m in logged)
         assert any("not issued by this sidecar's CA" in m and "give that proxy a bundle" in m for m in logged)
         nursery.cancel_scope.cancel()
 
@@ -134,31 +129,23 @@ async def test_expired_and_not_yet_valid_certificates_are_refused_after_the_hand
     caplog.set_level(logging.INFO, logger=LOGGER)
     now = _now()
     expired = pki.authority.issue_miner("old-rig", accounts=["alice"], days=1, now=now - timedelta(days=2))
-    early = pki.authority.issue_miner(
-        "early-rig", accounts=["alice"], now=now + timedelta(minutes=5, seconds=40)
-    )
+    early = pki.authority.issue_miner("early-rig", accounts=["alice"], now=now + timedelta(minutes=5, seconds=40))
     async with trio.open_nursery() as nursery:
         server = await start(nursery, pki)
-        reason = await refused(
-            await connect(nursery, server, client_context_from_bundle(expired.bundle_path))
-        )
+        reason = await refused(await connect(nursery, server, client_context_from_bundle(expired.bundle_path)))
         assert "'old-rig'" in reason and "expired at" in reason and "stratumrm pki renew old-rig" in reason
         reason = await refused(await connect(nursery, server, client_context_from_bundle(early.bundle_path)))
         assert "'early-rig'" in reason and "is not valid before" in reason and "leeway 10 s" in reason
         stats = server.statistics()
         assert stats.refusals == {"expired": 1, "not yet valid": 1} and stats.sessions_total == 0
         logged = warnings(caplog)
-        assert any(
-            "refused proxy" in m and "after the TLS handshake" in m and "renew old-rig" in m for m in logged
-        )
+        assert any("refused proxy" in m and "after the TLS handshake" in m and "renew old-rig" in m for m in logged)
         assert any("refused proxy" in m and "check the clocks (NTP)" in m for m in logged)
         nursery.cancel_scope.cancel()
 
 
 async def test_the_clock_skew_leeway_is_configurable(pki: TestPKI) -> None:
-    early = pki.authority.issue_miner(
-        "early-rig", accounts=["alice"], now=_now() + timedelta(minutes=5, seconds=30)
-    )
+    early = pki.authority.issue_miner("early-rig", accounts=["alice"], now=_now() + timedelta(minutes=5, seconds=30))
     async with trio.open_nursery() as nursery:
         server = await start(nursery, pki, clock_skew=timedelta(seconds=90))
         proxy = await connect(nursery, server, client_context_from_bundle(early.bundle_path))
@@ -208,9 +195,7 @@ async def test_an_account_the_certificate_does_not_name_is_refused_and_logged_wi
         await proxy.hello()
         await proxy.open(3)
         for request_id in (20, 21):  # asked twice, logged once
-            await proxy.send(
-                {"ch": 3, "id": request_id, "method": "mining.authorize", "params": ["mallory.rig1", "x"]}
-            )
+            await proxy.send({"ch": 3, "id": request_id, "method": "mining.authorize", "params": ["mallory.rig1", "x"]})
             answer = await proxy.wait_for(lambda m, i=request_id: m.get("ch") == 3 and m.get("id") == i)
             assert answer["result"] is False and answer["error"][0] == 24
         await proxy.send(
@@ -226,20 +211,13 @@ async def test_an_account_the_certificate_does_not_name_is_refused_and_logged_wi
         assert server.statistics().authorizations_refused == 2
         logged = [m for m in warnings(caplog) if "refused mining" in m]
         assert len(logged) == 1, logged
-        assert (
-            f"miner certificate '{pki.miner_name}'" in logged[0]
-            and "names the accounts alice, not 'mallory'" in logged[0]
-        )
-        assert (
-            "--account alice --account mallory" in logged[0] and "correct the rig's worker name" in logged[0]
-        )
+        assert f"miner certificate '{pki.miner_name}'" in logged[0] and "names the accounts alice, not 'mallory'" in logged[0]
+        assert "--account alice --account mallory" in logged[0] and "correct the rig's worker name" in logged[0]
         await proxy.aclose()
         nursery.cancel_scope.cancel()
 
 
-async def test_connections_over_the_per_certificate_cap_are_refused(
-    pki: TestPKI, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_connections_over_the_per_certificate_cap_are_refused(pki: TestPKI, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     context = pki.client_context()
     async with trio.open_nursery() as nursery:
@@ -259,11 +237,7 @@ async def test_connections_over_the_per_certificate_cap_are_refused(
         assert (await again.hello())["version"] == 1  # a slot is free again
         stats = server.statistics()
         [connected] = stats.connected_certificates
-        assert (
-            connected.connections == 2
-            and connected.name == pki.miner_name
-            and connected.accounts == ("alice",)
-        )
+        assert connected.connections == 2 and connected.name == pki.miner_name and connected.accounts == ("alice",)
         for proxy in (*proxies, again):
             await proxy.aclose()
         nursery.cancel_scope.cancel()
@@ -291,12 +265,8 @@ async def test_live_sessions_of_a_newly_revoked_certificate_close_within_seconds
         await steady.send({"ch": 3, "id": 30, "method": "mining.suggest_difficulty", "params": [0.001]})
         assert (await steady.wait_for(lambda m: m.get("id") == 30))["result"] is True
         assert server.statistics().sessions_active == 1
-        assert any(
-            "revocation list" in r.getMessage() and "reloaded" in r.getMessage() for r in caplog.records
-        )
-        assert any(
-            "closing the session of proxy" in m and "1 channels end now" in m for m in warnings(caplog)
-        )
+        assert any("revocation list" in r.getMessage() and "reloaded" in r.getMessage() for r in caplog.records)
+        assert any("closing the session of proxy" in m and "1 channels end now" in m for m in warnings(caplog))
         await steady.aclose()
         nursery.cancel_scope.cancel()
 
@@ -364,9 +334,7 @@ async def test_expiring_certificates_are_warned_about_in_the_log_and_the_statist
         [peer] = stats.connected_certificates
         assert peer.name == "short-rig" and peer.expiring_soon and peer.days_left < 3.01
         found = server.warnings()
-        assert any(
-            "this sidecar's certificate" in w and f"stratumrm pki renew {pki.pool_name}" in w for w in found
-        )
+        assert any("this sidecar's certificate" in w and f"stratumrm pki renew {pki.pool_name}" in w for w in found)
         assert any("'short-rig'" in w and "install the new bundle on that proxy" in w for w in found)
         logged = warnings(caplog)
         assert sum("this sidecar's certificate" in m for m in logged) == 1  # once a day, not per reload

@@ -98,9 +98,7 @@ async def test_the_sidecar_command_reloads_on_sighup_caps_connections_and_serves
     url = f"http://{LOCALHOST}:{status_port}"
     try:
         document = await wait_for_status(url, process)
-        assert (
-            document["role"] == "sidecar" and document["statistics"]["certificate"]["name"] == pki.pool_name
-        )
+        assert document["role"] == "sidecar" and document["statistics"]["certificate"]["name"] == pki.pool_name
         assert any("this sidecar's certificate" in w for w in document["warnings"])  # 365 days < 400
         shown = await trio.to_thread.run_sync(partial(CliRunner().invoke, status, ["--url", url]))
         assert shown.exit_code == WARNINGS_EXIT_STATUS and "EXPIRES SOON" in shown.output
@@ -109,10 +107,7 @@ async def test_the_sidecar_command_reloads_on_sighup_caps_connections_and_serves
         first, answer = await hello(port, context)
         assert answer["id"] == 1 and answer["result"]["version"] == 1
         second, answer = await hello(port, context)
-        assert (
-            answer["method"] == "rm.error"
-            and "already holds 1 control connections" in answer["params"]["reason"]
-        )
+        assert answer["method"] == "rm.error" and "already holds 1 control connections" in answer["params"]["reason"]
         await trio.aclose_forcefully(second)
 
         pki.authority.revoke(pki.miner_name)

@@ -36,10 +36,27 @@ async def test_first_sigterm_drains_second_exits(tmp_path: Path) -> None:
     port = free_port()
     with (tmp_path / "sidecar.log").open("w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "sidecar", "--listen", f"{LOCALHOST}:{port}", "--no-udp",
-             "--pool", "stratum+tcp://127.0.0.1:9", "--cert", str(pki.pool_certificate), "--key", str(pki.pool_key),
-             "--ca", str(pki.ca_certificate), "--drain-timeout", "300"],
-            stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "bridge",
+                "sidecar",
+                "--listen",
+                f"{LOCALHOST}:{port}",
+                "--no-udp",
+                "--pool",
+                "stratum+tcp://127.0.0.1:9",
+                "--cert",
+                str(pki.pool_certificate),
+                "--key",
+                str(pki.pool_key),
+                "--ca",
+                str(pki.ca_certificate),
+                "--drain-timeout",
+                "300",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     try:
         await trio.to_thread.run_sync(wait_for_port, port)

@@ -54,13 +54,18 @@ async def test_every_profile_over_stratumrm_gets_true_verdicts(tmp_path) -> None
 async def test_thousands_of_shares_through_a_lossy_duplicating_reordering_link(tmp_path) -> None:
     async with trio.open_nursery() as nursery:
         chain = await start_chain(
-            nursery, tmp_path, accounts=tuple(PROFILES), pool_config=PoolConfig(difficulty=2e-7),
-            loss=20, duplicate=5, reorder=5, seed=7,
+            nursery,
+            tmp_path,
+            accounts=tuple(PROFILES),
+            pool_config=PoolConfig(difficulty=2e-7),
+            loss=20,
+            duplicate=5,
+            reorder=5,
+            seed=7,
         )
         # Small hashing chunks, so shares leave one by one rather than in batches.
         miners = [
-            Miner(chain.miner_url, f"{p}.rig1", profile=p, max_shares=600, hashrate=150_000, chunk_size=256)
-            for p in PROFILES
+            Miner(chain.miner_url, f"{p}.rig1", profile=p, max_shares=600, hashrate=150_000, chunk_size=256) for p in PROFILES
         ]
         await run_miners(miners, 150)
         assert_tally(miners, chain.pool)
@@ -77,8 +82,9 @@ async def test_thousands_of_shares_through_a_lossy_duplicating_reordering_link(t
 
 async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path) -> None:
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("rig",), loss=0.001, seed=3,
-                                  pool_config=PoolConfig(difficulty=0.00002))
+        chain = await start_chain(
+            nursery, tmp_path, accounts=("rig",), loss=0.001, seed=3, pool_config=PoolConfig(difficulty=0.00002)
+        )
         blocked = Impairment(loss=100)
         miner = Miner(chain.miner_url, "rig.one", profile="cgminer")
         nursery.start_soon(miner.run)

@@ -23,6 +23,7 @@ async def test_sends_that_never_wait_arrive_and_a_batch_delivers_them() -> None:
             assert all(sender.send(b"datagram %d" % n, address) for n in range(10))
             assert sender.dropped == 0
             async with trio.open_nursery() as nursery:
+
                 def on_datagram(data: bytes, _address: object, _now: float) -> None:
                     got.append(data)
                     return None

@@ -22,7 +22,9 @@ def make_pki(directory: Path, sidecar_ip: str) -> dict[str, Path]:
     def pki(*args: str) -> None:
         subprocess.run(
             [sys.executable, "-m", "bridge", "pki", "--dir", str(directory), *args],
-            check=True, capture_output=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            check=True,
+            capture_output=True,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
         )
 
     pki("init")

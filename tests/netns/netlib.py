@@ -83,9 +83,7 @@ class Lab:
     def exec(self, namespace: str, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.directory / f"{name}.log", "ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, *args], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        process = subprocess.Popen(["ip", "netns", "exec", namespace, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         process.log_name = name  # type: ignore[attr-defined]
         self.processes.append(process)
         return process

@@ -103,38 +103,81 @@ class PoolFarm:
         wait_until(lambda: read_state(self.pool_state), STEP_TIMEOUT, "the pool", lab)
         self.wait_up(*SIDECAR_PORTS)
         lab.python(
-            self.farm_ns, "proxy", "-m", "bridge", "proxy", "--listen", "127.0.0.1:3335",
-            "--upstream", f"stratumrm://{POOL_IP}:{BALANCER_PORT}", "--bundle", str(self.pki["bundle"]),
+            self.farm_ns,
+            "proxy",
+            "-m",
+            "bridge",
+            "proxy",
+            "--listen",
+            "127.0.0.1:3335",
+            "--upstream",
+            f"stratumrm://{POOL_IP}:{BALANCER_PORT}",
+            "--bundle",
+            str(self.pki["bundle"]),
             # Behind a balancer the next sidecar is one reconnection away: keep rigs meanwhile.
-            "--no-upstream-grace", "60", "--drain-timeout", "2",
+            "--no-upstream-grace",
+            "60",
+            "--drain-timeout",
+            "2",
         )
         lab.python(
-            self.farm_ns, "miners", "-m", "tests.netns.roles", "miners", "stratum+tcp://127.0.0.1:3335", "alice",
-            PROFILES, str(self.miner_state),
+            self.farm_ns,
+            "miners",
+            "-m",
+            "tests.netns.roles",
+            "miners",
+            "stratum+tcp://127.0.0.1:3335",
+            "alice",
+            PROFILES,
+            str(self.miner_state),
         )
 
     def start_sidecar(self, name: str) -> None:
         port = SIDECAR_PORTS[name]
         pki = self.pki
         self.sidecars[name] = self.lab.python(
-            self.pool_ns, name, "-m", "bridge", "sidecar", "--listen", f"0.0.0.0:{port}",
-            "--pool", "stratum+tcp://127.0.0.1:3333", "--cert", str(pki["cert"]), "--key", str(pki["key"]),
-            "--ca", str(pki["ca"]), "--revocations", str(pki["revocations"]), "--advertise", f"{POOL_IP}:{port}",
-            "--proxy-protocol-from", "127.0.0.1", "--http-listen", f"127.0.0.1:{STATUS_PORTS[name]}",
-            "--drain-timeout", "30",
+            self.pool_ns,
+            name,
+            "-m",
+            "bridge",
+            "sidecar",
+            "--listen",
+            f"0.0.0.0:{port}",
+            "--pool",
+            "stratum+tcp://127.0.0.1:3333",
+            "--cert",
+            str(pki["cert"]),
+            "--key",
+            str(pki["key"]),
+            "--ca",
+            str(pki["ca"]),
+            "--revocations",
+            str(pki["revocations"]),
+            "--advertise",
+            f"{POOL_IP}:{port}",
+            "--proxy-protocol-from",
+            "127.0.0.1",
+            "--http-listen",
+            f"127.0.0.1:{STATUS_PORTS[name]}",
+            "--drain-timeout",
+            "30",
         )
 
     def wait_up(self, *names: str) -> None:
         wait_until(
             lambda: all(haproxy_servers(self.socket).get(n, {}).get("status") == "UP" for n in names),
-            STEP_TIMEOUT, f"HAProxy to see {', '.join(names)} up", self.lab,
+            STEP_TIMEOUT,
+            f"HAProxy to see {', '.join(names)} up",
+            self.lab,
         )
 
     def holder(self) -> str:
         """The sidecar the proxy's control connection goes to (HAProxy's current sessions)."""
+
         def find() -> str | None:
             busy = [name for name, row in haproxy_servers(self.socket).items() if row.get("scur", "0") not in ("", "0")]
             return busy[0] if len(busy) == 1 else None
+
         return wait_until(find, STEP_TIMEOUT, "the proxy's connection to settle on one sidecar", self.lab)
 
     def miners(self) -> dict[str, dict]:
@@ -146,15 +189,21 @@ class PoolFarm:
         before = {name: len(m["accepted"]) for name, m in self.miners().items()}
         wait_until(
             lambda: all(len(m["accepted"]) > before[n] for n, m in self.miners().items()),
-            STEP_TIMEOUT, f"a new accepted share at every miner {what}", self.lab,
+            STEP_TIMEOUT,
+            f"a new accepted share at every miner {what}",
+            self.lab,
         )
 
     def tally(self) -> dict[str, dict]:
         """Stop the miners (every verdict in), then compare with the pool."""
         miners_process = next(p for p in self.lab.processes if getattr(p, "log_name", "") == "miners")
         miners_process.send_signal(signal.SIGTERM)
-        final = wait_until(lambda: (read_state(self.miner_state) or {}).get("final") and read_state(self.miner_state),
-                           STEP_TIMEOUT, "the miners' final tally", self.lab)
+        final = wait_until(
+            lambda: (read_state(self.miner_state) or {}).get("final") and read_state(self.miner_state),
+            STEP_TIMEOUT,
+            "the miners' final tally",
+            self.lab,
+        )
         written = self.miner_state.stat().st_mtime
         wait_until(lambda: self.pool_state.stat().st_mtime > written + 0.3, STEP_TIMEOUT, "a fresh pool state", self.lab)
         pool = read_state(self.pool_state)

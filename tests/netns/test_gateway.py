@@ -58,8 +58,23 @@ def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, 
     lab.python(pool, "pool", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3333", "0.00005", str(states["pool"]))
     lab.python(pool, "pool2", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3336", "0.00005", str(states["pool2"]))
     lab.python(
-        pool, "sidecar", "-m", "bridge", "sidecar", "--listen", f"{POOL_IP}:3334", "--pool", "stratum+tcp://127.0.0.1:3333",
-        "--cert", str(pki["cert"]), "--key", str(pki["key"]), "--ca", str(pki["ca"]), "--revocations", str(pki["revocations"]),
+        pool,
+        "sidecar",
+        "-m",
+        "bridge",
+        "sidecar",
+        "--listen",
+        f"{POOL_IP}:3334",
+        "--pool",
+        "stratum+tcp://127.0.0.1:3333",
+        "--cert",
+        str(pki["cert"]),
+        "--key",
+        str(pki["key"]),
+        "--ca",
+        str(pki["ca"]),
+        "--revocations",
+        str(pki["revocations"]),
     )
     config = tmp_path / "proxy.toml"
     config.write_text(
@@ -72,26 +87,50 @@ def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, 
     wait_until(lambda: "sidecar listening" in lab.log("sidecar"), STEP_TIMEOUT, "the sidecar", lab)
 
     # The rigs keep the pool's address: one to the port a rule names, one to another.
-    intercepted = lab.python(farm, "intercepted", "-m", "tests.netns.roles", "miners", f"stratum+tcp://{POOL_IP}:3333",
-                             "alice", "cgminer", str(states["intercepted"]))
-    passed = lab.python(farm, "passed", "-m", "tests.netns.roles", "miners", f"stratum+tcp://{POOL_IP}:3336",
-                        "alice", "cpuminer", str(states["passed"]))
+    intercepted = lab.python(
+        farm,
+        "intercepted",
+        "-m",
+        "tests.netns.roles",
+        "miners",
+        f"stratum+tcp://{POOL_IP}:3333",
+        "alice",
+        "cgminer",
+        str(states["intercepted"]),
+    )
+    passed = lab.python(
+        farm,
+        "passed",
+        "-m",
+        "tests.netns.roles",
+        "miners",
+        f"stratum+tcp://{POOL_IP}:3336",
+        "alice",
+        "cpuminer",
+        str(states["passed"]),
+    )
 
     def accepted(name: str) -> int:
         state = read_state(states[name]) or {"miners": {}}
         return min((len(m["accepted"]) for m in state["miners"].values()), default=0)
 
-    wait_until(lambda: accepted("intercepted") >= 2 and accepted("passed") >= 2, STEP_TIMEOUT,
-               "accepted shares at both rigs", lab)
+    wait_until(
+        lambda: accepted("intercepted") >= 2 and accepted("passed") >= 2, STEP_TIMEOUT, "accepted shares at both rigs", lab
+    )
     for process in (intercepted, passed):
         process.send_signal(signal.SIGTERM)
     finals = {}
     for name in ("intercepted", "passed"):
-        finals[name] = wait_until(lambda n=name: (read_state(states[n]) or {}).get("final") and read_state(states[n]),
-                                  STEP_TIMEOUT, f"the {name} rig's final tally", lab)
+        finals[name] = wait_until(
+            lambda n=name: (read_state(states[n]) or {}).get("final") and read_state(states[n]),
+            STEP_TIMEOUT,
+            f"the {name} rig's final tally",
+            lab,
+        )
     written = max(states[n].stat().st_mtime for n in ("intercepted", "passed"))
-    wait_until(lambda: min(states[n].stat().st_mtime for n in ("pool", "pool2")) > written + 0.3,
-               STEP_TIMEOUT, "fresh pool states", lab)
+    wait_until(
+        lambda: min(states[n].stat().st_mtime for n in ("pool", "pool2")) > written + 0.3, STEP_TIMEOUT, "fresh pool states", lab
+    )
     for rig, pool_name in (("intercepted", "pool"), ("passed", "pool2")):
         at_pool = {tuple(k) for k in read_state(states[pool_name])["accepted"]}
         for miner in finals[rig]["miners"].values():

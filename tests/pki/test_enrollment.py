@@ -40,9 +40,11 @@ NOW = datetime(2026, 12, 5, 8, 0, tzinfo=UTC)
 
 def _csr(key=None) -> tuple[str, object]:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whatever the rig says")]))
-           .sign(key, hashes.SHA256()))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whatever the rig says")]))
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.PEM).decode(), key
 
 
@@ -63,8 +65,9 @@ def test_tokens_are_hashed_at_rest_single_use_expiring_and_audited(authority, tm
     service = EnrollmentService(authority, store)
 
     csr, key = _csr()
-    status, content_type, body = service.enroll(msgspec.json.encode({"token": token, "csr": csr}), "203.0.113.9",
-                                                NOW + timedelta(minutes=5))
+    status, content_type, body = service.enroll(
+        msgspec.json.encode({"token": token, "csr": csr}), "203.0.113.9", NOW + timedelta(minutes=5)
+    )
     assert status == 200 and content_type == "application/json"
     answer = json.loads(body)
     certificate = x509.load_pem_x509_certificate(answer["certificate"].encode())
@@ -80,8 +83,7 @@ def test_tokens_are_hashed_at_rest_single_use_expiring_and_audited(authority, tm
     made_up = service.enroll(msgspec.json.encode({"token": "srm1_guess", "csr": _csr()[0]}), "198.51.100.2", NOW)
     assert made_up[0] == 403 and b"unknown enrollment token" in made_up[2]
     late, _ = store.create("farm8", ["carol"], timedelta(minutes=30), now=NOW, actor="ann")
-    expired = service.enroll(msgspec.json.encode({"token": late, "csr": _csr()[0]}), "198.51.100.3",
-                             NOW + timedelta(minutes=31))
+    expired = service.enroll(msgspec.json.encode({"token": late, "csr": _csr()[0]}), "198.51.100.3", NOW + timedelta(minutes=31))
     assert expired[0] == 403 and b"expired" in expired[2]
 
     trail = [(entry.event, entry.name, entry.actor) for entry in store.audit()]
@@ -166,9 +168,26 @@ def management_port(tmp_path: Path) -> Iterator[tuple[str, object, EnrollmentSto
 
 
 def _enroll(url: str, token: str, fingerprint: str, out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", "proxy", "enroll", url, "--token", token,
-                           "--fingerprint", fingerprint, "--out", str(out)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "proxy",
+            "enroll",
+            url,
+            "--token",
+            token,
+            "--fingerprint",
+            fingerprint,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_proxy_enroll_makes_its_key_and_stores_a_working_bundle(management_port, tmp_path: Path) -> None:
@@ -205,10 +224,20 @@ def test_a_wrong_fingerprint_stops_before_anything_is_sent(management_port, tmp_
 
 
 def test_operator_certificates_cannot_mine(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "bridge", "pki", "--dir", str(tmp_path / "pki"), "init"],
-                          capture_output=True, text=True, timeout=60, check=True)
-    done = subprocess.run([sys.executable, "-m", "bridge", "pki", "--dir", str(tmp_path / "pki"), "issue-operator",
-                           "ann"], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "pki", "--dir", str(tmp_path / "pki"), "init"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "pki", "--dir", str(tmp_path / "pki"), "issue-operator", "ann"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     bundle = tmp_path / "pki" / "operators" / "ann.bundle.pem"
     identity = identity_of(x509.load_pem_x509_certificate(read_bundle(bundle).certificate_pem))

@@ -81,9 +81,7 @@ def test_open_explains_how_to_create_a_ca(tmp_path: Path) -> None:
 
 
 def test_pool_certificate_profile_and_sans(authority: CertificateAuthority) -> None:
-    issuance = authority.issue_pool(
-        "pool-eu1", dns_names=["Pool.Example.com"], ip_addresses=["10.0.0.5", "::1"]
-    )
+    issuance = authority.issue_pool("pool-eu1", dns_names=["Pool.Example.com"], ip_addresses=["10.0.0.5", "::1"])
     certificate = issuance.certificate
     san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["pool.example.com"]
@@ -92,12 +90,8 @@ def test_pool_certificate_profile_and_sans(authority: CertificateAuthority) -> N
     extended = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(extended) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
-    key_identifier = certificate.extensions.get_extension_for_class(
-        x509.AuthorityKeyIdentifier
-    ).value.key_identifier
-    ca_identifier = authority.ca_certificate.extensions.get_extension_for_class(
-        x509.SubjectKeyIdentifier
-    ).value.digest
+    key_identifier = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    ca_identifier = authority.ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     assert key_identifier == ca_identifier
     certificate.verify_directly_issued_by(authority.ca_certificate)
     assert issuance.pool_certificate_path.read_bytes() == issuance.certificate_path.read_bytes()
@@ -172,10 +166,7 @@ def test_revoke_by_name_revokes_every_certificate_of_that_name(authority: Certif
     assert listed == {first.certificate.serial_number, second.certificate.serial_number}
     assert other.certificate.serial_number not in listed
     entry = crl.get_revoked_certificate_by_serial_number(first.certificate.serial_number)
-    assert (
-        entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-        is x509.ReasonFlags.key_compromise
-    )
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.key_compromise
     with pytest.raises(PKIError, match="already revoked"):
         authority.revoke("rig07")
 

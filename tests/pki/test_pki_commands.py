@@ -81,9 +81,7 @@ def test_dir_defaults_to_pki_in_the_working_directory(tmp_path: Path) -> None:
 
 def test_issue_pool(directory: Path) -> None:
     ok(directory, "init")
-    output = ok(
-        directory, "issue-pool", "pool-eu1", "--dns", "pool.example.com", "--ip", "10.0.0.5", "--days", "90"
-    )
+    output = ok(directory, "issue-pool", "pool-eu1", "--dns", "pool.example.com", "--ip", "10.0.0.5", "--days", "90")
     certificate_path = directory / "pools" / "pool-eu1.pem"
     key_path = directory / "pools" / "pool-eu1.key"
     assert str(certificate_path) in output and str(key_path) in output

@@ -32,9 +32,7 @@ def _der(issuance_certificate: x509.Certificate) -> bytes:
 
 
 def test_accounts_round_trip_through_the_certificate_der(test_pki: TestPKI) -> None:
-    issuance = test_pki.authority.issue_miner(
-        "farm-gw", accounts=["alice", "bc1qexample", "Ünïcode", "a%b/c:d"]
-    )
+    issuance = test_pki.authority.issue_miner("farm-gw", accounts=["alice", "bc1qexample", "Ünïcode", "a%b/c:d"])
     identity = identity_from_der(_der(issuance.certificate))
     assert identity.role == "miner"
     assert identity.name == "farm-gw"
@@ -144,12 +142,8 @@ def test_validity_with_leeway(test_pki: TestPKI) -> None:
 
 def test_backdated_and_future_certificates_are_detected(test_pki: TestPKI) -> None:
     now = datetime.now(UTC)
-    expired = test_pki.authority.issue_miner(
-        "expired-rig", accounts=["alice"], days=1, now=now - timedelta(days=2)
-    )
-    future = test_pki.authority.issue_miner(
-        "future-rig", accounts=["alice"], days=5, now=now + timedelta(hours=1)
-    )
+    expired = test_pki.authority.issue_miner("expired-rig", accounts=["alice"], days=1, now=now - timedelta(days=2))
+    future = test_pki.authority.issue_miner("future-rig", accounts=["alice"], days=5, now=now + timedelta(hours=1))
     leeway = timedelta(seconds=10)
     with pytest.raises(PKIError, match=r"expired at .*renew expired-rig"):
         check_validity(identity_from_der(_der(expired.certificate)), now=now, leeway=leeway)

@@ -64,18 +64,14 @@ def test_touching_the_files_without_changing_them_builds_nothing(test_pki: TestP
     assert credentials.context is context and credentials.reloads == 0
 
 
-def test_a_half_written_pair_keeps_the_context_in_use_and_is_retried(
-    test_pki: TestPKI, tmp_path: Path
-) -> None:
+def test_a_half_written_pair_keeps_the_context_in_use_and_is_retried(test_pki: TestPKI, tmp_path: Path) -> None:
     credentials = _server(test_pki)
     context = credentials.context
     old_key = test_pki.pool_key.read_bytes()
     test_pki.authority.renew(test_pki.pool_name)
     new_key = test_pki.pool_key.read_bytes()
     test_pki.pool_key.write_bytes(old_key)  # the new certificate arrived, the key not yet
-    with pytest.raises(
-        PKIError, match=r"key belongs to the certificate.*still using the certificate loaded before"
-    ):
+    with pytest.raises(PKIError, match=r"key belongs to the certificate.*still using the certificate loaded before"):
         credentials.reload_if_changed()
     assert credentials.context is context and credentials.last_error is not None
     test_pki.pool_key.write_bytes(new_key)
@@ -135,12 +131,7 @@ def test_status_and_warning_of_a_certificate_that_expires_soon(test_pki: TestPKI
     assert status.role == "miner" and status.name == "short" and status.expiring_soon and not status.expired
     assert 4.9 < status.days_left <= 5.0 and status.file == "miners/short.bundle.pem"
     warning = expiry_warning(status, "this proxy's certificate", "renew it")
-    assert (
-        warning is not None
-        and "'short'" in warning
-        and "expires in 5.0 days" in warning
-        and warning.endswith("renew it")
-    )
+    assert warning is not None and "'short'" in warning and "expires in 5.0 days" in warning and warning.endswith("renew it")
     later = certificate_status(issued.certificate, now + timedelta(days=6), timedelta(days=14))
     assert later.expired and later.days_left < 0
     assert "expired at" in (expiry_warning(later, "x", "y") or "")
@@ -161,9 +152,7 @@ def test_reminders_repeat_once_a_day_and_again_when_a_condition_comes_back() -> 
 async def test_without_openssl_time_checks_the_leeway_decides(test_pki: TestPKI, tls_exchange) -> None:
     """A certificate valid 30 s from now: refused with 10 s of leeway, accepted with 60 s."""
     now = _now()
-    early = test_pki.authority.issue_miner(
-        "early", accounts=["alice"], now=now + timedelta(minutes=5, seconds=30)
-    )
+    early = test_pki.authority.issue_miner("early", accounts=["alice"], now=now + timedelta(minutes=5, seconds=30))
     client = client_context_from_bundle(early.bundle_path)
     credentials = _server(test_pki)
 
@@ -212,9 +201,7 @@ async def test_the_issuing_ca_must_be_valid_too(tmp_path: Path, tls_exchange) ->
             cas=credentials.ca_certificates,
         ),
     )
-    assert (
-        isinstance(outcome.server_error, CertificateRefused) and outcome.server_error.kind == "CA not valid"
-    )
+    assert isinstance(outcome.server_error, CertificateRefused) and outcome.server_error.kind == "CA not valid"
 
 
 async def test_revocation_is_refused_by_kind_with_its_date(test_pki: TestPKI, tls_exchange) -> None:
@@ -222,9 +209,7 @@ async def test_revocation_is_refused_by_kind_with_its_date(test_pki: TestPKI, tl
     test_pki.authority.revoke(test_pki.miner_name)
     revocations.reload_if_changed()
     outcome = await tls_exchange(
-        server_context(
-            test_pki.pool_certificate, test_pki.pool_key, test_pki.ca_certificate, check_time=False
-        ),
+        server_context(test_pki.pool_certificate, test_pki.pool_key, test_pki.ca_certificate, check_time=False),
         test_pki.client_context(),
         server_check=partial(check_miner_peer, revocations=revocations, now=_now()),
     )

@@ -53,9 +53,7 @@ async def test_python_ssl_shows_the_accounts_in_getpeercert(test_pki: TestPKI, t
         seen.update(tls.getpeercert())
         return None
 
-    outcome = await tls_exchange(
-        test_pki.server_context(), test_pki.client_context(), server_check=record_peer_dict
-    )
+    outcome = await tls_exchange(test_pki.server_context(), test_pki.client_context(), server_check=record_peer_dict)
     assert outcome.server_accepted
     assert seen["subjectAltName"] == (
         ("URI", "urn:stratumrm:miner:test-miner"),
@@ -64,9 +62,7 @@ async def test_python_ssl_shows_the_accounts_in_getpeercert(test_pki: TestPKI, t
     )
 
 
-async def test_handshake_with_separate_files_and_host_name(
-    test_pki: TestPKI, tls_exchange, tmp_path: Path
-) -> None:
+async def test_handshake_with_separate_files_and_host_name(test_pki: TestPKI, tls_exchange, tmp_path: Path) -> None:
     # The bundle holds key and certificate; client_context takes it as cert_file with key_file=None.
     context = client_context(test_pki.miner_bundle, None, test_pki.ca_certificate)
     outcome = await tls_exchange(test_pki.server_context(), context, server_hostname="localhost")
@@ -94,9 +90,7 @@ async def test_client_without_certificate_is_refused(test_pki: TestPKI, tls_exch
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in outcome.server_failure_text()
 
 
-async def test_client_certificate_from_another_ca_is_refused(
-    test_pki: TestPKI, tls_exchange, tmp_path: Path
-) -> None:
+async def test_client_certificate_from_another_ca_is_refused(test_pki: TestPKI, tls_exchange, tmp_path: Path) -> None:
     other = make_test_pki(tmp_path / "other")
     # The stranger trusts our pool's CA, so only its own certificate is at fault.
     stranger = client_context(other.miner_bundle, None, test_pki.ca_certificate)
@@ -106,9 +100,7 @@ async def test_client_certificate_from_another_ca_is_refused(
     assert "CERTIFICATE_VERIFY_FAILED" in outcome.server_failure_text()
 
 
-async def test_sidecar_from_another_ca_is_refused_by_the_proxy(
-    test_pki: TestPKI, tls_exchange, tmp_path: Path
-) -> None:
+async def test_sidecar_from_another_ca_is_refused_by_the_proxy(test_pki: TestPKI, tls_exchange, tmp_path: Path) -> None:
     other = make_test_pki(tmp_path / "other")
     outcome = await tls_exchange(other.server_context(), test_pki.client_context())
     assert not outcome.succeeded
@@ -116,9 +108,7 @@ async def test_sidecar_from_another_ca_is_refused_by_the_proxy(
 
 
 async def test_host_name_mismatch_is_refused(test_pki: TestPKI, tls_exchange) -> None:
-    outcome = await tls_exchange(
-        test_pki.server_context(), test_pki.client_context(), server_hostname="pool.example.com"
-    )
+    outcome = await tls_exchange(test_pki.server_context(), test_pki.client_context(), server_hostname="pool.example.com")
     assert not outcome.succeeded
     assert "pool.example.com" in str(outcome.client_error.__cause__)
 
@@ -148,18 +138,14 @@ async def test_tls12_client_is_refused(test_pki: TestPKI, tls_exchange) -> None:
 
 
 async def test_expired_certificate_fails_the_full_handshake(test_pki: TestPKI, tls_exchange) -> None:
-    expired = test_pki.authority.issue_miner(
-        "old-rig", accounts=["alice"], days=1, now=_now() - timedelta(days=3)
-    )
+    expired = test_pki.authority.issue_miner("old-rig", accounts=["alice"], days=1, now=_now() - timedelta(days=3))
     outcome = await tls_exchange(test_pki.server_context(), client_context_from_bundle(expired.bundle_path))
     assert not outcome.succeeded
     assert "expired" in outcome.server_failure_text().lower()
 
 
 async def test_not_yet_valid_certificate_fails_the_full_handshake(test_pki: TestPKI, tls_exchange) -> None:
-    future = test_pki.authority.issue_miner(
-        "new-rig", accounts=["alice"], days=10, now=_now() + timedelta(days=2)
-    )
+    future = test_pki.authority.issue_miner("new-rig", accounts=["alice"], days=10, now=_now() + timedelta(days=2))
     outcome = await tls_exchange(test_pki.server_context(), client_context_from_bundle(future.bundle_path))
     assert not outcome.succeeded
     assert "not yet valid" in outcome.server_failure_text().lower()
@@ -256,9 +242,7 @@ async def test_public_contexts_reach_a_stratum_ssl_pool_with_a_private_ca(
     assert outcome.server_accepted and outcome.client_received == b"welcome\n"
 
     stranger = make_test_pki(tmp_path / "other")
-    outcome = await tls_exchange(
-        pool, public_client_context(stranger.ca_certificate), server_check=lambda tls: None
-    )
+    outcome = await tls_exchange(pool, public_client_context(stranger.ca_certificate), server_check=lambda tls: None)
     assert not outcome.server_accepted
     assert "CERTIFICATE_VERIFY_FAILED" in repr(outcome.client_error.__cause__)
 

@@ -151,6 +151,8 @@ def test_ckpool_share_rejects_reach_the_miner_in_ckpool_form() -> None:
         replay.from_miner(line)
     replay.from_pool('{"result":[[["mining.notify","6b05d75a"]],"5ad7056b",8],"id":1,"error":null}')
     replay.from_pool('{"result":true,"error":null,"id":3}')
-    replay.from_miner('{"id": 29, "method": "mining.submit", "params": ["rej.w1", "6b05d7570000006d", "0000000000000000", "6b05dafd", "be87b63e"]}')
+    replay.from_miner(
+        '{"id": 29, "method": "mining.submit", "params": ["rej.w1", "6b05d7570000006d", "0000000000000000", "6b05dafd", "be87b63e"]}'
+    )
     replay.from_pool('{"reject-reason":"Stale","result":false,"error":null,"id":29}')
     assert replay.to_miner[-1] == {"reject-reason": "Stale", "result": False, "error": None, "id": 29}

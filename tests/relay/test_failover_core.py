@@ -323,9 +323,15 @@ def test_pool_status_from_the_sidecar_counts_as_a_detection() -> None:
     assert p.state(0) is State.UP
 
 
-@pytest.mark.parametrize("options", [
-    {"silence_timeout": 0}, {"hold_down": -1}, {"switch_burst": 0}, {"keepalive_interval": 10.0},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"silence_timeout": 0},
+        {"hold_down": -1},
+        {"switch_burst": 0},
+        {"keepalive_interval": 10.0},
+    ],
+)
 def test_bad_settings_are_refused(options) -> None:
     with pytest.raises(ConfigError):
         FailoverConfig(**options)

@@ -44,17 +44,32 @@ class Pool:
                 self._answered.add(message.get("id"))
                 method = message.get("method")
                 if method == "mining.subscribe":
-                    self.feed({"id": message["id"], "result": [[["mining.notify", "s"]], self.extranonce1, 4], "error": None}, now)
+                    self.feed(
+                        {"id": message["id"], "result": [[["mining.notify", "s"]], self.extranonce1, 4], "error": None}, now
+                    )
                     self.feed({"id": None, "method": "mining.set_difficulty", "params": [0.5]}, now)
                     self.notify(job, now, clean=False)
                 elif method == "mining.authorize":
                     self.feed({"id": message["id"], "result": True, "error": None}, now)
                 elif method == "mining.configure":
-                    self.feed({"id": message["id"], "result": {"version-rolling": True, "version-rolling.mask": "1fffe000"}, "error": None}, now)
+                    self.feed(
+                        {
+                            "id": message["id"],
+                            "result": {"version-rolling": True, "version-rolling.mask": "1fffe000"},
+                            "error": None,
+                        },
+                        now,
+                    )
 
     def notify(self, job: str, now: float = 1.0, clean: bool = True) -> None:
-        self.feed({"id": None, "method": "mining.notify",
-                   "params": [job, PREV, "01", "02", [], "20000000", "17034219", "6554a2c1", clean]}, now)
+        self.feed(
+            {
+                "id": None,
+                "method": "mining.notify",
+                "params": [job, PREV, "01", "02", [], "20000000", "17034219", "6554a2c1", clean],
+            },
+            now,
+        )
 
 
 def rig(channel: MinerChannel, *messages: dict, now: float = 0.5) -> None:
@@ -72,8 +87,11 @@ def submit(request_id, job: str) -> dict:
 def connected(xnsub: bool, extranonce1: str = "aaaa0001") -> tuple[MinerChannel, Pool]:
     channel = MinerChannel(drain_timeout=5.0)
     first = Pool(channel, extranonce1)
-    rig(channel, {"id": 1, "method": "mining.subscribe", "params": ["bmminer/2.0.0"]},
-        {"id": 2, "method": "mining.authorize", "params": ["w.1", "pw"]})
+    rig(
+        channel,
+        {"id": 1, "method": "mining.subscribe", "params": ["bmminer/2.0.0"]},
+        {"id": 2, "method": "mining.authorize", "params": ["w.1", "pw"]},
+    )
     first.leg = channel.attach_upstream(first.session, 0.5, key="first")
     first.answer_handshake()
     if xnsub:
@@ -166,8 +184,7 @@ def test_a_rig_without_extranonce_subscribe_is_reconnected_after_its_verdicts() 
     [sent] = [m for m in first.sent() if m.get("method") == "mining.submit"]
     first.feed({"id": sent["id"], "result": True, "error": None}, 2.1)
     out = to_rig(channel)
-    assert out == [{"id": 10, "result": True, "error": None},
-                   {"id": None, "method": "client.reconnect", "params": []}]
+    assert out == [{"id": 10, "result": True, "error": None}, {"id": None, "method": "client.reconnect", "params": []}]
     assert "client.reconnect" in channel.reconnect_reason and not channel.closed
     # a share that crossed the reconnect still goes to its pool
     rig(channel, submit(11, "j1"), now=2.2)

@@ -28,10 +28,15 @@ from bridge.wire.datagram import (
 from bridge.wire.keys import KeyMaterial, KeySet, Role
 
 NOTIFY = [
-    "6b05d75700000037", "36b6b33055f3556c2919c92af2fc9ddeeee9c69503e3f3e7f193bdcf00000000",
+    "6b05d75700000037",
+    "36b6b33055f3556c2919c92af2fc9ddeeee9c69503e3f3e7f193bdcf00000000",
     "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff21016d000415d9056b0447544e010c",
     "0a636b706f6f6cffffffff0200f2052a01000000160014751e76e8199196d454941c45d1b3a323f1433bd600000000",
-    [], "20000000", "1d00ffff", "6b05d915", True,
+    [],
+    "20000000",
+    "1d00ffff",
+    "6b05d915",
+    True,
 ]
 
 
@@ -85,7 +90,9 @@ def channel_ready(conn: StratumRMConnection, sidecar: FakeSidecar, *, nbits: str
     assert [m.get("method") for m in sent] == ["rm.open", "mining.subscribe", "mining.authorize"]
     assert sent[1]["ch"] == channel.ch and sent[1]["params"] == ["cgminer/4.11.1"]
     sidecar.send(
-        control.encode_channel_response(channel.ch, sent[1]["id"], msgspec.Raw(b'[[["mining.notify","ab"]],"5ad7056b",8]'), msgspec.Raw(b"null")),
+        control.encode_channel_response(
+            channel.ch, sent[1]["id"], msgspec.Raw(b'[[["mining.notify","ab"]],"5ad7056b",8]'), msgspec.Raw(b"null")
+        ),
         control.encode_channel_response(channel.ch, sent[2]["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")),
     )
     notify = list(NOTIFY)
@@ -121,7 +128,12 @@ def test_a_share_goes_as_one_sealed_record_and_its_verdict_comes_back() -> None:
     header, body = sidecar.open(datagram)
     assert header.type == DatagramType.SHARE and isinstance(body, Share)
     assert (body.channel_id, body.job_handle, body.extranonce2, body.ntime, body.nonce) == (
-        channel.ch, 7, bytes.fromhex("0100000000000000"), 0x6B05D915, 0x0A029ED1)
+        channel.ch,
+        7,
+        bytes.fromhex("0100000000000000"),
+        0x6B05D915,
+        0x0A029ED1,
+    )
     assert body.version_bits is None and body.worker_index is None
     assert len(datagram) <= 60
     verdict = sidecar.keys.sealer.seal(Verdicts((VerdictEntry(header.pn, 0),))).data
@@ -223,8 +235,11 @@ def test_shares_of_one_step_share_a_datagram_and_rejects_keep_the_pools_words() 
     [datagram] = conn.datagrams_to_send()
     header, body = sidecar.open(datagram)
     assert isinstance(body, ShareBatch) and len(body.shares) == 3
-    verdicts = [(1, header.pn, 0, 1), (1, header.pn, 1, {"result": False, "error": None, "reject-reason": "Stale"}),
-                (1, header.pn, 2, {"result": None, "error": [23, "low difficulty share", None]})]
+    verdicts = [
+        (1, header.pn, 0, 1),
+        (1, header.pn, 1, {"result": False, "error": None, "reject-reason": "Stale"}),
+        (1, header.pn, 2, {"result": None, "error": [23, "low difficulty share", None]}),
+    ]
     sidecar.send(control.encode_rm("rm.results", control.Results(v=verdicts)))
     replies = {r.context: r for r in channel.events}
     assert replies[0].accepted
@@ -318,8 +333,14 @@ def test_sidecar_closing_a_channel_and_going_silent() -> None:
     assert isinstance(other.events[-1], ChannelClosed)
 
 
-@pytest.mark.parametrize("line", [b"not json\n", b'{"id":null,"method":"rm.bogus","params":{}}\n',
-                                  b'{"id":null,"method":"rm.notify","params":{"job":99,"ch":[1]}}\n'])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json\n",
+        b'{"id":null,"method":"rm.bogus","params":{}}\n',
+        b'{"id":null,"method":"rm.notify","params":{"job":99,"ch":[1]}}\n',
+    ],
+)
 def test_malformed_control_lines_close_the_connection_with_a_reason(line) -> None:
     conn = StratumRMConnection()
     FakeSidecar(conn).start()

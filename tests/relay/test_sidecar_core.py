@@ -212,7 +212,13 @@ def ready(**options: Any) -> Harness:
 
 def test_hello_answers_version_features_udp_and_sends_keys() -> None:
     harness = Harness(udp_host="pool.example.com", heartbeat=0.5, dead_after=3.0)
-    harness.send({"id": 1, "method": "rm.hello", "params": {"version": 1, "features": ["udp-shares", "udp-v2", "job-dedup", "future-x"], "agent": "p"}})
+    harness.send(
+        {
+            "id": 1,
+            "method": "rm.hello",
+            "params": {"version": 1, "features": ["udp-shares", "udp-v2", "job-dedup", "future-x"], "agent": "p"},
+        }
+    )
     hello, keys = harness.take()
     assert hello["id"] == 1 and hello["error"] is None
     result = hello["result"]
@@ -548,7 +554,12 @@ def test_a_share_reaches_the_pool_once_whatever_repeats_it() -> None:
     share = harness.share()
     harness.datagram(harness.seal(share))  # pn 0: forwarded
     harness.datagram(harness.seal(share))  # pn 1, while pending: joins
-    tls_submit = {"ch": 3, "id": 40, "method": "mining.submit", "params": ["alice.rig1", "j1", "0000002A", "6554a2c1", "b2957c02", "00c00000"]}
+    tls_submit = {
+        "ch": 3,
+        "id": 40,
+        "method": "mining.submit",
+        "params": ["alice.rig1", "j1", "0000002A", "6554a2c1", "b2957c02", "00c00000"],
+    }
     harness.send(tls_submit)  # TLS copy (upper-case hex), while pending: joins
     [submit] = harness.submits()
     harness.pool(3, {"id": submit["id"], "result": True, "error": None})
@@ -567,7 +578,9 @@ def test_a_share_reaches_the_pool_once_whatever_repeats_it() -> None:
 
 def test_a_tls_share_first_and_its_udp_retransmission_share_one_pool_submit() -> None:
     harness = ready()
-    harness.send({"ch": 3, "id": 50, "method": "mining.submit", "params": ["alice.rig1", "j1", "0000002a", "6554a2c1", "b2957c02"]})
+    harness.send(
+        {"ch": 3, "id": 50, "method": "mining.submit", "params": ["alice.rig1", "j1", "0000002a", "6554a2c1", "b2957c02"]}
+    )
     [submit] = harness.submits()
     assert submit["params"] == ["alice.rig1", "j1", "0000002a", "6554a2c1", "b2957c02"]  # relayed as sent
     harness.datagram(harness.seal(harness.share(version_bits=None)))
@@ -605,7 +618,9 @@ def test_shares_on_other_jobs_channels_or_extranonces_are_distinct() -> None:
         ({"extranonce2": b"\x00\x00\x2a"}, 20, "Incorrect size of extranonce2"),
     ],
 )
-def test_records_that_fail_the_sidecars_checks_get_an_explicit_error_verdict(change: dict[str, Any], code: int, words: str) -> None:
+def test_records_that_fail_the_sidecars_checks_get_an_explicit_error_verdict(
+    change: dict[str, Any], code: int, words: str
+) -> None:
     harness = ready()
     harness.datagram(harness.seal(harness.share(**change)))
     harness.advance(0.01)
@@ -734,8 +749,20 @@ def hostile_datagrams(harness: Harness) -> dict[str, list[bytes]]:
 
 @pytest.mark.parametrize(
     "reason",
-    ["truncated", "oversized", "bad version", "unknown type", "unexpected type", "bad flags", "unknown conn_id",
-     "wrong key phase", "replayed", "too old", "bad tag", "malformed"],
+    [
+        "truncated",
+        "oversized",
+        "bad version",
+        "unknown type",
+        "unexpected type",
+        "bad flags",
+        "unknown conn_id",
+        "wrong key phase",
+        "replayed",
+        "too old",
+        "bad tag",
+        "malformed",
+    ],
 )
 def test_hostile_datagrams_are_dropped_without_a_reply_and_counted_by_reason(reason: str) -> None:
     harness = ready()

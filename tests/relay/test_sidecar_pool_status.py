@@ -28,7 +28,9 @@ def test_changes_are_sent_only_when_pool_status_was_negotiated() -> None:
     session.pool_status(False, "cannot connect to pool stratum+tcp://10.0.0.2:3333: refused", 3.0)
     [down] = sent(session)
     assert down["method"] == "rm.pool" and down["params"] == {
-        "status": "down", "reason": "cannot connect to pool stratum+tcp://10.0.0.2:3333: refused"}
+        "status": "down",
+        "reason": "cannot connect to pool stratum+tcp://10.0.0.2:3333: refused",
+    }
     session.pool_status(False, "still refused", 4.0)
     assert sent(session) == []  # no news
     session.pool_status(True, "", 5.0)

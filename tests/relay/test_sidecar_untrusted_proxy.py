@@ -90,7 +90,12 @@ def test_the_pool_gets_canonical_params_re_encoded_not_the_proxys_bytes() -> Non
     harness.send(
         {"ch": 3, "id": 42, "method": "mining.authorize", "params": ["alice.rig2", "x", {"smuggled": "mallory.w"}]},
         {"ch": 3, "id": 43, "method": "mining.extranonce.subscribe", "params": ["mallory.w"]},
-        {"ch": 3, "id": 44, "method": "mining.submit", "params": ["alice.rig1", "j1", "0000002a", "6554a2c1", "00000001", "00c00000", "mallory.w"]},
+        {
+            "ch": 3,
+            "id": 44,
+            "method": "mining.submit",
+            "params": ["alice.rig1", "j1", "0000002a", "6554a2c1", "00000001", "00c00000", "mallory.w"],
+        },
     )
     sent = {m["method"]: m["params"] for m in harness.to_pool[3]}
     assert sent == {

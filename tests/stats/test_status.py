@@ -62,7 +62,11 @@ async def serving(nursery: trio.Nursery, warnings: list[str]) -> tuple[WebServer
     async def document(_request: Request) -> Response:
         return json_response(
             StatusDocument(
-                role="sidecar", version=__version__, started=NOW, uptime=12.5, warnings=warnings,
+                role="sidecar",
+                version=__version__,
+                started=NOW,
+                uptime=12.5,
+                warnings=warnings,
                 statistics=counters(),
             )
         )
@@ -76,9 +80,7 @@ async def test_get_status_returns_the_roles_statistics_and_warnings() -> None:
     async with trio.open_nursery() as nursery:
         server, url = await serving(nursery, ["certificate 'farm1' expires in 5.5 days"])
         document = await trio.to_thread.run_sync(fetch_status, url)
-        assert document["role"] == "sidecar" and document["warnings"] == [
-            "certificate 'farm1' expires in 5.5 days"
-        ]
+        assert document["role"] == "sidecar" and document["warnings"] == ["certificate 'farm1' expires in 5.5 days"]
         assert document["statistics"]["sessions_active"] == 2 and document["uptime"] == 12.5
         assert document["statistics"]["peers"][0]["days_left"] == 5.5 and server.requests == 1
         nursery.cancel_scope.cancel()

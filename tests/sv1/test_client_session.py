@@ -51,8 +51,11 @@ def test_pool_ordering_authorize_waits_for_subscribe_and_the_rest_for_authorize(
     c.subscribe("bitaxe/BM1368/v2.9.0", context="sub")
     c.authorize("u.w", "x", context="auth")
     assert [m["method"] for m in sent(c)] == ["mining.configure", "mining.subscribe"]
-    events = pool(c, '{"result":{"version-rolling":true,"version-rolling.mask":"1fffe000"},"id":1,"error":null}',
-                  '{"result":[[["mining.notify","6b05d75a"]],"5ad7056b",8],"id":2,"error":null}')
+    events = pool(
+        c,
+        '{"result":{"version-rolling":true,"version-rolling.mask":"1fffe000"},"id":1,"error":null}',
+        '{"result":[[["mining.notify","6b05d75a"]],"5ad7056b",8],"id":2,"error":null}',
+    )
     assert [e.context for e in events] == ["cfg", "sub"] and c.version_mask == "1fffe000"
     assert [m["method"] for m in sent(c)] == ["mining.authorize"]
     pool(c, '{"result":true,"error":null,"id":3}')
@@ -86,7 +89,15 @@ def test_notifications_and_pool_requests_become_events() -> None:
         '{"id":7,"method":"mining.set_goal","params":["x"]}',
     )
     assert [type(e) for e in events] == [
-        Notify, SetDifficulty, SetExtranonce, SetVersionMask, Reconnect, ShowMessage, GetVersion, Ping, UnknownPoolRequest,
+        Notify,
+        SetDifficulty,
+        SetExtranonce,
+        SetVersionMask,
+        Reconnect,
+        ShowMessage,
+        GetVersion,
+        Ping,
+        UnknownPoolRequest,
     ]
     assert c.difficulty == 0.5 and c.extranonce1 == "02187bbb75009a23a3" and c.extranonce2_size == 3
     c.respond("gv1", "cgminer/4.11.1")
@@ -109,7 +120,12 @@ def test_reject_dialects_of_every_pool_family() -> None:
     )
     verdicts = [read_verdict(e.response) for e in events]
     assert [(v.accepted, v.code) for v in verdicts] == [
-        (False, 21), (False, 23), (False, 21), (False, 22), (False, 20), (True, 0)
+        (False, 21),
+        (False, 23),
+        (False, 21),
+        (False, 22),
+        (False, 20),
+        (True, 0),
     ]
     assert all(isinstance(e, Reply) and e.method == "mining.submit" for e in events)
 
@@ -117,8 +133,9 @@ def test_reject_dialects_of_every_pool_family() -> None:
 def test_malformed_pool_lines_are_violations_not_exceptions() -> None:
     c = subscribed_and_authorized()
     bad_notify = NOTIFY.replace('"20000000"', '"2000"')
-    events = pool(c, bad_notify, '{"params":[-1],"id":null,"method":"mining.set_difficulty"}',
-                  '{"result":true,"id":999,"error":null}')
+    events = pool(
+        c, bad_notify, '{"params":[-1],"id":null,"method":"mining.set_difficulty"}', '{"result":true,"id":999,"error":null}'
+    )
     assert [type(e) for e in events] == [ProtocolViolation, ProtocolViolation]
     assert c.statistics().unmatched_replies == 1
     [fatal] = c.receive_data(b"Invalid JSON, disconnecting\n")

@@ -10,12 +10,28 @@ from hypothesis import strategies as st
 from bridge.sv1.client import ClientSession
 from bridge.sv1.server import ServerSession
 
-METHODS = st.sampled_from([
-    "mining.subscribe", "mining.authorize", "mining.submit", "mining.configure", "mining.notify",
-    "mining.set_difficulty", "mining.set_extranonce", "client.reconnect", "mining.extranonce.subscribe",
-    "mining.suggest_difficulty", "mining.suggest_target", "mining.multi_version", "mining.get_transactions",
-    "client.get_version", "mining.ping", "mining.set_version_mask", "client.show_message", "x",
-])
+METHODS = st.sampled_from(
+    [
+        "mining.subscribe",
+        "mining.authorize",
+        "mining.submit",
+        "mining.configure",
+        "mining.notify",
+        "mining.set_difficulty",
+        "mining.set_extranonce",
+        "client.reconnect",
+        "mining.extranonce.subscribe",
+        "mining.suggest_difficulty",
+        "mining.suggest_target",
+        "mining.multi_version",
+        "mining.get_transactions",
+        "client.get_version",
+        "mining.ping",
+        "mining.set_version_mask",
+        "client.show_message",
+        "x",
+    ]
+)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=8), children, max_size=4),

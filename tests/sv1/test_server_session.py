@@ -37,8 +37,11 @@ def feed(session: ServerSession, *messages: object) -> list:
 
 
 def handshake(session: ServerSession) -> None:
-    feed(session, {"id": 1, "method": "mining.subscribe", "params": ["x/1"]},
-         {"id": 2, "method": "mining.authorize", "params": ["u.w", "x"]})
+    feed(
+        session,
+        {"id": 1, "method": "mining.subscribe", "params": ["x/1"]},
+        {"id": 2, "method": "mining.authorize", "params": ["u.w", "x"]},
+    )
     session.subscribe_result(1, "abcd0001", 4, [["mining.notify", "s1"]])
     session.respond(2, True)
     out(session)
@@ -58,7 +61,14 @@ def test_every_miner_method_decodes_to_its_event() -> None:
         {"id": "txlist1", "method": "mining.get_transactions", "params": ["1"]},
     )
     assert [type(e) for e in events] == [
-        SuggestTarget, Configure, Subscribe, ExtranonceSubscribe, Authorize, SuggestDifficulty, MultiVersion, GetTransactions,
+        SuggestTarget,
+        Configure,
+        Subscribe,
+        ExtranonceSubscribe,
+        Authorize,
+        SuggestDifficulty,
+        MultiVersion,
+        GetTransactions,
     ]
     assert events[2].params.session_id == "e1a3b2c4" and s.user_agent == "cgminer/4.11.1"
     assert events[4].id == "auth" and s.extranonce_subscribed
@@ -69,8 +79,7 @@ def test_every_miner_method_decodes_to_its_event() -> None:
 
 def test_subscribe_result_is_the_first_line_and_held_lines_follow_in_order() -> None:
     s = ServerSession()
-    feed(s, {"id": 0, "method": "mining.authorize", "params": ["u", "p"]},
-         {"id": 1, "method": "mining.subscribe", "params": []})
+    feed(s, {"id": 0, "method": "mining.authorize", "params": ["u", "p"]}, {"id": 1, "method": "mining.subscribe", "params": []})
     s.respond(0, True)
     s.set_difficulty(2.0)
     s.notify(NOTIFY)
@@ -85,8 +94,11 @@ def test_subscribe_result_is_the_first_line_and_held_lines_follow_in_order() -> 
 
 def test_configure_answer_may_precede_the_subscribe_result() -> None:
     s = ServerSession()
-    feed(s, {"id": 1, "method": "mining.configure", "params": [["version-rolling"], {}]},
-         {"id": 2, "method": "mining.subscribe", "params": ["bitaxe/BM1368/v2.9.0"]})
+    feed(
+        s,
+        {"id": 1, "method": "mining.configure", "params": [["version-rolling"], {}]},
+        {"id": 2, "method": "mining.subscribe", "params": ["bitaxe/BM1368/v2.9.0"]},
+    )
     s.respond(1, {"version-rolling": True, "version-rolling.mask": "1fffe000"})
     assert out(s)[0]["id"] == 1
 
@@ -160,7 +172,7 @@ def test_unknown_method_gets_error_20_and_the_session_goes_on() -> None:
     assert isinstance(feed(s, {"id": 1, "method": "mining.subscribe", "params": []})[0], Subscribe)
 
 
-@pytest.mark.parametrize("line", [b"not json\n", b"[1,2]\n", b'"str"\n', b"{\"id\": 1,\n"])
+@pytest.mark.parametrize("line", [b"not json\n", b"[1,2]\n", b'"str"\n', b'{"id": 1,\n'])
 def test_invalid_json_is_fatal(line) -> None:
     s = ServerSession()
     events = s.receive_data(line)

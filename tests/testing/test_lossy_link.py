@@ -90,9 +90,7 @@ async def send_numbered(sock: trio.socket.SocketType, port: int, count: int = CO
         await trio.sleep(0.0005)
 
 
-async def run_through_link(
-    link_options: dict[str, object], *, echo_back: bool
-) -> tuple[list[int], LossyLink]:
+async def run_through_link(link_options: dict[str, object], *, echo_back: bool) -> tuple[list[int], LossyLink]:
     target = await bound_udp_socket()
     client = await bound_udp_socket()
     with target, client:
@@ -145,9 +143,7 @@ async def test_reordering_happens_and_loses_nothing() -> None:
 
 
 async def test_per_direction_impairment() -> None:
-    seen, link = await run_through_link(
-        {"seed": 5, "to_target": Impairment(), "to_client": Impairment(loss=100)}, echo_back=True
-    )
+    seen, link = await run_through_link({"seed": 5, "to_target": Impairment(), "to_client": Impairment(loss=100)}, echo_back=True)
     stats = link.statistics()
     assert seen == []
     assert stats.to_target.forwarded == COUNT and stats.to_client.dropped == COUNT

@@ -224,9 +224,7 @@ def test_cpuminer_extranonce2_restarts_on_every_job() -> None:
 
 def test_bfgminer_replays_its_capture_and_finds_the_captured_share() -> None:
     records = capture("bfgminer-ckpool-basic.jsonl")
-    protocol = miner(
-        Profile.BFGMINER, "bfgminer1.rig1", user_agent="bfgminer/5.5.0-34-g866fd36f", suggest_target=False
-    )
+    protocol = miner(Profile.BFGMINER, "bfgminer1.rig1", user_agent="bfgminer/5.5.0-34-g866fd36f", suggest_target=False)
     protocol.connection_made("127.0.0.1", 3399, 0.0)
     out = sent(protocol) + replay_until(protocol, records, '"6b05d7570000002d"')
     # subscribe id 0, authorize id "auth", get_transactions id "txlist<job>" once
@@ -544,7 +542,9 @@ def test_set_difficulty_is_queued_one_per_notify() -> None:
     assert pool(protocol, notify("j2", clean=False)) == [NewJob("j2", False, 0.25)]
     assert pool(protocol, notify("j3", clean=False)) == [NewJob("j3", False, 0.25)]
     # a third pending value replaces the second
-    events = pool(protocol, set_difficulty(2), set_difficulty(3), set_difficulty(4), notify("j4", clean=False), notify("j5", clean=False))
+    events = pool(
+        protocol, set_difficulty(2), set_difficulty(3), set_difficulty(4), notify("j4", clean=False), notify("j5", clean=False)
+    )
     assert [e.difficulty for e in events] == [2, 4]
     # shares keep the difficulty of their own job
     assert protocol.next_chunk(0.0).difficulty == 4  # type: ignore[union-attr]
@@ -754,7 +754,11 @@ def test_the_nonce_search_finds_shares_that_verify(profile: Profile) -> None:
         bits = int(share.version_bits, 16) if share.version_bits is not None else None
         version = job.version_int if bits is None else roll_version(job.version_int, bits, mask)
         header_hash = job.share_hash(
-            bytes.fromhex(share.extranonce1), bytes.fromhex(share.extranonce2), int(share.ntime, 16), int(share.nonce, 16), version
+            bytes.fromhex(share.extranonce1),
+            bytes.fromhex(share.extranonce2),
+            int(share.ntime, 16),
+            int(share.nonce, 16),
+            version,
         )
         assert header_hash <= difficulty_to_target(difficulty)
         assert share.difficulty == difficulty and share.share_difficulty >= difficulty
@@ -789,10 +793,7 @@ def accepted_keys(reference: ReferencePool, worker: str) -> set[tuple[Any, ...]]
 async def test_every_profile_mines_against_the_reference_pool() -> None:
     async with trio.open_nursery() as nursery:
         reference, url = await start_pool(nursery)
-        miners = [
-            Miner(url, f"rig.{profile.value}", profile=profile, max_shares=3, reconnect_delay=0.1)
-            for profile in Profile
-        ]
+        miners = [Miner(url, f"rig.{profile.value}", profile=profile, max_shares=3, reconnect_delay=0.1) for profile in Profile]
         with trio.fail_after(20):
             async with trio.open_nursery() as mining:
                 for each in miners:
@@ -883,9 +884,7 @@ def self_signed_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContex
     cert_file, key_file = directory / "pool.pem", directory / "pool.key"
     cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert_file, key_file)
@@ -896,10 +895,10 @@ async def test_stratum_ssl(tmp_path: Path) -> None:
     server_context, client_context = self_signed_contexts(tmp_path)
     async with trio.open_nursery() as nursery:
         reference = ReferencePool(PoolConfig(difficulty=0.00005))
-        port = await nursery.start(
-            functools.partial(reference.serve, LOCALHOST, 0, ssl_context=server_context)
+        port = await nursery.start(functools.partial(reference.serve, LOCALHOST, 0, ssl_context=server_context))
+        tls_miner = Miner(
+            f"stratum+ssl://{LOCALHOST}:{port}", "rig.tls", profile="bitaxe", max_shares=2, ssl_context=client_context
         )
-        tls_miner = Miner(f"stratum+ssl://{LOCALHOST}:{port}", "rig.tls", profile="bitaxe", max_shares=2, ssl_context=client_context)
         with trio.fail_after(10):
             await tls_miner.run()
         assert len(tls_miner.accepted) == 2
@@ -945,8 +944,20 @@ def test_testminer_command_prints_verdicts_and_a_summary() -> None:
             thread.join(0.01)
         outcome = CliRunner().invoke(
             miner_cli,
-            ["--url", f"stratum+tcp://{LOCALHOST}:{ready[0]}", "--user", "addr.rig", "--profile", "bmminer",
-             "--count", "2", "--max-shares", "2", "--duration", "20"],
+            [
+                "--url",
+                f"stratum+tcp://{LOCALHOST}:{ready[0]}",
+                "--user",
+                "addr.rig",
+                "--profile",
+                "bmminer",
+                "--count",
+                "2",
+                "--max-shares",
+                "2",
+                "--duration",
+                "20",
+            ],
         )
     finally:
         stop.set()

@@ -65,11 +65,7 @@ async def start_pool(
     fields.setdefault("difficulty", DIFFICULTY)
     fields.setdefault("seed", 7)
     pool = ReferencePool(PoolConfig(**fields), clock=clock or FakeClock())
-    await nursery.start(
-        lambda task_status: pool.serve(
-            "127.0.0.1", 0, ssl_context=ssl_context, task_status=task_status
-        )
-    )
+    await nursery.start(lambda task_status: pool.serve("127.0.0.1", 0, ssl_context=ssl_context, task_status=task_status))
     return pool
 
 
@@ -92,9 +88,7 @@ class Miner:
         self.last_line = b""
 
     @classmethod
-    async def connect(
-        cls, target: ReferencePool | int, ssl_context: ssl.SSLContext | None = None
-    ) -> Miner:
+    async def connect(cls, target: ReferencePool | int, ssl_context: ssl.SSLContext | None = None) -> Miner:
         """Connect to a running pool (or a port on 127.0.0.1)."""
         port = target if isinstance(target, int) else target.port
         assert port is not None, "the pool is not serving"
@@ -198,9 +192,7 @@ def find_nonces(
 ) -> list[int]:
     """Nonces whose share meets ``difficulty``."""
     job = job_of(notify)
-    header76 = job.header76(
-        extranonce1, extranonce2, job.ntime_int if ntime is None else ntime, version
-    )
+    header76 = job.header76(extranonce1, extranonce2, job.ntime_int if ntime is None else ntime, version)
     target = difficulty_to_target(difficulty)
     found: list[int] = []
     start = 0
@@ -210,9 +202,7 @@ def find_nonces(
     return found[:count]
 
 
-def failing_nonce(
-    notify: list[Any], extranonce1: bytes, extranonce2: bytes, difficulty: float
-) -> int:
+def failing_nonce(notify: list[Any], extranonce1: bytes, extranonce2: bytes, difficulty: float) -> int:
     """A nonce whose share does not meet ``difficulty``."""
     job = job_of(notify)
     target = difficulty_to_target(difficulty)
@@ -238,14 +228,10 @@ def submit_params(
     return params
 
 
-async def valid_share(
-    miner: Miner, sub: Subscribed, request_id: int, *, worker: str = "w1"
-) -> dict[str, Any]:
+async def valid_share(miner: Miner, sub: Subscribed, request_id: int, *, worker: str = "w1") -> dict[str, Any]:
     en2 = bytes(sub.extranonce2_size)
     (nonce,) = find_nonces(sub.notify, sub.extranonce1, en2, sub.difficulty)
-    return await miner.call(
-        request_id, "mining.submit", submit_params(worker, sub.notify, en2, nonce)
-    )
+    return await miner.call(request_id, "mining.submit", submit_params(worker, sub.notify, en2, nonce))
 
 
 async def wait_until_closed(pool: ReferencePool) -> None:
@@ -284,11 +270,7 @@ async def test_handshake_is_ckpool_like_and_jobs_are_real(nursery: trio.Nursery)
 
     # a real coinbase: null outpoint, BIP34 height push, extranonce space counted in the scriptSig
     cb1, cb2 = bytes.fromhex(coinb1), bytes.fromhex(coinb2)
-    assert (
-        cb1[:5] == bytes.fromhex("0100000001")
-        and cb1[5:37] == bytes(32)
-        and cb1[37:41] == b"\xff" * 4
-    )
+    assert cb1[:5] == bytes.fromhex("0100000001") and cb1[5:37] == bytes(32) and cb1[37:41] == b"\xff" * 4
     script_length = cb1[41]
     assert cb1[42] == 3 and int.from_bytes(cb1[43:46], "little") == pool.height
     assert script_length == len(cb1) - 42 + 4 + en2_size
@@ -348,9 +330,7 @@ async def test_block_interval_moves_the_chain(nursery: trio.Nursery) -> None:
 
 
 @pytest.mark.parametrize("extranonce2_size", [4, 8])
-async def test_valid_share_is_accepted_and_recorded(
-    nursery: trio.Nursery, extranonce2_size: int
-) -> None:
+async def test_valid_share_is_accepted_and_recorded(nursery: trio.Nursery, extranonce2_size: int) -> None:
     pool = await start_pool(nursery, extranonce2_size=extranonce2_size)
     miner = await Miner.connect(pool)
     sub = await miner.handshake()
@@ -396,35 +376,21 @@ async def test_every_reject_path_answers_its_code(nursery: trio.Nursery) -> None
     unknown = ["w1", "deadbeef", en2.hex(), notify[7], f"{nonce:08x}"]
     assert await miner.call(10, "mining.submit", unknown) == reject(10, 21, "Job not found")
     short_en2 = ["w1", notify[0], "00000000", notify[7], f"{nonce:08x}"]
-    assert await miner.call(11, "mining.submit", short_en2) == reject(
-        11, 20, "Incorrect size of extranonce2"
-    )
-    assert await miner.call(12, "mining.submit", params(ntime=ntime - 1)) == reject(
-        12, 20, "Ntime out of range"
-    )
-    assert await miner.call(13, "mining.submit", params(ntime=ntime + 7001)) == reject(
-        13, 20, "Ntime out of range"
-    )
-    assert await miner.call(14, "mining.submit", params(version_bits="ffffffff")) == reject(
-        14, 20, "Invalid version mask"
-    )
+    assert await miner.call(11, "mining.submit", short_en2) == reject(11, 20, "Incorrect size of extranonce2")
+    assert await miner.call(12, "mining.submit", params(ntime=ntime - 1)) == reject(12, 20, "Ntime out of range")
+    assert await miner.call(13, "mining.submit", params(ntime=ntime + 7001)) == reject(13, 20, "Ntime out of range")
+    assert await miner.call(14, "mining.submit", params(version_bits="ffffffff")) == reject(14, 20, "Invalid version mask")
     low = submit_params("w1", notify, en2, failing_nonce(notify, en1, en2, DIFFICULTY))
     assert await miner.call(15, "mining.submit", low) == reject(15, 23, "Low difficulty share")
     other_worker = ["w2", *params()[1:]]
-    assert await miner.call(16, "mining.submit", other_worker) == reject(
-        16, 24, "Unauthorized worker"
-    )
+    assert await miner.call(16, "mining.submit", other_worker) == reject(16, 24, "Unauthorized worker")
     assert (await miner.call(17, "mining.submit", params()))["result"] is True
-    assert await miner.call("dup1", "mining.submit", params()) == reject(
-        "dup1", 22, "Duplicate share"
-    )
+    assert await miner.call("dup1", "mining.submit", params()) == reject("dup1", 22, "Duplicate share")
     # the same share in upper-case hex is the same share
     upper = [p.upper() if i >= 2 else p for i, p in enumerate(params())]
     assert await miner.call(18, "mining.submit", upper) == reject(18, 22, "Duplicate share")
     # version bits 0 is the unrolled version: still the same header
-    assert await miner.call(19, "mining.submit", params(version_bits="00000000")) == reject(
-        19, 22, "Duplicate share"
-    )
+    assert await miner.call(19, "mining.submit", params(version_bits="00000000")) == reject(19, 22, "Duplicate share")
 
     pool.new_block()
     await miner.notification("mining.notify")
@@ -446,9 +412,7 @@ async def test_ntime_window_edges(nursery: trio.Nursery) -> None:
     en2 = bytes(8)
     late = job_of(sub.notify).ntime_int + 7000
     (nonce,) = find_nonces(sub.notify, sub.extranonce1, en2, DIFFICULTY, ntime=late)
-    answer = await miner.call(
-        4, "mining.submit", submit_params("w1", sub.notify, en2, nonce, ntime=late)
-    )
+    answer = await miner.call(4, "mining.submit", submit_params("w1", sub.notify, en2, nonce, ntime=late))
     assert answer["result"] is True
 
 
@@ -518,9 +482,7 @@ async def test_pool_wide_difficulty_change_announces_before_a_job(nursery: trio.
 
 
 async def test_suggested_difficulty_is_clamped_to_the_bounds(nursery: trio.Nursery) -> None:
-    pool = await start_pool(
-        nursery, difficulty=0.0001, minimum_difficulty=DIFFICULTY, maximum_difficulty=0.5
-    )
+    pool = await start_pool(nursery, difficulty=0.0001, minimum_difficulty=DIFFICULTY, maximum_difficulty=0.5)
     miner = await Miner.connect(pool)
     await miner.handshake()
     await miner.send(None, "mining.suggest_difficulty", [1e-9])  # bfgminer style: id null
@@ -590,9 +552,7 @@ async def test_configure_answers_with_the_mask_intersection(nursery: trio.Nurser
     }
     sub = await miner.handshake()
     assert sub.difficulty == 0.00001  # raised to the miner's own minimum
-    params = submit_params(
-        "w1", sub.notify, bytes(8), 0, version_bits="00100000"
-    )  # pool mask, not ours
+    params = submit_params("w1", sub.notify, bytes(8), 0, version_bits="00100000")  # pool mask, not ours
     assert await miner.call(4, "mining.submit", params) == reject(4, 20, "Invalid version mask")
 
 
@@ -614,9 +574,7 @@ async def test_vardiff_moves_difficulty_and_announces_it(nursery: trio.Nursery) 
     en2 = bytes(8)
     nonces = find_nonces(sub.notify, sub.extranonce1, en2, DIFFICULTY, count=3)
     for request_id, nonce in zip((4, 5), nonces[:2], strict=True):
-        answer = await miner.call(
-            request_id, "mining.submit", submit_params("w1", sub.notify, en2, nonce)
-        )
+        answer = await miner.call(request_id, "mining.submit", submit_params("w1", sub.notify, en2, nonce))
         assert answer["result"] is True
     pool.stop_jobs(False)
     # two shares in no time: difficulty x4, announced right before a job

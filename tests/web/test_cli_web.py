@@ -26,16 +26,35 @@ def test_proxy_config_http_listen_serves_metrics_status_and_ping_times_the_pool(
         f'listen = "127.0.0.1:{proxy_port}"\nhttp_listen = "127.0.0.1:{http_port}"\nmetrics_per_worker = true\n'
         f'[[upstream]]\nurl = "stratum+tcp://127.0.0.1:{pool_port}"\n'
     )
-    pool = subprocess.Popen([*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proxy = subprocess.Popen([*STRATUMRM, "proxy", "--config", str(config)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pool = subprocess.Popen(
+        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    proxy = subprocess.Popen(
+        [*STRATUMRM, "proxy", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         for port in (pool_port, proxy_port, http_port):
             wait_for_port(port, timeout=30)
         miner = subprocess.run(
-            [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{proxy_port}", "--user", "alice.rig1", "--profile", "cgminer", "--max-shares", "2"],
-            capture_output=True, text=True, timeout=90, check=False,
+            [
+                *STRATUMRM,
+                "testminer",
+                "--url",
+                f"stratum+tcp://127.0.0.1:{proxy_port}",
+                "--user",
+                "alice.rig1",
+                "--profile",
+                "cgminer",
+                "--max-shares",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
         )
         assert miner.returncode == 0, miner.stdout + miner.stderr
         _status, body = get(f"http://127.0.0.1:{http_port}/metrics")
@@ -48,11 +67,21 @@ def test_proxy_config_http_listen_serves_metrics_status_and_ping_times_the_pool(
         assert samples[("stratumrm_shares_submitted_total", ())] >= 2
         assert ("stratumrm_worker_series_dropped", ()) in samples  # per-worker series on, from the file
         assert get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200
-        shown = subprocess.run([*STRATUMRM, "status", "--url", f"http://127.0.0.1:{http_port}"],
-                               capture_output=True, text=True, timeout=30, check=False)
+        shown = subprocess.run(
+            [*STRATUMRM, "status", "--url", f"http://127.0.0.1:{http_port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert shown.returncode == 0 and shown.stdout.startswith("proxy (stratumrm"), shown.stdout + shown.stderr
-        pinged = subprocess.run([*STRATUMRM, "ping", f"stratum+tcp://127.0.0.1:{pool_port}", "-c", "2", "-i", "0"],
-                                capture_output=True, text=True, timeout=60, check=False)
+        pinged = subprocess.run(
+            [*STRATUMRM, "ping", f"stratum+tcp://127.0.0.1:{pool_port}", "-c", "2", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert pinged.returncode == 0, pinged.stdout + pinged.stderr
         assert "2 attempts, 2 answered, 0% failed" in pinged.stdout
     finally:

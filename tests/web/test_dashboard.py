@@ -36,8 +36,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 def open_browser() -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1400,1000", "--no-proxy-server"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--no-proxy-server",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -104,22 +110,63 @@ def test_a_browser_without_operator_certificate_is_refused_and_sees_no_token_for
     from bridge.pki.tls import make_test_pki
 
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
-    common = ["--no-udp", "--pool", "stratum+tcp://127.0.0.1:9", "--cert", str(pki.pool_certificate),
-              "--key", str(pki.pool_key), "--ca", str(pki.ca_certificate), "--enroll-ca", str(pki.directory)]
+    common = [
+        "--no-udp",
+        "--pool",
+        "stratum+tcp://127.0.0.1:9",
+        "--cert",
+        str(pki.pool_certificate),
+        "--key",
+        str(pki.pool_key),
+        "--ca",
+        str(pki.ca_certificate),
+        "--enroll-ca",
+        str(pki.directory),
+    ]
     guarded, open_port = free_port(), free_port()
     sidecars = [
-        subprocess.Popen([*STRATUMRM, "sidecar", "--listen", f"127.0.0.1:{free_port()}", *common, "--http-listen", f"127.0.0.1:{guarded}", "--http-require-operator"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([*STRATUMRM, "sidecar", "--listen", f"127.0.0.1:{free_port()}", *common, "--http-listen", f"127.0.0.1:{open_port}", "--http-tls"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(
+            [
+                *STRATUMRM,
+                "sidecar",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                *common,
+                "--http-listen",
+                f"127.0.0.1:{guarded}",
+                "--http-require-operator",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [
+                *STRATUMRM,
+                "sidecar",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                *common,
+                "--http-listen",
+                f"127.0.0.1:{open_port}",
+                "--http-tls",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
     ]
     try:
         wait_for_port(guarded, timeout=30)
         wait_for_port(open_port, timeout=30)
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                         "--no-proxy-server", "--ignore-certificate-errors"):
+        for argument in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--disable-gpu",
+            "--no-proxy-server",
+            "--ignore-certificate-errors",
+        ):
             options.add_argument(argument)
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         try:

@@ -138,7 +138,9 @@ async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> N
         [session] = await api(sidecar_base, "/api/v1/sessions")
         assert session["accounts"] == ["web"] and session["channels"] == 2  # the rig and the proxy's probe
         certificates = await api(sidecar_base, "/api/v1/certificates")
-        assert [c["certificate"]["accounts"] if "accounts" in c["certificate"] else c["use"] for c in certificates] == ["connected proxy"]
+        assert [c["certificate"]["accounts"] if "accounts" in c["certificate"] else c["use"] for c in certificates] == [
+            "connected proxy"
+        ]
         health = await api(proxy_base, "/api/v1/health")
         assert health["role"] == "proxy" and health["ready"] and not health["draining"]
         document = await trio.to_thread.run_sync(partial(fetch_status, sidecar_base))

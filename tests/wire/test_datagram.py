@@ -114,9 +114,7 @@ def test_probe_and_probe_ack_round_trip(probe_id: int, padding: int) -> None:
 @st.composite
 def acks(draw: st.DrawFn) -> Ack:
     count = draw(st.integers(1, ACK_MAX_RANGES))
-    points = sorted(
-        draw(st.sets(st.integers(0, 2**48 - 1), min_size=2 * count, max_size=2 * count)), reverse=True
-    )
+    points = sorted(draw(st.sets(st.integers(0, 2**48 - 1), min_size=2 * count, max_size=2 * count)), reverse=True)
     ranges = tuple(AckRange(high=points[2 * i], low=points[2 * i + 1]) for i in range(count))
     return Ack(ranges=ranges, ack_delay_us=draw(U32))
 

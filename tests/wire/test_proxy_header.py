@@ -22,13 +22,15 @@ TCP4_EXAMPLE = bytes.fromhex(
     "21"  # version 2, command PROXY
     "11"  # AF_INET, STREAM
     "000c"  # 12 bytes of addresses
-    "c0a80001" "c0a8000b"  # 192.168.0.1, 192.168.0.11
-    "dc04" "01bb"  # 56324, 443
+    "c0a80001"
+    "c0a8000b"  # 192.168.0.1, 192.168.0.11
+    "dc04"
+    "01bb"  # 56324, 443
 )
 # The spec's TCP6 example (section 2.1): ffff:…:ffff to ffff:…:ffff, ports 65535.
-TCP6_EXAMPLE = SIGNATURE + bytes.fromhex("2121" "0024") + b"\xff" * 32 + bytes.fromhex("ffff" "ffff")
+TCP6_EXAMPLE = SIGNATURE + bytes.fromhex("21210024") + b"\xff" * 32 + bytes.fromhex("ffffffff")
 # A LOCAL header (health check from the balancer itself, section 2.2: command 0).
-LOCAL_EXAMPLE = SIGNATURE + bytes.fromhex("2000" "0000")
+LOCAL_EXAMPLE = SIGNATURE + bytes.fromhex("20000000")
 
 
 def test_the_signature_is_the_specs():
@@ -78,7 +80,7 @@ def test_tlvs_round_trip_and_unix_addresses():
     data = build_proxy_header(("10.0.0.5", 1), ("10.0.0.6", 2), tlvs=((0x02, b"pool.example"), (0xE0, b"")))
     header, _ = parse_proxy_header(data)
     assert header.tlvs == ((0x02, b"pool.example"), (0xE0, b""))
-    unix = SIGNATURE + bytes.fromhex("2131" "00d8") + b"/a".ljust(108, b"\0") + b"/b".ljust(108, b"\0")
+    unix = SIGNATURE + bytes.fromhex("213100d8") + b"/a".ljust(108, b"\0") + b"/b".ljust(108, b"\0")
     header, _ = parse_proxy_header(unix)
     assert header.source == ("/a", 0) and header.destination == ("/b", 0)
 

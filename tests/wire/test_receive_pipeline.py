@@ -343,9 +343,7 @@ def test_rekey_refuses_reused_conn_id_and_old_epoch() -> None:
     with pytest.raises(ValueError):
         pair.receiver.rekey("rig", KeySet.derive(KeyMaterial(9, 3, SECRET), Role.SIDECAR).opener, 0.0)
     with pytest.raises(ValueError):
-        pair.receiver.add_session(
-            "other", KeySet.derive(KeyMaterial(CONN_ID, 0, SECRET), Role.SIDECAR).opener
-        )
+        pair.receiver.add_session("other", KeySet.derive(KeyMaterial(CONN_ID, 0, SECRET), Role.SIDECAR).opener)
 
 
 def test_removed_session_is_unknown() -> None:
@@ -496,9 +494,7 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 255), st.integers(0, 255), st.integers(0, 2**48 - 1), st.binary(max_size=200))
-def test_arbitrary_bytes_behind_a_known_conn_id_never_raise(
-    first: int, flags: int, pn: int, rest: bytes
-) -> None:
+def test_arbitrary_bytes_behind_a_known_conn_id_never_raise(first: int, flags: int, pn: int, rest: bytes) -> None:
     pair = Pair()
     data = bytes([first, flags]) + CONN_ID.to_bytes(8, "big") + pn.to_bytes(6, "big") + rest
     for receiver in (pair.receiver, pair.proxy_receiver):
@@ -506,9 +502,7 @@ def test_arbitrary_bytes_behind_a_known_conn_id_never_raise(
 
 
 @given(st.sampled_from(list(DatagramType)), st.binary(max_size=300), st.booleans())
-def test_arbitrary_authenticated_plaintext_never_raises(
-    dtype: DatagramType, plaintext: bytes, urgent: bool
-) -> None:
+def test_arbitrary_authenticated_plaintext_never_raises(dtype: DatagramType, plaintext: bytes, urgent: bool) -> None:
     pair = Pair()
     urgent = urgent and dtype in (DatagramType.SHARE, DatagramType.SHARE_BATCH)
     data = pair.proxy.sealer.seal_plaintext(dtype, plaintext, urgent=urgent).data
