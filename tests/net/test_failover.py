@@ -216,7 +216,9 @@ async def test_keep_policy_holds_rigs_until_a_pool_is_back() -> None:
 
 
 async def test_weighted_strategy_splits_rigs_across_pools() -> None:
-    config = FailoverConfig(**{**FAST, "strategy": Strategy.WEIGHTED})
+    # Nothing here is about silence: a bound of 1 s would call a pool silent whenever the
+    # loaded machine stalls this process that long, and move its rigs.
+    config = FailoverConfig(**{**FAST, "strategy": Strategy.WEIGHTED, "silence_timeout": 30.0, "lag_delay": 30.0})
     async with trio.open_nursery() as nursery:
         bench = await start_failover_bench(nursery, failover=config, weights=[3.0, 1.0], priorities=[0, 0])
         miners = [Miner(bench.miner_url(), f"alice.w{i}", profile="cpuminer") for i in range(8)]
