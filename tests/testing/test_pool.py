@@ -879,7 +879,11 @@ def test_config_is_validated() -> None:
 
 
 async def test_testpool_command_serves_and_prints_a_summary() -> None:
+    # Ctrl-C as a terminal sends it. A job started in the background by a shell without
+    # job control inherits SIGINT ignored (and Python keeps it so); a test run like that
+    # must not decide whether Ctrl-C works, so the child starts from the default.
     code = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "from bridge.testing.commands import testpool; "
         "testpool.main(['--listen', '127.0.0.1:0', '--difficulty', '0.000001',"
         " '--nbits', '207fffff'], standalone_mode=False)"
