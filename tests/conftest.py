@@ -17,6 +17,7 @@ end of the run.
 
 from __future__ import annotations
 
+import hypothesis
 import pytest
 
 from bridge.testing.faults import Tally, tally_table
@@ -35,6 +36,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_TALLY_ROWS] = []
+    if config.getoption("--run-slow"):
+        # Property tests that leave the number of examples to the profile (hypothesis's
+        # default is 100) try ten times as many in the slow tier.
+        hypothesis.settings.register_profile("slow", max_examples=1000)
+        hypothesis.settings.load_profile("slow")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -58,14 +58,14 @@ def drive_client(chunks: list[bytes]) -> None:
         c.data_to_send()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the profile (100; 1000 with --run-slow)
 @given(st.lists(st.binary(max_size=300), max_size=8))
 def test_arbitrary_bytes(chunks) -> None:
     drive_server(chunks)
     drive_client(chunks)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(deadline=None)  # examples: the profile (100; 1000 with --run-slow)
 @given(st.lists(MESSAGES, max_size=10))
 def test_arbitrary_json_messages(messages) -> None:
     data = [json.dumps(m).encode() + b"\n" for m in messages]
