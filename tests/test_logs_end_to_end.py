@@ -11,7 +11,7 @@ from pathlib import Path
 
 from processes import STRATUMRM, free_port, wait_for_port
 
-from bridge.pki.tls import make_test_pki
+from bridge.testing.pki import make_test_pki
 
 
 class Role:

@@ -12,7 +12,7 @@ from pathlib import Path
 from processes import STRATUMRM, free_port, wait_for_port
 
 from bridge.pki.enrollment import ca_fingerprint
-from bridge.pki.tls import make_test_pki
+from bridge.testing.pki import make_test_pki
 
 
 def _get(

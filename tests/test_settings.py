@@ -16,7 +16,7 @@ from processes import free_port, wait_for_port
 from bridge import settings
 from bridge.cli import _register_optional, cli
 from bridge.errors import ConfigError
-from bridge.pki.tls import make_test_pki
+from bridge.testing.pki import make_test_pki
 
 _register_optional()
 

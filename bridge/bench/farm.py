@@ -57,7 +57,8 @@ from bridge.bench.load import LoadGenerator
 from bridge.bench.measure import CpuMeter, LinkTraffic, median
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
 from bridge.bench.transport import ACCOUNT, LinkMeter, format_table, wait_for_udp
-from bridge.pki.tls import TestPKI, make_test_pki, public_client_context
+from bridge.pki.tls import public_client_context
+from bridge.testing.pki import TestPKI, make_test_pki
 
 Progress = Callable[[str], None]
 

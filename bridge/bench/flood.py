@@ -42,8 +42,9 @@ import trio
 from bridge.bench.measure import median, percentile, process_cpu_seconds
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
 from bridge.mining.share import Job
-from bridge.pki.tls import client_context_from_bundle, make_test_pki
+from bridge.pki.tls import client_context_from_bundle
 from bridge.sv1.framing import LineBuffer
+from bridge.testing.pki import make_test_pki
 from bridge.wire.control import MAX_CONTROL_LINE
 from bridge.wire.datagram import (
     DatagramDecodeError,

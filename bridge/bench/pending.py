@@ -29,7 +29,7 @@ from bridge.bench.measure import median
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
 from bridge.net.admission import DEFAULT_MAX_PENDING
 from bridge.net.listen import raise_fd_limit
-from bridge.pki.tls import make_test_pki
+from bridge.testing.pki import make_test_pki
 
 SHAPES = ("silent TCP", "ClientHello")
 #: Connections per source address (the sidecar's per-source cap is set above it).

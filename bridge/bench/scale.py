@@ -39,8 +39,8 @@ import trio
 
 from bridge.bench.measure import process_cpu_seconds
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
-from bridge.pki.tls import make_test_pki
 from bridge.sv1.framing import BoundedDecoder
+from bridge.testing.pki import make_test_pki
 
 ACCOUNT = "scale"
 DEFAULT_SIZES = (1000, 3000, 10000)

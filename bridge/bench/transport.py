@@ -112,7 +112,7 @@ from bridge.bench.measure import (
     udp_traffic,
 )
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
-from bridge.pki.tls import TestPKI, make_test_pki
+from bridge.testing.pki import TestPKI, make_test_pki
 
 Progress = Callable[[str], None]
 

@@ -27,17 +27,14 @@ from bridge.pki.revocation import RevocationList
 from bridge.pki.rotation import CertificateStatus, ClientCredentials, ServerCredentials
 from bridge.pki.tls import (
     HostCheckingClientContext,
-    TestPKI,
     check_miner_peer,
     client_context,
     client_context_from_bundle,
-    make_test_pki,
     peer_certificate_der,
     peer_identity,
     public_client_context,
     public_server_context,
     server_context,
-    server_context_for_pool_tls,
 )
 
 __all__ = [
@@ -51,7 +48,6 @@ __all__ = [
     "IssuedCertificate",
     "RevocationList",
     "ServerCredentials",
-    "TestPKI",
     "Validity",
     "account_of_username",
     "check_miner_peer",
@@ -61,13 +57,11 @@ __all__ = [
     "identity_from_der",
     "identity_from_pem",
     "load_bundle",
-    "make_test_pki",
     "peer_certificate_der",
     "peer_identity",
     "public_client_context",
     "public_server_context",
     "read_bundle",
     "server_context",
-    "server_context_for_pool_tls",
     "write_bundle",
 ]

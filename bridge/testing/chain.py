@@ -3,7 +3,7 @@
 reference pool  <-SV1-  sidecar  <=TLS control=  miner proxy  <-SV1-  rigs
                           ^------ UDP shares ------ (optional lossy link)
 
-Certificates come from a throwaway CA made with :func:`bridge.pki.tls.make_test_pki`.
+Certificates come from a throwaway CA made with :func:`bridge.testing.pki.make_test_pki`.
 With any impairment (loss, duplicates, reordering, delay) the proxy's UDP flow
 goes through a :class:`~bridge.testing.lossy_link.LossyLink`; the sidecar
 advertises the link's port in its hello, exactly as a sidecar behind NAT
@@ -20,8 +20,8 @@ import trio
 from bridge.config import parse_upstream_url
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
-from bridge.pki.tls import make_test_pki
 from bridge.testing.lossy_link import LossyLink
+from bridge.testing.pki import make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 

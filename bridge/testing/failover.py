@@ -98,7 +98,7 @@ async def start_failover_bench(
     sidecars: dict[int, SidecarServer] = {}
     client_context = None
     if stratumrm:
-        from bridge.pki.tls import make_test_pki
+        from bridge.testing.pki import make_test_pki
 
         if pki_dir is None:
             raise ValueError("a StratumRM upstream needs pki_dir for its throwaway CA")

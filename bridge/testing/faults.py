@@ -53,11 +53,11 @@ import trio.testing
 from bridge.config import parse_upstream_url
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
-from bridge.pki.tls import make_test_pki
 from bridge.relay.failover import FailoverConfig
 from bridge.sv1.rejects import DUPLICATE
 from bridge.testing.lossy_link import Impairment, LossyLink
 from bridge.testing.miner import Miner
+from bridge.testing.pki import make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 __all__ = [

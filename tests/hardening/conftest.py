@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hardening_stack import Stack
 
-from bridge.pki.tls import make_test_pki
+from bridge.testing.pki import make_test_pki
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ import trio
 from bridge.config import parse_upstream_url
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
-from bridge.pki.tls import TestPKI
 from bridge.testing.miner import Miner
+from bridge.testing.pki import TestPKI
 from bridge.testing.pool import PoolConfig, ReferencePool
 from bridge.web.app import ManagementApp
 from bridge.web.roles import SidecarView

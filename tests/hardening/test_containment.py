@@ -17,9 +17,9 @@ from bridge.config import parse_upstream_url
 from bridge.net.containment import Containment
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
-from bridge.pki.tls import make_test_pki
 from bridge.relay.miner_channel import MinerChannel
 from bridge.relay.sidecar import SidecarIntake
+from bridge.testing.pki import make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 from bridge.web.server import WebServer, json_response
 

@@ -19,8 +19,8 @@ import trio
 from bridge.config import parse_upstream_url
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
-from bridge.pki.tls import make_test_pki
 from bridge.testing.miner import Miner
+from bridge.testing.pki import make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 LOCALHOST = "127.0.0.1"

@@ -15,11 +15,10 @@ from bridge.net.ping_command import ping, ping_once
 from bridge.net.sidecar import SidecarServer
 from bridge.pki.rotation import ClientCredentials, ServerCredentials
 from bridge.pki.tls import (
-    TestPKI,
-    make_test_pki,
     public_client_context,
     public_server_context,
 )
+from bridge.testing.pki import TestPKI, make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 LOCALHOST = "127.0.0.1"

@@ -21,8 +21,8 @@ from bridge.net.rm_upstream import StratumRMLink
 from bridge.net.sidecar import SidecarServer
 from bridge.pki.revocation import RevocationList
 from bridge.pki.rotation import ClientCredentials, ServerCredentials
-from bridge.pki.tls import TestPKI, make_test_pki
 from bridge.stats.status import fetch_status
+from bridge.testing.pki import TestPKI, make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 LOCALHOST = "127.0.0.1"

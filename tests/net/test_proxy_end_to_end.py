@@ -88,7 +88,7 @@ async def test_user_agents_and_version_rolling_reach_the_pool() -> None:
 
 
 async def test_stratum_ssl_upstream_with_certificate_verification(tmp_path) -> None:
-    from bridge.pki.tls import make_test_pki, server_context_for_pool_tls
+    from bridge.testing.pki import make_test_pki, server_context_for_pool_tls
 
     paths = make_test_pki(tmp_path)
     async with trio.open_nursery() as nursery:
@@ -110,7 +110,7 @@ async def test_stratum_ssl_upstream_with_certificate_verification(tmp_path) -> N
 
 
 async def test_stratum_ssl_upstream_with_an_untrusted_certificate_is_refused(tmp_path) -> None:
-    from bridge.pki.tls import make_test_pki, server_context_for_pool_tls
+    from bridge.testing.pki import make_test_pki, server_context_for_pool_tls
 
     ours = make_test_pki(tmp_path / "ours")
     theirs = make_test_pki(tmp_path / "theirs")

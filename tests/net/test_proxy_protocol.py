@@ -22,8 +22,8 @@ from bridge.net.proxy_protocol import (
     read_proxy_header,
 )
 from bridge.net.sidecar import SidecarServer
-from bridge.pki.tls import TestPKI, make_test_pki
 from bridge.sv1.framing import LineBuffer
+from bridge.testing.pki import TestPKI, make_test_pki
 from bridge.wire.proxy_header import ProxyHeader, build_proxy_header
 
 LOCALHOST = "127.0.0.1"

@@ -29,8 +29,8 @@ from bridge.mining.share import Job, difficulty_to_target, scan_nonces
 from bridge.net.sidecar import SidecarServer
 from bridge.net.sidecar_command import parse_advertise, sidecar
 from bridge.pki.revocation import RevocationList
-from bridge.pki.tls import TestPKI, make_test_pki
 from bridge.sv1.framing import LineBuffer
+from bridge.testing.pki import TestPKI, make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 from bridge.wire.control import FEATURES, MAX_CONTROL_LINE
 from bridge.wire.datagram import DatagramType, Probe, ProbeAck, Share, decode_body

@@ -23,7 +23,8 @@ from bridge.config import parse_upstream_url
 from bridge.net.sidecar import SidecarServer
 from bridge.pki.revocation import RevocationList
 from bridge.pki.rotation import ServerCredentials
-from bridge.pki.tls import TestPKI, client_context_from_bundle, make_test_pki
+from bridge.pki.tls import client_context_from_bundle
+from bridge.testing.pki import TestPKI, make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 LOGGER = "bridge.sidecar"

@@ -15,9 +15,9 @@ import trio
 from click.testing import CliRunner
 
 from bridge.errors import BridgeError
-from bridge.pki.tls import make_test_pki
 from bridge.stats.status import fetch_status
 from bridge.status_command import WARNINGS_EXIT_STATUS, status
+from bridge.testing.pki import make_test_pki
 
 LOCALHOST = "127.0.0.1"
 HELLO = b'{"id":1,"method":"rm.hello","params":{"version":1,"features":[],"agent":"test"}}\n'

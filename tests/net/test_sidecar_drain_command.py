@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from bridge.pki.tls import make_test_pki
+from bridge.testing.pki import make_test_pki
 from tests.processes import free_port, wait_for_port
 
 LOCALHOST = "127.0.0.1"

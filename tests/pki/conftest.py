@@ -13,7 +13,8 @@ import trio
 
 from bridge.errors import PKIError
 from bridge.pki.identity import CertificateIdentity
-from bridge.pki.tls import TestPKI, make_test_pki, peer_identity
+from bridge.pki.tls import peer_identity
+from bridge.testing.pki import TestPKI, make_test_pki
 
 ServerCheck = Callable[[trio.SSLStream], CertificateIdentity | None]
 

@@ -33,7 +33,7 @@ from bridge.pki.enrollment import (
 )
 from bridge.pki.identity import identity_of
 from bridge.pki.rotation import ClientCredentials
-from bridge.pki.tls import make_test_pki
+from bridge.testing.pki import make_test_pki
 
 NOW = datetime(2026, 12, 5, 8, 0, tzinfo=UTC)
 

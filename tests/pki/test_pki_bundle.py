@@ -14,7 +14,7 @@ from bridge.errors import PKIError
 from bridge.pki.bundle import load_bundle, write_bundle
 from bridge.pki.identity import identity_from_pem
 from bridge.pki.issuing import generate_private_key
-from bridge.pki.tls import TestPKI, make_test_pki
+from bridge.testing.pki import TestPKI, make_test_pki
 
 
 def test_load_bundle_returns_certificate_key_and_ca(test_pki: TestPKI) -> None:

@@ -22,7 +22,7 @@ from bridge.pki.identity import (
     validate_name,
 )
 from bridge.pki.issuing import generate_private_key, validity_period
-from bridge.pki.tls import TestPKI
+from bridge.testing.pki import TestPKI
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

@@ -11,7 +11,7 @@ import pytest
 
 from bridge.errors import PKIError
 from bridge.pki.revocation import RevocationList
-from bridge.pki.tls import TestPKI, make_test_pki
+from bridge.testing.pki import TestPKI, make_test_pki
 
 
 def _miner_serial(test_pki: TestPKI) -> int:

@@ -21,13 +21,12 @@ from bridge.pki.rotation import (
     expiry_warning,
 )
 from bridge.pki.tls import (
-    TestPKI,
     check_miner_peer,
     client_context_from_bundle,
     explain_handshake_failure,
-    make_test_pki,
     server_context,
 )
+from bridge.testing.pki import TestPKI, make_test_pki
 
 
 def _now() -> datetime:

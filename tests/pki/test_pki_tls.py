@@ -15,15 +15,13 @@ from bridge.errors import PKIError
 from bridge.pki.authority import CertificateAuthority
 from bridge.pki.revocation import RevocationList
 from bridge.pki.tls import (
-    TestPKI,
     check_miner_peer,
     client_context,
     client_context_from_bundle,
-    make_test_pki,
     public_client_context,
     server_context,
-    server_context_for_pool_tls,
 )
+from bridge.testing.pki import TestPKI, make_test_pki, server_context_for_pool_tls
 
 
 def _now() -> datetime:

@@ -107,7 +107,7 @@ def test_a_browser_without_operator_certificate_is_refused_and_sees_no_token_for
 
     from processes import STRATUMRM, free_port, wait_for_port
 
-    from bridge.pki.tls import make_test_pki
+    from bridge.testing.pki import make_test_pki
 
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
     common = [

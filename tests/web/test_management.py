@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.config import parse_upstream_url
 from bridge.net.proxy_service import ProxyService
 from bridge.net.sidecar import SidecarServer
-from bridge.pki.tls import make_test_pki
 from bridge.stats.status import fetch_status
 from bridge.testing.chain import start_chain
 from bridge.testing.miner import Miner
+from bridge.testing.pki import make_test_pki
 from bridge.testing.pool import PoolConfig
 from bridge.web.app import ManagementApp
 from bridge.web.roles import SidecarView
