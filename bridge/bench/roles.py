@@ -43,7 +43,8 @@ import bridge
 from bridge.config import parse_upstream_url
 from bridge.sv1.framing import decode_json
 from bridge.sv1.messages import Submit
-from bridge.testing.pool import PoolConfig, PoolConnection, ReferencePool
+from bridge.testing.pool import PoolConfig, ReferencePool
+from bridge.testing.pool_core import ConnectionState, PoolCore
 
 HOST = "127.0.0.1"
 _encode = msgspec.json.Encoder().encode
@@ -191,6 +192,29 @@ def _child_environment() -> dict[str, str]:
 # --------------------------------------------------------------------------- child side
 
 
+class _TimestampingCore(PoolCore):
+    """The reference pool's core, noting arrivals and holding verdicts back for :class:`TimestampingPool`."""
+
+    def __init__(self, config: PoolConfig, pool: TimestampingPool) -> None:
+        super().__init__(config)
+        self._pool = pool
+
+    def submit(self, connection: ConnectionState, submit: Submit, now: float) -> None:
+        pool = self._pool
+        received = time.monotonic()
+        if pool.receipts is not None:
+            nonce = submit.params.nonce
+            pool.receipts[nonce if isinstance(nonce, int) else int(nonce, 16)] = received
+        if pool.delay > 0:
+            pool.hold(received + pool.delay, connection, submit)
+            return
+        super().submit(connection, submit, now)
+
+    def judge_held(self, connection: ConnectionState, submit: Submit, now: float) -> None:
+        """Judge a submit :meth:`submit` held back."""
+        super().submit(connection, submit, now)
+
+
 class TimestampingPool(ReferencePool):
     """The reference pool, noting when each ``mining.submit`` arrives (by nonce) while recording.
 
@@ -200,22 +224,16 @@ class TimestampingPool(ReferencePool):
     """
 
     def __init__(self, config: PoolConfig) -> None:
-        super().__init__(config)
+        self._timestamping = _TimestampingCore(config, self)
+        super().__init__(core=self._timestamping)
         self.receipts: dict[int, float] | None = None
         #: Seconds every verdict is held back (a slow pool); 0 answers at once.
         self.delay = 0.0
-        self._delayed_send, self._delayed = trio.open_memory_channel(math.inf)
+        self._delayed_send, self._delayed = trio.open_memory_channel[tuple[float, ConnectionState, Submit]](math.inf)
 
-    def _submit(self, connection: PoolConnection, submit: Submit) -> None:
-        receipts = self.receipts
-        now = time.monotonic()
-        if receipts is not None:
-            nonce = submit.params.nonce
-            receipts[nonce if isinstance(nonce, int) else int(nonce, 16)] = now
-        if self.delay > 0:
-            self._delayed_send.send_nowait((now + self.delay, connection, submit))
-            return
-        super()._submit(connection, submit)
+    def hold(self, due: float, connection: ConnectionState, submit: Submit) -> None:
+        """Keep a submit until ``due`` (``time.monotonic()``); :meth:`answer_late` judges it."""
+        self._delayed_send.send_nowait((due, connection, submit))
 
     async def answer_late(self) -> None:
         """Judge the held-back submits when they are due (run in the pool's nursery)."""
@@ -223,8 +241,8 @@ class TimestampingPool(ReferencePool):
             wait = due - time.monotonic()
             if wait > 0:
                 await trio.sleep(wait)
-            super()._submit(connection, submit)
-            connection.wake()
+            self._timestamping.judge_held(connection, submit, self.clock())
+            self.flush()
 
 
 Handler = Callable[[dict[str, Any]], Any]
