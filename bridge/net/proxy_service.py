@@ -1,6 +1,6 @@
 """What ``stratumrm proxy`` runs around :class:`~bridge.net.miner_proxy.MinerProxy`.
 
-- A :class:`CertificateWatcher` looks at the proxy's bundle (or ``--cert/--key/--ca``)
+- A :class:`~bridge.net.credential_watch.CredentialWatcher` looks at the proxy's bundle (or ``--cert/--key/--ca``)
   every few seconds and at once on SIGHUP. A renewed bundle is loaded for the next
   connection to the sidecar; the live connection and every rig on it carry on. It logs
   reloads, files that do not load (the previous certificate stays in use), and a
@@ -24,17 +24,16 @@ from typing import Any
 import trio
 from msgspec import Struct
 
-from bridge.errors import PKIError
+from bridge.net.credential_watch import CredentialWatcher
 from bridge.net.miner_proxy import MinerProxy, ProxyStatistics
 from bridge.pki.rotation import (
     DEFAULT_RELOAD_INTERVAL,
     ClientCredentials,
     ClientTLSStatistics,
-    Reminders,
-    expiry_warning,
+    CredentialWatch,
 )
 
-__all__ = ["CertificateWatcher", "ProxyService", "ProxyStatus"]
+__all__ = ["ProxyService", "ProxyStatus", "proxy_certificate_watcher"]
 
 log = logging.getLogger("bridge.proxy")
 
@@ -47,84 +46,24 @@ class ProxyStatus(Struct, frozen=True, kw_only=True):
     """This proxy's certificate (expiry included) and its handshakes with the sidecar."""
 
 
-class CertificateWatcher:
-    """Reloads a proxy's certificate files when they change, and warns before they expire."""
-
-    def __init__(self, credentials: ClientCredentials, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL) -> None:
-        self.credentials = credentials
-        self.reload_interval = reload_interval
-        self._reminders = Reminders()
-
-    async def run(self) -> None:
-        """Poll until cancelled (a ``stat`` per file each time)."""
-        self.log_status()
-        while True:
-            await trio.sleep(self.reload_interval)
-            self.reload()
-
-    def log_status(self) -> None:
-        status = self.credentials.status(datetime.now(UTC))
-        if status is not None:
-            log.info(
-                "presenting %s certificate %r (serial %s, valid until %s UTC) from %s; watching it for renewal",
-                status.role,
-                status.name,
-                status.serial,
-                f"{status.not_after:%Y-%m-%d %H:%M}",
-                status.file,
-            )
-        self._log_warnings()
-
-    def reload(self, *, force: bool = False) -> bool:
-        """Reload if the files changed (``force``: re-read them anyway); True on a new certificate."""
-        credentials = self.credentials
-        try:
-            changed = credentials.reload_if_changed(force=force)
-        except PKIError:
-            changed = False  # credentials.last_error says why; the warnings report it
-        if changed:
-            status = credentials.status(datetime.now(UTC))
-            assert status is not None
-            log.info(
-                "certificate reloaded from %s: %s certificate %r (serial %s, valid until %s UTC); the next "
-                "connection to the sidecar uses it, the live one carries on",
-                status.file,
-                status.role,
-                status.name,
-                status.serial,
-                f"{status.not_after:%Y-%m-%d %H:%M}",
-            )
-        self._log_warnings()
-        return changed
-
-    def warnings(self, now: datetime | None = None) -> list[str]:
-        return [message for _key, message in self._warnings(now or datetime.now(UTC))]
-
-    def _warnings(self, now: datetime) -> list[tuple[str, str]]:
-        found: list[tuple[str, str]] = []
-        credentials = self.credentials
-        status = credentials.status(now)
-        if status is not None:
-            where = credentials.certificate_file
-            message = expiry_warning(
-                status,
-                "this proxy's certificate",
-                f"ask the pool operator for a renewed bundle (`stratumrm pki renew {status.name}`) and copy it "
-                f"over {where}; the proxy uses it from its next connection, without a restart",
-            )
-            if message is not None:
-                found.append((f"certificate {status.serial}", message))
-        if credentials.last_error is not None:
-            found.append(("certificate reload", f"certificate not reloaded: {credentials.last_error}"))
-        return found
-
-    def _log_warnings(self) -> None:
-        now = trio.current_time()
-        found = self._warnings(datetime.now(UTC))
-        for key, message in found:
-            if self._reminders.due(key, now):
-                log.warning("%s", message)
-        self._reminders.retain(key for key, _message in found)
+def proxy_certificate_watcher(
+    credentials: ClientCredentials, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL
+) -> CredentialWatcher:
+    """The proxy's certificate watcher: its bundle (or ``--cert/--key/--ca``), reloaded for the next connection."""
+    watch = CredentialWatch(
+        credentials,
+        subject="this proxy's certificate",
+        remedy=lambda status: (
+            f"ask the pool operator for a renewed bundle (`stratumrm pki renew {status.name}`) and copy it "
+            f"over {credentials.certificate_file}; the proxy uses it from its next connection, without a restart"
+        ),
+    )
+    return CredentialWatcher(
+        watch,
+        log,
+        after_reload=lambda: "the next connection to the sidecar uses it, the live one carries on",
+        reload_interval=reload_interval,
+    )
 
 
 def proxy_status(proxy: MinerProxy, credentials: ClientCredentials | None) -> ProxyStatus:
@@ -157,7 +96,9 @@ class ProxyService:
         self.proxy = proxy
         self.credentials = credentials
         self.http_listen = http_listen
-        self.watcher = CertificateWatcher(credentials, reload_interval=reload_interval) if credentials is not None else None
+        self.watcher = (
+            proxy_certificate_watcher(credentials, reload_interval=reload_interval) if credentials is not None else None
+        )
         self.web = ManagementApp(ProxyView(self, metrics_per_worker=metrics_per_worker), containment=self.proxy.containment)
         """The management port's endpoints (served with ``http_listen``); ``web.draining`` for SIGTERM."""
 
@@ -174,7 +115,8 @@ class ProxyService:
         watcher = self.watcher
         async with trio.open_nursery() as nursery:
             await nursery.start(self.proxy.serve, host, port)
-            if watcher is not None and watcher.credentials.files:
+            if watcher is not None and watcher.watch.watching:
+                watcher.start()
                 nursery.start_soon(watcher.run)
             if self.http_listen is not None:
                 await nursery.start(self.web.serve, *self.http_listen)

@@ -88,6 +88,7 @@ from bridge.errors import PKIError
 from bridge.logs import bind_connection
 from bridge.net.admission import Admission, AdmissionLimits, AdmissionStatistics
 from bridge.net.containment import Containment
+from bridge.net.credential_watch import CredentialWatcher
 from bridge.net.listen import Pending, fd_gauge, serve_admitted
 from bridge.net.pool_watch import PoolWatch
 from bridge.net.proxy_protocol import (
@@ -116,7 +117,7 @@ from bridge.pki.rotation import (
     DEFAULT_EXPIRY_WARNING,
     DEFAULT_RELOAD_INTERVAL,
     CertificateStatus,
-    Reminders,
+    CredentialWatch,
     ServerCredentials,
     expiry_warning,
     identity_status,
@@ -353,7 +354,19 @@ class SidecarServer:
         self._finished: Counter[str] = Counter()
         self._finished_rejects: Counter[str] = Counter()
         self._revocation_error: str | None = None
-        self._reminders = Reminders()
+        self.watcher = CredentialWatcher(
+            CredentialWatch(
+                self.credentials,
+                subject="this sidecar's certificate",
+                remedy=self._certificate_remedy,
+                window=expiry_warning,
+            ),
+            log,
+            after_reload=lambda: f"new handshakes use it, the {len(self._connections)} live sessions continue",
+            reload_interval=reload_interval,
+            also_reload=self._reload_revocations,
+            also_warn=self._warnings,
+        )
         self.proxy_protocol_from = proxy_protocol_from or TrustedBalancers(())
         self.proxy_protocol_to_pool = proxy_protocol_to_pool
         self._proxy_header_failures = 0
@@ -401,7 +414,7 @@ class SidecarServer:
                 if udp_socket is not None:
                     nursery.start_soon(self._receive_datagrams, udp_socket)
                 nursery.start_soon(self._housekeeping)
-                nursery.start_soon(self._watch_files)
+                nursery.start_soon(self.watcher.run)
                 nursery.start_soon(self.pool_watch.run)
                 self._listeners = listeners
                 await nursery.start(
@@ -529,11 +542,6 @@ class SidecarServer:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
             self.intake.purge(trio.current_time())
 
-    async def _watch_files(self) -> None:
-        while True:
-            await trio.sleep(self.reload_interval)
-            self.reload()
-
     # ------------------------------------------------------------------ certificates
 
     def reload(self, *, force: bool = False) -> None:
@@ -546,9 +554,7 @@ class SidecarServer:
         stays in force. Then the warnings (expiring certificates ...) are logged, each
         once a day.
         """
-        self._reload_revocations(force)
-        self._reload_credentials(force)
-        self._log_warnings()
+        self.watcher.reload(force=force)
 
     def _reload_revocations(self, force: bool) -> None:
         revocations = self.revocations
@@ -582,42 +588,8 @@ class SidecarServer:
                 connection.session.close(f"{identity.describe()} was revoked", trio.current_time())
                 connection.step()
 
-    def _reload_credentials(self, force: bool) -> None:
-        credentials = self.credentials
-        if credentials is None:
-            return
-        try:
-            changed = credentials.reload_if_changed(force=force)
-        except PKIError:
-            return  # credentials.last_error says why; _log_warnings reports it
-        if changed:
-            status = credentials.status(datetime.now(UTC), self.expiry_warning)
-            assert status is not None
-            log.info(
-                "certificate reloaded from %s: %s certificate %r (serial %s, valid until %s UTC); new "
-                "handshakes use it, the %d live sessions continue",
-                credentials.certificate_file,
-                status.role,
-                status.name,
-                status.serial,
-                f"{status.not_after:%Y-%m-%d %H:%M}",
-                len(self._connections),
-            )
-
     def _log_certificates(self) -> None:
         """At start: what this sidecar presents and enforces."""
-        now = datetime.now(UTC)
-        if self.credentials is not None:
-            status = self.credentials.status(now, self.expiry_warning)
-            if status is not None:
-                log.info(
-                    "presenting %s certificate %r (serial %s, valid until %s UTC) from %s; watching it for renewal",
-                    status.role,
-                    status.name,
-                    status.serial,
-                    f"{status.not_after:%Y-%m-%d %H:%M}",
-                    status.file,
-                )
         if self.revocations is not None:
             log.info(
                 "enforcing the revocation list %s (CRL number %d, %d revoked); watching it for changes",
@@ -625,48 +597,31 @@ class SidecarServer:
                 self.revocations.crl_number,
                 len(self.revocations),
             )
-        self._log_warnings()
+        self.watcher.start()
 
     def warnings(self, now: datetime | None = None) -> list[str]:
         """What needs the operator: certificates expiring soon, a stale revocation list ..."""
-        found = [message for _key, message in self._warnings(now or datetime.now(UTC))]
+        found = self.watcher.warnings(now)
         if not self.pool_watch.up:  # logged by the pool watch when it changes; listed for monitoring
             found.append(f"pool {self.pool} is down ({self.pool_watch.reason}); proxies are told (rm.pool)")
         return found
 
+    def _certificate_remedy(self, status: CertificateStatus) -> str:
+        assert self.credentials is not None  # only asked about the certificate of ServerCredentials
+        cert_file, key_file = self.credentials.files[0], self.credentials.files[1]
+        return (
+            f"renew it (`stratumrm pki renew {status.name}`) and copy the new certificate and key "
+            f"over {cert_file} and {key_file}; the sidecar loads them without a restart"
+        )
+
     def _warnings(self, now: datetime) -> list[tuple[str, str]]:
+        """The revocation list's and the connected proxies' warnings (the watcher adds this sidecar's certificate's)."""
         found: list[tuple[str, str]] = []
 
         def add(key: str, message: str | None) -> None:
             if message is not None:
                 found.append((key, message))
 
-        credentials = self.credentials
-        if credentials is not None:
-            status = credentials.status(now, self.expiry_warning)
-            if status is not None:
-                cert_file, key_file = credentials.files[0], credentials.files[1]
-                add(
-                    f"certificate {status.serial}",
-                    expiry_warning(
-                        status,
-                        "this sidecar's certificate",
-                        f"renew it (`stratumrm pki renew {status.name}`) and copy the new certificate and key "
-                        f"over {cert_file} and {key_file}; the sidecar loads them without a restart",
-                    ),
-                )
-            for ca in credentials.ca_statuses(now, self.expiry_warning):
-                add(
-                    f"ca {ca.serial}",
-                    expiry_warning(
-                        ca,
-                        "the CA certificate",
-                        "before then, create a new CA (`stratumrm pki --dir NEWDIR init`) and issue every "
-                        "sidecar and proxy a certificate from it",
-                    ),
-                )
-            if credentials.last_error is not None:
-                add("certificate reload", f"certificate not reloaded: {credentials.last_error}")
         revocations = self.revocations
         if revocations is None:
             add(
@@ -701,14 +656,6 @@ class SidecarServer:
                 ),
             )
         return found
-
-    def _log_warnings(self) -> None:
-        now = trio.current_time()
-        found = self._warnings(datetime.now(UTC))
-        for key, message in found:
-            if self._reminders.due(key, now):
-                log.warning("%s", message)
-        self._reminders.retain(key for key, _message in found)
 
     def _connected_certificates(self, now: datetime) -> list[ConnectedCertificate]:
         by_certificate: dict[bytes, tuple[CertificateIdentity, int]] = {}

@@ -15,6 +15,10 @@ Rotation without downtime needs three things, all here:
   (:class:`CertificateStatus`: not_after, days_left, expiring_soon within the configured
   window); :func:`expiry_warning` turns it into the line the log and ``stratumrm status``
   show; :class:`Reminders` keeps the log to one such line per day.
+- **Watching.** :class:`CredentialWatch` is what both roles decide when they look at
+  their files: reload or not, which lines to log, which warnings are due again. The
+  trio loop that calls it (:class:`bridge.net.credential_watch.CredentialWatcher`) only
+  sleeps, reads the clocks and logs.
 - **Resumption state** (client side). TLS 1.3 session tickets belong to the context that
   received them: :class:`ClientCredentials` keeps the last session per sidecar address
   together with the context it came from, hands it out only while that context is still
@@ -31,7 +35,7 @@ import hashlib
 import os
 import ssl
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -424,3 +428,108 @@ class ClientCredentials(_Credentials):
             handshakes_full=self.handshakes_full,
             handshakes_resumed=self.handshakes_resumed,
         )
+
+
+# --------------------------------------------------------------------------- watching
+
+
+class CredentialWatch:
+    """What a role decides when it looks at its certificate files, with the clocks passed in.
+
+    ``credentials`` None (a context built elsewhere) watches nothing and warns about
+    nothing of its own. ``subject`` names the certificate in warnings ("this proxy's
+    certificate"); ``remedy`` says what to do about one that expires soon. ``window``
+    overrides the credentials' expiry warning window. A sidecar's
+    :class:`ServerCredentials` also has its CAs' expiry watched.
+
+    ``now`` is the wall clock (validity, expiry); ``time`` is a monotonic clock in
+    seconds (how often a warning that stays true is repeated).
+    """
+
+    def __init__(
+        self,
+        credentials: _Credentials | None,
+        *,
+        subject: str,
+        remedy: Callable[[CertificateStatus], str],
+        window: timedelta | None = None,
+        reminder_interval: float = REMINDER_INTERVAL,
+    ) -> None:
+        self.credentials = credentials
+        self.subject = subject
+        self.remedy = remedy
+        self.window = window
+        self._reminders = Reminders(reminder_interval)
+
+    @property
+    def watching(self) -> bool:
+        """True when there are files to look at."""
+        return self.credentials is not None and bool(self.credentials.files)
+
+    def presenting(self, now: datetime) -> str | None:
+        """The line for the log at start: which certificate this role presents, from where."""
+        status = self.credentials.status(now, self.window) if self.credentials is not None else None
+        if status is None:
+            return None
+        return (
+            f"presenting {status.role} certificate {status.name!r} (serial {status.serial}, valid until "
+            f"{status.not_after:%Y-%m-%d %H:%M} UTC) from {status.file}; watching it for renewal"
+        )
+
+    def reload(self, now: datetime, *, force: bool = False) -> str | None:
+        """Look at the files (``force``: re-read them whatever their stamps say).
+
+        Returns the line for the log when a new certificate was swapped in, else None. A
+        file that does not load leaves the certificate in use; :meth:`warnings` says why.
+        """
+        credentials = self.credentials
+        if credentials is None:
+            return None
+        try:
+            changed = credentials.reload_if_changed(force=force)
+        except PKIError:
+            return None  # credentials.last_error says why; warnings() reports it
+        if not changed:
+            return None
+        status = credentials.status(now, self.window)
+        assert status is not None  # a reloaded context comes with its certificate
+        return (
+            f"certificate reloaded from {status.file}: {status.role} certificate {status.name!r} "
+            f"(serial {status.serial}, valid until {status.not_after:%Y-%m-%d %H:%M} UTC)"
+        )
+
+    def warnings(self, now: datetime) -> list[tuple[str, str]]:
+        """``(key, message)`` for what needs the operator: expiry soon, a file that did not load."""
+        credentials = self.credentials
+        if credentials is None:
+            return []
+        found: list[tuple[str, str]] = []
+        status = credentials.status(now, self.window)
+        if status is not None:
+            message = expiry_warning(status, self.subject, self.remedy(status))
+            if message is not None:
+                found.append((f"certificate {status.serial}", message))
+        if isinstance(credentials, ServerCredentials):
+            for ca in credentials.ca_statuses(now, self.window):
+                message = expiry_warning(
+                    ca,
+                    "the CA certificate",
+                    "before then, create a new CA (`stratumrm pki --dir NEWDIR init`) and issue every "
+                    "sidecar and proxy a certificate from it",
+                )
+                if message is not None:
+                    found.append((f"ca {ca.serial}", message))
+        if credentials.last_error is not None:
+            found.append(("certificate reload", f"certificate not reloaded: {credentials.last_error}"))
+        return found
+
+    def due(self, found: Iterable[tuple[str, str]], time: float) -> list[str]:
+        """The messages of ``found`` to log at ``time``: each once, then once a reminder interval.
+
+        ``found`` is every warning that holds now (this watch's and the role's own); a
+        condition that ended is forgotten, so it is logged at once if it comes back.
+        """
+        found = list(found)
+        messages = [message for key, message in found if self._reminders.due(key, time)]
+        self._reminders.retain(key for key, _message in found)
+        return messages

@@ -16,7 +16,7 @@ import trio
 
 from bridge.config import parse_upstream_url
 from bridge.net.miner_proxy import MinerProxy
-from bridge.net.proxy_service import CertificateWatcher, ProxyService
+from bridge.net.proxy_service import ProxyService, proxy_certificate_watcher
 from bridge.net.rm_upstream import StratumRMLink
 from bridge.net.sidecar import SidecarServer
 from bridge.pki.revocation import RevocationList
@@ -111,7 +111,7 @@ async def test_a_renewed_bundle_is_used_from_the_next_connection_while_the_live_
 ) -> None:
     caplog.set_level(logging.INFO)
     credentials = ClientCredentials.from_bundle(pki.miner_bundle)
-    watcher = CertificateWatcher(credentials)
+    watcher = proxy_certificate_watcher(credentials)
     async with trio.open_nursery() as nursery:
         server = await start_sidecar(nursery, pki)
         link = await start_link(nursery, server, credentials)
@@ -141,7 +141,7 @@ async def test_a_renewed_bundle_is_used_from_the_next_connection_while_the_live_
 async def test_a_broken_bundle_keeps_the_certificate_in_use(pki: TestPKI, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     credentials = ClientCredentials.from_bundle(pki.miner_bundle)
-    watcher = CertificateWatcher(credentials)
+    watcher = proxy_certificate_watcher(credentials)
     context = credentials.context
     pki.miner_bundle.write_bytes(pki.miner_bundle.read_bytes()[:300])  # a copy cut short
     assert not watcher.reload()
