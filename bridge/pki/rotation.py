@@ -34,7 +34,6 @@ import abc
 import hashlib
 import os
 import ssl
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,6 +48,7 @@ from bridge.pki._files import FileStamp, read_bytes
 from bridge.pki.bundle import parse_bundle
 from bridge.pki.identity import CertificateIdentity, format_serial, identity_of
 from bridge.pki.tls import client_context, client_context_from_bundle, server_context
+from bridge.relay.bounded import BoundedMap
 
 StrPath = str | os.PathLike[str]
 
@@ -343,7 +343,7 @@ class ClientCredentials(_Credentials):
         expiry_warning: timedelta = DEFAULT_EXPIRY_WARNING,
         context: ssl.SSLContext | None = None,
     ) -> None:
-        self._sessions: OrderedDict[object, tuple[ssl.SSLContext, ssl.SSLSession]] = OrderedDict()
+        self._sessions: BoundedMap[object, tuple[ssl.SSLContext, ssl.SSLSession]] = BoundedMap(MAX_CACHED_SESSIONS)
         self.handshakes_full = 0
         self.handshakes_resumed = 0
         super().__init__(files, expiry_warning)
@@ -405,10 +405,7 @@ class ClientCredentials(_Credentials):
         """
         if session is None or not session.has_ticket or context is not self._context:
             return
-        self._sessions[address] = (context, session)
-        self._sessions.move_to_end(address)
-        while len(self._sessions) > MAX_CACHED_SESSIONS:
-            self._sessions.popitem(last=False)
+        self._sessions.put(address, (context, session))
 
     def forget_session(self, address: object) -> None:
         """The connection failed: the next one makes a full handshake."""

@@ -106,7 +106,7 @@ import logging
 import math
 import ssl
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -126,6 +126,7 @@ from bridge.mining.share import (
     scan_nonces,
 )
 from bridge.net.tcp import close_quietly, open_stream
+from bridge.relay.bounded import BoundedMap
 from bridge.sv1.client import notify_subscription_id
 from bridge.sv1.events import ProtocolViolation
 from bridge.sv1.framing import BoundedDecoder, LineBuffer, decode_json
@@ -735,7 +736,7 @@ class MinerProtocol:
         self._connection = 0
         self._session_id: str | None = None
         self._skip_suggest_target_once = False
-        self._records: OrderedDict[int, SubmittedShare] = OrderedDict()
+        self._records: BoundedMap[int, SubmittedShare] = BoundedMap(config.max_records)
         self._share_serial = 0
         self._work_serial = 0
         # Counters.
@@ -780,7 +781,7 @@ class MinerProtocol:
         self.difficulty: float = 1.0
         self._next_difficulty: float | None = None
         self._difficulty_after: float | None = None
-        self._jobs: OrderedDict[str, _JobEntry] = OrderedDict()
+        self._jobs: BoundedMap[str, _JobEntry] = BoundedMap(MAX_JOBS)
         self._current_entry: _JobEntry | None = None
         self._prevhash: str | None = None
         self._work: _Work | None = None
@@ -1027,10 +1028,7 @@ class MinerProtocol:
         if clean or (self.traits.extranonce2_per_job and job.job_id not in self._jobs):
             self._extranonce2_counter = 0
         entry = _JobEntry(job, self.difficulty, difficulty_to_target(self.difficulty))
-        self._jobs[job.job_id] = entry
-        self._jobs.move_to_end(job.job_id)
-        while len(self._jobs) > MAX_JOBS:
-            self._jobs.popitem(last=False)
+        self._jobs.put(job.job_id, entry)
         self._prevhash = params.prevhash
         self._current_entry = entry
         self.jobs += 1
@@ -1459,8 +1457,6 @@ class MinerProtocol:
             stale=stale,
         )
         self._records[serial] = record
-        while len(self._records) > self.config.max_records:
-            self._records.popitem(last=False)
         self.submitted_count += 1
         if stale:
             self.stale_submitted += 1

@@ -1,0 +1,97 @@
+"""One bounded map for every "remember the last N" in the cores: a dict that drops its oldest entries.
+
+Peers are hostile, so whatever a core remembers per job, per request or per share is
+bounded. :class:`BoundedMap` is a mapping with a ``capacity``: inserting past it drops
+the oldest entries first.
+
+- ``m[key] = value`` behaves as a dict does: a new key becomes the newest entry, an
+  existing key keeps its place with the new value (a record updated in place).
+- :meth:`~BoundedMap.put` stores ``key`` as the newest entry, moving it if it was
+  there (least recently *written* goes first), and returns what it dropped.
+- :meth:`~BoundedMap.refresh` makes an existing key the newest (least recently *used*).
+
+Iteration is oldest first. Every operation is O(1).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, MutableMapping
+from typing import TypeVar
+
+__all__ = ["BoundedMap"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class BoundedMap(MutableMapping[K, V]):
+    """A mapping of at most ``capacity`` entries, oldest dropped first (see the module docs)."""
+
+    __slots__ = ("_capacity", "_entries")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self._capacity = capacity
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def __getitem__(self, key: K) -> V:
+        return self._entries[key]
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._drop_excess()
+
+    def __delitem__(self, key: K) -> None:
+        del self._entries[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"BoundedMap(capacity={self._capacity}, {dict(self._entries)!r})"
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def put(self, key: K, value: V) -> list[tuple[K, V]]:
+        """Store ``key`` as the newest entry (moving it if present); return the dropped entries, oldest first."""
+        entries = self._entries
+        entries[key] = value
+        entries.move_to_end(key)
+        return self._drop_excess()
+
+    def refresh(self, key: K) -> None:
+        """Make ``key`` the newest entry; ``KeyError`` if it is not there."""
+        self._entries.move_to_end(key)
+
+    def oldest(self) -> tuple[K, V]:
+        """The entry that would be dropped next; ``KeyError`` when empty."""
+        if not self._entries:
+            raise KeyError("oldest(): the map is empty")
+        key = next(iter(self._entries))
+        return key, self._entries[key]
+
+    def pop_oldest(self) -> tuple[K, V]:
+        """Remove and return the oldest entry; ``KeyError`` when empty."""
+        if not self._entries:
+            raise KeyError("pop_oldest(): the map is empty")
+        return self._entries.popitem(last=False)
+
+    def _drop_excess(self) -> list[tuple[K, V]]:
+        entries = self._entries
+        dropped: list[tuple[K, V]] = []
+        while len(entries) > self._capacity:
+            dropped.append(entries.popitem(last=False))
+        return dropped

@@ -1,0 +1,73 @@
+"""BoundedMap: never more than its capacity, the oldest dropped first, dict semantics otherwise."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.relay.bounded import BoundedMap
+
+
+def test_inserting_past_the_capacity_drops_the_oldest() -> None:
+    m: BoundedMap[str, int] = BoundedMap(2)
+    m["a"] = 1
+    m["b"] = 2
+    m["c"] = 3
+    assert list(m.items()) == [("b", 2), ("c", 3)] and "a" not in m and len(m) == 2
+
+
+def test_assignment_keeps_an_existing_keys_place_and_put_moves_it() -> None:
+    m: BoundedMap[str, int] = BoundedMap(3)
+    for key, value in (("a", 1), ("b", 2), ("c", 3)):
+        m[key] = value
+    m["a"] = 10  # updated in place: still the oldest
+    assert m.oldest() == ("a", 10)
+    assert m.put("a", 11) == []  # written: now the newest
+    assert list(m) == ["b", "c", "a"]
+    assert m.put("d", 4) == [("b", 2)]
+
+
+def test_refresh_makes_a_key_the_newest_and_pop_oldest_takes_from_the_front() -> None:
+    m: BoundedMap[int, str] = BoundedMap(3)
+    for key in (1, 2, 3):
+        m[key] = str(key)
+    m.refresh(1)
+    assert m.pop_oldest() == (2, "2") and list(m) == [3, 1]
+    with pytest.raises(KeyError):
+        m.refresh(99)
+    m.clear()
+    with pytest.raises(KeyError):
+        m.pop_oldest()
+    with pytest.raises(KeyError):
+        m.oldest()
+
+
+def test_a_capacity_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        BoundedMap(0)
+
+
+@given(st.integers(1, 8), st.lists(st.tuples(st.sampled_from(["set", "put", "del", "refresh"]), st.integers(0, 12))))
+def test_it_is_the_last_written_keys_of_a_reference_dict(capacity: int, operations: list[tuple[str, int]]) -> None:
+    """Against a plain dict kept in the same order by hand: same contents, never over capacity."""
+    m: BoundedMap[int, int] = BoundedMap(capacity)
+    reference: dict[int, int] = {}
+    for step, (operation, key) in enumerate(operations):
+        if operation == "set":
+            m[key] = step
+            reference[key] = step
+        elif operation == "put":
+            m.put(key, step)
+            reference.pop(key, None)
+            reference[key] = step
+        elif operation == "del" and key in reference:
+            del m[key]
+            del reference[key]
+        elif operation == "refresh" and key in reference:
+            m.refresh(key)
+            reference[key] = reference.pop(key)
+        while len(reference) > capacity:
+            del reference[next(iter(reference))]
+        assert list(m.items()) == list(reference.items())
+        assert len(m) <= capacity
