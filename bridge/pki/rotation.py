@@ -43,12 +43,12 @@ import msgspec
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from bridge.bounded import BoundedMap
 from bridge.errors import PKIError
 from bridge.pki._files import FileStamp, read_bytes
 from bridge.pki.bundle import parse_bundle
 from bridge.pki.identity import CertificateIdentity, format_serial, identity_of
 from bridge.pki.tls import client_context, client_context_from_bundle, server_context
-from bridge.relay.bounded import BoundedMap
 
 StrPath = str | os.PathLike[str]
 

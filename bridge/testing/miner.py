@@ -114,6 +114,7 @@ import msgspec
 import trio
 from msgspec import UNSET, Struct
 
+from bridge.bounded import BoundedMap
 from bridge.config import parse_upstream_url
 from bridge.errors import ConfigError, LineTooLong
 from bridge.mining.share import (
@@ -126,7 +127,6 @@ from bridge.mining.share import (
     scan_nonces,
 )
 from bridge.net.tcp import close_quietly, open_stream
-from bridge.relay.bounded import BoundedMap
 from bridge.sv1.client import notify_subscription_id
 from bridge.sv1.events import ProtocolViolation
 from bridge.sv1.framing import BoundedDecoder, LineBuffer, decode_json

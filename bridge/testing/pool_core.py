@@ -104,6 +104,7 @@ from typing import Any, TypeGuard
 
 import msgspec
 
+from bridge.bounded import BoundedMap
 from bridge.errors import ConfigError, LineTooLong
 from bridge.mining.share import (
     Job,
@@ -470,7 +471,7 @@ class ConnectionState:
         self.difficulty = difficulty
         self.announced_difficulty: float | None = None
         # job id -> (difficulty, target) in force when the job was sent here
-        self.job_difficulty: dict[str, tuple[float, int]] = {}
+        self.job_difficulty: BoundedMap[str, tuple[float, int]] = BoundedMap(config.max_jobs_per_block)
         self.last_block_serial: int | None = None
         self.vardiff_shares = 0
         self.vardiff_since = now
@@ -539,8 +540,8 @@ class PoolCore:
         self._network_target = nbits_to_target(self._nbits)
         self._payout_script = b"\x00\x14" + self._rng.randbytes(20)  # P2WPKH
         self._block = self._make_block(serial=0, height=config.start_height)
-        self._jobs: dict[str, _PoolJob] = {}
-        self._stale_job_ids: dict[str, None] = {}
+        self._jobs: BoundedMap[str, _PoolJob] = BoundedMap(config.max_jobs_per_block)
+        self._stale_job_ids: BoundedMap[str, None] = BoundedMap(MAX_STALE_JOB_IDS)
         self._current_job: _PoolJob | None = None
         self._jobs_created = 0
         self._jobs_sent = 0
@@ -549,7 +550,8 @@ class PoolCore:
         self._ready: dict[ConnectionState, None] = {}
         self._unanswered: Counter[str] = Counter()
         self._extranonce1_in_use: set[bytes] = set()
-        self._resumable: dict[bytes, float] = {}  # extranonce1 -> when its connection closed
+        # extranonce1 -> when its connection closed, oldest first
+        self._resumable: BoundedMap[bytes, float] = BoundedMap(MAX_REMEMBERED_SESSIONS)
         self._next_extranonce1 = self._rng.getrandbits(32)
         self._forced_rejects: deque[int] = deque()
         self._reject_all_code: int | None = None
@@ -642,9 +644,7 @@ class PoolCore:
         extranonce1 = connection.extranonce1
         if extranonce1 is not None:
             self._extranonce1_in_use.discard(extranonce1)
-            self._resumable[extranonce1] = now
-            if len(self._resumable) > MAX_REMEMBERED_SESSIONS:
-                del self._resumable[next(iter(self._resumable))]
+            self._resumable.put(extranonce1, now)
 
     def ready(self) -> list[ConnectionState]:
         """The connections given something to send (or to close) since the last call."""
@@ -898,8 +898,8 @@ class PoolCore:
 
     def _allocate_extranonce1(self, session_id: str | None, now: float) -> bytes:
         horizon = now - self.config.session_resume_seconds
-        while self._resumable and next(iter(self._resumable.values())) < horizon:
-            del self._resumable[next(iter(self._resumable))]
+        while self._resumable and self._resumable.oldest()[1] < horizon:
+            self._resumable.pop_oldest()
         if session_id:
             try:
                 raw = bytes.fromhex(session_id)
@@ -1164,10 +1164,7 @@ class PoolCore:
             ntime_int=int(now) & 0xFFFFFFFF,
         )
         pool_job = _PoolJob(job, job.notify_fields(), block.serial)
-        self._jobs[job.job_id] = pool_job
-        if len(self._jobs) > self.config.max_jobs_per_block:
-            oldest = next(iter(self._jobs))
-            del self._jobs[oldest]
+        for oldest, _dropped in self._jobs.put(job.job_id, pool_job):
             self._remember_stale(oldest)
         self._current_job = pool_job
         return pool_job
@@ -1177,8 +1174,6 @@ class PoolCore:
 
     def _remember_stale(self, job_id: str) -> None:
         self._stale_job_ids[job_id] = None
-        if len(self._stale_job_ids) > MAX_STALE_JOB_IDS:
-            del self._stale_job_ids[next(iter(self._stale_job_ids))]
 
     def _send_job(self, connection: ConnectionState, pool_job: _PoolJob) -> None:
         """Send one job, announcing a changed difficulty right before it."""
@@ -1195,8 +1190,6 @@ class PoolCore:
             difficulty,
             difficulty_to_target(difficulty),
         )
-        if len(connection.job_difficulty) > self.config.max_jobs_per_block:
-            del connection.job_difficulty[next(iter(connection.job_difficulty))]
         session.notify(NotifyParams(*pool_job.notify_fields, clean_jobs=clean))
         self._jobs_sent += 1
         self._mark_ready(connection)

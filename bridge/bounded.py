@@ -1,4 +1,6 @@
-"""One bounded map for every "remember the last N" in the cores: a dict that drops its oldest entries.
+"""One bounded map for every "remember the last N": a dict that drops its oldest entries.
+
+It sits in the lowest layer (next to :mod:`bridge.errors`), so every package may use it.
 
 Peers are hostile, so whatever a core remembers per job, per request or per share is
 bounded. :class:`BoundedMap` is a mapping with a ``capacity``: inserting past it drops

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.relay.bounded import BoundedMap
+from bridge.bounded import BoundedMap
 
 
 def test_inserting_past_the_capacity_drops_the_oldest() -> None:
