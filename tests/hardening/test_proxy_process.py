@@ -48,14 +48,17 @@ def test_a_line_nested_a_thousand_deep_ends_that_rig_only_and_the_proxy_serves_t
         stderr=subprocess.STDOUT,
         text=True,
     )
-    proxy = subprocess.Popen(
-        [*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"stratum+tcp://127.0.0.1:{pool_port}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proxy = None
     try:
+        # The proxy probes its pool at once; started before the pool listens, it backs off
+        # (up to 5 s), and on a loaded machine the honest rig could arrive in that window.
         wait_for_port(pool_port)
+        proxy = subprocess.Popen(
+            [*STRATUMRM, "proxy", "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"stratum+tcp://127.0.0.1:{pool_port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         wait_for_port(proxy_port)
         with socket.create_connection(("127.0.0.1", proxy_port), timeout=60) as attacker:
             attacker.sendall(DEEP_LINE)
@@ -86,7 +89,8 @@ def test_a_line_nested_a_thousand_deep_ends_that_rig_only_and_the_proxy_serves_t
         assert proxy.poll() is None
     finally:
         for process in (proxy, pool):
-            process.terminate()
-        proxy_log = proxy.communicate(timeout=30)[0]
+            if process is not None:
+                process.terminate()
+        proxy_log = proxy.communicate(timeout=30)[0] if proxy is not None else ""
         pool.communicate(timeout=30)
     assert "nested deeper than 32 levels" in proxy_log, proxy_log
