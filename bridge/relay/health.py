@@ -36,24 +36,36 @@ Two pieces, both fed an explicit ``now``:
   to ``backoff_max``) until one succeeds or evidence of life arrives. Changes
   are taken with :meth:`~HealthWatch.take_changes`.
 
-The sidecar's pool check (:mod:`bridge.net.pool_watch`) drives both. The proxy's
-upstream probe (:mod:`bridge.net.upstreams`) uses :class:`SubscribeCheck` as its
-keepalive for plain SV1 upstreams (its schedule is the failover policy's, which
-asks for a keepalive after quiet) and the link's ``rm.ping`` liveness for
-StratumRM upstreams.
+A third piece reads a long-lived session as evidence:
+
+- :class:`ProbeReader`: the proxy's own session on one upstream (its *probe*).
+  It subscribes with the proxy's user agent, authorizes **once** per connection
+  when a worker name is known, answers ``mining.ping`` and
+  ``client.get_version``, and turns what the pool sends into a
+  :class:`ProbeReading` (subscribed, the prevhash of each job, or why the session
+  must end: subscribe refused, ``client.reconnect``, a fatal protocol violation).
+
+The sidecar's pool check (:mod:`bridge.net.pool_watch`) drives
+:class:`HealthWatch` and :class:`SubscribeCheck`. The proxy's core
+(:mod:`bridge.relay.proxy`) drives one :class:`ProbeReader` per upstream and asks
+for a :class:`SubscribeCheck` as the keepalive of plain SV1 upstreams (its
+schedule is the failover policy's, which asks for a keepalive after quiet) and
+the link's ``rm.ping`` liveness for StratumRM upstreams.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final, Protocol
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
 from bridge.errors import LineTooLong
+from bridge.sv1.events import ProtocolViolation, Reply
 from bridge.sv1.framing import BoundedDecoder, LineBuffer
+from bridge.sv1.messages import NULL, GetVersion, Notify, Ping, Reconnect, Response
 
-__all__ = ["CHECK_ID", "HealthWatch", "SubscribeCheck", "Verdict"]
+__all__ = ["CHECK_ID", "HealthWatch", "ProbeReader", "ProbeReading", "SubscribeCheck", "Verdict"]
 
 #: The id of the check's one request.
 CHECK_ID: Final = 1
@@ -285,3 +297,106 @@ class HealthWatch:
             self.outages += 1
         self._suspected = False
         self._changes.append(Verdict(up, reason))
+
+
+# ------------------------------------------------------------------ the proxy's probe session
+
+
+class ProbeSession(Protocol):
+    """What a probe needs from its session (an SV1 client session or a StratumRM channel)."""
+
+    def subscribe(self, user_agent: str | None, session_id: str | None = None, context: Any = None) -> int | None: ...
+    def request(self, method: str, params: list[Any] | Raw, context: Any = None) -> int | None: ...
+    def respond_raw(self, response: Any) -> None: ...
+
+
+class ProbeReading(Struct, frozen=True):
+    """What one batch of a probe session's events says about the upstream."""
+
+    subscribed: bool = False
+    """The subscribe result came (the upstream is connected)."""
+    prevhashes: tuple[str, ...] = ()
+    """The prevhash of every ``mining.notify``, in order."""
+    end: str | None = None
+    """The session must end, and why (it is then a loss of the upstream)."""
+    refused_worker: str | None = None
+    """The pool refused the probe's authorize: the pool's error (health is still measured)."""
+
+
+class ProbeReader:
+    """The proxy's own session on one upstream, read as health evidence (see the module docs)."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+        self.identity: tuple[str, str | None] | None = None
+        self.session: ProbeSession | None = None
+        self.subscribed = False
+        self._authorized = False
+
+    def opened(self, session: ProbeSession) -> None:
+        """A new probe session: subscribe (no worker name needed) and authorize if a name is known."""
+        self.session = session
+        self.subscribed = False
+        self._authorized = False
+        session.subscribe(self.agent, None, context="subscribe")
+        self._authorize()
+
+    def closed(self) -> None:
+        self.session = None
+        self.subscribed = False
+
+    def set_identity(self, user: str, password: str | None) -> bool:
+        """The worker name to authorize as (the first one only); True if an authorize was written."""
+        if self.identity is not None:
+            return False
+        self.identity = (user, password)
+        return self._authorize()
+
+    def _authorize(self) -> bool:
+        """Authorize once per connection (pools never answer a second authorize)."""
+        session = self.session
+        if self.identity is None or session is None or self._authorized:
+            return False
+        self._authorized = True
+        user, password = self.identity
+        try:
+            session.request("mining.authorize", [user, password or "x"], context="authorize")
+        except (RuntimeError, OverflowError):
+            return False  # the session is closing
+        return True
+
+    def ping(self) -> bool:
+        """``mining.ping`` on the session (keepalive ``ping``); True if it was written."""
+        if self.session is None:
+            return False
+        try:
+            self.session.request("mining.ping", [], context="keepalive")
+        except (RuntimeError, OverflowError):
+            return False
+        return True
+
+    def receive(self, events: list[Any]) -> ProbeReading:
+        session = self.session
+        subscribed = False
+        prevhashes: list[str] = []
+        refused: str | None = None
+        for event in events:
+            if isinstance(event, Notify):
+                prevhashes.append(event.params.prevhash)
+            elif isinstance(event, Reply):
+                error = bytes(event.response.error)
+                if event.context == "subscribe":
+                    if not event.response.accepted and error != b"null":
+                        return ProbeReading(subscribed, tuple(prevhashes), f"subscribe refused: {error.decode(errors='replace')}")
+                    subscribed = self.subscribed = True
+                elif event.context == "authorize" and not event.accepted:
+                    refused = error.decode(errors="replace")
+            elif isinstance(event, Ping) and event.id is not None and session is not None:
+                session.respond_raw(Response(event.id, Raw(b'"pong"'), NULL))
+            elif isinstance(event, GetVersion) and event.id is not None and session is not None:
+                session.respond_raw(Response(event.id, Raw(_encode(self.agent)), NULL))
+            elif isinstance(event, Reconnect):
+                return ProbeReading(subscribed, tuple(prevhashes), "the pool sent client.reconnect", refused)
+            elif isinstance(event, ProtocolViolation) and event.fatal:
+                return ProbeReading(subscribed, tuple(prevhashes), f"pool protocol violation: {event.reason}", refused)
+        return ProbeReading(subscribed, tuple(prevhashes), None, refused)
