@@ -1,33 +1,23 @@
-"""The miner-side proxy's trio driver: accept rigs, relay each one upstream, fail over.
+"""The miner-side proxy's trio driver: accept rigs, run the proxy core, move bytes.
 
-Everything protocol-shaped happens in the sans-IO cores:
-:class:`~bridge.relay.miner_channel.MinerChannel` (one rig and its upstream
-sessions) and :class:`~bridge.relay.failover.FailoverPolicy` (upstream health,
-who goes where, pacing, the no-upstream policy). This module moves bytes, keeps
-time, closes sockets, and executes the policy's decisions:
+Every decision is the sans-IO core's, :class:`~bridge.relay.proxy.ProxyCore`
+(placement, failover and fail-back, how a rig is moved, the probes' reading of
+pool events as health, the opening timeout); see its module docs. This module
+feeds it events with the current time and executes its commands:
 
-- one nursery per rig connection runs the rig reader, a timer for verdict
-  deadlines, and one reader per upstream session (*leg*) of the rig;
-- one task per upstream runs its :class:`~bridge.net.upstreams.Probe` from the
-  start (it subscribes without a worker name, and authorizes once when one is
-  known: ``probe_user``, or the first rig's successful ``mining.authorize``), and
-  one task runs the policy's timer and actions;
-- a ``MoveRig`` decision becomes, for the rig: a fresh session on the target
-  opened transparently if the rig has not had its subscribe result yet; a new
-  session with the handshake replayed and ``mining.set_extranonce`` plus a clean
-  job if the rig sent ``mining.extranonce.subscribe``; otherwise
-  ``client.reconnect`` (``[]``, ``[host, port]`` for cpuminer) and a close once
-  its shares in flight have their verdicts, after which the rig comes back and
-  is placed on the target. When the source upstream is declared down (lost,
-  silent, lagging …), its pending shares are answered at once with explicit
-  errors; when it is alive (fail-back, rebalance) they keep their verdict path.
+- one nursery per rig connection runs the rig reader and one task per upstream
+  session of the rig (*leg*): it opens the session (``OpenLeg``), then reads it;
+  what the core writes is sent by whichever task fed it (so a slow rig slows its
+  own reader) or by a flush task for writes caused elsewhere;
+- one task per upstream runs its :class:`~bridge.net.upstreams.Probe` (the
+  proxy's own session there, reconnected with backoff, and the keepalive checks
+  the core asks for);
+- one timer task for the whole proxy calls the core at its next deadline.
 
-A connection that says nothing Stratum within ``opening_timeout`` (a port scanner,
-a stuck client) or opens with bytes that are clearly not Stratum is closed and
-counted by reason; other rigs are unaffected. Until its first Stratum request a
-connection is *pending* for admission control (bridge/net/admission.py): pending
-connections are capped globally and per source address, and nothing new is accepted
-when file descriptors run short (``admission``).
+Until its first Stratum request a connection is *pending* for admission control
+(bridge/net/admission.py): pending connections are capped globally and per source
+address, and nothing new is accepted when file descriptors run short
+(``admission``).
 
 Every detection and switch is logged by ``bridge.proxy.failover`` with its reason
 and counted in :meth:`MinerProxy.statistics`.
@@ -69,31 +59,56 @@ from bridge.net.tcp import (
     tune_stream,
 )
 from bridge.net.upstreams import (
-    KEEPALIVE_METHODS,
     NETWORK_ERRORS,
+    PROBE_AGENT,
     Probe,
     Session,
     Upstream,
 )
-from bridge.relay.failover import (
-    FailoverConfig,
-    FailoverPolicy,
-    FailoverStatistics,
-    MoveRig,
-    ReleaseRigs,
-    SendKeepalive,
-    UpstreamSpec,
+from bridge.relay.failover import FailoverConfig, FailoverPolicy, FailoverStatistics
+from bridge.relay.miner_channel import MinerChannel, MinerChannelStatistics
+from bridge.relay.proxy import (
+    MAX_LINE_FROM_MINER,
+    CheckUpstream,
+    CloseLeg,
+    CloseProbe,
+    CloseRig,
+    Command,
+    Event,
+    FlushLeg,
+    FlushProbe,
+    LegEvents,
+    LegFailed,
+    LegLost,
+    LegOpened,
+    Log,
+    MoveToNewLink,
+    Notice,
+    OpenLeg,
+    ProbeIdentity,
+    ProxyCore,
+    ProxySettings,
+    ProxyUpstream,
+    RigClosed,
+    RigConnected,
+    RigData,
+    RigEstablished,
+    Timer,
+    WriteRig,
+    explain_authorize_refusal,
 )
-from bridge.relay.miner_channel import Leg, MinerChannel, MinerChannelStatistics
 from bridge.relay.rm_upstream import ConnectionStatistics
-from bridge.sv1.framing import decode_json
+
+__all__ = ["FailoverEvent", "LinkStatus", "MinerProxy", "ProxyStatistics", "RigStatus", "explain_authorize_refusal"]
 
 log = logging.getLogger("bridge.proxy")
 failover_log = logging.getLogger("bridge.proxy.failover")
 
 RECEIVE_SIZE = 16384
-# ckpool's limit for a line from a client; rigs never come close.
-MAX_LINE_FROM_MINER = 4096
+#: Bytes waiting for a rig that does not read before its connection is closed (a rig's
+#: own traffic is a few hundred bytes a second; its reader waits while its writes do).
+MAX_RIG_BACKLOG = 1 << 20
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
 class ProxyStatistics(Struct, frozen=True):
@@ -156,22 +171,6 @@ class LinkStatus(Struct, frozen=True, kw_only=True):
     connection: ConnectionStatistics | None
 
 
-def explain_authorize_refusal(error: str) -> str:
-    """The pool's or the sidecar's error for a refused mining.authorize, with what to do about it."""
-    try:
-        decoded = decode_json(error)
-    except msgspec.DecodeError:
-        decoded = error
-    text = decoded[1] if isinstance(decoded, list) and len(decoded) > 1 else str(decoded)
-    if "certificate does not cover account" in str(text):
-        return (
-            f"{text}. The sidecar only lets this proxy mine for the accounts its certificate names: ask the "
-            "pool operator for a certificate covering this account (`stratumrm pki issue-miner NAME --account "
-            "ACCOUNT ...`, or an enrollment token), or correct the rig's worker name"
-        )
-    return f"{text}; check the worker name and password the rig sends"
-
-
 class MinerProxy:
     """Accepts Stratum V1 rigs and relays each over its own upstream session, with failover.
 
@@ -207,8 +206,6 @@ class MinerProxy:
                 "keepalive 'authorize' is no longer offered (ckpool never answers a second authorize, so healthy "
                 'pools looked silent): use keepalive = "subscribe"'
             )
-        if keepalive not in (*KEEPALIVE_METHODS, "none"):
-            raise ValueError(f"keepalive must be one of subscribe, ping, none; got {keepalive!r}")
         if pool_ssl_context is None and isinstance(upstream_ssl_context, ssl.SSLContext):
             pool_ssl_context = upstream_ssl_context
         self.containment = Containment(log, "proxy")
@@ -226,7 +223,7 @@ class MinerProxy:
         self.upstream = entries[0].url
         self.upstream_ssl_context = upstream_ssl_context
         self.opening_timeout = opening_timeout
-        # The opening watchdog closes a silent rig with its reason; admission's
+        # The core's opening timeout closes a silent rig with its reason; admission's
         # deadline, a second later, is the backstop.
         limits = msgspec.structs.replace(
             admission or AdmissionLimits(max_pending=RIG_MAX_PENDING, max_pending_per_source=RIG_MAX_PENDING_PER_SOURCE),
@@ -237,24 +234,26 @@ class MinerProxy:
         self.connect_timeout = connect_timeout
         self.drain_timeout = drain_timeout
         config = failover or FailoverConfig()
-        if keepalive == "none":
-            config = msgspec.structs.replace(config, keepalive_interval=None)
-        self.policy = FailoverPolicy([UpstreamSpec(u.name, u.entry.priority, u.entry.weight) for u in self.upstreams], config)
-        self.probes = [
-            Probe(
-                u,
-                self.policy,
-                self.wake_policy,
+        self.core = ProxyCore(
+            [
+                ProxyUpstream(u.name, str(u.url), u.entry.priority, u.entry.weight, stratumrm=u.link is not None)
+                for u in self.upstreams
+            ],
+            ProxySettings(
+                submit_timeout=submit_timeout,
+                drain_timeout=drain_timeout,
+                opening_timeout=opening_timeout,
+                max_line=MAX_LINE_FROM_MINER,
                 keepalive=keepalive,
-                check_timeout=config.silence_timeout,
-                containment=self.containment,
-            )
-            for u in self.upstreams
-        ]
+                failover=config,
+                probe_agent=PROBE_AGENT,
+            ),
+        )
+        self.probes = [Probe(u, self.feed, keepalive=keepalive, check_timeout=config.silence_timeout) for u in self.upstreams]
         self.probe_user = probe_user
         self.probe_password = probe_password
         if probe_user:
-            self._set_probe_identity(probe_user, probe_password)
+            self.core.handle(ProbeIdentity(probe_user, probe_password), 0.0)  # no probe session yet: nothing to send
         self._rig_ids = itertools.count(1)
         self._rigs: dict[int, _RigConnection] = {}
         self._accepted_connections = 0
@@ -264,11 +263,17 @@ class MinerProxy:
         self._rejected_by_reason: Counter[str] = Counter()
         self._accepted_difficulty = 0.0
         self.failover_history: deque[FailoverEvent] = deque(maxlen=FAILOVER_HISTORY)
-        self._policy_wake = trio.Event()
+        self._timer_wake = trio.Event()
+        self._sleeping_until = math.inf
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
         # The first StratumRM link (what single-upstream callers and tests look at).
         self.link: StratumRMLink | None = next((u.link for u in self.upstreams if u.link is not None), None)
+
+    @property
+    def policy(self) -> FailoverPolicy:
+        """The core's failover policy (health of every upstream, placement of every rig)."""
+        return self.core.policy
 
     # ------------------------------------------------------------ serving
 
@@ -312,11 +317,86 @@ class MinerProxy:
                 await nursery.start(upstream.link.run)
         self._nursery = nursery
         for probe in self.probes:
-            nursery.start_soon(probe.run)
-        nursery.start_soon(self._run_policy)
+            index = probe.upstream.index
+            nursery.start_soon(probe.run, functools.partial(self._probe_subscribed, index), self.containment)
+        nursery.start_soon(self._run_timer)
 
-    def wake_policy(self) -> None:
-        self._policy_wake.set()
+    def _probe_subscribed(self, upstream: int) -> bool:
+        return self.core.probes[upstream].reader.subscribed
+
+    # ------------------------------------------------------------ the core
+
+    def feed(self, event: Event) -> None:
+        """Hand one event to the core with the current time, and execute its commands."""
+        now = trio.current_time()
+        self.execute(self.core.handle(event, now))
+        deadline = self.core.next_deadline(now)
+        if deadline is not None and deadline < self._sleeping_until:
+            self._timer_wake.set()
+
+    def execute(self, commands: list[Command]) -> None:
+        for command in commands:
+            match command:
+                case WriteRig(rig, data):
+                    connection = self._rigs.get(rig)
+                    if connection is not None:
+                        connection.write(data)
+                case FlushLeg(rig, leg):
+                    connection = self._rigs.get(rig)
+                    if connection is not None:
+                        connection.flush_leg(leg)
+                case OpenLeg(rig, leg, upstream):
+                    connection = self._rigs.get(rig)
+                    if connection is not None:
+                        connection.open_leg(leg, self.upstreams[upstream])
+                case CloseLeg(rig, leg):
+                    connection = self._rigs.get(rig)
+                    if connection is not None:
+                        connection.close_leg(leg)
+                case CloseRig(rig, reason):
+                    connection = self._rigs.get(rig)
+                    if connection is not None:
+                        connection.finish(reason)
+                case RigEstablished(rig):
+                    connection = self._rigs.get(rig)
+                    if connection is not None:
+                        connection.established()
+                case FlushProbe(upstream):
+                    self.probes[upstream].kick()
+                case CloseProbe(upstream, reason):
+                    self.probes[upstream].end(reason)
+                case CheckUpstream(upstream, link):
+                    if self._nursery is not None:
+                        self._nursery.start_soon(self.probes[upstream].check, link)
+                case Log(level, message, failover):
+                    (failover_log if failover else log).log(_LEVELS[level], "%s", message)
+                case Notice(kind, message, upstream):
+                    self.failover_history.append(
+                        FailoverEvent(
+                            at=datetime.now(UTC),
+                            kind=kind,
+                            message=message,
+                            upstream=None if upstream is None else self.upstreams[upstream].name,
+                        )
+                    )
+                    level = logging.WARNING if kind in ("detection", "outage", "release") else logging.INFO
+                    failover_log.log(level, "%s", message)
+
+    async def _run_timer(self) -> None:
+        """The one timer of the proxy: every rig's deadlines and the policy's."""
+        while True:
+            now = trio.current_time()
+            deadline = self.core.next_deadline(now)
+            if deadline is not None and deadline <= now:
+                with self.containment.guard("proxy", "timer"):
+                    self.feed(Timer())
+                await trio.lowlevel.checkpoint()
+                continue
+            self._timer_wake = trio.Event()
+            self._sleeping_until = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._sleeping_until):
+                await self._timer_wake.wait()
+            self._sleeping_until = math.inf
 
     # ------------------------------------------------------------ rm.goaway (a draining sidecar)
 
@@ -377,66 +457,11 @@ class MinerProxy:
         with trio.move_on_at(deadline + 1.0):
             while old.channels_open:
                 for rig in list(self._rigs.values()):
-                    moved += rig.follow_goaway(upstream, old)
+                    with self.containment.guard(rig.peer, "rig connection"):
+                        moved += rig.follow_goaway(upstream, old)
                 await trio.sleep(0.1)
         failover_log.info("left the draining sidecar behind %s: %d rigs moved", upstream.name, moved)
         old.retire("moved to another sidecar after rm.goaway")
-
-    def _set_probe_identity(self, user: str, password: str | None) -> None:
-        for probe in self.probes:
-            probe.set_identity(user, password)
-
-    def learned_worker(self, user: str, password: str | None) -> None:
-        """A rig authorized: the probes borrow the first worker name (pools see a real worker)."""
-        if self.probes[0].identity is None:
-            failover_log.info("probes authorize as %s (the first rig's worker name)", user)
-            self._set_probe_identity(user, password)
-
-    async def _run_policy(self) -> None:
-        policy = self.policy
-        while True:
-            now = trio.current_time()
-            deadline = policy.next_deadline(now)
-            if deadline is None or deadline > now:
-                self._policy_wake = trio.Event()
-                with trio.move_on_at(math.inf if deadline is None else deadline):
-                    await self._policy_wake.wait()
-                continue
-            actions = policy.on_timer(now)
-            for event in policy.take_events():
-                self.failover_history.append(
-                    FailoverEvent(
-                        at=datetime.now(UTC),
-                        kind=event.kind,
-                        message=event.message,
-                        upstream=None if event.upstream is None else self.upstreams[event.upstream].name,
-                    )
-                )
-                level = logging.WARNING if event.kind in ("detection", "outage", "release") else logging.INFO
-                failover_log.log(level, "%s", event.message)
-            for action in actions:
-                kind = type(action)
-                if kind is SendKeepalive:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self.probes[action.upstream].keepalive)
-                elif kind is MoveRig:
-                    rig = self._rigs.get(action.rig)
-                    if rig is None:
-                        policy.removed(action.rig)
-                    else:
-                        with self.containment.guard(rig.peer, "rig connection") as guard:
-                            rig.move(action)
-                        if guard.error is not None:
-                            rig.abort()
-                elif kind is ReleaseRigs:
-                    for rig_id in action.rigs:
-                        rig = self._rigs.get(rig_id)
-                        if rig is not None:
-                            with self.containment.guard(rig.peer, "rig connection") as guard:
-                                rig.release(f"released: {action.reason}")
-                            if guard.error is not None:
-                                rig.abort()
-            await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------ rigs
 
@@ -445,9 +470,11 @@ class MinerProxy:
         peer = peer_name(stream)
         self._accepted_connections += 1
         self._active += 1
-        channel = MinerChannel(submit_timeout=self.submit_timeout, drain_timeout=self.drain_timeout, max_line=MAX_LINE_FROM_MINER)
         rig_id = next(self._rig_ids)
         bind_connection(f"rig-{rig_id}", fresh=False)
+        self.feed(RigConnected(rig_id, peer, _local_address(stream)))
+        channel = self.core.channel(rig_id)
+        assert channel is not None
         connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
         self._rigs[rig_id] = connection
         reason = "proxy shutting down"
@@ -459,8 +486,9 @@ class MinerProxy:
         finally:
             self._active -= 1
             self._rigs.pop(rig_id, None)
-            self.policy.removed(rig_id)
-            self.wake_policy()
+            if self.core.channel(rig_id) is not None:
+                with self.containment.guard(peer, "rig connection"):
+                    self.feed(RigClosed(rig_id, reason))
             stats = channel.statistics()
             for name in ("submitted", "accepted", "rejected", "switches", "extranonce_changes", "reconnects_sent", "stale_local"):
                 self._totals[name] += getattr(stats, name)
@@ -533,30 +561,30 @@ class MinerProxy:
 
 
 class _LegTask:
-    __slots__ = ("leg", "scope", "session", "upstream")
+    __slots__ = ("closed", "scope", "session", "upstream")
 
-    def __init__(self, leg: Leg, session: Session, upstream: Upstream) -> None:
-        self.leg = leg
+    def __init__(self, session: Session, upstream: Upstream) -> None:
         self.session = session
         self.upstream = upstream
+        self.closed = False
         self.scope = trio.CancelScope()
 
 
 class _RigConnection:
-    """The tasks of one rig connection."""
+    """The tasks and buffers of one rig connection; the core decides, this moves bytes."""
 
     __slots__ = (
         "_done",
-        "_learned",
-        "_miner_lock",
-        "_moving",
+        "_flush_lock",
+        "_flushing",
         "_nursery",
-        "_placing",
-        "_wake_timer",
         "channel",
+        "close_reason",
         "connected_at",
+        "dirty_legs",
         "id",
         "legs",
+        "outbox",
         "peer",
         "pending",
         "proxy",
@@ -578,273 +606,191 @@ class _RigConnection:
         self.channel = channel
         self.stream = stream
         self.peer = peer
-        self.legs: dict[int, _LegTask] = {}  # id(leg) -> task
-        self._miner_lock = trio.Lock()
-        self._wake_timer = trio.Event()
+        self.legs: dict[int, _LegTask] = {}
+        self.outbox = bytearray()
+        self.dirty_legs: set[int] = set()
+        self.close_reason: str | None = None
+        self._flush_lock = trio.Lock()
+        self._flushing = False
         self._done = trio.Event()
-        self._placing = False
-        self._moving = False
         self._nursery: trio.Nursery | None = None
-        self._learned = False
         self.connected_at = datetime.now(UTC)
 
     def status(self) -> RigStatus:
-        channel = self.channel
-        task = self.legs.get(id(channel.leg)) if channel.leg is not None else None
+        upstream = self.proxy.core.upstream_of(self.id)
         return RigStatus(
             id=self.id,
             peer=self.peer,
-            workers=list(channel.authorized_workers),
-            upstream=None if task is None else task.upstream.name,
+            workers=list(self.channel.authorized_workers),
+            upstream=None if upstream is None else self.proxy.upstreams[upstream].name,
             connected_at=self.connected_at,
-            shares=channel.statistics(),
+            shares=self.channel.statistics(),
         )
 
     async def run(self) -> str:
-        channel = self.channel
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._read_rig)
-                nursery.start_soon(self._timers)
-                nursery.start_soon(self._opening_watchdog)
                 await self._done.wait()
                 nursery.cancel_scope.cancel()
             # Deliver the last answers (errors for unconfirmed shares) before closing.
             with trio.move_on_after(2):
-                await self._flush()
+                await self.flush()
         finally:
             self._nursery = None
             for task in list(self.legs.values()):
                 await task.session.aclose()
             self.legs.clear()
-        return channel.close_reason or "closed"
+        return self.close_reason or "closed"
 
-    def abort(self) -> None:
-        """End this connection after a contained internal error."""
-        self._finish("internal error")
+    # ------------------------------------------------------------ commands from the core
 
-    def _finish(self, reason: str | None = None) -> None:
-        if reason is not None and self.channel.close_reason is None:
-            self.channel.close_reason = reason
+    def write(self, data: bytes) -> None:
+        self.outbox += data
+        if len(self.outbox) > MAX_RIG_BACKLOG:
+            self.outbox.clear()
+            self._end(f"rig does not read: more than {MAX_RIG_BACKLOG} bytes waiting for it")
+            return
+        self._kick()
+
+    def flush_leg(self, leg: int) -> None:
+        self.dirty_legs.add(leg)
+        self._kick()
+
+    def open_leg(self, leg: int, upstream: Upstream) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_leg, leg, upstream)
+
+    def close_leg(self, leg: int) -> None:
+        task = self.legs.pop(leg, None)
+        self.dirty_legs.discard(leg)
+        if task is None:
+            return
+        task.closed = True
+        task.scope.cancel()
+        if self._nursery is not None:
+            self._nursery.start_soon(task.session.aclose)
+
+    def finish(self, reason: str) -> None:
+        """The core closed the rig (``CloseRig``): flush what is queued, then close."""
+        if self.close_reason is None:
+            self.close_reason = reason
         self._done.set()
 
-    async def _flush(self) -> None:
-        async with self._miner_lock:
-            data = self.channel.miner.data_to_send()
-            if data:
-                await self.stream.send_all(data)
-        for task in list(self.legs.values()):
-            try:
-                await task.session.flush()
-            except NETWORK_ERRORS:
-                pass  # its reader sees the failure
+    def established(self) -> None:
+        if self.pending is not None:
+            self.pending.established()  # its first Stratum request: no longer pending
+            self.pending = None
 
-    async def _step(self) -> None:
-        """After feeding the channel: write, settle switches and legs, wake the timer, notice closing."""
-        channel = self.channel
-        proxy = self.proxy
-        now = trio.current_time()
-        for result in channel.take_switch_results():
-            task = self.legs.get(id(result.leg))
-            if task is None:
-                continue
-            if result.ok:
-                proxy.policy.attached(self.id, task.upstream.index, now)
-                log.debug("rig %s now on %s", self.peer, task.upstream.name)
-            else:
-                failover_log.info("rig %s: switch to %s failed: %s", self.peer, task.upstream.name, result.reason)
-                proxy.policy.move_failed(self.id, task.upstream.index, result.reason, now)
-            proxy.wake_policy()
-        for user, error in channel.take_authorize_refusals():
-            log.warning("rig %s: the upstream refused worker %r: %s", self.peer, user, explain_authorize_refusal(error))
-        channel.retire_drained(now)
-        for key, task in list(self.legs.items()):
-            if task.leg.state == "gone":
-                task.scope.cancel()
-                del self.legs[key]
-                self._spawn(task.session.aclose)
-        if not self._learned and channel.authorized_workers:
-            self._learned = True
-            user, password = next(iter(channel.authorized_workers.items()))
-            proxy.learned_worker(user, password)
-        try:
-            await self._flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._finish(f"write failed: {exc}")
-            return
-        self._wake_timer.set()
-        if channel.closed:
-            self._finish()
+    def _end(self, reason: str) -> None:
+        """This side ends the connection: the core hears it (and answers ``CloseRig``)."""
+        self.proxy.feed(RigClosed(self.id, reason))
+        self.finish(reason)  # if the core had forgotten the rig already
 
-    def _spawn(self, function, *args) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(function, *args)
+    def _kick(self) -> None:
+        if not self._flushing and self._nursery is not None:
+            self._flushing = True
+            self._nursery.start_soon(self._flush_soon)
+
+    async def _flush_soon(self) -> None:
+        self._flushing = False
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send what is queued for the rig and flush the legs the core wrote to."""
+        async with self._flush_lock:
+            while self.outbox or self.dirty_legs:
+                data = bytes(self.outbox)
+                self.outbox.clear()
+                legs, self.dirty_legs = self.dirty_legs, set()
+                if data:
+                    try:
+                        await self.stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        self.dirty_legs |= legs
+                        self._end(f"write failed: {exc}")
+                        return
+                for leg in legs:
+                    task = self.legs.get(leg)
+                    if task is None:
+                        continue
+                    try:
+                        await task.session.flush()
+                    except NETWORK_ERRORS:
+                        pass  # its reader sees the failure
+
+    # ------------------------------------------------------------ tasks
 
     async def _read_rig(self) -> None:
-        channel = self.channel
+        proxy = self.proxy
         while True:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._finish(channel.reconnect_reason or f"rig connection error: {exc}")
+                self._end(f"rig connection error: {exc}")
                 return
             if not data:
-                self._finish(channel.reconnect_reason or "rig closed the connection")
+                self._end("rig closed the connection")
                 return
-            channel.miner_data(data, trio.current_time())
-            if self.pending is not None and channel.wants_upstream:
-                self.pending.established()  # its first Stratum request: no longer pending
-                self.pending = None
-            if channel.wants_upstream and not self._placing:
-                self._placing = True
-                self._place()
-            await self._step()
+            proxy.feed(RigData(self.id, bytes(data)))
+            await self.flush()
 
-    async def _opening_watchdog(self) -> None:
-        await trio.sleep(self.proxy.opening_timeout)
-        if not self.channel.wants_upstream:
-            self._finish(f"idle: no Stratum request within {self.proxy.opening_timeout:g} s")
-
-    # ------------------------------------------------------------ placement and moves
-
-    def _place(self) -> None:
+    async def _run_leg(self, leg: int, upstream: Upstream) -> None:
         proxy = self.proxy
-        target = proxy.policy.assign(self.id, trio.current_time())
-        if target is None:
-            self.channel.upstream_lost("no upstream pool is usable", trio.current_time())
-            return
-        self._spawn(self._open_leg, proxy.upstreams[target], None)
-
-    def move(self, action: MoveRig) -> None:
-        """Execute the policy's decision to move this rig (called from the policy task)."""
-        channel = self.channel
-        proxy = self.proxy
-        if channel.closed or channel.reconnecting or self._nursery is None:
-            return
-        target = proxy.upstreams[action.target]
-        source = self._current_task()
-        if source is not None and action.source is not None and proxy.policy.unreachable(action.source):
-            # Its verdicts are not coming: answer the shares in flight now.
-            reason = proxy.policy.down_reason(action.source) or "upstream down"
-            channel.fail_leg(source.leg, f"{source.upstream.name} is down ({reason})", trio.current_time())
-        if not channel.subscribed:
-            if channel.leg is not None:
-                # Still in its handshake on a live upstream: leave it there.
-                proxy.policy.attached(self.id, self.legs[id(channel.leg)].upstream.index, trio.current_time())
-                return
-            self._spawn(self._open_leg, target, action)
-        elif channel.extranonce_subscribed:
-            self._spawn(self._open_leg, target, action)
-        else:
-            channel.request_reconnect(f"moving to {target.name}: {action.reason}", trio.current_time(), self._reconnect_params())
-        self._spawn(self._step)
-
-    def follow_goaway(self, upstream: Upstream, old: StratumRMLink) -> int:
-        """Move off ``old`` (its sidecar is draining) to ``upstream``'s new link; 1 if a move began."""
-        channel = self.channel
-        task = self._current_task()
-        if task is None or getattr(task.session, "link", None) is not old:
-            return 0
-        if channel.closed or channel.reconnecting or channel.switching or not channel.subscribed:
-            return 0  # busy (a handshake or a move in progress): looked at again shortly
-        self.move(MoveRig(self.id, upstream.index, upstream.index, "the sidecar is going away (rm.goaway)", urgent=True))
-        return 1
-
-    def release(self, reason: str) -> None:
-        self.channel.release(reason)
-        self._spawn(self._step)
-
-    def _current_task(self) -> _LegTask | None:
-        leg = self.channel.leg
-        return None if leg is None else self.legs.get(id(leg))
-
-    def _reconnect_params(self) -> list[Any]:
-        """``[]`` ("this server again"); cpuminer ignores that and needs a host and port."""
-        agent = (self.channel.miner.user_agent or "").lower()
-        if not agent.startswith(("cpuminer", "minerd")):
-            return []
-        sock = socket_of(self.stream)
-        try:
-            host, port = sock.getsockname()[:2] if sock is not None else (None, None)
-        except OSError:
-            return []
-        return [] if host is None else [host, port]
-
-    async def _open_leg(self, upstream: Upstream, action: MoveRig | None) -> None:
-        channel = self.channel
-        proxy = self.proxy
-        policy = proxy.policy
         try:
             session = await upstream.open_session(self.peer)
         except NETWORK_ERRORS as exc:
-            detail = describe_error(exc)
-            now = trio.current_time()
-            failover_log.info("rig %s: cannot open a session on %s: %s", self.peer, upstream.name, detail)
-            if self.proxy.probes[upstream.index].session is None and not policy.is_down(upstream.index):
-                policy.lost(upstream.index, f"cannot connect: {detail}", now, connect_failed=True)
-            policy.move_failed(self.id, upstream.index, detail, now)
-            proxy.wake_policy()
-            if not channel.subscribed and channel.leg is None and not any(policy.usable(u.index) for u in proxy.upstreams):
-                # Nothing to offer a rig that has not even subscribed: release it now,
-                # with the reason, so its own backup pool takes over.
-                channel.upstream_lost(f"cannot connect to {upstream.url}: {detail}", now)
-            await self._step()
+            proxy.feed(LegFailed(self.id, leg, describe_error(exc)))
+            await self.flush()
             return
-        if channel.closed:
-            await session.aclose()
-            return
-        now = trio.current_time()
-        if channel.leg is None and not channel.subscribed and not channel.switching and action is None:
-            leg = channel.attach_upstream(session.session, now, key=upstream.index)
-            policy.attached(self.id, upstream.index, now)
-        else:
-            leg = channel.switch_upstream(session.session, now, key=upstream.index)
-        task = _LegTask(leg, session, upstream)
-        self.legs[id(leg)] = task
-        self._spawn(self._read_leg, task)
-        await self._step()
-
-    async def _read_leg(self, task: _LegTask) -> None:
-        channel = self.channel
-        proxy = self.proxy
-        index = task.upstream.index
-        with task.scope:
-            while task.leg.state != "gone" and not channel.closed:
+        task = _LegTask(session, upstream)
+        self.legs[leg] = task
+        proxy.feed(LegOpened(self.id, leg, session.session))
+        await self.flush()
+        while not task.closed:
+            reason = "pool closed the connection"
+            events = None
+            with task.scope:
                 try:
-                    events = await task.session.receive()
+                    events = await session.receive()
                 except NETWORK_ERRORS as exc:
-                    events, reason = None, f"pool connection error: {describe_error(exc)}"
-                else:
-                    reason = "pool closed the connection"
-                now = trio.current_time()
-                if events is None:
-                    was_current = task.leg is channel.leg
-                    log.info("rig %s: upstream %s lost: %s", self.peer, task.upstream.name, reason)
-                    channel.upstream_lost(reason, now, leg=task.leg, release=False)
-                    if was_current:
-                        proxy.policy.detached(self.id, reason, now)
-                        proxy.wake_policy()
-                    await self._step()
-                    return
-                proxy.policy.traffic(index, now)
-                was_current = task.leg is channel.leg
-                channel.upstream_events(events, now, leg=task.leg)
-                if was_current and task.leg.state == "gone" and not channel.closed:
-                    proxy.policy.detached(self.id, task.leg.failure or "upstream session ended", now)
-                    proxy.wake_policy()
-                await self._step()
+                    reason = f"pool connection error: {describe_error(exc)}"
+            if task.closed:
+                return  # the core closed it (CloseLeg): close_leg closes the session
+            task.scope = trio.CancelScope()
+            if events is None:
+                self.legs.pop(leg, None)
+                proxy.feed(LegLost(self.id, leg, reason))
+                await session.aclose()
+                await self.flush()
+                return
+            proxy.feed(LegEvents(self.id, leg, events))
+            await self.flush()
 
-    async def _timers(self) -> None:
-        channel = self.channel
-        while True:
-            deadline = channel.next_deadline()
-            self._wake_timer = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._wake_timer.wait()
-                continue
-            channel.on_timer(trio.current_time())
-            await self._step()
+    def follow_goaway(self, upstream: Upstream, old: StratumRMLink) -> int:
+        """Move off ``old`` (its sidecar is draining) to ``upstream``'s new link; 1 if a move began."""
+        core = self.proxy.core
+        leg = core.current_leg(self.id)
+        task = None if leg is None else self.legs.get(leg)
+        if task is None or getattr(task.session, "link", None) is not old:
+            return 0
+        if not core.movable(self.id):
+            return 0  # busy (a handshake or a move in progress): looked at again shortly
+        self.proxy.feed(MoveToNewLink(self.id, upstream.index))
+        return 1
+
+
+def _local_address(stream: trio.SocketStream) -> tuple[str, int] | None:
+    """The proxy's own address on a rig's connection (what cpuminer is told to reconnect to)."""
+    sock = socket_of(stream)
+    try:
+        address = sock.getsockname() if sock is not None else None
+    except OSError:
+        return None
+    if not isinstance(address, tuple) or len(address) < 2:
+        return None
+    return str(address[0]), int(address[1])
 
 
 def _in_trio() -> bool:

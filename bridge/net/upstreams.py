@@ -12,14 +12,16 @@ whatever the order in which the proxy, the upstreams and the rigs come up: it
 subscribes with the proxy's own user agent (a subscribe needs no worker name) and,
 once a worker name is known (``--probe-user`` or the first rig's), authorizes
 **once** per connection, so pools that send jobs only to authorized workers see an
-ordinary worker. It reports the subscribe result (connected), every
-``mining.notify`` (prevhash), every line (traffic) and every failure (refused,
-reset, closed, TLS, StratumRM link dead) to the policy. A lost probe reconnects
+ordinary worker. It feeds the session's events and every failure (refused,
+reset, closed, TLS, StratumRM link dead) to the proxy core
+(:class:`~bridge.relay.proxy.ProxyCore`), which reads them as health
+(:class:`~bridge.relay.health.ProbeReader`: the subscribe result, every
+``mining.notify`` and its prevhash, every line) for the policy. A lost probe reconnects
 with exponential backoff (0.5 s to 5 s). ``mining.ping`` and
 ``client.get_version`` from the pool are answered; ``client.reconnect`` counts as
 a loss (pools send it before maintenance) and the probe reconnects.
 
-When the policy asks for a keepalive (a quiet upstream must prove it is alive),
+When the core asks for a keepalive (a quiet upstream must prove it is alive),
 the probe asks only what pools answer without complaint (bridge/relay/health.py):
 never ``mining.authorize`` again (ckpool never answers a second one and logs
 "trying to authorise twice"). ``subscribe`` (the default): a plain SV1 upstream
@@ -46,10 +48,10 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
-from msgspec import Raw
 
 from bridge import __version__
 from bridge.config import UpstreamEntry
@@ -58,11 +60,7 @@ from bridge.net.health import check_subscribe
 from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.sv1_upstream import SV1Upstream
 from bridge.net.tcp import close_quietly, describe_error, open_stream
-from bridge.sv1.events import Reply
-from bridge.sv1.messages import NULL, GetVersion, Notify, Ping, Reconnect, Response
-
-if TYPE_CHECKING:
-    from bridge.relay.failover import FailoverPolicy
+from bridge.relay.proxy import Event, KeepaliveResult, PoolStatus, ProbeEvents, ProbeFailed, ProbeLost, ProbeOpened
 
 log = logging.getLogger("bridge.proxy.failover")
 
@@ -72,7 +70,6 @@ BACKOFF_MAX = 5.0
 POOL_STATUS_POLL = 0.05
 #: A spare check connection older than this is replaced (pools may drop idle, unsubscribed ones).
 SPARE_MAX_AGE = 30.0
-KEEPALIVE_METHODS = ("subscribe", "ping")
 
 Session = SV1Upstream | RMUpstreamHandle
 NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError, ConnectionError)
@@ -127,60 +124,39 @@ class Upstream:
 
 
 class Probe:
-    """The proxy's own session on one upstream, for health (see the module docs)."""
+    """The trio driver of the proxy's own session on one upstream (see the module docs).
+
+    What the session's events mean for health is the core's
+    (:class:`~bridge.relay.health.ProbeReader` inside
+    :class:`~bridge.relay.proxy.ProxyCore`); this class opens the session, reconnects
+    with backoff, feeds the core, and runs the keepalive checks the core asks for.
+    """
 
     def __init__(
-        self,
-        upstream: Upstream,
-        policy: FailoverPolicy,
-        wake: Any,
-        *,
-        keepalive: str = "subscribe",
-        check_timeout: float = 5.0,
-        containment: Containment | None = None,
+        self, upstream: Upstream, feed: Callable[[Event], None], *, keepalive: str = "subscribe", check_timeout: float = 5.0
     ) -> None:
         self.upstream = upstream
-        self.containment = containment or Containment(log, "proxy")
-        self.policy = policy
-        self.wake = wake  # called after every report to the policy
-        self.keepalive_method = keepalive
+        self.keepalive = keepalive
+        self.feed = feed  # hands an event to the proxy core and executes its commands
         self.check_timeout = check_timeout
-        self.identity: tuple[str, str | None] | None = None
         self.session: Session | None = None
-        self.connections = 0
-        self.keepalives = 0
-        self.checks_failed = 0
-        self._authorized_session: Session | None = None
+        self.end_reason: str | None = None
         self._checking = False
+        self._flushing = False
         self._spare: tuple[trio.abc.Stream, float] | None = None  # (connection, opened at) for the next check
         self._nursery: trio.Nursery | None = None
         self._pool_up = True
         self._serve_scope = trio.CancelScope()
+        self._subscribed: Callable[[], bool] = lambda: False
 
-    def set_identity(self, user: str, password: str | None) -> None:
-        """The worker name to authorize as; sent once on the live session (at its next flush)."""
-        if self.identity is None:
-            self.identity = (user, password)
-            if self.session is not None:
-                self._authorize(self.session)
-
-    def _authorize(self, session: Session) -> None:
-        """Authorize once per connection (pools never answer a second authorize)."""
-        if self.identity is None or self._authorized_session is session:
-            return
-        self._authorized_session = session
-        user, password = self.identity
-        try:
-            session.session.request("mining.authorize", [user, password or "x"], context="authorize")
-        except (RuntimeError, OverflowError):
-            pass  # the session is closing
-
-    async def run(self) -> None:
+    async def run(self, subscribed: Callable[[], bool], containment: Containment) -> None:
+        """``subscribed``: whether the core saw the current session's subscribe result."""
+        self._subscribed = subscribed
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self._run()
+            await self._run(containment)
 
-    async def _run(self) -> None:
+    async def _run(self, containment: Containment) -> None:
         backoff = BACKOFF_FIRST
         upstream = self.upstream
         index = upstream.index
@@ -188,18 +164,20 @@ class Probe:
             try:
                 session = await upstream.open_session(PROBE_PEER)
             except NETWORK_ERRORS as exc:
-                self.policy.lost(index, f"cannot connect: {describe_error(exc)}", trio.current_time(), connect_failed=True)
-                self.wake()
+                self.feed(ProbeFailed(index, describe_error(exc)))
                 await self._back_off(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            self.connections += 1
             self.session = session
-            reason, subscribed = "internal error", False
+            self.end_reason = None
+            reason = "internal error"
             self._serve_scope = trio.CancelScope()
             try:
-                with self._serve_scope, self.containment.guard(upstream.name, "probe session") as guard:
-                    reason, subscribed = await self._serve(session)
+                with self._serve_scope, containment.guard(upstream.name, "probe session") as guard:
+                    self.feed(ProbeOpened(index, session.session))
+                    if self.keepalive_spare_wanted():
+                        self._start(self._open_spare)  # ready for the first check
+                    reason = await self._serve(session)
                 if guard.error is not None:
                     reason = f"internal error ({type(guard.error).__name__})"
             finally:
@@ -208,19 +186,47 @@ class Probe:
                 await self.close_spare()
             if self._serve_scope.cancelled_caught:
                 continue  # relink(): the sidecar went away; reconnect at once, nothing was lost
-            self.policy.lost(index, reason, trio.current_time(), connect_failed=not subscribed)
-            self.wake()
+            subscribed = self._subscribed()
+            self.feed(ProbeLost(index, reason))
             if subscribed:
                 backoff = BACKOFF_FIRST
             await self._back_off(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
+    def keepalive_spare_wanted(self) -> bool:
+        """Fresh-connection checks will be asked for (a plain SV1 upstream, keepalive ``subscribe``)."""
+        return self.upstream.link is None and self.keepalive == "subscribe"
+
+    def _start(self, function: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(function)
+
     def relink(self) -> None:
         """The upstream's StratumRM link was replaced (``rm.goaway``): reopen the probe on the new one."""
         self._serve_scope.cancel()
 
+    def end(self, reason: str) -> None:
+        """The core ends the session (``CloseProbe``): the reader returns ``reason``."""
+        self.end_reason = reason
+
+    def kick(self) -> None:
+        """Write what the core queued on the session (``FlushProbe``)."""
+        if not self._flushing and self.session is not None:
+            self._flushing = True
+            self._start(self._flush)
+
+    async def _flush(self) -> None:
+        self._flushing = False
+        session = self.session
+        if session is None:
+            return
+        try:
+            await session.flush()
+        except NETWORK_ERRORS:
+            pass  # the reader sees the failure
+
     def _check_pool_status(self) -> bool | None:
-        """Report the sidecar's ``rm.pool`` view of its pool to the policy; None without one."""
+        """Report the sidecar's ``rm.pool`` view of its pool to the core; None without one."""
         link = self.upstream.link
         connection = None if link is None else link.connection
         if connection is None or connection.close_reason is not None:
@@ -228,9 +234,7 @@ class Probe:
         up = connection.pool_up
         if up != self._pool_up:
             self._pool_up = up
-            detail = connection.pool_reason or "the sidecar cannot reach its pool"
-            self.policy.pool_status(self.upstream.index, up, f"{detail} (rm.pool from the sidecar)", trio.current_time())
-            self.wake()
+            self.feed(PoolStatus(self.upstream.index, up, connection.pool_reason or ""))
         return up
 
     async def _back_off(self, seconds: float) -> None:
@@ -247,86 +251,36 @@ class Probe:
                 was_down = was_down or up is False
                 await trio.sleep(POOL_STATUS_POLL)
 
-    async def _serve(self, session: Session) -> tuple[str, bool]:
-        client = session.session
+    async def _serve(self, session: Session) -> str:
         index = self.upstream.index
-        policy = self.policy
-        client.subscribe(PROBE_AGENT, None, context="subscribe")
-        self._authorize(session)
-        subscribed = False
         try:
             await session.flush()
             while True:
                 events = await session.receive()
-                now = trio.current_time()
                 if events is None:
-                    return "the pool closed the connection", subscribed
-                policy.traffic(index, now)
+                    return "the pool closed the connection"
                 if self.upstream.link is not None:
                     self._check_pool_status()
-                for event in events:
-                    kind = type(event)
-                    if kind is Notify:
-                        policy.job(index, event.params.prevhash, now)
-                    elif kind is Reply:
-                        if event.context == "subscribe":
-                            if not event.response.accepted and bytes(event.response.error) != b"null":
-                                return f"subscribe refused: {bytes(event.response.error).decode(errors='replace')}", False
-                            subscribed = True
-                            policy.connected(index, now)
-                            if self._nursery is not None and self.keepalive_method == "subscribe" and self.upstream.link is None:
-                                self._nursery.start_soon(self._open_spare)  # ready for the first check
-                        elif event.context == "authorize" and not event.accepted:
-                            log.warning(
-                                "probe on %s: worker %r not authorized (%s); health is still measured",
-                                self.upstream.name,
-                                self.identity[0] if self.identity else "",
-                                bytes(event.response.error).decode(errors="replace"),
-                            )
-                    elif kind is Ping and event.id is not None:
-                        client.respond_raw(Response(event.id, Raw(b'"pong"'), NULL))
-                    elif kind is GetVersion and event.id is not None:
-                        client.respond_raw(Response(event.id, Raw(f'"{PROBE_AGENT}"'.encode()), NULL))
-                    elif kind is Reconnect:
-                        return "the pool sent client.reconnect", subscribed
-                    elif getattr(event, "fatal", False):
-                        return f"pool protocol violation: {event.reason}", subscribed
-                self.wake()
+                self.feed(ProbeEvents(index, events))
+                if self.end_reason is not None:
+                    return self.end_reason
                 await session.flush()
         except NETWORK_ERRORS as exc:
-            return f"connection error: {describe_error(exc)}", subscribed
+            return f"connection error: {describe_error(exc)}"
 
-    async def keepalive(self) -> None:
-        """Give the policy proof of life if there is some (see the module docs); never re-authorize."""
-        session = self.session
-        if session is None:
-            return
-        try:
-            await session.flush()  # an authorize queued by set_identity goes out now at the latest
-        except (RuntimeError, OverflowError, *NETWORK_ERRORS):
-            pass  # the reader sees the failure
+    async def check(self, link: bool) -> None:
+        """The keepalive the core asked for (``CheckUpstream``); the outcome goes back as ``KeepaliveResult``."""
         upstream = self.upstream
         index = upstream.index
-        if self.keepalive_method == "ping":
-            try:
-                session.session.request("mining.ping", [], context="keepalive")
-                self.keepalives += 1
-                await session.flush()
-            except (RuntimeError, OverflowError, *NETWORK_ERRORS):
-                pass
-            return
-        if upstream.link is not None:
-            connection = upstream.link.connection
+        if link:
+            connection = None if upstream.link is None else upstream.link.connection
             if connection is not None and connection.close_reason is None:
                 # The link enforces its own liveness (rm.ping, dead_after): open means alive.
-                self.keepalives += 1
-                self.policy.traffic(index, trio.current_time())
-                self.wake()
+                self.feed(KeepaliveResult(index, True))
             return
-        if self._checking:
+        if self._checking or self.session is None:
             return  # one fresh-connection check at a time
         self._checking = True
-        self.keepalives += 1
         started = trio.current_time()
         url = upstream.url
         context = upstream.ssl_context if url.tls else None
@@ -360,14 +314,9 @@ class Probe:
         finally:
             self._checking = False
         log.debug("probe on %s: keepalive check %s in %.3f s", upstream.name, verdict, trio.current_time() - started)
+        self.feed(KeepaliveResult(index, verdict.up is True, verdict.reason))
         if verdict.up:
-            self.policy.traffic(index, trio.current_time())
-            self.wake()
-        else:
-            self.checks_failed += 1
-            log.info("probe on %s: keepalive check failed: %s", upstream.name, verdict.reason)
-            return
-        await self._open_spare()
+            await self._open_spare()
 
     async def _open_spare(self) -> None:
         """Connect the next check's connection now, so the check times the pool's answer, not TCP's."""
