@@ -146,13 +146,16 @@ async def test_primary_blackholed_xnsub_rigs_get_set_extranonce_from_a_stratumrm
         nursery.cancel_scope.cancel()
 
 
-async def test_a_lagging_primary_loses_its_rigs_and_gets_them_back_once_it_catches_up() -> None:
+async def test_a_lagging_primary_loses_its_rigs_and_gets_them_back_once_it_catches_up(autojump_clock) -> None:
+    # Virtual time (autojump), hash rates capped so that clock can run while rigs hash.
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, failover=FailoverConfig(**FAST))
+        bench = await start_failover_bench(
+            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0)
+        )
         primary, backup = bench.pools
         miners = [
-            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2),
-            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2),
+            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2, hashrate=50_000),
+            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2, hashrate=50_000),
         ]
         workers = [m.config.user for m in miners]
         for miner in miners:
@@ -215,13 +218,19 @@ async def test_keep_policy_holds_rigs_until_a_pool_is_back() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_weighted_strategy_splits_rigs_across_pools() -> None:
+async def test_weighted_strategy_splits_rigs_across_pools(autojump_clock) -> None:
     # Nothing here is about silence: a bound of 1 s would call a pool silent whenever the
     # loaded machine stalls this process that long, and move its rigs.
     config = FailoverConfig(**{**FAST, "strategy": Strategy.WEIGHTED, "silence_timeout": 30.0, "lag_delay": 30.0})
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, failover=config, weights=[3.0, 1.0], priorities=[0, 0])
-        miners = [Miner(bench.miner_url(), f"alice.w{i}", profile="cpuminer") for i in range(8)]
+        bench = await start_failover_bench(
+            nursery,
+            failover=config,
+            weights=[3.0, 1.0],
+            priorities=[0, 0],
+            pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0),
+        )
+        miners = [Miner(bench.miner_url(), f"alice.w{i}", profile="cpuminer", hashrate=50_000) for i in range(8)]
         for miner in miners:
             nursery.start_soon(miner.run)
         with trio.fail_after(40):
@@ -233,13 +242,19 @@ async def test_weighted_strategy_splits_rigs_across_pools() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_sidecar_tells_the_proxy_its_pool_is_down_and_back(tmp_path) -> None:
+async def test_a_sidecar_tells_the_proxy_its_pool_is_down_and_back(tmp_path, autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, stratumrm=(0,), pki_dir=tmp_path, failover=FailoverConfig(**FAST))
+        bench = await start_failover_bench(
+            nursery,
+            stratumrm=(0,),
+            pki_dir=tmp_path,
+            failover=FailoverConfig(**FAST),
+            pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0),
+        )
         primary, backup = bench.pools
         miners = [
-            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2),
-            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2),
+            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2, hashrate=50_000),
+            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2, hashrate=50_000),
         ]
         workers = [m.config.user for m in miners]
         for miner in miners:

@@ -300,3 +300,130 @@ def test_timers_of_many_rigs_share_one_deadline_heap() -> None:
     assert len(closed) == 500 and core.next_deadline(5.5) == pytest.approx(5.501)
     writes = [c for c in core.handle(Timer(), 7.0) if isinstance(c, WriteRig)]
     assert writes == [] and len(core.rig_ids()) == 0
+
+
+def test_weighted_strategy_splits_rigs_by_weight() -> None:
+    from bridge.relay.failover import Strategy
+    from bridge.relay.proxy import ProxyUpstream as U
+
+    world = World(strategy=Strategy.WEIGHTED, **FAST)
+    world.core = ProxyCore(
+        [U("u0", "stratum+tcp://pool0:3333", 0, 3.0), U("u1", "stratum+tcp://pool1:3333", 0, 1.0)],
+        ProxySettings(failover=world.core.settings.failover),
+    )
+    world.probes.clear()
+    world.open_probe(0)
+    world.open_probe(1)
+    rigs = [world.connect_rig("cpuminer/2.5.1", user=f"alice.w{i}") for i in range(8)]
+    assert sorted(world.upstream_of(r) for r in rigs) == [0] * 6 + [1] * 2
+    assert [u.rigs for u in world.core.policy.statistics(world.now).upstreams] == [6, 2]
+
+
+def test_the_sidecar_saying_its_pool_is_down_moves_rigs_and_back() -> None:
+    from bridge.relay.proxy import PoolStatus
+
+    world = World(stratumrm=(0,), **FAST)
+    rig = world.connect_rig("bmminer/2.0.0", xnsub=True)
+    world.feed(PoolStatus(0, False, "connection refused"))
+    world.settle()
+    assert world.core.policy.down_reason(0).startswith("pool down: connection refused (rm.pool from the sidecar)")
+    assert world.upstream_of(rig) == 1 and rig.closed is None
+    world.feed(PoolStatus(0, False, "connection refused"))  # said again: nothing new
+    world.feed(PoolStatus(0, True, ""))
+    world.advance(FAST["hold_down"] + 0.2)
+    assert world.upstream_of(rig) == 0 and working(world, rig, 0)
+    assert world.core.policy.statistics(world.now).detections == {"pool down": 1}
+
+
+def test_a_draining_sidecar_moves_each_rig_to_a_fresh_session_on_the_same_upstream() -> None:
+    from bridge.relay.proxy import MoveToNewLink
+
+    world = World(stratumrm=(0,), **FAST)
+    xnsub = world.connect_rig("bmminer/2.0.0", xnsub=True)
+    cgminer = world.connect_rig("cgminer/4.12.0", user="alice.cg")
+    before = world.core.current_leg(xnsub.id)
+    assert world.core.movable(xnsub.id) and world.core.movable(cgminer.id)
+    world.feed(MoveToNewLink(xnsub.id, 0))
+    world.feed(MoveToNewLink(cgminer.id, 0))
+    world.settle()
+    assert world.core.current_leg(xnsub.id) != before and world.upstream_of(xnsub) == 0
+    assert xnsub.closed is None and not xnsub.reconnects() and working(world, xnsub, 0)
+    assert cgminer.reconnects() and not world.core.movable(cgminer.id)  # leaving: not moved twice
+
+
+def test_a_rig_in_its_handshake_is_not_movable() -> None:
+    world = World(**FAST)
+    world.pools[0].silent = True
+    rig = world.connect_rig()
+    assert not world.core.movable(rig.id) and not world.core.movable(999)
+
+
+def test_a_share_without_a_verdict_is_answered_at_the_submit_timeout() -> None:
+    world = World(**FAST)
+    world.core.settings = world.core.settings  # the default submit timeout, 60 s
+    rig = world.connect_rig("bmminer/2.0.0", xnsub=True)
+    world.pools[0].silent = True
+    request = world.submit(rig)
+    world.pools[0].silent = False  # the pool is alive (keepalives answered), it just lost the share
+    world.advance(59.0, step=1.0)
+    assert world.answer(rig, request) is None
+    world.advance(1.5, step=0.5)
+    answer = world.answer(rig, request)
+    assert answer is not None and answer["result"] is False and "no verdict within 60 s" in answer["error"][1]
+
+
+def test_an_authorize_refused_upstream_is_logged_with_what_to_do() -> None:
+    world = World(**FAST)
+    world.pools[0].answers = lambda request, extranonce1, answers=world.pools[0].answers: (
+        [{"id": request["id"], "result": False, "error": [24, "certificate does not cover account bob", None]}]
+        if request.get("method") == "mining.authorize" and request["params"][0] == "bob.rig"
+        else answers(request, extranonce1)
+    )
+    world.connect_rig(user="bob.rig")
+    [line] = [entry for entry in world.logs if "refused worker" in entry.message]
+    assert line.level == "warning" and "stratumrm pki issue-miner" in line.message
+
+
+def test_the_probe_answers_pings_and_ends_on_client_reconnect() -> None:
+    from bridge.relay.proxy import ProbeEvents
+
+    world = World(1, **FAST)
+    session, _ = world.probes[0]
+    world.feed(ProbeEvents(0, session.receive_data(b'{"id":7,"method":"mining.ping","params":[]}\n')))
+    world.feed(ProbeEvents(0, session.receive_data(b'{"id":8,"method":"client.get_version","params":[]}\n')))
+    answers = {m["id"]: m["result"] for m in lines_of(session.data_to_send())}
+    assert answers[7] == "pong" and answers[8] == "stratumrm-probe"
+    world.feed(ProbeEvents(0, session.receive_data(b'{"id":null,"method":"client.reconnect","params":[]}\n')))
+    assert 0 not in world.probes  # the core closed it ...
+    assert world.core.policy.down_reason(0) == "connection lost: the pool sent client.reconnect"  # ... as a loss
+    assert not world.core.probe_open(0)
+
+
+def test_the_probe_authorizes_once_per_connection_with_the_first_worker_name() -> None:
+    from bridge.relay.proxy import ProbeIdentity
+
+    world = World(1, start_probes=False, **FAST)
+    world.feed(ProbeIdentity("ops.probe", None))
+    world.open_probe(0)
+    session, _ = world.probes[0]
+    world.connect_rig(user="alice.rig")  # a rig's name does not replace --probe-user
+    assert world.core.probe_identity() == ("ops.probe", None)
+    world.feed(ProbeIdentity("other.name", None))
+    assert session.data_to_send() == b""  # never a second authorize on a connection
+
+
+def test_a_probe_whose_subscribe_is_refused_counts_as_a_failed_connection() -> None:
+    world = World(1, start_probes=False, **FAST)
+    world.pools[0].answers = lambda request, extranonce1: (
+        [{"id": request["id"], "result": None, "error": [20, "banned", None]}]
+        if request.get("method") == "mining.subscribe"
+        else []
+    )
+    world.open_probe(0)
+    assert world.core.policy.down_reason(0).startswith("connect failed: subscribe refused")
+
+
+def lines_of(data: bytes) -> list[dict]:
+    from tests.relay.proxy_harness import lines
+
+    return lines(data)
