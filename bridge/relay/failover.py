@@ -3,8 +3,8 @@
 :class:`FailoverPolicy` decides, for an ordered list of upstreams (pools, or
 StratumRM sidecars), which upstreams are healthy, which one each rig should be
 on, when and how fast rigs move, and what happens to rigs when no upstream is
-usable. It reads no clock and does no I/O: the driver
-(:mod:`bridge.net.miner_proxy` and :mod:`bridge.net.upstreams`) reports what it
+usable. It reads no clock and does no I/O: the proxy core
+(:class:`bridge.relay.proxy.ProxyCore`, which owns it) reports what it
 sees with the current time ``now``, calls :meth:`FailoverPolicy.on_timer` at
 :meth:`~FailoverPolicy.next_deadline`, and executes the actions it gets back.
 
@@ -16,7 +16,7 @@ StratumRM, a channel on the shared link) that subscribes from the proxy's start
 (no worker name needed) and authorizes once as the first rig's worker name (or
 ``--probe-user``) when one is known, so the pool sees an ordinary worker. It
 exists to measure: jobs and their prevhash, traffic, and proof of life when asked.
-The driver reports :meth:`~FailoverPolicy.connected`
+The core reports :meth:`~FailoverPolicy.connected`
 (subscribe result), :meth:`~FailoverPolicy.job` (a ``mining.notify`` and its
 prevhash), :meth:`~FailoverPolicy.traffic` (any line from any session of the
 upstream, rigs' included), :meth:`~FailoverPolicy.lost` (connection refused,
@@ -30,7 +30,7 @@ reset, closed, TLS failure, StratumRM link dead) and
   (default 5 s) although it was asked. SV1 has no heartbeat and pools are quiet
   by nature (a notify every 30 s), so silence is only meaningful when the proxy
   *elicits* traffic: after ``keepalive_interval`` (``silence_timeout / 3``) of
-  quiet, the driver is asked for a keepalive, which must be something every pool
+  quiet, the core is asked for a keepalive, which must be something every pool
   answers without complaint (bridge/relay/health.py): a fresh connection's
   ``mining.subscribe`` for plain SV1 (cgminer's pool test), the link's own
   ``rm.ping`` liveness for StratumRM. Never ``mining.authorize`` again: ckpool
@@ -84,7 +84,7 @@ Placement
   ``keep``: rigs stay connected on their last job until an upstream is back.
 
 How a move reaches the rig (``mining.set_extranonce`` or ``client.reconnect``)
-is the driver's and the miner channel's business; this module only says who
+is the proxy core's and the miner channel's business; this module only says who
 goes where, when.
 
 Why rigs' own sessions on the backup are opened at switch time, not kept open in

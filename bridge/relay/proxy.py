@@ -642,7 +642,9 @@ class ProxyCore:
             return
         channel = entry.channel
         leg = record.leg
-        self.policy.traffic(record.upstream, now)  # later deadlines only: no need to recompute
+        if self.policy.is_down(record.upstream):
+            self._touch()  # a silent upstream speaking again is a recovery: the policy has work now
+        self.policy.traffic(record.upstream, now)  # otherwise it only moves deadlines later
         was_current = leg is channel.leg
         channel.upstream_events(events, now, leg=leg)
         if was_current and leg.state == "gone" and not channel.closed:

@@ -427,3 +427,20 @@ def lines_of(data: bytes) -> list[dict]:
     from tests.relay.proxy_harness import lines
 
     return lines(data)
+
+
+def test_a_silent_upstream_speaking_on_a_rig_session_wakes_the_policy_at_once() -> None:
+    from bridge.relay.proxy import LegEvents
+
+    world = World(1, **{**FAST, "no_upstream_grace": 5.0})
+    rig = world.connect_rig("bmminer/2.0.0", xnsub=True)
+    world.pools[0].silent = True
+    world.advance(2.5)
+    assert world.core.policy.down_reason(0).startswith("silent")
+    world.core.handle(Timer(), world.now)
+    assert world.core.next_deadline(world.now) > world.now  # waiting for the next keepalive
+    (rig_id, leg), (_, session, _) = next(iter(world.legs.items()))
+    world.feed(LegEvents(rig_id, leg, session.receive_data(b'{"id":null,"method":"mining.set_difficulty","params":[2]}\n')))
+    assert world.core.next_deadline(world.now) <= world.now  # not at the next keepalive
+    world.feed(Timer())
+    assert world.core.policy.down_reason(0) is None and "recovery" in world.kinds() and rig.closed is None
