@@ -701,16 +701,21 @@ class _RigConnection:
         """Send what is queued for the rig and flush the legs the core wrote to."""
         async with self._flush_lock:
             while self.outbox or self.dirty_legs:
-                data = bytes(self.outbox)
-                self.outbox.clear()
                 legs, self.dirty_legs = self.dirty_legs, set()
-                if data:
+                if self.outbox:
+                    data = bytes(self.outbox)
                     try:
                         await self.stream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        self.dirty_legs |= legs
+                        self.outbox.clear()
                         self._end(f"write failed: {exc}")
                         return
+                    except trio.Cancelled:
+                        # The connection is closing (CloseRig): what was not sent is sent by
+                        # the last flush, after the writes this flush took.
+                        self.dirty_legs |= legs
+                        raise
+                    del self.outbox[: len(data)]
                 for leg in legs:
                     task = self.legs.get(leg)
                     if task is None:
