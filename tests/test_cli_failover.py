@@ -18,6 +18,15 @@ def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> 
         )
         for port in (primary_port, backup_port)
     ]
+    # The pools listen before the proxy starts: a probe refused by a primary still starting
+    # would mark it failed, put the rig on the backup and hold it there for the hold-down.
+    try:
+        for port in (primary_port, backup_port):
+            wait_for_port(port)
+    except AssertionError:
+        for pool in pools:
+            pool.kill()
+        raise
     proxy = subprocess.Popen(
         [
             *STRATUMRM,
@@ -39,8 +48,7 @@ def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> 
     )
     miner = None
     try:
-        for port in (primary_port, backup_port, proxy_port):
-            wait_for_port(port)
+        wait_for_port(proxy_port)
         miner = subprocess.Popen(
             [
                 *STRATUMRM,
