@@ -265,6 +265,7 @@ class MinerProxy:
         self.failover_history: deque[FailoverEvent] = deque(maxlen=FAILOVER_HISTORY)
         self._timer_wake = trio.Event()
         self._sleeping_until = math.inf
+        self._flushing: _RigConnection | None = None
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
         # The first StratumRM link (what single-upstream callers and tests look at).
@@ -326,10 +327,18 @@ class MinerProxy:
 
     # ------------------------------------------------------------ the core
 
-    def feed(self, event: Event) -> None:
-        """Hand one event to the core with the current time, and execute its commands."""
+    def feed(self, event: Event, flushing: _RigConnection | None = None) -> None:
+        """Hand one event to the core with the current time, and execute its commands.
+
+        ``flushing``: the rig connection whose task feeds the event and flushes right
+        after, so its writes need no flush task of their own.
+        """
         now = trio.current_time()
-        self.execute(self.core.handle(event, now))
+        self._flushing = flushing
+        try:
+            self.execute(self.core.handle(event, now))
+        finally:
+            self._flushing = None
         deadline = self.core.next_deadline(now)
         if deadline is not None and deadline < self._sleeping_until:
             self._timer_wake.set()
@@ -340,11 +349,11 @@ class MinerProxy:
                 case WriteRig(rig, data):
                     connection = self._rigs.get(rig)
                     if connection is not None:
-                        connection.write(data)
+                        connection.write(data, kick=connection is not self._flushing)
                 case FlushLeg(rig, leg):
                     connection = self._rigs.get(rig)
                     if connection is not None:
-                        connection.flush_leg(leg)
+                        connection.flush_leg(leg, kick=connection is not self._flushing)
                 case OpenLeg(rig, leg, upstream):
                     connection = self._rigs.get(rig)
                     if connection is not None:
@@ -646,17 +655,20 @@ class _RigConnection:
 
     # ------------------------------------------------------------ commands from the core
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, *, kick: bool = True) -> None:
+        """Queue bytes for the rig; ``kick``: start a flush (the feeding task does not flush itself)."""
         self.outbox += data
         if len(self.outbox) > MAX_RIG_BACKLOG:
             self.outbox.clear()
             self._end(f"rig does not read: more than {MAX_RIG_BACKLOG} bytes waiting for it")
             return
-        self._kick()
+        if kick:
+            self._kick()
 
-    def flush_leg(self, leg: int) -> None:
+    def flush_leg(self, leg: int, *, kick: bool = True) -> None:
         self.dirty_legs.add(leg)
-        self._kick()
+        if kick:
+            self._kick()
 
     def open_leg(self, leg: int, upstream: Upstream) -> None:
         if self._nursery is not None:
@@ -738,7 +750,7 @@ class _RigConnection:
             if not data:
                 self._end("rig closed the connection")
                 return
-            proxy.feed(RigData(self.id, bytes(data)))
+            proxy.feed(RigData(self.id, bytes(data)), self)
             await self.flush()
 
     async def _run_leg(self, leg: int, upstream: Upstream) -> None:
@@ -746,12 +758,12 @@ class _RigConnection:
         try:
             session = await upstream.open_session(self.peer)
         except NETWORK_ERRORS as exc:
-            proxy.feed(LegFailed(self.id, leg, describe_error(exc)))
+            proxy.feed(LegFailed(self.id, leg, describe_error(exc)), self)
             await self.flush()
             return
         task = _LegTask(session, upstream)
         self.legs[leg] = task
-        proxy.feed(LegOpened(self.id, leg, session.session))
+        proxy.feed(LegOpened(self.id, leg, session.session), self)
         await self.flush()
         while not task.closed:
             reason = "pool closed the connection"
@@ -766,11 +778,11 @@ class _RigConnection:
             task.scope = trio.CancelScope()
             if events is None:
                 self.legs.pop(leg, None)
-                proxy.feed(LegLost(self.id, leg, reason))
+                proxy.feed(LegLost(self.id, leg, reason), self)
                 await session.aclose()
                 await self.flush()
                 return
-            proxy.feed(LegEvents(self.id, leg, events))
+            proxy.feed(LegEvents(self.id, leg, events), self)
             await self.flush()
 
     def follow_goaway(self, upstream: Upstream, old: StratumRMLink) -> int:
