@@ -28,9 +28,12 @@ Per control connection, one nursery holds:
   rekeying), calls ``on_timer`` when due, and writes whatever the session queued;
   lines that pile up while a write is in progress go out together in the next one;
 - one **pool task per channel**, started on the session's ``OpenPool``: a plain TCP
-  connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software,
-  with a reader feeding the session and a writer draining the channel's bounded
-  buffer, so a slow pool never blocks the UDP reader or other channels;
+  connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software.
+  The one task both reads (feeding the session) and drains the channel's bounded
+  buffer: :meth:`_PoolLink.write` interrupts its wait for the pool's bytes. A slow
+  pool never blocks the UDP reader or other channels; one that takes none of its
+  bytes for ``dead_after`` seconds has its channel closed as stalled. One task, no
+  nursery and no event per rig: that is most of what a rig costs here;
 - the **pool watch** (:mod:`bridge.net.pool_watch`): when a channel's pool
   connection ends or cannot be opened it checks the pool software, and while the
   pool is down it reconnects with backoff; every change goes to the proxies as
@@ -919,16 +922,23 @@ async def _bind_udp(host: str, port: int) -> trio.socket.SocketType:
 
 
 class _PoolLink:
-    """One channel's pool connection: its stream, its unsent bytes and its task's scope."""
+    """One channel's pool connection: its stream, its unsent bytes and its task's scope.
 
-    __slots__ = ("buffer", "cancel_scope", "ch", "rig", "stream", "wake")
+    One task carries it both ways (:meth:`_ProxyConnection._run_pool`): it waits for
+    the pool's bytes inside ``idle``, which :meth:`write` cancels so the task sends
+    what was queued and goes back to reading. Cancelling a wait to read loses no
+    bytes (trio reads only once the socket is readable), and a task per direction
+    would cost a task, a nursery and an event per rig for nothing.
+    """
+
+    __slots__ = ("buffer", "cancel_scope", "ch", "idle", "rig", "stream")
 
     def __init__(self, ch: int, rig: str) -> None:
         self.ch = ch
         self.rig = rig or "?"
         self.stream: trio.abc.Stream | None = None
         self.buffer = bytearray()
-        self.wake = trio.Event()
+        self.idle: trio.CancelScope | None = None
         self.cancel_scope = trio.CancelScope()
 
     def write(self, data: bytes) -> bool:
@@ -936,7 +946,8 @@ class _PoolLink:
         if len(self.buffer) + len(data) > MAX_POOL_BACKLOG:
             return False
         self.buffer += data
-        self.wake.set()
+        if self.idle is not None:
+            self.idle.cancel()
         return True
 
 
@@ -1151,41 +1162,29 @@ class _ProxyConnection:
         """Move bytes both ways until the pool connection ends; return why it ended."""
         session = self.session
         ch = link.ch
-        reason = "pool closed the connection"
-
-        async def read(cancel_scope: trio.CancelScope) -> None:
-            nonlocal reason
-            try:
-                while True:
-                    data = await stream.receive_some(POOL_RECEIVE_SIZE)
-                    if not data:
-                        reason = "pool closed the connection"
-                        break
-                    session.pool_data(ch, data, trio.current_time())
-                    self.server.pool_watch.alive()
-                    self.step()
-                    if ch not in session.channels:
-                        reason = "channel ended"
-                        break
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                reason = f"pool connection error: {describe_error(exc)}"
-            cancel_scope.cancel()
-
-        async def write(cancel_scope: trio.CancelScope) -> None:
-            nonlocal reason
-            try:
-                while True:
-                    await link.wake.wait()
-                    link.wake = trio.Event()
-                    if link.buffer:
-                        data = bytes(link.buffer)
-                        link.buffer.clear()
+        stalled_after = self.server.dead_after
+        try:
+            while True:
+                if link.buffer:
+                    data = bytes(link.buffer)
+                    link.buffer.clear()
+                    with trio.move_on_after(stalled_after) as scope:
                         await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                reason = f"pool connection error: {describe_error(exc)}"
-            cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read, nursery.cancel_scope)
-            nursery.start_soon(write, nursery.cancel_scope)
-        return reason
+                    if scope.cancelled_caught:
+                        return f"pool did not take {len(data)} bytes in {stalled_after:g} s; it is stalled"
+                    continue
+                with trio.CancelScope() as idle:
+                    link.idle = idle
+                    data = await stream.receive_some(POOL_RECEIVE_SIZE)
+                link.idle = None
+                if idle.cancelled_caught:
+                    continue  # bytes for the pool were queued
+                if not data:
+                    return "pool closed the connection"
+                session.pool_data(ch, data, trio.current_time())
+                self.server.pool_watch.alive()
+                self.step()
+                if ch not in session.channels:
+                    return "channel ended"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            return f"pool connection error: {describe_error(exc)}"
