@@ -297,7 +297,8 @@ async def run_size(
                 nursery.start_soon(rig.run)
                 if index % 200 == 199:
                     await trio.sleep(0.05)
-            connect = await _wait_working(farm, rigs, 120 + rigs / 50, progress, f"{rigs} rigs connecting")
+            patience = (120 + rigs / 50) * (5 if memory_profile else 1)  # tracemalloc slows the roles down
+            connect = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs connecting")
             if connect is None:
                 failure = f"only {farm.working} of {rigs} rigs got to work; logs: {directory} (--keep-logs DIR keeps them)"
                 nursery.cancel_scope.cancel()
@@ -317,6 +318,7 @@ async def run_size(
                 if memory_profile:
                     for name, role in (("proxy", proxy), ("sidecar", sidecar)):
                         memory[name] = per_rig(census0[name], await role.request("memory"), rigs)
+                        progress(f"[scale] {rigs} rigs: what a rig costs the {name}:\n" + "\n".join(memory[name]))
                 progress(
                     f"[scale] {rigs} rigs: {answered / elapsed:.0f} shares/s, RSS/rig "
                     + ", ".join(f"{n} {v / 1024:.1f} KiB" for n, v in rss.items())
@@ -330,7 +332,7 @@ async def run_size(
                     if rig.scope is not None:
                         rig.scope.cancel()
                 await trio.sleep(0)
-                settle_wait = await _wait_working(farm, rigs, 120 + rigs / 50, progress, f"{rigs} rigs storm")
+                settle_wait = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs storm")
                 settle = None if settle_wait is None else trio.current_time() - storm_at
                 disconnects = farm.disconnects - disconnects0
                 progress(f"[scale] {rigs} rigs: storm settled in {settle if settle is not None else float('nan'):.1f} s")
