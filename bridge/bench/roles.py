@@ -298,7 +298,9 @@ async def _serve_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -
                 answer: dict[str, Any] = {"ok": handler(message)}
             except Exception as exc:
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
-            await stdout.send_all(_encode(answer) + b"\n")
+            data = _encode(answer) + b"\n"
+            del answer, message  # a census held until the next command would count in the next one
+            await stdout.send_all(data)
 
 
 def _to_builtins(value: Any) -> Any:
