@@ -42,7 +42,8 @@ def _sites(sizes: Counter[tuple[str, int]]) -> dict[str, int]:
     """``file:line`` (bridge files relative to the package root, others by their last two parts)."""
     named: Counter[str] = Counter()
     for (path, lineno), size in sizes.items():
-        name = path[len(_PACKAGE) + 1 :] if path.startswith(_PACKAGE) else "/".join(Path(path).parts[-2:])
+        # No pathlib here: its caches would be counted in the next census.
+        name = path[len(_PACKAGE) + 1 :] if path.startswith(_PACKAGE) else "/".join(path.rsplit("/", 2)[-2:])
         named[f"{name}:{lineno}"] += size
     return dict(named)
 

@@ -187,6 +187,7 @@ class RoleLauncher:
             role,
             options,
             self.log_dir,
+            timeout=120.0 if self.trace_memory else 30.0,  # imports alone are several times slower traced
             verbose=self.verbose,
             profile=self.profile,
             trace_memory=self.trace_memory,

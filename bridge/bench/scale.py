@@ -276,6 +276,7 @@ async def run_size(
                 str(pki.pool_key),
                 "--ca",
                 str(pki.ca_certificate),
+                *(["--handshake-timeout", "120"] if memory_profile else []),  # traced roles are slow
             ],
         )
         started.append(sidecar)
