@@ -332,6 +332,9 @@ async def run_size(
                 for rig in all_rigs:
                     if rig.scope is not None:
                         rig.scope.cancel()
+                    # Not working from this instant: waiting for the cancelled rigs to run first
+                    # could find them all still "working" and call the storm settled in 0 s.
+                    rig._set_working(False)
                 await trio.sleep(0)
                 settle_wait = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs storm")
                 settle = None if settle_wait is None else trio.current_time() - storm_at
