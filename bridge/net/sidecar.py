@@ -150,7 +150,10 @@ __all__ = ["ConnectedCertificate", "SidecarServer", "SidecarStatistics"]
 log = logging.getLogger("bridge.sidecar")
 
 CONTROL_RECEIVE_SIZE = 65536
-POOL_RECEIVE_SIZE = 65536
+#: A pool's lines are short (a notify is about 1 KB); reading up to 64 KiB at a time from
+#: thousands of pool connections left the heap fragmented: about 1 KiB resident per rig more
+#: (``stratumrm bench scale``).
+POOL_RECEIVE_SIZE = 4096
 #: Larger than any valid datagram (1200), so an oversized one is seen as such.
 DATAGRAM_RECEIVE_SIZE = 2048
 #: Bytes for one pool that it has not taken yet; beyond that the pool is stuck.
