@@ -10,7 +10,8 @@ to the benchmark over its standard input and output, one JSON object per line:
   ``{"ok": ...}`` or ``{"error": "..."}``;
 - end of input stops it.
 
-Commands: every role answers ``stats`` (its counters). The pool also takes
+Commands: every role answers ``stats`` (its counters) and ``memory`` (tasks, objects by
+type, allocations by code line: :mod:`bridge.bench.memory`). The pool also takes
 ``record`` (``{"on": true}`` starts timestamping every ``mining.submit`` it receives,
 by nonce; ``false`` stops), ``receipts`` (hands over and forgets the timestamps) and
 ``new_block``. Logs (warnings and up) go to standard error, which the benchmark sends
@@ -40,6 +41,7 @@ import msgspec
 import trio
 
 import bridge
+from bridge.bench.memory import census
 from bridge.config import parse_upstream_url
 from bridge.sv1.framing import decode_json
 from bridge.sv1.messages import Submit
@@ -84,11 +86,14 @@ class RoleProcess:
         timeout: float = 30.0,
         verbose: bool = False,
         profile: bool = False,
+        trace_memory: int = 0,
     ) -> RoleProcess:
         """Start ``role`` with ``options``; return once it reported ready (raises :class:`RoleError`).
 
         Its log goes to ``log_dir/NAME.log`` (info level with ``verbose``); with ``profile``
-        it runs under cProfile and leaves ``log_dir/NAME.pstats`` when stopped.
+        it runs under cProfile and leaves ``log_dir/NAME.pstats`` when stopped; with
+        ``trace_memory`` N it runs under tracemalloc keeping N frames (its ``memory``
+        command then reports allocations by code line too).
         """
         log_path = log_dir / f"{name}.log"
         flags = ["--verbose"] if verbose else []
@@ -97,7 +102,11 @@ class RoleProcess:
         command = [sys.executable, "-m", "bridge.bench.roles", *flags, role, *options]
         with _open_log(log_path) as log_file:
             process = await trio.lowlevel.open_process(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=_child_environment()
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=_child_environment(trace_memory),
             )
         child = cls(name, process, log_path)
         with trio.move_on_after(timeout):
@@ -170,9 +179,19 @@ class RoleLauncher:
     log_dir: Path
     verbose: bool = False
     profile: bool = False
+    trace_memory: int = 0
 
     async def start(self, name: str, role: str, options: list[str]) -> RoleProcess:
-        return await RoleProcess.start(name, role, options, self.log_dir, verbose=self.verbose, profile=self.profile)
+        return await RoleProcess.start(
+            name,
+            role,
+            options,
+            self.log_dir,
+            timeout=120.0 if self.trace_memory else 30.0,  # imports alone are several times slower traced
+            verbose=self.verbose,
+            profile=self.profile,
+            trace_memory=self.trace_memory,
+        )
 
 
 def _open_log(path: Path) -> BinaryIO:
@@ -180,10 +199,16 @@ def _open_log(path: Path) -> BinaryIO:
     return open(path, "wb")
 
 
-def _child_environment() -> dict[str, str]:
-    """This environment, with the directory holding the ``bridge`` package first on the path."""
+def _child_environment(trace_memory: int = 0) -> dict[str, str]:
+    """This environment, with the directory holding the ``bridge`` package first on the path.
+
+    ``trace_memory`` N > 0 starts the child under tracemalloc with N frames per trace.
+    """
     package_root = str(Path(bridge.__file__).resolve().parent.parent)
     environment = dict(os.environ)
+    environment.pop("PYTHONTRACEMALLOC", None)
+    if trace_memory > 0:
+        environment["PYTHONTRACEMALLOC"] = str(trace_memory)
     existing = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = package_root + (os.pathsep + existing if existing else "")
     return environment
@@ -250,7 +275,11 @@ Handler = Callable[[dict[str, Any]], Any]
 
 
 async def _serve_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -> None:
-    """Write the ready line, then answer command lines until end of input."""
+    """Write the ready line, then answer command lines until end of input.
+
+    Every role also answers ``memory`` (:func:`bridge.bench.memory.census`).
+    """
+    handlers = {"memory": lambda _message: census(), **handlers}
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
     await stdout.send_all(_encode({"ready": ready}) + b"\n")
@@ -270,7 +299,9 @@ async def _serve_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -
                 answer: dict[str, Any] = {"ok": handler(message)}
             except Exception as exc:
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
-            await stdout.send_all(_encode(answer) + b"\n")
+            data = _encode(answer) + b"\n"
+            del answer, message  # a census held until the next command would count in the next one
+            await stdout.send_all(data)
 
 
 def _to_builtins(value: Any) -> Any:

@@ -38,6 +38,7 @@ import msgspec
 import trio
 
 from bridge.bench.measure import process_cpu_seconds
+from bridge.bench.memory import per_rig
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
 from bridge.sv1.framing import BoundedDecoder
 from bridge.testing.pki import make_test_pki
@@ -223,6 +224,8 @@ class SizeResult:
     storm_settle: float | None
     disconnects: int
     answered_fraction: float
+    memory: dict[str, list[str]] = field(default_factory=dict)
+    """With ``--memory-profile``: per role, what its growth per rig is made of."""
 
 
 async def _wait_working(farm: Farm, target: int, timeout: float, progress: Callable[[str], None], label: str) -> float | None:
@@ -253,9 +256,10 @@ async def run_size(
     storm_spread: float,
     seed: int,
     verbose_logs: bool = False,
+    memory_profile: int = 0,
 ) -> SizeResult:
     pki = make_test_pki(directory / "pki", accounts=(ACCOUNT,))
-    launcher = RoleLauncher(directory, verbose=verbose_logs)
+    launcher = RoleLauncher(directory, verbose=verbose_logs, trace_memory=memory_profile)
     started: list[RoleProcess] = []
     try:
         pool = await launcher.start("pool", "pool", ["--listener", "sv1", "--notify-interval", "30"])
@@ -272,6 +276,7 @@ async def run_size(
                 str(pki.pool_key),
                 "--ca",
                 str(pki.ca_certificate),
+                *(["--handshake-timeout", "120"] if memory_profile else []),  # traced roles are slow
             ],
         )
         started.append(sidecar)
@@ -282,6 +287,8 @@ async def run_size(
         roles = {"proxy": proxy.pid, "sidecar": sidecar.pid}
         await trio.sleep(1.0)
         baseline = {name: rss_bytes(pid) for name, pid in roles.items()}
+        census0 = {"proxy": await proxy.request("memory"), "sidecar": await sidecar.request("memory")} if memory_profile else {}
+        memory: dict[str, list[str]] = {}
         farm = Farm(proxy.ready["port"], share_interval, seed)
         failure = None
         async with trio.open_nursery() as nursery:
@@ -291,7 +298,8 @@ async def run_size(
                 nursery.start_soon(rig.run)
                 if index % 200 == 199:
                     await trio.sleep(0.05)
-            connect = await _wait_working(farm, rigs, 120 + rigs / 50, progress, f"{rigs} rigs connecting")
+            patience = (120 + rigs / 50) * (5 if memory_profile else 1)  # tracemalloc slows the roles down
+            connect = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs connecting")
             if connect is None:
                 failure = f"only {farm.working} of {rigs} rigs got to work; logs: {directory} (--keep-logs DIR keeps them)"
                 nursery.cancel_scope.cancel()
@@ -308,6 +316,10 @@ async def run_size(
                 submitted = farm.submitted - submitted0
                 cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in roles.items()}
                 rss = {name: (rss_bytes(pid) - baseline[name]) / rigs for name, pid in roles.items()}
+                if memory_profile:
+                    for name, role in (("proxy", proxy), ("sidecar", sidecar)):
+                        memory[name] = per_rig(census0[name], await role.request("memory"), rigs)
+                        progress(f"[scale] {rigs} rigs: what a rig costs the {name}:\n" + "\n".join(memory[name]))
                 progress(
                     f"[scale] {rigs} rigs: {answered / elapsed:.0f} shares/s, RSS/rig "
                     + ", ".join(f"{n} {v / 1024:.1f} KiB" for n, v in rss.items())
@@ -320,8 +332,11 @@ async def run_size(
                 for rig in all_rigs:
                     if rig.scope is not None:
                         rig.scope.cancel()
+                    # Not working from this instant: waiting for the cancelled rigs to run first
+                    # could find them all still "working" and call the storm settled in 0 s.
+                    rig._set_working(False)
                 await trio.sleep(0)
-                settle_wait = await _wait_working(farm, rigs, 120 + rigs / 50, progress, f"{rigs} rigs storm")
+                settle_wait = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs storm")
                 settle = None if settle_wait is None else trio.current_time() - storm_at
                 disconnects = farm.disconnects - disconnects0
                 progress(f"[scale] {rigs} rigs: storm settled in {settle if settle is not None else float('nan'):.1f} s")
@@ -337,6 +352,7 @@ async def run_size(
             storm_settle=settle,
             disconnects=disconnects,
             answered_fraction=answered / max(submitted, 1),
+            memory=memory,
         )
     finally:
         for role in reversed(started):
@@ -353,6 +369,7 @@ async def run(
     storm_spread: float = 3.0,
     keep_logs: Path | None = None,
     verbose_logs: bool = False,
+    memory_profile: int = 0,
 ) -> list[list[SizeResult]]:
     limit = raise_file_limit()
     needed = max(sizes) + 200
@@ -378,6 +395,7 @@ async def run(
                         storm_spread=storm_spread,
                         seed=number,
                         verbose_logs=verbose_logs,
+                        memory_profile=memory_profile,
                     )
                 )
             results.append(samples)
@@ -413,6 +431,10 @@ def report(results: list[list[SizeResult]], share_interval: float, storm_spread:
         "storm settle: from the mass disconnect until every rig works again; disconnects: connections closed",
         "under a rig, outside the storm (the most over the runs).",
     ]
+    for samples in results:
+        for role, role_lines in samples[-1].memory.items():
+            lines += ["", f"{role}, {samples[-1].rigs} rigs (last run; tracemalloc inflates the RSS figures above):"]
+            lines += role_lines
     return "\n".join(lines)
 
 
@@ -444,6 +466,14 @@ def _sizes(text: str) -> tuple[int, ...]:
     "--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the processes' logs here."
 )
 @click.option("--verbose-logs", is_flag=True, help="The processes log at info level (with --keep-logs).")
+@click.option(
+    "--memory-profile",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    metavar="FRAMES",
+    help="Run the proxy and sidecar under tracemalloc (FRAMES deep) and print what each rig costs them.",
+)
 def command(
     rigs: str,
     runs: int,
@@ -452,6 +482,7 @@ def command(
     storm_spread: float,
     keep_logs: Path | None,
     verbose_logs: bool,
+    memory_profile: int,
 ) -> None:
     """Thousands of rigs behind one proxy and one sidecar: memory, storm, shares/s, CPU, disconnects."""
     from bridge.bench.command import _progress_printer, _run
@@ -468,6 +499,7 @@ def command(
             storm_spread=storm_spread,
             keep_logs=keep_logs,
             verbose_logs=verbose_logs,
+            memory_profile=memory_profile,
         )
     )
     click.echo(report(results, share_interval, storm_spread))

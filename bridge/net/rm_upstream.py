@@ -40,6 +40,7 @@ from bridge.logs import bind_connection
 from bridge.net.containment import Containment
 from bridge.net.tcp import close_quietly, describe_error, tune_stream, unread_bytes
 from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
+from bridge.net.wakeup import Wakeup
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
 
@@ -54,10 +55,12 @@ RECEIVE_SIZE = 65536
 class RMUpstreamHandle:
     """One rig's view of the shared StratumRM connection (an upstream, like SV1Upstream)."""
 
+    __slots__ = ("_lost", "_wake", "link", "session")
+
     def __init__(self, link: StratumRMLink, channel: RMChannel) -> None:
         self.link = link
         self.session = channel
-        self._wake = trio.Event()
+        self._wake = Wakeup()
         self._lost: str | None = None
 
     async def flush(self) -> None:
@@ -80,7 +83,6 @@ class RMUpstreamHandle:
                     return events
             if self._lost is not None:
                 raise ConnectionError(self._lost)
-            self._wake = trio.Event()
             await self._wake.wait()
 
     async def aclose(self) -> None:

@@ -28,9 +28,12 @@ Per control connection, one nursery holds:
   rekeying), calls ``on_timer`` when due, and writes whatever the session queued;
   lines that pile up while a write is in progress go out together in the next one;
 - one **pool task per channel**, started on the session's ``OpenPool``: a plain TCP
-  connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software,
-  with a reader feeding the session and a writer draining the channel's bounded
-  buffer, so a slow pool never blocks the UDP reader or other channels;
+  connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software.
+  The one task both reads (feeding the session) and drains the channel's bounded
+  buffer: :meth:`_PoolLink.write` interrupts its wait for the pool's bytes. A slow
+  pool never blocks the UDP reader or other channels; one that takes none of its
+  bytes for ``dead_after`` seconds has its channel closed as stalled. One task, no
+  nursery and no event per rig: that is most of what a rig costs here;
 - the **pool watch** (:mod:`bridge.net.pool_watch`): when a channel's pool
   connection ends or cannot be opened it checks the pool software, and while the
   pool is down it reconnects with backoff; every change goes to the proxies as
@@ -147,7 +150,10 @@ __all__ = ["ConnectedCertificate", "SidecarServer", "SidecarStatistics"]
 log = logging.getLogger("bridge.sidecar")
 
 CONTROL_RECEIVE_SIZE = 65536
-POOL_RECEIVE_SIZE = 65536
+#: A pool's lines are short (a notify is about 1 KB); reading up to 64 KiB at a time from
+#: thousands of pool connections left the heap fragmented: about 1 KiB resident per rig more
+#: (``stratumrm bench scale``).
+POOL_RECEIVE_SIZE = 4096
 #: Larger than any valid datagram (1200), so an oversized one is seen as such.
 DATAGRAM_RECEIVE_SIZE = 2048
 #: Bytes for one pool that it has not taken yet; beyond that the pool is stuck.
@@ -919,25 +925,42 @@ async def _bind_udp(host: str, port: int) -> trio.socket.SocketType:
 
 
 class _PoolLink:
-    """One channel's pool connection: its stream, its unsent bytes and its task's scope."""
+    """One channel's pool connection: its stream, its unsent bytes and what its task waits in.
 
-    __slots__ = ("buffer", "cancel_scope", "ch", "rig", "stream", "wake")
+    One task carries it both ways (:meth:`_ProxyConnection._run_pool`), and only the
+    operation it is in has a cancel scope (``scope``): connecting, sending, or waiting
+    for the pool's bytes. :meth:`write` cancels a wait to read, so the task sends what
+    was queued and goes back to reading (cancelling a wait to read loses no bytes:
+    trio reads only once the socket is readable); :meth:`close` cancels whatever the
+    task is in and it ends. A task per direction, or a scope for the whole life of
+    the link, would cost a task, a nursery or a cancel status (two sets) per rig.
+    """
+
+    __slots__ = ("buffer", "ch", "closed", "reading", "rig", "scope", "stream")
 
     def __init__(self, ch: int, rig: str) -> None:
         self.ch = ch
         self.rig = rig or "?"
         self.stream: trio.abc.Stream | None = None
         self.buffer = bytearray()
-        self.wake = trio.Event()
-        self.cancel_scope = trio.CancelScope()
+        self.scope: trio.CancelScope | None = None
+        self.reading = False
+        self.closed = False
 
     def write(self, data: bytes) -> bool:
         """Queue bytes for the pool; False when the pool has not taken MAX_POOL_BACKLOG bytes."""
         if len(self.buffer) + len(data) > MAX_POOL_BACKLOG:
             return False
         self.buffer += data
-        self.wake.set()
+        if self.reading and self.scope is not None:
+            self.scope.cancel()
         return True
+
+    def close(self) -> None:
+        """End the link: its task stops whatever it is doing and closes the connection."""
+        self.closed = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class _ProxyConnection:
@@ -1000,7 +1023,7 @@ class _ProxyConnection:
                 elif isinstance(command, ClosePool):
                     link = self._links.pop(command.ch, None)
                     if link is not None:
-                        link.cancel_scope.cancel()
+                        link.close()
                         log.info("proxy %s channel %d closed: %s", self.peer, command.ch, command.reason)
         for refusal in session.refusals():
             self._log_refusal(refusal)
@@ -1107,11 +1130,12 @@ class _ProxyConnection:
     # ------------------------------------------------------------------ pool connections
 
     async def _run_pool(self, link: _PoolLink) -> None:
+        """Connect to the pool, then move bytes both ways until the connection or the channel ends."""
         server = self.server
         session = self.session
         ch = link.ch
-        with link.cancel_scope:
-            try:
+        try:
+            with trio.CancelScope() as link.scope:
                 try:
                     stream = await open_stream(
                         server.pool.host,
@@ -1130,62 +1154,58 @@ class _ProxyConnection:
                     server.pool_watch.suspect(reason)
                     return
                 link.stream = stream
-                log.info("proxy %s channel %d opened for rig %s, pool connection to %s", self.peer, ch, link.rig, server.pool)
-                session.pool_connected(ch, trio.current_time())
+            link.scope = None
+            if link.closed:
+                return
+            log.info("proxy %s channel %d opened for rig %s, pool connection to %s", self.peer, ch, link.rig, server.pool)
+            session.pool_connected(ch, trio.current_time())
+            self.step()
+            reason = "pool closed the connection"
+            stalled_after = server.dead_after
+            with server.containment.guard(f"{self.peer} channel {ch}", "pool connection") as guard:
+                try:
+                    while not link.closed:
+                        if link.buffer:
+                            data = bytes(link.buffer)
+                            link.buffer.clear()
+                            with trio.move_on_after(stalled_after) as sending:
+                                link.scope = sending
+                                await stream.send_all(data)
+                            link.scope = None
+                            if link.closed:
+                                break
+                            if sending.cancelled_caught:
+                                reason = f"pool did not take {len(data)} bytes in {stalled_after:g} s; it is stalled"
+                                break
+                            continue
+                        with trio.CancelScope() as link.scope:
+                            link.reading = True
+                            data = await stream.receive_some(POOL_RECEIVE_SIZE)
+                        link.reading = False
+                        if link.scope.cancelled_caught:
+                            link.scope = None
+                            continue  # bytes for the pool were queued, or the link was closed
+                        link.scope = None
+                        if not data:
+                            reason = "pool closed the connection"
+                            break
+                        session.pool_data(ch, data, trio.current_time())
+                        server.pool_watch.alive()
+                        self.step()
+                        if ch not in session.channels:
+                            reason = "channel ended"
+                            break
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    reason = f"pool connection error: {describe_error(exc)}"
+            if guard.error is not None:
+                reason = "internal error on the pool connection"
+            if not link.closed and ch in session.channels:
+                log.warning("proxy %s channel %d: %s", self.peer, ch, reason)
+                session.pool_closed(ch, reason, trio.current_time())
                 self.step()
-                with server.containment.guard(f"{self.peer} channel {ch}", "pool connection") as guard:
-                    reason = await self._carry(link, stream)
-                if guard.error is not None:
-                    reason = "internal error on the pool connection"
-                if ch in session.channels:
-                    log.warning("proxy %s channel %d: %s", self.peer, ch, reason)
-                    session.pool_closed(ch, reason, trio.current_time())
-                    self.step()
-                    server.pool_watch.suspect(reason)
-            finally:
-                if self._links.get(ch) is link:
-                    del self._links[ch]
-                await close_quietly(link.stream)
-
-    async def _carry(self, link: _PoolLink, stream: trio.abc.Stream) -> str:
-        """Move bytes both ways until the pool connection ends; return why it ended."""
-        session = self.session
-        ch = link.ch
-        reason = "pool closed the connection"
-
-        async def read(cancel_scope: trio.CancelScope) -> None:
-            nonlocal reason
-            try:
-                while True:
-                    data = await stream.receive_some(POOL_RECEIVE_SIZE)
-                    if not data:
-                        reason = "pool closed the connection"
-                        break
-                    session.pool_data(ch, data, trio.current_time())
-                    self.server.pool_watch.alive()
-                    self.step()
-                    if ch not in session.channels:
-                        reason = "channel ended"
-                        break
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                reason = f"pool connection error: {describe_error(exc)}"
-            cancel_scope.cancel()
-
-        async def write(cancel_scope: trio.CancelScope) -> None:
-            nonlocal reason
-            try:
-                while True:
-                    await link.wake.wait()
-                    link.wake = trio.Event()
-                    if link.buffer:
-                        data = bytes(link.buffer)
-                        link.buffer.clear()
-                        await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                reason = f"pool connection error: {describe_error(exc)}"
-            cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read, nursery.cancel_scope)
-            nursery.start_soon(write, nursery.cancel_scope)
-        return reason
+                server.pool_watch.suspect(reason)
+        finally:
+            link.scope = None
+            if self._links.get(ch) is link:
+                del self._links[ch]
+            await close_quietly(link.stream)

@@ -201,7 +201,7 @@ class RMChannel:
         self._next_id = 1
         self._pending: dict[int, tuple[str, Any]] = {}
         self.workers: list[str] = []
-        self.job_handles: OrderedDict[str, int] = OrderedDict()
+        self.job_handles: dict[str, int] = {}  # oldest first: a dict keeps order at a third of an OrderedDict's size
         self.extranonce1: bytes | None = None
         self.version_mask = DEFAULT_VERSION_MASK
 
@@ -304,10 +304,10 @@ class RMChannel:
 
     def _deliver_job(self, handle: int, notify: NotifyParams) -> None:
         handles = self.job_handles
+        handles.pop(notify.job_id, None)  # a repeated job id moves to the end, as the newest
         handles[notify.job_id] = handle
-        handles.move_to_end(notify.job_id)
         while len(handles) > JOBS_PER_CHANNEL:
-            handles.popitem(last=False)
+            del handles[next(iter(handles))]
         self.events.append(Notify(params=notify))
 
     def _fail_pending(self, reason: str) -> None:

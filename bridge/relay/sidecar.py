@@ -556,9 +556,11 @@ class _Channel:
         self.pool = ClientSession(max_line=MAX_LINE_FROM_POOL)
         self.connected = False
         self.workers: list[str] = []
-        self.refused_accounts: set[str] = set()
-        self.refused_methods: set[str] = set()
-        self.jobs: OrderedDict[str, int] = OrderedDict()
+        # Created on the first refusal: a set costs 216 bytes empty, and most rigs have none.
+        self.refused_accounts: set[str] | None = None
+        self.refused_methods: set[str] | None = None
+        # job_id -> handle, oldest first (a dict keeps insertion order at a third of an OrderedDict's size).
+        self.jobs: dict[str, int] = {}
         self.accepted = 0
         self.rejected = 0
         self.stale = 0
@@ -1069,6 +1071,8 @@ class SidecarSession:
         self._requests_refused += 1
         shown = method[:64]
         refused = channel.refused_methods
+        if refused is None:
+            refused = channel.refused_methods = set()
         if shown not in refused and len(refused) < MAX_WORKERS_PER_CHANNEL:
             refused.add(shown)
             if len(self._refusals) < MAX_PENDING_REFUSALS:
@@ -1106,6 +1110,8 @@ class SidecarSession:
         """Note a refusal for the driver's log, once per account and channel."""
         account = _account(worker)
         refused = channel.refused_accounts
+        if refused is None:
+            refused = channel.refused_accounts = set()
         if account in refused or len(refused) >= MAX_WORKERS_PER_CHANNEL:
             return
         refused.add(account)
@@ -1639,8 +1645,7 @@ class SidecarSession:
         if previous is not None:
             self._release_job(previous)
         if len(jobs) > MAX_JOBS_PER_CHANNEL:
-            _job_id, handle = jobs.popitem(last=False)
-            self._release_job(handle)
+            self._release_job(jobs.pop(next(iter(jobs))))
 
     def _release_job(self, handle: int) -> None:
         job = self._jobs.get(handle)

@@ -339,6 +339,37 @@ async def test_pool_connection_loss_and_an_unreachable_pool_close_the_channel(pk
         nursery.cancel_scope.cancel()
 
 
+async def test_each_channel_costs_the_sidecar_one_task_and_its_bytes_still_flow_both_ways(pki: TestPKI) -> None:
+    """A pool connection is one task (no reader/writer pair, no nursery): the per-rig memory of issue 9.6."""
+    async with trio.open_nursery() as nursery:
+        pool, server = await start(nursery, pki)
+        proxy = await TestProxy.connect(nursery, server, pki.client_context())
+        await proxy.hello()
+        [connection] = server._connections.values()
+        assert connection._nursery is not None
+        before = len(connection._nursery.child_tasks)
+        channels = [await proxy.open(ch, worker=f"alice.rig{ch}") for ch in range(1, 6)]
+        pool_tasks = connection._nursery.child_tasks
+        assert len(pool_tasks) == before + 5
+        assert all(not task.child_nurseries for task in pool_tasks)
+        # Written to the pool while its task waits to read, read from it while nothing is queued.
+        for channel in channels:
+            share = find_share(channel)
+            await proxy.send(
+                {
+                    "ch": channel.ch,
+                    "id": 40,
+                    "method": "mining.submit",
+                    "params": submit_params(share, channel, f"alice.rig{channel.ch}"),
+                }
+            )
+            answer = await proxy.wait_for(lambda m, ch=channel.ch: m.get("ch") == ch and m.get("id") == 40)
+            assert answer["result"] is True
+        assert pool.statistics().accepted == 5
+        await proxy.aclose()
+        nursery.cancel_scope.cancel()
+
+
 # ------------------------------------------------------------------ hostile input
 
 
