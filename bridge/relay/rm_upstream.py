@@ -94,8 +94,15 @@ MAX_WORKERS_PER_CHANNEL = 256
 JOBS_KEPT = 4096
 UDP_FAILURES_BEFORE_FALLBACK = 3
 DEFAULT_VERSION_MASK = 0x1FFFE000
-#: The sidecar's longest wait before it acknowledges a share datagram (PROTOCOL.md §2.6).
+#: The sidecar's longest wait before it acknowledges a share datagram when its hello
+#: result does not say (PROTOCOL.md §2.6, C3); a larger announced value is capped here.
 MAX_ACK_DELAY = 0.005
+ACK_DELAY_LIMIT = 0.2
+#: A late acknowledgement of a copy already sent again (a spurious retransmission: the
+#: datagram was late, not lost) raises the retransmission floor to this many times its
+#: acknowledgement time; the floor then halves every ``LATE_FLOOR_HALF_LIFE`` seconds.
+LATE_FLOOR_MARGIN = 1.5
+LATE_FLOOR_HALF_LIFE = 10.0
 #: Bounds of the verdict timeout (acknowledged share, no verdict yet: a lost VERDICT).
 VERDICT_TIMEOUT_MIN = 0.25
 VERDICT_TIMEOUT_INITIAL = 1.0
@@ -133,6 +140,10 @@ class ConnectionStatistics(Struct, frozen=True):
     notify_lines: int
     srtt_ms: float | None
     rto_ms: float
+    spurious_retransmissions: int = 0
+    """Copies sent again whose earlier copy was acknowledged after all (late, not lost)."""
+    retransmission_floor_ms: float = 0.0
+    """The floor those late acknowledgements put under the retransmission deadline, now."""
 
 
 class _Share:
@@ -365,6 +376,10 @@ class StratumRMConnection:
         """The sidecar is draining (``rm.goaway``, feature goaway): move before ``goaway_by``."""
         self.goaway_by: float | None = None
         self._udp_failures = 0
+        self._ack_delay = MAX_ACK_DELAY
+        self._late_floor = 0.0
+        self._late_floor_at = 0.0
+        self._spurious = 0
         self._next_probe: float | None = None
         self._probe_retry = 0.1
         self._probe_id = 0
@@ -432,7 +447,7 @@ class StratumRMConnection:
         live = [s for s in shares if not s.settled]
         shares.clear()
         now = self._now
-        deadline = now + self.rtt.rto + MAX_ACK_DELAY
+        deadline = now + self.retransmission_timeout(now)
         timeline = self._timeline
         if keys is None:
             for share in live:  # no keys (yet): the timer sends them over TLS
@@ -459,6 +474,39 @@ class StratumRMConnection:
                 share.deadline = deadline
                 heapq.heappush(timeline, (deadline, share))
             self._datagrams.append(sealed.data)
+
+    def retransmission_timeout(self, now: float) -> float:
+        """How long a share datagram may go unacknowledged before its shares are sent again.
+
+        QUIC's PTO: the RTO (RFC 6298 over transport round trips) plus the sidecar's
+        announced ``max_ack_delay``, and never less than the floor that late
+        acknowledgements of copies already sent again measured (scheduling delays
+        of a loaded machine), which halves every ``LATE_FLOOR_HALF_LIFE`` seconds.
+        """
+        return max(self.rtt.rto + self._ack_delay, self._floor(now))
+
+    def _floor(self, now: float) -> float:
+        floor = self._late_floor
+        if not floor:
+            return 0.0
+        decay: float = 0.5 ** (max(0.0, now - self._late_floor_at) / LATE_FLOOR_HALF_LIFE)
+        return min(floor * decay, self.rtt.max_rto + self._ack_delay)
+
+    def _late_copy(self, epoch: int, pn: int, flight: tuple[float, list[_Share]], now: float) -> None:
+        """Datagram ``pn`` is acknowledged: if its shares were sent again meanwhile, that was spurious."""
+        if not (self._retx_udp or self._retx_tls):
+            return  # nothing was ever sent again
+        sent_at, shares = flight
+        for share in shares:
+            last = share.refs[-1]
+            if (last[0], last[1]) != (epoch, pn) or (share.tls_ids and not share.urgent):
+                self._spurious += 1
+                late = (now - sent_at) * LATE_FLOOR_MARGIN
+                current = self.retransmission_timeout(now)
+                if late > current:
+                    self._late_floor = late
+                    self._late_floor_at = now
+                return
 
     # ---------------------------------------------------------------- channels
 
@@ -613,7 +661,7 @@ class StratumRMConnection:
                 continue
             self._settle(share, _verdict_response(verdict), now, via_udp=True)
 
-    def _acknowledged(self, epoch: int, pn: int, now: float) -> float | None:
+    def _acknowledged(self, epoch: int, pn: int, now: float, *, checked: bool = False) -> float | None:
         """The sidecar received datagram ``pn``: its shares now wait for verdicts only.
 
         Returns when it was sent, if this is its first acknowledgement.
@@ -621,6 +669,8 @@ class StratumRMConnection:
         flight = self._flights.pop((epoch, pn), None)
         if flight is None:
             return None
+        if not checked:
+            self._late_copy(epoch, pn, flight, now)
         sent_at, shares = flight
         deadline = now + self.verdict_rtt.rto
         for share in shares:
@@ -662,7 +712,9 @@ class StratumRMConnection:
             pn = entry.pn
             flight = flights.get((epoch, pn))
             if flight is not None:
-                acknowledged.append(pn)
+                if not acknowledged or pn != acknowledged[-1]:  # entries of one datagram are adjacent
+                    self._late_copy(epoch, pn, flight, now)
+                    acknowledged.append(pn)
                 if pn > largest:
                     largest, sample = pn, flight[0]
             share = refs.get((epoch, pn, entry.index))
@@ -670,7 +722,7 @@ class StratumRMConnection:
                 detail = entry.detail
                 self._settle(share, _PLAIN_ACCEPT if detail is None else _detail_response(detail), now, via_udp=True)
         for pn in acknowledged:  # the other shares of these datagrams now wait for their verdicts only
-            self._acknowledged(epoch, pn, now)
+            self._acknowledged(epoch, pn, now, checked=True)
         if sample is not None:
             # A verdict acknowledges its datagram; the sidecar sends it within its ack
             # delay or sends an ACK first, so the sample is at most RTT + 5 ms.
@@ -775,6 +827,8 @@ class StratumRMConnection:
         if self.hello.udp_port and "udp-v2" not in self.hello.features:
             # A sidecar that only speaks data channel version 1: shares go over TLS.
             self.hello = msgspec.structs.replace(self.hello, udp_port=None)
+        ack_delay = self.hello.max_ack_delay
+        self._ack_delay = min(ack_delay, ACK_DELAY_LIMIT) if ack_delay >= 0 else MAX_ACK_DELAY
         self.ready = True
 
     def _new_keys(self, keys: control.Keys, now: float) -> None:
@@ -940,6 +994,8 @@ class StratumRMConnection:
             notify_lines=self._notify_lines,
             srtt_ms=None if rtt.srtt is None else rtt.srtt * 1000,
             rto_ms=rtt.rto * 1000,
+            spurious_retransmissions=self._spurious,
+            retransmission_floor_ms=self._floor(self._now) * 1000,
         )
 
 

@@ -129,6 +129,11 @@ class RttEstimator:
         return self._min_rtt
 
     @property
+    def max_rto(self) -> float:
+        """The cap of the RTO, backoff included."""
+        return self._max_rto
+
+    @property
     def rto(self) -> float:
         """The retransmission timeout to arm now, backoff included."""
         return min(self._base_rto * (1 << self._backoff), self._max_rto)
