@@ -144,6 +144,10 @@ class ConnectionStatistics(Struct, frozen=True):
     """Copies sent again whose earlier copy was acknowledged after all (late, not lost)."""
     retransmission_floor_ms: float = 0.0
     """The floor those late acknowledgements put under the retransmission deadline, now."""
+    verdict_waits: int = 0
+    """Verdict timeouts that asked nothing: every sidecar datagram since the acknowledgement came."""
+    probe_waits: int = 0
+    """Expired shares not sent again because another one went as the probe to a silent sidecar."""
 
 
 class _Share:
@@ -377,6 +381,13 @@ class StratumRMConnection:
         self.goaway_by: float | None = None
         self._udp_failures = 0
         self._ack_delay = MAX_ACK_DELAY
+        # Loss evidence on the sidecar's datagrams: the next pn expected per key epoch,
+        # when one was last found missing, when one was last received.
+        self._sidecar_next: dict[int, int] = {}
+        self._gap_at = -math.inf
+        self._heard_at = -math.inf
+        self._verdict_waits = 0
+        self._probe_waits = 0
         self._late_floor = 0.0
         self._late_floor_at = 0.0
         self._spurious = 0
@@ -850,6 +861,15 @@ class StratumRMConnection:
         result = self._receiver.receive(data, address, now)
         if type(result) is not Accepted:
             return
+        epoch, pn = result.epoch, result.header.pn
+        expected = self._sidecar_next.get(epoch, 0)
+        if pn >= expected:
+            if pn > expected:
+                self._gap_at = now  # a sidecar datagram is missing (lost, or late)
+            self._sidecar_next[epoch] = pn + 1
+            if len(self._sidecar_next) > 2:
+                del self._sidecar_next[min(self._sidecar_next)]
+        self._heard_at = now
         body = result.body
         if isinstance(body, Verdicts):
             self._on_verdicts(result.epoch, body, now)
@@ -930,18 +950,38 @@ class StratumRMConnection:
         lost = False
         overdue = False
         escalated = False
+        probed = False
+        waiting: list[_Share] = []
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
                 continue  # settled, or re-armed since (acknowledged, sent again)
             share.deadline = 0.0
             if share.acked:
-                # Received by the sidecar, but no verdict within the verdict timeout: the
-                # VERDICT datagram was lost (or the pool is very slow). Ask again; the
-                # sidecar answers from its verdict cache or joins the pending share.
+                if self._heard_at > share.acked_at and self._gap_at <= share.acked_at:
+                    # Every datagram the sidecar sent since the acknowledgement arrived,
+                    # so no VERDICT was lost: the pool has not answered yet. Keep waiting.
+                    self._verdict_waits += 1
+                    share.deadline = now + self.verdict_rtt.rto
+                    heapq.heappush(timeline, (share.deadline, share))
+                    continue
+                # Received by the sidecar, but no verdict within the verdict timeout and
+                # a sidecar datagram is missing (or none came since): the VERDICT may be
+                # lost. Ask again; the sidecar answers from its verdict cache or joins
+                # the pending share.
                 self._verdict_queries += 1
                 overdue = True
             else:
+                if share.sent_at > self._heard_at and share.sent_at > self._last_received:
+                    # The sidecar has said nothing at all since this was sent (neither a
+                    # datagram nor a control line): a stalled peer or path, not one lost
+                    # datagram. One share goes again per expiry, as QUIC's PTO sends one
+                    # probe; the others wait for the acknowledgements the probe draws.
+                    if probed:
+                        self._probe_waits += 1
+                        waiting.append(share)
+                        continue
+                    probed = True
                 lost = True
             if share.tries == 1 and self.udp_up and share.record is not None:
                 self._retx_udp += 1
@@ -963,6 +1003,11 @@ class StratumRMConnection:
             self.rtt.on_timeout()  # one back-off per timer expiry, however many shares it covers
         if overdue:
             self.verdict_rtt.on_timeout()
+        if waiting:
+            deadline = now + self.retransmission_timeout(now)
+            for share in waiting:
+                share.deadline = deadline
+                heapq.heappush(timeline, (deadline, share))
 
     @property
     def last_received(self) -> float:
@@ -996,6 +1041,8 @@ class StratumRMConnection:
             rto_ms=rtt.rto * 1000,
             spurious_retransmissions=self._spurious,
             retransmission_floor_ms=self._floor(self._now) * 1000,
+            verdict_waits=self._verdict_waits,
+            probe_waits=self._probe_waits,
         )
 
 
