@@ -1,7 +1,8 @@
 """``stratumrm bench farm``: link bytes per miner per hour for a farm behind one proxy.
 
 The scenario: ``miners`` miners, each submitting a
-share every ``share_interval`` seconds; the pool sends a new job every
+share at random moments, one every ``share_interval`` seconds on average (the load is a
+Poisson process over the whole farm, each share going to a miner drawn at random); the pool sends a new job every
 ``job_interval`` seconds and on each new block (every ``block_interval`` seconds),
 the same ``mining.notify`` to every connection, as most pools do. The same farm is
 measured three ways:
@@ -45,9 +46,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +221,9 @@ async def _measure_variant(
                 await wait_for_udp(proxy)
             duration = settings.warmup_seconds + settings.seconds + TAIL_SECONDS
             async with trio.open_nursery() as pacing:
-                pacing.start_soon(load.offer, settings.shares_per_second, duration, connections)
+                pacing.start_soon(
+                    partial(load.offer, randomly=random.Random(seed)), settings.shares_per_second, duration, connections
+                )
                 await trio.sleep(settings.warmup_seconds)
                 stats_before = await pool.request("stats")
                 sidecar_before = await sidecar.request("stats") if sidecar is not None else {}
@@ -299,6 +304,13 @@ class FarmSummary:
     shares_per_datagram: float
     verdicts_per_line: float
     control_lines_per_job: float
+    ratios_to_tls: list[float] = field(default_factory=list)
+    """StratumRM's link bytes over SV1 in TLS's, each run against the TLS variant of the same run."""
+
+    @property
+    def ratio_to_tls(self) -> float:
+        """The median of the per-run ratios."""
+        return median(self.ratios_to_tls) if self.ratios_to_tls else math.nan
 
 
 def summarize(settings: FarmSettings, runs: list[dict[str, FarmWindow]]) -> FarmSummary:
@@ -326,6 +338,11 @@ def summarize(settings: FarmSettings, runs: list[dict[str, FarmWindow]]) -> Farm
         control_lines_per_job=median(
             r[STRATUMRM].job_lines / r[STRATUMRM].jobs for r in runs if STRATUMRM in r and r[STRATUMRM].jobs
         ),
+        ratios_to_tls=[
+            r[STRATUMRM].traffic.wire_total / r[SV1_TLS].traffic.wire_total
+            for r in runs
+            if STRATUMRM in r and SV1_TLS in r and r[SV1_TLS].traffic.wire_total
+        ],
     )
 
 
@@ -339,8 +356,8 @@ def report(summary: FarmSummary) -> str:
     plain = summary.bytes_per_miner_hour.get(SV1, math.nan)
     lines = [
         (
-            f"Farm benchmark: medians of {summary.runs} run(s); {settings.miners} miners, a share every "
-            f"{settings.share_interval:g} s each, a job every {settings.job_interval:g} s, a block every "
+            f"Farm benchmark: medians of {summary.runs} run(s); {settings.miners} miners, a share at random moments "
+            f"every {settings.share_interval:g} s on average each, a job every {settings.job_interval:g} s, a block every "
             f"{settings.block_interval:g} s; time scaled down {settings.time_scale:g}x "
             f"({settings.seconds:g} s measured = {settings.simulated_hours * 60:g} farm minutes), the proxy's "
             f"{settings.share_window * 1e3:g} ms share window and the sidecar's {settings.verdict_window * 1e3:g} ms "
@@ -375,12 +392,13 @@ def report(summary: FarmSummary) -> str:
         f"per rm.results line, {summary.control_lines_per_job:.1f} rm.job/rm.notify lines per job broadcast "
         f"(each reaching {settings.miners} miners)"
     )
-    ratio = summary.bytes_per_miner_hour[STRATUMRM] / tls if tls else math.nan
+    ratio = summary.ratio_to_tls
+    per_run = ", ".join(f"{r:.3f}" for r in summary.ratios_to_tls)
     lines += [
         "",
-        "Target (StratumRM issue, item 10):",
-        f"  StratumRM link bytes <= {TARGET_RATIO_TO_TLS:g}x SV1 over TLS: {ratio:.3f}x -> "
-        + ("met" if ratio <= TARGET_RATIO_TO_TLS else "MISSED"),
+        "Target (wire-efficiency issue, item 2: 500 rigs, 10 farm minutes):",
+        f"  StratumRM link bytes <= {TARGET_RATIO_TO_TLS:g}x SV1 over TLS of the same run: median {ratio:.3f}x "
+        f"(runs: {per_run}) -> " + ("met" if ratio <= TARGET_RATIO_TO_TLS else "MISSED"),
     ]
     return "\n".join(lines)
 
