@@ -81,6 +81,7 @@ from bridge.wire.datagram import (
     Share,
     ShareBatch,
     Verdicts,
+    expand_pn,
 )
 from bridge.wire.keys import KeyMaterial, KeySet, Role
 from bridge.wire.receiver import Accepted, DatagramReceiver
@@ -384,6 +385,7 @@ class StratumRMConnection:
         # Loss evidence on the sidecar's datagrams: the next pn expected per key epoch,
         # when one was last found missing, when one was last received.
         self._sidecar_next: dict[int, int] = {}
+        self._largest_sent: dict[int, int] = {}  # per key epoch: the pn of the newest share datagram
         self._gap_at = -math.inf
         self._heard_at = -math.inf
         self._verdict_waits = 0
@@ -475,6 +477,9 @@ class StratumRMConnection:
             body = records[0] if len(records) == 1 else ShareBatch(tuple(records))
             sealed = sealer.seal(body, urgent=urgent)
             pn = sealed.pn
+            if epoch not in self._largest_sent and len(self._largest_sent) >= 2:
+                del self._largest_sent[min(self._largest_sent)]  # the proxy accepts one previous epoch
+            self._largest_sent[epoch] = pn
             self._flights[(epoch, pn)] = (now, group)
             for index, share in enumerate(group):
                 ref = (epoch, pn, index)
@@ -719,8 +724,13 @@ class StratumRMConnection:
         largest = -1
         sample: float | None = None
         acknowledged: list[int] = []
+        sent = self._largest_sent.get(epoch)
+        if sent is None:
+            return  # nothing was ever sent under that key: nothing to name
         for entry in verdicts.entries:
-            pn = entry.pn
+            pn = expand_pn(entry.pn, sent)  # the entry carries the low 32 bits
+            if pn is None:
+                continue
             flight = flights.get((epoch, pn))
             if flight is not None:
                 if not acknowledged or pn != acknowledged[-1]:  # entries of one datagram are adjacent

@@ -141,7 +141,7 @@ def test_a_share_goes_as_one_sealed_record_and_its_verdict_comes_back() -> None:
     assert body.version_bits is None and body.worker_index is None
     assert len(datagram) <= 60
     verdict = sidecar.keys.sealer.seal(Verdicts((VerdictEntry(header.pn, 0),))).data
-    assert len(verdict) == 39
+    assert len(verdict) == 37
     conn.receive_datagram(verdict, ("127.0.0.1", 3334), 0.004)
     [reply] = channel.events
     assert reply.context == "rig-id-4" and reply.accepted and reply.request_id == serial

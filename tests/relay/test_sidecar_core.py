@@ -500,10 +500,10 @@ def test_a_udp_share_is_rebuilt_forwarded_at_once_and_its_verdict_sent_at_once()
     # the ACK, unless a verdict comes first: after the announced max_ack_delay (QUIC's default)
     assert harness.session.next_deadline() == pytest.approx(harness.now + 0.025)
     harness.pool(3, {"id": submit["id"], "result": True, "error": None})
-    # One 39-byte VERDICT datagram, no waiting for company, no ACK (the verdict acknowledges).
+    # One 37-byte VERDICT datagram, no waiting for company, no ACK (the verdict acknowledges).
     assert harness.results() == [[0, 0, 0, 1]]
     [(data, address)] = harness.datagrams
-    assert len(data) == 39 and address == RIG
+    assert len(data) == 37 and address == RIG
     assert harness.session.next_deadline() > harness.now + 0.025
     harness.advance(0.03)
     assert len(harness.datagrams) == 1 and harness.tls_results() == []
