@@ -18,16 +18,21 @@ channel"). The parts that are this module's job:
   :meth:`datagrams_to_send`; a lone share goes alone, at once (no batching window).
 - **No share silently lost (data channel v2).** The sidecar acknowledges each
   share datagram, by the VERDICT datagram that carries its verdict or, when the
-  pool is slower than the ack delay (~5 ms), by an ACK datagram. The RTO runs on
-  that transport round trip (RFC 6298 estimator over pn→acknowledgement samples,
-  which are never ambiguous since every copy has its own pn; the ACK's ack delay
-  is subtracted, and every deadline adds the sidecar's 5 ms ack delay as QUIC's
-  PTO does). An unacknowledged share is sent again over UDP with a new packet
-  number after one RTO, then over TLS, which is reliable. An acknowledged share
-  whose verdict does not follow within the verdict timeout (its own estimator
-  over ack→verdict delays, at least 250 ms: a lost VERDICT datagram) is sent again
-  so the sidecar answers it from its verdict cache. The first verdict for any copy
-  settles the share; the sidecar's duplicate set makes copies harmless.
+  pool is slower than the ack delay the sidecar announced (``max_ack_delay``,
+  25 ms), by an ACK datagram. The deadline runs on that transport round trip
+  (RFC 6298 estimator over pn→acknowledgement samples, which are never ambiguous
+  since every copy has its own pn; the ACK's ack delay is subtracted, and every
+  deadline adds the announced ack delay as QUIC's PTO does), never below the
+  floor that late acknowledgements of copies already sent again measured. An
+  unacknowledged share is sent again over UDP with a new packet number, then over
+  TLS, which is reliable; when the sidecar has said nothing at all since it was
+  sent (a stall), only one share goes per expiry, as a probe. An acknowledged
+  share whose verdict does not follow within the verdict timeout (its own
+  estimator over ack→verdict delays, at least 250 ms) is sent again, so the
+  sidecar answers it from its verdict cache, only when a sidecar datagram is
+  missing since (a gap in its packet numbers, or none came): a VERDICT that may
+  have been lost. The first verdict for any copy settles the share; the
+  sidecar's duplicate set makes copies harmless.
 - **Fallback.** UDP counts as up once a PROBE is answered. Three timer expiries
   in a row that had to send shares over TLS after their UDP retransmission, with
   no UDP verdict in between, mark it down; it is probed again every
