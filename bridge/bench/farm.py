@@ -127,6 +127,12 @@ class FarmWindow:
     results_lines: int = 0
     """``rm.results`` lines the sidecar wrote in the window (StratumRM only)."""
     job_lines: int = 0
+    verdict_datagrams: int = 0
+    """VERDICT datagrams the sidecar sent in the window (StratumRM only)."""
+    ack_datagrams: int = 0
+    """ACK datagrams the sidecar sent in the window (StratumRM only)."""
+    sent_again: int = 0
+    """Shares the proxy sent again in the window (StratumRM only)."""
     """``rm.job`` plus ``rm.notify`` lines the sidecar wrote in the window (StratumRM only)."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     """CPU time of each process over the window."""
@@ -250,6 +256,9 @@ async def _measure_variant(
             rejected=totals_after.rejected - totals_before.rejected,
             results_lines=sidecar_after.get("results_lines", 0) - sidecar_before.get("results_lines", 0),
             job_lines=sum(sidecar_after.get(name, 0) - sidecar_before.get(name, 0) for name in ("job_lines", "notify_lines")),
+            verdict_datagrams=sidecar_after.get("verdict_datagrams_sent", 0) - sidecar_before.get("verdict_datagrams_sent", 0),
+            ack_datagrams=sidecar_after.get("ack_datagrams_sent", 0) - sidecar_before.get("ack_datagrams_sent", 0),
+            sent_again=link.shares_sent_again,
             cpu_seconds=cpu_seconds,
         )
         per_hour = window.traffic.wire_total / settings.miners / settings.simulated_hours
@@ -258,11 +267,23 @@ async def _measure_variant(
             f"({window.blocks} new blocks) in {settings.seconds:g} s = {settings.simulated_hours * 60:g} farm minutes: "
             f"{per_hour / 1e3:,.1f} kB per miner per hour on the {LINKS[variant]} link; CPU "
             + ", ".join(f"{name} {seconds / settings.seconds:.0%}" for name, seconds in cpu_seconds.items())
+            + (_describe_udp(window) if variant == STRATUMRM else "")
         )
         return window
     finally:
         for process in reversed(started):
             await process.stop()
+
+
+def _describe_udp(window: FarmWindow) -> str:
+    """Where StratumRM's bytes went: datagrams each way, control bytes, copies."""
+    shares = window.shares or 1
+    udp, tcp = window.udp_traffic, window.tcp_traffic
+    return (
+        f"; per share: UDP {udp.wire_up / shares:.1f} B up in {udp.packets_up:,} datagrams, "
+        f"{udp.wire_down / shares:.1f} B down in {window.verdict_datagrams:,} VERDICT + {window.ack_datagrams:,} ACK "
+        f"datagrams, control TLS {tcp.wire_total / shares:.1f} B; {window.sent_again} shares sent again"
+    )
 
 
 async def run(
@@ -302,7 +323,7 @@ class FarmSummary:
     jobs_per_hour: dict[str, float]
     shares_per_miner_hour: dict[str, float]
     shares_per_datagram: float
-    verdicts_per_line: float
+    verdicts_per_datagram: float
     control_lines_per_job: float
     ratios_to_tls: list[float] = field(default_factory=list)
     """StratumRM's link bytes over SV1 in TLS's, each run against the TLS variant of the same run."""
@@ -332,8 +353,10 @@ def summarize(settings: FarmSettings, runs: list[dict[str, FarmWindow]]) -> Farm
             for r in runs
             if STRATUMRM in r and r[STRATUMRM].udp_traffic.packets_up
         ),
-        verdicts_per_line=median(
-            r[STRATUMRM].shares / r[STRATUMRM].results_lines for r in runs if STRATUMRM in r and r[STRATUMRM].results_lines
+        verdicts_per_datagram=median(
+            r[STRATUMRM].shares / r[STRATUMRM].verdict_datagrams
+            for r in runs
+            if STRATUMRM in r and r[STRATUMRM].verdict_datagrams
         ),
         control_lines_per_job=median(
             r[STRATUMRM].job_lines / r[STRATUMRM].jobs for r in runs if STRATUMRM in r and r[STRATUMRM].jobs
@@ -388,8 +411,8 @@ def report(summary: FarmSummary) -> str:
         )
     lines.append(format_table(header, rows))
     lines.append(
-        f"stratumrm: {summary.shares_per_datagram:.2f} shares per datagram, {summary.verdicts_per_line:.2f} verdicts "
-        f"per rm.results line, {summary.control_lines_per_job:.1f} rm.job/rm.notify lines per job broadcast "
+        f"stratumrm: {summary.shares_per_datagram:.2f} shares per datagram, {summary.verdicts_per_datagram:.2f} verdicts "
+        f"per VERDICT datagram, {summary.control_lines_per_job:.1f} rm.job/rm.notify lines per job broadcast "
         f"(each reaching {settings.miners} miners)"
     )
     ratio = summary.ratio_to_tls

@@ -22,8 +22,9 @@ def _window(variant: str, total: int, shares: int = 1000) -> farm.FarmWindow:
         blocks=1,
         accepted=shares,
         rejected=0,
-        results_lines=10,
+        results_lines=0,
         job_lines=40,
+        verdict_datagrams=shares // 2,
     )
 
 
@@ -53,6 +54,7 @@ def test_the_target_is_the_median_of_per_run_ratios_to_tls_of_the_same_run() -> 
     text = farm.report(summary)
     assert "median 0.150x (runs: 0.100, 0.150, 0.300) -> met" in text
     assert "10 farm minutes" in text
+    assert "2.00 verdicts per VERDICT datagram" in text
 
 
 class _Miner:
