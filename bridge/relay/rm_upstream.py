@@ -165,6 +165,7 @@ class _Share:
         "channel",
         "context",
         "deadline",
+        "first_sent",
         "job",
         "params",
         "record",
@@ -186,6 +187,7 @@ class _Share:
         self.job: int | None = None
         self.tries = 0
         self.sent_at = 0.0
+        self.first_sent = 0.0
         self.deadline = 0.0
         self.refs: list[tuple[int, int, int]] = []
         self.tls_ids: list[int] = []
@@ -557,7 +559,7 @@ class StratumRMConnection:
         self._shares_total += 1
         share.record = self._record_for(channel, params)
         now = self._now
-        share.sent_at = now
+        share.sent_at = share.first_sent = now
         if share.record is not None and self.detect_blocks and self._is_block_candidate(channel, share):
             share.urgent = True
             self._blocks += 1
@@ -973,9 +975,10 @@ class StratumRMConnection:
                 continue  # settled, or re-armed since (acknowledged, sent again)
             share.deadline = 0.0
             if share.acked:
-                if self._heard_at > share.acked_at and self._gap_at <= share.acked_at:
-                    # Every datagram the sidecar sent since the acknowledgement arrived,
-                    # so no VERDICT was lost: the pool has not answered yet. Keep waiting.
+                if self._heard_at > share.acked_at and self._gap_at < share.first_sent:
+                    # No sidecar datagram went missing since the share was first sent (so
+                    # none that could have carried its verdict), and one came after the
+                    # acknowledgement: the pool has not answered yet. Keep waiting.
                     self._verdict_waits += 1
                     share.deadline = now + self.verdict_rtt.rto
                     heapq.heappush(timeline, (share.deadline, share))

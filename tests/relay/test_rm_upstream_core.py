@@ -245,6 +245,28 @@ def test_a_missing_sidecar_datagram_makes_the_verdict_timeout_ask_again() -> Non
     assert conn.statistics().verdict_queries == 1
 
 
+def test_a_verdict_lost_before_its_datagram_was_acknowledged_is_still_asked_for() -> None:
+    # Two shares in one datagram. The sidecar's VERDICT for the first is lost; the one
+    # for the second acknowledges the datagram and reveals the gap at the same moment.
+    # The lost datagram was sent after the share: it may have carried its verdict.
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    for nonce in ("0a029ed1", "0a029ed2"):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+    [datagram] = conn.datagrams_to_send(0.0)
+    pn = sidecar.open(datagram)[0].pn
+    sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 0),)))  # lost on the way
+    conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 1),))).data, ("127.0.0.1", 3334), 0.01)
+    conn.receive_datagram(sidecar.keys.sealer.seal(ProbeAck(99)).data, ("127.0.0.1", 3334), 0.5)  # heard again
+    conn.on_timer(1.02)
+    [again] = conn.datagrams_to_send(1.02)
+    body = sidecar.open(again)[1]
+    assert isinstance(body, Share) and body.nonce == 0x0A029ED1
+    assert conn.statistics().verdict_queries == 1 and [r.context for r in channel.events] == ["0a029ed2"]
+
+
 def test_the_retransmission_deadline_adds_the_announced_ack_delay_and_late_acks_raise_a_floor() -> None:
     conn = StratumRMConnection(detect_blocks=False, initial_rto=0.1)
     sidecar = FakeSidecar(conn)
