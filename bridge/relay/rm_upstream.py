@@ -969,6 +969,7 @@ class StratumRMConnection:
         escalated = False
         probed = False
         waiting: list[_Share] = []
+        verdict_waiting: list[_Share] = []
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -986,7 +987,14 @@ class StratumRMConnection:
                 # Received by the sidecar, but no verdict within the verdict timeout and
                 # a sidecar datagram is missing (or none came since): the VERDICT may be
                 # lost. Ask again; the sidecar answers from its verdict cache or joins
-                # the pending share.
+                # the pending share. A sidecar silent since the acknowledgement (no
+                # datagram, no line) is stalled: one share asks, as a probe.
+                if share.acked_at >= self._heard_at and share.acked_at >= self._last_received:
+                    if probed:
+                        self._probe_waits += 1
+                        verdict_waiting.append(share)
+                        continue
+                    probed = True
                 self._verdict_queries += 1
                 overdue = True
             else:
@@ -1021,11 +1029,10 @@ class StratumRMConnection:
             self.rtt.on_timeout()  # one back-off per timer expiry, however many shares it covers
         if overdue:
             self.verdict_rtt.on_timeout()
-        if waiting:
-            deadline = now + self.retransmission_timeout(now)
-            for share in waiting:
-                share.deadline = deadline
-                heapq.heappush(timeline, (deadline, share))
+        for shares, timeout in ((waiting, self.retransmission_timeout(now)), (verdict_waiting, self.verdict_rtt.rto)):
+            for share in shares:
+                share.deadline = now + timeout
+                heapq.heappush(timeline, (share.deadline, share))
 
     @property
     def last_received(self) -> float:

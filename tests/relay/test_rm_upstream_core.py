@@ -319,6 +319,24 @@ def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> 
     assert stats.retransmissions_udp == 1 and stats.spurious_retransmissions == 1
 
 
+def test_acknowledged_shares_of_a_silent_sidecar_ask_for_their_verdicts_one_at_a_time() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    pns = []
+    for nonce in ("0a029ed1", "0a029ed2", "0a029ed3"):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send(0.0)
+        pns.append(sidecar.open(datagram)[0].pn)
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[0]),))).data, ("127.0.0.1", 3334), 0.001)
+    conn.on_timer(1.01)  # the verdict timeout, and not a word from the sidecar since the ACK
+    [query] = conn.datagrams_to_send(1.01)
+    assert isinstance(sidecar.open(query)[1], Share)
+    stats = conn.statistics()
+    assert stats.verdict_queries == 1 and stats.probe_waits == 2 and stats.pending == 3
+
+
 def test_a_verdict_with_detail_keeps_the_pools_words_and_an_ack_covers_several_datagrams() -> None:
     conn = StratumRMConnection(detect_blocks=False)
     sidecar = FakeSidecar(conn)
