@@ -133,6 +133,11 @@ class FarmWindow:
     """ACK datagrams the sidecar sent in the window (StratumRM only)."""
     sent_again: int = 0
     """Shares the proxy sent again in the window (StratumRM only)."""
+    late_copies: int = 0
+    """Datagrams among those whose first copy was acknowledged after all (late, not lost)."""
+    verdict_queries: int = 0
+    udp_drops: int = 0
+    """Datagrams dropped in the kernel: full send buffers of proxy and sidecar, full receive buffers (host-wide)."""
     """``rm.job`` plus ``rm.notify`` lines the sidecar wrote in the window (StratumRM only)."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     """CPU time of each process over the window."""
@@ -259,6 +264,9 @@ async def _measure_variant(
             verdict_datagrams=sidecar_after.get("verdict_datagrams_sent", 0) - sidecar_before.get("verdict_datagrams_sent", 0),
             ack_datagrams=sidecar_after.get("ack_datagrams_sent", 0) - sidecar_before.get("ack_datagrams_sent", 0),
             sent_again=link.shares_sent_again,
+            late_copies=link.late_copies,
+            verdict_queries=link.verdict_queries,
+            udp_drops=link.send_drops + link.udp_buffer_drops,
             cpu_seconds=cpu_seconds,
         )
         per_hour = window.traffic.wire_total / settings.miners / settings.simulated_hours
@@ -282,7 +290,9 @@ def _describe_udp(window: FarmWindow) -> str:
     return (
         f"; per share: UDP {udp.wire_up / shares:.1f} B up in {udp.packets_up:,} datagrams, "
         f"{udp.wire_down / shares:.1f} B down in {window.verdict_datagrams:,} VERDICT + {window.ack_datagrams:,} ACK "
-        f"datagrams, control TLS {tcp.wire_total / shares:.1f} B; {window.sent_again} shares sent again"
+        f"datagrams, control TLS {tcp.wire_total / shares:.1f} B; {window.sent_again} shares sent again "
+        f"({window.verdict_queries} asking for a late verdict; {window.late_copies} datagrams late, not lost); "
+        f"{window.udp_drops} datagrams dropped in the kernel"
     )
 
 

@@ -332,6 +332,10 @@ class LinkReading:
     """UDP datagrams the whole host sent (an upper bound of the link's own count)."""
     late_copies: int = 0
     ack_datagrams: int = 0
+    verdict_queries: int = 0
+    """Shares sent again because their verdict was late after their acknowledgement."""
+    send_drops: int = 0
+    """Datagrams proxy and sidecar could not send (kernel send buffer full)."""
 
 
 class LinkMeter:
@@ -355,6 +359,8 @@ class LinkMeter:
             "bytes_down": sidecar["udp_bytes_sent"],
             "sent_again": link.get("retransmissions_udp", 0) + link.get("retransmissions_tls", 0),
             "late_copies": link.get("spurious_retransmissions", 0),
+            "verdict_queries": link.get("verdict_queries", 0),
+            "send_drops": (await self.proxy.request("stats")).get("udp_send_drops", 0) + sidecar.get("udp_send_drops", 0),
             "ack_datagrams": sidecar.get("ack_datagrams_sent", 0),
             "buffer_drops": udp_receive_buffer_errors(),
             "kernel_udp_out": udp_out_datagrams(),
@@ -380,6 +386,8 @@ class LinkMeter:
             delta.get("kernel_udp_out", 0),
             delta.get("late_copies", 0),
             delta.get("ack_datagrams", 0),
+            delta.get("verdict_queries", 0),
+            delta.get("send_drops", 0),
         )
 
 

@@ -107,8 +107,8 @@ ACK_DELAY_LIMIT = 0.2
 #: A late acknowledgement of a copy already sent again (a spurious retransmission: the
 #: datagram was late, not lost) raises the retransmission floor to this many times its
 #: acknowledgement time; the floor then halves every ``LATE_FLOOR_HALF_LIFE`` seconds.
-LATE_FLOOR_MARGIN = 1.5
-LATE_FLOOR_HALF_LIFE = 10.0
+LATE_FLOOR_MARGIN = 2.0
+LATE_FLOOR_HALF_LIFE = 60.0
 #: Bounds of the verdict timeout (acknowledged share, no verdict yet: a lost VERDICT).
 VERDICT_TIMEOUT_MIN = 0.25
 VERDICT_TIMEOUT_INITIAL = 1.0
