@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import ssl
 import time
 from collections import Counter
@@ -347,9 +348,23 @@ class LoadGenerator:
         self.connections.extend(opened)
         return opened
 
-    async def offer(self, rate: float, seconds: float, connections: list[LoadConnection] | None = None) -> OfferResult:
-        """Send ``rate × seconds`` shares, evenly spread in time, round-robin over the connections."""
+    async def offer(
+        self,
+        rate: float,
+        seconds: float,
+        connections: list[LoadConnection] | None = None,
+        *,
+        randomly: random.Random | None = None,
+    ) -> OfferResult:
+        """Send ``rate × seconds`` shares, evenly spread in time, round-robin over the connections.
+
+        With ``randomly``, each share goes to a connection drawn at random at a moment
+        drawn at random (exponential gaps, a Poisson process of ``rate``): every rig then
+        submits at random moments, ``rate / connections`` per second on average.
+        """
         targets = connections if connections is not None else self.connections
+        if randomly is not None:
+            return await self._offer_randomly(rate, seconds, targets, randomly)
         total = max(1, round(rate * seconds))
         count = len(targets)
         serials = self.serials
@@ -367,6 +382,29 @@ class LoadGenerator:
                     await connection.flush()
             if sent < total:
                 await trio.sleep(max(0.0, start + sent / rate - time.monotonic()))
+        return OfferResult(rate, sent, time.monotonic() - start)
+
+    async def _offer_randomly(
+        self, rate: float, seconds: float, targets: list[LoadConnection], rng: random.Random
+    ) -> OfferResult:
+        serials = self.serials
+        start = time.monotonic()
+        due = start + rng.expovariate(rate)
+        end = start + seconds
+        sent = 0
+        touched: set[int] = set()
+        while due < end:
+            now = time.monotonic()
+            while due <= now and due < end:
+                index = rng.randrange(len(targets))
+                targets[index].miner.submit(next(serials))
+                touched.add(index)
+                sent += 1
+                due += rng.expovariate(rate)
+            for index in touched:
+                await targets[index].flush()
+            touched.clear()
+            await trio.sleep(max(0.0, min(due, end) - time.monotonic()))
         return OfferResult(rate, sent, time.monotonic() - start)
 
     async def closed_loop(self, in_flight: int, seconds: float, connections: list[LoadConnection]) -> OfferResult:

@@ -434,6 +434,7 @@ def proxy(upstream: str, bundle: str | None, upstream_ca: str | None, share_batc
         return {
             "proxy": _to_builtins(server.statistics()),
             "link": _to_builtins(connection.statistics()) if connection is not None else None,
+            "udp_send_drops": link.udp_send_drops if link is not None else 0,
         }
 
     async def main() -> None:
@@ -497,6 +498,10 @@ def sidecar(
             "udp_bytes_sent": sum(s.udp_bytes_sent for s in sessions),
             "udp_bytes_received": sum(s.udp_bytes_received for s in sessions),
             "udp_datagrams_sent": sum(s.udp_datagrams_sent for s in sessions),
+            "ack_datagrams_sent": sum(s.ack_datagrams_sent for s in sessions),
+            "verdict_datagrams_sent": sum(s.verdict_datagrams_sent for s in sessions),
+            "udp_send_drops": server.udp_send_drops,
+            "sessions": [_to_builtins(s) for s in sessions],
             "results_lines": sum(s.results_lines for s in sessions),
             "job_lines": sum(s.jobs_announced for s in sessions),
             "notify_lines": sum(s.notify_lines for s in sessions),

@@ -222,6 +222,10 @@ class Window:
     cpu_seconds: dict[str, float]
     return_legs: list[float] = field(default_factory=list)
     kernel_udp_datagrams: int = 0
+    late_copies: int = 0
+    """Datagrams whose shares were sent again before the first copy's late acknowledgement."""
+    ack_datagrams: int = 0
+    """ACK datagrams of the sidecar (verdicts slower than its max_ack_delay)."""
 
     @property
     def traffic(self) -> LinkTraffic:
@@ -326,6 +330,12 @@ class LinkReading:
     """Datagrams the kernel dropped on a full receive buffer (host-wide; StratumRM only)."""
     kernel_udp_datagrams: int = 0
     """UDP datagrams the whole host sent (an upper bound of the link's own count)."""
+    late_copies: int = 0
+    ack_datagrams: int = 0
+    verdict_queries: int = 0
+    """Shares sent again because their verdict was late after their acknowledgement."""
+    send_drops: int = 0
+    """Datagrams proxy and sidecar could not send (kernel send buffer full)."""
 
 
 class LinkMeter:
@@ -348,6 +358,10 @@ class LinkMeter:
             "datagrams_down": sidecar["udp_datagrams_sent"],
             "bytes_down": sidecar["udp_bytes_sent"],
             "sent_again": link.get("retransmissions_udp", 0) + link.get("retransmissions_tls", 0),
+            "late_copies": link.get("spurious_retransmissions", 0),
+            "verdict_queries": link.get("verdict_queries", 0),
+            "send_drops": (await self.proxy.request("stats")).get("udp_send_drops", 0) + sidecar.get("udp_send_drops", 0),
+            "ack_datagrams": sidecar.get("ack_datagrams_sent", 0),
             "buffer_drops": udp_receive_buffer_errors(),
             "kernel_udp_out": udp_out_datagrams(),
         }
@@ -364,7 +378,17 @@ class LinkMeter:
         udp = udp_traffic(
             delta.get("datagrams_up", 0), delta.get("bytes_up", 0), delta.get("datagrams_down", 0), delta.get("bytes_down", 0)
         )
-        return LinkReading(tcp, udp, delta.get("sent_again", 0), delta.get("buffer_drops", 0), delta.get("kernel_udp_out", 0))
+        return LinkReading(
+            tcp,
+            udp,
+            delta.get("sent_again", 0),
+            delta.get("buffer_drops", 0),
+            delta.get("kernel_udp_out", 0),
+            delta.get("late_copies", 0),
+            delta.get("ack_datagrams", 0),
+            delta.get("verdict_queries", 0),
+            delta.get("send_drops", 0),
+        )
 
 
 @dataclass
@@ -540,6 +564,8 @@ async def measure_closed(
         cpu_seconds=cpu_seconds,
         return_legs=sorted(return_legs),
         kernel_udp_datagrams=link.kernel_udp_datagrams,
+        late_copies=link.late_copies,
+        ack_datagrams=link.ack_datagrams,
     )
 
 
@@ -621,7 +647,10 @@ def _describe_resends(window: Window) -> str:
     """StratumRM's retransmissions and full-buffer UDP drops in a window, if any."""
     parts = []
     if window.shares_sent_again:
-        parts.append(f"{window.shares_sent_again} shares sent again")
+        late = f" ({window.late_copies} datagrams of them were late, not lost)" if window.late_copies else ""
+        parts.append(f"{window.shares_sent_again} shares sent again{late}")
+    if window.ack_datagrams:
+        parts.append(f"{window.ack_datagrams} ACK datagrams")
     if window.udp_buffer_drops:
         parts.append(f"{window.udp_buffer_drops} datagrams dropped on a full receive buffer")
     return "; " + ", ".join(parts) if parts else ""
@@ -968,6 +997,7 @@ class ClosedSummary:
     lone_round_trip_p50_ms: float
     return_leg_p50_ms: float
     lone_sent_again: float
+    lone_acks_per_share: float
     closed_rate: float
     closed_loss: str | None
     closed_cpu_us: float
@@ -1000,6 +1030,7 @@ def _closed_summary(results: list[PathRun]) -> ClosedSummary | None:
         lone_round_trip_p50_ms=median(w.round_trip_ms(0.5) for w in lone),
         return_leg_p50_ms=median(w.return_leg_ms(0.5) for w in lone),
         lone_sent_again=median(w.shares_sent_again for w in lone),
+        lone_acks_per_share=median(w.ack_datagrams / max(1, w.shares) for w in lone),
         closed_rate=median(w.rate if w.loss() is None else 0.0 for w in closed),
         closed_loss=losses[0] if losses else None,
         closed_cpu_us=median(pair_cpu(w) for w in closed),
@@ -1251,7 +1282,8 @@ def closed_report(summary: TransportSummary) -> list[str]:
         lines.append(
             f"stratumrm lone share: {c.lone_udp_datagrams:.0f} UDP datagrams counted by proxy and sidecar, "
             f"{c.lone_kernel_udp_datagrams:.0f} sent by the whole host per the kernel (/proc/net/snmp; other "
-            "programs can only add to it)"
+            f"programs can only add to it); {c.lone_acks_per_share:.4f} ACK datagrams per share (verdicts slower "
+            "than the sidecar's max_ack_delay)"
         )
         lines.append(
             f"stratumrm, pool answering {settings.slow_pool_delay * 1e3:g} ms late: {c.slow_sent_again:.0f} shares sent "

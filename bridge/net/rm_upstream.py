@@ -39,7 +39,7 @@ from bridge.errors import PKIError
 from bridge.logs import bind_connection
 from bridge.net.containment import Containment
 from bridge.net.tcp import close_quietly, describe_error, tune_stream, unread_bytes
-from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
+from bridge.net.udp import DatagramSender, nonblocking_twin, read_pending, receive_datagrams, tune_udp
 from bridge.net.wakeup import Wakeup
 from bridge.pki.rotation import ClientCredentials
 from bridge.relay.rm_upstream import ChannelClosed, RMChannel, StratumRMConnection
@@ -50,6 +50,7 @@ GOODBYE_TIMEOUT = 1.0
 log = logging.getLogger("bridge.proxy.stratumrm")
 
 RECEIVE_SIZE = 65536
+DATAGRAM_SIZE = 2048
 
 
 class RMUpstreamHandle:
@@ -113,6 +114,7 @@ class StratumRMLink:
         self._stream: trio.abc.Stream | None = None
         self._udp: trio.socket.SocketType | None = None
         self._udp_sender: DatagramSender | None = None
+        self._udp_twin: socket.socket | None = None
         self._ready = trio.Event()
         self._connecting = False
         self._kick = trio.Event()
@@ -126,6 +128,11 @@ class StratumRMLink:
         """Called once when the sidecar sends ``rm.goaway`` (it is draining): the proxy moves its rigs."""
         self._goaway_reported = False
         self._run_scope = trio.CancelScope()
+
+    @property
+    def udp_send_drops(self) -> int:
+        """Datagrams of the current session the kernel had no send-buffer room for (not sent)."""
+        return self._udp_sender.dropped if self._udp_sender is not None else 0
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -274,6 +281,9 @@ class StratumRMLink:
             if self._udp_sender is not None:
                 self._udp_sender.close()
                 self._udp_sender = None
+            if self._udp_twin is not None:
+                self._udp_twin.close()
+                self._udp_twin = None
             if self._udp is not None:
                 self._udp.close()
                 self._udp = None
@@ -330,6 +340,7 @@ class StratumRMLink:
         await udp.connect(address)
         self._udp = udp
         self._udp_sender = DatagramSender(udp)
+        self._udp_twin = nonblocking_twin(udp)
         nursery.start_soon(self._read_udp, connection, udp)
         connection.probe(trio.current_time())  # keys may have come before the socket
         self.kick()
@@ -361,7 +372,7 @@ class StratumRMLink:
             self._deliver()
         self._stepped()
 
-    async def _read_udp(self, connection: StratumRMConnection, udp) -> None:
+    def _datagram_reader(self, connection: StratumRMConnection) -> Callable[[bytes, object, float], StratumRMConnection | None]:
         def on_datagram(data: bytes, address: object, now: float) -> StratumRMConnection | None:
             try:
                 connection.receive_datagram(data, address, now)
@@ -370,10 +381,13 @@ class StratumRMLink:
                 return None
             return connection
 
+        return on_datagram
+
+    async def _read_udp(self, connection: StratumRMConnection, udp) -> None:
         def after_batch(_touched: set) -> None:
             self._deliver()  # once per batch: waking the rigs is the costly part
 
-        await receive_datagrams(udp, on_datagram, 2048, after_batch)
+        await receive_datagrams(udp, self._datagram_reader(connection), DATAGRAM_SIZE, after_batch)
 
     async def _write(self, connection: StratumRMConnection, stream, scope: trio.CancelScope) -> None:
         while True:
@@ -408,6 +422,10 @@ class StratumRMLink:
             now = trio.current_time()
             if now >= connection.silent_deadline() and unread_bytes(self._stream):
                 connection.input_waiting(now)  # busy here, not a silent sidecar
+            if self._udp_twin is not None:
+                # A late timer (this process was descheduled) first reads what already
+                # arrived: the acknowledgement it is about to give up on may be waiting.
+                read_pending(self._udp_twin, self._datagram_reader(connection), DATAGRAM_SIZE, now, set())
             connection.on_timer(now)
             self._deliver()
         self._stepped()

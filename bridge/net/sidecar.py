@@ -908,6 +908,11 @@ class SidecarServer:
             for connection in list(self._connections.values())
         ]
 
+    @property
+    def udp_send_drops(self) -> int:
+        """Datagrams the kernel had no send-buffer room for (dropped, as a network would)."""
+        return self._udp_sender.dropped if self._udp_sender is not None else 0
+
     def sessions(self) -> list[SidecarSession]:
         """The live sessions (for tests and the dashboard)."""
         return list(self._connections)

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["BUFFER_SIZE", "DatagramSender", "receive_datagrams", "tune_udp"]
+__all__ = ["BUFFER_SIZE", "DatagramSender", "nonblocking_twin", "read_pending", "receive_datagrams", "tune_udp"]
 
 
 async def receive_datagrams(
@@ -36,34 +36,55 @@ async def receive_datagrams(
     """
     # A second descriptor for the same socket, so plain non-blocking calls can drain it
     # while trio keeps using its own object for sending.
-    raw = socket.socket(fileno=os.dup(udp_socket.fileno()))
-    raw.setblocking(False)
-    recvfrom = raw.recvfrom
+    raw = nonblocking_twin(udp_socket)
     current_time = trio.current_time
     try:
         while True:
             await trio.lowlevel.wait_readable(raw)
-            now = current_time()
             touched: set[Hashable] = set()
-            for _ in range(batch):
-                try:
-                    data, address = recvfrom(size)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    continue  # e.g. ICMP port unreachable reported on a later receive
-                result = on_datagram(data, address, now)
-                if result is not None:
-                    touched.add(result)
-            else:
-                if touched:
-                    after_batch(touched)
-                await trio.lowlevel.checkpoint()
-                continue
+            drained = read_pending(raw, on_datagram, size, current_time(), touched, batch)
             if touched:
                 after_batch(touched)
+            if not drained:
+                await trio.lowlevel.checkpoint()
     finally:
         raw.close()
+
+
+def nonblocking_twin(udp_socket: Any) -> socket.socket:
+    """A second, non-blocking descriptor for ``udp_socket`` (plain calls, no trio)."""
+    raw = socket.socket(fileno=os.dup(udp_socket.fileno()))
+    raw.setblocking(False)
+    return raw
+
+
+def read_pending(
+    raw: socket.socket,
+    on_datagram: Callable[[bytes, Any, float], Hashable | None],
+    size: int,
+    now: float,
+    touched: set[Hashable],
+    limit: int = 256,
+) -> bool:
+    """Feed the datagrams the kernel already holds (at most ``limit``) to ``on_datagram``.
+
+    Never waits. What ``on_datagram`` returns, when not None, is added to ``touched``.
+    Returns True when the socket was left empty, False when ``limit`` stopped it.
+    A timer about to call a datagram late uses it first: after the process was
+    descheduled, the acknowledgement may already be waiting in the kernel.
+    """
+    recvfrom = raw.recvfrom
+    for _ in range(limit):
+        try:
+            data, address = recvfrom(size)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue  # e.g. ICMP port unreachable reported on a later receive
+        result = on_datagram(data, address, now)
+        if result is not None:
+            touched.add(result)
+    return False
 
 
 #: Bytes asked for each direction's kernel buffer (the kernel may cap it, net.core.rmem_max).

@@ -18,16 +18,21 @@ channel"). The parts that are this module's job:
   :meth:`datagrams_to_send`; a lone share goes alone, at once (no batching window).
 - **No share silently lost (data channel v2).** The sidecar acknowledges each
   share datagram, by the VERDICT datagram that carries its verdict or, when the
-  pool is slower than the ack delay (~5 ms), by an ACK datagram. The RTO runs on
-  that transport round trip (RFC 6298 estimator over pn→acknowledgement samples,
-  which are never ambiguous since every copy has its own pn; the ACK's ack delay
-  is subtracted, and every deadline adds the sidecar's 5 ms ack delay as QUIC's
-  PTO does). An unacknowledged share is sent again over UDP with a new packet
-  number after one RTO, then over TLS, which is reliable. An acknowledged share
-  whose verdict does not follow within the verdict timeout (its own estimator
-  over ack→verdict delays, at least 250 ms: a lost VERDICT datagram) is sent again
-  so the sidecar answers it from its verdict cache. The first verdict for any copy
-  settles the share; the sidecar's duplicate set makes copies harmless.
+  pool is slower than the ack delay the sidecar announced (``max_ack_delay``,
+  25 ms), by an ACK datagram. The deadline runs on that transport round trip
+  (RFC 6298 estimator over pn→acknowledgement samples, which are never ambiguous
+  since every copy has its own pn; the ACK's ack delay is subtracted, and every
+  deadline adds the announced ack delay as QUIC's PTO does), never below the
+  floor that late acknowledgements of copies already sent again measured. An
+  unacknowledged share is sent again over UDP with a new packet number, then over
+  TLS, which is reliable; when the sidecar has said nothing at all since it was
+  sent (a stall), only one share goes per expiry, as a probe. An acknowledged
+  share whose verdict does not follow within the verdict timeout (its own
+  estimator over ack→verdict delays, at least 250 ms) is sent again, so the
+  sidecar answers it from its verdict cache, only when a sidecar datagram is
+  missing since (a gap in its packet numbers, or none came): a VERDICT that may
+  have been lost. The first verdict for any copy settles the share; the
+  sidecar's duplicate set makes copies harmless.
 - **Fallback.** UDP counts as up once a PROBE is answered. Three timer expiries
   in a row that had to send shares over TLS after their UDP retransmission, with
   no UDP verdict in between, mark it down; it is probed again every
@@ -81,6 +86,7 @@ from bridge.wire.datagram import (
     Share,
     ShareBatch,
     Verdicts,
+    expand_pn,
 )
 from bridge.wire.keys import KeyMaterial, KeySet, Role
 from bridge.wire.receiver import Accepted, DatagramReceiver
@@ -94,8 +100,15 @@ MAX_WORKERS_PER_CHANNEL = 256
 JOBS_KEPT = 4096
 UDP_FAILURES_BEFORE_FALLBACK = 3
 DEFAULT_VERSION_MASK = 0x1FFFE000
-#: The sidecar's longest wait before it acknowledges a share datagram (PROTOCOL.md §2.6).
+#: The sidecar's longest wait before it acknowledges a share datagram when its hello
+#: result does not say (PROTOCOL.md §2.6, C3); a larger announced value is capped here.
 MAX_ACK_DELAY = 0.005
+ACK_DELAY_LIMIT = 0.2
+#: A late acknowledgement of a copy already sent again (a spurious retransmission: the
+#: datagram was late, not lost) raises the retransmission floor to this many times its
+#: acknowledgement time; the floor then halves every ``LATE_FLOOR_HALF_LIFE`` seconds.
+LATE_FLOOR_MARGIN = 2.0
+LATE_FLOOR_HALF_LIFE = 60.0
 #: Bounds of the verdict timeout (acknowledged share, no verdict yet: a lost VERDICT).
 VERDICT_TIMEOUT_MIN = 0.25
 VERDICT_TIMEOUT_INITIAL = 1.0
@@ -133,6 +146,14 @@ class ConnectionStatistics(Struct, frozen=True):
     notify_lines: int
     srtt_ms: float | None
     rto_ms: float
+    spurious_retransmissions: int = 0
+    """Copies sent again whose earlier copy was acknowledged after all (late, not lost)."""
+    retransmission_floor_ms: float = 0.0
+    """The floor those late acknowledgements put under the retransmission deadline, now."""
+    verdict_waits: int = 0
+    """Verdict timeouts that asked nothing: every sidecar datagram since the acknowledgement came."""
+    probe_waits: int = 0
+    """Expired shares not sent again because another one went as the probe to a silent sidecar."""
 
 
 class _Share:
@@ -144,6 +165,7 @@ class _Share:
         "channel",
         "context",
         "deadline",
+        "first_sent",
         "job",
         "params",
         "record",
@@ -165,6 +187,7 @@ class _Share:
         self.job: int | None = None
         self.tries = 0
         self.sent_at = 0.0
+        self.first_sent = 0.0
         self.deadline = 0.0
         self.refs: list[tuple[int, int, int]] = []
         self.tls_ids: list[int] = []
@@ -365,6 +388,18 @@ class StratumRMConnection:
         """The sidecar is draining (``rm.goaway``, feature goaway): move before ``goaway_by``."""
         self.goaway_by: float | None = None
         self._udp_failures = 0
+        self._ack_delay = MAX_ACK_DELAY
+        # Loss evidence on the sidecar's datagrams: the next pn expected per key epoch,
+        # when one was last found missing, when one was last received.
+        self._sidecar_next: dict[int, int] = {}
+        self._largest_sent: dict[int, int] = {}  # per key epoch: the pn of the newest share datagram
+        self._gap_at = -math.inf
+        self._heard_at = -math.inf
+        self._verdict_waits = 0
+        self._probe_waits = 0
+        self._late_floor = 0.0
+        self._late_floor_at = 0.0
+        self._spurious = 0
         self._next_probe: float | None = None
         self._probe_retry = 0.1
         self._probe_id = 0
@@ -432,7 +467,7 @@ class StratumRMConnection:
         live = [s for s in shares if not s.settled]
         shares.clear()
         now = self._now
-        deadline = now + self.rtt.rto + MAX_ACK_DELAY
+        deadline = now + self.retransmission_timeout(now)
         timeline = self._timeline
         if keys is None:
             for share in live:  # no keys (yet): the timer sends them over TLS
@@ -449,6 +484,9 @@ class StratumRMConnection:
             body = records[0] if len(records) == 1 else ShareBatch(tuple(records))
             sealed = sealer.seal(body, urgent=urgent)
             pn = sealed.pn
+            if epoch not in self._largest_sent and len(self._largest_sent) >= 2:
+                del self._largest_sent[min(self._largest_sent)]  # the proxy accepts one previous epoch
+            self._largest_sent[epoch] = pn
             self._flights[(epoch, pn)] = (now, group)
             for index, share in enumerate(group):
                 ref = (epoch, pn, index)
@@ -459,6 +497,39 @@ class StratumRMConnection:
                 share.deadline = deadline
                 heapq.heappush(timeline, (deadline, share))
             self._datagrams.append(sealed.data)
+
+    def retransmission_timeout(self, now: float) -> float:
+        """How long a share datagram may go unacknowledged before its shares are sent again.
+
+        QUIC's PTO: the RTO (RFC 6298 over transport round trips) plus the sidecar's
+        announced ``max_ack_delay``, and never less than the floor that late
+        acknowledgements of copies already sent again measured (scheduling delays
+        of a loaded machine), which halves every ``LATE_FLOOR_HALF_LIFE`` seconds.
+        """
+        return max(self.rtt.rto + self._ack_delay, self._floor(now))
+
+    def _floor(self, now: float) -> float:
+        floor = self._late_floor
+        if not floor:
+            return 0.0
+        decay: float = 0.5 ** (max(0.0, now - self._late_floor_at) / LATE_FLOOR_HALF_LIFE)
+        return min(floor * decay, self.rtt.max_rto + self._ack_delay)
+
+    def _late_copy(self, epoch: int, pn: int, flight: tuple[float, list[_Share]], now: float) -> None:
+        """Datagram ``pn`` is acknowledged: if its shares were sent again meanwhile, that was spurious."""
+        if not (self._retx_udp or self._retx_tls):
+            return  # nothing was ever sent again
+        sent_at, shares = flight
+        for share in shares:
+            last = share.refs[-1]
+            if (last[0], last[1]) != (epoch, pn) or (share.tls_ids and not share.urgent):
+                self._spurious += 1
+                late = (now - sent_at) * LATE_FLOOR_MARGIN
+                current = self.retransmission_timeout(now)
+                if late > current:
+                    self._late_floor = late
+                    self._late_floor_at = now
+                return
 
     # ---------------------------------------------------------------- channels
 
@@ -488,7 +559,7 @@ class StratumRMConnection:
         self._shares_total += 1
         share.record = self._record_for(channel, params)
         now = self._now
-        share.sent_at = now
+        share.sent_at = share.first_sent = now
         if share.record is not None and self.detect_blocks and self._is_block_candidate(channel, share):
             share.urgent = True
             self._blocks += 1
@@ -613,7 +684,7 @@ class StratumRMConnection:
                 continue
             self._settle(share, _verdict_response(verdict), now, via_udp=True)
 
-    def _acknowledged(self, epoch: int, pn: int, now: float) -> float | None:
+    def _acknowledged(self, epoch: int, pn: int, now: float, *, checked: bool = False) -> float | None:
         """The sidecar received datagram ``pn``: its shares now wait for verdicts only.
 
         Returns when it was sent, if this is its first acknowledgement.
@@ -621,6 +692,8 @@ class StratumRMConnection:
         flight = self._flights.pop((epoch, pn), None)
         if flight is None:
             return None
+        if not checked:
+            self._late_copy(epoch, pn, flight, now)
         sent_at, shares = flight
         deadline = now + self.verdict_rtt.rto
         for share in shares:
@@ -658,11 +731,18 @@ class StratumRMConnection:
         largest = -1
         sample: float | None = None
         acknowledged: list[int] = []
+        sent = self._largest_sent.get(epoch)
+        if sent is None:
+            return  # nothing was ever sent under that key: nothing to name
         for entry in verdicts.entries:
-            pn = entry.pn
+            pn = expand_pn(entry.pn, sent)  # the entry carries the low 32 bits
+            if pn is None:
+                continue
             flight = flights.get((epoch, pn))
             if flight is not None:
-                acknowledged.append(pn)
+                if not acknowledged or pn != acknowledged[-1]:  # entries of one datagram are adjacent
+                    self._late_copy(epoch, pn, flight, now)
+                    acknowledged.append(pn)
                 if pn > largest:
                     largest, sample = pn, flight[0]
             share = refs.get((epoch, pn, entry.index))
@@ -670,7 +750,7 @@ class StratumRMConnection:
                 detail = entry.detail
                 self._settle(share, _PLAIN_ACCEPT if detail is None else _detail_response(detail), now, via_udp=True)
         for pn in acknowledged:  # the other shares of these datagrams now wait for their verdicts only
-            self._acknowledged(epoch, pn, now)
+            self._acknowledged(epoch, pn, now, checked=True)
         if sample is not None:
             # A verdict acknowledges its datagram; the sidecar sends it within its ack
             # delay or sends an ACK first, so the sample is at most RTT + 5 ms.
@@ -775,6 +855,8 @@ class StratumRMConnection:
         if self.hello.udp_port and "udp-v2" not in self.hello.features:
             # A sidecar that only speaks data channel version 1: shares go over TLS.
             self.hello = msgspec.structs.replace(self.hello, udp_port=None)
+        ack_delay = self.hello.max_ack_delay
+        self._ack_delay = min(ack_delay, ACK_DELAY_LIMIT) if ack_delay >= 0 else MAX_ACK_DELAY
         self.ready = True
 
     def _new_keys(self, keys: control.Keys, now: float) -> None:
@@ -796,6 +878,15 @@ class StratumRMConnection:
         result = self._receiver.receive(data, address, now)
         if type(result) is not Accepted:
             return
+        epoch, pn = result.epoch, result.header.pn
+        expected = self._sidecar_next.get(epoch, 0)
+        if pn >= expected:
+            if pn > expected:
+                self._gap_at = now  # a sidecar datagram is missing (lost, or late)
+            self._sidecar_next[epoch] = pn + 1
+            if len(self._sidecar_next) > 2:
+                del self._sidecar_next[min(self._sidecar_next)]
+        self._heard_at = now
         body = result.body
         if isinstance(body, Verdicts):
             self._on_verdicts(result.epoch, body, now)
@@ -876,18 +967,47 @@ class StratumRMConnection:
         lost = False
         overdue = False
         escalated = False
+        probed = False
+        waiting: list[_Share] = []
+        verdict_waiting: list[_Share] = []
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
                 continue  # settled, or re-armed since (acknowledged, sent again)
             share.deadline = 0.0
             if share.acked:
-                # Received by the sidecar, but no verdict within the verdict timeout: the
-                # VERDICT datagram was lost (or the pool is very slow). Ask again; the
-                # sidecar answers from its verdict cache or joins the pending share.
+                if self._heard_at > share.acked_at and self._gap_at < share.first_sent:
+                    # No sidecar datagram went missing since the share was first sent (so
+                    # none that could have carried its verdict), and one came after the
+                    # acknowledgement: the pool has not answered yet. Keep waiting.
+                    self._verdict_waits += 1
+                    share.deadline = now + self.verdict_rtt.rto
+                    heapq.heappush(timeline, (share.deadline, share))
+                    continue
+                # Received by the sidecar, but no verdict within the verdict timeout and
+                # a sidecar datagram is missing (or none came since): the VERDICT may be
+                # lost. Ask again; the sidecar answers from its verdict cache or joins
+                # the pending share. A sidecar silent since the acknowledgement (no
+                # datagram, no line) is stalled: one share asks, as a probe.
+                if share.acked_at >= self._heard_at and share.acked_at >= self._last_received:
+                    if probed:
+                        self._probe_waits += 1
+                        verdict_waiting.append(share)
+                        continue
+                    probed = True
                 self._verdict_queries += 1
                 overdue = True
             else:
+                if share.sent_at > self._heard_at and share.sent_at > self._last_received:
+                    # The sidecar has said nothing at all since this was sent (neither a
+                    # datagram nor a control line): a stalled peer or path, not one lost
+                    # datagram. One share goes again per expiry, as QUIC's PTO sends one
+                    # probe; the others wait for the acknowledgements the probe draws.
+                    if probed:
+                        self._probe_waits += 1
+                        waiting.append(share)
+                        continue
+                    probed = True
                 lost = True
             if share.tries == 1 and self.udp_up and share.record is not None:
                 self._retx_udp += 1
@@ -909,6 +1029,10 @@ class StratumRMConnection:
             self.rtt.on_timeout()  # one back-off per timer expiry, however many shares it covers
         if overdue:
             self.verdict_rtt.on_timeout()
+        for shares, timeout in ((waiting, self.retransmission_timeout(now)), (verdict_waiting, self.verdict_rtt.rto)):
+            for share in shares:
+                share.deadline = now + timeout
+                heapq.heappush(timeline, (share.deadline, share))
 
     @property
     def last_received(self) -> float:
@@ -940,6 +1064,10 @@ class StratumRMConnection:
             notify_lines=self._notify_lines,
             srtt_ms=None if rtt.srtt is None else rtt.srtt * 1000,
             rto_ms=rtt.rto * 1000,
+            spurious_retransmissions=self._spurious,
+            retransmission_floor_ms=self._floor(self._now) * 1000,
+            verdict_waits=self._verdict_waits,
+            probe_waits=self._probe_waits,
         )
 
 

@@ -234,8 +234,10 @@ AGENT: Final = f"stratumrm-sidecar/{__version__}"
 #: How long verdicts and notify channel lists are collected before they are written.
 DEFAULT_BATCH_WINDOW: Final = 0.002
 #: How long a received share datagram may wait for a VERDICT to acknowledge it before
-#: an ACK datagram is sent instead (PROTOCOL.md §2.6; QUIC's max_ack_delay).
-DEFAULT_MAX_ACK_DELAY: Final = 0.005
+#: an ACK datagram is sent instead (PROTOCOL.md §2.6; QUIC's max_ack_delay and its
+#: default). Announced in the hello result; the proxy adds it to its retransmission
+#: deadline, so a pool that answers within it costs no ACK datagram.
+DEFAULT_MAX_ACK_DELAY: Final = 0.025
 #: Bytes the sidecar may send to a learned address per authenticated byte received from it
 #: (PROTOCOL.md §7): a share datagram whose pool is slow gets an ACK and then its VERDICT.
 AMPLIFICATION_FACTOR: Final = 2.0
@@ -976,6 +978,7 @@ class SidecarSession:
             udp_host=self.udp_host if udp else None,
             heartbeat=self.heartbeat,
             dead_after=self.dead_after,
+            max_ack_delay=self.max_ack_delay,
         )
         self._write(encode_rm_result(message.id, result))
         if udp:

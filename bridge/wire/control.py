@@ -54,7 +54,9 @@ class HelloResult(Struct, frozen=True, kw_only=True):
     ``udp_host`` overrides the host the proxy connected to (an advertised
     address, for sidecars behind NAT). ``heartbeat`` is the idle interval after
     which each side sends ``rm.ping``; a peer silent for ``dead_after`` seconds is
-    declared dead.
+    declared dead. ``max_ack_delay`` is the longest the sidecar holds the
+    acknowledgement of a share datagram (PROTOCOL.md §2.6, QUIC's transport
+    parameter of that name); absent, 5 ms.
     """
 
     version: int
@@ -64,6 +66,7 @@ class HelloResult(Struct, frozen=True, kw_only=True):
     udp_host: str | None = None
     heartbeat: float = 1.0
     dead_after: float = 5.0
+    max_ack_delay: float = 0.005
 
 
 class Keys(Struct, frozen=True, kw_only=True):

@@ -43,13 +43,14 @@ Bodies (the plaintext, by type):
     of waiting on pool latency. The sidecar sends one only when no VERDICT named
     the packet within the ack delay (about 5 ms): a verdict acknowledges too.
 ``VERDICT`` (6, sidecar to proxy only)
-    1..64 entries back to back, up to the end of the plaintext: ``pn`` (u48) of the share
-    datagram, then one byte: bits 0..5 the share's index in it, bit 6 DETAIL, bit
-    7 reserved (0). Without DETAIL the pool accepted the share plainly
-    (``result: true, error: null``); with DETAIL a ``u16`` length and that many
-    bytes of the pool's response object without its id (JSON) follow. The entries
-    name packets sealed under the same conn_id as the VERDICT itself; naming a
-    packet also acknowledges it.
+    1..64 entries back to back, up to the end of the plaintext: the low 32 bits of the
+    ``pn`` of the share datagram (u32; the proxy takes the pn at or below the largest
+    it sent under that conn_id with those low bits), then one byte: bits 0..5 the
+    share's index in it, bit 6 DETAIL, bit 7 reserved (0). Without DETAIL the pool
+    accepted the share plainly (``result: true, error: null``); with DETAIL a ``u16``
+    length and that many bytes of the pool's response object without its id (JSON)
+    follow. The entries name packets sealed under the same conn_id as the VERDICT
+    itself; naming a packet also acknowledges it.
 
 A share record::
 
@@ -57,20 +58,23 @@ A share record::
                         bit 4 VERSION (version bits present),
                         bit 5 WORKER (worker index present),
                         bit 6 WIDE (channel id and job handle are u32, else u16),
-                        bit 7 reserved (must be 0)
+                        bit 7 VERSION16 (with VERSION: the version bits are
+                              BIP320's bits 13..28 only, sent as a u16)
     2|4   channel_id   the miner connection inside the proxy's session
     2|4   job_handle   the sidecar's number for the channel's SV1 job id
     0|1   worker_index (u8) if WORKER: which of the channel's authorized workers
     0..8  extranonce2
     4     ntime
     4     nonce
-    0|4   version_bits if VERSION (BIP310; absent when the miner sent none)
+    0|2|4 version_bits if VERSION (BIP310; absent when the miner sent none): a u32,
+          or with VERSION16 a u16 ``v`` standing for ``v << 13``
 
-The extranonce2 length shares the flags byte, and ids that fit in 16 bits use the
-short form, so the common share (4-byte extranonce2, version rolling, short ids) is
-21 plaintext bytes and a 53-byte datagram. Encoders use the short form whenever both
-ids fit; decoders accept both. Worker names never appear: the channel was authorized
-over TLS.
+The extranonce2 length shares the flags byte, ids that fit in 16 bits use the short
+form, and version bits within BIP320's general-purpose bits (the mask every miner
+rolls) take two bytes, so the common share (4-byte extranonce2, version rolling,
+short ids) is 19 plaintext bytes and a 51-byte datagram. Encoders use the short forms
+whenever they fit; decoders accept both. Worker names never appear: the channel was
+authorized over TLS.
 
 Rules
 =====
@@ -105,6 +109,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "TAG_SIZE",
     "VERDICT_MAX_ENTRIES",
+    "VERSION16_MASK",
     "Ack",
     "AckRange",
     "Body",
@@ -124,6 +129,7 @@ __all__ = [
     "decode_body",
     "encode_body",
     "encode_verdicts",
+    "expand_pn",
     "pack_header",
     "pack_verdict_entry",
     "parse_header",
@@ -327,6 +333,9 @@ class Ack(msgspec.Struct, frozen=True, gc=False):
 class VerdictEntry(msgspec.Struct, frozen=True, gc=False):
     """The pool's verdict on share ``index`` of the datagram ``pn``.
 
+    On the wire only the low 32 bits of ``pn`` travel: a decoded entry holds those,
+    and the proxy restores the whole pn with :func:`expand_pn`.
+
     ``detail`` is None for a plain accept (``result: true, error: null``), otherwise
     the pool's response object without its id, as JSON bytes.
     """
@@ -358,17 +367,21 @@ _REC_EN2_LEN: Final = 0x0F
 _REC_VERSION: Final = 0x10
 _REC_WORKER: Final = 0x20
 _REC_WIDE: Final = 0x40
-_REC_RESERVED: Final = 0x80
+_REC_VERSION16: Final = 0x80
+#: BIP320's general-purpose version bits: what a VERSION16 record carries, shifted down.
+VERSION16_MASK: Final = 0x1FFFE000
+_VERSION16_SHIFT: Final = 13
 
 _SHORT_IDS = struct.Struct(">HH")
 _WIDE_IDS = struct.Struct(">II")
 _U32_PAIR = struct.Struct(">II")
 _U32_ONE = struct.Struct(">I")
+_U16_VERSION = struct.Struct(">H")
 _ACK_HEAD = struct.Struct(">IB")
 _ACK_RANGE = struct.Struct(">HIHI")  # high (16+32 bits), low (16+32 bits)
 
 _SHARE_RECORD_MIN: Final = 1 + 2 + 2 + 4 + 4
-_VERDICT_PN = struct.Struct(">HIB")  # pn (16+32 bits), index | flags
+_VERDICT_PN = struct.Struct(">IB")  # pn (its low 32 bits), index | flags
 _U16_ONE = struct.Struct(">H")
 _VERDICT_INDEX: Final = 0x3F
 _VERDICT_DETAIL: Final = 0x40
@@ -404,9 +417,13 @@ def _encode_share_into(out: bytearray, share: Share) -> None:
     _check_u(share.ntime, _U32, "ntime")
     _check_u(share.nonce, _U32, "nonce")
     record_flags = len(en2)
+    short_version = False
     if share.version_bits is not None:
         _check_u(share.version_bits, _U32, "version_bits")
         record_flags |= _REC_VERSION
+        if not share.version_bits & ~VERSION16_MASK:
+            short_version = True
+            record_flags |= _REC_VERSION16
     if share.worker_index is not None:
         _check_u(share.worker_index, 0xFF, "worker_index")
         record_flags |= _REC_WORKER
@@ -420,7 +437,10 @@ def _encode_share_into(out: bytearray, share: Share) -> None:
     out += en2
     out += _U32_PAIR.pack(share.ntime, share.nonce)
     if share.version_bits is not None:
-        out += _U32_ONE.pack(share.version_bits)
+        if short_version:
+            out += _U16_VERSION.pack(share.version_bits >> _VERSION16_SHIFT)
+        else:
+            out += _U32_ONE.pack(share.version_bits)
 
 
 def _decode_share_at(data: bytes, offset: int) -> tuple[Share, int]:
@@ -430,15 +450,17 @@ def _decode_share_at(data: bytes, offset: int) -> tuple[Share, int]:
         raise DatagramDecodeError(DropReason.MALFORMED, "share record missing")
     record_flags = data[offset]
     offset += 1
-    if record_flags & _REC_RESERVED:
-        raise DatagramDecodeError(DropReason.MALFORMED, "reserved share record flag set")
+    has_version = record_flags & _REC_VERSION
+    short_version = record_flags & _REC_VERSION16
+    if short_version and not has_version:
+        raise DatagramDecodeError(DropReason.MALFORMED, "VERSION16 share record flag without VERSION")
     en2_len = record_flags & _REC_EN2_LEN
     if en2_len > MAX_EXTRANONCE2_SIZE:
         raise DatagramDecodeError(DropReason.MALFORMED, f"extranonce2 length {en2_len} > 8")
     ids = _WIDE_IDS if record_flags & _REC_WIDE else _SHORT_IDS
     has_worker = record_flags & _REC_WORKER
-    has_version = record_flags & _REC_VERSION
-    need = ids.size + (1 if has_worker else 0) + en2_len + 8 + (4 if has_version else 0)
+    version_size = (2 if short_version else 4) if has_version else 0
+    need = ids.size + (1 if has_worker else 0) + en2_len + 8 + version_size
     if offset + need > end:
         raise DatagramDecodeError(DropReason.MALFORMED, "share record truncated")
     channel_id, job_handle = ids.unpack_from(data, offset)
@@ -452,7 +474,11 @@ def _decode_share_at(data: bytes, offset: int) -> tuple[Share, int]:
     ntime, nonce = _U32_PAIR.unpack_from(data, offset)
     offset += 8
     version_bits = None
-    if has_version:
+    if short_version:
+        (short,) = _U16_VERSION.unpack_from(data, offset)
+        version_bits = short << _VERSION16_SHIFT
+        offset += 2
+    elif has_version:
         (version_bits,) = _U32_ONE.unpack_from(data, offset)
         offset += 4
     share = Share(
@@ -586,15 +612,31 @@ def decode_body(dtype: int, data: bytes) -> Body:
 
 
 def verdict_entry_size(detail: bytes | None) -> int:
-    """Bytes one VERDICT entry takes: 7 for a plain accept, 9 + the detail otherwise."""
+    """Bytes one VERDICT entry takes: 5 for a plain accept, 7 + the detail otherwise."""
     return _VERDICT_PN.size if detail is None else _VERDICT_PN.size + 2 + len(detail)
 
 
 def pack_verdict_entry(pn: int, index: int, detail: bytes | None = None) -> bytes:
-    """One VERDICT entry, for the send path (``pn`` a u48, ``index`` 0..63, a detail under 64 KiB)."""
+    """One VERDICT entry, for the send path (``pn`` a u48, ``index`` 0..63, a detail under 64 KiB).
+
+    Only the low 32 bits of ``pn`` are written (:func:`expand_pn` restores them).
+    """
     if detail is None:
-        return _VERDICT_PN.pack(pn >> 32, pn & _U32, index)
-    return _VERDICT_PN.pack(pn >> 32, pn & _U32, index | _VERDICT_DETAIL) + _U16_ONE.pack(len(detail)) + detail
+        return _VERDICT_PN.pack(pn & _U32, index)
+    return _VERDICT_PN.pack(pn & _U32, index | _VERDICT_DETAIL) + _U16_ONE.pack(len(detail)) + detail
+
+
+def expand_pn(low: int, largest: int) -> int | None:
+    """The packet number at or below ``largest`` whose low 32 bits are ``low``; None if there is none.
+
+    A VERDICT entry carries only the low 32 bits of the pn it names. The proxy knows
+    the largest pn it sent under the entry's conn_id, and a share datagram is never
+    answered 2^32 datagrams later, so the nearest pn at or below it is the one.
+    """
+    full = (largest & ~_U32) | low
+    if full > largest:
+        full -= 1 << 32
+    return full if full >= 0 else None
 
 
 def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> bytes:
@@ -609,10 +651,10 @@ def encode_verdicts(entries: tuple[VerdictEntry, ...] | list[VerdictEntry]) -> b
         _check_u(pn, MAX_PN, "VerdictEntry.pn")
         _check_u(index, _VERDICT_INDEX, "VerdictEntry.index")
         if detail is None:
-            out += pack(pn >> 32, pn & _U32, index)
+            out += pack(pn & _U32, index)
         else:
             _check_u(len(detail), MAX_DATAGRAM_SIZE, "VerdictEntry.detail length")
-            out += pack(pn >> 32, pn & _U32, index | _VERDICT_DETAIL)
+            out += pack(pn & _U32, index | _VERDICT_DETAIL)
             out += _U16_ONE.pack(len(detail))
             out += detail
     return bytes(out)
@@ -629,7 +671,7 @@ def _decode_verdicts(data: bytes) -> Verdicts:
             raise DatagramDecodeError(DropReason.MALFORMED, f"more than {VERDICT_MAX_ENTRIES} VERDICT entries")
         if offset + _VERDICT_PN.size > end:
             raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT entry truncated")
-        high, low, flags = _VERDICT_PN.unpack_from(data, offset)
+        low, flags = _VERDICT_PN.unpack_from(data, offset)
         offset += _VERDICT_PN.size
         if flags & _VERDICT_RESERVED:
             raise DatagramDecodeError(DropReason.MALFORMED, "reserved VERDICT entry flag set")
@@ -643,5 +685,5 @@ def _decode_verdicts(data: bytes) -> Verdicts:
                 raise DatagramDecodeError(DropReason.MALFORMED, "VERDICT detail truncated")
             detail = bytes(data[offset : offset + length])
             offset += length
-        entries.append(VerdictEntry(pn=high << 32 | low, index=flags & _VERDICT_INDEX, detail=detail))
+        entries.append(VerdictEntry(pn=low, index=flags & _VERDICT_INDEX, detail=detail))
     return Verdicts(entries=tuple(entries))

@@ -17,7 +17,7 @@ until a new sample arrives.
 The RFC's bounds (min 1 s, initial 1 s) were chosen for TCP on the 1990s Internet.
 Shares are small, idempotent (the sidecar caches verdicts) and time-critical, so
 the defaults here are: min 20 ms (loopback-ish LANs still see scheduler jitter),
-initial 200 ms, max 2 s. A spurious retransmission costs one ~53-byte datagram.
+initial 200 ms, max 2 s. A spurious retransmission costs one ~51-byte datagram.
 
 Karn's rule: a sample is taken only when it is unambiguous which transmission the
 answer belongs to. On the data channel every (re)transmission gets a fresh packet
@@ -127,6 +127,11 @@ class RttEstimator:
     def min_rtt(self) -> float | None:
         """The smallest raw sample seen."""
         return self._min_rtt
+
+    @property
+    def max_rto(self) -> float:
+        """The cap of the RTO, backoff included."""
+        return self._max_rto
 
     @property
     def rto(self) -> float:

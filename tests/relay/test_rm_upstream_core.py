@@ -63,12 +63,16 @@ class FakeSidecar:
         assert plaintext is not None, "datagram does not authenticate under the session key"
         return header, decode_body(header.type, plaintext)
 
-    def start(self, *, udp: bool = True, now: float = 0.0, dead_after: float = 1000.0) -> None:
+    def start(self, *, udp: bool = True, now: float = 0.0, dead_after: float = 1000.0, max_ack_delay: float = 0.005) -> None:
         self.conn.start(now)
         hello = self.read()[0]
         assert hello["method"] == "rm.hello" and hello["params"]["version"] == 1
         result = control.HelloResult(
-            version=1, features=["udp-shares", "udp-v2"], udp_port=3334 if udp else None, dead_after=dead_after
+            version=1,
+            features=["udp-shares", "udp-v2"],
+            udp_port=3334 if udp else None,
+            dead_after=dead_after,
+            max_ack_delay=max_ack_delay,
         )
         self.send(control.encode_rm_result(1, result), now=now)
         if udp:
@@ -137,7 +141,7 @@ def test_a_share_goes_as_one_sealed_record_and_its_verdict_comes_back() -> None:
     assert body.version_bits is None and body.worker_index is None
     assert len(datagram) <= 60
     verdict = sidecar.keys.sealer.seal(Verdicts((VerdictEntry(header.pn, 0),))).data
-    assert len(verdict) == 39
+    assert len(verdict) == 37
     conn.receive_datagram(verdict, ("127.0.0.1", 3334), 0.004)
     [reply] = channel.events
     assert reply.context == "rig-id-4" and reply.accepted and reply.request_id == serial
@@ -193,6 +197,145 @@ def test_a_lost_verdict_is_asked_for_again_after_the_verdict_timeout() -> None:
     conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(header.pn, 0),))).data, ("127.0.0.1", 3334), 1.02)
     [reply] = channel.events
     assert reply.accepted and conn.statistics().pending == 0
+
+
+def _two_acknowledged_shares(conn: StratumRMConnection, sidecar: FakeSidecar):
+    channel = channel_ready(conn, sidecar)
+    pns = []
+    for nonce in ("0a029ed1", "0a029ed2"):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send()
+        pns.append(sidecar.open(datagram)[0].pn)
+    ack = Ack(ranges=(AckRange(pns[1], pns[0]),))
+    conn.receive_datagram(sidecar.keys.sealer.seal(ack).data, ("127.0.0.1", 3334), 0.001)
+    return channel, pns
+
+
+def test_a_verdict_is_not_asked_for_again_while_every_sidecar_datagram_arrives() -> None:
+    # Both shares acknowledged; the second one's verdict comes, the first one's pool is
+    # slow. Every datagram the sidecar sent arrived (no gap in its packet numbers), so
+    # no VERDICT was lost: the verdict timeout asks nothing and keeps waiting.
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel, pns = _two_acknowledged_shares(conn, sidecar)
+    conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pns[1], 0),))).data, ("127.0.0.1", 3334), 0.5)
+    conn.on_timer(1.01)
+    assert conn.datagrams_to_send() == []
+    stats = conn.statistics()
+    assert stats.verdict_queries == 0 and stats.verdict_waits == 1 and stats.pending == 1
+    conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pns[0], 0),))).data, ("127.0.0.1", 3334), 1.5)
+    assert [reply.context for reply in channel.events] == ["0a029ed2", "0a029ed1"]
+    stats = conn.statistics()
+    assert stats.pending == 0 and stats.verdict_queries == 0
+    assert stats.retransmissions_udp == stats.retransmissions_tls == 0
+
+
+def test_a_missing_sidecar_datagram_makes_the_verdict_timeout_ask_again() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    _channel, pns = _two_acknowledged_shares(conn, sidecar)
+    sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pns[0], 0),)))  # lost on the way
+    conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pns[1], 0),))).data, ("127.0.0.1", 3334), 0.5)
+    conn.on_timer(1.01)
+    [again] = conn.datagrams_to_send()
+    _header, body = sidecar.open(again)
+    assert isinstance(body, Share) and body.nonce == 0x0A029ED1
+    assert conn.statistics().verdict_queries == 1
+
+
+def test_a_verdict_lost_before_its_datagram_was_acknowledged_is_still_asked_for() -> None:
+    # Two shares in one datagram. The sidecar's VERDICT for the first is lost; the one
+    # for the second acknowledges the datagram and reveals the gap at the same moment.
+    # The lost datagram was sent after the share: it may have carried its verdict.
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    for nonce in ("0a029ed1", "0a029ed2"):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+    [datagram] = conn.datagrams_to_send(0.0)
+    pn = sidecar.open(datagram)[0].pn
+    sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 0),)))  # lost on the way
+    conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 1),))).data, ("127.0.0.1", 3334), 0.01)
+    conn.receive_datagram(sidecar.keys.sealer.seal(ProbeAck(99)).data, ("127.0.0.1", 3334), 0.5)  # heard again
+    conn.on_timer(1.02)
+    [again] = conn.datagrams_to_send(1.02)
+    body = sidecar.open(again)[1]
+    assert isinstance(body, Share) and body.nonce == 0x0A029ED1
+    assert conn.statistics().verdict_queries == 1 and [r.context for r in channel.events] == ["0a029ed2"]
+
+
+def test_the_retransmission_deadline_adds_the_announced_ack_delay_and_late_acks_raise_a_floor() -> None:
+    conn = StratumRMConnection(detect_blocks=False, initial_rto=0.1)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(max_ack_delay=0.025)
+    channel = channel_ready(conn, sidecar)
+    channel.submit(SUBMIT, context="late")
+    [first] = conn.datagrams_to_send(0.0)
+    assert conn.next_deadline() == pytest.approx(0.125)  # RTO + the sidecar's max_ack_delay (QUIC's PTO)
+    conn.on_timer(0.126)
+    [_second] = conn.datagrams_to_send(0.126)
+    assert conn.statistics().retransmissions_udp == 1
+    # The first copy was only late: its acknowledgement comes at 0.2 s. The next share
+    # gets at least twice that before it is sent again; the floor halves every 60 s.
+    pn = sidecar.open(first)[0].pn
+    conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 0),))).data, ("127.0.0.1", 3334), 0.2)
+    stats = conn.statistics()
+    assert stats.spurious_retransmissions == 1 and stats.retransmission_floor_ms == pytest.approx(400)
+    assert conn.retransmission_timeout(0.2) >= 0.4
+    conn.on_timer(60.2)
+    assert conn.statistics().retransmission_floor_ms == pytest.approx(200)
+    assert [reply.accepted for reply in channel.events] == [True]
+    # A sidecar announcing an absurd ack delay is capped.
+    conn2 = StratumRMConnection(detect_blocks=False)
+    FakeSidecar(conn2).start(max_ack_delay=1e9)
+    assert conn2.retransmission_timeout(0.0) == pytest.approx(conn2.rtt.rto + 0.2)
+
+
+def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> None:
+    # Three shares in three datagrams, then nothing from the sidecar at all (a stalled
+    # process or path): the timer sends only the oldest again, as QUIC's PTO probes.
+    conn = StratumRMConnection(detect_blocks=False, initial_rto=0.1)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    pns = []
+    for nonce in ("0a029ed1", "0a029ed2", "0a029ed3"):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send(0.001)
+        pns.append(sidecar.open(datagram)[0].pn)
+    conn.on_timer(0.2)
+    [probe] = conn.datagrams_to_send(0.2)
+    body = sidecar.open(probe)[1]
+    assert isinstance(body, Share) and body.nonce == 0x0A029ED1
+    stats = conn.statistics()
+    assert stats.retransmissions_udp == 1 and stats.probe_waits == 2
+    # The stall ends: the sidecar acknowledges the three first copies. Nothing else goes.
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[0]),))).data, ("127.0.0.1", 3334), 0.25)
+    conn.on_timer(0.9)
+    assert conn.datagrams_to_send(0.9) == []
+    stats = conn.statistics()
+    assert stats.retransmissions_udp == 1 and stats.spurious_retransmissions == 1
+
+
+def test_acknowledged_shares_of_a_silent_sidecar_ask_for_their_verdicts_one_at_a_time() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    pns = []
+    for nonce in ("0a029ed1", "0a029ed2", "0a029ed3"):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send(0.0)
+        pns.append(sidecar.open(datagram)[0].pn)
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[0]),))).data, ("127.0.0.1", 3334), 0.001)
+    conn.on_timer(1.01)  # the verdict timeout, and not a word from the sidecar since the ACK
+    [query] = conn.datagrams_to_send(1.01)
+    assert isinstance(sidecar.open(query)[1], Share)
+    stats = conn.statistics()
+    assert stats.verdict_queries == 1 and stats.probe_waits == 2 and stats.pending == 3
 
 
 def test_a_verdict_with_detail_keeps_the_pools_words_and_an_ack_covers_several_datagrams() -> None:

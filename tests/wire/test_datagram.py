@@ -73,11 +73,22 @@ def test_parse_header_needs_16_bytes() -> None:
     assert info.value.reason is DropReason.TRUNCATED
 
 
-def test_typical_share_is_21_plaintext_bytes() -> None:
+def test_typical_share_is_19_plaintext_bytes() -> None:
     raw = encode_body(TYPICAL)
-    # flags: en2 len 4 | VERSION; ids short; en2; ntime; nonce; version bits
-    assert raw == bytes.fromhex("14 0003 1a2b 00000001 6554a2c1 b2957c02 00c00000")
+    # flags: en2 len 4 | VERSION | VERSION16; ids short; en2; ntime; nonce; version bits >> 13
+    assert raw == bytes.fromhex("94 0003 1a2b 00000001 6554a2c1 b2957c02 0600")
     assert decode_body(DatagramType.SHARE, raw) == TYPICAL
+
+
+def test_version_bits_outside_bip320s_bits_take_four_bytes() -> None:
+    for bits, size in ((0x1FFFE000, 2), (0x00002000, 2), (0, 2), (0x20000000, 4), (0x00001000, 4), (0xFFFFFFFF, 4)):
+        share = Share(channel_id=1, job_handle=2, extranonce2=b"", ntime=3, nonce=4, version_bits=bits)
+        raw = encode_body(share)
+        assert len(raw) == 1 + 4 + 8 + size and bool(raw[0] & 0x80) == (size == 2)
+        assert decode_body(DatagramType.SHARE, raw) == share
+    # Decoders accept the long form of bits that would fit the short one.
+    long_form = bytes.fromhex("14 0003 1a2b 00000001 6554a2c1 b2957c02 00c00000")
+    assert decode_body(DatagramType.SHARE, long_form) == TYPICAL
 
 
 def test_share_without_version_bits_and_with_wide_ids_and_worker() -> None:
@@ -162,7 +173,7 @@ def test_encode_refuses_what_does_not_fit(body: object) -> None:
     [
         (DatagramType.SHARE, b""),
         (DatagramType.SHARE, bytes.fromhex("09 0001 0002") + bytes(9) + bytes(8)),  # en2 length 9
-        (DatagramType.SHARE, bytes.fromhex("84 0001 0002 00000000") + bytes(8)),  # reserved bit
+        (DatagramType.SHARE, bytes.fromhex("84 0001 0002 00000000") + bytes(8)),  # VERSION16 without VERSION
         (DatagramType.SHARE, encode_body(TYPICAL)[:-1]),
         (DatagramType.SHARE, encode_body(TYPICAL) + b"\x00"),
         (DatagramType.SHARE_BATCH, b""),
@@ -219,22 +230,37 @@ def test_verdict_round_trip_and_sizes() -> None:
     detail = b'{"result":false,"error":[23,"Low difficulty share",null]}'
     body = Verdicts(entries=(VerdictEntry(pn=(1 << 48) - 1, index=31), VerdictEntry(pn=5, index=0, detail=detail)))
     plaintext = encode_body(body)
-    assert len(plaintext) == verdict_entry_size(None) + verdict_entry_size(detail) == 7 + 9 + len(detail)
-    assert decode_body(DatagramType.VERDICT, plaintext) == body
-    # A lone plain accept: 7 plaintext bytes, a 39-byte datagram.
-    assert len(encode_body(Verdicts((VerdictEntry(7),)))) == 7
+    assert len(plaintext) == verdict_entry_size(None) + verdict_entry_size(detail) == 5 + 7 + len(detail)
+    # Only the low 32 bits of each pn travel; the proxy restores the rest (expand_pn).
+    assert decode_body(DatagramType.VERDICT, plaintext) == Verdicts(
+        entries=(VerdictEntry(pn=0xFFFF_FFFF, index=31), VerdictEntry(pn=5, index=0, detail=detail))
+    )
+    # A lone plain accept: 5 plaintext bytes, a 37-byte datagram.
+    assert len(encode_body(Verdicts((VerdictEntry(7),)))) == 5
+
+
+def test_a_verdict_pn_is_restored_at_or_below_the_largest_sent() -> None:
+    from bridge.wire.datagram import expand_pn
+
+    assert expand_pn(5, 9) == 5
+    assert expand_pn(9, 9) == 9
+    assert expand_pn(10, 9) is None  # above everything sent, and no earlier wrap
+    big = (7 << 32) | 3
+    assert expand_pn(3, big) == big
+    assert expand_pn(0xFFFF_FFFF, big) == (6 << 32) | 0xFFFF_FFFF  # sent just before the low bits wrapped
+    assert expand_pn(2, big) == (7 << 32) | 2
 
 
 @pytest.mark.parametrize(
     ("plaintext", "why"),
     [
         ("", "no entries"),
-        ("00000000000100" * 65, "over 64 entries"),
-        ("000000000001", "entry truncated"),
-        ("00000000000180", "reserved flag"),
-        ("0000000000014000", "detail length truncated"),
-        ("000000000001400005aa", "detail truncated"),
-        ("00000000000100ff", "trailing byte"),
+        ("0000000100" * 65, "over 64 entries"),
+        ("00000001", "entry truncated"),
+        ("0000000180", "reserved flag"),
+        ("000000014000", "detail length truncated"),
+        ("00000001400005aa", "detail truncated"),
+        ("0000000100ff", "trailing byte"),
     ],
 )
 def test_verdict_malformed(plaintext: str, why: str) -> None:
