@@ -426,6 +426,6 @@ class StratumRMLink:
                 # A late timer (this process was descheduled) first reads what already
                 # arrived: the acknowledgement it is about to give up on may be waiting.
                 read_pending(self._udp_twin, self._datagram_reader(connection), DATAGRAM_SIZE, now, set())
-            connection.on_timer(now)
+            connection.on_timer(now, deadline)  # late by now - deadline: this process's lag, not the sidecar's silence
             self._deliver()
         self._stepped()

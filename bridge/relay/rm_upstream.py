@@ -405,6 +405,8 @@ class StratumRMConnection:
         self._probe_id = 0
         self._last_sent = 0.0
         self._last_received = 0.0
+        self._excused = 0.0  # seconds this process could not read since _excused_for (see on_timer)
+        self._excused_for = 0.0  # the _last_received they count for
         self._now = 0.0
         self._randbits = randbits
         # statistics
@@ -941,22 +943,42 @@ class StratumRMConnection:
             candidates.append(timeline[0][0])
         if self.hello is not None:
             candidates.append(self._last_sent + self.hello.heartbeat)
-            candidates.append(self._last_received + self.hello.dead_after)
+            candidates.append(self.silent_deadline())
         return min(candidates) if candidates else None
 
     def silent_deadline(self) -> float:
-        """When the sidecar counts as silent unless something is heard from it."""
-        return self._last_received + self.hello.dead_after if self.hello is not None else math.inf
+        """When the sidecar counts as silent unless something is heard from it: ``dead_after``
+        after its last word, plus the time this process's own loop was late since (at most
+        ``dead_after`` more)."""
+        if self.hello is None:
+            return math.inf
+        excused = self._excused if self._excused_for == self._last_received else 0.0
+        return self._last_received + self.hello.dead_after + excused
+
+    def _late(self, due: float, now: float, limit: float) -> None:
+        """The timer meant for ``due`` ran at ``now``: this process's loop had no turn for the
+        sidecar's bytes in between (it was busy or descheduled), so that time is not the
+        sidecar's silence. Only time after its last word counts, and at most ``limit`` in all:
+        a loop that is always late still finds a dead sidecar within twice ``dead_after``."""
+        if self._excused_for != self._last_received:
+            self._excused_for = self._last_received
+            self._excused = 0.0
+        late = now - max(due, self._last_received)
+        if late > 0:
+            self._excused = min(self._excused + late, limit)
 
     def input_waiting(self, now: float) -> None:
         """The transport holds unread bytes from the sidecar: it spoke, this side is behind."""
         self._last_received = max(self._last_received, now)
 
-    def on_timer(self, now: float) -> None:
+    def on_timer(self, now: float, due: float | None = None) -> None:
+        """The deadline ``due`` (what :meth:`next_deadline` gave; None: not known) came; it is ``now``."""
         self._now = now
         hello = self.hello
         if hello is not None:
-            if now >= self._last_received + hello.dead_after:  # the sum next_deadline() gave
+            if due is not None:
+                self._late(due, now, hello.dead_after)
+            if now >= self.silent_deadline():  # the sum next_deadline() gave
                 self._fail(f"sidecar silent for {hello.dead_after:g} s")
                 return
             if now >= self._last_sent + hello.heartbeat:

@@ -538,3 +538,54 @@ def test_a_sidecar_whose_bytes_wait_unread_is_busy_not_silent() -> None:
     assert conn.close_reason is None and conn.silent_deadline() == due + 5.0
     conn.on_timer(due + 5.0)
     assert conn.close_reason and "silent" in conn.close_reason
+
+
+def test_time_this_process_was_too_busy_to_read_is_not_the_sidecars_silence() -> None:
+    # dead_after 5 s; the sidecar's last word was at 0. The proxy's loop is starved (a mass
+    # connect): its timer, due at 4 s, runs at 7 s. The sidecar's bytes could not have been
+    # read in those 3 s, so they do not count: the sidecar is silent only at 5 + 3 = 8 s.
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(udp=False, dead_after=5.0)
+    conn.on_timer(7.0, due=4.0)
+    assert conn.close_reason is None
+    assert conn.silent_deadline() == pytest.approx(8.0)
+    conn.on_timer(8.0, due=8.0)
+    assert conn.close_reason == "sidecar silent for 5 s"
+    # The same late timer judged on the sidecar's clock alone (no due: nothing known) is silence.
+    plain = StratumRMConnection(detect_blocks=False)
+    FakeSidecar(plain).start(udp=False, dead_after=5.0)
+    plain.on_timer(7.0)
+    assert plain.close_reason == "sidecar silent for 5 s"
+
+
+@pytest.mark.parametrize("late", [0.5, 3.0])
+def test_a_loop_that_is_always_late_still_finds_a_dead_sidecar_within_twice_dead_after(late: float) -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(udp=False, dead_after=5.0)
+    now = 0.0
+    while conn.close_reason is None:
+        due = conn.next_deadline()
+        assert due is not None
+        now = due + late  # every timer late, for ever (and the sidecar dead)
+        conn.on_timer(now, due=due)
+        conn.data_to_send()  # the heartbeat rm.ping goes out
+        assert now <= 2 * 5.0 + late
+    assert conn.close_reason == "sidecar silent for 5 s"
+    # Late by a third of the time: a third is excused (7.5 s); late by more than it waits: capped (10 s).
+    assert now >= {0.5: 7.5, 3.0: 10.0}[late]
+
+
+def test_lateness_counts_only_since_the_sidecars_last_word() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(udp=False, dead_after=5.0)
+    conn.on_timer(3.0, due=1.0)  # 2 s late before the sidecar spoke again
+    assert conn.silent_deadline() == pytest.approx(7.0)
+    sidecar.send(control.encode_rm("rm.ping", control.Ping(t=3.5)), now=3.5)
+    assert conn.silent_deadline() == pytest.approx(8.5)  # a fresh 5 s: the old lateness is spent
+    conn.on_timer(5.0, due=3.0)  # due before the word at 3.5: only the 1.5 s after it counts
+    assert conn.silent_deadline() == pytest.approx(10.0)
+    conn.on_timer(10.0, due=10.0)
+    assert conn.close_reason == "sidecar silent for 5 s"
