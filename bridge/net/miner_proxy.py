@@ -50,7 +50,7 @@ from bridge.net.admission import (
 )
 from bridge.net.containment import Containment
 from bridge.net.listen import Pending, serve_admitted
-from bridge.net.rm_upstream import StratumRMLink
+from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.tcp import (
     close_quietly,
     describe_error,
@@ -570,23 +570,35 @@ class MinerProxy:
 
 
 class _LegTask:
-    __slots__ = ("closed", "scope", "session", "upstream")
+    """One upstream session of a rig: opening (``session`` None), then open."""
 
-    def __init__(self, session: Session, upstream: Upstream) -> None:
-        self.session = session
+    __slots__ = ("closed", "leg", "scope", "session", "upstream")
+
+    def __init__(self, leg: int, upstream: Upstream) -> None:
+        self.leg = leg
         self.upstream = upstream
+        self.session: Session | None = None
         self.closed = False
         self.scope = trio.CancelScope()
 
 
 class _RigConnection:
-    """The tasks and buffers of one rig connection; the core decides, this moves bytes."""
+    """One rig connection: the core decides, this moves bytes.
+
+    One task per rig (the connection's own, in :meth:`run`) reads the rig, feeds the
+    core, sends what the core wrote to the rig and flushes the rig's upstream sessions.
+    Anything else that has work for the rig (a StratumRM channel's events, writes
+    caused by the timer, the probe or another rig) wakes that task: it is cancelled
+    out of its wait to read (:meth:`_wake`), never out of a send. A StratumRM session
+    needs no task (the link's reader hands its events over through the handle's
+    listener); opening a session and reading a plain SV1 pool connection run in the
+    proxy's nursery, under the rig's containment, cancelled when the rig ends.
+    """
 
     __slots__ = (
-        "_done",
-        "_flush_lock",
-        "_flushing",
-        "_nursery",
+        "_reading",
+        "_ready_legs",
+        "_scope",
         "channel",
         "close_reason",
         "connected_at",
@@ -619,10 +631,9 @@ class _RigConnection:
         self.outbox = bytearray()
         self.dirty_legs: set[int] = set()
         self.close_reason: str | None = None
-        self._flush_lock = trio.Lock()
-        self._flushing = False
-        self._done = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        self._ready_legs: list[int] | None = None  # StratumRM legs with events to take
+        self._scope: trio.CancelScope | None = None  # around the task's wait or send in progress
+        self._reading = False
         self.connected_at = datetime.now(UTC)
 
     def status(self) -> RigStatus:
@@ -638,41 +649,81 @@ class _RigConnection:
 
     async def run(self) -> str:
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._read_rig)
-                await self._done.wait()
-                nursery.cancel_scope.cancel()
+            await self._serve()
             # Deliver the last answers (errors for unconfirmed shares) before closing.
             with trio.move_on_after(2):
                 await self.flush()
         finally:
-            self._nursery = None
-            for task in list(self.legs.values()):
-                await task.session.aclose()
+            self._scope = None
+            legs = list(self.legs.values())
             self.legs.clear()
+            for task in legs:
+                task.closed = True
+                task.scope.cancel()
+            for task in legs:
+                if task.session is not None:
+                    await task.session.aclose()
         return self.close_reason or "closed"
+
+    async def _serve(self) -> None:
+        """Read the rig and do whatever else is to be done for it, until it closes."""
+        proxy = self.proxy
+        stream = self.stream
+        while self.close_reason is None:
+            if self._ready_legs:
+                self._take_leg_events()
+                continue
+            scope = self._scope = trio.CancelScope()
+            if self.outbox or self.dirty_legs:
+                with scope:
+                    await self.flush()
+                continue
+            data = None
+            self._reading = True
+            try:
+                with scope:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._end(f"rig connection error: {exc}")
+                return
+            finally:
+                self._reading = False
+            if scope.cancelled_caught:
+                continue  # woken: there is something else to do first
+            if not data:
+                self._end("rig closed the connection")
+                return
+            proxy.feed(RigData(self.id, bytes(data)), self)
+
+    def _wake(self) -> None:
+        """Something for the rig's task to do: stop its wait to read (it reads again after)."""
+        scope = self._scope
+        if self._reading and scope is not None:
+            scope.cancel()
 
     # ------------------------------------------------------------ commands from the core
 
     def write(self, data: bytes, *, kick: bool = True) -> None:
-        """Queue bytes for the rig; ``kick``: start a flush (the feeding task does not flush itself)."""
+        """Queue bytes for the rig; ``kick``: wake the rig's task (the feeding task is not it)."""
         self.outbox += data
         if len(self.outbox) > MAX_RIG_BACKLOG:
             self.outbox.clear()
             self._end(f"rig does not read: more than {MAX_RIG_BACKLOG} bytes waiting for it")
             return
         if kick:
-            self._kick()
+            self._wake()
 
     def flush_leg(self, leg: int, *, kick: bool = True) -> None:
         self.dirty_legs.add(leg)
         if kick:
-            self._kick()
+            self._wake()
 
     def open_leg(self, leg: int, upstream: Upstream) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(self._run_leg, leg, upstream)
+        nursery = self.proxy._nursery
+        if nursery is not None and self.close_reason is None:
+            task = _LegTask(leg, upstream)
+            self.legs[leg] = task
+            nursery.start_soon(self._run_leg, task)
 
     def close_leg(self, leg: int) -> None:
         task = self.legs.pop(leg, None)
@@ -681,14 +732,21 @@ class _RigConnection:
             return
         task.closed = True
         task.scope.cancel()
-        if self._nursery is not None:
-            self._nursery.start_soon(task.session.aclose)
+        session = task.session
+        if session is not None:
+            if isinstance(session, RMUpstreamHandle):
+                session.listener = None
+                session.link.close_channel(session)
+            elif self.proxy._nursery is not None:
+                self.proxy._nursery.start_soon(session.aclose)
 
     def finish(self, reason: str) -> None:
         """The core closed the rig (``CloseRig``): flush what is queued, then close."""
         if self.close_reason is None:
             self.close_reason = reason
-        self._done.set()
+        scope = self._scope
+        if scope is not None:
+            scope.cancel()  # out of a wait or a stuck send; run() flushes what is left
 
     def established(self) -> None:
         if self.pending is not None:
@@ -700,90 +758,105 @@ class _RigConnection:
         self.proxy.feed(RigClosed(self.id, reason))
         self.finish(reason)  # if the core had forgotten the rig already
 
-    def _kick(self) -> None:
-        if not self._flushing and self._nursery is not None:
-            self._flushing = True
-            self._nursery.start_soon(self._flush_soon)
-
-    async def _flush_soon(self) -> None:
-        self._flushing = False
-        await self.flush()
-
     async def flush(self) -> None:
-        """Send what is queued for the rig and flush the legs the core wrote to."""
-        async with self._flush_lock:
-            while self.outbox or self.dirty_legs:
-                legs, self.dirty_legs = self.dirty_legs, set()
-                if self.outbox:
-                    data = bytes(self.outbox)
-                    try:
-                        await self.stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        self.outbox.clear()
-                        self._end(f"write failed: {exc}")
-                        return
-                    except trio.Cancelled:
-                        # The connection is closing (CloseRig): what was not sent is sent by
-                        # the last flush, after the writes this flush took.
-                        self.dirty_legs |= legs
-                        raise
-                    del self.outbox[: len(data)]
-                for leg in legs:
-                    task = self.legs.get(leg)
-                    if task is None:
-                        continue
-                    try:
-                        await task.session.flush()
-                    except NETWORK_ERRORS:
-                        pass  # its reader sees the failure
+        """Send what is queued for the rig and flush the legs the core wrote to (the rig's task only)."""
+        while self.outbox or self.dirty_legs:
+            legs, self.dirty_legs = self.dirty_legs, set()
+            if self.outbox:
+                data = bytes(self.outbox)
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self.outbox.clear()
+                    self._end(f"write failed: {exc}")
+                    return
+                except trio.Cancelled:
+                    # The connection is closing (CloseRig): what was not sent is sent by
+                    # the last flush, after the writes this flush took.
+                    self.dirty_legs |= legs
+                    raise
+                del self.outbox[: len(data)]
+            for leg in legs:
+                task = self.legs.get(leg)
+                if task is None or task.session is None:
+                    continue
+                try:
+                    await task.session.flush()
+                except NETWORK_ERRORS:
+                    pass  # its reader sees the failure
 
-    # ------------------------------------------------------------ tasks
+    # ------------------------------------------------------------ upstream sessions
 
-    async def _read_rig(self) -> None:
+    def _leg_ready(self, leg: int) -> None:
+        """A StratumRM leg has events (called by its link's reader): the rig's task takes them."""
+        ready = self._ready_legs
+        if ready is None:
+            self._ready_legs = [leg]
+        elif leg not in ready:
+            ready.append(leg)
+        self._wake()
+
+    def _take_leg_events(self) -> None:
+        ready, self._ready_legs = self._ready_legs, None
         proxy = self.proxy
-        while True:
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._end(f"rig connection error: {exc}")
-                return
-            if not data:
-                self._end("rig closed the connection")
-                return
-            proxy.feed(RigData(self.id, bytes(data)), self)
-            await self.flush()
+        for leg in ready or ():
+            task = self.legs.get(leg)
+            if task is None or task.closed or not isinstance(task.session, RMUpstreamHandle):
+                continue
+            session = task.session
+            events, lost = session.take()
+            if events:
+                proxy.feed(LegEvents(self.id, leg, events), self)
+            if lost is not None and not task.closed:
+                self.legs.pop(leg, None)
+                session.listener = None
+                proxy.feed(LegLost(self.id, leg, f"pool connection error: {describe_error(ConnectionError(lost))}"), self)
+                session.link.close_channel(session)
 
-    async def _run_leg(self, leg: int, upstream: Upstream) -> None:
+    async def _run_leg(self, task: _LegTask) -> None:
+        """Open one upstream session (and read it, for a plain SV1 pool), in the proxy's nursery."""
+        with self.proxy.containment.guard(self.peer, "rig connection") as guard, task.scope:
+            await self._leg(task)
+        if guard.error is not None:
+            self._end("internal error")
+
+    async def _leg(self, task: _LegTask) -> None:
         proxy = self.proxy
+        leg = task.leg
         try:
-            session = await upstream.open_session(self.peer)
+            session = await task.upstream.open_session(self.peer)
         except NETWORK_ERRORS as exc:
-            proxy.feed(LegFailed(self.id, leg, describe_error(exc)), self)
-            await self.flush()
+            if self.legs.get(leg) is task:
+                del self.legs[leg]
+            proxy.feed(LegFailed(self.id, leg, describe_error(exc)))
             return
-        task = _LegTask(session, upstream)
-        self.legs[leg] = task
-        proxy.feed(LegOpened(self.id, leg, session.session), self)
-        await self.flush()
+        task.session = session
+        if task.closed:
+            with trio.CancelScope(shield=True):
+                await session.aclose()
+            return
+        proxy.feed(LegOpened(self.id, leg, session.session))
+        if isinstance(session, RMUpstreamHandle):
+            if not task.closed:
+                session.listener = functools.partial(self._leg_ready, leg)
+                if session.session.events or session._lost is not None:
+                    self._leg_ready(leg)
+            return  # no task: the link's reader calls the listener
         while not task.closed:
             reason = "pool closed the connection"
-            events = None
-            with task.scope:
-                try:
-                    events = await session.receive()
-                except NETWORK_ERRORS as exc:
-                    reason = f"pool connection error: {describe_error(exc)}"
+            try:
+                events = await session.receive()
+            except NETWORK_ERRORS as exc:
+                events = None
+                reason = f"pool connection error: {describe_error(exc)}"
             if task.closed:
                 return  # the core closed it (CloseLeg): close_leg closes the session
-            task.scope = trio.CancelScope()
             if events is None:
                 self.legs.pop(leg, None)
-                proxy.feed(LegLost(self.id, leg, reason), self)
+                proxy.feed(LegLost(self.id, leg, reason))
                 await session.aclose()
-                await self.flush()
                 return
-            proxy.feed(LegEvents(self.id, leg, events), self)
-            await self.flush()
+            proxy.feed(LegEvents(self.id, leg, events))
 
     def follow_goaway(self, upstream: Upstream, old: StratumRMLink) -> int:
         """Move off ``old`` (its sidecar is draining) to ``upstream``'s new link; 1 if a move began."""

@@ -54,36 +54,53 @@ DATAGRAM_SIZE = 2048
 
 
 class RMUpstreamHandle:
-    """One rig's view of the shared StratumRM connection (an upstream, like SV1Upstream)."""
+    """One rig's view of the shared StratumRM connection (an upstream, like SV1Upstream).
 
-    __slots__ = ("_lost", "_wake", "link", "session")
+    Its events come from the link's own reader. A caller either awaits :meth:`receive`,
+    or (the proxy's rig connections, which keep one task per rig) sets :attr:`listener`,
+    called whenever the channel has events, and takes them with :meth:`take`: no task
+    waits on the handle then.
+    """
+
+    __slots__ = ("_lost", "_wake", "link", "listener", "session")
 
     def __init__(self, link: StratumRMLink, channel: RMChannel) -> None:
         self.link = link
         self.session = channel
         self._wake = Wakeup()
         self._lost: str | None = None
+        self.listener: Callable[[], None] | None = None
 
     async def flush(self) -> None:
         self.link.kick()
 
     def _events_ready(self) -> None:
-        self._wake.set()
+        listener = self.listener
+        if listener is not None:
+            listener()
+        else:
+            self._wake.set()
+
+    def take(self) -> tuple[list, str | None]:
+        """The channel's events so far, and why the channel is over (None while it is not)."""
+        channel = self.session
+        events: list = []
+        if channel.events:
+            events, channel.events = channel.events, []
+            if any(type(e) is ChannelClosed for e in events):
+                closed = [e for e in events if type(e) is ChannelClosed]
+                self._lost = closed[0].reason
+                events = [e for e in events if type(e) is not ChannelClosed]
+        return events, self._lost
 
     async def receive(self) -> list | None:
         """The channel's next events; raises ConnectionError once the channel is over."""
         while True:
-            channel = self.session
-            if channel.events:
-                events, channel.events = channel.events, []
-                closed = [e for e in events if type(e) is ChannelClosed]
-                if closed:
-                    self._lost = closed[0].reason
-                    events = [e for e in events if type(e) is not ChannelClosed]
-                if events:
-                    return events
-            if self._lost is not None:
-                raise ConnectionError(self._lost)
+            events, lost = self.take()
+            if events:
+                return events
+            if lost is not None:
+                raise ConnectionError(lost)
             await self._wake.wait()
 
     async def aclose(self) -> None:
