@@ -104,7 +104,8 @@ __all__ = ["FailoverEvent", "LinkStatus", "MinerProxy", "ProxyStatistics", "RigS
 log = logging.getLogger("bridge.proxy")
 failover_log = logging.getLogger("bridge.proxy.failover")
 
-RECEIVE_SIZE = 16384
+RECEIVE_SIZE = 4096
+"""Bytes read from a rig at a time: a rig's lines are short, and large reads fragment the heap."""
 #: Bytes waiting for a rig that does not read before its connection is closed (a rig's
 #: own traffic is a few hundred bytes a second; its reader waits while its writes do).
 MAX_RIG_BACKLOG = 1 << 20
@@ -629,7 +630,7 @@ class _RigConnection:
         self.peer = peer
         self.legs: dict[int, _LegTask] = {}
         self.outbox = bytearray()
-        self.dirty_legs: set[int] = set()
+        self.dirty_legs: set[int] | None = None  # legs to flush; made when needed (an empty set is 216 B)
         self.close_reason: str | None = None
         self._ready_legs: list[int] | None = None  # StratumRM legs with events to take
         self._scope: trio.CancelScope | None = None  # around the task's wait or send in progress
@@ -648,8 +649,35 @@ class _RigConnection:
         )
 
     async def run(self) -> str:
+        """Read the rig and do whatever else is to be done for it, until it closes."""
+        proxy = self.proxy
+        stream = self.stream
         try:
-            await self._serve()
+            while self.close_reason is None:
+                if self._ready_legs:
+                    self._take_leg_events()
+                    continue
+                scope = self._scope = trio.CancelScope()
+                if self.outbox or self.dirty_legs:
+                    with scope:
+                        await self.flush()
+                    continue
+                data = None
+                self._reading = True
+                try:
+                    with scope:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._end(f"rig connection error: {exc}")
+                    break
+                finally:
+                    self._reading = False
+                if scope.cancelled_caught:
+                    continue  # woken: there is something else to do first
+                if not data:
+                    self._end("rig closed the connection")
+                    break
+                proxy.feed(RigData(self.id, bytes(data)), self)
             # Deliver the last answers (errors for unconfirmed shares) before closing.
             with trio.move_on_after(2):
                 await self.flush()
@@ -664,36 +692,6 @@ class _RigConnection:
                 if task.session is not None:
                     await task.session.aclose()
         return self.close_reason or "closed"
-
-    async def _serve(self) -> None:
-        """Read the rig and do whatever else is to be done for it, until it closes."""
-        proxy = self.proxy
-        stream = self.stream
-        while self.close_reason is None:
-            if self._ready_legs:
-                self._take_leg_events()
-                continue
-            scope = self._scope = trio.CancelScope()
-            if self.outbox or self.dirty_legs:
-                with scope:
-                    await self.flush()
-                continue
-            data = None
-            self._reading = True
-            try:
-                with scope:
-                    data = await stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._end(f"rig connection error: {exc}")
-                return
-            finally:
-                self._reading = False
-            if scope.cancelled_caught:
-                continue  # woken: there is something else to do first
-            if not data:
-                self._end("rig closed the connection")
-                return
-            proxy.feed(RigData(self.id, bytes(data)), self)
 
     def _wake(self) -> None:
         """Something for the rig's task to do: stop its wait to read (it reads again after)."""
@@ -714,7 +712,10 @@ class _RigConnection:
             self._wake()
 
     def flush_leg(self, leg: int, *, kick: bool = True) -> None:
-        self.dirty_legs.add(leg)
+        if self.dirty_legs is None:
+            self.dirty_legs = {leg}
+        else:
+            self.dirty_legs.add(leg)
         if kick:
             self._wake()
 
@@ -727,7 +728,8 @@ class _RigConnection:
 
     def close_leg(self, leg: int) -> None:
         task = self.legs.pop(leg, None)
-        self.dirty_legs.discard(leg)
+        if self.dirty_legs is not None:
+            self.dirty_legs.discard(leg)
         if task is None:
             return
         task.closed = True
@@ -761,7 +763,7 @@ class _RigConnection:
     async def flush(self) -> None:
         """Send what is queued for the rig and flush the legs the core wrote to (the rig's task only)."""
         while self.outbox or self.dirty_legs:
-            legs, self.dirty_legs = self.dirty_legs, set()
+            legs, self.dirty_legs = self.dirty_legs, None
             if self.outbox:
                 data = bytes(self.outbox)
                 try:
@@ -773,10 +775,11 @@ class _RigConnection:
                 except trio.Cancelled:
                     # The connection is closing (CloseRig): what was not sent is sent by
                     # the last flush, after the writes this flush took.
-                    self.dirty_legs |= legs
+                    if legs:
+                        self.dirty_legs = legs if self.dirty_legs is None else self.dirty_legs | legs
                     raise
                 del self.outbox[: len(data)]
-            for leg in legs:
+            for leg in legs or ():
                 task = self.legs.get(leg)
                 if task is None or task.session is None:
                     continue
