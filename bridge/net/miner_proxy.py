@@ -25,10 +25,12 @@ and counted in :meth:`MinerProxy.statistics`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
 import math
+import os
 import ssl
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -109,6 +111,7 @@ RECEIVE_SIZE = 4096
 #: Bytes waiting for a rig that does not read before its connection is closed (a rig's
 #: own traffic is a few hundred bytes a second; its reader waits while its writes do).
 MAX_RIG_BACKLOG = 1 << 20
+_CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -652,6 +655,8 @@ class _RigConnection:
         """Read the rig and do whatever else is to be done for it, until it closes."""
         proxy = self.proxy
         stream = self.stream
+        sock = stream.socket if type(stream) is trio.SocketStream else None
+        waited = False
         try:
             while self.close_reason is None:
                 if self._ready_legs:
@@ -663,17 +668,36 @@ class _RigConnection:
                         await self.flush()
                     continue
                 data = None
-                self._reading = True
                 try:
-                    with scope:
-                        data = await stream.receive_some(RECEIVE_SIZE)
+                    if sock is None:
+                        self._reading = True
+                        with scope:
+                            data = await stream.receive_some(RECEIVE_SIZE)
+                        if scope.cancelled_caught:
+                            continue  # woken: there is something else to do first
+                    else:
+                        # What receive_some does, with a short await chain while the rig
+                        # is idle (nearly always): about 1.5 KiB less per rig.
+                        try:
+                            data = os.read(sock.fileno(), RECEIVE_SIZE)
+                        except BlockingIOError:
+                            self._reading = True
+                            with scope:
+                                await trio.lowlevel.wait_readable(sock)
+                            waited = True
+                            continue  # readable, or woken: there may be something else to do first
+                        except OSError as exc:
+                            if exc.errno in _CLOSED_ERRNOS:
+                                raise trio.ClosedResourceError("this socket was already closed") from None
+                            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                        if not waited:
+                            await trio.lowlevel.cancel_shielded_checkpoint()  # a checkpoint, as receive_some is
+                        waited = False
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._end(f"rig connection error: {exc}")
                     break
                 finally:
                     self._reading = False
-                if scope.cancelled_caught:
-                    continue  # woken: there is something else to do first
                 if not data:
                     self._end("rig closed the connection")
                     break
