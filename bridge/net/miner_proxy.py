@@ -591,18 +591,20 @@ class _RigConnection:
 
     One task per rig (the connection's own, in :meth:`run`) reads the rig, feeds the
     core, sends what the core wrote to the rig and flushes the rig's upstream sessions.
-    Anything else that has work for the rig (a StratumRM channel's events, writes
-    caused by the timer, the probe or another rig) wakes that task: it is cancelled
-    out of its wait to read (:meth:`_wake`), never out of a send. A StratumRM session
-    needs no task (the link's reader hands its events over through the handle's
-    listener); opening a session and reading a plain SV1 pool connection run in the
+    What the core writes is sent at once as far as the kernel takes it (a rig's socket
+    buffer nearly always has room), whoever fed the core; only what does not fit, or a
+    plain SV1 pool connection to flush, wakes the rig's task (it is cancelled out of its
+    wait to read, never out of a send) to send it with backpressure. A StratumRM session
+    needs no task: the link's reader hands its events to :meth:`_leg_ready`, which feeds
+    the core. Opening a session and reading a plain SV1 pool connection run in the
     proxy's nursery, under the rig's containment, cancelled when the rig ends.
     """
 
     __slots__ = (
         "_reading",
-        "_ready_legs",
         "_scope",
+        "_sending",
+        "_sock",
         "channel",
         "close_reason",
         "connected_at",
@@ -635,7 +637,8 @@ class _RigConnection:
         self.outbox = bytearray()
         self.dirty_legs: set[int] | None = None  # legs to flush; made when needed (an empty set is 216 B)
         self.close_reason: str | None = None
-        self._ready_legs: list[int] | None = None  # StratumRM legs with events to take
+        self._sock = stream.socket if type(stream) is trio.SocketStream else None
+        self._sending = False  # the rig's task is in a send: nobody else writes to the socket
         self._scope: trio.CancelScope | None = None  # around the task's wait or send in progress
         self._reading = False
         self.connected_at = datetime.now(UTC)
@@ -655,21 +658,19 @@ class _RigConnection:
         """Read the rig and do whatever else is to be done for it, until it closes."""
         proxy = self.proxy
         stream = self.stream
-        sock = stream.socket if type(stream) is trio.SocketStream else None
+        sock = self._sock
         waited = False
         try:
             while self.close_reason is None:
-                if self._ready_legs:
-                    self._take_leg_events()
-                    continue
-                scope = self._scope = trio.CancelScope()
-                if self.outbox or self.dirty_legs:
+                if not self._flush_now():
+                    scope = self._scope = trio.CancelScope()
                     with scope:
                         await self.flush()
                     continue
                 data = None
                 try:
                     if sock is None:
+                        scope = self._scope = trio.CancelScope()
                         self._reading = True
                         with scope:
                             data = await stream.receive_some(RECEIVE_SIZE)
@@ -681,6 +682,7 @@ class _RigConnection:
                         try:
                             data = os.read(sock.fileno(), RECEIVE_SIZE)
                         except BlockingIOError:
+                            scope = self._scope = trio.CancelScope()
                             self._reading = True
                             with scope:
                                 await trio.lowlevel.wait_readable(sock)
@@ -733,7 +735,7 @@ class _RigConnection:
             self._end(f"rig does not read: more than {MAX_RIG_BACKLOG} bytes waiting for it")
             return
         if kick:
-            self._wake()
+            self._kick()
 
     def flush_leg(self, leg: int, *, kick: bool = True) -> None:
         if self.dirty_legs is None:
@@ -741,6 +743,11 @@ class _RigConnection:
         else:
             self.dirty_legs.add(leg)
         if kick:
+            self._kick()
+
+    def _kick(self) -> None:
+        """Written to by a task that is not the rig's: send now, or wake the rig's task to."""
+        if not self._flush_now():
             self._wake()
 
     def open_leg(self, leg: int, upstream: Upstream) -> None:
@@ -784,12 +791,38 @@ class _RigConnection:
         self.proxy.feed(RigClosed(self.id, reason))
         self.finish(reason)  # if the core had forgotten the rig already
 
+    def _flush_now(self) -> bool:
+        """Send what is queued for the rig as far as the kernel takes it without waiting, and
+        flush the StratumRM legs written to (a wake-up for their link's writer); True when
+        nothing is left for :meth:`flush` (which waits)."""
+        outbox = self.outbox
+        if outbox and not self._sending and self._sock is not None:
+            try:
+                sent = os.write(self._sock.fileno(), outbox)
+            except OSError:
+                sent = 0  # full, or broken: the send in flush() waits, or says what broke
+            del outbox[:sent]
+        legs = self.dirty_legs
+        if legs:
+            for leg in list(legs):
+                task = self.legs.get(leg)
+                session = None if task is None else task.session
+                if session is None:
+                    legs.discard(leg)
+                elif isinstance(session, RMUpstreamHandle):
+                    session.link.kick()
+                    legs.discard(leg)
+            if not legs:
+                self.dirty_legs = None
+        return not outbox and not self.dirty_legs
+
     async def flush(self) -> None:
         """Send what is queued for the rig and flush the legs the core wrote to (the rig's task only)."""
-        while self.outbox or self.dirty_legs:
+        while not self._flush_now():
             legs, self.dirty_legs = self.dirty_legs, None
             if self.outbox:
                 data = bytes(self.outbox)
+                self._sending = True
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -802,6 +835,8 @@ class _RigConnection:
                     if legs:
                         self.dirty_legs = legs if self.dirty_legs is None else self.dirty_legs | legs
                     raise
+                finally:
+                    self._sending = False
                 del self.outbox[: len(data)]
             for leg in legs or ():
                 task = self.legs.get(leg)
@@ -815,30 +850,23 @@ class _RigConnection:
     # ------------------------------------------------------------ upstream sessions
 
     def _leg_ready(self, leg: int) -> None:
-        """A StratumRM leg has events (called by its link's reader): the rig's task takes them."""
-        ready = self._ready_legs
-        if ready is None:
-            self._ready_legs = [leg]
-        elif leg not in ready:
-            ready.append(leg)
-        self._wake()
-
-    def _take_leg_events(self) -> None:
-        ready, self._ready_legs = self._ready_legs, None
+        """A StratumRM leg has events (its link's reader calls this): the core has them now."""
+        task = self.legs.get(leg)
+        if task is None or task.closed or not isinstance(task.session, RMUpstreamHandle):
+            return
+        session = task.session
         proxy = self.proxy
-        for leg in ready or ():
-            task = self.legs.get(leg)
-            if task is None or task.closed or not isinstance(task.session, RMUpstreamHandle):
-                continue
-            session = task.session
+        with proxy.containment.guard(self.peer, "rig connection") as guard:
             events, lost = session.take()
             if events:
-                proxy.feed(LegEvents(self.id, leg, events), self)
+                proxy.feed(LegEvents(self.id, leg, events))
             if lost is not None and not task.closed:
                 self.legs.pop(leg, None)
                 session.listener = None
-                proxy.feed(LegLost(self.id, leg, f"pool connection error: {describe_error(ConnectionError(lost))}"), self)
+                proxy.feed(LegLost(self.id, leg, f"pool connection error: {describe_error(ConnectionError(lost))}"))
                 session.link.close_channel(session)
+        if guard.error is not None:
+            self.finish("internal error")
 
     async def _run_leg(self, task: _LegTask) -> None:
         """Open one upstream session (and read it, for a plain SV1 pool), in the proxy's nursery."""
