@@ -30,6 +30,7 @@ import math
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -53,6 +54,22 @@ RECEIVE_SIZE = 65536
 DATAGRAM_SIZE = 2048
 
 
+class _Events(list):  # type: ignore[type-arg]
+    """A channel's event list that tells its link when it stops being empty, so the link
+    wakes the rigs with events without looking at every channel (O(rigs) per read)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: RMUpstreamHandle) -> None:
+        super().__init__()
+        self.handle = handle
+
+    def append(self, event: Any) -> None:
+        if not self:
+            self.handle.link._with_events.append(self.handle)
+        super().append(event)
+
+
 class RMUpstreamHandle:
     """One rig's view of the shared StratumRM connection (an upstream, like SV1Upstream).
 
@@ -70,6 +87,14 @@ class RMUpstreamHandle:
         self._wake = Wakeup()
         self._lost: str | None = None
         self.listener: Callable[[], None] | None = None
+        events = _Events(self)
+        if channel.events:
+            list.extend(events, channel.events)
+            link._with_events.append(self)
+        channel.events = events
+
+    def _new_events(self) -> None:
+        self.session.events = _Events(self)
 
     async def flush(self) -> None:
         self.link.kick()
@@ -86,7 +111,8 @@ class RMUpstreamHandle:
         channel = self.session
         events: list = []
         if channel.events:
-            events, channel.events = channel.events, []
+            events = channel.events
+            self._new_events()
             if any(type(e) is ChannelClosed for e in events):
                 closed = [e for e in events if type(e) is ChannelClosed]
                 self._lost = closed[0].reason
@@ -128,6 +154,7 @@ class StratumRMLink:
         self.detect_blocks = detect_blocks
         self.connection: StratumRMConnection | None = None
         self._handles: dict[int, RMUpstreamHandle] = {}
+        self._with_events: list[RMUpstreamHandle] = []  # handles whose channel's events went from none to some
         self._stream: trio.abc.Stream | None = None
         self._udp: trio.socket.SocketType | None = None
         self._udp_sender: DatagramSender | None = None
@@ -368,8 +395,10 @@ class StratumRMLink:
         if connection is not None and connection.goaway is not None and not self._goaway_reported and self.on_goaway is not None:
             self._goaway_reported = True
             self.on_goaway(self)
-        for handle in list(self._handles.values()):
-            if handle.session.events:
+        ready, self._with_events = self._with_events, []
+        handles = self._handles
+        for handle in ready:
+            if handle.session.events and handles.get(handle.session.ch) is handle:
                 handle._events_ready()
         if connection is not None:
             self.kick()
