@@ -330,14 +330,52 @@ class _Upstream:
         return self.spec.name
 
 
-class _Rig:
-    __slots__ = ("id", "moving", "retry_at", "upstream")
+class _Placement:
+    """How many rigs each upstream has and which rigs have none, kept as rigs move, so the
+    policy does not count every rig each time it looks (O(rigs) per event is O(rigs²) in a storm)."""
 
-    def __init__(self, rig_id: int, upstream: int | None) -> None:
+    __slots__ = ("counts", "orphans")
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+        self.orphans: set[int] = set()
+
+    def move(self, rig_id: int, old: int | None, new: int | None) -> None:
+        if old is None:
+            self.orphans.discard(rig_id)
+        else:
+            self.counts[old] -= 1
+        if new is None:
+            self.orphans.add(rig_id)
+        else:
+            self.counts[new] += 1
+
+
+class _Rig:
+    __slots__ = ("_upstream", "id", "moving", "placement", "retry_at")
+
+    def __init__(self, rig_id: int, upstream: int | None, placement: _Placement) -> None:
         self.id = rig_id
-        self.upstream = upstream  # where it is, or is going; None: orphaned
+        self.placement = placement
+        self._upstream: int | None = None
+        placement.orphans.add(rig_id)
+        self.upstream = upstream
         self.moving = False
         self.retry_at = 0.0
+
+    @property
+    def upstream(self) -> int | None:
+        """Where it is, or is going; None: orphaned."""
+        return self._upstream
+
+    @upstream.setter
+    def upstream(self, upstream: int | None) -> None:
+        self.placement.move(self.id, self._upstream, upstream)
+        self._upstream = upstream
+
+    def forget(self) -> None:
+        self.placement.move(self.id, self._upstream, None)
+        self.placement.orphans.discard(self.id)
 
 
 class FailoverPolicy:
@@ -349,6 +387,7 @@ class FailoverPolicy:
         self.config = config or FailoverConfig()
         self.upstreams = [_Upstream(i, spec) for i, spec in enumerate(upstreams)]
         self._rigs: dict[int, _Rig] = {}
+        self._placement = _Placement()
         self._tokens = float(self.config.switch_burst)
         self._refilled: float | None = None
         self._dirty = True
@@ -422,14 +461,14 @@ class FailoverPolicy:
             if self.config.no_upstream is NoUpstreamPolicy.DISCONNECT:
                 return None
             target = min(self.upstreams, key=lambda u: (u.spec.priority, u.index)).index
-        self._rigs[rig] = _Rig(rig, target)
+        self._add(rig, target)
         return target
 
     def attached(self, rig: int, upstream: int, now: float) -> None:
         """The rig's live session is now on ``upstream`` (first attach, or a move done)."""
         entry = self._rigs.get(rig)
         if entry is None:
-            entry = self._rigs[rig] = _Rig(rig, upstream)
+            entry = self._add(rig, upstream)
         entry.upstream = upstream
         entry.moving = False
         self._dirty = True
@@ -459,8 +498,17 @@ class FailoverPolicy:
 
     def removed(self, rig: int) -> None:
         """The rig's connection is closed."""
-        if self._rigs.pop(rig, None) is not None:
+        entry = self._rigs.pop(rig, None)
+        if entry is not None:
+            entry.forget()
             self._dirty = True
+
+    def _add(self, rig: int, upstream: int | None) -> _Rig:
+        old = self._rigs.get(rig)
+        if old is not None:
+            old.forget()
+        entry = self._rigs[rig] = _Rig(rig, upstream, self._placement)
+        return entry
 
     def upstream_of(self, rig: int) -> int | None:
         entry = self._rigs.get(rig)
@@ -520,7 +568,8 @@ class FailoverPolicy:
             and config.no_upstream is NoUpstreamPolicy.DISCONNECT  # KEEP never releases: no deadline
         ):
             deadlines.append(self._outage_since + config.no_upstream_grace)
-        retries = [rig.retry_at for rig in self._rigs.values() if rig.upstream is None and not rig.moving]
+        rigs = self._rigs
+        retries = [rigs[r].retry_at for r in self._placement.orphans if not rigs[r].moving]
         if retries:
             # due orphans wait for an eligible upstream (any change marks the policy dirty)
             due = [t for t in retries if t > now] if self._nothing_eligible else retries
@@ -693,7 +742,7 @@ class FailoverPolicy:
     # ------------------------------------------------------------------ placement
 
     def _counts(self) -> Counter[int]:
-        return Counter(rig.upstream for rig in self._rigs.values() if rig.upstream is not None)
+        return +self._placement.counts  # a copy, without the upstreams that have none
 
     @staticmethod
     def _shares(eligible: list[_Upstream], total: int) -> dict[int, int]:
@@ -738,7 +787,14 @@ class FailoverPolicy:
         rigs = self._rigs.values()
         urgent: list[tuple[_Rig, str]] = []
         gentle: list[tuple[_Rig, str]] = []
-        for rig in rigs:
+        # Look at every rig only when one may have to move: an orphan due, or rigs on an
+        # upstream that is down or not eligible (the placement counts say so without a look).
+        placement = self._placement
+        every = self._rigs
+        scan = any(not every[r].moving and every[r].retry_at <= now for r in placement.orphans) or any(
+            n > 0 and (self.upstreams[i].state is State.DOWN or i not in eligible_ids) for i, n in placement.counts.items()
+        )
+        for rig in rigs if scan else ():
             if rig.moving:
                 continue
             if rig.upstream is None:
