@@ -172,3 +172,33 @@ async def test_pool_loss_behind_the_sidecar_releases_the_rig_which_comes_back(tm
         assert share_keys(miner.accepted) <= share_keys(chain.pool.accepted)
         assert share_keys(chain.pool.accepted) - share_keys(miner.accepted) <= unconfirmed
         nursery.cancel_scope.cancel()
+
+
+def _tasks_under(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
+    found = [task]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            found.extend(_tasks_under(child))
+    return found
+
+
+async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
+    """Issue 9.6 (memory per rig): the rig's connection task reads, writes and flushes; a
+    StratumRM session needs no task of its own (the link's reader hands its events over)."""
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=0.00005))
+        miners = [Miner(chain.miner_url, f"one.rig{n}", profile="cgminer") for n in range(4)]
+        for miner in miners:
+            nursery.start_soon(miner.run)
+        with trio.fail_after(60):
+            while any(not miner.accepted for miner in miners):
+                await trio.sleep(0.05)
+        assert chain.proxy._nursery is not None
+        tasks = _tasks_under(chain.proxy._nursery.parent_task)
+        rig_tasks = [task for task in tasks if task.name.endswith("serve_admitted.<locals>.run")]
+        assert len(rig_tasks) == 4
+        assert all(not task.child_nurseries for task in rig_tasks)
+        assert [task.name for task in tasks if "_RigConnection" in task.name] == []
+        for miner in miners:
+            miner.stop()
+        nursery.cancel_scope.cancel()
