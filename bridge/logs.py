@@ -66,6 +66,15 @@ def bind_connection(kind_or_id: str, *, fresh: bool = True) -> str:
     return ident
 
 
+def enter_connection(ident: str) -> contextvars.Token[str | None]:
+    """Tag the log lines of a synchronous step done for another connection (undo with :func:`leave_connection`)."""
+    return _connection.set(ident)
+
+
+def leave_connection(token: contextvars.Token[str | None]) -> None:
+    _connection.reset(token)
+
+
 def connection_id() -> str | None:
     """The id bound in this task, if any."""
     return _connection.get()

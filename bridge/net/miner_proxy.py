@@ -42,7 +42,7 @@ import trio
 from msgspec import Struct
 
 from bridge.config import UpstreamEntry, UpstreamURL
-from bridge.logs import bind_connection
+from bridge.logs import bind_connection, enter_connection, leave_connection
 from bridge.net.admission import (
     RIG_MAX_PENDING,
     RIG_MAX_PENDING_PER_SOURCE,
@@ -856,20 +856,25 @@ class _RigConnection:
             return
         session = task.session
         proxy = self.proxy
-        with proxy.containment.guard(self.peer, "rig connection") as guard:
-            events, lost = session.take()
-            if events:
-                proxy.feed(LegEvents(self.id, leg, events))
-            if lost is not None and not task.closed:
-                self.legs.pop(leg, None)
-                session.listener = None
-                proxy.feed(LegLost(self.id, leg, f"pool connection error: {describe_error(ConnectionError(lost))}"))
-                session.link.close_channel(session)
+        token = enter_connection(f"rig-{self.id}")  # its log lines are the rig's, not the link's
+        try:
+            with proxy.containment.guard(self.peer, "rig connection") as guard:
+                events, lost = session.take()
+                if events:
+                    proxy.feed(LegEvents(self.id, leg, events))
+                if lost is not None and not task.closed:
+                    self.legs.pop(leg, None)
+                    session.listener = None
+                    proxy.feed(LegLost(self.id, leg, f"pool connection error: {describe_error(ConnectionError(lost))}"))
+                    session.link.close_channel(session)
+        finally:
+            leave_connection(token)
         if guard.error is not None:
             self.finish("internal error")
 
     async def _run_leg(self, task: _LegTask) -> None:
         """Open one upstream session (and read it, for a plain SV1 pool), in the proxy's nursery."""
+        bind_connection(f"rig-{self.id}", fresh=False)
         with self.proxy.containment.guard(self.peer, "rig connection") as guard, task.scope:
             await self._leg(task)
         if guard.error is not None:
