@@ -154,6 +154,8 @@ class ConnectionStatistics(Struct, frozen=True):
     """Verdict timeouts that asked nothing: every sidecar datagram since the acknowledgement came."""
     probe_waits: int = 0
     """Expired shares not sent again because another one went as the probe to a silent sidecar."""
+    datagram_drops: dict[str, int] = {}
+    """The sidecar's datagrams this side dropped, by reason (PROTOCOL.md §6); zeros left out."""
 
 
 class _Share:
@@ -1068,6 +1070,7 @@ class StratumRMConnection:
             retransmission_floor_ms=self._floor(self._now) * 1000,
             verdict_waits=self._verdict_waits,
             probe_waits=self._probe_waits,
+            datagram_drops={reason: count for reason, count in self._receiver.statistics().dropped.items() if count},
         )
 
 
