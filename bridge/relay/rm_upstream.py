@@ -26,7 +26,8 @@ channel"). The parts that are this module's job:
   floor that late acknowledgements of copies already sent again measured. An
   unacknowledged share is sent again over UDP with a new packet number, then over
   TLS, which is reliable; when the sidecar has said nothing at all since it was
-  sent (a stall), only one share goes per expiry, as a probe. An acknowledged
+  sent, or for half the retransmission timeout (a stall), only one share goes per
+  expiry, as a probe. An acknowledged
   share whose verdict does not follow within the verdict timeout (its own
   estimator over ack→verdict delays, at least 250 ms) is sent again, so the
   sidecar answers it from its verdict cache, only when a sidecar datagram is
@@ -109,6 +110,9 @@ ACK_DELAY_LIMIT = 0.2
 #: acknowledgement time; the floor then halves every ``LATE_FLOOR_HALF_LIFE`` seconds.
 LATE_FLOOR_MARGIN = 2.0
 LATE_FLOOR_HALF_LIFE = 60.0
+#: A sidecar silent for this fraction of the retransmission timeout at a timer expiry
+#: is stalled: the expired shares send one probe, not a copy each.
+STALL_FRACTION = 0.5
 #: Bounds of the verdict timeout (acknowledged share, no verdict yet: a lost VERDICT).
 VERDICT_TIMEOUT_MIN = 0.25
 VERDICT_TIMEOUT_INITIAL = 1.0
@@ -972,6 +976,11 @@ class StratumRMConnection:
         probed = False
         waiting: list[_Share] = []
         verdict_waiting: list[_Share] = []
+        # A sidecar that has said nothing for half a retransmission timeout, with shares
+        # in flight, is stalled (descheduled, collecting garbage) or cut off, whatever
+        # it said before a share was sent: one probe finds out which.
+        quiet_since = now - self.retransmission_timeout(now) * STALL_FRACTION
+        heard = max(self._heard_at, self._last_received)
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -1000,11 +1009,12 @@ class StratumRMConnection:
                 self._verdict_queries += 1
                 overdue = True
             else:
-                if share.sent_at > self._heard_at and share.sent_at > self._last_received:
-                    # The sidecar has said nothing at all since this was sent (neither a
-                    # datagram nor a control line): a stalled peer or path, not one lost
-                    # datagram. One share goes again per expiry, as QUIC's PTO sends one
-                    # probe; the others wait for the acknowledgements the probe draws.
+                if heard < share.sent_at or heard < quiet_since:
+                    # The sidecar has said nothing at all since this was sent, or for
+                    # half a retransmission timeout (neither a datagram nor a control
+                    # line): a stalled peer or path, not one lost datagram. One share
+                    # goes again per expiry, as QUIC's PTO sends one probe; the others
+                    # wait for the acknowledgements the probe draws.
                     if probed:
                         self._probe_waits += 1
                         waiting.append(share)
