@@ -25,9 +25,9 @@ channel"). The parts that are this module's job:
   deadline adds the announced ack delay as QUIC's PTO does), never below the
   floor that late acknowledgements of copies already sent again measured. An
   unacknowledged share is sent again over UDP with a new packet number, then over
-  TLS, which is reliable; when the sidecar has said nothing at all since it was
-  sent, or for half the retransmission timeout (a stall), only one share goes per
-  expiry, as a probe. An acknowledged
+  TLS, which is reliable; without evidence of loss (no datagram sent after it was
+  acknowledged, no control line came since: a stalled or slow sidecar), only one
+  share goes per expiry, as a probe. An acknowledged
   share whose verdict does not follow within the verdict timeout (its own
   estimator over ack→verdict delays, at least 250 ms) is sent again, so the
   sidecar answers it from its verdict cache, only when a sidecar datagram is
@@ -110,9 +110,6 @@ ACK_DELAY_LIMIT = 0.2
 #: acknowledgement time; the floor then halves every ``LATE_FLOOR_HALF_LIFE`` seconds.
 LATE_FLOOR_MARGIN = 2.0
 LATE_FLOOR_HALF_LIFE = 60.0
-#: A sidecar silent for this fraction of the retransmission timeout at a timer expiry
-#: is stalled: the expired shares send one probe, not a copy each.
-STALL_FRACTION = 0.5
 #: Bounds of the verdict timeout (acknowledged share, no verdict yet: a lost VERDICT).
 VERDICT_TIMEOUT_MIN = 0.25
 VERDICT_TIMEOUT_INITIAL = 1.0
@@ -401,6 +398,7 @@ class StratumRMConnection:
         self._largest_sent: dict[int, int] = {}  # per key epoch: the pn of the newest share datagram
         self._gap_at = -math.inf
         self._heard_at = -math.inf
+        self._acked_sent_at = -math.inf  # when the newest acknowledged share datagram was sent
         self._verdict_waits = 0
         self._probe_waits = 0
         self._late_floor = 0.0
@@ -701,6 +699,8 @@ class StratumRMConnection:
         if not checked:
             self._late_copy(epoch, pn, flight, now)
         sent_at, shares = flight
+        if sent_at > self._acked_sent_at:
+            self._acked_sent_at = sent_at
         deadline = now + self.verdict_rtt.rto
         for share in shares:
             if share.settled or share.acked:
@@ -976,11 +976,10 @@ class StratumRMConnection:
         probed = False
         waiting: list[_Share] = []
         verdict_waiting: list[_Share] = []
-        # A sidecar that has said nothing for half a retransmission timeout, with shares
-        # in flight, is stalled (descheduled, collecting garbage) or cut off, whatever
-        # it said before a share was sent: one probe finds out which.
-        quiet_since = now - self.retransmission_timeout(now) * STALL_FRACTION
-        heard = max(self._heard_at, self._last_received)
+        # Loss evidence, as QUIC's (RFC 9002 §6.1): the sidecar acknowledged a datagram
+        # sent after the share's, or spoke on the control channel since it was sent.
+        acked_after = self._acked_sent_at
+        spoke_at = self._last_received
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -1009,12 +1008,13 @@ class StratumRMConnection:
                 self._verdict_queries += 1
                 overdue = True
             else:
-                if heard < share.sent_at or heard < quiet_since:
-                    # The sidecar has said nothing at all since this was sent, or for
-                    # half a retransmission timeout (neither a datagram nor a control
-                    # line): a stalled peer or path, not one lost datagram. One share
-                    # goes again per expiry, as QUIC's PTO sends one probe; the others
-                    # wait for the acknowledgements the probe draws.
+                if acked_after < share.sent_at and spoke_at < share.sent_at:
+                    # No evidence of loss: nothing sent later was acknowledged (the
+                    # sidecar reads its datagrams in order) and no control line came
+                    # since. A stalled peer (a garbage collection, a descheduled process,
+                    # a backlog) or a dead path, not one lost datagram: one share goes
+                    # again per expiry, as QUIC's PTO sends one probe; the others wait
+                    # for the acknowledgements the probe draws.
                     if probed:
                         self._probe_waits += 1
                         waiting.append(share)
