@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from bridge.bounded import BoundedMap
+
 __all__ = [
     "FORMATS",
     "JSONFormatter",
@@ -141,7 +143,8 @@ class RepeatFilter(logging.Filter):
         self.burst = burst
         self.clock = clock
         self.max_templates = max_templates
-        self._seen: dict[tuple[str, str], list[float | int]] = {}  # key -> [window start, passed, suppressed]
+        # key -> [window start, passed, suppressed]
+        self._seen: BoundedMap[tuple[str, str], list[float | int]] = BoundedMap(max_templates)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno <= logging.DEBUG:
@@ -151,8 +154,6 @@ class RepeatFilter(logging.Filter):
         state = self._seen.get(key)
         if state is None or now - state[0] >= self.window:
             suppressed = int(state[2]) if state is not None else 0
-            if state is None and len(self._seen) >= self.max_templates:
-                self._seen.pop(next(iter(self._seen)))
             self._seen[key] = [now, 1, 0]
             if suppressed:
                 record.msg = (

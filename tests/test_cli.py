@@ -15,7 +15,7 @@ def test_help_lists_every_command() -> None:
 
 
 def test_demo_runs_the_chain_and_reports_a_clean_tally() -> None:
-    done = subprocess.run([*STRATUMRM, "demo", "--duration", "6"], capture_output=True, text=True, timeout=90, check=False)
+    done = subprocess.run([*STRATUMRM, "demo", "--duration", "3"], capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "tally OK" in done.stdout and "shares submitted" in done.stdout
     for profile in ("cgminer", "cpuminer", "bfgminer", "bmminer", "bitaxe"):

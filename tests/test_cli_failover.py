@@ -12,7 +12,7 @@ def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> 
     primary_port, backup_port, proxy_port = free_port(), free_port(), free_port()
     pools = [
         subprocess.Popen(
-            [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{port}", "--difficulty", "0.0001"],
+            [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{port}", "--difficulty", "0.00002"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -236,8 +236,13 @@ class _TimestampingCore(PoolCore):
         super().submit(connection, submit, now)
 
     def judge_held(self, connection: ConnectionState, submit: Submit, now: float) -> None:
-        """Judge a submit :meth:`submit` held back."""
+        """Judge a submit :meth:`submit` held back.
+
+        Outside :meth:`receive_data`, nothing else marks the connection as having
+        output: without this the verdict waited for the connection's next job.
+        """
         super().submit(connection, submit, now)
+        self._mark_ready(connection)
 
 
 class TimestampingPool(ReferencePool):

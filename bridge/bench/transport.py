@@ -226,6 +226,12 @@ class Window:
     """Datagrams whose shares were sent again before the first copy's late acknowledgement."""
     ack_datagrams: int = 0
     """ACK datagrams of the sidecar (verdicts slower than its max_ack_delay)."""
+    verdict_queries: int = 0
+    """Of the shares sent again, those acknowledged whose verdict was late (a lost VERDICT?)."""
+    send_drops: int = 0
+    """Datagrams proxy and sidecar could not send (kernel send buffer full)."""
+    datagram_drops: dict[str, int] = field(default_factory=dict)
+    """Datagrams the sidecar (and, named ``proxy ...``, the proxy) received and dropped, by reason (PROTOCOL.md §6)."""
 
     @property
     def traffic(self) -> LinkTraffic:
@@ -336,6 +342,8 @@ class LinkReading:
     """Shares sent again because their verdict was late after their acknowledgement."""
     send_drops: int = 0
     """Datagrams proxy and sidecar could not send (kernel send buffer full)."""
+    datagram_drops: dict[str, int] = field(default_factory=dict)
+    """Datagrams the sidecar dropped, by reason."""
 
 
 class LinkMeter:
@@ -350,9 +358,12 @@ class LinkMeter:
     async def _counters(self) -> dict[str, int]:
         if self.proxy is None or self.sidecar is None:
             return {}
-        link = (await self.proxy.request("stats"))["link"] or {}
+        proxy = await self.proxy.request("stats")
+        link = proxy["link"] or {}
         sidecar = await self.sidecar.request("stats")
-        return {
+        drops = {f"drop:{reason}": count for reason, count in sidecar["sidecar"].get("datagram_drops", {}).items()}
+        drops |= {f"drop:proxy {reason}": count for reason, count in link.get("datagram_drops", {}).items()}
+        return drops | {
             "datagrams_up": link.get("datagrams_sent", 0),
             "bytes_up": link.get("datagram_bytes_sent", 0),
             "datagrams_down": sidecar["udp_datagrams_sent"],
@@ -360,7 +371,7 @@ class LinkMeter:
             "sent_again": link.get("retransmissions_udp", 0) + link.get("retransmissions_tls", 0),
             "late_copies": link.get("spurious_retransmissions", 0),
             "verdict_queries": link.get("verdict_queries", 0),
-            "send_drops": (await self.proxy.request("stats")).get("udp_send_drops", 0) + sidecar.get("udp_send_drops", 0),
+            "send_drops": proxy.get("udp_send_drops", 0) + sidecar.get("udp_send_drops", 0),
             "ack_datagrams": sidecar.get("ack_datagrams_sent", 0),
             "buffer_drops": udp_receive_buffer_errors(),
             "kernel_udp_out": udp_out_datagrams(),
@@ -388,6 +399,7 @@ class LinkMeter:
             delta.get("ack_datagrams", 0),
             delta.get("verdict_queries", 0),
             delta.get("send_drops", 0),
+            {name[5:]: count for name, count in delta.items() if name.startswith("drop:") and count},
         )
 
 
@@ -481,6 +493,11 @@ async def measure_window(
         shares_sent_again=link.shares_sent_again,
         udp_buffer_drops=link.udp_buffer_drops,
         cpu_seconds=cpu_seconds,
+        late_copies=link.late_copies,
+        ack_datagrams=link.ack_datagrams,
+        verdict_queries=link.verdict_queries,
+        send_drops=link.send_drops,
+        datagram_drops=link.datagram_drops,
     )
 
 
@@ -566,6 +583,9 @@ async def measure_closed(
         kernel_udp_datagrams=link.kernel_udp_datagrams,
         late_copies=link.late_copies,
         ack_datagrams=link.ack_datagrams,
+        verdict_queries=link.verdict_queries,
+        send_drops=link.send_drops,
+        datagram_drops=link.datagram_drops,
     )
 
 
@@ -647,12 +667,22 @@ def _describe_resends(window: Window) -> str:
     """StratumRM's retransmissions and full-buffer UDP drops in a window, if any."""
     parts = []
     if window.shares_sent_again:
-        late = f" ({window.late_copies} datagrams of them were late, not lost)" if window.late_copies else ""
+        why = []
+        if window.late_copies:
+            why.append(f"{window.late_copies} datagrams of them were late, not lost")
+        if window.verdict_queries:
+            why.append(f"{window.verdict_queries} acknowledged but their verdict late")
+        late = f" ({'; '.join(why)})" if why else ""
         parts.append(f"{window.shares_sent_again} shares sent again{late}")
     if window.ack_datagrams:
         parts.append(f"{window.ack_datagrams} ACK datagrams")
     if window.udp_buffer_drops:
         parts.append(f"{window.udp_buffer_drops} datagrams dropped on a full receive buffer")
+    if window.send_drops:
+        parts.append(f"{window.send_drops} datagrams not sent (send buffer full)")
+    if window.datagram_drops:
+        drops = ", ".join(f"{count} {reason}" for reason, count in sorted(window.datagram_drops.items()))
+        parts.append(f"datagrams dropped on receipt: {drops}")
     return "; " + ", ".join(parts) if parts else ""
 
 

@@ -43,6 +43,7 @@ from typing import Any, Self
 import trio
 from msgspec import Struct
 
+from bridge.bounded import BoundedMap
 from bridge.net.tcp import close_quietly, peer_name
 
 __all__ = ["Containment", "ContainmentStatistics", "Guard", "describe_peer"]
@@ -125,7 +126,7 @@ class Containment:
         self.errors = 0
         self.by_kind: Counter[str] = Counter()
         self.logged = 0
-        self._last_logged: dict[tuple[str, str], float] = {}
+        self._last_logged: BoundedMap[tuple[str, str], float] = BoundedMap(_MAX_TRACKED)
         self._suppressed: Counter[tuple[str, str]] = Counter()
 
     def guard(self, peer: Any, what: str) -> Guard:
@@ -160,8 +161,6 @@ class Containment:
         if last is not None and now - last < self.repeat_interval:
             self._suppressed[key] += 1
             return
-        if last is None and len(self._last_logged) >= _MAX_TRACKED:
-            self._last_logged.pop(next(iter(self._last_logged)))
         self._last_logged[key] = now
         left_out = self._suppressed.pop(key, 0)
         more = f" ({left_out} more like it in the last {self.repeat_interval:g} s not logged)" if left_out else ""

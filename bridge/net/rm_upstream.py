@@ -39,7 +39,7 @@ from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.logs import bind_connection
 from bridge.net.containment import Containment
-from bridge.net.tcp import close_quietly, describe_error, tune_stream, unread_bytes
+from bridge.net.tcp import WholeSends, close_quietly, describe_error, tune_stream, unread_bytes
 from bridge.net.udp import DatagramSender, nonblocking_twin, read_pending, receive_datagrams, tune_udp
 from bridge.net.wakeup import Wakeup
 from bridge.pki.rotation import ClientCredentials
@@ -274,10 +274,13 @@ class StratumRMLink:
         connection.start(trio.current_time())
         self.kick()
         guard = self.containment.guard(str(url), "StratumRM session")
+        # A stop must not cut a TLS record in half: the goodbye below needs an intact stream.
+        sends = WholeSends(GOODBYE_TIMEOUT)
         try:
             async with guard, trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_control, connection, stream, nursery.cancel_scope)
-                nursery.start_soon(self._write, connection, stream, nursery.cancel_scope)
+                nursery.start_soon(self._write, connection, stream, sends)
+                nursery.start_soon(sends.hurry_when_cancelled)
                 nursery.start_soon(self._timers, connection, nursery.cancel_scope)
                 with trio.move_on_after(self.connect_timeout):
                     while not connection.ready and connection.close_reason is None:
@@ -435,7 +438,7 @@ class StratumRMLink:
 
         await receive_datagrams(udp, self._datagram_reader(connection), DATAGRAM_SIZE, after_batch)
 
-    async def _write(self, connection: StratumRMConnection, stream, scope: trio.CancelScope) -> None:
+    async def _write(self, connection: StratumRMConnection, stream, sends: WholeSends) -> None:
         while True:
             await self._kick.wait()
             self._kick = trio.Event()
@@ -452,7 +455,7 @@ class StratumRMLink:
                         log.debug("UDP send error: %s", exc)
             if data:
                 try:
-                    await stream.send_all(data)
+                    await sends.send_all(stream, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     connection._fail(f"control connection error: {describe_error(exc)}")
                     self._stepped()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import socket
 import ssl
 import struct
@@ -113,6 +114,47 @@ async def open_stream(
         return stream
     assert scope.cancelled_caught
     raise OSError(f"connecting to {host}:{port} timed out after {timeout:g} s")
+
+
+class WholeSends:
+    """Sends that a cancellation does not cut in half.
+
+    A TLS stream whose ``send_all`` was cancelled midway is broken for good
+    (part of a record may have left), so it can no longer say goodbye: the peer
+    then logs a broken link for what was a normal stop. Sends made through this
+    run shielded; once the surrounding work is cancelled (:meth:`hurry`, or
+    :meth:`hurry_when_cancelled` as a task in the same nursery), an unfinished
+    send gets ``grace`` seconds more and is then cut.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._scope: trio.CancelScope | None = None
+        self._cut_at = math.inf
+
+    async def send_all(self, stream: trio.abc.SendStream, data: bytes) -> None:
+        """``stream.send_all(data)``, whole; BrokenResourceError if it was cut after :meth:`hurry`."""
+        with trio.CancelScope(shield=True, deadline=self._cut_at) as scope:
+            self._scope = scope
+            try:
+                await stream.send_all(data)
+            finally:
+                self._scope = None
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError(f"a send was still unfinished {self.grace:g} s after the stop")
+
+    def hurry(self) -> None:
+        """From now on, sends (the one under way too) end within ``grace`` seconds."""
+        self._cut_at = min(self._cut_at, trio.current_time() + self.grace)
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, self._cut_at)
+
+    async def hurry_when_cancelled(self) -> None:
+        """Sleep until cancelled, then :meth:`hurry` (run it beside the sending task)."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.hurry()
 
 
 async def close_quietly(stream: trio.abc.Stream | None) -> None:

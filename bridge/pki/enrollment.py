@@ -30,6 +30,7 @@ import re
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -160,14 +161,33 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+#: How long a process waits for another one holding the database (several sidecars may share a CA directory).
+_BUSY_SECONDS = 10.0
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    """Switch ``db`` to write-ahead logging. Two processes opening a new database at once
+    race for the switch, and SQLite answers the loser "database is locked" at once (the busy
+    timeout does not cover it), so the switch is tried again until ``_BUSY_SECONDS``."""
+    give_up = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.02)
+
+
 class EnrollmentStore:
     """Tokens (hashed) and the audit trail, in one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         # One connection, used from whichever thread the server runs the handler in (one at a time).
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_SECONDS, check_same_thread=False)
+        _enable_wal(self._db)
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS tokens (

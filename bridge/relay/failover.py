@@ -100,11 +100,12 @@ keeps StratumRM links open.
 from __future__ import annotations
 
 import enum
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 
 from msgspec import Struct
 
+from bridge.bounded import BoundedMap
 from bridge.errors import ConfigError
 
 PREVHASHES_KEPT = 32
@@ -310,7 +311,7 @@ class _Upstream:
         self.last_job: float | None = None
         self.job_since_connect = False
         self.tip: str | None = None
-        self.seen: OrderedDict[str, float] = OrderedDict()
+        self.seen: BoundedMap[str, float] = BoundedMap(PREVHASHES_KEPT)
         self.pool_down: str | None = None
         self.keepalive_at: float | None = None
         #: The first keepalive sent since ``last_rx``: silence is judged from it, so an
@@ -439,8 +440,6 @@ class FailoverPolicy:
             up.tip = prevhash
             if prevhash not in up.seen:
                 up.seen[prevhash] = now
-                while len(up.seen) > PREVHASHES_KEPT:
-                    up.seen.popitem(last=False)
         self._refresh(now)
 
     def keepalive_sent(self, upstream: int, now: float) -> None:

@@ -25,8 +25,9 @@ channel"). The parts that are this module's job:
   deadline adds the announced ack delay as QUIC's PTO does), never below the
   floor that late acknowledgements of copies already sent again measured. An
   unacknowledged share is sent again over UDP with a new packet number, then over
-  TLS, which is reliable; when the sidecar has said nothing at all since it was
-  sent (a stall), only one share goes per expiry, as a probe. An acknowledged
+  TLS, which is reliable; without evidence of loss (no datagram sent after it was
+  acknowledged, no control line came since: a stalled or slow sidecar), only one
+  share goes per expiry, as a probe. An acknowledged
   share whose verdict does not follow within the verdict timeout (its own
   estimator over ack→verdict delays, at least 250 ms) is sent again, so the
   sidecar answers it from its verdict cache, only when a sidecar datagram is
@@ -154,6 +155,8 @@ class ConnectionStatistics(Struct, frozen=True):
     """Verdict timeouts that asked nothing: every sidecar datagram since the acknowledgement came."""
     probe_waits: int = 0
     """Expired shares not sent again because another one went as the probe to a silent sidecar."""
+    datagram_drops: dict[str, int] = {}
+    """The sidecar's datagrams this side dropped, by reason (PROTOCOL.md §6); zeros left out."""
 
 
 class _Share:
@@ -395,6 +398,7 @@ class StratumRMConnection:
         self._largest_sent: dict[int, int] = {}  # per key epoch: the pn of the newest share datagram
         self._gap_at = -math.inf
         self._heard_at = -math.inf
+        self._acked_sent_at = -math.inf  # when the newest acknowledged share datagram was sent
         self._verdict_waits = 0
         self._probe_waits = 0
         self._late_floor = 0.0
@@ -697,6 +701,8 @@ class StratumRMConnection:
         if not checked:
             self._late_copy(epoch, pn, flight, now)
         sent_at, shares = flight
+        if sent_at > self._acked_sent_at:
+            self._acked_sent_at = sent_at
         deadline = now + self.verdict_rtt.rto
         for share in shares:
             if share.settled or share.acked:
@@ -992,6 +998,10 @@ class StratumRMConnection:
         probed = False
         waiting: list[_Share] = []
         verdict_waiting: list[_Share] = []
+        # Loss evidence, as QUIC's (RFC 9002 §6.1): the sidecar acknowledged a datagram
+        # sent after the share's, or spoke on the control channel since it was sent.
+        acked_after = self._acked_sent_at
+        spoke_at = self._last_received
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -1020,11 +1030,13 @@ class StratumRMConnection:
                 self._verdict_queries += 1
                 overdue = True
             else:
-                if share.sent_at > self._heard_at and share.sent_at > self._last_received:
-                    # The sidecar has said nothing at all since this was sent (neither a
-                    # datagram nor a control line): a stalled peer or path, not one lost
-                    # datagram. One share goes again per expiry, as QUIC's PTO sends one
-                    # probe; the others wait for the acknowledgements the probe draws.
+                if acked_after < share.sent_at and spoke_at < share.sent_at:
+                    # No evidence of loss: nothing sent later was acknowledged (the
+                    # sidecar reads its datagrams in order) and no control line came
+                    # since. A stalled peer (a garbage collection, a descheduled process,
+                    # a backlog) or a dead path, not one lost datagram: one share goes
+                    # again per expiry, as QUIC's PTO sends one probe; the others wait
+                    # for the acknowledgements the probe draws.
                     if probed:
                         self._probe_waits += 1
                         waiting.append(share)
@@ -1090,6 +1102,7 @@ class StratumRMConnection:
             retransmission_floor_ms=self._floor(self._now) * 1000,
             verdict_waits=self._verdict_waits,
             probe_waits=self._probe_waits,
+            datagram_drops={reason: count for reason, count in self._receiver.statistics().dropped.items() if count},
         )
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from bridge.sv1.framing import decode_json
+from bridge.wire.datagram import HEADER_SIZE
 
 __all__ = ["ByteFlipper", "Observer", "WorkerThief"]
 
@@ -185,6 +186,9 @@ class Observer:
     """
 
     captured: bytearray = field(default_factory=bytearray)
+    datagram_bodies: bytearray = field(default_factory=bytearray)
+    """What the UDP datagrams carried after their clear header (conn_id and packet
+    number, which hold small integers a small nonce can equal by chance)."""
 
     def __call__(self) -> Observer:
         return self
@@ -199,6 +203,8 @@ class Observer:
 
     def datagram(self, direction: str, data: bytes) -> bytes:
         self._keep(data)
+        if len(self.datagram_bodies) < 16 * _MAX_BUFFER:
+            self.datagram_bodies += data[HEADER_SIZE:]
         return data
 
     def _keep(self, data: bytes) -> None:

@@ -13,6 +13,7 @@ handshakes and certificates (``SidecarStatistics.refusals``) count as refusals t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["ProxyView", "RoleView", "SidecarView"]
 
 
-class RoleView:
-    """What every role's view offers the management app."""
+class RoleView(ABC):
+    """What every role's view offers the management app (a role implements the abstract methods)."""
 
     role = "role"
 
@@ -52,41 +53,43 @@ class RoleView:
         self.meter = HashrateMeter()
         self.draining = False
 
-    # -- to implement
-    def statistics(self) -> Any:
-        raise NotImplementedError
+    # -- each role implements these
+    @abstractmethod
+    def statistics(self) -> Any: ...
 
-    def warnings(self) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def warnings(self) -> list[str]: ...
 
+    @abstractmethod
     def not_ready(self) -> str:
         """Why the role cannot take work ("" when it can)."""
-        raise NotImplementedError
+        ...
 
-    def rigs(self) -> list[Rig]:
-        raise NotImplementedError
+    @abstractmethod
+    def rigs(self) -> list[Rig]: ...
 
-    def upstreams(self) -> list[Upstream]:
-        raise NotImplementedError
+    @abstractmethod
+    def upstreams(self) -> list[Upstream]: ...
 
-    def sessions(self) -> list[Session]:
-        raise NotImplementedError
+    @abstractmethod
+    def sessions(self) -> list[Session]: ...
 
-    def certificates(self) -> list[Certificate]:
-        raise NotImplementedError
+    @abstractmethod
+    def certificates(self) -> list[Certificate]: ...
 
-    def totals(self, rigs: list[Rig]) -> Totals:
-        raise NotImplementedError
+    @abstractmethod
+    def totals(self, rigs: list[Rig]) -> Totals: ...
 
     def failover_history(self) -> list[FailoverEvent]:
         return []
 
-    def role_families(self, families: Families, rigs: list[Rig]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def role_families(self, families: Families, rigs: list[Rig]) -> None: ...
 
+    @abstractmethod
     def sample(self, now: float) -> None:
         """Feed the hashrate meter (called about once a second)."""
-        raise NotImplementedError
+        ...
 
     # -- shared
     def readiness(self) -> tuple[bool, str]:

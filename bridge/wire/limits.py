@@ -17,12 +17,20 @@ them use up the budget and push the honest proxy's shares off UDP. Instead:
   authenticated first out, so the state is bounded whatever a peer sends;
 - every other source (**strangers**) shares one small bucket (``stranger_rate``,
   ``stranger_burst``). It exists for the proxy's first datagram and for NAT
-  rebinding; a flood from forged addresses only ever empties this bucket.
+  rebinding; a flood from forged addresses only ever empties this bucket;
+- a datagram that **authenticates refunds** the token it took (:meth:`TokenBucket.refund`,
+  up to ``burst``). The budget is thus spent only on datagrams that fail the AEAD,
+  and the honest peer's own datagrams pass at whatever rate it sends them: its
+  budget scales with its honest rate instead of stopping at ``rate``. The refund
+  cannot be earned by a forger: each packet number authenticates once (the replay
+  window is checked before the budget and committed after the tag), so refunds never
+  exceed the datagrams the key holder sealed.
 
 The budget is checked before the AEAD, so a flood under a valid conn_id costs at most
-``rate`` decryptions per second per trusted address plus ``stranger_rate``. What it
-cannot tell apart is a forger who spoofs the trusted address itself: that one shares
-the proxy's bucket (the shares then fall back to TLS, nothing is lost).
+``rate`` failed decryptions per second per trusted address plus ``stranger_rate``, on
+top of the peer's own datagrams. What it cannot tell apart is a forger who spoofs the
+trusted address itself: that one empties the proxy's bucket, and the honest shares
+then compete with it for the refill (they fall back to TLS, nothing is lost).
 
 :class:`AddressBudget` is the sidecar's view of where a session's proxy is, and how
 many bytes it may still send there. The rules (QUIC's RFC 9000 §8 and WireGuard's
@@ -101,6 +109,11 @@ class TokenBucket:
             return True
         return False
 
+    def refund(self, cost: float = 1.0) -> None:
+        """Give back ``cost`` tokens taken for an event that turned out to be free (never above ``burst``)."""
+        tokens = self._tokens + cost
+        self._tokens = tokens if tokens < self._burst else self._burst
+
 
 class SourceBudgets:
     """A session's decryption budgets: one bucket per trusted address, one shared by strangers."""
@@ -122,9 +135,14 @@ class SourceBudgets:
         """The trusted addresses, least recently authenticated first."""
         return tuple(self._trusted)
 
-    def take(self, address: Address, now: float) -> bool:
-        """Take a token for one decryption of a datagram from ``address``; False if over budget."""
-        return (self._trusted.get(address) or self._strangers).take(now)
+    def take(self, address: Address, now: float) -> TokenBucket | None:
+        """Take a token for one decryption of a datagram from ``address``.
+
+        Returns the bucket it came from (to :meth:`TokenBucket.refund` it when the
+        datagram authenticates), or None when that bucket is empty: over budget.
+        """
+        bucket = self._trusted.get(address) or self._strangers
+        return bucket if bucket.take(now) else None
 
     def authenticated(self, address: Address, *, newest: bool) -> None:
         """``address`` delivered an authenticated datagram (``newest``: the highest pn so far)."""

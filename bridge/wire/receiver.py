@@ -25,7 +25,8 @@ decides the drop reason (:class:`~bridge.wire.datagram.DropReason`):
     (a bucket per trusted address, one shared by strangers: see
     :class:`~bridge.wire.limits.SourceBudgets`)
 11. AEAD open, header as associated data                   -> ``bad tag``
-12. replay window commit (only now: the tag verified)
+12. refund of the token (an authenticated datagram is free), replay window commit
+    (only now: the tag verified)
 13. address learning, trust of the source, amplification credit (:mod:`bridge.wire.limits`)
 14. body decode                                            -> ``malformed``
 
@@ -83,8 +84,9 @@ __all__ = [
 
 #: Seconds the previous key epoch stays acceptable after a rekey.
 DEFAULT_GRACE: Final = 2.0
-#: Datagrams per second and burst one trusted source address of a session may make
-#: us decrypt (an address that delivered an authenticated datagram).
+#: Failed decryptions per second and burst one trusted source address of a session may
+#: cost us (an address that delivered an authenticated datagram). Datagrams that
+#: authenticate give their token back, so the peer's own rate is not limited by it.
 DEFAULT_RATE: Final = 1000.0
 DEFAULT_BURST: Final = 1000.0
 #: ... and what every other source of a session shares (first datagram, NAT rebinding).
@@ -373,7 +375,8 @@ class DatagramReceiver:
         if rejection is not None:
             reason = DropReason.REPLAYED if rejection is Rejection.REPLAYED else DropReason.TOO_OLD
             return self._drop(reason, state)
-        if not state.bucket.take(address, now):
+        charged = state.bucket.take(address, now)
+        if charged is None:
             state.rate_limited += 1
             return self._drop(DropReason.RATE_LIMITED, state)
         plaintext = opener.open(data)
@@ -381,7 +384,8 @@ class DatagramReceiver:
             state.bad_tags += 1
             return self._drop(DropReason.BAD_TAG, state)
 
-        # Authenticated from here on.
+        # Authenticated from here on: the peer's own datagram costs no budget (§6.1).
+        charged.refund()
         newest = pn > window.highest and entry.retire_at is None
         window.commit(pn)
         state.bucket.authenticated(address, newest=newest)

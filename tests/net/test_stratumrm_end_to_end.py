@@ -38,7 +38,7 @@ async def run_miners(miners: list[Miner], timeout: float) -> None:
 
 async def test_every_profile_over_stratumrm_gets_true_verdicts(tmp_path) -> None:
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=tuple(PROFILES), pool_config=PoolConfig(difficulty=0.00005))
+        chain = await start_chain(nursery, tmp_path, accounts=tuple(PROFILES), pool_config=PoolConfig(difficulty=0.00001))
         chain.pool.reject_next(2, 23)
         miners = [Miner(chain.miner_url, f"{p}.rig1", profile=p, max_shares=4) for p in PROFILES]
         await run_miners(miners, 60)

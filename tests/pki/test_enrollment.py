@@ -276,3 +276,25 @@ def test_the_dashboard_form_creates_audited_tokens_and_refuses_bad_ones(authorit
         status, _, body = service.create_token(json.dumps(bad).encode(), "operator ann")
         assert status == 400 and needle in body.decode(), body
     assert sum(entry.event == "token created" for entry in store.audit()) == 1
+
+
+def _open_store(path: str, barrier) -> None:
+    barrier.wait()
+    EnrollmentStore(path)
+
+
+def test_sidecars_sharing_a_ca_directory_open_a_new_database_at_the_same_moment(tmp_path) -> None:
+    """Several sidecars on one CA directory: the losers of the race to switch a new database
+    to WAL are told "database is locked" at once by SQLite; none may fail to start."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        path = str(tmp_path / f"enroll-{round_}.sqlite")
+        barrier = context.Barrier(3)
+        processes = [context.Process(target=_open_store, args=(path, barrier)) for _ in range(3)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(30)
+        assert [p.exitcode for p in processes] == [0, 0, 0], f"round {round_}: a process could not open the store"

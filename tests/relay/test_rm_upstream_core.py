@@ -320,6 +320,56 @@ def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> 
     assert stats.retransmissions_udp == 1 and stats.spurious_retransmissions == 1
 
 
+def test_without_evidence_of_loss_an_expiry_sends_one_probe_even_for_shares_sent_before_the_sidecar_spoke() -> None:
+    # Three shares, the first acknowledged; then the sidecar stalls (a garbage
+    # collection, a descheduled process, a backlog in its socket). The other two were
+    # sent before it last spoke, but nothing sent after them was acknowledged: one probe.
+    conn = StratumRMConnection(detect_blocks=False, initial_rto=0.1)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    pns = []
+    for index, nonce in enumerate(("0a029ed1", "0a029ed2", "0a029ed3")):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send(0.001 * (index + 1))
+        pns.append(sidecar.open(datagram)[0].pn)
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[0], pns[0]),))).data, ("127.0.0.1", 3334), 0.01)
+    conn.on_timer(0.2)
+    [probe] = conn.datagrams_to_send(0.2)
+    body = sidecar.open(probe)[1]
+    assert isinstance(body, Share) and body.nonce == 0x0A029ED2
+    stats = conn.statistics()
+    assert stats.retransmissions_udp == 1 and stats.probe_waits == 1
+    # The stall ends: both first copies are acknowledged; nothing else goes.
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[1]),))).data, ("127.0.0.1", 3334), 0.21)
+    conn.on_timer(0.9)
+    assert conn.datagrams_to_send(0.9) == []
+    assert conn.statistics().retransmissions_udp == 1
+
+
+def test_an_acknowledgement_of_a_later_datagram_is_evidence_of_loss_and_every_expired_share_goes() -> None:
+    conn = StratumRMConnection(detect_blocks=False, initial_rto=0.1)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    pns = []
+    for index, nonce in enumerate(("0a029ed1", "0a029ed2", "0a029ed3")):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send(0.001 * (index + 1))
+        pns.append(sidecar.open(datagram)[0].pn)
+    # The third datagram is acknowledged, the first two never: they were lost.
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[2]),))).data, ("127.0.0.1", 3334), 0.01)
+    conn.on_timer(0.2)
+    copies = conn.datagrams_to_send(0.2)
+    nonces = sorted(record.nonce for datagram in copies for record in _records(sidecar.open(datagram)[1]))
+    assert nonces == [0x0A029ED1, 0x0A029ED2]
+    assert conn.statistics().probe_waits == 0
+
+
+def _records(body):
+    return list(body.shares) if isinstance(body, ShareBatch) else [body]
+
+
 def test_acknowledged_shares_of_a_silent_sidecar_ask_for_their_verdicts_one_at_a_time() -> None:
     conn = StratumRMConnection(detect_blocks=False)
     sidecar = FakeSidecar(conn)

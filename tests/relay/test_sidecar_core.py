@@ -785,13 +785,26 @@ def test_hostile_datagrams_are_dropped_without_a_reply_and_counted_by_reason(rea
 def test_a_flood_over_the_rate_limit_is_dropped_before_decryption() -> None:
     harness = ready(intake=SidecarIntake(rate=10, burst=10, stranger_rate=1, stranger_burst=1))
     harness.datagram(harness.seal(harness.share(nonce=1000)))  # the stranger token: RIG is trusted now
+    for nonce in range(25):  # forged tags from the proxy's own address
+        bad = bytearray(harness.seal(harness.share(nonce=nonce)))
+        bad[20] ^= 0xFF
+        harness.datagram(bytes(bad))
+    stats = harness.session.statistics()
+    assert stats.shares_udp == 1 and stats.datagram_drops == {"bad tag": 10, "rate limited": 15}
+    harness.datagram(harness.seal(harness.share(nonce=98)))  # the bucket is empty: so is the honest one's
+    assert harness.session.statistics().datagram_drops["rate limited"] == 16
+    harness.now += 1.0
+    harness.datagram(harness.seal(harness.share(nonce=99)))
+    assert harness.session.statistics().shares_udp == 2
+
+
+def test_the_proxys_own_datagrams_are_not_rate_limited() -> None:
+    """Authenticated datagrams give their token back (§6.1): 25 at once pass a budget of 10."""
+    harness = ready(intake=SidecarIntake(rate=10, burst=10, stranger_rate=1, stranger_burst=1))
     for nonce in range(25):
         harness.datagram(harness.seal(harness.share(nonce=nonce)))
     stats = harness.session.statistics()
-    assert stats.shares_udp == 11 and stats.datagram_drops == {"rate limited": 15}
-    harness.now += 1.0
-    harness.datagram(harness.seal(harness.share(nonce=99)))
-    assert harness.session.statistics().shares_udp == 12
+    assert stats.shares_udp == 25 and stats.datagram_drops == {}
 
 
 def test_forged_datagrams_from_other_addresses_do_not_take_the_proxys_budget() -> None:
@@ -806,7 +819,7 @@ def test_forged_datagrams_from_other_addresses_do_not_take_the_proxys_budget() -
         harness.datagram(harness.seal(harness.share(nonce=2000 + nonce)))
     stats = harness.session.statistics()
     assert stats.shares_udp == 11
-    assert stats.datagram_drops == {"bad tag": 1, "rate limited": 499}  # one stranger token was left
+    assert stats.datagram_drops == {"bad tag": 2, "rate limited": 498}  # RIG's stranger token came back
     assert not harness.session.closed
 
 

@@ -85,7 +85,7 @@ def watch_the_page(url: str, screenshot: Path | None = None) -> dict[str, object
 
 async def test_the_dashboard_numbers_change_as_shares_flow(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.0001))
+        chain = await start_chain(nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.00001))
         service = ProxyService(chain.proxy)
         port = await nursery.start(service.web.serve, "127.0.0.1", 0)
         miner = Miner(chain.miner_url, "web.rig1", profile="cgminer", hashrate=400_000)

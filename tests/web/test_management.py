@@ -76,7 +76,7 @@ async def until(check: Callable[[], Any], what: str) -> None:
 
 async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> None:
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.0001))
+        chain = await start_chain(nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.00001))
         service = ProxyService(chain.proxy, metrics_per_worker=True)
         proxy_port = await nursery.start(service.web.serve, "127.0.0.1", 0)
         sidecar_web = ManagementApp(SidecarView(chain.sidecar, metrics_per_worker=True))
@@ -130,7 +130,7 @@ async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> N
 
         [rig] = await api(proxy_base, "/api/v1/rigs")
         assert rig["workers"] == ["web.rig1"] and rig["accepted"] >= accepted + 2 and rig["hashrate"] > 0
-        assert rig["difficulty"] == 0.0001 and rig["upstream"]
+        assert rig["difficulty"] == 0.00001 and rig["upstream"]
         [sidecar_rig] = await api(sidecar_base, "/api/v1/rigs")
         assert sidecar_rig["workers"] == ["web.rig1"] and sidecar_rig["accepted"] >= 3
         [upstream] = await api(proxy_base, "/api/v1/upstreams")

@@ -18,6 +18,8 @@ from bridge.wire.datagram import (
     ProbeAck,
     Share,
     ShareBatch,
+    VerdictEntry,
+    Verdicts,
     pack_header,
 )
 from bridge.wire.keys import KeyMaterial, KeySet, Role, Sealer
@@ -360,13 +362,12 @@ def test_removed_session_is_unknown() -> None:
 def test_rate_limit_drops_are_counted_and_tokens_refill_with_now() -> None:
     pair = Pair(rate=10.0, burst=5.0, stranger_rate=1.0, stranger_burst=1.0)
     pair.accepted(pair.share())  # the strangers' one token; RIG is trusted from now on
-    results = [pair.receiver.receive(pair.share(), RIG, 0.0) for _ in range(8)]
-    assert [isinstance(r, Accepted) for r in results] == [True] * 5 + [False] * 3
-    assert all(r.reason is DropReason.RATE_LIMITED for r in results[5:] if isinstance(r, Dropped))
+    forged = [pair.receiver.receive(flip(pair.share(), 300), RIG, 0.0) for _ in range(8)]
+    assert [r.reason for r in forged if isinstance(r, Dropped)] == [DropReason.BAD_TAG] * 5 + [DropReason.RATE_LIMITED] * 3
     assert pair.dropped(pair.share(), now=0.05) is DropReason.RATE_LIMITED  # half a token
     pair.accepted(pair.share(), now=0.1)
     stats = pair.receiver.statistics()
-    assert stats.dropped["rate limited"] == 4 and stats.accepted == 7
+    assert stats.dropped["rate limited"] == 4 and stats.dropped["bad tag"] == 5 and stats.accepted == 2
     assert pair.receiver.session_statistics("rig").rate_limited == 4
 
 
@@ -375,22 +376,78 @@ def test_rate_limited_datagram_can_still_arrive_later() -> None:
     pair = Pair(rate=1.0, burst=1.0, stranger_rate=1.0, stranger_burst=1.0)
     pair.accepted(pair.share())  # the strangers' token; RIG is trusted from now on
     first, second = pair.share(), pair.share()
-    pair.accepted(first)
+    pair.accepted(first)  # authenticated: its token comes back
+    assert pair.dropped(flip(pair.share(), 300)) is DropReason.BAD_TAG  # a forgery from RIG takes it
     assert pair.dropped(second) is DropReason.RATE_LIMITED
     pair.accepted(second, now=1.0)
+
+
+def test_authenticated_datagrams_give_their_token_back() -> None:
+    """The budget meters failed decryptions: the peer's own datagrams pass at any rate (§6.1)."""
+    pair = Pair(rate=1.0, burst=2.0, stranger_rate=1.0, stranger_burst=1.0)
+    for _ in range(100):  # 100 datagrams at one instant, 50 times the burst
+        pair.accepted(pair.share())
+    assert pair.dropped(flip(pair.share(), 300)) is DropReason.BAD_TAG
+    assert pair.dropped(flip(pair.share(), 300)) is DropReason.BAD_TAG  # the bucket never grew past its burst
+    assert pair.dropped(flip(pair.share(), 300)) is DropReason.RATE_LIMITED
+    replayed = pair.share()
+    pair.accepted(replayed, now=1.0)
+    for _ in range(3):  # a replay is refused before the budget: it neither takes nor refunds
+        assert pair.dropped(replayed, now=1.0) is DropReason.REPLAYED
+    assert pair.dropped(flip(pair.share(), 300), now=1.0) is DropReason.BAD_TAG
+    assert pair.dropped(flip(pair.share(), 300), now=1.0) is DropReason.RATE_LIMITED
+
+
+def test_an_honest_5000_per_second_session_loses_nothing_to_the_budget_and_a_flood_stays_capped() -> None:
+    """Default budgets (1000/s per trusted address): one second of 5,000 share datagrams
+    from the proxy's address and 5,000 VERDICTs back, interleaved with 5,000 forgeries
+    under the live conn_id from 5,000 other addresses. Before the refund, everything past
+    the burst of 1000 plus 1000/s was dropped as ``rate limited``."""
+    pair = Pair()
+    sidecar_address = ("198.51.100.1", 3334)
+    verdicts = [pair.sidecar.sealer.seal(Verdicts((VerdictEntry(pn=index),))).data for index in range(5000)]
+    for index in range(5000):
+        now = index / 5000
+        pair.accepted(pair.share(), now=now)
+        got = pair.proxy_receiver.receive(verdicts[index], sidecar_address, now)
+        assert isinstance(got, Accepted), got
+        pair.receiver.receive(flip(pair.share(), 300), ("203.0.113.66", 1000 + index), now)
+    assert pair.receiver.statistics().accepted == 5000 and pair.proxy_receiver.statistics().accepted == 5000
+    session = pair.receiver.session_statistics("rig")
+    # The flood cost at most the strangers' burst plus one second of their rate (64 + 64)
+    # decryptions; the rest was dropped before the AEAD.
+    assert session.bad_tags <= 64 + 64
+    assert session.rate_limited == 5000 - session.bad_tags
+    assert session.trusted_addresses == 1
+
+
+def test_forgeries_from_the_trusted_address_still_cost_at_most_its_rate() -> None:
+    """A forger spoofing the proxy's own address: the refunds of the honest datagrams
+    interleaved with it do not let it past the bucket's burst plus rate."""
+    pair = Pair(rate=100.0, burst=100.0, stranger_rate=1.0, stranger_burst=1.0)
+    for index in range(10_000):  # 10 s at 1000 forgeries/s, one honest datagram in ten
+        now = index / 1000
+        pair.receiver.receive(flip(pair.share(), 300), RIG, now)
+        if index % 10 == 0:
+            pair.receiver.receive(pair.share(), RIG, now)
+    session = pair.receiver.session_statistics("rig")
+    assert session.bad_tags <= 100 + 100 * 10 + 1
+    assert session.bad_tags + session.rate_limited == 10_000 + 1000 - session.accepted
 
 
 def test_each_trusted_address_has_its_own_budget_and_strangers_share_one() -> None:
     pair = Pair(rate=3.0, burst=3.0, stranger_rate=2.0, stranger_burst=2.0)
     forger = ("203.0.113.66", 9999)
-    pair.accepted(pair.share())  # RIG: one stranger token, then trusted
+    pair.accepted(pair.share())  # RIG: one stranger token (given back), then trusted
     assert pair.receiver.session_statistics("rig").trusted_addresses == 1
-    for _ in range(50):  # forged tags from elsewhere: one stranger token left, then rate limited
+    for _ in range(50):  # forged tags from elsewhere: the strangers' two tokens, then rate limited
         pair.receiver.receive(flip(pair.share(), 300), forger, 0.0)
     stats = pair.receiver.statistics()
-    assert stats.dropped["bad tag"] == 1 and stats.dropped["rate limited"] == 49
-    for _ in range(3):  # the proxy's own budget is untouched
+    assert stats.dropped["bad tag"] == 2 and stats.dropped["rate limited"] == 48
+    for _ in range(10):  # the proxy's own budget is untouched (and refunded by each)
         pair.accepted(pair.share())
+    for _ in range(3):  # forgeries from the proxy's address use up its bucket only
+        assert pair.dropped(flip(pair.share(), 300)) is DropReason.BAD_TAG
     assert pair.dropped(pair.share()) is DropReason.RATE_LIMITED
 
 
