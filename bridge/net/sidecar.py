@@ -1113,7 +1113,7 @@ class _ProxyConnection:
             if deadline is not None and now >= deadline:
                 if now >= session.silent_deadline() and unread_bytes(self.stream):
                     session.input_waiting(now)  # busy here, not a silent proxy
-                session.on_timer(now)
+                session.on_timer(now, deadline)  # late by now - deadline: this process's lag, not the proxy's silence
                 self.step()
 
     async def _send_control(self, data: bytes) -> bool:

@@ -59,6 +59,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 from bridge.errors import LineTooLong
 from bridge.mining.share import Job as MiningJob
 from bridge.mining.share import roll_version
+from bridge.relay.liveness import PeerSilence
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
 from bridge.sv1.framing import BoundedDecoder, LineBuffer, decode_json
 from bridge.sv1.messages import (
@@ -408,9 +409,7 @@ class StratumRMConnection:
         self._probe_retry = 0.1
         self._probe_id = 0
         self._last_sent = 0.0
-        self._last_received = 0.0
-        self._excused = 0.0  # seconds this process could not read since _excused_for (see on_timer)
-        self._excused_for = 0.0  # the _last_received they count for
+        self._silence = PeerSilence(math.inf)  # dead_after comes with the hello result
         self._now = 0.0
         self._randbits = randbits
         # statistics
@@ -435,7 +434,8 @@ class StratumRMConnection:
 
     def start(self, now: float) -> None:
         """Queue ``rm.hello``; call once the TLS handshake is done."""
-        self._now = self._last_received = self._last_sent = now
+        self._now = self._last_sent = now
+        self._silence.heard(now)
         hello = control.Hello(version=control.PROTOCOL_VERSION, features=list(control.FEATURES), agent=self.agent)
         self._write(control.encode_rm("rm.hello", hello, 1))
 
@@ -769,7 +769,7 @@ class StratumRMConnection:
     def receive_control(self, data: bytes, now: float) -> None:
         """Bytes from the TLS control connection. Sets :attr:`close_reason` on a fatal error."""
         self._now = now
-        self._last_received = now
+        self._silence.heard(now)
         self._control_received += len(data)
         try:
             lines = self._lines.feed(data)
@@ -863,6 +863,7 @@ class StratumRMConnection:
         if self.hello.udp_port and "udp-v2" not in self.hello.features:
             # A sidecar that only speaks data channel version 1: shares go over TLS.
             self.hello = msgspec.structs.replace(self.hello, udp_port=None)
+        self._silence.dead_after = self.hello.dead_after
         ack_delay = self.hello.max_ack_delay
         self._ack_delay = min(ack_delay, ACK_DELAY_LIMIT) if ack_delay >= 0 else MAX_ACK_DELAY
         self.ready = True
@@ -953,29 +954,13 @@ class StratumRMConnection:
         return min(candidates) if candidates else None
 
     def silent_deadline(self) -> float:
-        """When the sidecar counts as silent unless something is heard from it: ``dead_after``
-        after its last word, plus the time this process's own loop was late since (at most
-        ``dead_after`` more)."""
-        if self.hello is None:
-            return math.inf
-        excused = self._excused if self._excused_for == self._last_received else 0.0
-        return self._last_received + self.hello.dead_after + excused
-
-    def _late(self, due: float, now: float, limit: float) -> None:
-        """The timer meant for ``due`` ran at ``now``: this process's loop had no turn for the
-        sidecar's bytes in between (it was busy or descheduled), so that time is not the
-        sidecar's silence. Only time after its last word counts, and at most ``limit`` in all:
-        a loop that is always late still finds a dead sidecar within twice ``dead_after``."""
-        if self._excused_for != self._last_received:
-            self._excused_for = self._last_received
-            self._excused = 0.0
-        late = now - max(due, self._last_received)
-        if late > 0:
-            self._excused = min(self._excused + late, limit)
+        """When the sidecar counts as silent unless something is heard from it
+        (:class:`~bridge.relay.liveness.PeerSilence`: this process's own lateness is excused)."""
+        return self._silence.deadline() if self.hello is not None else math.inf
 
     def input_waiting(self, now: float) -> None:
         """The transport holds unread bytes from the sidecar: it spoke, this side is behind."""
-        self._last_received = max(self._last_received, now)
+        self._silence.heard(now)
 
     def on_timer(self, now: float, due: float | None = None) -> None:
         """The deadline ``due`` (what :meth:`next_deadline` gave; None: not known) came; it is ``now``."""
@@ -983,7 +968,7 @@ class StratumRMConnection:
         hello = self.hello
         if hello is not None:
             if due is not None:
-                self._late(due, now, hello.dead_after)
+                self._silence.timer_ran(due, now)
             if now >= self.silent_deadline():  # the sum next_deadline() gave
                 self._fail(f"sidecar silent for {hello.dead_after:g} s")
                 return
@@ -1001,7 +986,7 @@ class StratumRMConnection:
         # Loss evidence, as QUIC's (RFC 9002 §6.1): the sidecar acknowledged a datagram
         # sent after the share's, or spoke on the control channel since it was sent.
         acked_after = self._acked_sent_at
-        spoke_at = self._last_received
+        spoke_at = self._silence.last_heard
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -1021,7 +1006,7 @@ class StratumRMConnection:
                 # lost. Ask again; the sidecar answers from its verdict cache or joins
                 # the pending share. A sidecar silent since the acknowledgement (no
                 # datagram, no line) is stalled: one share asks, as a probe.
-                if share.acked_at >= self._heard_at and share.acked_at >= self._last_received:
+                if share.acked_at >= self._heard_at and share.acked_at >= self._silence.last_heard:
                     if probed:
                         self._probe_waits += 1
                         verdict_waiting.append(share)
@@ -1071,7 +1056,7 @@ class StratumRMConnection:
     @property
     def last_received(self) -> float:
         """When the sidecar last sent anything (it pings every ``heartbeat``): the link's own liveness."""
-        return self._last_received
+        return self._silence.last_heard
 
     def statistics(self) -> ConnectionStatistics:
         rtt = self.rtt

@@ -124,6 +124,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType, field
 
 from bridge import __version__
 from bridge.errors import LineTooLong
+from bridge.relay.liveness import PeerSilence
 from bridge.sv1.client import ClientSession
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
 from bridge.sv1.framing import BoundedDecoder, LineBuffer
@@ -679,7 +680,7 @@ class SidecarSession:
         self._refusals: list[Refusal] = []
         self._dirty: dict[int, None] = {}
         self._now = now
-        self._last_received = now
+        self._silence = PeerSilence(dead_after, now)
         self._last_sent = now
 
         self._channels: dict[int, _Channel] = {}
@@ -814,7 +815,7 @@ class SidecarSession:
         """When :meth:`on_timer` has something to do."""
         if self.closed:
             return None
-        deadline = self._last_received + self.dead_after
+        deadline = self._silence.deadline()
         if self.hello is not None:
             deadline = min(deadline, self._last_sent + self.heartbeat)
         for due in (self._notify_due, self._results_due, self._rekey_due, self._ack_due):
@@ -825,19 +826,23 @@ class SidecarSession:
     # ------------------------------------------------------------------ timers
 
     def silent_deadline(self) -> float:
-        """When the proxy counts as silent unless something is heard from it."""
-        return self._last_received + self.dead_after
+        """When the proxy counts as silent unless something is heard from it
+        (:class:`~bridge.relay.liveness.PeerSilence`: this process's own lateness is excused)."""
+        return self._silence.deadline()
 
     def input_waiting(self, now: float) -> None:
         """The transport holds unread bytes from the proxy: it spoke, this side is behind."""
-        self._last_received = max(self._last_received, now)
+        self._silence.heard(now)
 
-    def on_timer(self, now: float) -> None:
-        """Flush collected lines, send heartbeats, rekey, and notice a silent proxy."""
+    def on_timer(self, now: float, due: float | None = None) -> None:
+        """Flush collected lines, send heartbeats, rekey, and notice a silent proxy: the deadline
+        ``due`` (what :meth:`next_deadline` gave; None: not known) came, and it is ``now``."""
         if self.closed:
             return
         self._now = now
-        if now >= self._last_received + self.dead_after:  # the sum next_deadline() gave
+        if due is not None:
+            self._silence.timer_ran(due, now)
+        if now >= self._silence.deadline():  # the sum next_deadline() gave
             self._close(f"proxy silent for {self.dead_after:g} s (no line, no rm.pong)")
             return
         if self._notify_due is not None and now >= self._notify_due:
@@ -865,7 +870,7 @@ class SidecarSession:
         if self.closed:
             return
         self._now = now
-        self._last_received = now
+        self._silence.heard(now)
         self._control_in += len(data)
         try:
             lines = self._lines.feed(data)

@@ -982,3 +982,20 @@ def test_a_proxy_whose_bytes_wait_unread_is_busy_not_silent() -> None:
     harness.session.input_waiting(due)  # the driver saw bytes in the kernel: the sidecar is behind
     harness.session.on_timer(due)
     assert not harness.session.closed and harness.session.silent_deadline() == due + 5.0
+
+
+def test_time_the_sidecar_was_too_busy_to_read_is_not_the_proxys_silence() -> None:
+    # dead_after 5 s. The sidecar's loop is starved (10,000 rigs connecting): its timer, due
+    # 4 s after the proxy's last word, runs 7 s after it. The proxy's bytes could not have
+    # been read in those 3 s, so they do not count: the proxy is silent only after 5 + 3 s.
+    harness = ready(heartbeat=1.0, dead_after=5.0)
+    session = harness.session
+    spoke = session.silent_deadline() - 5.0
+    session.on_timer(spoke + 7.0, due=spoke + 4.0)
+    assert not session.closed and session.silent_deadline() == pytest.approx(spoke + 8.0)
+    session.on_timer(spoke + 8.0, due=spoke + 8.0)
+    assert session.close_reason == "proxy silent for 5 s (no line, no rm.pong)"
+    # The same late timer without its due time (nothing known about the lag) is silence.
+    plain = ready(heartbeat=1.0, dead_after=5.0)
+    plain.session.on_timer(plain.session.silent_deadline() + 2.0)
+    assert plain.session.closed
