@@ -2,62 +2,21 @@
 
 from __future__ import annotations
 
-import queue
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-from processes import STRATUMRM, free_port, wait_for_port
+from processes import STRATUMRM, LoggedProcess, free_port, wait_for_port
 
 from bridge.testing.pki import make_test_pki
-
-
-class Role:
-    """A stratumrm process whose log lines are collected as they come."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.process = subprocess.Popen(STRATUMRM + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self._queue.put(line.rstrip("\n"))
-
-    def wait_for(self, *needles: str, timeout: float = 60.0) -> str:
-        """The first line containing every needle (waits for it, generously)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.lines:
-                if all(needle in line for needle in needles):
-                    return line
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no line with {needles} in:\n" + "\n".join(self.lines)
-            try:
-                self.lines.append(self._queue.get(timeout=remaining))
-            except queue.Empty:
-                pass
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(timeout=30)
-        self._reader.join(timeout=30)
-        while not self._queue.empty():
-            self.lines.append(self._queue.get())
-        return "\n".join(self.lines)
 
 
 def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(tmp_path: Path) -> None:
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
     other = make_test_pki(tmp_path / "other", accounts=("alice",))
     pool_port, sidecar_port, proxy_port, wrong_port = free_port(), free_port(), free_port(), free_port()
-    roles: list[Role] = []
+    roles: list[LoggedProcess] = []
     miners: list[subprocess.Popen] = []
 
     def miner(port: int, user: str) -> None:
@@ -70,9 +29,9 @@ def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(
         )
 
     try:
-        pool = Role(["testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"])
+        pool = LoggedProcess(["testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"])
         roles.append(pool)
-        sidecar = Role(
+        sidecar = LoggedProcess(
             [
                 "sidecar",
                 "--listen",
@@ -90,7 +49,7 @@ def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(
         )
         roles.append(sidecar)
         sidecar.wait_for("sidecar listening")
-        proxy = Role(
+        proxy = LoggedProcess(
             [
                 "proxy",
                 "--listen",
@@ -102,7 +61,7 @@ def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(
             ]
         )
         roles.append(proxy)
-        wrong = Role(
+        wrong = LoggedProcess(
             [
                 "proxy",
                 "--listen",
@@ -170,7 +129,7 @@ def test_a_scanner_flood_is_five_lines_not_one_per_connection(tmp_path: Path) ->
 
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
     port, status_port = free_port(), free_port()
-    sidecar = Role(
+    sidecar = LoggedProcess(
         [
             "sidecar",
             "--listen",

@@ -39,7 +39,7 @@ from bridge.config import UpstreamURL
 from bridge.errors import PKIError
 from bridge.logs import bind_connection
 from bridge.net.containment import Containment
-from bridge.net.tcp import WholeSends, close_quietly, describe_error, tune_stream, unread_bytes
+from bridge.net.tcp import WholeSends, close_quietly, describe_error, peer_ack_age, tune_stream, unread_bytes
 from bridge.net.udp import DatagramSender, nonblocking_twin, read_pending, receive_datagrams, tune_udp
 from bridge.net.wakeup import Wakeup
 from bridge.pki.rotation import ClientCredentials
@@ -469,8 +469,11 @@ class StratumRMLink:
                 await self._timer_wake.wait()
                 continue
             now = trio.current_time()
-            if now >= connection.silent_deadline() and unread_bytes(self._stream):
-                connection.input_waiting(now)  # busy here, not a silent sidecar
+            if now >= connection.silent_deadline():
+                if unread_bytes(self._stream):
+                    connection.input_waiting(now)  # busy here, not a silent sidecar
+                elif (age := peer_ack_age(self._stream)) is not None:
+                    connection.peer_acknowledged(age, now)  # a busy sidecar still acknowledges
             if self._udp_twin is not None:
                 # A late timer (this process was descheduled) first reads what already
                 # arrived: the acknowledgement it is about to give up on may be waiting.

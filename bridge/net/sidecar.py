@@ -104,6 +104,7 @@ from bridge.net.tcp import (
     close_quietly,
     describe_error,
     open_stream,
+    peer_ack_age,
     peer_name,
     socket_of,
     tune_stream,
@@ -1111,8 +1112,11 @@ class _ProxyConnection:
                 await self._wake.wait()
             now = trio.current_time()
             if deadline is not None and now >= deadline:
-                if now >= session.silent_deadline() and unread_bytes(self.stream):
-                    session.input_waiting(now)  # busy here, not a silent proxy
+                if now >= session.silent_deadline():
+                    if unread_bytes(self.stream):
+                        session.input_waiting(now)  # busy here, not a silent proxy
+                    elif (age := peer_ack_age(self.stream)) is not None:
+                        session.peer_acknowledged(age, now)  # a busy proxy still acknowledges
                 session.on_timer(now, deadline)  # late by now - deadline: this process's lag, not the proxy's silence
                 self.step()
 

@@ -51,6 +51,32 @@ def unread_bytes(stream: trio.abc.Stream | None) -> int:
         return 0
 
 
+_TCP_INFO_LAST_ACK_RECV = 56
+"""Offset of ``tcpi_last_ack_recv`` (u32, milliseconds) in Linux's ``struct tcp_info``: eight
+one-byte fields, then ``rto ato snd_mss rcv_mss unacked sacked lost retrans fackets
+last_data_sent last_ack_sent last_data_recv``, then it."""
+
+
+def peer_ack_age(stream: trio.abc.Stream | None) -> float | None:
+    """Seconds since the peer's TCP last acknowledged anything this side sent (Linux
+    ``TCP_INFO``); None if unknown.
+
+    A liveness check asks it when the peer's process has been silent too long: a recent
+    acknowledgement means its host is up and the path works, so the process is busy,
+    not gone (a dead process resets the connection, a dead host or path stops acknowledging).
+    """
+    sock = socket_of(stream) if stream is not None else None
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LAST_ACK_RECV + 4:
+        return None
+    return struct.unpack_from("I", info, _TCP_INFO_LAST_ACK_RECV)[0] / 1000.0
+
+
 def peer_name(stream: trio.abc.Stream) -> str:
     sock = socket_of(stream)
     if sock is None:

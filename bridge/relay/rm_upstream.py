@@ -962,6 +962,12 @@ class StratumRMConnection:
         """The transport holds unread bytes from the sidecar: it spoke, this side is behind."""
         self._silence.heard(now)
 
+    def peer_acknowledged(self, age: float, now: float) -> None:
+        """The sidecar's TCP last acknowledged this side's bytes ``age`` seconds ago: recent
+        means a busy sidecar, not a gone one (:meth:`~bridge.relay.liveness.PeerSilence.acknowledged`)."""
+        if self.hello is not None:
+            self._silence.acknowledged(age, now)
+
     def on_timer(self, now: float, due: float | None = None) -> None:
         """The deadline ``due`` (what :meth:`next_deadline` gave; None: not known) came; it is ``now``."""
         self._now = now

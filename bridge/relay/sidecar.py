@@ -834,6 +834,11 @@ class SidecarSession:
         """The transport holds unread bytes from the proxy: it spoke, this side is behind."""
         self._silence.heard(now)
 
+    def peer_acknowledged(self, age: float, now: float) -> None:
+        """The proxy's TCP last acknowledged this side's bytes ``age`` seconds ago: recent
+        means a busy proxy, not a gone one (:meth:`~bridge.relay.liveness.PeerSilence.acknowledged`)."""
+        self._silence.acknowledged(age, now)
+
     def on_timer(self, now: float, due: float | None = None) -> None:
         """Flush collected lines, send heartbeats, rekey, and notice a silent proxy: the deadline
         ``due`` (what :meth:`next_deadline` gave; None: not known) came, and it is ``now``."""

@@ -639,3 +639,16 @@ def test_lateness_counts_only_since_the_sidecars_last_word() -> None:
     assert conn.silent_deadline() == pytest.approx(10.0)
     conn.on_timer(10.0, due=10.0)
     assert conn.close_reason == "sidecar silent for 5 s"
+
+
+def test_a_silent_sidecar_whose_tcp_still_acknowledges_is_busy_until_the_busy_limit() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    FakeSidecar(conn).start(udp=False, dead_after=5.0)
+    now = conn.silent_deadline()
+    while conn.close_reason is None:
+        conn.peer_acknowledged(0.3, now)  # every time: its kernel acknowledges the rm.pings
+        conn.on_timer(now, due=now)
+        conn.data_to_send()
+        now = conn.next_deadline()
+    assert conn.close_reason == "sidecar silent for 5 s"
+    assert conn.silent_deadline() == pytest.approx(30.0)  # a hung sidecar is still found

@@ -999,3 +999,17 @@ def test_time_the_sidecar_was_too_busy_to_read_is_not_the_proxys_silence() -> No
     plain = ready(heartbeat=1.0, dead_after=5.0)
     plain.session.on_timer(plain.session.silent_deadline() + 2.0)
     assert plain.session.closed
+
+
+def test_a_silent_proxy_whose_tcp_still_acknowledges_is_busy_not_gone() -> None:
+    harness = ready(heartbeat=1.0, dead_after=5.0)
+    session = harness.session
+    due = session.silent_deadline()
+    session.peer_acknowledged(0.3, due)  # the driver read TCP_INFO: the proxy's kernel answers
+    session.on_timer(due, due=due)
+    assert not session.closed and session.silent_deadline() == pytest.approx(due + 5.0)
+    gone = ready(heartbeat=1.0, dead_after=5.0)
+    deadline = gone.session.silent_deadline()
+    gone.session.peer_acknowledged(4.0, deadline)  # nothing acknowledged for 4 s: the path is gone
+    gone.session.on_timer(deadline, due=deadline)
+    assert gone.session.close_reason == "proxy silent for 5 s (no line, no rm.pong)"
