@@ -55,7 +55,7 @@ class PeerSilence:
             self.reachable(now)
 
     def reachable(self, now: float) -> None:
-        """The peer's transport acknowledged this side's bytes within ``dead_after``: its
+        """The peer's transport acknowledges this side's bytes (:meth:`acknowledged`): its
         process is busy, not gone. Silence is judged again ``dead_after`` from now, and
         ends at ``busy_limit`` after its last word at the latest."""
         self._reachable_until = max(self._reachable_until, min(now + self.dead_after, self.last_heard + self.busy_limit))
