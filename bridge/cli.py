@@ -68,7 +68,8 @@ class LazyGroup(click.Group):
     lazy_commands={
         "testpool": "bridge.testing.commands:testpool",
         "testminer": "bridge.testing.miner_command:testminer",
-        "pki": "bridge.pki.commands:pki",
+        # bridge/pki/enroll_commands.py adds token, enrollments and issue-operator to the pki group
+        "pki": "bridge.pki.enroll_commands:pki",
         "sidecar": "bridge.net.sidecar_command:sidecar",
         "bench": "bridge.bench.command:bench",
         "status": "bridge.status_command:status",
