@@ -6,7 +6,9 @@ tools: ``testpool``, ``testminer``, ``demo``, ``bench``, ``pki``, ``status``, ``
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any
 
 import click
 
@@ -30,7 +32,52 @@ def setup_logging(verbose: int, quiet: bool = False, log_format: str = "text") -
     logs.setup(verbose, quiet=quiet, log_format=log_format)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A command group whose commands named in ``lazy_commands`` are imported when first used.
+
+    ``stratumrm sidecar`` then imports the sidecar's modules, not the benchmarks' or
+    the test miner's: every process starts sooner. ``--help`` lists them all.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: command name -> "module:attribute" of its click command
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            self.load(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def load(self, name: str) -> None:
+        module, _, attribute = self.lazy_commands[name].partition(":")
+        self.add_command(getattr(importlib.import_module(module), attribute), name)
+
+    def load_all(self) -> None:
+        for name in self.lazy_commands:
+            if name not in self.commands:
+                self.load(name)
+
+
+@click.group(
+    cls=LazyGroup,
+    # Commands that live next to the code they run.
+    lazy_commands={
+        "testpool": "bridge.testing.commands:testpool",
+        "testminer": "bridge.testing.miner_command:testminer",
+        # bridge/pki/enroll_commands.py adds token, enrollments and issue-operator to the pki group
+        "pki": "bridge.pki.enroll_commands:pki",
+        "sidecar": "bridge.net.sidecar_command:sidecar",
+        "bench": "bridge.bench.command:bench",
+        "status": "bridge.status_command:status",
+        "ping": "bridge.net.ping_command:ping",
+        "config": "bridge.config_command:config",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="stratumrm")
 def cli() -> None:
     """StratumRM Bridge: secure, fast transport for Stratum V1 rigs and pools."""
@@ -53,7 +100,7 @@ _FAILOVER_DEFAULTS = {
 }
 
 
-@cli.group(invoke_without_command=True)
+@cli.group(cls=LazyGroup, lazy_commands={"enroll": "bridge.pki.enroll_commands:enroll_command"}, invoke_without_command=True)
 @click.option(
     "--config",
     "-c",
@@ -409,28 +456,11 @@ def demo(duration, miners, difficulty, hashrate, loss, verbose) -> None:
 
 
 def _register_optional() -> None:
-    """Commands that live next to the code they run."""
-    from bridge.bench.command import bench
-    from bridge.config_command import config
-    from bridge.net.ping_command import ping
-    from bridge.net.sidecar_command import sidecar
-    from bridge.pki.commands import pki
-    from bridge.pki.enroll_commands import enroll_command
-    from bridge.status_command import status
-    from bridge.testing.commands import testpool
-    from bridge.testing.miner_command import testminer
-
-    cli.add_command(testpool)
-    cli.add_command(testminer)
-    cli.add_command(pki)
-    cli.add_command(sidecar)
-    cli.add_command(bench)
-    cli.add_command(status)
-    cli.add_command(ping)
-    cli.add_command(config)
-    proxy.add_command(enroll_command)
+    """Import every command now (tests that look at every command's options)."""
+    for group in (cli, proxy):
+        assert isinstance(group, LazyGroup)
+        group.load_all()
 
 
 def main() -> None:
-    _register_optional()
     cli(prog_name="stratumrm")

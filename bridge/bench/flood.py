@@ -39,6 +39,7 @@ import click
 import msgspec
 import trio
 
+from bridge.bench.flood_workers import flood_worker, sink_worker
 from bridge.bench.measure import median, percentile, process_cpu_seconds
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
 from bridge.mining.share import Job
@@ -271,54 +272,11 @@ def forged_datagrams(kind: str, conn_id: int, captured: list[bytes], seed: int, 
     raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
 
 
-def _flood_worker(port: int, payloads: list[bytes], stop: Any, sent: Any) -> None:
-    """A child process: send ``payloads`` round and round to ``port`` until ``stop`` is set."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    address = (HOST, port)
-    sendto = sock.sendto
-    total = 0
-    while not stop.is_set():
-        for payload in payloads:
-            try:
-                sendto(payload, address)
-            except OSError:
-                pass  # a full send buffer: the datagram is lost, as on a real link
-        total += len(payloads)
-        sent.value = total
-    sock.close()
-
-
-def _sink_worker(port_out: Any, seconds: float, result: Any) -> None:
-    """A child process: read and discard datagrams for ``seconds``; report (count, CPU seconds)."""
-    import select
-    import time
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    sock.setblocking(False)
-    port_out.value = sock.getsockname()[1]
-    recvfrom = sock.recvfrom
-    while not select.select([sock], [], [], 10.0)[0]:
-        pass
-    count = 0
-    started, cpu = time.monotonic(), time.process_time()
-    while time.monotonic() - started < seconds:
-        select.select([sock], [], [], 0.1)
-        for _ in range(256):
-            try:
-                recvfrom(2048)
-            except BlockingIOError:
-                break
-            count += 1
-    result[0], result[1] = count, time.process_time() - cpu
-    sock.close()
-
-
 async def ceiling(seconds: float, seed: int) -> Window:
     """The same flood against a process that only reads: the most a Python receiver can drop."""
     context = multiprocessing.get_context("spawn")
     port, result = context.Value("i", 0), context.Array("d", 2)
-    sink = context.Process(target=_sink_worker, args=(port, seconds, result), daemon=True)
+    sink = context.Process(target=sink_worker, args=(HOST, port, seconds, result), daemon=True)
     sink.start()
     try:
         with trio.fail_after(30):
@@ -346,7 +304,7 @@ class Flooder:
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
         self._sent = context.Value("q", 0)
-        self._process = context.Process(target=_flood_worker, args=(port, payloads, self._stop, self._sent), daemon=True)
+        self._process = context.Process(target=flood_worker, args=(HOST, port, payloads, self._stop, self._sent), daemon=True)
 
     def start(self) -> None:
         self._process.start()

@@ -159,6 +159,9 @@ class Stack:
     def tls_connection(self) -> ssl.SSLSocket:
         context = self.pki.client_context()
         raw = socket.create_connection((HOST, self.sidecar_port), timeout=WAIT)
+        # as the real proxy does (bridge/net/tcp.py): else the hello after the handshake's last
+        # record waits for a delayed ACK, some 40 ms an example
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return context.wrap_socket(raw, server_hostname=HOST)
 
     def wait_sidecar_settled(self, sessions_total: int) -> None:

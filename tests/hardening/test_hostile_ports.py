@@ -154,8 +154,6 @@ REPORTED_LINE = b'{"id":1,"method":"mining.subscribe","params":' + b"[" * 1000 +
 @example(data=REPORTED_LINE)
 def test_miner_port(stack: Stack, data: bytes) -> None:
     before = stack.contained_errors()
-    print("EX", len(data), data.count(b"["), data.count(b"{"), data.count(b"\n"), data[:60])
-    print("EX", len(data), data.count(b"["), data.count(b"\n"), stack.contained_errors())
     send_and_read_until_closed(stack.proxy_port, data)
     stack.honest_rig_subscribes()
     assert_nothing_contained(stack, before)

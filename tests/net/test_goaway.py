@@ -71,7 +71,7 @@ async def test_a_draining_sidecar_moves_its_rigs_to_another_without_dropping_one
         # No session resumption: a rig that reconnects (client.reconnect) gets a fresh
         # extranonce1, so the pool's duplicate count measures the bridge alone (a resumed
         # cgminer-profile rig re-submits its last shares, which the pool rightly rejects).
-        pool = ReferencePool(PoolConfig(difficulty=0.00005, session_resume_seconds=0))
+        pool = ReferencePool(PoolConfig(difficulty=0.00001, session_resume_seconds=0))
         pool_port = await nursery.start(pool.serve, LOCALHOST, 0)
         url = parse_upstream_url(f"stratum+tcp://{LOCALHOST}:{pool_port}")
         sidecars = [SidecarServer(url, pki.server_context(), advertise_host=LOCALHOST) for _ in range(2)]
@@ -82,7 +82,7 @@ async def test_a_draining_sidecar_moves_its_rigs_to_another_without_dropping_one
         proxy = MinerProxy(
             parse_upstream_url(f"stratumrm://{LOCALHOST}:{balancer_port}"),
             upstream_ssl_context=pki.client_context(),
-            drain_timeout=1.0,
+            drain_timeout=0.5,
         )
         proxy_port = await nursery.start(proxy.serve, LOCALHOST, 0)
         miner_url = f"stratum+tcp://{LOCALHOST}:{proxy_port}"

@@ -696,24 +696,44 @@ async def test_the_advertised_address_is_what_the_hello_says(pki: TestPKI) -> No
 # ------------------------------------------------------------------ admission under a connection flood
 
 
-async def _connect_silently(source: str, port: int) -> trio.socket.SocketType | None:
-    """A TCP connection from ``source`` that never says anything; None if the sidecar refused it."""
+def _admission_decisions(server: SidecarServer) -> tuple[int, int]:
+    """How many connections the sidecar's admission admitted and refused at their accept."""
+    from bridge.net.admission import Refusal
+
+    admission = server.statistics().admission
+    at_accept = (Refusal.FDS_LOW, Refusal.PENDING_CAP, Refusal.SOURCE_CAP)
+    return admission.admitted, sum(admission.refused.get(reason, 0) for reason in at_accept)
+
+
+async def _connect_silently(source: str, server: SidecarServer) -> trio.socket.SocketType | None:
+    """A TCP connection from ``source`` that never says anything; None if the sidecar refused it.
+
+    Waits for the sidecar's admission to decide on it (its counters), then, if refused,
+    for the close the refusal is.
+    """
+    assert server.port is not None
+    admitted, refused = _admission_decisions(server)
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     await sock.bind((source, 0))
     try:
-        await sock.connect((LOCALHOST, port))
+        await sock.connect((LOCALHOST, server.port))
     except ConnectionResetError:
         sock.close()
         return None
-    with trio.move_on_after(0.05):  # a refusal is an immediate reset or EOF
+    with trio.move_on_after(30) as waited:
+        while _admission_decisions(server) == (admitted, refused):
+            await trio.sleep(0.001)
+    assert not waited.cancelled_caught, "the sidecar neither admitted nor refused a connection in 30 s (stopped accepting?)"
+    with trio.fail_after(30):
+        if _admission_decisions(server)[1] == refused:
+            return sock
         try:
-            if await sock.recv(1) == b"":
-                sock.close()
-                return None
+            while await sock.recv(1):
+                pass
         except OSError:
-            sock.close()
-            return None
-    return sock
+            pass  # a reset is a close too
+    sock.close()
+    return None
 
 
 async def test_a_connection_flood_leaves_room_for_an_honest_proxy_the_status_port_and_the_pool_check(
@@ -744,7 +764,7 @@ async def test_a_connection_flood_leaves_room_for_an_honest_proxy_the_status_por
             sources = [f"127.0.0.{n}" for n in range(2, 6)]
             refused = 0
             for attempt in range(400):
-                sock = await _connect_silently(sources[attempt % len(sources)], server.port)
+                sock = await _connect_silently(sources[attempt % len(sources)], server)
                 if sock is None:
                     refused += 1
                     if refused >= 3:

@@ -30,7 +30,7 @@ async def test_rigs_mine_again_soon_after_the_pool_behind_the_sidecar_restarts(t
     async with trio.open_nursery() as nursery:
         # Jobs every 2 s leave the probe's sessions quiet between them, the case that flapped.
         chain = await start_chain(
-            nursery, tmp_path, accounts=("back",), pool_config=PoolConfig(difficulty=0.0001, notify_interval=2.0)
+            nursery, tmp_path, accounts=("back",), pool_config=PoolConfig(difficulty=0.00002, notify_interval=2.0)
         )
         pool = chain.pool
         pool_port = chain.sidecar.pool.port

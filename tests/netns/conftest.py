@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,16 @@ def make_pki(directory: Path, sidecar_ip: str) -> dict[str, Path]:
     pki("init")
     pki("issue-pool", "sidecar", "--ip", sidecar_ip)
     pki("issue-miner", "farm1", "--account", "alice")
+    return pki_files(directory)
+
+
+def copy_pki(source: Path, directory: Path) -> dict[str, Path]:
+    """A copy of a directory :func:`make_pki` wrote: each test's roles get their own files."""
+    shutil.copytree(source, directory)
+    return pki_files(directory)
+
+
+def pki_files(directory: Path) -> dict[str, Path]:
     files = {
         "cert": directory / "pools" / "sidecar.pem",
         "key": directory / "pools" / "sidecar.key",

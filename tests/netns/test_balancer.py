@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import make_pki, require
+from tests.netns.conftest import copy_pki, make_pki, require
 from tests.netns.netlib import Lab, read_state, wait_until
 
 POOL_IP, FARM_IP = "10.213.0.1", "10.213.0.2"
@@ -76,10 +76,10 @@ def haproxy_servers(socket_path: Path) -> dict[str, dict[str, str]]:
 
 
 class PoolFarm:
-    def __init__(self, lab: Lab, directory: Path) -> None:
+    def __init__(self, lab: Lab, directory: Path, pki: Path) -> None:
         self.lab = lab
         self.directory = directory
-        self.pki = make_pki(directory / "pki", POOL_IP)
+        self.pki = copy_pki(pki, directory / "pki")
         self.pool_ns = lab.namespace("pool")
         self.farm_ns = lab.namespace("farm")
         lab.link(self.pool_ns, f"{POOL_IP}/24", self.farm_ns, f"{FARM_IP}/24")
@@ -90,7 +90,7 @@ class PoolFarm:
 
     def start(self) -> None:
         lab = self.lab
-        lab.python(self.pool_ns, "pool", "-m", "tests.netns.roles", "pool", "127.0.0.1", "3333", "0.00005", str(self.pool_state))
+        lab.python(self.pool_ns, "pool", "-m", "tests.netns.roles", "pool", "127.0.0.1", "3333", "0.00001", str(self.pool_state))
         for name in SIDECAR_PORTS:
             self.start_sidecar(name)
         servers = "\n".join(
@@ -118,7 +118,7 @@ class PoolFarm:
             "--no-upstream-grace",
             "60",
             "--drain-timeout",
-            "2",
+            "0.5",
         )
         lab.python(
             self.farm_ns,
@@ -217,12 +217,21 @@ class PoolFarm:
         return final["miners"]
 
 
+@pytest.fixture(scope="module")
+def farm_pki(netns_reason, tmp_path_factory) -> Path:
+    """Made once by ``stratumrm pki`` for both tests (each copies it)."""
+    require(netns_reason, "haproxy")
+    directory = tmp_path_factory.mktemp("farm-pki") / "pki"
+    make_pki(directory, POOL_IP)
+    return directory
+
+
 @pytest.fixture
-def pool_farm(netns_reason, tmp_path):
+def pool_farm(netns_reason, farm_pki, tmp_path):
     require(netns_reason, "haproxy")
     lab = Lab(tmp_path)
     try:
-        farm = PoolFarm(lab, tmp_path)
+        farm = PoolFarm(lab, tmp_path, farm_pki)
         farm.start()
         yield farm
     finally:

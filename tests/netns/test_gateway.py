@@ -55,8 +55,8 @@ def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, 
     run("ip", "netns", "exec", gateway, "nft", "-f", str(rules))
 
     states = {name: tmp_path / f"{name}.json" for name in ("pool", "pool2", "intercepted", "passed")}
-    lab.python(pool, "pool", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3333", "0.00005", str(states["pool"]))
-    lab.python(pool, "pool2", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3336", "0.00005", str(states["pool2"]))
+    lab.python(pool, "pool", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3333", "0.00001", str(states["pool"]))
+    lab.python(pool, "pool2", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3336", "0.00001", str(states["pool2"]))
     lab.python(
         pool,
         "sidecar",
