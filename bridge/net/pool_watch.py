@@ -121,14 +121,13 @@ class PoolWatch:
         health = self.health
         health.start(trio.current_time())
         while True:
-            deadline = health.next_deadline()
+            deadline = health.get_timer()
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
-            now = trio.current_time()
-            if not health.check_due(now):
+            health.handle_timer(trio.current_time())
+            if not health.checking:
                 continue
-            health.check_started(now)
             ok, reason = await self.check()
             health.check_done(Verdict(ok, reason), trio.current_time())
             self._report()

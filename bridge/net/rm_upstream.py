@@ -203,8 +203,8 @@ class StratumRMLink:
     def retire(self, reason: str) -> None:
         """Close this link for good (its rigs moved after ``rm.goaway``) and end its tasks."""
         connection = self.connection
-        if connection is not None and connection.close_reason is None:
-            connection._fail(reason)
+        if connection is not None:
+            connection.close(reason, trio.current_time())
         self._stepped()
         self._run_scope.cancel()
 
@@ -248,7 +248,9 @@ class StratumRMLink:
     async def _connect_and_serve(self) -> None:
         bind_connection("sidecar")
         url = self.url
-        connection = StratumRMConnection(agent=f"stratumrm/{__version__}", detect_blocks=self.detect_blocks)
+        connection = StratumRMConnection(
+            agent=f"stratumrm/{__version__}", detect_blocks=self.detect_blocks, batch_window=self.batch_window
+        )
         address = (url.host, url.port)
         try:
             stream, context = await self._open_tls()
@@ -286,7 +288,7 @@ class StratumRMLink:
                     while not connection.ready and connection.close_reason is None:
                         await self._step_wait()
                 if not connection.ready:
-                    connection._fail(connection.close_reason or "no answer to rm.hello")
+                    connection.close("no answer to rm.hello", trio.current_time())
                     self.failure = connection.close_reason  # not the previous connection's
                     self.credentials.forget_session(address)
                 else:
@@ -306,12 +308,12 @@ class StratumRMLink:
                 nursery.cancel_scope.cancel()
         finally:
             if guard.error is not None and connection.close_reason is None:
-                connection._fail("internal error; the next rig opens a new session")
+                connection.close("internal error; the next rig opens a new session", trio.current_time())
             reason = connection.close_reason or "closed"
             self.failure = reason
             quiet = reason == "closed" or self._goaway_reported
             (log.info if quiet else log.warning)("StratumRM session with %s ended: %s", url, reason)
-            connection.connection_lost(reason)
+            connection.connection_lost(reason, trio.current_time())
             self._deliver()
             self._handles.clear()
             self._connecting = False
@@ -412,10 +414,10 @@ class StratumRMLink:
             try:
                 data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                connection._fail(f"control connection error: {describe_error(exc)}")
+                connection.connection_lost(f"control connection error: {describe_error(exc)}", trio.current_time())
                 break
             if not data:
-                connection._fail("sidecar closed the control connection")
+                connection.connection_lost("sidecar closed the control connection", trio.current_time())
                 break
             connection.receive_control(data, trio.current_time())
             self._deliver()
@@ -442,8 +444,6 @@ class StratumRMLink:
         while True:
             await self._kick.wait()
             self._kick = trio.Event()
-            if self.batch_window and connection._queued_records:
-                await trio.sleep(self.batch_window)
             data = connection.data_to_send()
             datagrams = connection.datagrams_to_send(trio.current_time())
             sender = self._udp_sender
@@ -457,13 +457,13 @@ class StratumRMLink:
                 try:
                     await sends.send_all(stream, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    connection._fail(f"control connection error: {describe_error(exc)}")
+                    connection.connection_lost(f"control connection error: {describe_error(exc)}", trio.current_time())
                     self._stepped()
                     return
 
     async def _timers(self, connection: StratumRMConnection, scope: trio.CancelScope) -> None:
         while connection.close_reason is None:
-            deadline = connection.next_deadline()
+            deadline = connection.get_timer()
             self._timer_wake = trio.Event()
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._timer_wake.wait()
@@ -475,6 +475,6 @@ class StratumRMLink:
                 # A late timer (this process was descheduled) first reads what already
                 # arrived: the acknowledgement it is about to give up on may be waiting.
                 read_pending(self._udp_twin, self._datagram_reader(connection), DATAGRAM_SIZE, now, set())
-            connection.on_timer(now, deadline)  # late by now - deadline: this process's lag, not the sidecar's silence
+            connection.handle_timer(now, deadline)  # late by now - deadline: this process's lag, not the sidecar's silence
             self._deliver()
         self._stepped()

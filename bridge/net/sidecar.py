@@ -25,7 +25,7 @@ Per control connection, one nursery holds:
 - the **pump**: the only writer of the control stream and the only sender of the
   session's datagrams. It waits for a wake-up or the session's next deadline
   (verdict and notify batches of ``batch_window``, about 2 ms; heartbeats; liveness;
-  rekeying), calls ``on_timer`` when due, and writes whatever the session queued;
+  rekeying), calls ``handle_timer`` when due, and writes whatever the session queued;
   lines that pile up while a write is in progress go out together in the next one;
 - one **pool task per channel**, started on the session's ``OpenPool``: a plain TCP
   connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software.
@@ -546,7 +546,7 @@ class SidecarServer:
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
-            self.intake.purge(trio.current_time())
+            self.intake.handle_timer(trio.current_time())
 
     # ------------------------------------------------------------------ certificates
 
@@ -1091,7 +1091,7 @@ class _ProxyConnection:
         while True:
             self._wake = trio.Event()
             data = session.data_to_send()
-            datagrams = session.datagrams_to_send()
+            datagrams = session.datagrams_to_send(trio.current_time())
             if session.closed:
                 with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
                     if data:
@@ -1106,14 +1106,14 @@ class _ProxyConnection:
                         log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
             if data and not await self._send_control(data):
                 continue  # the session now knows the connection is lost
-            deadline = session.next_deadline()
+            deadline = session.get_timer()
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._wake.wait()
             now = trio.current_time()
             if deadline is not None and now >= deadline:
                 if now >= session.silent_deadline() and unread_bytes(self.stream):
                     session.input_waiting(now)  # busy here, not a silent proxy
-                session.on_timer(now)
+                session.handle_timer(now)
                 self.step()
 
     async def _send_control(self, data: bytes) -> bool:

@@ -17,7 +17,8 @@ Inputs (every one takes ``now``, seconds on a monotonic clock):
   whichever session its conn_id belongs to;
 - :meth:`SidecarSession.pool_connected`, :meth:`~SidecarSession.pool_data`,
   :meth:`~SidecarSession.pool_closed`: what happened on a channel's pool connection;
-- :meth:`SidecarSession.on_timer` at :meth:`~SidecarSession.next_deadline`;
+- :meth:`SidecarSession.handle_timer` at :meth:`~SidecarSession.get_timer`
+  (the contract of :mod:`bridge.relay.contract`);
 - :meth:`SidecarSession.connection_lost` when the control connection broke.
 
 Outputs, taken by the driver after every input:
@@ -476,11 +477,12 @@ class SidecarIntake:
             return session
         return session if session._on_drop(result.reason, now) else None  # type: ignore[union-attr]
 
-    def purge(self, now: float) -> None:
+    def handle_timer(self, now: float) -> None:
         """Forget previous key epochs whose grace period is over."""
         self.receiver.purge(now)
 
-    def next_deadline(self) -> float | None:
+    def get_timer(self) -> float | None:
+        """When a previous key epoch's grace period ends (:meth:`handle_timer` forgets it)."""
         return self.receiver.next_deadline()
 
     def statistics(self) -> ReceiverStatistics:
@@ -781,8 +783,11 @@ class SidecarSession:
         self._control_out += len(data)
         return data
 
-    def datagrams_to_send(self) -> list[OutgoingDatagram]:
-        """Datagrams to send, each already charged to the session's budget."""
+    def datagrams_to_send(self, now: float | None = None) -> list[OutgoingDatagram]:
+        """Datagrams to send, each already charged to the session's budget.
+
+        ``now`` (the contract's) changes nothing here: they were sealed when queued.
+        """
         if not self._datagrams:
             return []
         out, self._datagrams = self._datagrams, []
@@ -810,8 +815,8 @@ class SidecarSession:
         out, self._refusals = self._refusals, []
         return out
 
-    def next_deadline(self) -> float | None:
-        """When :meth:`on_timer` has something to do."""
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` has something to do."""
         if self.closed:
             return None
         deadline = self._last_received + self.dead_after
@@ -832,12 +837,12 @@ class SidecarSession:
         """The transport holds unread bytes from the proxy: it spoke, this side is behind."""
         self._last_received = max(self._last_received, now)
 
-    def on_timer(self, now: float) -> None:
+    def handle_timer(self, now: float) -> None:
         """Flush collected lines, send heartbeats, rekey, and notice a silent proxy."""
         if self.closed:
             return
         self._now = now
-        if now >= self._last_received + self.dead_after:  # the sum next_deadline() gave
+        if now >= self._last_received + self.dead_after:  # the sum get_timer() gave
             self._close(f"proxy silent for {self.dead_after:g} s (no line, no rm.pong)")
             return
         if self._notify_due is not None and now >= self._notify_due:

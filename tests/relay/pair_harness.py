@@ -170,9 +170,7 @@ class PairWorld:
         heapq.heappush(self._events, (when, next(self._seq), action))
 
     def _next_time(self) -> float | None:
-        times = [
-            t for t in (self.proxy.next_deadline(), self.sidecar.next_deadline(), self.intake.next_deadline()) if t is not None
-        ]
+        times = [t for t in (self.proxy.get_timer(), self.sidecar.get_timer(), self.intake.get_timer()) if t is not None]
         if self._events:
             times.append(self._events[0][0])
         return min(times) if times else None
@@ -191,15 +189,15 @@ class PairWorld:
             while self._events and self._events[0][0] <= self.now:
                 _, _, action = heapq.heappop(self._events)
                 action()
-            deadline = self.proxy.next_deadline()
+            deadline = self.proxy.get_timer()
             if deadline is not None and deadline <= self.now:
-                self.proxy.on_timer(self.now)
-            deadline = self.sidecar.next_deadline()
+                self.proxy.handle_timer(self.now)
+            deadline = self.sidecar.get_timer()
             if deadline is not None and deadline <= self.now:
-                self.sidecar.on_timer(self.now)
-            deadline = self.intake.next_deadline()
+                self.sidecar.handle_timer(self.now)
+            deadline = self.intake.get_timer()
             if deadline is not None and deadline <= self.now:
-                self.intake.purge(self.now)
+                self.intake.handle_timer(self.now)
             self.pump()
             assert self.proxy.close_reason is None, self.proxy.close_reason
             assert not self.sidecar.closed, self.sidecar.close_reason
