@@ -343,7 +343,7 @@ class MinerProxy:
             self.execute(self.core.handle(event, now))
         finally:
             self._flushing = None
-        deadline = self.core.next_deadline(now)
+        deadline = self.core.get_timer()
         if deadline is not None and deadline < self._sleeping_until:
             self._timer_wake.set()
 
@@ -399,7 +399,7 @@ class MinerProxy:
         """The one timer of the proxy: every rig's deadlines and the policy's."""
         while True:
             now = trio.current_time()
-            deadline = self.core.next_deadline(now)
+            deadline = self.core.get_timer()
             if deadline is not None and deadline <= now:
                 with self.containment.guard("proxy", "timer"):
                     self.feed(Timer())

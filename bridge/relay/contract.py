@@ -21,9 +21,17 @@ bytes, keeps time and follows the same steps for every core:
    what is queued.
 5. **Statistics.** :meth:`ConnectionCore.statistics` is a frozen snapshot.
 
+A core that owns many connections and asks its driver to open and close them
+(:class:`~bridge.relay.proxy.ProxyCore`, in the mitmproxy style) is an
+:class:`EventCore`: every input, the timer included, is an event fed to
+:meth:`EventCore.handle` with ``now``, and its outputs are the commands that call
+returns, to be carried out in order. Its :meth:`~EventCore.get_timer` is the same
+as above; the timer event is fed when it comes.
+
 The names follow aioquic's ``QuicConnection``. Cores that follow it:
 :class:`~bridge.relay.rm_upstream.StratumRMConnection` (the proxy side of
 StratumRM), :class:`~bridge.relay.sidecar.SidecarSession` (the sidecar side),
+:class:`~bridge.relay.proxy.ProxyCore` (the proxy, an event core),
 :class:`~bridge.relay.sidecar.SidecarIntake` (the sidecar's UDP intake),
 :class:`~bridge.relay.health.HealthWatch` and
 :class:`~bridge.relay.health.SubscribeCheck` (pool health); the conformance is
@@ -36,6 +44,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 DatagramT_co = TypeVar("DatagramT_co", covariant=True)
+EventT_contra = TypeVar("EventT_contra", contravariant=True)
+CommandT_co = TypeVar("CommandT_co", covariant=True)
 
 
 @runtime_checkable
@@ -84,13 +94,36 @@ class DatagramCore(ConnectionCore, Protocol[DatagramT_co]):
         ...
 
 
+@runtime_checkable
+class EventCore(Protocol[EventT_contra, CommandT_co]):
+    """A core fed events (its timer's included) that answers each with commands."""
+
+    def get_timer(self) -> float | None:
+        """When the timer event is next due (the driver's clock); None: nothing is due."""
+        ...
+
+    def handle(self, event: EventT_contra, now: float) -> Sequence[CommandT_co]:
+        """Feed one event that happened at ``now``; the commands to carry out, in order."""
+        ...
+
+
 if TYPE_CHECKING:  # mypy checks that the cores follow the contract
     from bridge.relay.health import HealthWatch, SubscribeCheck
+    from bridge.relay.proxy import Command, Event, ProxyCore
     from bridge.relay.rm_upstream import StratumRMConnection
-    from bridge.relay.sidecar import OutgoingDatagram, SidecarSession
+    from bridge.relay.sidecar import OutgoingDatagram, SidecarIntake, SidecarSession
 
-    def _conformance(proxy: StratumRMConnection, sidecar: SidecarSession, watch: HealthWatch, check: SubscribeCheck) -> None:
-        _proxy: DatagramCore[bytes] = proxy
-        _sidecar: DatagramCore[OutgoingDatagram] = sidecar
+    def _conformance(
+        proxy_side: StratumRMConnection,
+        sidecar_side: SidecarSession,
+        intake: SidecarIntake,
+        watch: HealthWatch,
+        check: SubscribeCheck,
+        proxy: ProxyCore,
+    ) -> None:
+        _proxy_side: DatagramCore[bytes] = proxy_side
+        _sidecar_side: DatagramCore[OutgoingDatagram] = sidecar_side
+        _intake: TimerCore = intake
         _watch: TimerCore = watch
         _check: TimerCore = check
+        _proxy: EventCore[Event, Command] = proxy

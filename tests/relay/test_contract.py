@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.relay.contract import ConnectionCore, DatagramCore, TimerCore
+from bridge.relay.contract import ConnectionCore, DatagramCore, EventCore, TimerCore
 from bridge.relay.health import HealthWatch, SubscribeCheck
+from bridge.relay.proxy import ProxyCore, ProxyUpstream
 from bridge.relay.rm_upstream import StratumRMConnection
 from bridge.relay.sidecar import SidecarIntake, SidecarSession
 
@@ -30,6 +31,10 @@ def test_the_stratumrm_cores_are_datagram_connection_cores(core: object) -> None
 )
 def test_the_cores_with_deadlines_are_timer_cores(core: object) -> None:
     assert isinstance(core, TimerCore)
+
+
+def test_the_proxy_core_is_an_event_core() -> None:
+    assert isinstance(ProxyCore([ProxyUpstream("u0", "stratum+tcp://pool:3333")]), EventCore)
 
 
 def test_closing_the_proxy_side_keeps_the_first_reason_and_ends_every_channel() -> None:
