@@ -26,7 +26,6 @@ simply a full one.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import ssl
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from bridge.errors import PKIError
 from bridge.logs import bind_connection
 from bridge.net.containment import Containment
 from bridge.net.tcp import WholeSends, close_quietly, describe_error, tune_stream, unread_bytes
+from bridge.net.timer import CoreTimer, run_timer
 from bridge.net.udp import DatagramSender, nonblocking_twin, read_pending, receive_datagrams, tune_udp
 from bridge.net.wakeup import Wakeup
 from bridge.pki.rotation import ClientCredentials
@@ -162,7 +162,7 @@ class StratumRMLink:
         self._ready = trio.Event()
         self._connecting = False
         self._kick = trio.Event()
-        self._timer_wake = trio.Event()
+        self._timer: CoreTimer | None = None  # the current connection's
         self._progress = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.failure: str | None = None
@@ -215,7 +215,8 @@ class StratumRMLink:
     def kick(self) -> None:
         """Something is queued to send (or a deadline moved): wake the writer and the timer."""
         self._kick.set()
-        self._timer_wake.set()
+        if self._timer is not None:
+            self._timer.wake()
 
     async def open_handle(self, peer: str) -> RMUpstreamHandle:
         """A channel for a new rig; connects first if there is no live connection."""
@@ -272,6 +273,7 @@ class StratumRMLink:
             return
         self._stream = stream
         self.connection = connection
+        self._timer = timer = CoreTimer(connection)
         self.connections_made += 1
         connection.start(trio.current_time())
         self.kick()
@@ -283,7 +285,7 @@ class StratumRMLink:
                 nursery.start_soon(self._read_control, connection, stream, nursery.cancel_scope)
                 nursery.start_soon(self._write, connection, stream, sends)
                 nursery.start_soon(sends.hurry_when_cancelled)
-                nursery.start_soon(self._timers, connection, nursery.cancel_scope)
+                nursery.start_soon(self._run_timer, connection, timer)
                 with trio.move_on_after(self.connect_timeout):
                     while not connection.ready and connection.close_reason is None:
                         await self._step_wait()
@@ -461,14 +463,8 @@ class StratumRMLink:
                     self._stepped()
                     return
 
-    async def _timers(self, connection: StratumRMConnection, scope: trio.CancelScope) -> None:
-        while connection.close_reason is None:
-            deadline = connection.get_timer()
-            self._timer_wake = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._timer_wake.wait()
-                continue
-            now = trio.current_time()
+    async def _run_timer(self, connection: StratumRMConnection, timer: CoreTimer) -> None:
+        def on_due(now: float, deadline: float) -> None:
             if now >= connection.silent_deadline() and unread_bytes(self._stream):
                 connection.input_waiting(now)  # busy here, not a silent sidecar
             if self._udp_twin is not None:
@@ -477,4 +473,6 @@ class StratumRMLink:
                 read_pending(self._udp_twin, self._datagram_reader(connection), DATAGRAM_SIZE, now, set())
             connection.handle_timer(now, deadline)  # late by now - deadline: this process's lag, not the sidecar's silence
             self._deliver()
+
+        await run_timer(timer, on_due, running=lambda: connection.close_reason is None)
         self._stepped()

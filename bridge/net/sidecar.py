@@ -75,7 +75,6 @@ protocol errors (with what to do) at warning.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import ssl
 from collections import Counter
@@ -109,6 +108,7 @@ from bridge.net.tcp import (
     tune_stream,
     unread_bytes,
 )
+from bridge.net.timer import CoreTimer
 from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
 from bridge.pki.identity import (
     DEFAULT_CLOCK_SKEW_LEEWAY,
@@ -991,7 +991,7 @@ class _ProxyConnection:
         )
         self._links: dict[int, _PoolLink] = {}
         self.goaway_sent = False
-        self._wake = trio.Event()
+        self.timer = CoreTimer(self.session)
         self._nursery: trio.Nursery | None = None
         if not server.pool_watch.up:
             self.session.pool_status(False, server.pool_watch.reason, trio.current_time())
@@ -1036,7 +1036,7 @@ class _ProxyConnection:
         if drain is not None and not self.goaway_sent and session.hello is not None and not session.closed:
             now = trio.current_time()
             self.goaway_sent = session.go_away(round(drain[0] - now, 3), drain[1], now)
-        self._wake.set()
+        self.timer.wake()
 
     def _log_refusal(self, refusal: Refusal) -> None:
         if isinstance(refusal, RequestRefused):
@@ -1089,7 +1089,7 @@ class _ProxyConnection:
         """Write control lines and datagrams; run the session's timers."""
         session = self.session
         while True:
-            self._wake = trio.Event()
+            self.timer.rearm()
             data = session.data_to_send()
             datagrams = session.datagrams_to_send(trio.current_time())
             if session.closed:
@@ -1106,11 +1106,8 @@ class _ProxyConnection:
                         log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
             if data and not await self._send_control(data):
                 continue  # the session now knows the connection is lost
-            deadline = session.get_timer()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._wake.wait()
-            now = trio.current_time()
-            if deadline is not None and now >= deadline:
+            if await self.timer.sleep() is not None:
+                now = trio.current_time()
                 if now >= session.silent_deadline() and unread_bytes(self.stream):
                     session.input_waiting(now)  # busy here, not a silent proxy
                 session.handle_timer(now)
