@@ -421,7 +421,7 @@ class StratumRMLink:
             if not data:
                 connection.connection_lost("sidecar closed the control connection", trio.current_time())
                 break
-            connection.receive_control(data, trio.current_time())
+            connection.receive_data(data, trio.current_time())
             self._deliver()
         self._stepped()
 

@@ -522,7 +522,7 @@ class SidecarServer:
 
         def receive(data: bytes, address: Any, now: float) -> Any:
             try:
-                return self.intake.receive(data, address, now)
+                return self.intake.receive_datagram(data, address, now)
             except Exception as exc:
                 self.containment.record(exc, address, "datagram")
                 return None

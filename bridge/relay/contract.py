@@ -3,9 +3,10 @@
 A core is a state machine: it does no I/O and reads no clock. Its driver moves
 bytes, keeps time and follows the same steps for every core:
 
-1. **Inputs.** The driver feeds what happened (bytes read, a datagram with its
-   source address, an event) with the current time ``now``, the only clock a core
-   ever sees.
+1. **Inputs.** The driver feeds what happened with the current time ``now``,
+   the only clock a core ever sees: ``receive_data(data, now)`` for bytes read
+   from a stream, ``receive_datagram(data, address, now)`` for a datagram, and a
+   method named for anything else (a pool connection opened, a check failed).
 2. **Outputs.** After every input it takes what the core queued:
    :meth:`ConnectionCore.data_to_send` (stream bytes) and
    :meth:`DatagramCore.datagrams_to_send` (datagrams, with their addresses where
@@ -67,6 +68,10 @@ class ConnectionCore(TimerCore, Protocol):
 
     close_reason: str | None
     """Why the connection is over (the driver closes the transport); None while it is not."""
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes read from the stream."""
+        ...
 
     def data_to_send(self) -> bytes:
         """Stream bytes queued since the last call."""

@@ -784,7 +784,7 @@ class StratumRMConnection:
 
     # ------------------------------------------------------------------- input
 
-    def receive_control(self, data: bytes, now: float) -> None:
+    def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the TLS control connection. Sets :attr:`close_reason` on a fatal error."""
         self._now = now
         self._last_received = now

@@ -13,7 +13,7 @@ Theory of operation
 Inputs (every one takes ``now``, seconds on a monotonic clock):
 
 - :meth:`SidecarSession.receive_data`: bytes of the control connection;
-- :meth:`SidecarIntake.receive`: one UDP datagram with its source address, for
+- :meth:`SidecarIntake.receive_datagram`: one UDP datagram with its source address, for
   whichever session its conn_id belongs to;
 - :meth:`SidecarSession.pool_connected`, :meth:`~SidecarSession.pool_data`,
   :meth:`~SidecarSession.pool_closed`: what happened on a channel's pool connection;
@@ -461,7 +461,7 @@ class SidecarIntake:
             amplification_factor=AMPLIFICATION_FACTOR,
         )
 
-    def receive(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
+    def receive_datagram(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
         """Run one datagram through the pipeline; return the session if it may have output.
 
         That is a session that accepted the datagram (PROBE_ACKs, pool writes,
@@ -1450,7 +1450,7 @@ class SidecarSession:
         """Convenience: run a datagram through this session's intake (shared or private)."""
         if self.intake is None:
             return None
-        return self.intake.receive(data, address, now)
+        return self.intake.receive_datagram(data, address, now)
 
     def _on_datagram(self, accepted: Accepted, now: float) -> None:
         if self.closed:

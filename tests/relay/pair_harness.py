@@ -213,11 +213,11 @@ class PairWorld:
             self.at(self._control_up_at, lambda data=data: self.sidecar.receive_data(data, self.now))
         for datagram in self.proxy.datagrams_to_send(now):
             for when in self.up.carry(now):
-                self.at(when, lambda d=datagram: self.intake.receive(d, PROXY_UDP, self.now))
+                self.at(when, lambda d=datagram: self.intake.receive_datagram(d, PROXY_UDP, self.now))
         data = self.sidecar.data_to_send()
         if data:
             self._control_down_at = max(self._control_down_at, now + self.control_delay)
-            self.at(self._control_down_at, lambda data=data: self.proxy.receive_control(data, self.now))
+            self.at(self._control_down_at, lambda data=data: self.proxy.receive_data(data, self.now))
         for outgoing in self.sidecar.datagrams_to_send():
             assert outgoing.address == PROXY_UDP
             for when in self.down.carry(now):

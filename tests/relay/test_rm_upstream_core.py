@@ -50,7 +50,7 @@ class FakeSidecar:
         self.lines: list[dict] = []
 
     def send(self, *lines: bytes, now: float = 0.0) -> None:
-        self.conn.receive_control(b"".join(lines), now)
+        self.conn.receive_data(b"".join(lines), now)
 
     def read(self) -> list[dict]:
         new = [json.loads(line) for line in self.conn.data_to_send().decode().splitlines()]
@@ -414,7 +414,7 @@ def test_a_sidecar_without_data_channel_v2_gets_shares_over_tls() -> None:
     conn.start(0.0)
     conn.data_to_send()
     old = control.HelloResult(version=1, features=["udp-shares"], udp_port=3334)
-    conn.receive_control(control.encode_rm_result(1, old), 0.0)
+    conn.receive_data(control.encode_rm_result(1, old), 0.0)
     assert conn.ready and conn.hello is not None and conn.hello.udp_port is None
 
 
@@ -558,7 +558,7 @@ def test_sidecar_closing_a_channel_and_going_silent() -> None:
 def test_malformed_control_lines_close_the_connection_with_a_reason(line) -> None:
     conn = StratumRMConnection()
     FakeSidecar(conn).start()
-    conn.receive_control(line, 0.0)
+    conn.receive_data(line, 0.0)
     assert conn.close_reason
 
 
@@ -566,7 +566,7 @@ def test_refused_hello_closes_with_the_sidecars_words() -> None:
     conn = StratumRMConnection()
     conn.start(0.0)
     conn.data_to_send()
-    conn.receive_control(b'{"id":1,"result":null,"error":[1,"unsupported StratumRM version 1"]}\n', 0.0)
+    conn.receive_data(b'{"id":1,"result":null,"error":[1,"unsupported StratumRM version 1"]}\n', 0.0)
     assert "unsupported StratumRM version" in conn.close_reason
 
 

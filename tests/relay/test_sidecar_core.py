@@ -884,7 +884,7 @@ def test_datagrams_of_a_closed_session_are_unknown() -> None:
     data = harness.seal(harness.share())
     harness.send_raw(b"garbage\n")
     assert harness.session.closed
-    assert intake.receive(data, RIG, harness.now) is None
+    assert intake.receive_datagram(data, RIG, harness.now) is None
     assert intake.statistics().dropped["unknown conn_id"] == 1 and intake.statistics().sessions == 0
 
 
