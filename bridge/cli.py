@@ -167,7 +167,7 @@ _FAILOVER_DEFAULTS = {
     "--share-batch-window",
     default=0.0,
     show_default=True,
-    help="Seconds to hold UDP shares so several share a datagram (e.g. 0.001 for large farms).",
+    help="Seconds a UDP share that follows another within them waits, so concurrent shares share a datagram; a lone share never waits (e.g. 0.001 for large farms).",
 )
 @click.option(
     "--strategy",

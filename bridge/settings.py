@@ -339,8 +339,8 @@ class ProxySettings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     share_batch_window: Annotated[
         float,
         _doc(
-            "Seconds to hold UDP shares so several travel in one datagram (e.g. 0.001 for large farms)",
-            "adds this much latency to every share",
+            "Seconds a UDP share that follows another within them waits, so concurrent shares travel in one datagram (e.g. 0.001 for large farms)",
+            "adds up to this much latency to a share that follows another; a lone share never waits",
             ge=0,
         ),
     ] = 0.0

@@ -61,7 +61,7 @@ async def check_subscribe(
             else:
                 check.closed(f"connection error ({describe_error(exc)})", trio.current_time())
     if check.verdict is None:
-        check.on_timer(max(trio.current_time(), check.deadline))
+        check.handle_timer(max(trio.current_time(), check.deadline))
     await close_quietly(stream)
     assert check.verdict is not None
     return check.verdict

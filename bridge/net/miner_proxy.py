@@ -29,7 +29,6 @@ import errno
 import functools
 import itertools
 import logging
-import math
 import os
 import ssl
 from collections import Counter, deque
@@ -60,6 +59,7 @@ from bridge.net.tcp import (
     socket_of,
     tune_stream,
 )
+from bridge.net.timer import CoreTimer, run_timer
 from bridge.net.upstreams import (
     NETWORK_ERRORS,
     PROBE_AGENT,
@@ -267,8 +267,7 @@ class MinerProxy:
         self._rejected_by_reason: Counter[str] = Counter()
         self._accepted_difficulty = 0.0
         self.failover_history: deque[FailoverEvent] = deque(maxlen=FAILOVER_HISTORY)
-        self._timer_wake = trio.Event()
-        self._sleeping_until = math.inf
+        self._timer = CoreTimer(self.core)
         self._flushing: _RigConnection | None = None
         self._nursery: trio.Nursery | None = None
         self.port: int | None = None
@@ -343,9 +342,7 @@ class MinerProxy:
             self.execute(self.core.handle(event, now))
         finally:
             self._flushing = None
-        deadline = self.core.next_deadline(now)
-        if deadline is not None and deadline < self._sleeping_until:
-            self._timer_wake.set()
+        self._timer.wake_if_sooner()
 
     def execute(self, commands: list[Command]) -> None:
         for command in commands:
@@ -397,19 +394,12 @@ class MinerProxy:
 
     async def _run_timer(self) -> None:
         """The one timer of the proxy: every rig's deadlines and the policy's."""
-        while True:
-            now = trio.current_time()
-            deadline = self.core.next_deadline(now)
-            if deadline is not None and deadline <= now:
-                with self.containment.guard("proxy", "timer"):
-                    self.feed(Timer())
-                await trio.lowlevel.checkpoint()
-                continue
-            self._timer_wake = trio.Event()
-            self._sleeping_until = math.inf if deadline is None else deadline
-            with trio.move_on_at(self._sleeping_until):
-                await self._timer_wake.wait()
-            self._sleeping_until = math.inf
+
+        def on_due(_now: float, _due: float) -> None:
+            with self.containment.guard("proxy", "timer"):
+                self.feed(Timer())
+
+        await run_timer(self._timer, on_due)
 
     # ------------------------------------------------------------ rm.goaway (a draining sidecar)
 

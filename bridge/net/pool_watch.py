@@ -44,6 +44,7 @@ from bridge.config import UpstreamURL
 from bridge.net.health import check_subscribe
 from bridge.net.listen import is_resource_shortage
 from bridge.net.tcp import describe_error, open_stream
+from bridge.net.timer import CoreTimer
 from bridge.relay.health import (
     DEFAULT_BACKOFF_FIRST,
     DEFAULT_BACKOFF_MAX,
@@ -89,7 +90,7 @@ class PoolWatch:
         self.inconclusive = 0
         self._local_logged = -math.inf
         self.health = HealthWatch(0.0, quiet_after=quiet_after, backoff_first=BACKOFF_FIRST, backoff_max=BACKOFF_MAX)
-        self._wake = trio.Event()
+        self._timer = CoreTimer(self.health)
 
     @property
     def up(self) -> bool:
@@ -115,20 +116,17 @@ class PoolWatch:
     def suspect(self, reason: str) -> None:
         """A pool connection ended or could not be opened: check the pool soon."""
         self.health.suspect(reason, trio.current_time())
-        self._wake.set()
+        self._timer.wake()
 
     async def run(self) -> None:
         health = self.health
         health.start(trio.current_time())
         while True:
-            deadline = health.next_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            now = trio.current_time()
-            if not health.check_due(now):
+            await self._timer.sleep()
+            self._timer.rearm()
+            health.handle_timer(trio.current_time())
+            if not health.checking:
                 continue
-            health.check_started(now)
             ok, reason = await self.check()
             health.check_done(Verdict(ok, reason), trio.current_time())
             self._report()

@@ -26,7 +26,6 @@ simply a full one.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import ssl
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from bridge.errors import PKIError
 from bridge.logs import bind_connection
 from bridge.net.containment import Containment
 from bridge.net.tcp import WholeSends, close_quietly, describe_error, peer_ack_age, tune_stream, unread_bytes
+from bridge.net.timer import CoreTimer, run_timer
 from bridge.net.udp import DatagramSender, nonblocking_twin, read_pending, receive_datagrams, tune_udp
 from bridge.net.wakeup import Wakeup
 from bridge.pki.rotation import ClientCredentials
@@ -162,7 +162,7 @@ class StratumRMLink:
         self._ready = trio.Event()
         self._connecting = False
         self._kick = trio.Event()
-        self._timer_wake = trio.Event()
+        self._timer: CoreTimer | None = None  # the current connection's
         self._progress = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.failure: str | None = None
@@ -203,8 +203,8 @@ class StratumRMLink:
     def retire(self, reason: str) -> None:
         """Close this link for good (its rigs moved after ``rm.goaway``) and end its tasks."""
         connection = self.connection
-        if connection is not None and connection.close_reason is None:
-            connection._fail(reason)
+        if connection is not None:
+            connection.close(reason, trio.current_time())
         self._stepped()
         self._run_scope.cancel()
 
@@ -215,7 +215,8 @@ class StratumRMLink:
     def kick(self) -> None:
         """Something is queued to send (or a deadline moved): wake the writer and the timer."""
         self._kick.set()
-        self._timer_wake.set()
+        if self._timer is not None:
+            self._timer.wake()
 
     async def open_handle(self, peer: str) -> RMUpstreamHandle:
         """A channel for a new rig; connects first if there is no live connection."""
@@ -248,7 +249,9 @@ class StratumRMLink:
     async def _connect_and_serve(self) -> None:
         bind_connection("sidecar")
         url = self.url
-        connection = StratumRMConnection(agent=f"stratumrm/{__version__}", detect_blocks=self.detect_blocks)
+        connection = StratumRMConnection(
+            agent=f"stratumrm/{__version__}", detect_blocks=self.detect_blocks, batch_window=self.batch_window
+        )
         address = (url.host, url.port)
         try:
             stream, context = await self._open_tls()
@@ -270,6 +273,7 @@ class StratumRMLink:
             return
         self._stream = stream
         self.connection = connection
+        self._timer = timer = CoreTimer(connection)
         self.connections_made += 1
         connection.start(trio.current_time())
         self.kick()
@@ -281,12 +285,12 @@ class StratumRMLink:
                 nursery.start_soon(self._read_control, connection, stream, nursery.cancel_scope)
                 nursery.start_soon(self._write, connection, stream, sends)
                 nursery.start_soon(sends.hurry_when_cancelled)
-                nursery.start_soon(self._timers, connection, nursery.cancel_scope)
+                nursery.start_soon(self._run_timer, connection, timer)
                 with trio.move_on_after(self.connect_timeout):
                     while not connection.ready and connection.close_reason is None:
                         await self._step_wait()
                 if not connection.ready:
-                    connection._fail(connection.close_reason or "no answer to rm.hello")
+                    connection.close("no answer to rm.hello", trio.current_time())
                     self.failure = connection.close_reason  # not the previous connection's
                     self.credentials.forget_session(address)
                 else:
@@ -306,12 +310,12 @@ class StratumRMLink:
                 nursery.cancel_scope.cancel()
         finally:
             if guard.error is not None and connection.close_reason is None:
-                connection._fail("internal error; the next rig opens a new session")
+                connection.close("internal error; the next rig opens a new session", trio.current_time())
             reason = connection.close_reason or "closed"
             self.failure = reason
             quiet = reason == "closed" or self._goaway_reported
             (log.info if quiet else log.warning)("StratumRM session with %s ended: %s", url, reason)
-            connection.connection_lost(reason)
+            connection.connection_lost(reason, trio.current_time())
             self._deliver()
             self._handles.clear()
             self._connecting = False
@@ -412,12 +416,12 @@ class StratumRMLink:
             try:
                 data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                connection._fail(f"control connection error: {describe_error(exc)}")
+                connection.connection_lost(f"control connection error: {describe_error(exc)}", trio.current_time())
                 break
             if not data:
-                connection._fail("sidecar closed the control connection")
+                connection.connection_lost("sidecar closed the control connection", trio.current_time())
                 break
-            connection.receive_control(data, trio.current_time())
+            connection.receive_data(data, trio.current_time())
             self._deliver()
         self._stepped()
 
@@ -442,8 +446,6 @@ class StratumRMLink:
         while True:
             await self._kick.wait()
             self._kick = trio.Event()
-            if self.batch_window and connection._queued_records:
-                await trio.sleep(self.batch_window)
             data = connection.data_to_send()
             datagrams = connection.datagrams_to_send(trio.current_time())
             sender = self._udp_sender
@@ -457,18 +459,12 @@ class StratumRMLink:
                 try:
                     await sends.send_all(stream, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    connection._fail(f"control connection error: {describe_error(exc)}")
+                    connection.connection_lost(f"control connection error: {describe_error(exc)}", trio.current_time())
                     self._stepped()
                     return
 
-    async def _timers(self, connection: StratumRMConnection, scope: trio.CancelScope) -> None:
-        while connection.close_reason is None:
-            deadline = connection.next_deadline()
-            self._timer_wake = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._timer_wake.wait()
-                continue
-            now = trio.current_time()
+    async def _run_timer(self, connection: StratumRMConnection, timer: CoreTimer) -> None:
+        def on_due(now: float, deadline: float) -> None:
             if now >= connection.silent_deadline():
                 if unread_bytes(self._stream):
                     connection.input_waiting(now)  # busy here, not a silent sidecar
@@ -478,6 +474,8 @@ class StratumRMLink:
                 # A late timer (this process was descheduled) first reads what already
                 # arrived: the acknowledgement it is about to give up on may be waiting.
                 read_pending(self._udp_twin, self._datagram_reader(connection), DATAGRAM_SIZE, now, set())
-            connection.on_timer(now, deadline)  # late by now - deadline: this process's lag, not the sidecar's silence
+            connection.handle_timer(now, deadline)  # late by now - deadline: this process's lag, not the sidecar's silence
             self._deliver()
+
+        await run_timer(timer, on_due, running=lambda: connection.close_reason is None)
         self._stepped()

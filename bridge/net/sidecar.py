@@ -25,7 +25,7 @@ Per control connection, one nursery holds:
 - the **pump**: the only writer of the control stream and the only sender of the
   session's datagrams. It waits for a wake-up or the session's next deadline
   (verdict and notify batches of ``batch_window``, about 2 ms; heartbeats; liveness;
-  rekeying), calls ``on_timer`` when due, and writes whatever the session queued;
+  rekeying), calls ``handle_timer`` when due, and writes whatever the session queued;
   lines that pile up while a write is in progress go out together in the next one;
 - one **pool task per channel**, started on the session's ``OpenPool``: a plain TCP
   connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software.
@@ -75,7 +75,6 @@ protocol errors (with what to do) at warning.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import ssl
 from collections import Counter
@@ -110,6 +109,7 @@ from bridge.net.tcp import (
     tune_stream,
     unread_bytes,
 )
+from bridge.net.timer import CoreTimer
 from bridge.net.udp import DatagramSender, receive_datagrams, tune_udp
 from bridge.pki.identity import (
     DEFAULT_CLOCK_SKEW_LEEWAY,
@@ -523,7 +523,7 @@ class SidecarServer:
 
         def receive(data: bytes, address: Any, now: float) -> Any:
             try:
-                return self.intake.receive(data, address, now)
+                return self.intake.receive_datagram(data, address, now)
             except Exception as exc:
                 self.containment.record(exc, address, "datagram")
                 return None
@@ -547,7 +547,7 @@ class SidecarServer:
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
-            self.intake.purge(trio.current_time())
+            self.intake.handle_timer(trio.current_time())
 
     # ------------------------------------------------------------------ certificates
 
@@ -992,7 +992,7 @@ class _ProxyConnection:
         )
         self._links: dict[int, _PoolLink] = {}
         self.goaway_sent = False
-        self._wake = trio.Event()
+        self.timer = CoreTimer(self.session)
         self._nursery: trio.Nursery | None = None
         if not server.pool_watch.up:
             self.session.pool_status(False, server.pool_watch.reason, trio.current_time())
@@ -1037,7 +1037,7 @@ class _ProxyConnection:
         if drain is not None and not self.goaway_sent and session.hello is not None and not session.closed:
             now = trio.current_time()
             self.goaway_sent = session.go_away(round(drain[0] - now, 3), drain[1], now)
-        self._wake.set()
+        self.timer.wake()
 
     def _log_refusal(self, refusal: Refusal) -> None:
         if isinstance(refusal, RequestRefused):
@@ -1090,9 +1090,9 @@ class _ProxyConnection:
         """Write control lines and datagrams; run the session's timers."""
         session = self.session
         while True:
-            self._wake = trio.Event()
+            self.timer.rearm()
             data = session.data_to_send()
-            datagrams = session.datagrams_to_send()
+            datagrams = session.datagrams_to_send(trio.current_time())
             if session.closed:
                 with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
                     if data:
@@ -1107,17 +1107,14 @@ class _ProxyConnection:
                         log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
             if data and not await self._send_control(data):
                 continue  # the session now knows the connection is lost
-            deadline = session.next_deadline()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._wake.wait()
-            now = trio.current_time()
-            if deadline is not None and now >= deadline:
+            if (deadline := await self.timer.sleep()) is not None:
+                now = trio.current_time()
                 if now >= session.silent_deadline():
                     if unread_bytes(self.stream):
                         session.input_waiting(now)  # busy here, not a silent proxy
                     elif (age := peer_ack_age(self.stream)) is not None:
                         session.peer_acknowledged(age, now)  # a busy proxy still acknowledges
-                session.on_timer(now, deadline)  # late by now - deadline: this process's lag, not the proxy's silence
+                session.handle_timer(now, deadline)  # late by now - deadline: this process's lag, not the proxy's silence
                 self.step()
 
     async def _send_control(self, data: bytes) -> bool:

@@ -23,7 +23,7 @@ Two pieces, both fed an explicit ``now``:
   the connection, writes :meth:`~SubscribeCheck.data_to_send`, feeds what it
   reads to :meth:`~SubscribeCheck.receive_data`, reports
   :meth:`~SubscribeCheck.connect_failed` / :meth:`~SubscribeCheck.closed`, calls
-  :meth:`~SubscribeCheck.on_timer` at :attr:`~SubscribeCheck.deadline`, and
+  :meth:`~SubscribeCheck.handle_timer` at :meth:`~SubscribeCheck.get_timer`, and
   stops once :attr:`~SubscribeCheck.verdict` is set. Lines are bounded
   (``max_line``), JSON is decoded by msgspec into typed structs; whatever the
   pool sends, the result is a :class:`Verdict`, never an exception.
@@ -31,7 +31,8 @@ Two pieces, both fed an explicit ``now``:
   life (:meth:`~HealthWatch.alive`) keeps it up without any check; a suspicion
   (:meth:`~HealthWatch.suspect`: a connection ended or could not be opened) or
   ``quiet_after`` seconds without evidence makes a check due
-  (:meth:`~HealthWatch.check_due`); a failed check makes the pool **down** and
+  (:meth:`~HealthWatch.get_timer`; :meth:`~HealthWatch.handle_timer` starts it
+  when due and the driver runs it); a failed check makes the pool **down** and
   checks are then repeated with exponential backoff (``backoff_first`` doubling
   to ``backoff_max``) until one succeeds or evidence of life arrives. Changes
   are taken with :meth:`~HealthWatch.take_changes`.
@@ -144,7 +145,11 @@ class SubscribeCheck:
         if self.verdict is None:
             self.verdict = Verdict(None, reason)
 
-    def on_timer(self, now: float) -> None:
+    def get_timer(self) -> float | None:
+        """When the check gives up (None once it has a verdict)."""
+        return None if self.verdict is not None else self.deadline
+
+    def handle_timer(self, now: float) -> None:
         if now >= self.deadline:
             self._decide(False, f"pool {self.pool} did not answer mining.subscribe within {self.timeout:g} s")
 
@@ -236,7 +241,7 @@ class HealthWatch:
 
     # ------------------------------------------------------------------ checks
 
-    def next_deadline(self) -> float | None:
+    def get_timer(self) -> float | None:
         """When a check is due (None while one runs, or nothing will make one due)."""
         if self.checking:
             return None
@@ -249,8 +254,13 @@ class HealthWatch:
         return None
 
     def check_due(self, now: float) -> bool:
-        deadline = self.next_deadline()
+        deadline = self.get_timer()
         return deadline is not None and now >= deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Start the check if one is due (:attr:`checking`): the driver runs it and reports :meth:`check_done`."""
+        if self.check_due(now):
+            self.check_started(now)
 
     def check_started(self, now: float) -> None:
         self.checking = True

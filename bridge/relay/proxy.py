@@ -13,7 +13,8 @@ Events in
     :class:`ProbeEvents`, :class:`ProbeLost`, :class:`KeepaliveResult`,
     :class:`PoolStatus` (the proxy's own session on each upstream, its *probe*);
     :class:`MoveToNewLink` (the sidecar behind a StratumRM upstream is draining);
-    :class:`Timer`, due at :meth:`ProxyCore.next_deadline`.
+    :class:`Timer`, due at :meth:`ProxyCore.get_timer` (an event core of
+    :mod:`bridge.relay.contract`).
 
 Commands out
     :class:`OpenLeg`, :class:`CloseLeg`, :class:`FlushLeg` (write what the core
@@ -234,7 +235,7 @@ class ProbeIdentity(Struct, frozen=True):
 
 
 class Timer(Struct, frozen=True):
-    """:meth:`ProxyCore.next_deadline` has come."""
+    """:meth:`ProxyCore.get_timer` has come."""
 
 
 Event = (
@@ -439,6 +440,7 @@ class ProxyCore:
         self._policy_deadline: float | None = None
         self._policy_touched = True
         self._out: list[Command] = []
+        self._now = 0.0  # the time of the latest input
 
     # ------------------------------------------------------------------ queries
 
@@ -479,10 +481,10 @@ class ProxyCore:
     def probe_open(self, upstream: int) -> bool:
         return self.probes[upstream].open
 
-    def next_deadline(self, now: float) -> float | None:
-        """When :class:`Timer` is due (``now`` or earlier: at once)."""
+    def get_timer(self) -> float | None:
+        """When :class:`Timer` is due (the time of the latest input or earlier: at once)."""
         if self._policy_touched:
-            self._policy_deadline = self.policy.next_deadline(now)
+            self._policy_deadline = self.policy.next_deadline(self._now)
             self._policy_touched = False
         deadline = self._policy_deadline
         timers = self._timers
@@ -499,6 +501,7 @@ class ProxyCore:
 
     def handle(self, event: Event, now: float) -> list[Command]:
         """Feed one event; the commands to execute, in order."""
+        self._now = max(self._now, now)
         match event:
             case RigData(rig, data):
                 self._rig_data(rig, data, now)

@@ -15,7 +15,11 @@ channel"). The parts that are this module's job:
   job has a handle, its worker was authorized on the channel, its hex is lower
   case and UDP is up; otherwise a channel ``mining.submit`` over TLS. Records
   queued in one step go out together as a SHARE_BATCH when the driver calls
-  :meth:`datagrams_to_send`; a lone share goes alone, at once (no batching window).
+  :meth:`datagrams_to_send`. A lone share goes alone, at once. With a
+  ``batch_window``, a share that follows a share datagram within that window
+  waits until the window ends (a deadline of :meth:`get_timer`), and whatever
+  came meanwhile goes in one datagram: batching only delays shares that are
+  really concurrent.
 - **No share silently lost (data channel v2).** The sidecar acknowledges each
   share datagram, by the VERDICT datagram that carries its verdict or, when the
   pool is slower than the ack delay the sidecar announced (``max_ack_delay``,
@@ -356,14 +360,18 @@ class StratumRMConnection:
         initial_rto: float = 0.200,
         max_rto: float = 2.0,
         randbits: Callable[[int], int] | None = None,
+        batch_window: float = 0.0,
     ) -> None:
         self.agent = agent
+        self.batch_window = batch_window
+        """Seconds a share waits for others after a share datagram went out (0: never waits)."""
         self.detect_blocks = detect_blocks
         self.probe_interval = probe_interval
         self._lines = LineBuffer(control.MAX_CONTROL_LINE)
         self._out: list[bytes] = []
         self._datagrams: list[bytes] = []
         self._queued_records: list[_Share] = []
+        self._sealed_at = -math.inf  # when the newest share datagram (not urgent) went out
         self._urgent_records: list[_Share] = []
         self.channels: dict[int, RMChannel] = {}
         self._next_ch = 1
@@ -461,18 +469,28 @@ class StratumRMConnection:
             self._now = now
         if self._urgent_records:
             self._seal_records(self._urgent_records, urgent=True)
-        if self._queued_records:
+        if self._queued_records and self._batch_due() is None:
             self._seal_records(self._queued_records, urgent=False)
         datagrams, self._datagrams = self._datagrams, []
         self._datagrams_sent += len(datagrams)
         self._datagram_bytes += sum(len(d) for d in datagrams)
         return datagrams
 
+    def _batch_due(self) -> float | None:
+        """When the queued records go out: at once (None) unless a share datagram went out
+        less than ``batch_window`` ago and they do not fill a batch yet."""
+        if not self.batch_window or len(self._queued_records) >= BATCH_MAX_SHARES:
+            return None
+        due = self._sealed_at + self.batch_window
+        return due if due > self._now else None
+
     def _seal_records(self, shares: list[_Share], *, urgent: bool) -> None:
         keys = self._keys
         live = [s for s in shares if not s.settled]
         shares.clear()
         now = self._now
+        if live and not urgent and keys is not None:
+            self._sealed_at = now
         deadline = now + self.retransmission_timeout(now)
         timeline = self._timeline
         if keys is None:
@@ -766,7 +784,7 @@ class StratumRMConnection:
 
     # ------------------------------------------------------------------- input
 
-    def receive_control(self, data: bytes, now: float) -> None:
+    def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the TLS control connection. Sets :attr:`close_reason` on a fatal error."""
         self._now = now
         self._silence.heard(now)
@@ -928,8 +946,14 @@ class StratumRMConnection:
         if self.close_reason is None:
             self.close_reason = reason
 
-    def connection_lost(self, reason: str) -> None:
+    def close(self, reason: str, now: float) -> None:
+        """Close deliberately for ``reason`` (the proxy stops, or moved its rigs away); the first reason stays."""
+        self._now = max(self._now, now)
+        self._fail(reason)
+
+    def connection_lost(self, reason: str, now: float) -> None:
         """The control connection is gone: every channel ends."""
+        self._now = max(self._now, now)
         self._fail(reason)
         for channel in list(self.channels.values()):
             channel._fail_pending(f"StratumRM connection lost: {reason}")
@@ -941,11 +965,15 @@ class StratumRMConnection:
 
     # -------------------------------------------------------------------- time
 
-    def next_deadline(self) -> float | None:
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` is next due; None: nothing is."""
         timeline = self._timeline
         while timeline and (timeline[0][1].settled or timeline[0][1].deadline != timeline[0][0]):
             heapq.heappop(timeline)
         candidates = [t for t in (self._next_probe,) if t is not None]
+        batch_due = self._batch_due() if self._queued_records else None
+        if batch_due is not None:
+            candidates.append(batch_due)
         if timeline:
             candidates.append(timeline[0][0])
         if self.hello is not None:
@@ -968,14 +996,14 @@ class StratumRMConnection:
         if self.hello is not None:
             self._silence.acknowledged(age, now)
 
-    def on_timer(self, now: float, due: float | None = None) -> None:
-        """The deadline ``due`` (what :meth:`next_deadline` gave; None: not known) came; it is ``now``."""
+    def handle_timer(self, now: float, due: float | None = None) -> None:
+        """The deadline ``due`` (what :meth:`get_timer` gave; None: not known) came; it is ``now``."""
         self._now = now
         hello = self.hello
         if hello is not None:
             if due is not None:
                 self._silence.timer_ran(due, now)
-            if now >= self.silent_deadline():  # the sum next_deadline() gave
+            if now >= self.silent_deadline():  # the sum get_timer() gave
                 self._fail(f"sidecar silent for {hello.dead_after:g} s")
                 return
             if now >= self._last_sent + hello.heartbeat:

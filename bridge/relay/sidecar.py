@@ -13,11 +13,12 @@ Theory of operation
 Inputs (every one takes ``now``, seconds on a monotonic clock):
 
 - :meth:`SidecarSession.receive_data`: bytes of the control connection;
-- :meth:`SidecarIntake.receive`: one UDP datagram with its source address, for
+- :meth:`SidecarIntake.receive_datagram`: one UDP datagram with its source address, for
   whichever session its conn_id belongs to;
 - :meth:`SidecarSession.pool_connected`, :meth:`~SidecarSession.pool_data`,
   :meth:`~SidecarSession.pool_closed`: what happened on a channel's pool connection;
-- :meth:`SidecarSession.on_timer` at :meth:`~SidecarSession.next_deadline`;
+- :meth:`SidecarSession.handle_timer` at :meth:`~SidecarSession.get_timer`
+  (the contract of :mod:`bridge.relay.contract`);
 - :meth:`SidecarSession.connection_lost` when the control connection broke.
 
 Outputs, taken by the driver after every input:
@@ -461,7 +462,7 @@ class SidecarIntake:
             amplification_factor=AMPLIFICATION_FACTOR,
         )
 
-    def receive(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
+    def receive_datagram(self, data: bytes, address: Address, now: float) -> SidecarSession | None:
         """Run one datagram through the pipeline; return the session if it may have output.
 
         That is a session that accepted the datagram (PROBE_ACKs, pool writes,
@@ -477,11 +478,12 @@ class SidecarIntake:
             return session
         return session if session._on_drop(result.reason, now) else None  # type: ignore[union-attr]
 
-    def purge(self, now: float) -> None:
+    def handle_timer(self, now: float) -> None:
         """Forget previous key epochs whose grace period is over."""
         self.receiver.purge(now)
 
-    def next_deadline(self) -> float | None:
+    def get_timer(self) -> float | None:
+        """When a previous key epoch's grace period ends (:meth:`handle_timer` forgets it)."""
         return self.receiver.next_deadline()
 
     def statistics(self) -> ReceiverStatistics:
@@ -782,8 +784,11 @@ class SidecarSession:
         self._control_out += len(data)
         return data
 
-    def datagrams_to_send(self) -> list[OutgoingDatagram]:
-        """Datagrams to send, each already charged to the session's budget."""
+    def datagrams_to_send(self, now: float | None = None) -> list[OutgoingDatagram]:
+        """Datagrams to send, each already charged to the session's budget.
+
+        ``now`` (the contract's) changes nothing here: they were sealed when queued.
+        """
         if not self._datagrams:
             return []
         out, self._datagrams = self._datagrams, []
@@ -811,8 +816,8 @@ class SidecarSession:
         out, self._refusals = self._refusals, []
         return out
 
-    def next_deadline(self) -> float | None:
-        """When :meth:`on_timer` has something to do."""
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` has something to do."""
         if self.closed:
             return None
         deadline = self._silence.deadline()
@@ -839,15 +844,15 @@ class SidecarSession:
         means a busy proxy, not a gone one (:meth:`~bridge.relay.liveness.PeerSilence.acknowledged`)."""
         self._silence.acknowledged(age, now)
 
-    def on_timer(self, now: float, due: float | None = None) -> None:
+    def handle_timer(self, now: float, due: float | None = None) -> None:
         """Flush collected lines, send heartbeats, rekey, and notice a silent proxy: the deadline
-        ``due`` (what :meth:`next_deadline` gave; None: not known) came, and it is ``now``."""
+        ``due`` (what :meth:`get_timer` gave; None: not known) came, and it is ``now``."""
         if self.closed:
             return
         self._now = now
         if due is not None:
             self._silence.timer_ran(due, now)
-        if now >= self._silence.deadline():  # the sum next_deadline() gave
+        if now >= self._silence.deadline():  # the sum get_timer() gave
             self._close(f"proxy silent for {self.dead_after:g} s (no line, no rm.pong)")
             return
         if self._notify_due is not None and now >= self._notify_due:
@@ -1455,7 +1460,7 @@ class SidecarSession:
         """Convenience: run a datagram through this session's intake (shared or private)."""
         if self.intake is None:
             return None
-        return self.intake.receive(data, address, now)
+        return self.intake.receive_datagram(data, address, now)
 
     def _on_datagram(self, accepted: Accepted, now: float) -> None:
         if self.closed:

@@ -146,14 +146,14 @@ async def test_a_bug_on_one_pool_connection_ends_that_connection_only(monkeypatc
 
 
 async def test_a_bug_on_one_datagram_drops_that_datagram_only(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = SidecarIntake.receive
+    original = SidecarIntake.receive_datagram
 
-    def receive(self: SidecarIntake, data: bytes, address, now: float):
+    def receive_datagram(self: SidecarIntake, data: bytes, address, now: float):
         if data == b"boom":
-            raise PlantedBug("planted in SidecarIntake.receive")
+            raise PlantedBug("planted in SidecarIntake.receive_datagram")
         return original(self, data, address, now)
 
-    monkeypatch.setattr(SidecarIntake, "receive", receive)
+    monkeypatch.setattr(SidecarIntake, "receive_datagram", receive_datagram)
     pki = make_test_pki(tmp_path)
     async with trio.open_nursery() as nursery:
         sidecar = SidecarServer(parse_upstream_url(f"stratum+tcp://{HOST}:1"), pki.server_context())
@@ -217,15 +217,15 @@ async def test_a_bug_on_the_proxys_stratumrm_session_ends_that_session_and_the_n
     from bridge.testing.miner import Miner
 
     armed = [False]
-    original = StratumRMConnection.receive_control
+    original = StratumRMConnection.receive_data
 
-    def receive_control(self: StratumRMConnection, data: bytes, now: float) -> None:
+    def receive_data(self: StratumRMConnection, data: bytes, now: float) -> None:
         if armed[0]:
             armed[0] = False
-            raise PlantedBug("planted in StratumRMConnection.receive_control")
+            raise PlantedBug("planted in StratumRMConnection.receive_data")
         original(self, data, now)
 
-    monkeypatch.setattr(StratumRMConnection, "receive_control", receive_control)
+    monkeypatch.setattr(StratumRMConnection, "receive_data", receive_data)
     async with trio.open_nursery() as nursery:
         chain = await start_chain(nursery, tmp_path, accounts=("rig",), pool_config=PoolConfig(difficulty=2e-6))
         miner = Miner(chain.miner_url, "rig.one", hashrate=50_000, reconnect_delay=0.2)

@@ -101,7 +101,7 @@ async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path) -> None:
             assert connection.statistics().udp_fallbacks == 1
             chain.link.set_impairment(to_target=Impairment(), to_client=Impairment())
             connection.probe_interval = 0.2
-            connection._next_probe = trio.current_time()
+            connection.probe(trio.current_time())
             chain.proxy.link.kick()
             while not connection.udp_up:
                 await trio.sleep(0.05)

@@ -170,9 +170,7 @@ class PairWorld:
         heapq.heappush(self._events, (when, next(self._seq), action))
 
     def _next_time(self) -> float | None:
-        times = [
-            t for t in (self.proxy.next_deadline(), self.sidecar.next_deadline(), self.intake.next_deadline()) if t is not None
-        ]
+        times = [t for t in (self.proxy.get_timer(), self.sidecar.get_timer(), self.intake.get_timer()) if t is not None]
         if self._events:
             times.append(self._events[0][0])
         return min(times) if times else None
@@ -191,15 +189,15 @@ class PairWorld:
             while self._events and self._events[0][0] <= self.now:
                 _, _, action = heapq.heappop(self._events)
                 action()
-            deadline = self.proxy.next_deadline()
+            deadline = self.proxy.get_timer()
             if deadline is not None and deadline <= self.now:
-                self.proxy.on_timer(self.now)
-            deadline = self.sidecar.next_deadline()
+                self.proxy.handle_timer(self.now)
+            deadline = self.sidecar.get_timer()
             if deadline is not None and deadline <= self.now:
-                self.sidecar.on_timer(self.now)
-            deadline = self.intake.next_deadline()
+                self.sidecar.handle_timer(self.now)
+            deadline = self.intake.get_timer()
             if deadline is not None and deadline <= self.now:
-                self.intake.purge(self.now)
+                self.intake.handle_timer(self.now)
             self.pump()
             assert self.proxy.close_reason is None, self.proxy.close_reason
             assert not self.sidecar.closed, self.sidecar.close_reason
@@ -215,11 +213,11 @@ class PairWorld:
             self.at(self._control_up_at, lambda data=data: self.sidecar.receive_data(data, self.now))
         for datagram in self.proxy.datagrams_to_send(now):
             for when in self.up.carry(now):
-                self.at(when, lambda d=datagram: self.intake.receive(d, PROXY_UDP, self.now))
+                self.at(when, lambda d=datagram: self.intake.receive_datagram(d, PROXY_UDP, self.now))
         data = self.sidecar.data_to_send()
         if data:
             self._control_down_at = max(self._control_down_at, now + self.control_delay)
-            self.at(self._control_down_at, lambda data=data: self.proxy.receive_control(data, self.now))
+            self.at(self._control_down_at, lambda data=data: self.proxy.receive_data(data, self.now))
         for outgoing in self.sidecar.datagrams_to_send():
             assert outgoing.address == PROXY_UDP
             for when in self.down.carry(now):

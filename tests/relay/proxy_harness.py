@@ -196,7 +196,7 @@ class World:
             busy = self.connect_pending()
             busy |= self.pump()
             busy |= self.answer_checks()
-            deadline = self.core.next_deadline(self.now)
+            deadline = self.core.get_timer()
             if deadline is not None and deadline <= self.now:
                 self.feed(Timer())
                 busy = True

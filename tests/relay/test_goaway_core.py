@@ -35,9 +35,9 @@ def test_the_proxy_core_offers_goaway_and_records_the_deadline() -> None:
     assert "goaway" in request["params"]["features"]
     sidecar = SidecarSession(now=0.0, udp_port=None)
     sidecar.receive_data(json.dumps(request).encode() + b"\n", 0.0)
-    proxy.receive_control(sidecar.data_to_send(), 0.5)
+    proxy.receive_data(sidecar.data_to_send(), 0.5)
     assert proxy.ready and proxy.goaway is None
     sidecar.go_away(20.0, "restart", 1.0)
-    proxy.receive_control(sidecar.data_to_send(), 10.0)
+    proxy.receive_data(sidecar.data_to_send(), 10.0)
     assert proxy.goaway is not None and proxy.goaway.reason == "restart" and proxy.goaway_by == 30.0
     assert proxy.close_reason is None

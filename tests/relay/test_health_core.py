@@ -54,9 +54,9 @@ def test_anything_but_a_subscribe_result_is_down_with_a_reason(data: bytes, word
 
 def test_silence_until_the_deadline_is_down() -> None:
     probe = check(100.0)
-    probe.on_timer(104.9)
+    probe.handle_timer(104.9)
     assert probe.verdict is None
-    probe.on_timer(105.0)
+    probe.handle_timer(105.0)
     assert probe.verdict == Verdict(False, "pool pool:3333 did not answer mining.subscribe within 5 s")
 
 
@@ -76,16 +76,16 @@ def test_refused_and_closed_connections_are_down_and_the_first_verdict_stands() 
 def test_evidence_of_life_needs_no_check_and_quiet_makes_one_due() -> None:
     watch = HealthWatch(0.0, quiet_after=10.0)
     watch.alive(5.0)
-    assert watch.next_deadline() == 15.0 and not watch.check_due(14.9) and watch.check_due(15.0)
+    assert watch.get_timer() == 15.0 and not watch.check_due(14.9) and watch.check_due(15.0)
     watch.check_started(15.0)
-    assert watch.next_deadline() is None  # one check at a time
+    assert watch.get_timer() is None  # one check at a time
     watch.check_done(Verdict(True), 15.1)
-    assert watch.up and watch.take_changes() == [] and watch.next_deadline() == 25.1
+    assert watch.up and watch.take_changes() == [] and watch.get_timer() == 25.1
 
 
 def test_without_quiet_after_only_a_suspicion_makes_a_check_due() -> None:
     watch = HealthWatch(0.0)
-    assert watch.next_deadline() is None
+    assert watch.get_timer() is None
     watch.suspect("pool closed the connection", 50.0)
     assert watch.check_due(50.0)
 
@@ -99,7 +99,7 @@ def test_a_failed_check_is_an_outage_checked_again_with_backoff_until_it_ends() 
     watch.check_done(Verdict(False, "refused"), now)
     assert watch.take_changes() == [Verdict(False, "refused")] and watch.outages == 1
     for _ in range(4):
-        deadline = watch.next_deadline()
+        deadline = watch.get_timer()
         assert deadline is not None
         retries.append(deadline - now)
         now = deadline
@@ -109,7 +109,7 @@ def test_a_failed_check_is_an_outage_checked_again_with_backoff_until_it_ends() 
     assert retries == [0.5, 1.0, 2.0, 2.0] and watch.reason == "still refused" and watch.take_changes() == []
     watch.check_started(now + 2.0)
     watch.check_done(Verdict(True), now + 2.0)
-    assert watch.up and watch.take_changes() == [Verdict(True, "")] and watch.next_deadline() is None
+    assert watch.up and watch.take_changes() == [Verdict(True, "")] and watch.get_timer() is None
 
 
 def test_jobs_arriving_end_an_outage_at_once() -> None:
@@ -119,7 +119,7 @@ def test_jobs_arriving_end_an_outage_at_once() -> None:
     watch.check_done(Verdict(False, "refused"), 1.0)
     watch.alive(1.2)  # the pool is back: a channel's connection got a notify
     assert watch.up and watch.take_changes() == [Verdict(False, "refused"), Verdict(True, "")]
-    assert watch.next_deadline() == 11.2
+    assert watch.get_timer() == 11.2
 
 
 def test_a_check_that_fails_while_the_pool_speaks_is_not_an_outage() -> None:
@@ -135,10 +135,10 @@ def test_a_check_that_cannot_tell_changes_nothing_and_is_tried_again_with_backof
     watch.suspect("a pool connection failed: Too many open files", 1.0)
     watch.check_started(1.0)
     watch.check_done(Verdict(None, "connecting failed locally: Too many open files"), 1.0)
-    assert watch.up and watch.take_changes() == [] and watch.next_deadline() == 1.5
+    assert watch.up and watch.take_changes() == [] and watch.get_timer() == 1.5
     watch.check_started(1.5)
     watch.check_done(Verdict(None, "still short"), 1.5)
-    assert watch.up and watch.next_deadline() == 2.5
+    assert watch.up and watch.get_timer() == 2.5
     watch.check_started(2.5)
     watch.check_done(Verdict(False, "refused"), 2.5)
     assert not watch.up and watch.take_changes() == [Verdict(False, "refused")]

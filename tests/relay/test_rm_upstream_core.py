@@ -50,7 +50,7 @@ class FakeSidecar:
         self.lines: list[dict] = []
 
     def send(self, *lines: bytes, now: float = 0.0) -> None:
-        self.conn.receive_control(b"".join(lines), now)
+        self.conn.receive_data(b"".join(lines), now)
 
     def read(self) -> list[dict]:
         new = [json.loads(line) for line in self.conn.data_to_send().decode().splitlines()]
@@ -164,9 +164,9 @@ def test_a_slow_pool_is_no_reason_to_send_again_once_the_sidecar_acknowledged() 
     conn.receive_datagram(ack, ("127.0.0.1", 3334), 0.0053)
     assert conn.rtt.srtt == pytest.approx(0.0053)
     # The pool answers after 300 ms (far past the transport RTO): nothing was sent again.
-    deadline = conn.next_deadline()
+    deadline = conn.get_timer()
     assert deadline is not None and deadline > 0.25
-    conn.on_timer(0.24)
+    conn.handle_timer(0.24)
     assert conn.datagrams_to_send() == []
     verdict = sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 0),))).data
     conn.receive_datagram(verdict, ("127.0.0.1", 3334), 0.24)
@@ -187,9 +187,9 @@ def test_a_lost_verdict_is_asked_for_again_after_the_verdict_timeout() -> None:
     [datagram] = conn.datagrams_to_send()
     pn = sidecar.open(datagram)[0].pn
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pn, pn),))).data, ("127.0.0.1", 3334), 0.001)
-    conn.on_timer(0.5)
+    conn.handle_timer(0.5)
     assert conn.datagrams_to_send() == []  # the verdict timeout starts at 1 s
-    conn.on_timer(1.01)
+    conn.handle_timer(1.01)
     [again] = conn.datagrams_to_send()
     header, body = sidecar.open(again)
     assert header.pn > pn and isinstance(body, Share) and body.nonce == 0x0A029ED1
@@ -220,7 +220,7 @@ def test_a_verdict_is_not_asked_for_again_while_every_sidecar_datagram_arrives()
     sidecar.start()
     channel, pns = _two_acknowledged_shares(conn, sidecar)
     conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pns[1], 0),))).data, ("127.0.0.1", 3334), 0.5)
-    conn.on_timer(1.01)
+    conn.handle_timer(1.01)
     assert conn.datagrams_to_send() == []
     stats = conn.statistics()
     assert stats.verdict_queries == 0 and stats.verdict_waits == 1 and stats.pending == 1
@@ -238,7 +238,7 @@ def test_a_missing_sidecar_datagram_makes_the_verdict_timeout_ask_again() -> Non
     _channel, pns = _two_acknowledged_shares(conn, sidecar)
     sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pns[0], 0),)))  # lost on the way
     conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pns[1], 0),))).data, ("127.0.0.1", 3334), 0.5)
-    conn.on_timer(1.01)
+    conn.handle_timer(1.01)
     [again] = conn.datagrams_to_send()
     _header, body = sidecar.open(again)
     assert isinstance(body, Share) and body.nonce == 0x0A029ED1
@@ -260,7 +260,7 @@ def test_a_verdict_lost_before_its_datagram_was_acknowledged_is_still_asked_for(
     sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 0),)))  # lost on the way
     conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 1),))).data, ("127.0.0.1", 3334), 0.01)
     conn.receive_datagram(sidecar.keys.sealer.seal(ProbeAck(99)).data, ("127.0.0.1", 3334), 0.5)  # heard again
-    conn.on_timer(1.02)
+    conn.handle_timer(1.02)
     [again] = conn.datagrams_to_send(1.02)
     body = sidecar.open(again)[1]
     assert isinstance(body, Share) and body.nonce == 0x0A029ED1
@@ -274,8 +274,8 @@ def test_the_retransmission_deadline_adds_the_announced_ack_delay_and_late_acks_
     channel = channel_ready(conn, sidecar)
     channel.submit(SUBMIT, context="late")
     [first] = conn.datagrams_to_send(0.0)
-    assert conn.next_deadline() == pytest.approx(0.125)  # RTO + the sidecar's max_ack_delay (QUIC's PTO)
-    conn.on_timer(0.126)
+    assert conn.get_timer() == pytest.approx(0.125)  # RTO + the sidecar's max_ack_delay (QUIC's PTO)
+    conn.handle_timer(0.126)
     [_second] = conn.datagrams_to_send(0.126)
     assert conn.statistics().retransmissions_udp == 1
     # The first copy was only late: its acknowledgement comes at 0.2 s. The next share
@@ -285,7 +285,7 @@ def test_the_retransmission_deadline_adds_the_announced_ack_delay_and_late_acks_
     stats = conn.statistics()
     assert stats.spurious_retransmissions == 1 and stats.retransmission_floor_ms == pytest.approx(400)
     assert conn.retransmission_timeout(0.2) >= 0.4
-    conn.on_timer(60.2)
+    conn.handle_timer(60.2)
     assert conn.statistics().retransmission_floor_ms == pytest.approx(200)
     assert [reply.accepted for reply in channel.events] == [True]
     # A sidecar announcing an absurd ack delay is capped.
@@ -306,7 +306,7 @@ def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> 
         channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
         [datagram] = conn.datagrams_to_send(0.001)
         pns.append(sidecar.open(datagram)[0].pn)
-    conn.on_timer(0.2)
+    conn.handle_timer(0.2)
     [probe] = conn.datagrams_to_send(0.2)
     body = sidecar.open(probe)[1]
     assert isinstance(body, Share) and body.nonce == 0x0A029ED1
@@ -314,7 +314,7 @@ def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> 
     assert stats.retransmissions_udp == 1 and stats.probe_waits == 2
     # The stall ends: the sidecar acknowledges the three first copies. Nothing else goes.
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[0]),))).data, ("127.0.0.1", 3334), 0.25)
-    conn.on_timer(0.9)
+    conn.handle_timer(0.9)
     assert conn.datagrams_to_send(0.9) == []
     stats = conn.statistics()
     assert stats.retransmissions_udp == 1 and stats.spurious_retransmissions == 1
@@ -334,7 +334,7 @@ def test_without_evidence_of_loss_an_expiry_sends_one_probe_even_for_shares_sent
         [datagram] = conn.datagrams_to_send(0.001 * (index + 1))
         pns.append(sidecar.open(datagram)[0].pn)
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[0], pns[0]),))).data, ("127.0.0.1", 3334), 0.01)
-    conn.on_timer(0.2)
+    conn.handle_timer(0.2)
     [probe] = conn.datagrams_to_send(0.2)
     body = sidecar.open(probe)[1]
     assert isinstance(body, Share) and body.nonce == 0x0A029ED2
@@ -342,7 +342,7 @@ def test_without_evidence_of_loss_an_expiry_sends_one_probe_even_for_shares_sent
     assert stats.retransmissions_udp == 1 and stats.probe_waits == 1
     # The stall ends: both first copies are acknowledged; nothing else goes.
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[1]),))).data, ("127.0.0.1", 3334), 0.21)
-    conn.on_timer(0.9)
+    conn.handle_timer(0.9)
     assert conn.datagrams_to_send(0.9) == []
     assert conn.statistics().retransmissions_udp == 1
 
@@ -359,7 +359,7 @@ def test_an_acknowledgement_of_a_later_datagram_is_evidence_of_loss_and_every_ex
         pns.append(sidecar.open(datagram)[0].pn)
     # The third datagram is acknowledged, the first two never: they were lost.
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[2]),))).data, ("127.0.0.1", 3334), 0.01)
-    conn.on_timer(0.2)
+    conn.handle_timer(0.2)
     copies = conn.datagrams_to_send(0.2)
     nonces = sorted(record.nonce for datagram in copies for record in _records(sidecar.open(datagram)[1]))
     assert nonces == [0x0A029ED1, 0x0A029ED2]
@@ -381,7 +381,7 @@ def test_acknowledged_shares_of_a_silent_sidecar_ask_for_their_verdicts_one_at_a
         [datagram] = conn.datagrams_to_send(0.0)
         pns.append(sidecar.open(datagram)[0].pn)
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[0]),))).data, ("127.0.0.1", 3334), 0.001)
-    conn.on_timer(1.01)  # the verdict timeout, and not a word from the sidecar since the ACK
+    conn.handle_timer(1.01)  # the verdict timeout, and not a word from the sidecar since the ACK
     [query] = conn.datagrams_to_send(1.01)
     assert isinstance(sidecar.open(query)[1], Share)
     stats = conn.statistics()
@@ -414,8 +414,30 @@ def test_a_sidecar_without_data_channel_v2_gets_shares_over_tls() -> None:
     conn.start(0.0)
     conn.data_to_send()
     old = control.HelloResult(version=1, features=["udp-shares"], udp_port=3334)
-    conn.receive_control(control.encode_rm_result(1, old), 0.0)
+    conn.receive_data(control.encode_rm_result(1, old), 0.0)
     assert conn.ready and conn.hello is not None and conn.hello.udp_port is None
+
+
+def test_a_batch_window_delays_only_shares_that_follow_another_within_it() -> None:
+    conn = StratumRMConnection(detect_blocks=False, batch_window=0.002)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    channel.submit(msgspec.structs.replace(SUBMIT, nonce="00000001"))
+    [lone] = conn.datagrams_to_send(0.1)  # alone: it goes at once
+    assert isinstance(sidecar.open(lone)[1], Share)
+    channel.submit(msgspec.structs.replace(SUBMIT, nonce="00000002"))
+    assert conn.datagrams_to_send(0.1005) == []  # another went 0.5 ms ago: it waits for the window
+    due = conn.get_timer()
+    assert due == pytest.approx(0.102)
+    channel.submit(msgspec.structs.replace(SUBMIT, nonce="00000003"))
+    assert conn.datagrams_to_send(0.101) == []
+    conn.handle_timer(due)
+    [batch] = conn.datagrams_to_send(due)
+    assert sorted(r.nonce for r in _records(sidecar.open(batch)[1])) == [2, 3]  # together, one datagram
+    channel.submit(msgspec.structs.replace(SUBMIT, nonce="00000004"))
+    [later] = conn.datagrams_to_send(0.2)  # the window since the last datagram is over: at once
+    assert isinstance(sidecar.open(later)[1], Share)
 
 
 def test_shares_of_one_step_share_a_datagram_and_rejects_keep_the_pools_words() -> None:
@@ -448,12 +470,11 @@ def test_no_verdict_means_udp_retransmission_then_tls_and_repeated_failures_fall
     for attempt in range(3):
         now = attempt * 10.0
         channel.submit(msgspec.structs.replace(SUBMIT, nonce=f"{attempt:08x}"), context=attempt)
-        conn._now = now
-        [first] = conn.datagrams_to_send()
-        conn.on_timer(now + 5)  # past any RTO
+        [first] = conn.datagrams_to_send(now)
+        conn.handle_timer(now + 5)  # past any RTO
         [again] = conn.datagrams_to_send()
         assert sidecar.open(again)[0].pn > sidecar.open(first)[0].pn
-        conn.on_timer(now + 9)
+        conn.handle_timer(now + 9)
         tls = [m for m in sidecar.read() if m.get("method") == "mining.submit"]
         assert len(tls) == 1 and tls[0]["params"][4] == f"{attempt:08x}"
         sidecar.send(control.encode_channel_response(channel.ch, tls[0]["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")))
@@ -476,9 +497,9 @@ def test_a_late_udp_verdict_after_the_tls_one_is_ignored() -> None:
     channel = channel_ready(conn, sidecar)
     channel.submit(SUBMIT, context="x")
     [first] = conn.datagrams_to_send()
-    conn.on_timer(5)
+    conn.handle_timer(5)
     conn.datagrams_to_send()
-    conn.on_timer(10)
+    conn.handle_timer(10)
     [tls] = [m for m in sidecar.read() if m.get("method") == "mining.submit"]
     sidecar.send(control.encode_channel_response(channel.ch, tls["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")))
     sidecar.send(control.encode_rm("rm.results", control.Results(v=[(1, sidecar.open(first)[0].pn, 0, 1)])))
@@ -518,11 +539,11 @@ def test_sidecar_closing_a_channel_and_going_silent() -> None:
     sidecar.send(control.encode_rm("rm.close", control.Close(ch=channel.ch, reason="pool connection refused")))
     assert isinstance(channel.events[-1], ChannelClosed) and "pool connection refused" in channel.events[-1].reason
     other = conn.open_channel()
-    conn.on_timer(1.5)
+    conn.handle_timer(1.5)
     assert any(m.get("method") == "rm.ping" for m in sidecar.read())
-    conn.on_timer(6.0)
+    conn.handle_timer(6.0)
     assert conn.close_reason and "silent" in conn.close_reason
-    conn.connection_lost(conn.close_reason)
+    conn.connection_lost(conn.close_reason, 6.0)
     assert isinstance(other.events[-1], ChannelClosed)
 
 
@@ -537,7 +558,7 @@ def test_sidecar_closing_a_channel_and_going_silent() -> None:
 def test_malformed_control_lines_close_the_connection_with_a_reason(line) -> None:
     conn = StratumRMConnection()
     FakeSidecar(conn).start()
-    conn.receive_control(line, 0.0)
+    conn.receive_data(line, 0.0)
     assert conn.close_reason
 
 
@@ -545,7 +566,7 @@ def test_refused_hello_closes_with_the_sidecars_words() -> None:
     conn = StratumRMConnection()
     conn.start(0.0)
     conn.data_to_send()
-    conn.receive_control(b'{"id":1,"result":null,"error":[1,"unsupported StratumRM version 1"]}\n', 0.0)
+    conn.receive_data(b'{"id":1,"result":null,"error":[1,"unsupported StratumRM version 1"]}\n', 0.0)
     assert "unsupported StratumRM version" in conn.close_reason
 
 
@@ -556,7 +577,7 @@ def test_udp_comes_back_after_a_fallback_when_a_probe_is_answered() -> None:
     channel_ready(conn, sidecar)
     conn._udp_down(0.0)
     assert not conn.udp_up and conn.datagrams_to_send() == []
-    conn.on_timer(10.0)  # the re-probe is due
+    conn.handle_timer(10.0)  # the re-probe is due
     [probe] = conn.datagrams_to_send()
     _header, body = sidecar.open(probe)
     assert isinstance(body, Probe)
@@ -584,9 +605,9 @@ def test_a_sidecar_whose_bytes_wait_unread_is_busy_not_silent() -> None:
     channel_ready(conn, sidecar)
     due = conn.silent_deadline()
     conn.input_waiting(due)  # the driver saw bytes in the kernel: the proxy is behind
-    conn.on_timer(due)
+    conn.handle_timer(due)
     assert conn.close_reason is None and conn.silent_deadline() == due + 5.0
-    conn.on_timer(due + 5.0)
+    conn.handle_timer(due + 5.0)
     assert conn.close_reason and "silent" in conn.close_reason
 
 
@@ -597,15 +618,15 @@ def test_time_this_process_was_too_busy_to_read_is_not_the_sidecars_silence() ->
     conn = StratumRMConnection(detect_blocks=False)
     sidecar = FakeSidecar(conn)
     sidecar.start(udp=False, dead_after=5.0)
-    conn.on_timer(7.0, due=4.0)
+    conn.handle_timer(7.0, due=4.0)
     assert conn.close_reason is None
     assert conn.silent_deadline() == pytest.approx(8.0)
-    conn.on_timer(8.0, due=8.0)
+    conn.handle_timer(8.0, due=8.0)
     assert conn.close_reason == "sidecar silent for 5 s"
     # The same late timer judged on the sidecar's clock alone (no due: nothing known) is silence.
     plain = StratumRMConnection(detect_blocks=False)
     FakeSidecar(plain).start(udp=False, dead_after=5.0)
-    plain.on_timer(7.0)
+    plain.handle_timer(7.0)
     assert plain.close_reason == "sidecar silent for 5 s"
 
 
@@ -616,10 +637,10 @@ def test_a_loop_that_is_always_late_still_finds_a_dead_sidecar_within_twice_dead
     sidecar.start(udp=False, dead_after=5.0)
     now = 0.0
     while conn.close_reason is None:
-        due = conn.next_deadline()
+        due = conn.get_timer()
         assert due is not None
         now = due + late  # every timer late, for ever (and the sidecar dead)
-        conn.on_timer(now, due=due)
+        conn.handle_timer(now, due=due)
         conn.data_to_send()  # the heartbeat rm.ping goes out
         assert now <= 2 * 5.0 + late
     assert conn.close_reason == "sidecar silent for 5 s"
@@ -631,13 +652,13 @@ def test_lateness_counts_only_since_the_sidecars_last_word() -> None:
     conn = StratumRMConnection(detect_blocks=False)
     sidecar = FakeSidecar(conn)
     sidecar.start(udp=False, dead_after=5.0)
-    conn.on_timer(3.0, due=1.0)  # 2 s late before the sidecar spoke again
+    conn.handle_timer(3.0, due=1.0)  # 2 s late before the sidecar spoke again
     assert conn.silent_deadline() == pytest.approx(7.0)
     sidecar.send(control.encode_rm("rm.ping", control.Ping(t=3.5)), now=3.5)
     assert conn.silent_deadline() == pytest.approx(8.5)  # a fresh 5 s: the old lateness is spent
-    conn.on_timer(5.0, due=3.0)  # due before the word at 3.5: only the 1.5 s after it counts
+    conn.handle_timer(5.0, due=3.0)  # due before the word at 3.5: only the 1.5 s after it counts
     assert conn.silent_deadline() == pytest.approx(10.0)
-    conn.on_timer(10.0, due=10.0)
+    conn.handle_timer(10.0, due=10.0)
     assert conn.close_reason == "sidecar silent for 5 s"
 
 
@@ -647,8 +668,8 @@ def test_a_silent_sidecar_whose_tcp_still_acknowledges_is_busy_until_the_busy_li
     now = conn.silent_deadline()
     while conn.close_reason is None:
         conn.peer_acknowledged(0.3, now)  # every time: its kernel acknowledges the rm.pings
-        conn.on_timer(now, due=now)
+        conn.handle_timer(now, due=now)
         conn.data_to_send()
-        now = conn.next_deadline()
+        now = conn.get_timer()
     assert conn.close_reason == "sidecar silent for 5 s"
     assert conn.silent_deadline() == pytest.approx(30.0)  # a hung sidecar is still found

@@ -135,9 +135,9 @@ class Harness:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-        deadline = self.session.next_deadline()
+        deadline = self.session.get_timer()
         if deadline is not None and deadline <= self.now:
-            self.session.on_timer(self.now)
+            self.session.handle_timer(self.now)
         self.pump()
 
     def datagram(self, data: bytes, address: Any = RIG) -> None:
@@ -291,7 +291,7 @@ def test_malformed_lines_close_the_connection_with_rm_error_and_a_reason(raw: by
     assert lines[-1]["method"] == "rm.error" and reason in lines[-1]["params"]["reason"]
     assert harness.session.closed and reason in (harness.session.protocol_error or "")
     assert harness.closed_pools == {3: harness.closed_pools[3]}  # the channel's pool connection goes too
-    assert harness.session.next_deadline() is None
+    assert harness.session.get_timer() is None
 
 
 # ------------------------------------------------------------------ channels
@@ -430,7 +430,7 @@ def test_identical_notifies_become_one_rm_job_and_one_rm_notify() -> None:
     harness.pool(4, {"id": None, "method": "mining.notify", "params": notify_params("j9")})
     [job] = harness.take()
     assert job == {"id": None, "method": "rm.job", "params": {"job": 1, "notify": notify_params("j9")}}
-    assert harness.session.next_deadline() == pytest.approx(harness.now + 0.002)
+    assert harness.session.get_timer() == pytest.approx(harness.now + 0.002)
     harness.advance(0.001)
     assert harness.take() == []  # still collecting
     harness.advance(0.0015)
@@ -498,13 +498,13 @@ def test_a_udp_share_is_rebuilt_forwarded_at_once_and_its_verdict_sent_at_once()
     [submit] = harness.submits()
     assert submit["params"] == ["alice.rig1", "j1", "0000002a", "6554a2c1", "b2957c02", "00c00000"]
     # the ACK, unless a verdict comes first: after the announced max_ack_delay (QUIC's default)
-    assert harness.session.next_deadline() == pytest.approx(harness.now + 0.025)
+    assert harness.session.get_timer() == pytest.approx(harness.now + 0.025)
     harness.pool(3, {"id": submit["id"], "result": True, "error": None})
     # One 37-byte VERDICT datagram, no waiting for company, no ACK (the verdict acknowledges).
     assert harness.results() == [[0, 0, 0, 1]]
     [(data, address)] = harness.datagrams
     assert len(data) == 37 and address == RIG
-    assert harness.session.next_deadline() > harness.now + 0.025
+    assert harness.session.get_timer() > harness.now + 0.025
     harness.advance(0.03)
     assert len(harness.datagrams) == 1 and harness.tls_results() == []
     # Without version bits the sixth param is left out.
@@ -842,7 +842,7 @@ def test_bad_tags_past_the_threshold_rekey_instead_of_closing() -> None:
     harness.now += 10.0
     intake = harness.session.intake
     assert intake is not None
-    intake.purge(harness.now)
+    intake.handle_timer(harness.now)
     harness.datagram(old_keys.sealer.seal(harness.share(nonce=4)).data)
     assert intake.statistics().dropped["unknown conn_id"] == 1
     harness.datagram(harness.seal(harness.share(nonce=5)))
@@ -856,7 +856,7 @@ def test_rekey_keeps_the_previous_epoch_for_the_grace_period() -> None:
     harness.datagram(old_keys.sealer.seal(Probe(probe_id=0)).data)  # teaches the address
     assert len(harness.datagrams) == 1
     harness.now += 60.0
-    harness.session.on_timer(harness.now)
+    harness.session.handle_timer(harness.now)
     lines = harness.take()
     [keys_line] = [m for m in lines if m.get("method") == "rm.keys"]
     assert keys_line["params"]["epoch"] == 1 and harness.material.conn_id != old_material.conn_id
@@ -884,7 +884,7 @@ def test_datagrams_of_a_closed_session_are_unknown() -> None:
     data = harness.seal(harness.share())
     harness.send_raw(b"garbage\n")
     assert harness.session.closed
-    assert intake.receive(data, RIG, harness.now) is None
+    assert intake.receive_datagram(data, RIG, harness.now) is None
     assert intake.statistics().dropped["unknown conn_id"] == 1 and intake.statistics().sessions == 0
 
 
@@ -944,7 +944,7 @@ def test_cost_per_udp_share_through_the_core() -> None:
         session.commands()
         session.pool_data(3, replies[n], harness.now)
         if n % 16 == 15:
-            session.on_timer(harness.now + 0.01)
+            session.handle_timer(harness.now + 0.01)
             session.data_to_send()
     elapsed = time.perf_counter() - start
     per_share = elapsed / count * 1e6
@@ -980,7 +980,7 @@ def test_a_proxy_whose_bytes_wait_unread_is_busy_not_silent() -> None:
     assert harness.now >= harness.session.silent_deadline() - 1.0
     due = harness.session.silent_deadline()
     harness.session.input_waiting(due)  # the driver saw bytes in the kernel: the sidecar is behind
-    harness.session.on_timer(due)
+    harness.session.handle_timer(due)
     assert not harness.session.closed and harness.session.silent_deadline() == due + 5.0
 
 
@@ -991,13 +991,13 @@ def test_time_the_sidecar_was_too_busy_to_read_is_not_the_proxys_silence() -> No
     harness = ready(heartbeat=1.0, dead_after=5.0)
     session = harness.session
     spoke = session.silent_deadline() - 5.0
-    session.on_timer(spoke + 7.0, due=spoke + 4.0)
+    session.handle_timer(spoke + 7.0, due=spoke + 4.0)
     assert not session.closed and session.silent_deadline() == pytest.approx(spoke + 8.0)
-    session.on_timer(spoke + 8.0, due=spoke + 8.0)
+    session.handle_timer(spoke + 8.0, due=spoke + 8.0)
     assert session.close_reason == "proxy silent for 5 s (no line, no rm.pong)"
     # The same late timer without its due time (nothing known about the lag) is silence.
     plain = ready(heartbeat=1.0, dead_after=5.0)
-    plain.session.on_timer(plain.session.silent_deadline() + 2.0)
+    plain.session.handle_timer(plain.session.silent_deadline() + 2.0)
     assert plain.session.closed
 
 
@@ -1006,10 +1006,10 @@ def test_a_silent_proxy_whose_tcp_still_acknowledges_is_busy_not_gone() -> None:
     session = harness.session
     due = session.silent_deadline()
     session.peer_acknowledged(0.3, due)  # the driver read TCP_INFO: the proxy's kernel answers
-    session.on_timer(due, due=due)
+    session.handle_timer(due, due=due)
     assert not session.closed and session.silent_deadline() == pytest.approx(due + 5.0)
     gone = ready(heartbeat=1.0, dead_after=5.0)
     deadline = gone.session.silent_deadline()
     gone.session.peer_acknowledged(4.0, deadline)  # nothing acknowledged for 4 s: the path is gone
-    gone.session.on_timer(deadline, due=deadline)
+    gone.session.handle_timer(deadline, due=deadline)
     assert gone.session.close_reason == "proxy silent for 5 s (no line, no rm.pong)"

@@ -59,9 +59,9 @@ def test_rm_pool_from_a_proxy_is_a_protocol_error() -> None:
 def test_the_proxy_side_records_the_status() -> None:
     connection = StratumRMConnection()
     connection.start(0.0)
-    connection.receive_control(b'{"id":1,"result":{"version":1,"features":["pool-status"]},"error":null}\n', 0.1)
+    connection.receive_data(b'{"id":1,"result":{"version":1,"features":["pool-status"]},"error":null}\n', 0.1)
     assert connection.ready and connection.pool_up
-    connection.receive_control(b'{"id":null,"method":"rm.pool","params":{"status":"down","reason":"refused"}}\n', 0.2)
+    connection.receive_data(b'{"id":null,"method":"rm.pool","params":{"status":"down","reason":"refused"}}\n', 0.2)
     assert not connection.pool_up and connection.pool_reason == "refused" and connection.close_reason is None
-    connection.receive_control(b'{"id":null,"method":"rm.pool","params":{"status":"up","reason":""}}\n', 0.3)
+    connection.receive_data(b'{"id":null,"method":"rm.pool","params":{"status":"up","reason":""}}\n', 0.3)
     assert connection.pool_up
