@@ -32,7 +32,10 @@ as above; the timer event is fed when it comes.
 The names follow aioquic's ``QuicConnection``. Cores that follow it:
 :class:`~bridge.relay.rm_upstream.StratumRMConnection` (the proxy side of
 StratumRM), :class:`~bridge.relay.sidecar.SidecarSession` (the sidecar side),
-:class:`~bridge.relay.proxy.ProxyCore` (the proxy, an event core),
+:class:`~bridge.relay.proxy.ProxyCore` (the proxy, an event core) and the
+two cores it owns, :class:`~bridge.relay.miner_channel.MinerChannel` (one rig)
+and :class:`~bridge.relay.failover.FailoverPolicy` (whose timer's decisions
+:meth:`~bridge.relay.failover.FailoverPolicy.take_actions` hands over),
 :class:`~bridge.relay.sidecar.SidecarIntake` (the sidecar's UDP intake),
 :class:`~bridge.relay.health.HealthWatch` and
 :class:`~bridge.relay.health.SubscribeCheck` (pool health); the conformance is
@@ -113,7 +116,9 @@ class EventCore(Protocol[EventT_contra, CommandT_co]):
 
 
 if TYPE_CHECKING:  # mypy checks that the cores follow the contract
+    from bridge.relay.failover import FailoverPolicy
     from bridge.relay.health import HealthWatch, SubscribeCheck
+    from bridge.relay.miner_channel import MinerChannel
     from bridge.relay.proxy import Command, Event, ProxyCore
     from bridge.relay.rm_upstream import StratumRMConnection
     from bridge.relay.sidecar import OutgoingDatagram, SidecarIntake, SidecarSession
@@ -125,6 +130,8 @@ if TYPE_CHECKING:  # mypy checks that the cores follow the contract
         watch: HealthWatch,
         check: SubscribeCheck,
         proxy: ProxyCore,
+        rig: MinerChannel,
+        policy: FailoverPolicy,
     ) -> None:
         _proxy_side: DatagramCore[bytes] = proxy_side
         _sidecar_side: DatagramCore[OutgoingDatagram] = sidecar_side
@@ -132,3 +139,5 @@ if TYPE_CHECKING:  # mypy checks that the cores follow the contract
         _watch: TimerCore = watch
         _check: TimerCore = check
         _proxy: EventCore[Event, Command] = proxy
+        _rig: TimerCore = rig
+        _policy: TimerCore = policy

@@ -5,8 +5,9 @@ StratumRM sidecars), which upstreams are healthy, which one each rig should be
 on, when and how fast rigs move, and what happens to rigs when no upstream is
 usable. It reads no clock and does no I/O: the proxy core
 (:class:`bridge.relay.proxy.ProxyCore`, which owns it) reports what it
-sees with the current time ``now``, calls :meth:`FailoverPolicy.on_timer` at
-:meth:`~FailoverPolicy.next_deadline`, and executes the actions it gets back.
+sees with the current time ``now``, calls :meth:`FailoverPolicy.handle_timer` at
+:meth:`~FailoverPolicy.get_timer` (the contract in :mod:`bridge.relay.contract`),
+and executes the actions :meth:`~FailoverPolicy.take_actions` gives back.
 
 Health
 ======
@@ -401,11 +402,14 @@ class FailoverPolicy:
         self._moves_failed = 0
         self._wanted_moves = False
         self._nothing_eligible = False
+        self._now = 0.0  # the time of the latest input or timer
+        self._actions: list[Action] = []
 
     # ------------------------------------------------------------------ reports
 
     def connected(self, upstream: int, now: float) -> None:
         """The probe session of ``upstream`` got its subscribe result."""
+        self._now = now
         up = self.upstreams[upstream]
         up.probing = True
         up.connected = True
@@ -417,6 +421,7 @@ class FailoverPolicy:
 
     def lost(self, upstream: int, detail: str, now: float, *, connect_failed: bool = False) -> None:
         """The probe session (or the StratumRM link) of ``upstream`` failed or could not connect."""
+        self._now = now
         up = self.upstreams[upstream]
         up.probing = True
         up.connected = False
@@ -426,6 +431,7 @@ class FailoverPolicy:
 
     def traffic(self, upstream: int, now: float) -> None:
         """A line came from ``upstream`` on any of its sessions."""
+        self._now = now
         up = self.upstreams[upstream]
         up.last_rx = now
         if up.state is State.DOWN and up.kind is Reason.SILENT:
@@ -433,6 +439,7 @@ class FailoverPolicy:
 
     def job(self, upstream: int, prevhash: str, now: float) -> None:
         """The probe session of ``upstream`` received a ``mining.notify``."""
+        self._now = now
         up = self.upstreams[upstream]
         up.last_rx = up.last_job = now
         up.job_since_connect = True
@@ -443,10 +450,12 @@ class FailoverPolicy:
         self._refresh(now)
 
     def keepalive_sent(self, upstream: int, now: float) -> None:
+        self._now = now
         self.upstreams[upstream].keepalive_at = now
 
     def pool_status(self, upstream: int, up_now: bool, detail: str, now: float) -> None:
         """The sidecar says the pool behind it is reachable (or not)."""
+        self._now = now
         self.upstreams[upstream].pool_down = None if up_now else (detail or "the sidecar lost the pool")
         self._refresh(now)
 
@@ -454,6 +463,7 @@ class FailoverPolicy:
 
     def assign(self, rig: int, now: float) -> int | None:
         """Where a new rig goes; None: release it (nothing usable, ``disconnect`` policy)."""
+        self._now = now
         self._refresh(now)
         target = self._place(self._eligible(now))
         if target is None:
@@ -465,6 +475,7 @@ class FailoverPolicy:
 
     def attached(self, rig: int, upstream: int, now: float) -> None:
         """The rig's live session is now on ``upstream`` (first attach, or a move done)."""
+        self._now = now
         entry = self._rigs.get(rig)
         if entry is None:
             entry = self._add(rig, upstream)
@@ -474,6 +485,7 @@ class FailoverPolicy:
 
     def detached(self, rig: int, reason: str, now: float) -> None:
         """The rig's session on its upstream is gone; the rig is still connected."""
+        self._now = now
         entry = self._rigs.get(rig)
         if entry is None:
             return
@@ -484,6 +496,7 @@ class FailoverPolicy:
 
     def move_failed(self, rig: int, upstream: int, reason: str, now: float) -> None:
         """Opening the rig's session on ``upstream`` failed."""
+        self._now = now
         self._moves_failed += 1
         entry = self._rigs.get(rig)
         if entry is None:
@@ -539,7 +552,9 @@ class FailoverPolicy:
 
     # ------------------------------------------------------------------ time
 
-    def next_deadline(self, now: float) -> float | None:
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` is next due (the time of the latest input or earlier: at once)."""
+        now = self._now
         if self._dirty:
             return now
         config = self.config
@@ -579,8 +594,18 @@ class FailoverPolicy:
             deadlines.append(refilled + max(1.0 - self._tokens, 0.0) / config.switch_rate)
         return min(deadlines) if deadlines else None
 
-    def on_timer(self, now: float) -> list[Action]:
-        """Re-evaluate health, send keepalives, apply the no-upstream policy, plan moves."""
+    def take_actions(self) -> list[Action]:
+        """What the timer decided since the last call, to be carried out in order."""
+        actions, self._actions = self._actions, []
+        return actions
+
+    def handle_timer(self, now: float) -> None:
+        """Re-evaluate health, send keepalives, apply the no-upstream policy, plan moves
+        (:meth:`take_actions` has what to do)."""
+        self._now = now
+        self._actions.extend(self._timer(now))
+
+    def _timer(self, now: float) -> list[Action]:
         self._dirty = False
         self._refresh(now)
         for up in self.upstreams:
@@ -593,7 +618,7 @@ class FailoverPolicy:
                 if not up.connected or up.last_rx is None:
                     continue
                 quiet_from = up.last_rx if up.keepalive_at is None else max(up.last_rx, up.keepalive_at)
-                if now >= quiet_from + keepalive:  # the very sum next_deadline() waits for
+                if now >= quiet_from + keepalive:  # the very sum get_timer() waits for
                     up.keepalive_at = now
                     if up.first_keepalive_at is None or up.first_keepalive_at < up.last_rx:
                         up.first_keepalive_at = now

@@ -6,8 +6,8 @@ A :class:`MinerChannel` joins two sides: a
 :class:`~bridge.sv1.client.ClientSession` request/event vocabulary: a plain SV1
 connection (``stratum+tcp://``, ``stratum+ssl://``) or a StratumRM channel. The
 channel never touches a socket or a clock: the driver feeds it bytes and events
-with the current time ``now``, asks :meth:`next_deadline`, calls
-:meth:`on_timer`, and writes what the sessions queued.
+with the current time ``now``, asks :meth:`get_timer`, calls
+:meth:`handle_timer`, and writes what the sessions queued.
 
 Transparency rules:
 
@@ -911,7 +911,8 @@ class MinerChannel:
 
     # ------------------------------------------------------------------ time
 
-    def next_deadline(self) -> float | None:
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` is next due; None: nothing is."""
         pending = self._pending
         while pending and pending[0].answered:
             pending.pop(0)
@@ -925,7 +926,7 @@ class MinerChannel:
                 deadlines.append(leg.switched_at + self.drain_timeout)
         return min(deadlines) if deadlines else None
 
-    def on_timer(self, now: float) -> None:
+    def handle_timer(self, now: float) -> None:
         """Answer requests whose verdict did not come in time."""
         pending = self._pending
         while pending and (pending[0].answered or pending[0].deadline <= now):

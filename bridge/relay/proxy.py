@@ -484,7 +484,7 @@ class ProxyCore:
     def get_timer(self) -> float | None:
         """When :class:`Timer` is due (the time of the latest input or earlier: at once)."""
         if self._policy_touched:
-            self._policy_deadline = self.policy.next_deadline(self._now)
+            self._policy_deadline = self.policy.get_timer()
             self._policy_touched = False
         deadline = self._policy_deadline
         timers = self._timers
@@ -726,7 +726,7 @@ class ProxyCore:
         self.policy.removed(entry.id)
 
     def _schedule(self, entry: _Rig) -> None:
-        deadline = entry.channel.next_deadline()
+        deadline = entry.channel.get_timer()
         opening = entry.opening_deadline
         if opening is not None and (deadline is None or opening < deadline):
             deadline = opening
@@ -848,10 +848,10 @@ class ProxyCore:
     def _timer(self, now: float) -> None:
         policy = self.policy
         self._touch()  # the cached deadline may be an early one: look again after this
-        deadline = policy.next_deadline(now)
+        deadline = policy.get_timer()
         if deadline is not None and deadline <= now:
-            actions = policy.on_timer(now)
-            for action in actions:
+            policy.handle_timer(now)
+            for action in policy.take_actions():
                 if isinstance(action, SendKeepalive):
                     self._keepalive(action.upstream)
                 elif isinstance(action, MoveRig):
@@ -874,7 +874,7 @@ class ProxyCore:
             if entry.opening_deadline is not None and now >= entry.opening_deadline and not entry.channel.wants_upstream:
                 entry.channel.release(f"idle: no Stratum request within {self.settings.opening_timeout:g} s")
             else:
-                entry.channel.on_timer(now)
+                entry.channel.handle_timer(now)
             self._settle(entry, now)
 
     def _notice(self, event: PolicyEvent) -> None:

@@ -1,8 +1,8 @@
 """The failover policy's timer contract under a clock that stops exactly at each deadline.
 
 A virtual clock (trio's ``MockClock`` with autojump) wakes the driver at
-``next_deadline(now)`` exactly. ``on_timer`` must then consume that deadline:
-if it compares ``now - start >= bound`` while ``next_deadline`` computed
+``get_timer()`` exactly. ``handle_timer`` must then consume that deadline:
+if it compares ``now - start >= bound`` while ``get_timer`` computed
 ``start + bound``, float rounding can leave the deadline due but unconsumed and
 the driver spins forever at one instant (it did: keepalive ``1/3`` s after 1.0).
 """
@@ -26,13 +26,13 @@ def drive(policy: FailoverPolicy, now: float, until: float, rng: random.Random) 
     """Jump from deadline to deadline like an autojump clock, feeding traffic; return the end."""
     steps_at_one_instant = 0
     while now < until:
-        deadline = policy.next_deadline(now)
+        deadline = policy.get_timer()
         if deadline is None:
             return now
         if deadline > now:
             now = deadline  # the virtual clock jumps exactly there
             steps_at_one_instant = 0
-        policy.on_timer(now)
+        policy.handle_timer(now)
         policy.take_events()
         steps_at_one_instant += 1
         assert steps_at_one_instant < 50, f"the deadline {deadline!r} stays due at {now!r}: the driver would spin"
@@ -80,10 +80,10 @@ def test_an_outage_under_the_keep_policy_leaves_no_deadline_due() -> None:
         policy.lost(1, "reset", 2.0, connect_failed=True)
         now = 2.0
         for _ in range(50):  # an autojump clock: always exactly at the next deadline
-            deadline = policy.next_deadline(now)
+            deadline = policy.get_timer()
             if deadline is None or now > 30.0:
                 break
             now = max(now, deadline)
-            policy.on_timer(now)
+            policy.handle_timer(now)
             policy.take_events()
-            assert policy.next_deadline(now) is None or policy.next_deadline(now) > now, (policy_kind, now)
+            assert policy.get_timer() is None or policy.get_timer() > now, (policy_kind, now)

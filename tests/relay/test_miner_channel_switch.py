@@ -189,7 +189,7 @@ def test_a_rig_without_extranonce_subscribe_is_reconnected_after_its_verdicts() 
     # a share that crossed the reconnect still goes to its pool
     rig(channel, submit(11, "j1"), now=2.2)
     assert [m["params"][1] for m in first.sent() if m.get("method") == "mining.submit"] == ["j1"]
-    channel.on_timer(4.1)  # the rig never closed: the proxy does, after the linger
+    channel.handle_timer(4.1)  # the rig never closed: the proxy does, after the linger
     assert channel.closed and "client.reconnect" in channel.close_reason
 
 
@@ -197,8 +197,8 @@ def test_reconnect_does_not_wait_forever_for_a_silent_pool() -> None:
     channel, _first = connected(xnsub=False)
     rig(channel, submit(10, "j1"))
     channel.request_reconnect("moving", 2.0)
-    assert channel.next_deadline() == 7.0
-    channel.on_timer(7.0)
+    assert channel.get_timer() == 7.0
+    channel.handle_timer(7.0)
     out = to_rig(channel)
     assert out[0]["id"] == 10 and out[0]["result"] is False and "not confirmed" in out[0]["error"][1]
     assert out[1]["method"] == "client.reconnect" and channel.reconnecting
