@@ -100,6 +100,7 @@ from bridge.net.proxy_protocol import (
     read_proxy_header,
 )
 from bridge.net.tcp import (
+    StalledSends,
     close_quietly,
     describe_error,
     open_stream,
@@ -993,6 +994,7 @@ class _ProxyConnection:
         self._links: dict[int, _PoolLink] = {}
         self.goaway_sent = False
         self.timer = CoreTimer(self.session)
+        self.sends = StalledSends(stream, server.dead_after)
         self._nursery: trio.Nursery | None = None
         if not server.pool_watch.up:
             self.session.pool_status(False, server.pool_watch.reason, trio.current_time())
@@ -1003,6 +1005,7 @@ class _ProxyConnection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._read_control)
+            nursery.start_soon(self.sends.watch)
             await self._pump()  # returns once the session is closed and its last lines are out
             nursery.cancel_scope.cancel()
         return session.close_reason or "closed"
@@ -1118,17 +1121,16 @@ class _ProxyConnection:
                 self.step()
 
     async def _send_control(self, data: bytes) -> bool:
-        """Write to the proxy; a proxy that takes nothing for ``dead_after`` seconds is dead."""
-        timeout = self.server.dead_after
+        """Write to the proxy; a proxy that takes nothing for ``dead_after`` seconds while its
+        TCP does not acknowledge either is dead (:class:`~bridge.net.tcp.StalledSends`)."""
         try:
-            with trio.move_on_after(timeout) as scope:
-                await self.stream.send_all(data)
+            waited = await self.sends.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.session.connection_lost(f"control connection error: {describe_error(exc)}", trio.current_time())
             self.step()
             return False
-        if scope.cancelled_caught:
-            self.session.connection_lost(f"proxy took no control data for {timeout:g} s", trio.current_time())
+        if waited is not None:
+            self.session.connection_lost(f"proxy took no control data for {waited:.3g} s", trio.current_time())
             self.step()
             return False
         return True

@@ -12,6 +12,8 @@ import termios
 
 import trio
 
+from bridge.relay.liveness import PeerSilence
+
 
 def tune_stream(stream: trio.abc.Stream) -> None:
     """TCP_NODELAY on a (possibly TLS-wrapped) socket stream.
@@ -53,7 +55,7 @@ def unread_bytes(stream: trio.abc.Stream | None) -> int:
 
 _TCP_INFO_LAST_ACK_RECV = 56
 """Offset of ``tcpi_last_ack_recv`` (u32, milliseconds) in Linux's ``struct tcp_info``: eight
-one-byte fields, then ``rto ato snd_mss rcv_mss unacked sacked lost retrans fackets
+one-byte fields (``state ca_state retransmits probes backoff`` first), then ``rto ato snd_mss rcv_mss unacked sacked lost retrans fackets
 last_data_sent last_ack_sent last_data_recv``, then it."""
 
 
@@ -64,6 +66,16 @@ def peer_ack_age(stream: trio.abc.Stream | None) -> float | None:
     A liveness check asks it when the peer's process has been silent too long: a recent
     acknowledgement means its host is up and the path works, so the process is busy,
     not gone (a dead process resets the connection, a dead host or path stops acknowledging).
+
+    A peer process that reads nothing fills its receive buffer; this side's TCP then
+    sends window probes at growing intervals (0.2 s, 0.4 s, ... up to minutes) and the
+    peer's kernel answers each. While the window is closed and its TCP answers the
+    probes (``tcpi_backoff`` > 0, at most one ``tcpi_probes`` unanswered, no
+    retransmission pending), the peer is there, so the age is 0: the gaps between probes are this side's choice,
+    not the peer's silence. One probe may be pending (a kernel answers out-of-window
+    segments at most twice a second, so a quick second probe can go unanswered); from
+    the second unanswered probe the age counts from the last answer again, so a host
+    that died during the stall is found one probe interval later.
     """
     sock = socket_of(stream) if stream is not None else None
     if sock is None or not hasattr(socket, "TCP_INFO"):
@@ -74,6 +86,9 @@ def peer_ack_age(stream: trio.abc.Stream | None) -> float | None:
         return None
     if len(info) < _TCP_INFO_LAST_ACK_RECV + 4:
         return None
+    _state, _ca_state, retransmits, probes, backoff = struct.unpack_from("5B", info, 0)
+    if backoff > 0 and probes <= 1 and retransmits == 0:
+        return 0.0  # probing a closed window, and the peer answers the probes
     return struct.unpack_from("I", info, _TCP_INFO_LAST_ACK_RECV)[0] / 1000.0
 
 
@@ -181,6 +196,47 @@ class WholeSends:
             await trio.sleep_forever()
         finally:
             self.hurry()
+
+
+class StalledSends:
+    """Sends to a peer that must keep taking them: one that takes nothing for
+    ``dead_after`` seconds is gone, unless its TCP still acknowledges (a busy peer, the
+    rule of :class:`~bridge.relay.liveness.PeerSilence`), until its busy limit.
+
+    A peer process too busy to read (a proxy starting thousands of rigs) fills its
+    receive buffer and this side's send waits; its kernel still acknowledges, so the
+    send gets more time. A hung process is cut at the busy limit, a dead host or path
+    ``dead_after`` after its last acknowledgement. Run :meth:`watch` beside the sends.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, dead_after: float) -> None:
+        self.stream = stream
+        self.dead_after = dead_after
+        self._waiting: tuple[PeerSilence, trio.CancelScope] | None = None
+
+    async def send_all(self, data: bytes) -> float | None:
+        """``stream.send_all(data)``; None once sent, or the seconds the send waited before it was cut."""
+        started = trio.current_time()
+        taken = PeerSilence(self.dead_after, started)  # the peer's taking, judged like its silence
+        with trio.CancelScope(deadline=taken.deadline()) as scope:
+            self._waiting = (taken, scope)
+            try:
+                await self.stream.send_all(data)
+            finally:
+                self._waiting = None
+        return trio.current_time() - started if scope.cancelled_caught else None
+
+    async def watch(self) -> None:
+        """While a send waits, ask the peer's TCP four times per ``dead_after``; a recent
+        acknowledgement gives the send ``dead_after`` more (up to the busy limit)."""
+        while True:
+            await trio.sleep(self.dead_after / 4)
+            if self._waiting is not None:
+                taken, scope = self._waiting
+                age = peer_ack_age(self.stream)
+                if age is not None:
+                    taken.acknowledged(age, trio.current_time())
+                    scope.deadline = taken.deadline()
 
 
 async def close_quietly(stream: trio.abc.Stream | None) -> None:
