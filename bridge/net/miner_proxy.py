@@ -375,9 +375,9 @@ class MinerProxy:
                     self.probes[upstream].kick()
                 case CloseProbe(upstream, reason):
                     self.probes[upstream].end(reason)
-                case CheckUpstream(upstream, link):
+                case CheckUpstream(upstream):
                     if self._nursery is not None:
-                        self._nursery.start_soon(self.probes[upstream].check, link)
+                        self._nursery.start_soon(self.probes[upstream].check)
                 case Log(level, message, failover):
                     (failover_log if failover else log).log(_LEVELS[level], "%s", message)
                 case Notice(kind, message, upstream):

@@ -268,16 +268,11 @@ class Probe:
         except NETWORK_ERRORS as exc:
             return f"connection error: {describe_error(exc)}"
 
-    async def check(self, link: bool) -> None:
-        """The keepalive the core asked for (``CheckUpstream``); the outcome goes back as ``KeepaliveResult``."""
+    async def check(self) -> None:
+        """The keepalive the core asked for (``CheckUpstream``, SV1 upstreams only); the outcome
+        goes back as ``KeepaliveResult``."""
         upstream = self.upstream
         index = upstream.index
-        if link:
-            connection = None if upstream.link is None else upstream.link.connection
-            if connection is not None and connection.close_reason is None:
-                # The link enforces its own liveness (rm.ping, dead_after): open means alive.
-                self.feed(KeepaliveResult(index, True))
-            return
         if self._checking or self.session is None:
             return  # one fresh-connection check at a time
         self._checking = True

@@ -33,15 +33,15 @@ reset, closed, TLS failure, StratumRM link dead) and
   *elicits* traffic: after ``keepalive_interval`` (``silence_timeout / 3``) of
   quiet, the core is asked for a keepalive, which must be something every pool
   answers without complaint (bridge/relay/health.py): a fresh connection's
-  ``mining.subscribe`` for plain SV1 (cgminer's pool test), the link's own
-  ``rm.ping`` liveness for StratumRM. Never ``mining.authorize`` again: ckpool
+  ``mining.subscribe`` for plain SV1 (cgminer's pool test). Never ``mining.authorize`` again: ckpool
   never answers a second one (and logs "trying to authorise twice"), nor
   ``mining.ping`` or unknown methods from a client, so a healthy pool would look silent. With
   keepalives off (``keepalive_interval=None``) the silence rule is off too and
   only loss, missing jobs and lag remain. A TCP-level probe would not do: a
   stalled pool process (or a stalled relay in between) still has its kernel ACK
-  every segment. StratumRM links also have their own ``rm.ping``/``dead_after``,
-  which ends the link (``connection lost``);
+  every segment. A StratumRM upstream (:attr:`UpstreamSpec.own_liveness`) is never
+  silent here: its link has ``rm.ping``/``dead_after`` with the busy-peer rules and
+  ends when the sidecar is gone (``connection lost``);
 - ``no jobs``: connected but no ``mining.notify`` for ``job_timeout`` (90 s,
   cgminer's silence bound; pools send one at least every 60 s);
 - ``lagging``: another upstream moved past this one's block (it announced a new
@@ -199,6 +199,11 @@ class UpstreamSpec(Struct, frozen=True):
     priority: int = 0
     """Lower is preferred; upstreams of one level share the rigs by weight."""
     weight: float = 1.0
+    own_liveness: bool = False
+    """Its transport judges silence itself (a StratumRM link: ``rm.ping``, ``dead_after`` and
+    the busy-peer rules of PROTOCOL.md C8) and ends when the peer is gone (``connection
+    lost``): the policy sends it no keepalive and never calls it silent, so a sidecar the
+    link knows to be busy is not failed over by a cruder second rule."""
 
 
 # ------------------------------------------------------------------ actions and events
@@ -563,7 +568,7 @@ class FailoverPolicy:
         for up in self.upstreams:
             if not up.connected:
                 continue
-            if keepalive is not None and up.last_rx is not None:
+            if keepalive is not None and up.last_rx is not None and not up.spec.own_liveness:
                 quiet_from = up.last_rx if up.keepalive_at is None else max(up.last_rx, up.keepalive_at)
                 deadlines.append(quiet_from + keepalive)
                 silent_at = self._silent_at(up)
@@ -615,7 +620,7 @@ class FailoverPolicy:
         keepalive = self.config.keepalive
         if keepalive is not None:
             for up in self.upstreams:
-                if not up.connected or up.last_rx is None:
+                if not up.connected or up.last_rx is None or up.spec.own_liveness:
                     continue
                 quiet_from = up.last_rx if up.keepalive_at is None else max(up.last_rx, up.keepalive_at)
                 if now >= quiet_from + keepalive:  # the very sum get_timer() waits for
@@ -651,7 +656,7 @@ class FailoverPolicy:
         config = self.config
         keepalive = config.keepalive
         first = up.first_keepalive_at
-        if keepalive is None or up.last_rx is None or first is None or first < up.last_rx:
+        if keepalive is None or up.last_rx is None or first is None or first < up.last_rx or up.spec.own_liveness:
             return None
         return max(up.last_rx + config.silence_timeout, first + config.silence_timeout - keepalive)
 

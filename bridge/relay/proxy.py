@@ -313,15 +313,13 @@ class CloseProbe(Struct, frozen=True):
 
 
 class CheckUpstream(Struct, frozen=True):
-    """The keepalive: prove ``upstream`` alive and report :class:`KeepaliveResult`.
-
-    ``link``: a StratumRM upstream, alive while its link is open (the link enforces
-    its own ``rm.ping`` liveness); otherwise one fresh connection's ``mining.subscribe``
-    (:class:`~bridge.relay.health.SubscribeCheck`).
+    """The keepalive: prove the SV1 ``upstream`` alive with one fresh connection's
+    ``mining.subscribe`` (:class:`~bridge.relay.health.SubscribeCheck`) and report
+    :class:`KeepaliveResult`. A StratumRM upstream gets none: its link judges its own
+    liveness (:attr:`~bridge.relay.failover.UpstreamSpec.own_liveness`).
     """
 
     upstream: int
-    link: bool
 
 
 LogLevel = Literal["debug", "info", "warning"]
@@ -432,7 +430,9 @@ class ProxyCore:
         if settings.keepalive == "none":
             config = msgspec.structs.replace(config, keepalive_interval=None)
         self.upstreams = list(upstreams)
-        self.policy = FailoverPolicy([UpstreamSpec(u.name, u.priority, u.weight) for u in self.upstreams], config)
+        self.policy = FailoverPolicy(
+            [UpstreamSpec(u.name, u.priority, u.weight, own_liveness=u.stratumrm) for u in self.upstreams], config
+        )
         self.probes = [_Probe(settings.probe_agent) for _ in self.upstreams]
         self._rigs: dict[int, _Rig] = {}
         self._leg_ids = itertools.count(1)
@@ -841,7 +841,7 @@ class ProxyCore:
                 self._out.append(FlushProbe(upstream))
             return
         probe.keepalives += 1
-        self._out.append(CheckUpstream(upstream, self.upstreams[upstream].stratumrm))
+        self._out.append(CheckUpstream(upstream))
 
     # ------------------------------------------------------------------ time
 

@@ -96,6 +96,21 @@ def test_silence_is_declared_only_after_keepalives_went_unanswered() -> None:
     assert p.state(0) is State.UP
 
 
+def test_a_stratumrm_upstream_is_judged_by_its_link_not_called_silent_by_the_policy() -> None:
+    # The link has rm.ping, dead_after and the busy-peer rules; a sidecar too busy to send a
+    # line for 20 s (its TCP still acknowledging) must not be failed over by a second, cruder rule.
+    specs = [UpstreamSpec("link", priority=0, own_liveness=True), UpstreamSpec("sv1", priority=0)]
+    p = policy(specs=specs, silence_timeout=3.0)
+    bring_up(p, 0, 0.0)
+    bring_up(p, 1, 0.0)
+    actions = run(p, 20.0)
+    assert SendKeepalive(0) not in actions and SendKeepalive(1) in actions
+    run(p, 40.0)
+    assert p.state(0) is State.UP and p.state(1) is State.DOWN and p.down_reason(1).startswith("silent")
+    p.lost(0, "StratumRM connection lost: sidecar silent for 5 s", 41.0)  # the link decides
+    assert p.state(0) is State.DOWN and p.down_reason(0).startswith("connection lost")
+
+
 def test_a_late_timer_sends_the_keepalive_before_blaming_the_upstream() -> None:
     # A process too busy to run its timers for 4 s must not call a healthy upstream silent:
     # the keepalive goes out first and gets its share of the window to be answered.

@@ -122,16 +122,17 @@ def test_a_keepalive_answered_keeps_a_quiet_upstream_up() -> None:
     assert world.core.probes[0].keepalives >= 3
 
 
-def test_a_stratumrm_upstream_is_checked_through_its_link() -> None:
+def test_a_stratumrm_upstream_is_judged_by_its_link_and_only_sv1_upstreams_are_checked() -> None:
     world = World(stratumrm=(0,), **FAST)
     asked: list[CheckUpstream] = []
     world.apply = lambda commands, apply=world.apply: (
         asked.extend(c for c in commands if isinstance(c, CheckUpstream)),
         apply(commands),
     )
-    world.advance(FAST["silence_timeout"])
-    assert any(c.upstream == 0 and c.link for c in asked)
-    assert any(c.upstream == 1 and not c.link for c in asked)
+    world.advance(3 * FAST["silence_timeout"])
+    assert not any(c.upstream == 0 for c in asked)  # its link has rm.ping, dead_after and the busy rules
+    assert any(c.upstream == 1 for c in asked)
+    assert world.core.policy.down_reason(0) is None
 
 
 def test_keepalive_ping_asks_on_the_probe_session() -> None:
