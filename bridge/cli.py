@@ -469,3 +469,7 @@ def _register_optional() -> None:
 
 def main() -> None:
     cli(prog_name="stratumrm")
+
+
+if __name__ == "__main__":
+    main()
