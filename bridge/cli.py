@@ -340,6 +340,11 @@ def proxy(
                 "`stratumrm config example proxy` shows a complete file"
             )
         http_address = parse_listen(http_listen) if http_listen else None
+        if rules and http_address is not None:
+            raise OptionProblem(
+                "--http-listen: an interception proxy ([[intercept]] in --config) has no management port yet; "
+                "remove http_listen / --http-listen, or run the rigs' pools through a proxy without [[intercept]]"
+            )
         failover = FailoverConfig(
             strategy=Strategy(settings["strategy"]),
             silence_timeout=settings["silence_timeout"],
@@ -464,3 +469,7 @@ def _register_optional() -> None:
 
 def main() -> None:
     cli(prog_name="stratumrm")
+
+
+if __name__ == "__main__":
+    main()

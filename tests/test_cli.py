@@ -14,6 +14,13 @@ def test_help_lists_every_command() -> None:
         assert command in out
 
 
+def test_python_m_bridge_cli_runs_the_command_line_too() -> None:
+    out = subprocess.run(
+        [STRATUMRM[0], "-m", "bridge.cli", "--help"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "sidecar" in out and "proxy" in out
+
+
 def test_demo_runs_the_chain_and_reports_a_clean_tally() -> None:
     done = subprocess.run([*STRATUMRM, "demo", "--duration", "3"], capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

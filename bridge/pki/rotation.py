@@ -168,7 +168,10 @@ def _load_certificates(pem: bytes, source: StrPath, what: str) -> list[x509.Cert
     try:
         certificates = x509.load_pem_x509_certificates(pem)
     except ValueError:
-        raise PKIError(f"{os.fspath(source)} does not hold a PEM {what}") from None
+        raise PKIError(
+            f"{os.fspath(source)} does not hold a PEM {what} (-----BEGIN CERTIFICATE-----); "
+            "pass the .pem file `stratumrm pki` wrote for it, not its private key"
+        ) from None
     return certificates
 
 

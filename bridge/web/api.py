@@ -138,8 +138,8 @@ class Session(msgspec.Struct, frozen=True, kw_only=True):
     certificate: str | None
     accounts: list[str]
     channels: int
-    accepted: int
-    rejected: int
+    accepted: int | None  # None: not counted per session on this side (the proxy counts per rig)
+    rejected: int | None
     shares_udp: int
     shares_tls: int
     datagrams: int

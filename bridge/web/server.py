@@ -23,6 +23,7 @@ Rules of the house, since anyone who reaches the port is a stranger:
 
 from __future__ import annotations
 
+import http
 import ipaddress
 import logging
 import ssl
@@ -333,7 +334,7 @@ class WebServer:
             *response.headers.items(),
         ]
         try:
-            data = connection.send(h11.Response(status_code=response.status, headers=headers))
+            data = connection.send(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status)))
         except h11.LocalProtocolError:
             return
         assert data is not None
@@ -402,3 +403,11 @@ def _is_loopback(host: str) -> bool:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _reason(status: int) -> bytes:
+    """The status line's reason phrase ("200 OK"): some health checkers and people read it."""
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""

@@ -92,3 +92,25 @@ async def test_unmatched_destinations_pass_through_untouched() -> None:
         assert got == b"\nebircsbus.gninim"
         assert server.counts["passed"] == 0  # counted by the dispatcher, not the pipe
         nursery.cancel_scope.cancel()
+
+
+def test_an_interception_proxy_refuses_a_management_port_it_would_not_serve(tmp_path: Path) -> None:
+    """Not silently ignored: one line naming the option, exit status 2."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        'listen = "127.0.0.1:0"\nhttp_listen = "127.0.0.1:0"\n[[intercept]]\nmatch = "127.0.0.1:3333"\n'
+        'upstream = "stratum+tcp://127.0.0.1:1"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "proxy", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "--http-listen" in done.stderr and "Traceback" not in done.stderr

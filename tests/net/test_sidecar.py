@@ -653,6 +653,10 @@ def test_the_command_refuses_to_run_without_certificates(pki: TestPKI) -> None:
         ],
     )
     assert done.exit_code == 2 and "certificate file not found" in done.output
+    swapped = ["--pool", "stratum+tcp://127.0.0.1:3333", "--cert", str(pki.pool_key), "--key", str(pki.pool_certificate)]
+    done = runner.invoke(sidecar, [*swapped, "--ca", str(pki.ca_certificate)])
+    assert done.exit_code == 2 and "does not hold a PEM certificate" in done.output
+    assert "not its private key" in done.output and "Traceback" not in done.output
     done = runner.invoke(
         sidecar,
         [

@@ -136,6 +136,9 @@ async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> N
         [upstream] = await api(proxy_base, "/api/v1/upstreams")
         assert upstream["active"] and upstream["state"] == "up" and upstream["udp"] is True
         [session] = await api(sidecar_base, "/api/v1/sessions")
+        assert session["accepted"] >= 3
+        [link] = await api(proxy_base, "/api/v1/sessions")
+        assert link["accepted"] is None and link["rejected"] is None  # not a false 0: counted per rig
         assert session["accounts"] == ["web"] and session["channels"] == 2  # the rig and the proxy's probe
         certificates = await api(sidecar_base, "/api/v1/certificates")
         assert [c["certificate"]["accounts"] if "accounts" in c["certificate"] else c["use"] for c in certificates] == [

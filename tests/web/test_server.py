@@ -56,14 +56,14 @@ async def test_routes_methods_and_errors_are_answered_by_h11() -> None:
     async with trio.open_nursery() as nursery:
         server, port = await start(nursery)
         ok = await raw_request(port, b"GET /hello/?a=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert ok.startswith(b"HTTP/1.1 200 ") and b"connection: close" in ok.lower()
+        assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection: close" in ok.lower()
         assert body_of(ok) == {"path": "/hello/", "query": {"a": ["1"]}, "body": ""}
         posted = await raw_request(port, b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
         assert body_of(posted)["body"] == "hello"
         head = await raw_request(port, b"HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
         missing = await raw_request(port, b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert missing.startswith(b"HTTP/1.1 404 ") and "/metrics" in body_of(missing)["error"]
+        assert missing.startswith(b"HTTP/1.1 404 Not Found\r\n") and "/metrics" in body_of(missing)["error"]
         wrong = await raw_request(port, b"DELETE /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         assert wrong.startswith(b"HTTP/1.1 405 ") and b"allow: get, head, post" in wrong.lower()
         garbage = await raw_request(port, b'{"id":1,"method":"mining.subscribe","params":[]}\n')
