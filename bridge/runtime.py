@@ -9,17 +9,66 @@ import trio
 
 
 def run_until_interrupted(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    """``trio.run`` where Ctrl-C is a normal way to stop.
+    """``trio.run`` where Ctrl-C (or SIGTERM) is a normal way to stop.
 
-    Newer trio raises a Ctrl-C that arrives inside a nursery as an exception group
-    (strict exception groups); ``except*`` takes it out of the group either way.
-    Any other error propagates; a lone error (an address already in use, say)
-    stays a plain exception.
+    The role is cancelled (see :func:`_until_signalled`): Ctrl-C never lands as a
+    ``KeyboardInterrupt`` in the middle of the role's code. Any other error
+    propagates; a lone error (an address already in use, say) stays a plain exception.
     """
+    watched = _stop_signals()
     try:
-        trio.run(async_fn, *args)
-    except* KeyboardInterrupt:
+        trio.run(_until_signalled, watched, async_fn, *args)
+    except* KeyboardInterrupt:  # Ctrl-C before the role's signal receiver was open, or after it closed
         pass
+
+
+def _stop_signals() -> tuple[int, ...]:
+    """The signals that stop a role: SIGTERM, and SIGINT unless this process was started with it ignored.
+
+    A job started in the background by a shell without job control inherits SIGINT
+    ignored; like trio, we leave it so. Signals are only seen from the main thread.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        return (signal.SIGINT, signal.SIGTERM)
+    return (signal.SIGTERM,)
+
+
+async def _until_signalled(watched: tuple[int, ...], async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Run the role; Ctrl-C or SIGTERM (systemd, docker stop) cancels it, with a line saying which.
+
+    Ctrl-C goes through the same signal receiver as SIGTERM rather than trio's
+    ``KeyboardInterrupt``: trio raises that at whatever line of the role's code is
+    running when it arrives (any code not under its KI protection), say half-way
+    through closing a connection, and what the interrupted code leaves behind can
+    fail with another exception, which no ``except* KeyboardInterrupt`` catches.
+    A cancellation stops the role only at its checkpoints, where its cleanup is written
+    to run. The receiver is open before the role starts; a second Ctrl-C while the role
+    is shutting down is trio's ``KeyboardInterrupt`` again (a way out of a stuck shutdown).
+    """
+    import signal
+
+    async with trio.open_nursery() as nursery:
+        if watched:
+
+            async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                with trio.open_signal_receiver(*watched) as signals:
+                    task_status.started()
+                    async for signum in signals:
+                        if signum == signal.SIGTERM:
+                            _log.info("shutting down (SIGTERM): closing connections")
+                        else:
+                            _log.info("shutting down (interrupted)")
+                        nursery.cancel_scope.cancel()
+                        return
+
+            await nursery.start(watch)
+        await async_fn(*args)
+        nursery.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- start-up failures
@@ -107,25 +156,6 @@ def check_names(names: dict[str, str]) -> None:
             ) from None
 
 
-async def _until_terminated(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    """Run the role; SIGTERM (systemd, docker stop) stops it like Ctrl-C, with a line saying so."""
-    import signal
-    import threading
-
-    async with trio.open_nursery() as nursery:
-        if threading.current_thread() is threading.main_thread():
-
-            async def watch() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        _log.info("shutting down (SIGTERM): closing connections")
-                        nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-        await async_fn(*args)
-        nursery.cancel_scope.cancel()
-
-
 def run_role(
     async_fn: Callable[..., Awaitable[Any]],
     *args: Any,
@@ -139,9 +169,10 @@ def run_role(
     every socket it opened), each address is probed to name the option at fault.
     """
     failure: OSError | None = None
+    watched = _stop_signals()
     try:
-        trio.run(_until_terminated, async_fn, *args)
-    except* KeyboardInterrupt:
+        trio.run(_until_signalled, watched, async_fn, *args)
+    except* KeyboardInterrupt:  # Ctrl-C before the role's signal receiver was open, or after it closed
         _log.info("shutting down (interrupted)")
     except* OSError as group:
         failure = _first_os_error(group)

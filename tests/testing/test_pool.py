@@ -907,7 +907,7 @@ async def test_testpool_command_serves_and_prints_a_summary() -> None:
             process.send_signal(signal.SIGINT)
             while chunk := await process.stdout.receive_some(4096):
                 output += chunk
-            assert await process.wait() == 0
+            assert await process.wait() == 0, output.decode()
     finally:
         if process.returncode is None:
             process.kill()

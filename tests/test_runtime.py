@@ -1,0 +1,55 @@
+"""bridge.runtime: Ctrl-C and SIGTERM stop a role cleanly whenever they arrive.
+
+Each case runs a tiny role in a child process (as a command would) that signals
+itself between two lines of its own code: the moment an operator's Ctrl-C can land
+while a role is busy (closing a connection, say). The role must stop at a checkpoint,
+with its cleanup run, exit status 0 and no traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROLE = """
+import os, signal, sys
+import trio
+from bridge.runtime import run_role, run_until_interrupted
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, even if the test runs in the background
+open_connections = set()
+
+async def role():
+    try:
+        open_connections.add("rig1")
+        os.kill(os.getpid(), signal.{signal})  # the signal lands here, between two lines of the role
+        open_connections.discard("rig1")
+        await trio.sleep_forever()
+    finally:
+        assert not open_connections, "the signal interrupted the role between two lines"
+
+{runner}(role)
+print("summary: stopped cleanly", flush=True)
+"""
+
+
+@pytest.mark.parametrize("runner", ["run_until_interrupted", "run_role"])
+@pytest.mark.parametrize("signal", ["SIGINT", "SIGTERM"])
+def test_a_signal_in_the_middle_of_the_roles_code_stops_it_at_a_checkpoint(runner: str, signal: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", ROLE.format(runner=runner, signal=signal)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout.decode()
+    assert result.returncode == 0, output
+    assert "summary: stopped cleanly" in output
+    assert "Traceback" not in output, output
