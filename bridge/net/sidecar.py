@@ -834,7 +834,7 @@ class SidecarServer:
         self._refusals[kind] += 1
         how = "after a resumed TLS session" if resumed else "after the TLS handshake"
         log.warning("refused proxy %s %s: %s", peer, how, message)
-        notice = encode_rm("rm.error", ErrorNotice(reason=f"refused by the sidecar: {message}"))
+        notice = encode_rm(ErrorNotice(reason=f"refused by the sidecar: {message}"))
         with trio.move_on_after(REFUSAL_FLUSH_TIMEOUT):
             try:
                 await tls.send_all(notice)

@@ -55,7 +55,7 @@ import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
@@ -445,7 +445,7 @@ class StratumRMConnection:
         self._now = self._last_sent = now
         self._silence.heard(now)
         hello = control.Hello(version=control.PROTOCOL_VERSION, features=list(control.FEATURES), agent=self.agent)
-        self._write(control.encode_rm("rm.hello", hello, 1))
+        self._write(control.encode_rm(hello, 1))
 
     def _write(self, line: bytes) -> None:
         self._out.append(line)
@@ -562,14 +562,14 @@ class StratumRMConnection:
         self._next_ch += 1
         channel = RMChannel(self, ch)
         self.channels[ch] = channel
-        self._write(control.encode_rm("rm.open", control.Open(ch=ch, peer=peer)))
+        self._write(control.encode_rm(control.Open(ch=ch, peer=peer)))
         return channel
 
     def close_channel(self, channel: RMChannel, reason: str = "rig disconnected") -> None:
         if self.channels.pop(channel.ch, None) is None:
             return
         channel.closed = True
-        self._write(control.encode_rm("rm.close", control.Close(ch=channel.ch, reason=reason)))
+        self._write(control.encode_rm(control.Close(ch=channel.ch, reason=reason)))
         for share in [s for s in self._shares.values() if s.channel is channel]:
             self._drop_share(share)
 
@@ -821,9 +821,9 @@ class StratumRMConnection:
             return
         if not isinstance(method, str) or not method.startswith("rm."):
             raise ControlDecodeError(f"unexpected line from the sidecar: {raw[:120]!r}")
-        # decode_params gives the Struct RM_PARAMS names for the method; the match narrows it
-        match method, control.decode_params(method, line.params):
-            case "rm.job", control.Job() as job:
+        # every method decodes to its own Struct: the match on the type narrows it
+        match control.decode_params(method, line.params):
+            case control.Job() as job:
                 self._notify_lines += 1
                 try:
                     check_notify(job.notify)
@@ -832,7 +832,7 @@ class StratumRMConnection:
                 self._jobs[job.job] = job.notify
                 while len(self._jobs) > JOBS_KEPT:
                     self._jobs.popitem(last=False)
-            case "rm.notify", control.NotifyChannels() as notify_channels:
+            case control.NotifyChannels() as notify_channels:
                 self._notify_lines += 1
                 notify = self._jobs.get(notify_channels.job)
                 if notify is None:
@@ -841,31 +841,33 @@ class StratumRMConnection:
                     channel = self.channels.get(ch)
                     if channel is not None:
                         channel._deliver_job(notify_channels.job, notify)
-            case "rm.results", control.Results() as results:
+            case control.Results() as results:
                 self._results(results, now)
-            case "rm.keys", control.Keys() as keys:
+            case control.Keys() as keys:
                 self._new_keys(keys, now)
-            case "rm.close", control.Close() as close:
+            case control.Close() as close:
                 channel = self.channels.pop(close.ch, None)
                 if channel is not None:
                     for share in [s for s in self._shares.values() if s.channel is channel]:
                         self._drop_share(share)
                     channel._fail_pending(f"sidecar closed the channel: {close.reason}")
-            case "rm.ping", control.Ping() as ping:
-                self._write(control.encode_rm("rm.pong", ping))
-            case "rm.pong", control.Ping():
+            case control.Ping() as ping:
+                self._write(control.encode_rm(control.Pong(t=ping.t)))
+            case control.Pong():
                 pass
-            case "rm.error", control.ErrorNotice() as error:
+            case control.ErrorNotice() as error:
                 self._fail(f"sidecar error: {error.reason}")
-            case "rm.pool", control.PoolStatus() as pool:
+            case control.PoolStatus() as pool:
                 self.pool_up = pool.status != "down"
                 self.pool_reason = pool.reason
-            case "rm.goaway", control.GoAway() as goaway:
+            case control.GoAway() as goaway:
                 if self.goaway is None:
                     self.goaway = goaway
                     self.goaway_by = now + goaway.deadline
-            case _:
+            case control.Hello() | control.Open():
                 raise ControlDecodeError(f"{method} is not for the proxy")
+            case unknown:
+                assert_never(unknown)
 
     def _hello_result(self, line: ControlLine) -> None:
         if bytes(line.error) != b"null" or line.result is UNSET:
@@ -1007,7 +1009,7 @@ class StratumRMConnection:
                 self._fail(f"sidecar silent for {hello.dead_after:g} s")
                 return
             if now >= self._last_sent + hello.heartbeat:
-                self._write(control.encode_rm("rm.ping", control.Ping(t=now)))
+                self._write(control.encode_rm(control.Ping(t=now)))
         if self._next_probe is not None and now >= self._next_probe:
             self.probe(now)
         timeline = self._timeline

@@ -77,7 +77,7 @@ class FakeSidecar:
         self.send(control.encode_rm_result(1, result), now=now)
         if udp:
             keys = control.Keys(conn_id=f"{self.material.conn_id:016x}", epoch=1, secret=self.material.secret.hex())
-            self.send(control.encode_rm("rm.keys", keys), now=now)
+            self.send(control.encode_rm(keys), now=now)
             [probe] = self.conn.datagrams_to_send()
             _header, body = self.open(probe)
             assert isinstance(body, Probe)
@@ -103,7 +103,7 @@ def channel_ready(conn: StratumRMConnection, sidecar: FakeSidecar, *, nbits: str
     notify[6] = nbits
     sidecar.send(
         b'{"id":null,"method":"rm.job","params":{"job":7,"notify":' + json.dumps(notify).encode() + b"}}\n",
-        control.encode_rm("rm.notify", control.NotifyChannels(job=7, ch=[channel.ch])),
+        control.encode_rm(control.NotifyChannels(job=7, ch=[channel.ch])),
     )
     events = channel.events
     channel.events = []
@@ -455,7 +455,7 @@ def test_shares_of_one_step_share_a_datagram_and_rejects_keep_the_pools_words() 
         (1, header.pn, 1, {"result": False, "error": None, "reject-reason": "Stale"}),
         (1, header.pn, 2, {"result": None, "error": [23, "low difficulty share", None]}),
     ]
-    sidecar.send(control.encode_rm("rm.results", control.Results(v=verdicts)))
+    sidecar.send(control.encode_rm(control.Results(v=verdicts)))
     replies = {r.context: r for r in channel.events}
     assert replies[0].accepted
     assert replies[1].response.reject_reason == "Stale" and read_verdict(replies[1].response).code == 21
@@ -502,7 +502,7 @@ def test_a_late_udp_verdict_after_the_tls_one_is_ignored() -> None:
     conn.handle_timer(10)
     [tls] = [m for m in sidecar.read() if m.get("method") == "mining.submit"]
     sidecar.send(control.encode_channel_response(channel.ch, tls["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")))
-    sidecar.send(control.encode_rm("rm.results", control.Results(v=[(1, sidecar.open(first)[0].pn, 0, 1)])))
+    sidecar.send(control.encode_rm(control.Results(v=[(1, sidecar.open(first)[0].pn, 0, 1)])))
     assert len(channel.events) == 1
 
 
@@ -536,7 +536,7 @@ def test_sidecar_closing_a_channel_and_going_silent() -> None:
     sidecar = FakeSidecar(conn)
     sidecar.start(dead_after=5.0)
     channel = channel_ready(conn, sidecar)
-    sidecar.send(control.encode_rm("rm.close", control.Close(ch=channel.ch, reason="pool connection refused")))
+    sidecar.send(control.encode_rm(control.Close(ch=channel.ch, reason="pool connection refused")))
     assert isinstance(channel.events[-1], ChannelClosed) and "pool connection refused" in channel.events[-1].reason
     other = conn.open_channel()
     conn.handle_timer(1.5)
@@ -654,7 +654,7 @@ def test_lateness_counts_only_since_the_sidecars_last_word() -> None:
     sidecar.start(udp=False, dead_after=5.0)
     conn.handle_timer(3.0, due=1.0)  # 2 s late before the sidecar spoke again
     assert conn.silent_deadline() == pytest.approx(7.0)
-    sidecar.send(control.encode_rm("rm.ping", control.Ping(t=3.5)), now=3.5)
+    sidecar.send(control.encode_rm(control.Ping(t=3.5)), now=3.5)
     assert conn.silent_deadline() == pytest.approx(8.5)  # a fresh 5 s: the old lateness is spent
     conn.handle_timer(5.0, due=3.0)  # due before the word at 3.5: only the 1.5 s after it counts
     assert conn.silent_deadline() == pytest.approx(10.0)

@@ -195,7 +195,6 @@ class SessionUdp:
             self.rekey_due = now + self.rekey_interval
         self._write(
             encode_rm(
-                "rm.keys",
                 Keys(
                     conn_id=f"{material.conn_id:016x}",
                     epoch=epoch,

@@ -101,7 +101,7 @@ class JobTable:
             self._entries[job.handle] = job
             self._by_key[key] = job
             self.announced += 1
-            self._write(encode_rm("rm.job", Job(job=job.handle, notify=params)))
+            self._write(encode_rm(Job(job=job.handle, notify=params)))
         self._remember(channel_jobs, job)
         pending = self._pending.get(job.handle)
         if pending is None:
@@ -153,7 +153,7 @@ class JobTable:
         self._pending_channels.clear()
         for handle, channels in pending.items():
             self.notify_lines += 1
-            self._write(encode_rm("rm.notify", NotifyChannels(job=handle, ch=channels)))
+            self._write(encode_rm(NotifyChannels(job=handle, ch=channels)))
 
     def discard_pending(self) -> None:
         """The connection is closing: the collected lines will not be written."""

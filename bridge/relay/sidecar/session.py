@@ -109,7 +109,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection
-from typing import Any, Final
+from typing import Any, Final, assert_never
 
 import msgspec
 from msgspec import UNSET, Raw, Struct
@@ -154,7 +154,6 @@ from bridge.sv1.messages import (
     NULL,
     GetVersion,
     Notify,
-    Ping,
     Reconnect,
     RequestId,
     Response,
@@ -165,12 +164,15 @@ from bridge.sv1.messages import (
     SubmitParams,
     error_value,
 )
+from bridge.sv1.messages import Ping as MiningPing
 from bridge.sv1.rejects import JOB_NOT_FOUND, OTHER, UNAUTHORIZED
 from bridge.sv1.validate import is_hex
 from bridge.wire.control import (
     FEATURES,
+    FROM_PROXY,
     MAX_CONTROL_LINE,
     PROTOCOL_VERSION,
+    RM_PARAMS,
     Close,
     ControlDecodeError,
     ControlLine,
@@ -178,7 +180,14 @@ from bridge.wire.control import (
     GoAway,
     Hello,
     HelloResult,
+    Job,
+    Keys,
+    NotifyChannels,
+    Open,
+    Ping,
+    Pong,
     PoolStatus,
+    Results,
     RMResponse,
     decode_line,
     decode_params,
@@ -188,7 +197,6 @@ from bridge.wire.control import (
     encode_rm,
     encode_rm_result,
 )
-from bridge.wire.control import Ping as PingParams
 from bridge.wire.datagram import DropReason, Probe, Share, ShareBatch
 from bridge.wire.limits import Address
 from bridge.wire.receiver import Accepted
@@ -491,7 +499,7 @@ class SidecarSession:
         if rekey_due is not None and now >= rekey_due:
             self.rekey(now)
         if self.hello is not None and now >= self._last_sent + self.heartbeat:
-            self._write(encode_rm("rm.ping", PingParams(t=now)))
+            self._write(encode_rm(Ping(t=now)))
 
     def rekey(self, now: float) -> None:
         """Issue the next key epoch (``rm.keys``); the previous one stays valid for the grace period."""
@@ -533,7 +541,7 @@ class SidecarSession:
         if (self._pool_sent is None and up) or self._pool_sent == up:
             return  # up is the assumption; nothing new to say
         self._pool_sent = up
-        self._write(encode_rm("rm.pool", PoolStatus(status="up" if up else "down", reason=self._pool_down or "")))
+        self._write(encode_rm(PoolStatus(status="up" if up else "down", reason=self._pool_down or "")))
 
     def go_away(self, deadline: float, reason: str, now: float) -> bool:
         """This sidecar is draining: ask the proxy to move within ``deadline`` seconds (``rm.goaway``).
@@ -544,7 +552,7 @@ class SidecarSession:
         self._now = now
         if self.hello is None or self.closed or "goaway" not in self.features:
             return False
-        self._write(encode_rm("rm.goaway", GoAway(deadline=max(0.0, deadline), reason=reason)))
+        self._write(encode_rm(GoAway(deadline=max(0.0, deadline), reason=reason)))
         return True
 
     def close(self, reason: str, now: float) -> None:
@@ -577,27 +585,46 @@ class SidecarSession:
         if method is UNSET:
             return  # an rm response: the sidecar sends no rm requests, so there is nothing to match
         assert isinstance(method, str)
-        handler = _RM_HANDLERS.get(method)
-        if handler is None:
-            if method.startswith("rm."):
-                self._protocol_violation(f"unknown control method {method!r}")
-            else:
-                self._protocol_violation(f'{method!r} without "ch": channel lines need a channel number')
+        if not method.startswith("rm."):
+            self._protocol_violation(f'{method!r} without "ch": channel lines need a channel number')
+            return
+        if method in RM_PARAMS and method not in FROM_PROXY:
+            self._protocol_violation(f"{method} is sent by the sidecar, not by a proxy")
             return
         try:
-            handler(self, message)
+            decoded = decode_params(method, message.params)
         except ControlDecodeError as exc:
             self._protocol_violation(str(exc))
+            return
+        # every method decodes to its own Struct: the match on the type narrows it
+        match decoded:
+            case Hello() as hello:
+                self._on_hello(hello, message.id)
+            case Open() as open_:
+                self._on_open(open_)
+            case Close() as close:
+                channel = self._channels.get(close.ch)
+                if channel is not None:
+                    self._drop_channel(channel, f"proxy closed the channel: {close.reason or 'rig disconnected'}")
+            case Ping() as ping:
+                self._write(encode_rm(Pong(t=ping.t)))
+            case Pong():
+                pass  # liveness only
+            case ErrorNotice() as error:
+                self._close(f"proxy closed the connection: {error.reason}", tell_proxy=False)
+            case Keys() | Job() | NotifyChannels() | Results() | PoolStatus() | GoAway():
+                pass  # refused above: sent by the sidecar
+            case unknown:
+                assert_never(unknown)
 
-    def _on_hello(self, message: ControlLine) -> None:
+    def _on_hello(self, hello: Hello, request_id: RequestId) -> None:
         if self.hello is not None:
             self._protocol_violation("rm.hello sent twice")
             return
-        hello = decode_params("rm.hello", message.params)
         if hello.version != PROTOCOL_VERSION:
             self._write(
                 _hello_error(
-                    message.id,
+                    request_id,
                     f"unsupported StratumRM version {hello.version}; this sidecar speaks {PROTOCOL_VERSION}",
                 )
             )
@@ -622,13 +649,12 @@ class SidecarSession:
             dead_after=self.dead_after,
             max_ack_delay=self.max_ack_delay,
         )
-        self._write(encode_rm_result(message.id, result))
+        self._write(encode_rm_result(request_id, result))
         if udp:
             self.udp_path.start(self._now)
         self._send_pool_status()
 
-    def _on_open(self, message: ControlLine) -> None:
-        params = decode_params("rm.open", message.params)
+    def _on_open(self, params: Open) -> None:
         ch = params.ch
         if not 1 <= ch <= MAX_CHANNEL_NUMBER:
             self._protocol_violation(f"rm.open for channel {ch}: channel numbers are 1 to 2^32-1")
@@ -637,33 +663,11 @@ class SidecarSession:
             self._protocol_violation(f"rm.open for channel {ch}, which is already open (channels are never reused)")
             return
         if len(self._channels) >= self.max_channels:
-            self._write(
-                encode_rm("rm.close", Close(ch=ch, reason=f"too many channels on one connection (limit {self.max_channels})"))
-            )
+            self._write(encode_rm(Close(ch=ch, reason=f"too many channels on one connection (limit {self.max_channels})")))
             return
         self._channels[ch] = Channel(ch, params.peer)
         self._channels_opened += 1
         self._commands.append(OpenPool(ch, params.peer))
-
-    def _on_close(self, message: ControlLine) -> None:
-        params = decode_params("rm.close", message.params)
-        channel = self._channels.get(params.ch)
-        if channel is not None:
-            self._drop_channel(channel, f"proxy closed the channel: {params.reason or 'rig disconnected'}")
-
-    def _on_ping(self, message: ControlLine) -> None:
-        params = decode_params("rm.ping", message.params)
-        self._write(encode_rm("rm.pong", PingParams(t=params.t)))
-
-    def _on_pong(self, message: ControlLine) -> None:
-        decode_params("rm.pong", message.params)  # liveness only; validates the shape
-
-    def _on_error(self, message: ControlLine) -> None:
-        params = decode_params("rm.error", message.params)
-        self._close(f"proxy closed the connection: {params.reason}", tell_proxy=False)
-
-    def _on_wrong_direction(self, message: ControlLine) -> None:
-        self._protocol_violation(f"{message.method} is sent by the sidecar, not by a proxy")
 
     # ------------------------------------------------------------------ channel lines
 
@@ -1008,7 +1012,7 @@ class SidecarSession:
             self._write_channel(ch, encode_channel_request(ch, None, method, Raw(_encode(event.params))))
         elif kind is Reconnect:
             self._write_channel(ch, encode_channel_request(ch, None, "client.reconnect", event.params))
-        elif kind is GetVersion or kind is Ping:
+        elif kind is GetVersion or kind is MiningPing:
             method = event.__struct_config__.tag
             self._write_channel(ch, encode_channel_request(ch, event.id, method, event.params))
         elif kind is UnknownPoolRequest:
@@ -1024,7 +1028,7 @@ class SidecarSession:
         self.verdicts.flush_results()
         if self.jobs.pending_for(ch):
             self.jobs.flush()
-        self._write(encode_rm("rm.close", Close(ch=ch, reason=reason)))
+        self._write(encode_rm(Close(ch=ch, reason=reason)))
         self._drop_channel(channel, reason)
 
     def _drop_channel(self, channel: Channel, reason: str) -> None:
@@ -1066,7 +1070,7 @@ class SidecarSession:
         if tell_proxy:
             self.verdicts.flush_results()
             self.jobs.flush()
-            self._write(encode_rm("rm.error", ErrorNotice(reason=reason)))
+            self._write(encode_rm(ErrorNotice(reason=reason)))
         self.close_reason = reason
         for channel in list(self._channels.values()):
             self._drop_channel(channel, f"control connection closed: {reason}")
@@ -1126,18 +1130,3 @@ class SidecarSession:
     def __repr__(self) -> str:
         state = f"closed ({self.close_reason})" if self.closed else f"{len(self._channels)} channels"
         return f"<SidecarSession epoch={self.key_epoch} {state}>"
-
-
-_RM_HANDLERS: Final[dict[str, Callable[[SidecarSession, ControlLine], None]]] = {
-    "rm.hello": SidecarSession._on_hello,
-    "rm.open": SidecarSession._on_open,
-    "rm.close": SidecarSession._on_close,
-    "rm.ping": SidecarSession._on_ping,
-    "rm.pong": SidecarSession._on_pong,
-    "rm.error": SidecarSession._on_error,
-    "rm.keys": SidecarSession._on_wrong_direction,
-    "rm.job": SidecarSession._on_wrong_direction,
-    "rm.notify": SidecarSession._on_wrong_direction,
-    "rm.results": SidecarSession._on_wrong_direction,
-    "rm.pool": SidecarSession._on_wrong_direction,
-}

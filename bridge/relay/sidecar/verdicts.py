@@ -209,7 +209,7 @@ class VerdictSender:
             return
         results, self._results = self._results, []
         self.results_lines += 1
-        self._write(encode_rm("rm.results", Results(v=results)))
+        self._write(encode_rm(Results(v=results)))
 
     def clear(self) -> None:
         """The connection is closing: nothing more goes back."""
