@@ -46,7 +46,9 @@ channel"). The parts that are this module's job:
   job's nbits (computed here from the job, the channel's extranonce1 and the
   version mask), it goes over UDP with the URGENT flag and over TLS at once.
 - **Liveness.** ``rm.ping`` after ``heartbeat`` idle seconds; a sidecar silent
-  for ``dead_after`` is dead and every channel ends with explicit errors.
+  for ``dead_after`` is dead and every channel ends with explicit errors. Framing,
+  the backlog, heartbeat and liveness are the control session's
+  (:mod:`bridge.relay.control_session`), the same as the sidecar's.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 from bridge.errors import LineTooLong
 from bridge.mining.share import Job as MiningJob
 from bridge.mining.share import roll_version
-from bridge.relay.liveness import PeerSilence
+from bridge.relay.control_session import ControlSession
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
-from bridge.sv1.framing import BoundedDecoder, LineBuffer, decode_json
+from bridge.sv1.framing import BoundedDecoder, decode_json
 from bridge.sv1.messages import (
     FALSE,
     NULL,
@@ -367,8 +369,9 @@ class StratumRMConnection:
         """Seconds a share waits for others after a share datagram went out (0: never waits)."""
         self.detect_blocks = detect_blocks
         self.probe_interval = probe_interval
-        self._lines = LineBuffer(control.MAX_CONTROL_LINE)
-        self._out: list[bytes] = []
+        self.control = ControlSession(peer="sidecar", dead_after=math.inf, now=0.0)
+        """Framing, backlog, heartbeat and liveness of the control connection (shared with the sidecar);
+        the heartbeat and ``dead_after`` come with the hello result."""
         self._datagrams: list[bytes] = []
         self._queued_records: list[_Share] = []
         self._sealed_at = -math.inf  # when the newest share datagram (not urgent) went out
@@ -416,8 +419,6 @@ class StratumRMConnection:
         self._next_probe: float | None = None
         self._probe_retry = 0.1
         self._probe_id = 0
-        self._last_sent = 0.0
-        self._silence = PeerSilence(math.inf)  # dead_after comes with the hello result
         self._now = 0.0
         self._randbits = randbits
         # statistics
@@ -434,30 +435,24 @@ class StratumRMConnection:
         self._fallbacks = 0
         self._datagrams_sent = 0
         self._datagram_bytes = 0
-        self._control_sent = 0
-        self._control_received = 0
         self._notify_lines = 0
 
     # ------------------------------------------------------------------ output
 
     def start(self, now: float) -> None:
         """Queue ``rm.hello``; call once the TLS handshake is done."""
-        self._now = self._last_sent = now
-        self._silence.heard(now)
+        self._now = now
+        self.control.start(now)
         hello = control.Hello(version=control.PROTOCOL_VERSION, features=list(control.FEATURES), agent=self.agent)
         self._write(control.encode_rm(hello, 1))
 
     def _write(self, line: bytes) -> None:
-        self._out.append(line)
+        stuck = self.control.write(line)
+        if stuck is not None:
+            self._fail(stuck)
 
     def data_to_send(self) -> bytes:
-        if not self._out:
-            return b""
-        data = b"".join(self._out)
-        self._out.clear()
-        self._control_sent += len(data)
-        self._last_sent = self._now
-        return data
+        return self.control.data_to_send(self._now)
 
     def datagrams_to_send(self, now: float | None = None) -> list[bytes]:
         """Seal queued share records (batched) and probes; the driver sends them to the UDP peer.
@@ -787,12 +782,10 @@ class StratumRMConnection:
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the TLS control connection. Sets :attr:`close_reason` on a fatal error."""
         self._now = now
-        self._silence.heard(now)
-        self._control_received += len(data)
         try:
-            lines = self._lines.feed(data)
+            lines = self.control.receive(data, now)
         except LineTooLong as exc:
-            self._fail(f"control line too long: {exc}")
+            self._fail(ControlSession.too_long(exc))
             return
         for raw in lines:
             try:
@@ -851,10 +844,8 @@ class StratumRMConnection:
                     for share in [s for s in self._shares.values() if s.channel is channel]:
                         self._drop_share(share)
                     channel._fail_pending(f"sidecar closed the channel: {close.reason}")
-            case control.Ping() as ping:
-                self._write(control.encode_rm(control.Pong(t=ping.t)))
-            case control.Pong():
-                pass
+            case control.Ping() | control.Pong() as heartbeat:
+                self.control.answer(heartbeat)
             case control.ErrorNotice() as error:
                 self._fail(f"sidecar error: {error.reason}")
             case control.PoolStatus() as pool:
@@ -883,7 +874,7 @@ class StratumRMConnection:
         if self.hello.udp_port and "udp-v2" not in self.hello.features:
             # A sidecar that only speaks data channel version 1: shares go over TLS.
             self.hello = msgspec.structs.replace(self.hello, udp_port=None)
-        self._silence.dead_after = self.hello.dead_after
+        self.control.agree(self.hello.heartbeat, self.hello.dead_after)
         ack_delay = self.hello.max_ack_delay
         self._ack_delay = min(ack_delay, ACK_DELAY_LIMIT) if ack_delay >= 0 else MAX_ACK_DELAY
         self.ready = True
@@ -979,37 +970,33 @@ class StratumRMConnection:
         if timeline:
             candidates.append(timeline[0][0])
         if self.hello is not None:
-            candidates.append(self._last_sent + self.hello.heartbeat)
-            candidates.append(self.silent_deadline())
+            candidates.append(self.control.get_timer())  # the heartbeat and the sidecar's silence
         return min(candidates) if candidates else None
 
     def silent_deadline(self) -> float:
         """When the sidecar counts as silent unless something is heard from it
         (:class:`~bridge.relay.liveness.PeerSilence`: this process's own lateness is excused)."""
-        return self._silence.deadline() if self.hello is not None else math.inf
+        return self.control.silent_deadline() if self.hello is not None else math.inf
 
     def input_waiting(self, now: float) -> None:
         """The transport holds unread bytes from the sidecar: it spoke, this side is behind."""
-        self._silence.heard(now)
+        self.control.input_waiting(now)
 
     def peer_acknowledged(self, age: float, now: float) -> None:
         """The sidecar's TCP last acknowledged this side's bytes ``age`` seconds ago: recent
         means a busy sidecar, not a gone one (:meth:`~bridge.relay.liveness.PeerSilence.acknowledged`)."""
         if self.hello is not None:
-            self._silence.acknowledged(age, now)
+            self.control.peer_acknowledged(age, now)
 
     def handle_timer(self, now: float, due: float | None = None) -> None:
         """The deadline ``due`` (what :meth:`get_timer` gave; None: not known) came; it is ``now``."""
         self._now = now
-        hello = self.hello
-        if hello is not None:
-            if due is not None:
-                self._silence.timer_ran(due, now)
-            if now >= self.silent_deadline():  # the sum get_timer() gave
-                self._fail(f"sidecar silent for {hello.dead_after:g} s")
+        if self.hello is not None:
+            silent = self.control.silent(now, due)
+            if silent is not None:
+                self._fail(silent)
                 return
-            if now >= self._last_sent + hello.heartbeat:
-                self._write(control.encode_rm(control.Ping(t=now)))
+            self.control.heartbeat_due(now)
         if self._next_probe is not None and now >= self._next_probe:
             self.probe(now)
         timeline = self._timeline
@@ -1022,7 +1009,7 @@ class StratumRMConnection:
         # Loss evidence, as QUIC's (RFC 9002 §6.1): the sidecar acknowledged a datagram
         # sent after the share's, or spoke on the control channel since it was sent.
         acked_after = self._acked_sent_at
-        spoke_at = self._silence.last_heard
+        spoke_at = self.control.last_heard
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -1042,7 +1029,7 @@ class StratumRMConnection:
                 # lost. Ask again; the sidecar answers from its verdict cache or joins
                 # the pending share. A sidecar silent since the acknowledgement (no
                 # datagram, no line) is stalled: one share asks, as a probe.
-                if share.acked_at >= self._heard_at and share.acked_at >= self._silence.last_heard:
+                if share.acked_at >= self._heard_at and share.acked_at >= self.control.last_heard:
                     if probed:
                         self._probe_waits += 1
                         verdict_waiting.append(share)
@@ -1092,7 +1079,7 @@ class StratumRMConnection:
     @property
     def last_received(self) -> float:
         """When the sidecar last sent anything (it pings every ``heartbeat``): the link's own liveness."""
-        return self._silence.last_heard
+        return self.control.last_heard
 
     def statistics(self) -> ConnectionStatistics:
         rtt = self.rtt
@@ -1114,8 +1101,8 @@ class StratumRMConnection:
             udp_fallbacks=self._fallbacks,
             datagrams_sent=self._datagrams_sent,
             datagram_bytes_sent=self._datagram_bytes,
-            control_bytes_sent=self._control_sent,
-            control_bytes_received=self._control_received,
+            control_bytes_sent=self.control.bytes_sent,
+            control_bytes_received=self.control.bytes_received,
             notify_lines=self._notify_lines,
             srtt_ms=None if rtt.srtt is None else rtt.srtt * 1000,
             rto_ms=rtt.rto * 1000,

@@ -16,8 +16,8 @@ message's own Struct: every method has its own type (:data:`RMMessage`, a tagged
 union whose tag is the line's ``method``, :data:`RM_PARAMS`), so a receiver
 dispatches with ``match`` on the type alone. :func:`encode_rm` writes a message
 under its type's method; :data:`FROM_PROXY` and :data:`FROM_SIDECAR` say who may
-send which. Nothing here keeps state: the proxy-side and sidecar-side cores
-(bridge/relay) do.
+send which. Nothing here keeps state: the control session
+(:mod:`bridge.relay.control_session`) and the two cores do.
 """
 
 from __future__ import annotations

@@ -87,8 +87,9 @@ Pool status (C10): :meth:`SidecarSession.pool_status` is the driver's check of
 the pool software; with ``pool-status`` negotiated, a change is sent as
 ``rm.pool`` (and a pool already down right after the hello result).
 
-Liveness (C8): a ``rm.ping`` after ``heartbeat`` seconds without sending; a proxy
-silent for ``dead_after`` seconds is dead. Errors (C1, C9): a line that is not
+Liveness (C8), framing and the control backlog: :mod:`bridge.relay.control_session`,
+shared with the proxy side: a ``rm.ping`` after ``heartbeat`` seconds without sending;
+a proxy silent for ``dead_after`` seconds is dead. Errors (C1, C9): a line that is not
 JSON, not an object, too long, an unknown ``rm.`` method, or out of place makes
 the session queue ``rm.error`` with the reason and close; :attr:`protocol_error`
 keeps the reason for the driver's log. Other sessions are not affected.
@@ -116,7 +117,7 @@ from msgspec import UNSET, Raw, Struct
 
 from bridge import __version__
 from bridge.errors import LineTooLong
-from bridge.relay.liveness import PeerSilence
+from bridge.relay.control_session import ControlSession
 from bridge.relay.sidecar.channels import (
     MAX_CHANNEL_NUMBER,
     MAX_WORKERS_PER_CHANNEL,
@@ -148,7 +149,6 @@ from bridge.relay.sidecar.ledger import DEFAULT_SHARE_CACHE, Copy, ShareEntry, S
 from bridge.relay.sidecar.verdicts import DEFAULT_MAX_ACK_DELAY, VerdictSender
 from bridge.sv1.client import ClientSession
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
-from bridge.sv1.framing import LineBuffer
 from bridge.sv1.messages import (
     FALSE,
     NULL,
@@ -170,7 +170,6 @@ from bridge.sv1.validate import is_hex
 from bridge.wire.control import (
     FEATURES,
     FROM_PROXY,
-    MAX_CONTROL_LINE,
     PROTOCOL_VERSION,
     RM_PARAMS,
     Close,
@@ -209,8 +208,6 @@ DEFAULT_BATCH_WINDOW: Final = 0.002
 DEFAULT_MAX_CHANNELS: Final = 16384
 DEFAULT_HEARTBEAT: Final = 1.0
 DEFAULT_DEAD_AFTER: Final = 5.0
-#: Control bytes queued but not taken by the driver after which the proxy counts as stuck.
-MAX_CONTROL_BACKLOG: Final = 16 * 1024 * 1024
 #: Account refusals kept for the driver to log (it takes them after every input).
 MAX_PENDING_REFUSALS: Final = 1024
 
@@ -346,15 +343,12 @@ class SidecarSession:
         self._pool_sent: bool | None = None  # pool-status: the last state sent (None: nothing yet)
         self._udp = False
 
-        self._lines = LineBuffer(MAX_CONTROL_LINE)
-        self._out: list[bytes] = []
-        self._out_size = 0
+        self.control = ControlSession(peer="proxy", dead_after=dead_after, now=now, silence_note=" (no line, no rm.pong)")
+        """Framing, backlog, heartbeat and liveness of the control connection (shared with the proxy side)."""
         self._commands: list[PoolCommand] = []
         self._refusals: list[Refusal] = []
         self._dirty: dict[int, None] = {}
         self._now = now
-        self._silence = PeerSilence(dead_after, now)
-        self._last_sent = now
 
         self._channels: dict[int, Channel] = {}
         self.udp_path = SessionUdp(
@@ -382,8 +376,6 @@ class SidecarSession:
         self._authorizations_refused = 0
         self._requests_refused = 0
         self._verdicts_tls = 0
-        self._control_in = 0
-        self._control_out = 0
         self._pool_in = 0
         self._pool_out = 0
 
@@ -416,13 +408,7 @@ class SidecarSession:
 
     def data_to_send(self) -> bytes:
         """Control-channel bytes queued since the last call."""
-        if not self._out:
-            return b""
-        data = b"".join(self._out)
-        self._out.clear()
-        self._out_size = 0
-        self._control_out += len(data)
-        return data
+        return self.control.data_to_send(self._now)
 
     def datagrams_to_send(self, now: float | None = None) -> list[OutgoingDatagram]:
         """Datagrams to send, each already charged to the session's budget.
@@ -457,9 +443,7 @@ class SidecarSession:
         """When :meth:`handle_timer` has something to do."""
         if self.closed:
             return None
-        deadline = self._silence.deadline()
-        if self.hello is not None:
-            deadline = min(deadline, self._last_sent + self.heartbeat)
+        deadline = self.control.get_timer()
         for due in (self.jobs.due, self.verdicts.results_due, self.udp_path.rekey_due, self.verdicts.ack_due):
             if due is not None and due < deadline:
                 deadline = due
@@ -470,16 +454,16 @@ class SidecarSession:
     def silent_deadline(self) -> float:
         """When the proxy counts as silent unless something is heard from it
         (:class:`~bridge.relay.liveness.PeerSilence`: this process's own lateness is excused)."""
-        return self._silence.deadline()
+        return self.control.silent_deadline()
 
     def input_waiting(self, now: float) -> None:
         """The transport holds unread bytes from the proxy: it spoke, this side is behind."""
-        self._silence.heard(now)
+        self.control.input_waiting(now)
 
     def peer_acknowledged(self, age: float, now: float) -> None:
         """The proxy's TCP last acknowledged this side's bytes ``age`` seconds ago: recent
         means a busy proxy, not a gone one (:meth:`~bridge.relay.liveness.PeerSilence.acknowledged`)."""
-        self._silence.acknowledged(age, now)
+        self.control.peer_acknowledged(age, now)
 
     def handle_timer(self, now: float, due: float | None = None) -> None:
         """Flush collected lines, send heartbeats, rekey, and notice a silent proxy: the deadline
@@ -487,10 +471,9 @@ class SidecarSession:
         if self.closed:
             return
         self._now = now
-        if due is not None:
-            self._silence.timer_ran(due, now)
-        if now >= self._silence.deadline():  # the sum get_timer() gave
-            self._close(f"proxy silent for {self.dead_after:g} s (no line, no rm.pong)")
+        silent = self.control.silent(now, due)
+        if silent is not None:
+            self._close(silent)
             return
         if self.jobs.due is not None and now >= self.jobs.due:
             self.jobs.flush()
@@ -498,8 +481,7 @@ class SidecarSession:
         rekey_due = self.udp_path.rekey_due
         if rekey_due is not None and now >= rekey_due:
             self.rekey(now)
-        if self.hello is not None and now >= self._last_sent + self.heartbeat:
-            self._write(encode_rm(Ping(t=now)))
+        self.control.heartbeat_due(now)
 
     def rekey(self, now: float) -> None:
         """Issue the next key epoch (``rm.keys``); the previous one stays valid for the grace period."""
@@ -515,12 +497,10 @@ class SidecarSession:
         if self.closed:
             return
         self._now = now
-        self._silence.heard(now)
-        self._control_in += len(data)
         try:
-            lines = self._lines.feed(data)
+            lines = self.control.receive(data, now)
         except LineTooLong as exc:
-            self._protocol_violation(f"control line too long: {exc}")
+            self._protocol_violation(ControlSession.too_long(exc))
             return
         for line in lines:
             self._handle_line(line)
@@ -606,10 +586,8 @@ class SidecarSession:
                 channel = self._channels.get(close.ch)
                 if channel is not None:
                     self._drop_channel(channel, f"proxy closed the channel: {close.reason or 'rig disconnected'}")
-            case Ping() as ping:
-                self._write(encode_rm(Pong(t=ping.t)))
-            case Pong():
-                pass  # liveness only
+            case Ping() | Pong() as heartbeat:
+                self.control.answer(heartbeat)
             case ErrorNotice() as error:
                 self._close(f"proxy closed the connection: {error.reason}", tell_proxy=False)
             case Keys() | Job() | NotifyChannels() | Results() | PoolStatus() | GoAway():
@@ -631,6 +609,7 @@ class SidecarSession:
             self._close(f"proxy speaks StratumRM version {hello.version}, this sidecar speaks {PROTOCOL_VERSION}")
             return
         self.hello = hello
+        self.control.agree(self.heartbeat, self.dead_after)
         offered = set(hello.features)
         # Data channel version 1 is gone: UDP only with a proxy that speaks version 2.
         udp = self.udp_port is not None and "udp-shares" in offered and "udp-v2" in offered
@@ -1042,11 +1021,9 @@ class SidecarSession:
     # ------------------------------------------------------------------ writing and closing
 
     def _write(self, line: bytes) -> None:
-        self._out.append(line)
-        self._out_size += len(line)
-        self._last_sent = self._now
-        if self._out_size > MAX_CONTROL_BACKLOG and not self.closed:
-            self._close(f"proxy did not read {MAX_CONTROL_BACKLOG} bytes of control data", tell_proxy=False)
+        stuck = self.control.write(line)
+        if stuck is not None and not self.closed:
+            self._close(stuck, tell_proxy=False)
 
     def _write_channel(self, ch: int, line: bytes) -> None:
         if self.jobs.pending_for(ch):
@@ -1070,7 +1047,7 @@ class SidecarSession:
         if tell_proxy:
             self.verdicts.flush_results()
             self.jobs.flush()
-            self._write(encode_rm(ErrorNotice(reason=reason)))
+            self.control.goodbye(reason)
         self.close_reason = reason
         for channel in list(self._channels.values()):
             self._drop_channel(channel, f"control connection closed: {reason}")
@@ -1114,8 +1091,8 @@ class SidecarSession:
             verdicts_over_budget=verdicts.over_budget,
             udp_datagrams_sent=udp.datagrams_sent,
             key_epoch=udp.epoch,
-            control_bytes_received=self._control_in,
-            control_bytes_sent=self._control_out,
+            control_bytes_received=self.control.bytes_received,
+            control_bytes_sent=self.control.bytes_sent,
             pool_bytes_received=self._pool_in,
             pool_bytes_sent=self._pool_out,
             udp_bytes_received=udp.bytes_received,
