@@ -145,7 +145,7 @@ def test_a_share_goes_as_one_sealed_record_and_its_verdict_comes_back() -> None:
     conn.receive_datagram(verdict, ("127.0.0.1", 3334), 0.004)
     [reply] = channel.events
     assert reply.context == "rig-id-4" and reply.accepted and reply.request_id == serial
-    assert conn.rtt.srtt == pytest.approx(0.004)  # the verdict acknowledged the datagram
+    assert conn.delivery.rtt.srtt == pytest.approx(0.004)  # the verdict acknowledged the datagram
     stats = conn.statistics()
     assert stats.pending == 0 and stats.verdict_datagrams_received == 1
 
@@ -162,7 +162,7 @@ def test_a_slow_pool_is_no_reason_to_send_again_once_the_sidecar_acknowledged() 
     # ack delay is subtracted only above the smallest sample: the first one counts whole.
     ack = sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pn, pn),), ack_delay_us=5000)).data
     conn.receive_datagram(ack, ("127.0.0.1", 3334), 0.0053)
-    assert conn.rtt.srtt == pytest.approx(0.0053)
+    assert conn.delivery.rtt.srtt == pytest.approx(0.0053)
     # The pool answers after 300 ms (far past the transport RTO): nothing was sent again.
     deadline = conn.get_timer()
     assert deadline is not None and deadline > 0.25
@@ -175,7 +175,7 @@ def test_a_slow_pool_is_no_reason_to_send_again_once_the_sidecar_acknowledged() 
     stats = conn.statistics()
     assert stats.retransmissions_udp == stats.retransmissions_tls == stats.verdict_queries == 0
     assert stats.acks_received == 1
-    assert conn.verdict_rtt.srtt == pytest.approx(0.24 - 0.0053)
+    assert conn.delivery.verdict_rtt.srtt == pytest.approx(0.24 - 0.0053)
 
 
 def test_a_lost_verdict_is_asked_for_again_after_the_verdict_timeout() -> None:
@@ -284,14 +284,14 @@ def test_the_retransmission_deadline_adds_the_announced_ack_delay_and_late_acks_
     conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 0),))).data, ("127.0.0.1", 3334), 0.2)
     stats = conn.statistics()
     assert stats.spurious_retransmissions == 1 and stats.retransmission_floor_ms == pytest.approx(400)
-    assert conn.retransmission_timeout(0.2) >= 0.4
+    assert conn.delivery.retransmission_timeout(0.2) >= 0.4
     conn.handle_timer(60.2)
     assert conn.statistics().retransmission_floor_ms == pytest.approx(200)
     assert [reply.accepted for reply in channel.events] == [True]
     # A sidecar announcing an absurd ack delay is capped.
     conn2 = StratumRMConnection(detect_blocks=False)
     FakeSidecar(conn2).start(max_ack_delay=1e9)
-    assert conn2.retransmission_timeout(0.0) == pytest.approx(conn2.rtt.rto + 0.2)
+    assert conn2.delivery.retransmission_timeout(0.0) == pytest.approx(conn2.delivery.rtt.rto + 0.2)
 
 
 def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> None:
@@ -575,7 +575,7 @@ def test_udp_comes_back_after_a_fallback_when_a_probe_is_answered() -> None:
     sidecar = FakeSidecar(conn)
     sidecar.start()
     channel_ready(conn, sidecar)
-    conn._udp_down(0.0)
+    conn.delivery.udp_down(0.0)
     assert not conn.udp_up and conn.datagrams_to_send() == []
     conn.handle_timer(10.0)  # the re-probe is due
     [probe] = conn.datagrams_to_send()
@@ -589,7 +589,7 @@ def test_forged_probe_acks_do_not_bring_udp_up() -> None:
     conn = StratumRMConnection(detect_blocks=False)
     sidecar = FakeSidecar(conn)
     sidecar.start()
-    conn._udp_down(0.0)
+    conn.delivery.udp_down(0.0)
     forged = bytearray(sidecar.keys.sealer.seal(ProbeAck(1)).data)
     forged[-1] ^= 1
     conn.receive_datagram(bytes(forged), ("127.0.0.1", 3334), 1.0)
