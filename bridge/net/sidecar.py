@@ -1,6 +1,6 @@
 """The pool-side sidecar's trio driver: TLS control listener, one UDP socket, pool connections.
 
-Everything protocol-shaped happens in :class:`~bridge.relay.sidecar.SidecarSession`;
+Everything protocol-shaped happens in :class:`~bridge.relay.sidecar.session.SidecarSession`;
 this module accepts connections, moves bytes, keeps time and closes sockets.
 
 Theory of operation
@@ -11,7 +11,7 @@ certificate required: the context comes from :func:`bridge.pki.tls.server_contex
 and binds **one** UDP socket, on the same port number unless told otherwise, for
 the share datagrams of every proxy.
 
-UDP routing: one :class:`~bridge.relay.sidecar.SidecarIntake` (one
+UDP routing: one :class:`~bridge.relay.sidecar.intake.SidecarIntake` (one
 :class:`~bridge.wire.receiver.DatagramReceiver`) serves all sessions. Each session
 registers its key epochs in it with itself as the key, so the conn_id of a datagram
 finds its session in one dict lookup inside the cheapest-first pipeline, and drops
@@ -128,20 +128,14 @@ from bridge.pki.rotation import (
     identity_status,
 )
 from bridge.pki.tls import check_miner_peer, explain_handshake_failure
-from bridge.relay.sidecar import (
+from bridge.relay.sidecar.channels import ChannelStatus, ClosePool, OpenPool, Refusal, RequestRefused, WritePool
+from bridge.relay.sidecar.intake import DEFAULT_REKEY_INTERVAL, SidecarIntake
+from bridge.relay.sidecar.session import (
     DEFAULT_BATCH_WINDOW,
     DEFAULT_DEAD_AFTER,
     DEFAULT_HEARTBEAT,
-    DEFAULT_REKEY_INTERVAL,
-    ChannelStatus,
-    ClosePool,
-    OpenPool,
-    Refusal,
-    RequestRefused,
-    SidecarIntake,
     SidecarSession,
     SidecarSessionStatistics,
-    WritePool,
 )
 from bridge.wire.control import ErrorNotice, encode_rm
 from bridge.wire.proxy_header import ProxyHeaderError
@@ -841,7 +835,7 @@ class SidecarServer:
         self._refusals[kind] += 1
         how = "after a resumed TLS session" if resumed else "after the TLS handshake"
         log.warning("refused proxy %s %s: %s", peer, how, message)
-        notice = encode_rm("rm.error", ErrorNotice(reason=f"refused by the sidecar: {message}"))
+        notice = encode_rm(ErrorNotice(reason=f"refused by the sidecar: {message}"))
         with trio.move_on_after(REFUSAL_FLUSH_TIMEOUT):
             try:
                 await tls.send_all(notice)

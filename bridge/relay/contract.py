@@ -31,12 +31,12 @@ as above; the timer event is fed when it comes.
 
 The names follow aioquic's ``QuicConnection``. Cores that follow it:
 :class:`~bridge.relay.rm_upstream.StratumRMConnection` (the proxy side of
-StratumRM), :class:`~bridge.relay.sidecar.SidecarSession` (the sidecar side),
+StratumRM), :class:`~bridge.relay.sidecar.session.SidecarSession` (the sidecar side),
 :class:`~bridge.relay.proxy.ProxyCore` (the proxy, an event core) and the
 two cores it owns, :class:`~bridge.relay.miner_channel.MinerChannel` (one rig)
 and :class:`~bridge.relay.failover.FailoverPolicy` (whose timer's decisions
 :meth:`~bridge.relay.failover.FailoverPolicy.take_actions` hands over),
-:class:`~bridge.relay.sidecar.SidecarIntake` (the sidecar's UDP intake),
+:class:`~bridge.relay.sidecar.intake.SidecarIntake` (the sidecar's UDP intake),
 :class:`~bridge.relay.health.HealthWatch` and
 :class:`~bridge.relay.health.SubscribeCheck` (pool health); the conformance is
 type-checked at the bottom of this module.
@@ -121,7 +121,8 @@ if TYPE_CHECKING:  # mypy checks that the cores follow the contract
     from bridge.relay.miner_channel import MinerChannel
     from bridge.relay.proxy import Command, Event, ProxyCore
     from bridge.relay.rm_upstream import StratumRMConnection
-    from bridge.relay.sidecar import OutgoingDatagram, SidecarIntake, SidecarSession
+    from bridge.relay.sidecar.intake import OutgoingDatagram, SidecarIntake
+    from bridge.relay.sidecar.session import SidecarSession
 
     def _conformance(
         proxy_side: StratumRMConnection,

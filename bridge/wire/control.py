@@ -11,14 +11,18 @@ line. Two families share it (bridge/wire/PROTOCOL.md, "Control channel"):
   ``params``: ``{"id":1,"method":"rm.hello","params":{"version":1,...}}``.
 
 :func:`decode_line` turns a line into a :class:`ControlLine` (an envelope with
-raw params); :func:`decode_params` reads the params of an ``rm.`` method into its
-Struct. The encoders write the same shapes. Nothing here keeps state: the
-proxy-side and sidecar-side cores (bridge/relay) do.
+raw params); :func:`decode_params` reads the params of an ``rm.`` method into the
+message's own Struct: every method has its own type (:data:`RMMessage`, a tagged
+union whose tag is the line's ``method``, :data:`RM_PARAMS`), so a receiver
+dispatches with ``match`` on the type alone. :func:`encode_rm` writes a message
+under its type's method; :data:`FROM_PROXY` and :data:`FROM_SIDECAR` say who may
+send which. Nothing here keeps state: the control session
+(:mod:`bridge.relay.control_session`) and the two cores do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import Any, ClassVar
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType, field
@@ -42,6 +46,7 @@ FEATURES = ("udp-shares", "udp-v2", "job-dedup", "batch-verdicts", "pool-status"
 class Hello(Struct, frozen=True, kw_only=True):
     """``rm.hello`` (proxy → sidecar, request): the proxy's version and features."""
 
+    METHOD: ClassVar[str] = "rm.hello"
     version: int
     features: list[str] = []
     agent: str = ""
@@ -77,6 +82,7 @@ class Keys(Struct, frozen=True, kw_only=True):
     valid for ``grace`` seconds.
     """
 
+    METHOD: ClassVar[str] = "rm.keys"
     conn_id: str
     epoch: int
     secret: str
@@ -86,6 +92,7 @@ class Keys(Struct, frozen=True, kw_only=True):
 class Open(Struct, frozen=True, kw_only=True):
     """``rm.open`` (proxy → sidecar): a rig connected; open its pool connection."""
 
+    METHOD: ClassVar[str] = "rm.open"
     ch: int
     peer: str = ""
 
@@ -93,6 +100,7 @@ class Open(Struct, frozen=True, kw_only=True):
 class Close(Struct, frozen=True, kw_only=True):
     """``rm.close`` (either way): the channel is over (rig gone, or pool connection lost)."""
 
+    METHOD: ClassVar[str] = "rm.close"
     ch: int
     reason: str = ""
 
@@ -103,6 +111,7 @@ class Job(Struct, frozen=True, kw_only=True):
     Sent once per distinct notify, however many channels receive it.
     """
 
+    METHOD: ClassVar[str] = "rm.job"
     job: int
     notify: NotifyParams
 
@@ -110,6 +119,7 @@ class Job(Struct, frozen=True, kw_only=True):
 class NotifyChannels(Struct, frozen=True, kw_only=True):
     """``rm.notify`` (sidecar → proxy): deliver job ``job`` as mining.notify to these channels."""
 
+    METHOD: ClassVar[str] = "rm.notify"
     job: int
     ch: list[int]
 
@@ -124,18 +134,28 @@ class Results(Struct, frozen=True, kw_only=True):
     ``reject-reason``), so the rig gets the pool's own words.
     """
 
+    METHOD: ClassVar[str] = "rm.results"
     v: list[tuple[int, int, int, Any]]
 
 
 class Ping(Struct, frozen=True, kw_only=True):
-    """``rm.ping`` / ``rm.pong``: heartbeat; ``t`` is echoed (the sender's clock)."""
+    """``rm.ping``: heartbeat; ``t`` (the sender's clock) is echoed in the :class:`Pong`."""
 
+    METHOD: ClassVar[str] = "rm.ping"
+    t: float = 0.0
+
+
+class Pong(Struct, frozen=True, kw_only=True):
+    """``rm.pong``: the answer to :class:`Ping`, echoing its ``t``."""
+
+    METHOD: ClassVar[str] = "rm.pong"
     t: float = 0.0
 
 
 class ErrorNotice(Struct, frozen=True, kw_only=True):
     """``rm.error``: the sender is about to close the control connection, and why."""
 
+    METHOD: ClassVar[str] = "rm.error"
     reason: str
 
 
@@ -147,6 +167,7 @@ class PoolStatus(Struct, frozen=True, kw_only=True):
     again. A proxy with failover moves its rigs elsewhere meanwhile.
     """
 
+    METHOD: ClassVar[str] = "rm.pool"
     status: str
     reason: str = ""
 
@@ -160,27 +181,33 @@ class GoAway(Struct, frozen=True, kw_only=True):
     connection. Shares in flight keep their verdict path until then.
     """
 
+    METHOD: ClassVar[str] = "rm.goaway"
     deadline: float
     reason: str = ""
 
 
-#: Every rm params Struct: what :func:`decode_params` returns.
-RMParams = Hello | HelloResult | Keys | Open | Close | Job | NotifyChannels | Results | Ping | ErrorNotice | PoolStatus | GoAway
-
-RM_PARAMS: dict[str, type[RMParams]] = {
-    "rm.hello": Hello,
-    "rm.keys": Keys,
-    "rm.open": Open,
-    "rm.close": Close,
-    "rm.job": Job,
-    "rm.notify": NotifyChannels,
-    "rm.results": Results,
-    "rm.ping": Ping,
-    "rm.pong": Ping,
-    "rm.error": ErrorNotice,
-    "rm.pool": PoolStatus,
-    "rm.goaway": GoAway,
-}
+#: Every rm message, one Struct per method (the line's ``method`` is the tag): what
+#: :func:`decode_params` returns, for ``match`` to narrow.
+RMMessage = Hello | Keys | Open | Close | Job | NotifyChannels | Results | Ping | Pong | ErrorNotice | PoolStatus | GoAway
+_MESSAGE_TYPES: tuple[type[RMMessage], ...] = (
+    Hello,
+    Keys,
+    Open,
+    Close,
+    Job,
+    NotifyChannels,
+    Results,
+    Ping,
+    Pong,
+    ErrorNotice,
+    PoolStatus,
+    GoAway,
+)
+#: Method -> its message's Struct.
+RM_PARAMS: dict[str, type[RMMessage]] = {kind.METHOD: kind for kind in _MESSAGE_TYPES}
+#: The rm methods each side may send (C3-C11); anything else from it is a protocol error.
+FROM_PROXY = frozenset({"rm.hello", "rm.open", "rm.close", "rm.ping", "rm.pong", "rm.error"})
+FROM_SIDECAR = frozenset(RM_PARAMS) - {"rm.hello", "rm.open"}
 
 
 # ------------------------------------------------------------------ envelope
@@ -217,7 +244,7 @@ class ChannelResponse(Struct, frozen=True):
     reject_reason: str | UnsetType = field(default=UNSET, name="reject-reason")
 
 
-class RMMessage(Struct, frozen=True):
+class _RMLine(Struct, frozen=True):
     id: RequestId
     method: str
     params: Struct
@@ -230,7 +257,7 @@ class RMResponse(Struct, frozen=True):
 
 
 _decode_line = BoundedDecoder[ControlLine](ControlLine).decode
-_decoders = {method: BoundedDecoder[RMParams](kind).decode for method, kind in RM_PARAMS.items()}
+_decoders = {method: BoundedDecoder[RMMessage](kind).decode for method, kind in RM_PARAMS.items()}
 _encode = msgspec.json.Encoder().encode
 
 
@@ -245,35 +272,12 @@ def decode_line(line: bytes) -> ControlLine:
         raise ControlDecodeError(f"malformed control line: {exc}") from None
 
 
-@overload
-def decode_params(method: Literal["rm.hello"], params: Raw) -> Hello: ...
-@overload
-def decode_params(method: Literal["rm.keys"], params: Raw) -> Keys: ...
-@overload
-def decode_params(method: Literal["rm.open"], params: Raw) -> Open: ...
-@overload
-def decode_params(method: Literal["rm.close"], params: Raw) -> Close: ...
-@overload
-def decode_params(method: Literal["rm.job"], params: Raw) -> Job: ...
-@overload
-def decode_params(method: Literal["rm.notify"], params: Raw) -> NotifyChannels: ...
-@overload
-def decode_params(method: Literal["rm.results"], params: Raw) -> Results: ...
-@overload
-def decode_params(method: Literal["rm.ping", "rm.pong"], params: Raw) -> Ping: ...
-@overload
-def decode_params(method: Literal["rm.error"], params: Raw) -> ErrorNotice: ...
-@overload
-def decode_params(method: Literal["rm.pool"], params: Raw) -> PoolStatus: ...
-@overload
-def decode_params(method: Literal["rm.goaway"], params: Raw) -> GoAway: ...
-@overload
-def decode_params(method: str, params: Raw) -> RMParams: ...
-def decode_params(method: str, params: Raw) -> RMParams:
-    """The params of an ``rm.`` method as its Struct (the type :data:`RM_PARAMS` names for it).
+def decode_params(method: str, params: Raw) -> RMMessage:
+    """The ``rm.`` message of ``method`` with these params, as its own Struct (:data:`RM_PARAMS`).
 
-    Typed by method: a caller with a literal method gets that method's Struct, a caller
-    with any method gets the :data:`RMParams` union and narrows it with ``match``.
+    Each method has its own type, so the caller narrows the :data:`RMMessage` union with
+    ``match`` on the type alone. An unknown method or bad params raise
+    :class:`ControlDecodeError`.
     """
     decoder = _decoders.get(method)
     if decoder is None:
@@ -284,8 +288,9 @@ def decode_params(method: str, params: Raw) -> RMParams:
         raise ControlDecodeError(f"bad params for {method}: {exc}") from None
 
 
-def encode_rm(method: str, params: Struct, request_id: RequestId = None) -> bytes:
-    return _encode(RMMessage(request_id, method, params)) + b"\n"
+def encode_rm(message: RMMessage, request_id: RequestId = None) -> bytes:
+    """An rm line: ``message`` under its type's method (``id`` null: a notification)."""
+    return _encode(_RMLine(request_id, message.METHOD, message)) + b"\n"
 
 
 def encode_rm_result(request_id: RequestId, result: Any) -> bytes:

@@ -18,7 +18,7 @@ from bridge.net.containment import Containment
 from bridge.net.miner_proxy import MinerProxy
 from bridge.net.sidecar import SidecarServer
 from bridge.relay.miner_channel import MinerChannel
-from bridge.relay.sidecar import SidecarIntake
+from bridge.relay.sidecar.intake import SidecarIntake
 from bridge.testing.pki import make_test_pki
 from bridge.testing.pool import PoolConfig, ReferencePool
 from bridge.web.server import WebServer, json_response

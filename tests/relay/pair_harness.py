@@ -5,8 +5,8 @@ moves bytes between three sans-IO cores:
 
 - the proxy side of StratumRM (:class:`~bridge.relay.rm_upstream.StratumRMConnection`)
   with its rigs' channels;
-- the sidecar (:class:`~bridge.relay.sidecar.SidecarSession` behind a
-  :class:`~bridge.relay.sidecar.SidecarIntake`);
+- the sidecar (:class:`~bridge.relay.sidecar.session.SidecarSession` behind a
+  :class:`~bridge.relay.sidecar.intake.SidecarIntake`);
 - the reference pool (:class:`~bridge.testing.pool_core.PoolCore`), one connection
   per channel, which judges every share by its real double SHA-256.
 
@@ -28,7 +28,9 @@ from typing import Any
 
 from bridge.mining.share import Job, difficulty_to_target, scan_nonces
 from bridge.relay.rm_upstream import RMChannel, StratumRMConnection
-from bridge.relay.sidecar import ClosePool, OpenPool, SidecarIntake, SidecarSession, WritePool
+from bridge.relay.sidecar.channels import ClosePool, OpenPool, WritePool
+from bridge.relay.sidecar.intake import SidecarIntake
+from bridge.relay.sidecar.session import SidecarSession
 from bridge.sv1.events import Reply
 from bridge.sv1.messages import Notify, SubmitParams
 from bridge.testing.pool_core import ConnectionState, PoolConfig, PoolCore

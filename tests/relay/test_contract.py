@@ -12,7 +12,8 @@ from bridge.relay.contract import ConnectionCore, DatagramCore, EventCore, Timer
 from bridge.relay.health import HealthWatch, SubscribeCheck
 from bridge.relay.proxy import ProxyCore, ProxyUpstream
 from bridge.relay.rm_upstream import StratumRMConnection
-from bridge.relay.sidecar import SidecarIntake, SidecarSession
+from bridge.relay.sidecar.intake import SidecarIntake
+from bridge.relay.sidecar.session import SidecarSession
 
 
 @pytest.mark.parametrize(

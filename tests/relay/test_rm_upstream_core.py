@@ -77,7 +77,7 @@ class FakeSidecar:
         self.send(control.encode_rm_result(1, result), now=now)
         if udp:
             keys = control.Keys(conn_id=f"{self.material.conn_id:016x}", epoch=1, secret=self.material.secret.hex())
-            self.send(control.encode_rm("rm.keys", keys), now=now)
+            self.send(control.encode_rm(keys), now=now)
             [probe] = self.conn.datagrams_to_send()
             _header, body = self.open(probe)
             assert isinstance(body, Probe)
@@ -103,7 +103,7 @@ def channel_ready(conn: StratumRMConnection, sidecar: FakeSidecar, *, nbits: str
     notify[6] = nbits
     sidecar.send(
         b'{"id":null,"method":"rm.job","params":{"job":7,"notify":' + json.dumps(notify).encode() + b"}}\n",
-        control.encode_rm("rm.notify", control.NotifyChannels(job=7, ch=[channel.ch])),
+        control.encode_rm(control.NotifyChannels(job=7, ch=[channel.ch])),
     )
     events = channel.events
     channel.events = []
@@ -145,7 +145,7 @@ def test_a_share_goes_as_one_sealed_record_and_its_verdict_comes_back() -> None:
     conn.receive_datagram(verdict, ("127.0.0.1", 3334), 0.004)
     [reply] = channel.events
     assert reply.context == "rig-id-4" and reply.accepted and reply.request_id == serial
-    assert conn.rtt.srtt == pytest.approx(0.004)  # the verdict acknowledged the datagram
+    assert conn.delivery.rtt.srtt == pytest.approx(0.004)  # the verdict acknowledged the datagram
     stats = conn.statistics()
     assert stats.pending == 0 and stats.verdict_datagrams_received == 1
 
@@ -162,7 +162,7 @@ def test_a_slow_pool_is_no_reason_to_send_again_once_the_sidecar_acknowledged() 
     # ack delay is subtracted only above the smallest sample: the first one counts whole.
     ack = sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pn, pn),), ack_delay_us=5000)).data
     conn.receive_datagram(ack, ("127.0.0.1", 3334), 0.0053)
-    assert conn.rtt.srtt == pytest.approx(0.0053)
+    assert conn.delivery.rtt.srtt == pytest.approx(0.0053)
     # The pool answers after 300 ms (far past the transport RTO): nothing was sent again.
     deadline = conn.get_timer()
     assert deadline is not None and deadline > 0.25
@@ -175,7 +175,7 @@ def test_a_slow_pool_is_no_reason_to_send_again_once_the_sidecar_acknowledged() 
     stats = conn.statistics()
     assert stats.retransmissions_udp == stats.retransmissions_tls == stats.verdict_queries == 0
     assert stats.acks_received == 1
-    assert conn.verdict_rtt.srtt == pytest.approx(0.24 - 0.0053)
+    assert conn.delivery.verdict_rtt.srtt == pytest.approx(0.24 - 0.0053)
 
 
 def test_a_lost_verdict_is_asked_for_again_after_the_verdict_timeout() -> None:
@@ -284,14 +284,14 @@ def test_the_retransmission_deadline_adds_the_announced_ack_delay_and_late_acks_
     conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(pn, 0),))).data, ("127.0.0.1", 3334), 0.2)
     stats = conn.statistics()
     assert stats.spurious_retransmissions == 1 and stats.retransmission_floor_ms == pytest.approx(400)
-    assert conn.retransmission_timeout(0.2) >= 0.4
+    assert conn.delivery.retransmission_timeout(0.2) >= 0.4
     conn.handle_timer(60.2)
     assert conn.statistics().retransmission_floor_ms == pytest.approx(200)
     assert [reply.accepted for reply in channel.events] == [True]
     # A sidecar announcing an absurd ack delay is capped.
     conn2 = StratumRMConnection(detect_blocks=False)
     FakeSidecar(conn2).start(max_ack_delay=1e9)
-    assert conn2.retransmission_timeout(0.0) == pytest.approx(conn2.rtt.rto + 0.2)
+    assert conn2.delivery.retransmission_timeout(0.0) == pytest.approx(conn2.delivery.rtt.rto + 0.2)
 
 
 def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> None:
@@ -455,7 +455,7 @@ def test_shares_of_one_step_share_a_datagram_and_rejects_keep_the_pools_words() 
         (1, header.pn, 1, {"result": False, "error": None, "reject-reason": "Stale"}),
         (1, header.pn, 2, {"result": None, "error": [23, "low difficulty share", None]}),
     ]
-    sidecar.send(control.encode_rm("rm.results", control.Results(v=verdicts)))
+    sidecar.send(control.encode_rm(control.Results(v=verdicts)))
     replies = {r.context: r for r in channel.events}
     assert replies[0].accepted
     assert replies[1].response.reject_reason == "Stale" and read_verdict(replies[1].response).code == 21
@@ -502,7 +502,7 @@ def test_a_late_udp_verdict_after_the_tls_one_is_ignored() -> None:
     conn.handle_timer(10)
     [tls] = [m for m in sidecar.read() if m.get("method") == "mining.submit"]
     sidecar.send(control.encode_channel_response(channel.ch, tls["id"], msgspec.Raw(b"true"), msgspec.Raw(b"null")))
-    sidecar.send(control.encode_rm("rm.results", control.Results(v=[(1, sidecar.open(first)[0].pn, 0, 1)])))
+    sidecar.send(control.encode_rm(control.Results(v=[(1, sidecar.open(first)[0].pn, 0, 1)])))
     assert len(channel.events) == 1
 
 
@@ -536,7 +536,7 @@ def test_sidecar_closing_a_channel_and_going_silent() -> None:
     sidecar = FakeSidecar(conn)
     sidecar.start(dead_after=5.0)
     channel = channel_ready(conn, sidecar)
-    sidecar.send(control.encode_rm("rm.close", control.Close(ch=channel.ch, reason="pool connection refused")))
+    sidecar.send(control.encode_rm(control.Close(ch=channel.ch, reason="pool connection refused")))
     assert isinstance(channel.events[-1], ChannelClosed) and "pool connection refused" in channel.events[-1].reason
     other = conn.open_channel()
     conn.handle_timer(1.5)
@@ -575,7 +575,7 @@ def test_udp_comes_back_after_a_fallback_when_a_probe_is_answered() -> None:
     sidecar = FakeSidecar(conn)
     sidecar.start()
     channel_ready(conn, sidecar)
-    conn._udp_down(0.0)
+    conn.delivery.udp_down(0.0)
     assert not conn.udp_up and conn.datagrams_to_send() == []
     conn.handle_timer(10.0)  # the re-probe is due
     [probe] = conn.datagrams_to_send()
@@ -589,7 +589,7 @@ def test_forged_probe_acks_do_not_bring_udp_up() -> None:
     conn = StratumRMConnection(detect_blocks=False)
     sidecar = FakeSidecar(conn)
     sidecar.start()
-    conn._udp_down(0.0)
+    conn.delivery.udp_down(0.0)
     forged = bytearray(sidecar.keys.sealer.seal(ProbeAck(1)).data)
     forged[-1] ^= 1
     conn.receive_datagram(bytes(forged), ("127.0.0.1", 3334), 1.0)
@@ -654,7 +654,7 @@ def test_lateness_counts_only_since_the_sidecars_last_word() -> None:
     sidecar.start(udp=False, dead_after=5.0)
     conn.handle_timer(3.0, due=1.0)  # 2 s late before the sidecar spoke again
     assert conn.silent_deadline() == pytest.approx(7.0)
-    sidecar.send(control.encode_rm("rm.ping", control.Ping(t=3.5)), now=3.5)
+    sidecar.send(control.encode_rm(control.Ping(t=3.5)), now=3.5)
     assert conn.silent_deadline() == pytest.approx(8.5)  # a fresh 5 s: the old lateness is spent
     conn.handle_timer(5.0, due=3.0)  # due before the word at 3.5: only the 1.5 s after it counts
     assert conn.silent_deadline() == pytest.approx(10.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from test_sidecar_core import Harness
 
-from bridge.relay.sidecar import AccountRefused
+from bridge.relay.sidecar.channels import AccountRefused
 
 
 def test_refused_accounts_are_reported_once_per_account_and_channel() -> None:

@@ -16,14 +16,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from bridge.relay.sidecar import (
-    MAX_JOBS_PER_CHANNEL,
-    ClosePool,
-    OpenPool,
-    SidecarIntake,
-    SidecarSession,
-    WritePool,
-)
+from bridge.relay.sidecar.channels import MAX_JOBS_PER_CHANNEL, ClosePool, OpenPool, WritePool
+from bridge.relay.sidecar.intake import SidecarIntake
+from bridge.relay.sidecar.session import SidecarSession
 from bridge.wire.control import FEATURES, MAX_CONTROL_LINE
 from bridge.wire.datagram import (
     Ack,
@@ -480,13 +475,13 @@ def test_job_tables_stay_bounded_and_forget_old_handles() -> None:
         harness.pool(3, {"id": None, "method": "mining.notify", "params": notify_params(f"x{number}", clean=False)})
     harness.advance(0.01)
     session = harness.session
-    assert len(session._jobs) == MAX_JOBS_PER_CHANNEL and len(session._job_by_key) == MAX_JOBS_PER_CHANNEL
+    assert len(session.jobs) == MAX_JOBS_PER_CHANNEL and session.jobs.distinct_notifies == MAX_JOBS_PER_CHANNEL
     harness.datagram(harness.seal(harness.share(handle=1)))  # j1's handle was forgotten
     harness.advance(0.01)
     [refused] = harness.results()
     assert refused[3]["error"][0] == 21 and harness.submits() == []
     harness.send({"method": "rm.close", "params": {"ch": 3}})
-    assert session._jobs == {} and session._job_by_key == {}
+    assert len(session.jobs) == 0 and session.jobs.distinct_notifies == 0
 
 
 # ------------------------------------------------------------------ shares
@@ -636,7 +631,7 @@ def test_the_duplicate_table_is_a_bounded_lru() -> None:
     harness = ready(share_cache_size=4)
     for nonce in range(10):
         harness.datagram(harness.seal(harness.share(nonce=nonce)))
-    assert len(harness.session._shares) == 4
+    assert len(harness.session.ledger) == 4
     harness.pool(3, *({"id": s["id"], "result": True, "error": None} for s in harness.submits()))
     harness.advance(0.01)
     assert len(harness.results()) == 10  # evicted entries still got their verdicts

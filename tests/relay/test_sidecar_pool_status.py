@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from bridge.relay.rm_upstream import StratumRMConnection
-from bridge.relay.sidecar import SidecarSession
+from bridge.relay.sidecar.session import SidecarSession
 from bridge.wire import control
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from test_sidecar_core import Harness
 
-from bridge.relay.sidecar import RELAYED_PARAMS, AccountRefused, RequestRefused
+from bridge.relay.sidecar.channels import RELAYED_PARAMS, AccountRefused, RequestRefused
 
 SUBMIT_PARAMS = ["mallory.worker", "j1", "0000002a", "6554a2c1", "00000001"]
 
