@@ -198,7 +198,7 @@ async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
     """Issue 9.6 (memory per rig): the rig's connection task reads, writes and flushes; a
     StratumRM session needs no task of its own (the link's reader hands its events over)."""
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=0.00005))
+        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=0.00001))
         miners = [Miner(chain.miner_url, f"one.rig{n}", profile="cgminer") for n in range(4)]
         for miner in miners:
             nursery.start_soon(miner.run)
