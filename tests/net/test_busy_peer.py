@@ -71,13 +71,13 @@ def test_a_sidecar_or_proxy_with_no_cpu_for_two_dead_afters_keeps_the_session(tm
         proxy.wait_for("StratumRM session with", "ready")
         sidecar.wait_for("channel", "opened for rig 127.0.0.1")
         os.kill(sidecar.process.pid, signal.SIGSTOP)  # no CPU at all: not one heartbeat, not one read
-        time.sleep(2.5)  # two and a half times dead_after (1 s): the old rule ended the session after 1 s
+        time.sleep(2.2)  # more than twice dead_after (1 s): the old rule ended the session after 1 s
         os.kill(sidecar.process.pid, signal.SIGCONT)
-        time.sleep(0.7)  # both sides catch up
+        time.sleep(0.4)  # both sides catch up: two heartbeats (dead_after / 5) each way
         os.kill(proxy.process.pid, signal.SIGSTOP)  # and the other way round: the sidecar waits for it
-        time.sleep(2.5)
+        time.sleep(2.2)
         os.kill(proxy.process.pid, signal.SIGCONT)
-        time.sleep(0.7)
+        time.sleep(0.4)
         proxy_log, sidecar_log = proxy.stop(), sidecar.stop()
     finally:
         if miner is not None:

@@ -203,7 +203,9 @@ async def test_no_upstream_releases_rigs_after_the_grace() -> None:
 async def test_keep_policy_holds_rigs_until_a_pool_is_back() -> None:
     config = FailoverConfig(**{**FAST, "no_upstream": NoUpstreamPolicy.KEEP})
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, failover=config)
+        bench = await start_failover_bench(
+            nursery, failover=config, pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0)
+        )
         miner = Miner(bench.miner_url(xnsub=True), "alice.patient", profile="bmminer", reconnect_delay=30)
         nursery.start_soon(miner.run)
         with trio.fail_after(30):
