@@ -181,6 +181,8 @@ _SUMMED = (
     "control_bytes_sent",
     "pool_bytes_received",
     "pool_bytes_sent",
+    "udp_datagrams_sent",
+    "block_candidates",
 )
 
 
@@ -229,6 +231,10 @@ class SidecarStatistics(Struct, frozen=True, kw_only=True):
     datagrams_accepted: int
     datagram_drops: dict[str, int]
     """Every drop reason of the shared UDP pipeline, zeros included."""
+    udp_datagrams_sent: int
+    """VERDICT, ACK and probe-acknowledgement datagrams sent to proxies."""
+    block_candidates: int
+    """Distinct shares forwarded that a proxy flagged as block candidates."""
     certificate: CertificateStatus | None
     """This sidecar's certificate (None when it was given a bare SSL context)."""
     ca_certificates: list[CertificateStatus]

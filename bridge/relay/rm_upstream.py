@@ -112,6 +112,8 @@ class ConnectionStatistics(Struct, frozen=True):
     """Expired shares not sent again because another one went as the probe to a silent sidecar."""
     datagram_drops: dict[str, int] = {}
     """The sidecar's datagrams this side dropped, by reason (PROTOCOL.md §6); zeros left out."""
+    datagrams_received: int = 0
+    """Datagrams that came from the sidecar (dropped ones included)."""
 
 
 class RMChannel:
@@ -629,6 +631,7 @@ class StratumRMConnection:
         return self.control.last_heard
 
     def statistics(self) -> ConnectionStatistics:
+        received = self._receiver.statistics()
         delivery = self.delivery
         rtt = delivery.rtt
         return ConnectionStatistics(
@@ -658,5 +661,6 @@ class StratumRMConnection:
             retransmission_floor_ms=delivery.retransmission_floor(delivery.now) * 1000,
             verdict_waits=delivery.verdict_waits,
             probe_waits=delivery.probe_waits,
-            datagram_drops={reason: count for reason, count in self._receiver.statistics().dropped.items() if count},
+            datagram_drops={reason: count for reason, count in received.dropped.items() if count},
+            datagrams_received=received.datagrams,
         )

@@ -303,8 +303,8 @@ class ProxyView(RoleView):
             rejected_by_reason=stats.rejected_by_reason,
             block_candidates=sum(c.block_candidates for c in connections) if linked else None,
             datagrams_sent=sum(c.datagrams_sent for c in connections) if linked else None,
-            datagrams_received=None,
-            datagrams_dropped=None,
+            datagrams_received=sum(c.datagrams_received for c in connections) if linked else None,
+            datagrams_dropped=sum(sum(c.datagram_drops.values()) for c in connections) if linked else None,
             udp_loss=(retx_udp / shares_udp if shares_udp else 0.0) if linked else None,
             retransmissions=sum(c.retransmissions_udp + c.retransmissions_tls for c in connections) if linked else None,
             tls_fallbacks=sum(c.udp_fallbacks for c in connections) if linked else None,
@@ -348,6 +348,10 @@ class ProxyView(RoleView):
                 families.gauge("upstream_rigs", "Rigs on each upstream.", upstream.rigs, upstream=upstream.name)
         families.declare_counter("block_candidates", "Shares that met the network target (sent urgently).", "upstream")
         families.declare_counter("datagrams_sent", "UDP datagrams sent to sidecars.", "upstream")
+        families.declare_counter("datagrams_received", "UDP datagrams received from sidecars.", "upstream")
+        families.declare_counter(
+            "datagrams_dropped", "UDP datagrams from sidecars dropped, by reason (PROTOCOL.md 6).", "upstream", "reason"
+        )
         families.declare_counter("retransmissions", "Shares sent again, by path (udp, tls).", "upstream", "path")
         families.declare_counter("tls_fallbacks", "Times UDP failed and shares moved to the TLS channel.", "upstream")
         families.declare_gauge("rtt_seconds", "Smoothed round-trip time to each sidecar.", "upstream")
@@ -362,6 +366,9 @@ class ProxyView(RoleView):
             name = link.upstream
             families.counter("block_candidates", "", connection.block_candidates, upstream=name)
             families.counter("datagrams_sent", "", connection.datagrams_sent, upstream=name)
+            families.counter("datagrams_received", "", connection.datagrams_received, upstream=name)
+            for reason, count in sorted(connection.datagram_drops.items()):
+                families.counter("datagrams_dropped", "", count, upstream=name, reason=reason)
             families.counter("retransmissions", "", connection.retransmissions_udp, upstream=name, path="udp")
             families.counter("retransmissions", "", connection.retransmissions_tls, upstream=name, path="tls")
             families.counter("tls_fallbacks", "", connection.udp_fallbacks, upstream=name)
@@ -506,8 +513,8 @@ class SidecarView(RoleView):
             rejected=stats.rejected,
             stale=_stale(stats.rejected_by_reason),
             rejected_by_reason=stats.rejected_by_reason,
-            block_candidates=None,
-            datagrams_sent=None,
+            block_candidates=stats.block_candidates,
+            datagrams_sent=stats.udp_datagrams_sent,
             datagrams_received=stats.datagrams_received,
             datagrams_dropped=dropped,
             udp_loss=dropped / stats.datagrams_received if stats.datagrams_received else 0.0,
@@ -553,6 +560,10 @@ class SidecarView(RoleView):
         )
         families.counter("share_duplicates", "", stats.duplicates_joined, kind="joined")
         families.counter("datagrams_received", "UDP datagrams received.", stats.datagrams_received)
+        families.counter("datagrams_sent", "UDP datagrams sent (VERDICT, ACK, probe acknowledgements).", stats.udp_datagrams_sent)
+        families.counter(
+            "block_candidates", "Distinct shares forwarded that proxies flagged as block candidates.", stats.block_candidates
+        )
         families.counter("datagrams_accepted", "UDP datagrams authenticated and accepted.", stats.datagrams_accepted)
         families.counters_by("datagrams_dropped", "UDP datagrams dropped, by reason.", "reason", stats.datagram_drops)
         families.gauge("pool_up", "1 when the pool answers.", int(stats.pool_up))

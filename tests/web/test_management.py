@@ -76,7 +76,10 @@ async def until(check: Callable[[], Any], what: str) -> None:
 
 async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> None:
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.00001))
+        # nbits 207fffff (regtest): every share is a block candidate, sent urgently and counted on both roles
+        chain = await start_chain(
+            nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.00001, nbits="207fffff")
+        )
         service = ProxyService(chain.proxy, metrics_per_worker=True)
         proxy_port = await nursery.start(service.web.serve, "127.0.0.1", 0)
         sidecar_web = ManagementApp(SidecarView(chain.sidecar, metrics_per_worker=True))
@@ -114,6 +117,10 @@ async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> N
         assert value(proxy, "stratumrm_datagrams_sent_total", **dict(link)) > 0
         assert value(sidecar, "stratumrm_datagrams_received_total") > 0
         assert value(sidecar, "stratumrm_datagrams_dropped_total", reason="replay") == 0
+        assert value(proxy, "stratumrm_datagrams_received_total", **dict(link)) > 0  # VERDICT datagrams
+        assert value(sidecar, "stratumrm_datagrams_sent_total") > 0
+        assert value(proxy, "stratumrm_block_candidates_total", **dict(link)) >= 3
+        assert value(sidecar, "stratumrm_block_candidates_total") >= 3
         assert value(sidecar, "stratumrm_pool_up") == 1
         assert value(proxy, "stratumrm_upstream_active", **dict(link)) == 1
         assert value(proxy, "stratumrm_worker_shares_accepted_total", worker="web.rig1") >= 3

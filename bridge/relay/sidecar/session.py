@@ -267,6 +267,8 @@ class SidecarSessionStatistics(Struct, frozen=True):
     verdicts_over_budget: int
     """Verdicts sent over TLS because the anti-amplification budget refused their datagram."""
     udp_datagrams_sent: int
+    block_candidates: int
+    """Distinct shares forwarded that the proxy flagged as block candidates (sent urgently)."""
     key_epoch: int
     control_bytes_received: int
     control_bytes_sent: int
@@ -376,6 +378,7 @@ class SidecarSession:
         self._authorizations_refused = 0
         self._requests_refused = 0
         self._verdicts_tls = 0
+        self._block_candidates = 0
         self._pool_in = 0
         self._pool_out = 0
 
@@ -834,6 +837,8 @@ class SidecarSession:
     ) -> None:
         entry = ShareEntry(channel.ch)
         entry.urgent = urgent
+        if urgent:
+            self._block_candidates += 1
         entry.wait(ref, request_id)
         try:
             channel.pool.request("mining.submit", params, context=entry)
@@ -1090,6 +1095,7 @@ class SidecarSession:
             ack_datagrams_sent=verdicts.ack_datagrams,
             verdicts_over_budget=verdicts.over_budget,
             udp_datagrams_sent=udp.datagrams_sent,
+            block_candidates=self._block_candidates,
             key_epoch=udp.epoch,
             control_bytes_received=self.control.bytes_received,
             control_bytes_sent=self.control.bytes_sent,
