@@ -466,8 +466,11 @@ class ShareDelivery:
         self.settled += 1
         if via_udp:
             self._udp_failures = 0
-            if share.acked and share.tries == 1:
-                self.verdict_rtt.observe(now - share.acked_at)
+            if share.tries == 1:
+                if share.acked:
+                    self.verdict_rtt.observe(now - share.acked_at)
+                else:  # the VERDICT acknowledged it: no wait to measure, but the verdict path answers
+                    self.verdict_rtt.answered()
         self._drop_share(share)
         self._owner.deliver_verdict(share, response)
 

@@ -177,6 +177,13 @@ class RttEstimator:
         self.observe(rtt, ack_delay)
         return True
 
+    def answered(self) -> None:
+        """An answer came for something sent once that gives no sample of its own (a
+        verdict that arrived with its own acknowledgement waited nothing after it): the
+        path answers again, so the backed-off RTO returns to the estimate, as a sample
+        would reset it (RFC 6298 5.7 keeps the back-off only until the path answers)."""
+        self._backoff = 0
+
     def on_timeout(self) -> None:
         """The retransmission timer expired: double the RTO (up to ``max_rto``)."""
         if self._base_rto * (1 << self._backoff) < self._max_rto:

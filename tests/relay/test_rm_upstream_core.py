@@ -199,6 +199,30 @@ def test_a_lost_verdict_is_asked_for_again_after_the_verdict_timeout() -> None:
     assert reply.accepted and conn.statistics().pending == 0
 
 
+def test_a_verdict_that_comes_after_a_verdict_timeout_ends_its_back_off() -> None:
+    # A lossy link backs the verdict timeout off (1 s, 2 s, ... 10 s); once verdicts come
+    # again it must not stay there, or a later lost verdict keeps its rig waiting 10 s.
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    base = conn.delivery.verdict_rtt.rto
+    channel.submit(SUBMIT, context="lost verdict")
+    [datagram] = conn.datagrams_to_send()
+    pn = sidecar.open(datagram)[0].pn
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pn, pn),))).data, ("127.0.0.1", 3334), 0.001)
+    conn.handle_timer(base + 0.01)
+    [_query] = conn.datagrams_to_send()  # the verdict is asked for again
+    assert conn.delivery.verdict_rtt.rto == pytest.approx(2 * base)  # backed off
+    channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", "0a029ed5"), context="next")
+    [fresh] = conn.datagrams_to_send()
+    fresh_pn = sidecar.open(fresh)[0].pn
+    verdict = sidecar.keys.sealer.seal(Verdicts((VerdictEntry(fresh_pn, 0),))).data  # acknowledges it too
+    conn.receive_datagram(verdict, ("127.0.0.1", 3334), base + 0.02)
+    assert [e.context for e in channel.events] == ["next"]
+    assert conn.delivery.verdict_rtt.rto == pytest.approx(base)
+
+
 def _two_acknowledged_shares(conn: StratumRMConnection, sidecar: FakeSidecar):
     channel = channel_ready(conn, sidecar)
     pns = []
