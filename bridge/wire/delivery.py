@@ -163,6 +163,11 @@ class ShareDelivery:
         self.verdict_rtt = RttEstimator(
             min_rto=VERDICT_TIMEOUT_MIN, initial_rto=VERDICT_TIMEOUT_INITIAL, max_rto=VERDICT_TIMEOUT_MAX
         )
+        # Each share has its own deadline, so one outage expires many of them in a row; as
+        # with TCP's one timer, a timeout backs off at most once per (backed-off) timeout.
+        self._rto_backoff_due = -math.inf
+        self._verdict_backoff_due = -math.inf
+        self._failure_count_due = -math.inf
         self._udp_failures = 0
         self._ack_delay = MAX_ACK_DELAY
         # Loss evidence on the sidecar's datagrams: the next pn expected per key epoch,
@@ -364,16 +369,21 @@ class ShareDelivery:
             else:
                 continue  # over TLS already: TCP delivers it; the rig's timeout bounds the wait
             share.tries += 1
-        if escalated and self.udp_up:
+        if escalated and self.udp_up and now >= self._failure_count_due:
             # A timer expiry that had to fall back to TLS after a UDP retransmission;
             # several in a row with no UDP acknowledgement in between mean UDP is blocked.
+            # Counted once per timeout: shares expiring one after another in a burst are
+            # one outage of one timeout's length, not several.
             self._udp_failures += 1
+            self._failure_count_due = now + self.retransmission_timeout(now)
             if self._udp_failures >= UDP_FAILURES_BEFORE_FALLBACK:
                 self.udp_down(now)
-        if lost:
-            self.rtt.on_timeout()  # one back-off per timer expiry, however many shares it covers
-        if overdue:
+        if lost and now >= self._rto_backoff_due:  # one back-off per timeout, however many shares expire
+            self.rtt.on_timeout()
+            self._rto_backoff_due = now + self.rtt.rto
+        if overdue and now >= self._verdict_backoff_due:
             self.verdict_rtt.on_timeout()
+            self._verdict_backoff_due = now + self.verdict_rtt.rto
         for shares, timeout in ((waiting, self.retransmission_timeout(now)), (verdict_waiting, self.verdict_rtt.rto)):
             for share in shares:
                 share.deadline = now + timeout

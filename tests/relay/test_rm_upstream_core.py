@@ -344,6 +344,32 @@ def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> 
     assert stats.retransmissions_udp == 1 and stats.spurious_retransmissions == 1
 
 
+def test_shares_expiring_one_after_another_back_the_timeout_off_once_and_count_one_udp_failure() -> None:
+    # Three shares 10 ms apart, each in its own datagram, all lost (a later datagram is
+    # acknowledged: evidence of loss). Their deadlines come one after another within one
+    # timeout: as with TCP's single timer, that is one back-off and one UDP failure, not
+    # three (which would double the timeout three times and declare UDP blocked at once).
+    conn = StratumRMConnection(detect_blocks=False, initial_rto=0.1)
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    pns = []
+    for index, nonce in enumerate(("0a029ed1", "0a029ed2", "0a029ed3", "0a029ed4")):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send(0.01 * index)
+        pns.append(sidecar.open(datagram)[0].pn)
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[3], pns[3]),))).data, ("127.0.0.1", 3334), 0.031)
+    base = conn.delivery.rtt.rto
+    for _ in range(3):  # each share's deadline in turn
+        due = conn.get_timer()
+        assert due is not None and due < 0.2
+        conn.handle_timer(due)
+        conn.datagrams_to_send(due)
+    assert conn.statistics().retransmissions_udp == 3
+    assert conn.delivery.rtt.rto == pytest.approx(2 * base)
+    assert conn.delivery.udp_up
+
+
 def test_without_evidence_of_loss_an_expiry_sends_one_probe_even_for_shares_sent_before_the_sidecar_spoke() -> None:
     # Three shares, the first acknowledged; then the sidecar stalls (a garbage
     # collection, a descheduled process, a backlog in its socket). The other two were
