@@ -318,6 +318,16 @@ def test_the_retransmission_deadline_adds_the_announced_ack_delay_and_late_acks_
     assert conn2.delivery.retransmission_timeout(0.0) == pytest.approx(conn2.delivery.rtt.rto + 0.2)
 
 
+def _shares_in_own_datagrams(conn, sidecar: FakeSidecar, channel, nonces: tuple[str, ...], sent_at) -> list[int]:
+    """Submit a share per nonce, each sealed in its own datagram at ``sent_at(index)``; their packet numbers."""
+    pns = []
+    for index, nonce in enumerate(nonces):
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+        [datagram] = conn.datagrams_to_send(sent_at(index))
+        pns.append(sidecar.open(datagram)[0].pn)
+    return pns
+
+
 def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> None:
     # Three shares in three datagrams, then nothing from the sidecar at all (a stalled
     # process or path): the timer sends only the oldest again, as QUIC's PTO probes.
@@ -325,11 +335,7 @@ def test_a_silent_sidecar_gets_one_probe_per_timeout_not_every_share_again() -> 
     sidecar = FakeSidecar(conn)
     sidecar.start()
     channel = channel_ready(conn, sidecar)
-    pns = []
-    for nonce in ("0a029ed1", "0a029ed2", "0a029ed3"):
-        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
-        [datagram] = conn.datagrams_to_send(0.001)
-        pns.append(sidecar.open(datagram)[0].pn)
+    pns = _shares_in_own_datagrams(conn, sidecar, channel, ("0a029ed1", "0a029ed2", "0a029ed3"), lambda _: 0.001)
     conn.handle_timer(0.2)
     [probe] = conn.datagrams_to_send(0.2)
     body = sidecar.open(probe)[1]
@@ -353,11 +359,8 @@ def test_shares_expiring_one_after_another_back_the_timeout_off_once_and_count_o
     sidecar = FakeSidecar(conn)
     sidecar.start()
     channel = channel_ready(conn, sidecar)
-    pns = []
-    for index, nonce in enumerate(("0a029ed1", "0a029ed2", "0a029ed3", "0a029ed4")):
-        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
-        [datagram] = conn.datagrams_to_send(0.01 * index)
-        pns.append(sidecar.open(datagram)[0].pn)
+    nonces = ("0a029ed1", "0a029ed2", "0a029ed3", "0a029ed4")
+    pns = _shares_in_own_datagrams(conn, sidecar, channel, nonces, lambda index: 0.01 * index)
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[3], pns[3]),))).data, ("127.0.0.1", 3334), 0.031)
     base = conn.delivery.rtt.rto
     for _ in range(3):  # each share's deadline in turn
@@ -378,11 +381,8 @@ def test_without_evidence_of_loss_an_expiry_sends_one_probe_even_for_shares_sent
     sidecar = FakeSidecar(conn)
     sidecar.start()
     channel = channel_ready(conn, sidecar)
-    pns = []
-    for index, nonce in enumerate(("0a029ed1", "0a029ed2", "0a029ed3")):
-        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
-        [datagram] = conn.datagrams_to_send(0.001 * (index + 1))
-        pns.append(sidecar.open(datagram)[0].pn)
+    nonces = ("0a029ed1", "0a029ed2", "0a029ed3")
+    pns = _shares_in_own_datagrams(conn, sidecar, channel, nonces, lambda index: 0.001 * (index + 1))
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[0], pns[0]),))).data, ("127.0.0.1", 3334), 0.01)
     conn.handle_timer(0.2)
     [probe] = conn.datagrams_to_send(0.2)
@@ -402,11 +402,8 @@ def test_an_acknowledgement_of_a_later_datagram_is_evidence_of_loss_and_every_ex
     sidecar = FakeSidecar(conn)
     sidecar.start()
     channel = channel_ready(conn, sidecar)
-    pns = []
-    for index, nonce in enumerate(("0a029ed1", "0a029ed2", "0a029ed3")):
-        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
-        [datagram] = conn.datagrams_to_send(0.001 * (index + 1))
-        pns.append(sidecar.open(datagram)[0].pn)
+    nonces = ("0a029ed1", "0a029ed2", "0a029ed3")
+    pns = _shares_in_own_datagrams(conn, sidecar, channel, nonces, lambda index: 0.001 * (index + 1))
     # The third datagram is acknowledged, the first two never: they were lost.
     conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(pns[2], pns[2]),))).data, ("127.0.0.1", 3334), 0.01)
     conn.handle_timer(0.2)
