@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # System packages some tests use: iproute2 (network namespaces), systemd (systemd-analyze
 # verify on the units in deploy/), haproxy, nftables,
-# chromium and chromium-driver (the dashboard test). Idempotent; run as root.
+# chromium and chromium-driver (the dashboard test), docker-compose (its config check
+# of deploy/compose.yaml; no container daemon is needed for that). Idempotent; run as root.
 # Without root or apt it says so and exits 0: the tests that need these skip with a reason.
 set -euo pipefail
 
-PACKAGES=(iproute2 systemd haproxy nftables chromium chromium-driver)
+PACKAGES=(iproute2 systemd haproxy nftables chromium chromium-driver docker-compose)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-system: not root; skipping system packages (${PACKAGES[*]}). Tests that need them will skip."

@@ -95,6 +95,19 @@ def test_the_compose_file_runs_the_pool_side_and_its_monitoring() -> None:
         assert services[name]["command"][0] in cli.commands, name
 
 
+def test_compose_itself_accepts_the_compose_file() -> None:
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose is not installed (tests/setup-system.sh installs it)")
+    command = [compose, "-f", str(DEPLOY / "compose.yaml"), "--profile", "farm"]
+    result = subprocess.run([*command, "config"], capture_output=True, text=True, timeout=60, cwd=DEPLOY.parent)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert set(resolved["services"]) == {"pki", "pool", "sidecar", "prometheus", "grafana", "proxy", "miner"}
+    assert resolved["services"]["sidecar"]["image"] == "localhost/stratumrm:latest"  # the shared x-image anchor
+    assert "COMPOSE_PROJECT_NAME=stratumrm" in (DEPLOY / ".env").read_text().splitlines()  # the project's name
+
+
 def test_prometheus_scrapes_every_role_that_compose_runs() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {
