@@ -13,7 +13,8 @@ to the benchmark over its standard input and output, one JSON object per line:
 Commands: every role answers ``stats`` (its counters) and ``memory`` (tasks, objects by
 type, allocations by code line: :mod:`bridge.bench.memory`). The pool also takes
 ``record`` (``{"on": true}`` starts timestamping every ``mining.submit`` it receives,
-by nonce; ``false`` stops), ``receipts`` (hands over and forgets the timestamps) and
+and the moment its verdict is handed to the connection's stream, by nonce; ``false``
+stops), ``receipts`` and ``answers`` (hand over and forget those timestamps) and
 ``new_block``. Logs (warnings and up) go to standard error, which the benchmark sends
 to a file.
 
@@ -223,17 +224,18 @@ class _TimestampingCore(PoolCore):
     def __init__(self, config: PoolConfig, pool: TimestampingPool) -> None:
         super().__init__(config)
         self._pool = pool
+        self._unsent: dict[ConnectionState, list[int]] = {}
+        """Nonces judged while recording whose verdict is not yet taken for sending, per connection."""
 
     def submit(self, connection: ConnectionState, submit: Submit, now: float) -> None:
         pool = self._pool
         received = time.monotonic()
         if pool.receipts is not None:
-            nonce = submit.params.nonce
-            pool.receipts[nonce if isinstance(nonce, int) else int(nonce, 16)] = received
+            pool.receipts[_nonce(submit)] = received
         if pool.delay > 0:
             pool.hold(received + pool.delay, connection, submit)
             return
-        super().submit(connection, submit, now)
+        self._judge_now(connection, submit, now)
 
     def judge_held(self, connection: ConnectionState, submit: Submit, now: float) -> None:
         """Judge a submit :meth:`submit` held back.
@@ -241,8 +243,37 @@ class _TimestampingCore(PoolCore):
         Outside :meth:`receive_data`, nothing else marks the connection as having
         output: without this the verdict waited for the connection's next job.
         """
-        super().submit(connection, submit, now)
+        self._judge_now(connection, submit, now)
         self._mark_ready(connection)
+
+    def _judge_now(self, connection: ConnectionState, submit: Submit, now: float) -> None:
+        super().submit(connection, submit, now)
+        if self._pool.answers is not None:
+            self._unsent.setdefault(connection, []).append(_nonce(submit))
+
+    def data_to_send(self, connection: ConnectionState) -> bytes:
+        """The connection's bytes; the verdicts in them are the pool's answers, stamped now.
+
+        The stamp is taken as the pool's writer hands the bytes to its stream (before
+        TLS encrypts them on a TLS listener: the TLS record is part of that path's cost).
+        """
+        data = super().data_to_send(connection)
+        nonces = self._unsent.pop(connection, None)
+        answers = self._pool.answers
+        if nonces and answers is not None:
+            answered = time.monotonic()
+            for nonce in nonces:
+                answers[nonce] = answered
+        return data
+
+    def connection_lost(self, connection: ConnectionState, now: float) -> None:
+        self._unsent.pop(connection, None)
+        super().connection_lost(connection, now)
+
+
+def _nonce(submit: Submit) -> int:
+    nonce = submit.params.nonce
+    return nonce if isinstance(nonce, int) else int(nonce, 16)
 
 
 class TimestampingPool(ReferencePool):
@@ -257,6 +288,8 @@ class TimestampingPool(ReferencePool):
         self._timestamping = _TimestampingCore(config, self)
         super().__init__(core=self._timestamping)
         self.receipts: dict[int, float] | None = None
+        self.answers: dict[int, float] | None = None
+        """While recording: when each verdict was handed to the connection's stream, by nonce."""
         #: Seconds every verdict is held back (a slow pool); 0 answers at once.
         self.delay = 0.0
         self._delayed_send, self._delayed = trio.open_memory_channel[tuple[float, ConnectionState, Submit]](math.inf)
@@ -379,12 +412,20 @@ def pool(
     tls_context = public_server_context(cert, key) if tls_listeners and cert is not None else None
 
     def record(message: dict[str, Any]) -> None:
-        reference_pool.receipts = {} if message.get("on") else None
+        on = bool(message.get("on"))
+        reference_pool.receipts = {} if on else None
+        reference_pool.answers = {} if on else None
 
     def receipts(_message: dict[str, Any]) -> list[tuple[int, float]]:
         taken = reference_pool.receipts or {}
         if reference_pool.receipts is not None:
             reference_pool.receipts = {}
+        return list(taken.items())
+
+    def answers(_message: dict[str, Any]) -> list[tuple[int, float]]:
+        taken = reference_pool.answers or {}
+        if reference_pool.answers is not None:
+            reference_pool.answers = {}
         return list(taken.items())
 
     def new_block(_message: dict[str, Any]) -> int:
@@ -406,7 +447,14 @@ def pool(
                 ports[name] = await nursery.start(reference_pool.serve, HOST, 0)
             for name in tls_listeners:
                 ports[name] = await nursery.start(functools.partial(reference_pool.serve, HOST, 0, ssl_context=tls_context))
-            handlers = {"stats": stats, "record": record, "receipts": receipts, "new_block": new_block, "delay": delay}
+            handlers = {
+                "stats": stats,
+                "record": record,
+                "receipts": receipts,
+                "answers": answers,
+                "new_block": new_block,
+                "delay": delay,
+            }
             await _serve_commands(handlers, {"ports": ports})
             nursery.cancel_scope.cancel()
 

@@ -66,10 +66,14 @@ submit the next share the moment a verdict arrives.
 
 - **Lone share**: one rig, one share in flight, for ``lone_seconds``: bytes on the
   link per share (share, verdict and every ACK both ways, counted as above), p50/p99
-  submit → pool receipt and the added p50 over ``direct``, and the **return leg**:
+  submit → pool receipt and the added p50 over ``direct``, the **return leg**:
   from the pool's receipt of the share to its verdict at the rig (the pool's own
-  validation is in it, the same on every path), whose p50 on StratumRM is compared
-  with the SV1-over-TLS pair.
+  validation is in it, the same on every path), and **answer → rig**: from the
+  pool's answer (the moment the pool hands its verdict to the connection's stream,
+  before a TLS listener encrypts it) to the verdict at the rig, the way back alone
+  (the issue's "verdict back at the rig within 0.5 ms of the pool's answer"), with
+  its added p50 over ``direct``. Every path is timed at the same points: the load
+  generator's write and read, the pool's read and its hand-over to its stream.
 - **20 rigs × 4 in flight** for ``closed_seconds``: shares/s through the path with
   zero loss, and CPU µs per share of the proxy and sidecar together.
 - **Slow pool** (StratumRM only): the lone-share loop while the pool answers every
@@ -221,6 +225,8 @@ class Window:
     udp_buffer_drops: int
     cpu_seconds: dict[str, float]
     return_legs: list[float] = field(default_factory=list)
+    answer_legs: list[float] = field(default_factory=list)
+    """Per share: the pool's answer (its verdict handed to the pool's stream) -> the verdict at the rig."""
     kernel_udp_datagrams: int = 0
     late_copies: int = 0
     """Datagrams whose shares were sent again before the first copy's late acknowledgement."""
@@ -271,6 +277,10 @@ class Window:
     def return_leg_ms(self, fraction: float) -> float:
         """Pool receipt -> verdict at the rig (ms), over the shares with both times."""
         return percentile(self.return_legs, fraction) * 1e3 if self.return_legs else math.nan
+
+    def answer_leg_ms(self, fraction: float) -> float:
+        """The pool's answer -> verdict at the rig (ms): the way back alone, the pool's own work left out."""
+        return percentile(self.answer_legs, fraction) * 1e3 if self.answer_legs else math.nan
 
     def loss(self, lag_limit: float | None = None) -> str | None:
         """Why this window does not count as sustained with zero loss, or None."""
@@ -542,17 +552,23 @@ async def measure_closed(
     link = await meter.reading()
     recording = load.stop_recording(connections)
     receipts = dict(await pool.request("receipts"))
+    answers = dict(await pool.request("answers"))
     await pool.request("record", on=False)
     latencies: list[float] = []
     return_legs: list[float] = []
+    answer_legs: list[float] = []
     for serial, sent_at in recording.send_times.items():
-        received_at = receipts.get(serial & 0xFFFFFFFF)
+        nonce = serial & 0xFFFFFFFF
+        received_at = receipts.get(nonce)
         if received_at is None:
             continue
         latencies.append(received_at - sent_at)
         verdict_at = recording.verdict_times.get(serial)
         if verdict_at is not None:
             return_legs.append(verdict_at - received_at)
+            answered_at = answers.get(nonce)
+            if answered_at is not None:
+                answer_legs.append(verdict_at - answered_at)
     after = load.totals(connections)
     reasons = {
         reason: count - step_before.reject_reasons.get(reason, 0)
@@ -580,6 +596,7 @@ async def measure_closed(
         udp_buffer_drops=link.udp_buffer_drops,
         cpu_seconds=cpu_seconds,
         return_legs=sorted(return_legs),
+        answer_legs=sorted(answer_legs),
         kernel_udp_datagrams=link.kernel_udp_datagrams,
         late_copies=link.late_copies,
         ack_datagrams=link.ack_datagrams,
@@ -606,7 +623,8 @@ async def _measure_closed_loops(
     problem = lone.loss()
     progress(
         f"{label}: lone share (1 rig, 1 in flight) for {settings.lone_seconds:g} s: {_describe_window(lone)}, "
-        f"return leg p50 {lone.return_leg_ms(0.5):.3f} ms" + (f"; LOSS: {problem}" if problem else "")
+        f"return leg p50 {lone.return_leg_ms(0.5):.3f} ms, pool's answer -> rig p50 {lone.answer_leg_ms(0.5):.3f} ms"
+        + (f"; LOSS: {problem}" if problem else "")
     )
     result.closed = await measure_closed(
         context, connections, meter, cpu, settings.closed_in_flight, settings.closed_seconds, lead_in=lead_in
@@ -1026,6 +1044,8 @@ class ClosedSummary:
     lone_p99_ms: float
     lone_round_trip_p50_ms: float
     return_leg_p50_ms: float
+    answer_leg_p50_ms: float
+    """Pool's answer -> verdict at the rig, p50 (ms)."""
     lone_sent_again: float
     lone_acks_per_share: float
     closed_rate: float
@@ -1034,9 +1054,6 @@ class ClosedSummary:
     closed_sent_again: float
     slow_sent_again: float
     slow_shares: float
-
-    def return_leg_ms_text(self) -> str:
-        return f"{self.return_leg_p50_ms * 1e3:.0f} us"
 
 
 def _closed_summary(results: list[PathRun]) -> ClosedSummary | None:
@@ -1059,6 +1076,7 @@ def _closed_summary(results: list[PathRun]) -> ClosedSummary | None:
         lone_p99_ms=median(w.latency_ms(0.99) for w in lone),
         lone_round_trip_p50_ms=median(w.round_trip_ms(0.5) for w in lone),
         return_leg_p50_ms=median(w.return_leg_ms(0.5) for w in lone),
+        answer_leg_p50_ms=median(w.answer_leg_ms(0.5) for w in lone),
         lone_sent_again=median(w.shares_sent_again for w in lone),
         lone_acks_per_share=median(w.ack_datagrams / max(1, w.shares) for w in lone),
         closed_rate=median(w.rate if w.loss() is None else 0.0 for w in closed),
@@ -1264,7 +1282,8 @@ def closed_report(summary: TransportSummary) -> list[str]:
         f"Closed loop (medians of {summary.runs} run(s)): lone share = 1 rig, 1 share in flight, "
         f"{settings.lone_seconds:g} s; throughput = {settings.connections} rigs x {settings.closed_in_flight} in flight, "
         f"{settings.closed_seconds:g} s. Bytes: share + verdict + every ACK, both ways, with IP/TCP/UDP headers.",
-        "Latency: submit -> pool receipt; return leg: pool receipt -> verdict at the rig.",
+        "Latency: submit -> pool receipt (+p50: added over direct); return leg: pool receipt -> verdict at the rig; "
+        "answer -> rig: the pool's answer (its verdict handed to its stream) -> verdict at the rig (+: added over direct).",
         "",
     ]
     header = [
@@ -1275,6 +1294,8 @@ def closed_report(summary: TransportSummary) -> list[str]:
         "p99 us",
         "+p50 us",
         "return leg p50 us",
+        "answer->rig p50 us",
+        "+answer->rig us",
         "verdict p50 us",
         "shares/s",
         "vs TLS",
@@ -1287,6 +1308,7 @@ def closed_report(summary: TransportSummary) -> list[str]:
         if c is None:
             continue
         added = c.lone_p50_ms - direct_closed.lone_p50_ms if direct_closed and path != DIRECT else math.nan
+        added_back = c.answer_leg_p50_ms - direct_closed.answer_leg_p50_ms if direct_closed and path != DIRECT else math.nan
         rows.append(
             [
                 path,
@@ -1296,6 +1318,8 @@ def closed_report(summary: TransportSummary) -> list[str]:
                 _number(c.lone_p99_ms * 1e3),
                 _number(added * 1e3),
                 _number(c.return_leg_p50_ms * 1e3),
+                _number(c.answer_leg_p50_ms * 1e3),
+                _number(added_back * 1e3),
                 _number(c.lone_round_trip_p50_ms * 1e3),
                 _number(c.closed_rate),
                 _number(c.closed_rate / tls_closed.closed_rate if tls_closed.closed_rate else math.nan, 2),
@@ -1378,12 +1402,15 @@ def closed_targets(summary: TransportSummary) -> list[str]:
         added_rm = c.lone_p50_ms - direct.closed.lone_p50_ms
         added_tls = t.lone_p50_ms - direct.closed.lone_p50_ms
         out.append(
-            f"  3. added p50 submit -> pool <= the TLS pair's: {added_rm * 1e3:.0f} us vs {added_tls * 1e3:.0f} us -> "
-            f"{verdict(added_rm <= added_tls)}"
+            f"  3. added p50 submit -> pool <= the TLS pair's: {added_rm * 1e3:.0f} us vs {added_tls * 1e3:.0f} us "
+            f"({_ratio(added_rm, added_tls)}) -> {verdict(added_rm <= added_tls)}"
         )
+    answer_leg = f"{c.answer_leg_p50_ms * 1e3:.0f} us (SV1 over TLS {t.answer_leg_p50_ms * 1e3:.0f} us"
+    if direct is not None and direct.closed is not None:
+        answer_leg += f", direct {direct.closed.answer_leg_p50_ms * 1e3:.0f} us"
     out.append(
-        f"  3. verdict back within {TARGET_RETURN_LEG_MS:g} ms of the pool's answer at p50: return leg "
-        f"{c.return_leg_ms_text()} -> {verdict(c.return_leg_p50_ms <= TARGET_RETURN_LEG_MS)}"
+        f"  3. verdict back at the rig within {TARGET_RETURN_LEG_MS:g} ms of the pool's answer at p50: {answer_leg}) -> "
+        f"{verdict(c.answer_leg_p50_ms <= TARGET_RETURN_LEG_MS)}"
     )
     out.append(
         f"  4. {summary.settings.connections} x {summary.settings.closed_in_flight} in flight >= the TLS pair: "
@@ -1404,6 +1431,10 @@ def closed_targets(summary: TransportSummary) -> list[str]:
         )
     out.append("  2. the realistic farm: stratumrm bench farm")
     return out
+
+
+def _ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference > 0 else "-"
 
 
 def with_overrides(settings: TransportSettings, **overrides: Any) -> TransportSettings:

@@ -3,7 +3,8 @@ to a sidecar, shared by every rig of the miner-side proxy.
 
 The protocol lives in :class:`~bridge.relay.rm_upstream.StratumRMConnection`; this
 module connects (TLS 1.3 with the proxy's certificate, host name checked), runs
-the control reader, the UDP reader, the timer and the writer, and hands each rig
+the control reader, the UDP reader, the timer and the control writer (datagrams are
+sent by :meth:`StratumRMLink.kick`, from the task whose input queued them), and hands each rig
 connection an :class:`RMUpstreamHandle` with the same ``session`` / ``flush`` /
 ``receive`` / ``aclose`` shape as a plain SV1 upstream, so the proxy's per-rig
 code is the same for both.
@@ -162,6 +163,8 @@ class StratumRMLink:
         self._ready = trio.Event()
         self._connecting = False
         self._kick = trio.Event()
+        self._control = bytearray()  # control bytes taken from the connection for the writer
+        self._sent_at_once = False  # kick sent datagrams itself since the writer last ran
         self._timer: CoreTimer | None = None  # the current connection's
         self._progress = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -213,10 +216,45 @@ class StratumRMLink:
         await self._live_connection()
 
     def kick(self) -> None:
-        """Something is queued to send (or a deadline moved): wake the writer and the timer."""
-        self._kick.set()
+        """Something is queued to send (or a deadline moved): send it.
+
+        A lone share's datagram goes at once, from the caller's task (it reaches the
+        socket in the input that produced it, not one trip through trio's scheduler
+        later: a UDP send never waits). Once a datagram went that way, shares queued
+        before the writer has run (other rigs' inputs in the same scheduler batch:
+        shares with company) wait for the writer and leave together, in one
+        SHARE_BATCH. Control bytes are handed to the writer, which alone writes the
+        TLS stream. The timer is woken only when the deadline moved earlier.
+        """
+        connection = self.connection
+        if connection is not None:
+            if connection.close_reason is None and not self._sent_at_once:
+                self._sent_at_once = self._send_datagrams(connection)
+                if self._sent_at_once:
+                    self._kick.set()  # the writer ends the burst: what comes before it goes together
+            else:
+                self._kick.set()
+            data = connection.data_to_send()
+            if data:
+                self._control += data
+                self._kick.set()
+        else:
+            self._kick.set()
         if self._timer is not None:
-            self._timer.wake()
+            self._timer.wake_if_sooner()
+
+    def _send_datagrams(self, connection: StratumRMConnection) -> bool:
+        """Send what the connection queued (never waits: a full buffer drops, as a network would); True if any."""
+        datagrams = connection.datagrams_to_send(trio.current_time())
+        sender = self._udp_sender
+        if not datagrams or sender is None:
+            return False
+        for datagram in datagrams:
+            try:
+                sender.send(datagram)
+            except OSError as exc:
+                log.debug("UDP send error: %s", exc)
+        return True
 
     async def open_handle(self, peer: str) -> RMUpstreamHandle:
         """A channel for a new rig; connects first if there is no live connection."""
@@ -272,6 +310,8 @@ class StratumRMLink:
             self._ready.set()
             return
         self._stream = stream
+        self._control.clear()  # the previous connection's, never to be sent
+        self._sent_at_once = False
         self.connection = connection
         self._timer = timer = CoreTimer(connection)
         self.connections_made += 1
@@ -443,18 +483,16 @@ class StratumRMLink:
         await receive_datagrams(udp, self._datagram_reader(connection), DATAGRAM_SIZE, after_batch)
 
     async def _write(self, connection: StratumRMConnection, stream, sends: WholeSends) -> None:
+        """The only writer of the control stream (datagrams are sent by :meth:`kick`)."""
         while True:
             await self._kick.wait()
             self._kick = trio.Event()
-            data = connection.data_to_send()
-            datagrams = connection.datagrams_to_send(trio.current_time())
-            sender = self._udp_sender
-            if datagrams and sender is not None:
-                for datagram in datagrams:  # never waits: a full buffer drops, as a network would
-                    try:
-                        sender.send(datagram)
-                    except OSError as exc:
-                        log.debug("UDP send error: %s", exc)
+            self._sent_at_once = False
+            if connection.close_reason is None:
+                self._send_datagrams(connection)
+            self._control += connection.data_to_send()
+            data = bytes(self._control)
+            self._control.clear()
             if data:
                 try:
                     await sends.send_all(stream, data)

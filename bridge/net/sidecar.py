@@ -22,15 +22,18 @@ feeds the intake; the session that a datagram concerned is woken.
 Per control connection, one nursery holds:
 
 - the **reader**: control bytes into the session;
-- the **pump**: the only writer of the control stream and the only sender of the
-  session's datagrams. It waits for a wake-up or the session's next deadline
-  (verdict and notify batches of ``batch_window``, about 2 ms; heartbeats; liveness;
-  rekeying), calls ``handle_timer`` when due, and writes whatever the session queued;
-  lines that pile up while a write is in progress go out together in the next one;
+- the **pump**: the only writer of the control stream. It waits for a wake-up or
+  the session's next deadline (notify batches of ``batch_window``, about 2 ms;
+  heartbeats; liveness; rekeying; ACKs), calls ``handle_timer`` when due, and writes
+  the control lines the session queued; lines that pile up while a write is in
+  progress go out together in the next one. It is woken only for control lines, a
+  closed session or an earlier deadline: datagrams (verdicts) are sent after every
+  input by whichever task fed the session (a UDP send never waits);
 - one **pool task per channel**, started on the session's ``OpenPool``: a plain TCP
   connection (``TCP_NODELAY``; TLS for ``stratum+ssl://`` pools) to the pool software.
   The one task both reads (feeding the session) and drains the channel's bounded
-  buffer: :meth:`_PoolLink.write` interrupts its wait for the pool's bytes. A slow
+  buffer. :meth:`_PoolLink.write` sends to an idle plain TCP connection at once, from
+  the caller's task; otherwise it queues and interrupts the task's wait. A slow
   pool never blocks the UDP reader or other channels; one that takes none of its
   bytes for ``dead_after`` seconds has its channel closed as stalled. One task, no
   nursery and no event per rig: that is most of what a rig costs here;
@@ -40,9 +43,10 @@ Per control connection, one nursery holds:
   ``rm.pool`` (PROTOCOL.md C10), so their failover can move rigs elsewhere.
 
 After every input the driver carries out the session's commands at once
-(``WritePool`` appends to the channel's buffer and wakes its writer), so a share
-that arrives in a datagram is on its way to the pool before the next datagram is
-read.
+(``WritePool`` goes to the pool's socket, or to the channel's buffer and its task)
+and sends the session's datagrams, so a share that arrives in a datagram is on its
+way to the pool, and a verdict on its way to the proxy, before the next input is
+read, with no trip through trio's scheduler in between.
 
 Certificates
 ============
@@ -75,6 +79,7 @@ protocol errors (with what to do) at warning.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 from collections import Counter
@@ -955,10 +960,28 @@ class _PoolLink:
         self.closed = False
 
     def write(self, data: bytes) -> bool:
-        """Queue bytes for the pool; False when the pool has not taken MAX_POOL_BACKLOG bytes."""
-        if len(self.buffer) + len(data) > MAX_POOL_BACKLOG:
+        """Send bytes to the pool, or queue them; False when the pool has not taken MAX_POOL_BACKLOG bytes.
+
+        While the task waits to read with nothing queued (nearly always), a plain TCP
+        pool connection gets the bytes at once, from the caller's task, as far as the
+        kernel takes them without waiting: the share is on its way to the pool in the
+        input that brought it, without waking the task. What is left (a full socket
+        buffer, a TLS pool) is queued and the task sends it.
+        """
+        buffer = self.buffer
+        if len(buffer) + len(data) > MAX_POOL_BACKLOG:
             return False
-        self.buffer += data
+        if self.reading and not buffer and not self.closed:
+            stream = self.stream
+            if type(stream) is trio.SocketStream:
+                try:
+                    sent = os.write(stream.socket.fileno(), data)
+                except OSError:
+                    sent = 0  # full (the task's send waits) or broken (its send says why)
+                if sent == len(data):
+                    return True
+                data = data[sent:]
+        buffer += data
         if self.reading and self.scope is not None:
             self.scope.cancel()
         return True
@@ -995,6 +1018,7 @@ class _ProxyConnection:
         self.goaway_sent = False
         self.timer = CoreTimer(self.session)
         self.sends = StalledSends(stream, server.dead_after)
+        self._control = bytearray()  # control bytes taken from the session for the pump
         self._nursery: trio.Nursery | None = None
         if not server.pool_watch.up:
             self.session.pool_status(False, server.pool_watch.reason, trio.current_time())
@@ -1040,7 +1064,29 @@ class _ProxyConnection:
         if drain is not None and not self.goaway_sent and session.hello is not None and not session.closed:
             now = trio.current_time()
             self.goaway_sent = session.go_away(round(drain[0] - now, 3), drain[1], now)
-        self.timer.wake()
+        if not session.closed:
+            self._send_datagrams()
+        data = session.data_to_send()
+        if data or session.closed:
+            self._control += data
+            self.timer.wake()  # the pump writes the control stream (and ends a closed session)
+        else:
+            self.timer.wake_if_sooner()
+
+    def _send_datagrams(self) -> None:
+        """Send the session's datagrams now (never waits: a full buffer drops, as a network would).
+
+        Called after every input, so a verdict leaves in the input that produced it
+        (the pool's bytes), not one trip through trio's scheduler later in the pump.
+        """
+        datagrams = self.session.datagrams_to_send(trio.current_time())
+        sender = self.server._udp_sender
+        if datagrams and sender is not None:
+            for datagram in datagrams:
+                try:
+                    sender.send(datagram.data, datagram.address)
+                except OSError as exc:
+                    log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
 
     def _log_refusal(self, refusal: Refusal) -> None:
         if isinstance(refusal, RequestRefused):
@@ -1094,20 +1140,16 @@ class _ProxyConnection:
         session = self.session
         while True:
             self.timer.rearm()
-            data = session.data_to_send()
-            datagrams = session.datagrams_to_send(trio.current_time())
             if session.closed:
+                self._control += session.data_to_send()
                 with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
-                    if data:
-                        await self._send_control(data)
+                    if self._control:
+                        await self._send_control(bytes(self._control))
                 return
-            sender = self.server._udp_sender
-            if datagrams and sender is not None:  # verdicts first: they are what the rigs wait for
-                for datagram in datagrams:  # never waits: a full buffer drops, as a network would
-                    try:
-                        sender.send(datagram.data, datagram.address)
-                    except OSError as exc:
-                        log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
+            self._send_datagrams()  # verdicts first: they are what the rigs wait for
+            self._control += session.data_to_send()
+            data = bytes(self._control)
+            self._control.clear()
             if data and not await self._send_control(data):
                 continue  # the session now knows the connection is lost
             if (deadline := await self.timer.sleep()) is not None:
