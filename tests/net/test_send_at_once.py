@@ -20,7 +20,7 @@ from bridge.config import parse_upstream_url
 from bridge.net.rm_upstream import StratumRMLink
 from bridge.net.sidecar import _PoolLink, _ProxyConnection
 from bridge.net.timer import CoreTimer
-from bridge.relay.sidecar import OutgoingDatagram
+from bridge.relay.sidecar.intake import OutgoingDatagram
 
 
 class _Sender:
