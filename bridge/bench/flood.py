@@ -221,7 +221,7 @@ class HonestProxy:
     async def share(self, timeout: float) -> tuple[str, float]:
         """Submit one share; return its path ("UDP" or "TLS") and its latency in seconds.
 
-        As the proxy does (bridge/relay/rm_upstream.py): UDP, after ``timeout`` UDP
+        As the proxy does (bridge/wire/delivery.py): UDP, after ``timeout`` UDP
         again under a new packet number, after twice that over TLS.
         """
         assert self.keys is not None
