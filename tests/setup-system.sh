@@ -2,11 +2,12 @@
 # System packages some tests use: iproute2 (network namespaces), systemd (systemd-analyze
 # verify on the units in deploy/), haproxy, nftables,
 # chromium and chromium-driver (the dashboard test), docker-compose (its config check
-# of deploy/compose.yaml; no container daemon is needed for that). Idempotent; run as root.
+# of deploy/compose.yaml; no container daemon is needed for that), stunnel4 (the stunnel
+# pair, SV1 over TLS as a farm would wrap it, that bench transport compares with). Idempotent; run as root.
 # Without root or apt it says so and exits 0: the tests that need these skip with a reason.
 set -euo pipefail
 
-PACKAGES=(iproute2 systemd haproxy nftables chromium chromium-driver docker-compose)
+PACKAGES=(iproute2 systemd haproxy nftables chromium chromium-driver docker-compose stunnel4)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup-system: not root; skipping system packages (${PACKAGES[*]}). Tests that need them will skip."

@@ -8,6 +8,8 @@ path            chain                                        link measured
 direct          miners → pool (SV1 over TCP)                 miner ↔ pool
 sv1 relay       miners → proxy ``stratum+tcp://`` → pool     proxy ↔ pool
 sv1 in tls      miners → proxy ``stratum+ssl://`` → pool     proxy ↔ pool (TLS 1.3)
+stunnel pair    miners → stunnel client → stunnel server     stunnel ↔ stunnel (TLS 1.3)
+                → pool (when stunnel is installed)
 stratumrm       miners → proxy ``stratumrm://`` → sidecar    proxy ↔ sidecar: TLS control
                 → pool                                       connection + UDP datagrams
 ==============  ===========================================  =============================
@@ -116,6 +118,7 @@ from bridge.bench.measure import (
     udp_traffic,
 )
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
+from bridge.bench.stunnel import StunnelPair, stunnel_binary
 from bridge.testing.pki import TestPKI, make_test_pki
 
 Progress = Callable[[str], None]
@@ -123,12 +126,14 @@ Progress = Callable[[str], None]
 DIRECT = "direct"
 SV1_RELAY = "sv1 relay"
 SV1_TLS = "sv1 in tls"
+STUNNEL = "stunnel pair"
 STRATUMRM = "stratumrm"
-PATHS = (DIRECT, SV1_RELAY, SV1_TLS, STRATUMRM)
+PATHS = (DIRECT, SV1_RELAY, SV1_TLS, STUNNEL, STRATUMRM)
 LINKS = {
     DIRECT: "miner<->pool TCP",
     SV1_RELAY: "proxy<->pool TCP",
     SV1_TLS: "proxy<->pool TLS",
+    STUNNEL: "stunnel<->stunnel TLS",
     STRATUMRM: "proxy<->sidecar TLS+UDP",
 }
 ACCOUNT = "bench"
@@ -911,6 +916,7 @@ async def run_once(
 ) -> TransportRun:
     """One run: start every process, measure every path and the lossy case, stop everything."""
     started: list[RoleProcess] = []
+    stunnel: StunnelPair | None = None
     try:
         pool = await launcher.start(
             "pool",
@@ -924,6 +930,8 @@ async def run_once(
                 "rm",
                 "--listener",
                 "lossy",
+                "--listener",
+                "stunnel",
                 "--tls-listener",
                 "tls",
                 "--cert",
@@ -948,12 +956,21 @@ async def run_once(
             "proxy-rm", "proxy", ["--upstream", f"stratumrm://{HOST}:{sidecar.ready['port']}", "--bundle", str(pki.miner_bundle)]
         )
         started.append(proxy_rm)
+        if stunnel_binary() is not None:
+            stunnel = StunnelPair(
+                launcher.log_dir / "stunnel", HOST, ports["stunnel"], pki.pool_certificate, pki.pool_key, pki.ca_certificate
+            )
+            await stunnel.start()
 
         common_pids = {"pool": pool.pid, "load": os.getpid()}
         plan: list[tuple[str, int, LinkMeter, dict[str, int], RoleProcess | None]] = [
             (DIRECT, ports["direct"], LinkMeter([ports["direct"]]), common_pids, None),
             (SV1_RELAY, proxy_sv1.ready["port"], LinkMeter([ports["sv1"]]), {"proxy": proxy_sv1.pid, **common_pids}, proxy_sv1),
             (SV1_TLS, proxy_tls.ready["port"], LinkMeter([ports["tls"]]), {"proxy": proxy_tls.pid, **common_pids}, proxy_tls),
+        ]
+        if stunnel is not None:
+            plan.append((STUNNEL, stunnel.entry_port, LinkMeter([stunnel.link_port]), {**stunnel.pids, **common_pids}, None))
+        plan += [
             (
                 STRATUMRM,
                 proxy_rm.ready["port"],
@@ -973,6 +990,8 @@ async def run_once(
             nursery.cancel_scope.cancel()
         return TransportRun(results, lossy)
     finally:
+        if stunnel is not None:
+            await stunnel.stop()
         for process in reversed(started):
             await process.stop()
 
@@ -1173,7 +1192,7 @@ def report(summary: TransportSummary) -> str:
     settings = summary.settings
     paths = summary.paths
     direct = paths.get(DIRECT)
-    tls = paths.get(SV1_TLS)
+    tls = tls_baseline(paths)
     lines = [
         (
             f"Transport benchmark: medians of {summary.runs} run(s); {settings.connections} miners per path; "
@@ -1268,11 +1287,17 @@ def report(summary: TransportSummary) -> str:
     return "\n".join(lines)
 
 
+def tls_baseline(paths: dict[str, PathSummary]) -> PathSummary | None:
+    """What "SV1 over TLS" means in the wire-efficiency issue: the stunnel pair (two processes,
+    as StratumRM's proxy and sidecar), else the project's proxy speaking stratum+ssl://."""
+    return paths.get(STUNNEL) or paths.get(SV1_TLS)
+
+
 def closed_report(summary: TransportSummary) -> list[str]:
     """The wire-efficiency issue's table: closed loops, ratios against SV1 over TLS of the same runs."""
     paths = summary.paths
     settings = summary.settings
-    tls = paths.get(SV1_TLS)
+    tls = tls_baseline(paths)
     direct = paths.get(DIRECT)
     tls_closed = tls.closed if tls is not None else None
     direct_closed = direct.closed if direct is not None else None
@@ -1323,7 +1348,7 @@ def closed_report(summary: TransportSummary) -> list[str]:
                 _number(c.lone_round_trip_p50_ms * 1e3),
                 _number(c.closed_rate),
                 _number(c.closed_rate / tls_closed.closed_rate if tls_closed.closed_rate else math.nan, 2),
-                _number(c.closed_cpu_us, 1) if path in (SV1_RELAY, SV1_TLS, STRATUMRM) else "-",
+                _number(c.closed_cpu_us, 1) if path in (SV1_RELAY, SV1_TLS, STUNNEL, STRATUMRM) else "-",
                 _number(c.lone_sent_again + c.closed_sent_again),
             ]
         )
@@ -1384,7 +1409,7 @@ def targets(summary: TransportSummary) -> list[str]:
 def closed_targets(summary: TransportSummary) -> list[str]:
     """The wire-efficiency issue's targets (data channel v2) against the closed-loop windows."""
     paths = summary.paths
-    rm, tls, direct = paths.get(STRATUMRM), paths.get(SV1_TLS), paths.get(DIRECT)
+    rm, tls, direct = paths.get(STRATUMRM), tls_baseline(paths), paths.get(DIRECT)
     if rm is None or tls is None or rm.closed is None or tls.closed is None:
         return []
     c, t = rm.closed, tls.closed
@@ -1392,7 +1417,7 @@ def closed_targets(summary: TransportSummary) -> list[str]:
     def verdict(met: bool) -> str:
         return "met" if met else "MISSED"
 
-    out = ["Targets (wire-efficiency issue, data channel v2), against SV1 over TLS in the same runs:"]
+    out = [f"Targets (wire-efficiency issue, data channel v2), against SV1 over TLS ({tls.path}) in the same runs:"]
     ratio = c.lone_bytes / t.lone_bytes
     out.append(
         f"  1. lone share bytes <= {TARGET_LONE_RATIO:g}x: {c.lone_bytes:.0f} B vs {t.lone_bytes:.0f} B = {ratio:.2f}x -> "

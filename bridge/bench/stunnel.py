@@ -1,0 +1,129 @@
+"""SV1 through a stunnel pair: the C TLS wrapper a farm would run instead of StratumRM.
+
+A client-mode stunnel beside the miners takes plain SV1 and speaks TLS 1.3 (verifying
+the pool's certificate against the CA) to a server-mode stunnel beside the pool, which
+hands plain SV1 to the pool: two processes, as StratumRM's proxy and sidecar are. Both
+set TCP_NODELAY on both sides, as the StratumRM roles do. It is the wire-efficiency
+issue's baseline ("SV1 through a stunnel pair (TLS 1.3)"); :mod:`bridge.bench.transport`
+adds it as a path when a ``stunnel`` binary is installed (Debian: stunnel4).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import trio
+
+__all__ = ["StunnelPair", "stunnel_binary"]
+
+READY_TIMEOUT = 10.0
+
+
+def stunnel_binary() -> str | None:
+    """The stunnel program, or None when it is not installed."""
+    return shutil.which("stunnel4") or shutil.which("stunnel")
+
+
+def _free_tcp_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _config(service: list[str], log: Path) -> str:
+    common = [
+        "foreground = yes",
+        "pid =",
+        f"output = {log}",
+        "debug = notice",
+        "socket = l:TCP_NODELAY=1",
+        "socket = r:TCP_NODELAY=1",
+        "[sv1]",
+        "sslVersionMin = TLSv1.3",
+    ]
+    return "\n".join([*common, *service, ""])
+
+
+class StunnelPair:
+    """Two stunnel processes: miners connect to :attr:`entry_port`; TLS crosses :attr:`link_port`."""
+
+    def __init__(self, workdir: Path, host: str, pool_port: int, cert: Path, key: Path, ca: Path) -> None:
+        self.workdir = workdir
+        self.host = host
+        self.pool_port = pool_port
+        self.cert, self.key, self.ca = cert, key, ca
+        self.entry_port = _free_tcp_port(host)
+        self.link_port = _free_tcp_port(host)
+        self._processes: list[trio.Process] = []
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """CPU meter names: the miner-side wrapper stands where the proxy does, the pool-side one where the sidecar does."""
+        client, server = self._processes
+        return {"proxy": client.pid, "sidecar": server.pid}
+
+    async def start(self) -> None:
+        binary = stunnel_binary()
+        if binary is None:
+            raise RuntimeError("stunnel is not installed (Debian: apt-get install stunnel4)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        host = self.host
+        server = _config(
+            [
+                f"accept = {host}:{self.link_port}",
+                f"connect = {host}:{self.pool_port}",
+                f"cert = {self.cert}",
+                f"key = {self.key}",
+            ],
+            self.workdir / "server.log",
+        )
+        client = _config(
+            [
+                "client = yes",
+                f"accept = {host}:{self.entry_port}",
+                f"connect = {host}:{self.link_port}",
+                "verifyChain = yes",
+                f"CAfile = {self.ca}",
+            ],
+            self.workdir / "client.log",
+        )
+        for name, text, port in (("server", server, self.link_port), ("client", client, self.entry_port)):
+            path = self.workdir / f"{name}.conf"
+            path.write_text(text)
+            process = await trio.lowlevel.open_process(
+                [binary, str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            if name == "client":
+                self._processes.insert(0, process)
+            else:
+                self._processes.append(process)
+            await self._wait_listening(port, process, name)
+
+    async def _wait_listening(self, port: int, process: trio.Process, name: str) -> None:
+        with trio.move_on_after(READY_TIMEOUT):
+            while process.poll() is None:
+                try:
+                    stream = await trio.open_tcp_stream(self.host, port)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                return
+        log = self.workdir / f"{name}.log"
+        detail = log.read_text()[-500:] if log.exists() else "no log"
+        raise RuntimeError(f"stunnel ({name}) did not listen on {self.host}:{port}: {detail}")
+
+    async def stop(self) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                process.terminate()
+        with trio.move_on_after(5):
+            for process in self._processes:
+                await process.wait()
+        for process in self._processes:
+            if process.poll() is None:
+                process.kill()
+                await process.wait()
