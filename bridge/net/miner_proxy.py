@@ -889,7 +889,7 @@ class _RigConnection:
         if isinstance(session, RMUpstreamHandle):
             if not task.closed:
                 session.listener = functools.partial(self._leg_ready, leg)
-                if session.session.events or session._lost is not None:
+                if session.session.events or session.lost is not None:
                     self._leg_ready(leg)
             return  # no task: the link's reader calls the listener
         while not task.closed:

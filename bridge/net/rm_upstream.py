@@ -97,6 +97,11 @@ class RMUpstreamHandle:
     def _new_events(self) -> None:
         self.session.events = _Events(self)
 
+    @property
+    def lost(self) -> str | None:
+        """Why the channel is over, once :meth:`take` has seen it end; None until then."""
+        return self._lost
+
     async def flush(self) -> None:
         self.link.kick()
 
