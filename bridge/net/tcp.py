@@ -54,9 +54,10 @@ def unread_bytes(stream: trio.abc.Stream | None) -> int:
 
 
 _TCP_INFO_LAST_ACK_RECV = 56
-"""Offset of ``tcpi_last_ack_recv`` (u32, milliseconds) in Linux's ``struct tcp_info``: eight
-one-byte fields (``state ca_state retransmits probes backoff`` first), then ``rto ato snd_mss rcv_mss unacked sacked lost retrans fackets
-last_data_sent last_ack_sent last_data_recv``, then it."""
+"""Offset of ``tcpi_last_ack_recv`` (u32, milliseconds) in Linux's ``struct tcp_info``:
+eight one-byte fields (``state ca_state retransmits probes backoff`` first), then ``rto
+ato snd_mss rcv_mss unacked sacked lost retrans fackets last_data_sent last_ack_sent
+last_data_recv``, then it."""
 
 
 def peer_ack_age(stream: trio.abc.Stream | None) -> float | None:
@@ -71,11 +72,12 @@ def peer_ack_age(stream: trio.abc.Stream | None) -> float | None:
     sends window probes at growing intervals (0.2 s, 0.4 s, ... up to minutes) and the
     peer's kernel answers each. While the window is closed and its TCP answers the
     probes (``tcpi_backoff`` > 0, at most one ``tcpi_probes`` unanswered, no
-    retransmission pending), the peer is there, so the age is 0: the gaps between probes are this side's choice,
-    not the peer's silence. One probe may be pending (a kernel answers out-of-window
-    segments at most twice a second, so a quick second probe can go unanswered); from
-    the second unanswered probe the age counts from the last answer again, so a host
-    that died during the stall is found one probe interval later.
+    retransmission pending), the peer is there, so the age is 0: the gaps between
+    probes are this side's choice, not the peer's silence. One probe may be pending (a
+    kernel answers out-of-window segments at most twice a second, so a quick second
+    probe can go unanswered); from the second unanswered probe the age counts from the
+    last answer again, so a host that died during the stall is found one probe
+    interval later.
     """
     sock = socket_of(stream) if stream is not None else None
     if sock is None or not hasattr(socket, "TCP_INFO"):
