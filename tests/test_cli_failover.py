@@ -79,8 +79,14 @@ def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> 
         output = "".join(lines)
         total = next(line for line in lines if line.startswith("total")).split()
         submitted, accepted, rejected, unanswered = (int(x) for x in total[1:5])
-        # every share answered; one in flight at the kill may be answered "not confirmed"
-        assert submitted == 8 and unanswered == 0 and accepted + rejected == 8 and rejected <= 1, output
+        # Every share answered. Shares in flight at the kill, or found on the dead pool's job
+        # before the backup's first job arrives, are answered honestly as not confirmed or
+        # stale (how many depends on the rig's share rate and the machine's load); the rig
+        # then mines on at the backup: more shares accepted after the two before the kill.
+        assert submitted == 8 and unanswered == 0 and accepted + rejected == 8, output
+        refusals = [line for line in lines if "Rejected" in line]
+        assert all("previous upstream pool" in line or "not confirmed" in line for line in refusals), output
+        assert accepted >= 3, output
     finally:
         for process in (miner, proxy, *pools):
             if process is not None and process.poll() is None:
