@@ -28,6 +28,7 @@ import cProfile
 import functools
 import math
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -50,6 +51,15 @@ from bridge.testing.pool import PoolConfig, ReferencePool
 from bridge.testing.pool_core import ConnectionState, PoolCore
 
 HOST = "127.0.0.1"
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = HOST) -> int:
+    """A port nothing on ``host`` uses now: TCP, or UDP with ``socket.SOCK_DGRAM``."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 _encode = msgspec.json.Encoder().encode
 _decode = decode_json
 

@@ -11,11 +11,12 @@ adds it as a path when a ``stunnel`` binary is installed (Debian: stunnel4).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import trio
+
+from bridge.bench.roles import free_port
 
 __all__ = ["StunnelPair", "stunnel_binary"]
 
@@ -25,12 +26,6 @@ READY_TIMEOUT = 10.0
 def stunnel_binary() -> str | None:
     """The stunnel program, or None when it is not installed."""
     return shutil.which("stunnel4") or shutil.which("stunnel")
-
-
-def _free_tcp_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(service: list[str], log: Path) -> str:
@@ -55,8 +50,8 @@ class StunnelPair:
         self.host = host
         self.pool_port = pool_port
         self.cert, self.key, self.ca = cert, key, ca
-        self.entry_port = _free_tcp_port(host)
-        self.link_port = _free_tcp_port(host)
+        self.entry_port = free_port(host=host)
+        self.link_port = free_port(host=host)
         self._processes: list[trio.Process] = []
 
     @property

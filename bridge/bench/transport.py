@@ -117,7 +117,7 @@ from bridge.bench.measure import (
     udp_receive_buffer_errors,
     udp_traffic,
 )
-from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
+from bridge.bench.roles import HOST, RoleLauncher, RoleProcess, free_port
 from bridge.bench.stunnel import StunnelPair, stunnel_binary
 from bridge.testing.pki import TestPKI, make_test_pki
 
@@ -815,17 +815,11 @@ async def _search_throughput(
             high = middle
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
 async def _measure_lossy(context: _Context, cpu_pids: dict[str, int]) -> LossyRun:
     """StratumRM with its UDP through a lossy link: latency and retransmissions."""
     settings, pki, launcher = context.settings, context.pki, context.launcher
     pool_port = context.pool.ready["ports"]["lossy"]
-    sidecar_udp, link_port = _free_udp_port(), _free_udp_port()
+    sidecar_udp, link_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     started: list[RoleProcess] = []
     try:
         link = await launcher.start(
