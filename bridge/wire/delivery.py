@@ -163,10 +163,8 @@ class ShareDelivery:
         self.verdict_rtt = RttEstimator(
             min_rto=VERDICT_TIMEOUT_MIN, initial_rto=VERDICT_TIMEOUT_INITIAL, max_rto=VERDICT_TIMEOUT_MAX
         )
-        # Each share has its own deadline, so one outage expires many of them in a row; as
-        # with TCP's one timer, a timeout backs off at most once per (backed-off) timeout.
-        self._rto_backoff_due = -math.inf
-        self._verdict_backoff_due = -math.inf
+        # Each share has its own deadline, so one outage expires many of them in a row: it
+        # counts one UDP failure per timeout (the RTTs back off once per RTO themselves).
         self._failure_count_due = -math.inf
         self._udp_failures = 0
         self._ack_delay = MAX_ACK_DELAY
@@ -378,12 +376,10 @@ class ShareDelivery:
             self._failure_count_due = now + self.retransmission_timeout(now)
             if self._udp_failures >= UDP_FAILURES_BEFORE_FALLBACK:
                 self.udp_down(now)
-        if lost and now >= self._rto_backoff_due:  # one back-off per timeout, however many shares expire
-            self.rtt.on_timeout()
-            self._rto_backoff_due = now + self.rtt.rto
-        if overdue and now >= self._verdict_backoff_due:
-            self.verdict_rtt.on_timeout()
-            self._verdict_backoff_due = now + self.verdict_rtt.rto
+        if lost:
+            self.rtt.on_timeout(now)  # one back-off per RTO, however many shares expire in it
+        if overdue:
+            self.verdict_rtt.on_timeout(now)
         for shares, timeout in ((waiting, self.retransmission_timeout(now)), (verdict_waiting, self.verdict_rtt.rto)):
             for share in shares:
                 share.deadline = now + timeout

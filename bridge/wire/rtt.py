@@ -33,6 +33,7 @@ Sans-IO: every time is a ``float`` in seconds passed in by the caller.
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 import msgspec
@@ -77,6 +78,7 @@ class RttEstimator:
 
     __slots__ = (
         "_backoff",
+        "_backoff_due",
         "_base_rto",
         "_granularity",
         "_latest",
@@ -110,6 +112,7 @@ class RttEstimator:
         self._min_rtt: float | None = None
         self._latest: float | None = None
         self._backoff = 0
+        self._backoff_due = -math.inf  # no second back-off before then (see on_timeout)
         self._samples = 0
         self._total_backoffs = 0
 
@@ -160,6 +163,7 @@ class RttEstimator:
             self._srtt = (1 - _ALPHA) * self._srtt + _ALPHA * adjusted
         self._samples += 1
         self._backoff = 0
+        self._backoff_due = -math.inf
         raw = self._srtt + max(self._granularity, _K * self._rttvar)
         self._base_rto = min(max(raw, self._min_rto), self._max_rto)
 
@@ -183,12 +187,19 @@ class RttEstimator:
         path answers again, so the backed-off RTO returns to the estimate, as a sample
         would reset it (RFC 6298 5.7 keeps the back-off only until the path answers)."""
         self._backoff = 0
+        self._backoff_due = -math.inf
 
-    def on_timeout(self) -> None:
-        """The retransmission timer expired: double the RTO (up to ``max_rto``)."""
+    def on_timeout(self, now: float) -> None:
+        """The retransmission timer expired at ``now``: double the RTO (up to ``max_rto``),
+        at most once per (backed-off) RTO. A user with a deadline per item (one per share)
+        sees items lost together expire one after another; as with TCP's single timer,
+        that is one expiry, not one per item."""
+        if now < self._backoff_due:
+            return
         if self._base_rto * (1 << self._backoff) < self._max_rto:
             self._backoff += 1
         self._total_backoffs += 1
+        self._backoff_due = now + self.rto
 
     def statistics(self) -> RttStatistics:
         """A frozen snapshot."""

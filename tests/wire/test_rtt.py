@@ -52,12 +52,15 @@ def test_backoff_doubles_up_to_max_and_resets_on_a_sample() -> None:
     rtt = RttEstimator()
     rtt.observe(0.100)
     base = rtt.rto
-    rtt.on_timeout()
+    now = 1.0  # each expiry of a single timer comes one (backed-off) RTO after the last
+    rtt.on_timeout(now)
     assert rtt.rto == pytest.approx(2 * base)
-    rtt.on_timeout()
+    now += rtt.rto
+    rtt.on_timeout(now)
     assert rtt.rto == pytest.approx(4 * base)
     for _ in range(20):
-        rtt.on_timeout()
+        now += rtt.rto
+        rtt.on_timeout(now)
     assert rtt.rto == pytest.approx(2.0)
     assert rtt.statistics().backoffs == 22
     rtt.observe(0.100)
