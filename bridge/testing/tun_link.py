@@ -35,6 +35,8 @@ Test and benchmark tool: the driver does I/O (trio, the TUN fds, ``ip``).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import heapq
 import math
@@ -43,6 +45,7 @@ import secrets
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -61,6 +64,7 @@ __all__ = [
     "TunLinkCore",
     "TunLinkStatistics",
     "forward",
+    "inside",
     "open_link",
     "unavailable",
 ]
@@ -280,6 +284,39 @@ class TunLab:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"setns: {os.strerror(error)}")
+
+
+@contextlib.contextmanager
+def inside(namespace: str) -> Iterator[None]:
+    """Run the calling thread in network namespace ``namespace`` for the block.
+
+    Sockets created in the block belong to that namespace for good (a socket keeps
+    the namespace it was made in): a benchmark opens its miners' connections inside
+    the miners' namespace and reads them from anywhere. Only this thread moves.
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
 
 
 def _open_tun(name: str) -> int:
