@@ -24,7 +24,6 @@ dump of each process, to see where a path spends its time).
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -253,15 +252,7 @@ def loss_command(quick: bool, runs: int | None, keep_logs: Path | None, **overri
     settings = loss.with_overrides(base, runs=runs, **overrides)
     progress = _progress_printer()
 
-    def terminate(_signal: int, _frame: Any) -> None:
-        raise KeyboardInterrupt  # the namespaces and processes are torn down on the way out
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        runs_done = _run(lambda: loss.run(settings, progress, keep_logs))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    click.echo(loss.report(settings, runs_done))
+    click.echo(loss.report(settings, _run(lambda: loss.run(settings, progress, keep_logs))))
 
 
 def _register_scale() -> None:

@@ -35,6 +35,7 @@ Needs root, ``/dev/net/tun``, ``ip`` and stunnel (Debian: stunnel4).
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ PATHS = (TLS, STRATUMRM)
 TARGET_P99_RATIO = 0.1
 UDP_UP_TIMEOUT = 15.0
 SLICE = 0.1
+CLEANUP_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -321,17 +323,43 @@ async def run_once(settings: LossSettings, pki: TestPKI, log_dir: Path, progress
                 nursery.cancel_scope.cancel()
             return LossRun(results)
         finally:
-            if stunnel is not None:
-                await stunnel.stop()
-            for process in reversed(started):
-                await process.stop()
+            with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
+                cleanup.shield = True  # torn down even when the run was cancelled (a signal)
+                if stunnel is not None:
+                    await stunnel.stop()
+                for process in reversed(started):
+                    await process.stop()
 
 
 async def run(settings: LossSettings, progress: Progress, log_root: Path | None = None) -> list[LossRun]:
-    """``settings.runs`` runs; raises RuntimeError with the reason when this machine cannot run it."""
+    """``settings.runs`` runs; raises RuntimeError with the reason when this machine cannot run it.
+
+    SIGTERM, SIGHUP (and SIGINT, as trio does) stop it cleanly: processes, TUN devices
+    and namespaces are torn down before it raises.
+    """
     reason = unavailable() or (None if stunnel_binary() else "stunnel is not installed (Debian: apt-get install stunnel4)")
     if reason:
         raise RuntimeError(reason)
+    runs: list[LossRun] = []
+    interrupted: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for number in signals:
+                    interrupted.append(number)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch)
+        runs = await _runs(settings, progress, log_root)
+        nursery.cancel_scope.cancel()
+    if interrupted:
+        raise RuntimeError(f"interrupted by signal {interrupted[0]}; everything it started is torn down")
+    return runs
+
+
+async def _runs(settings: LossSettings, progress: Progress, log_root: Path | None) -> list[LossRun]:
     directory = Path(tempfile.mkdtemp(prefix="stratumrm-bench-loss-"))
     try:
         pki = make_test_pki(directory / "pki", pool_hosts=(HOST, "localhost", ADDRESS_B), accounts=("bench",))
