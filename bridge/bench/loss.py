@@ -204,6 +204,7 @@ async def _measure(rig: _Rig, path: str, entry_port: int, flows: list[str], prox
         if proxy is not None:
             await _wait_for_udp(proxy)
         await _closed_until(load, connections, settings.warmup)
+        await trio.sleep(SLICE)
         await load.settle(settings.settle_timeout)
         link_before = await rig.link.request("stats")
         proxy_before = await _proxy_counters(proxy) if proxy is not None else {}
@@ -211,6 +212,9 @@ async def _measure(rig: _Rig, path: str, entry_port: int, flows: list[str], prox
         load.start_recording(connections)
         before = load.totals(connections)
         await _closed_until(load, connections, settings.shares)
+        # A verdict read just before the loop stopped may have queued one more share, not
+        # yet written (so not yet pending): let it go out, then wait for every verdict.
+        await trio.sleep(SLICE)
         if not await load.settle(settings.settle_timeout):
             raise RuntimeError(f"{path}: {load.pending()} shares without a verdict after {settings.settle_timeout:g} s")
         after = load.totals(connections)
