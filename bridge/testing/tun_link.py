@@ -65,6 +65,7 @@ __all__ = [
     "TunLinkStatistics",
     "forward",
     "inside",
+    "namespaces_unavailable",
     "open_link",
     "unavailable",
 ]
@@ -80,20 +81,29 @@ _MAX_PACKET = 65535
 _PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp"}
 
 
-def unavailable() -> str | None:
-    """Why a TUN link cannot be set up here (one line), or None."""
+def namespaces_unavailable(who: str = "network namespaces") -> str | None:
+    """Why network namespaces cannot be made here (one line naming ``who`` needs them), or None.
+
+    Not root, no ``ip``, or ``ip netns add`` refused (it tries one, with a unique name, and
+    deletes it).
+    """
     if os.geteuid() != 0:
-        return "the TUN link needs root (network namespaces and TUN devices)"
-    if not os.path.exists("/dev/net/tun"):
-        return "no /dev/net/tun on this machine: TUN devices are not available"
+        return f"{who} need root (run as root, as CI does)"
     if shutil.which("ip") is None:
-        return "`ip` (iproute2) is not installed; run tests/setup-system.sh"
-    name = f"srmtunprobe{os.getpid()}"
+        return "`ip` (iproute2) is not installed; run tests/setup-system.sh or apt-get install -y iproute2"
+    name = f"srmprobe{os.getpid()}{secrets.token_hex(2)}"
     probe = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True, text=True)
     if probe.returncode != 0:
-        return f"`ip netns add` fails here ({probe.stderr.strip()}): network namespaces are not available"
+        return f"`ip netns add` fails here ({probe.stderr.strip()}); network namespaces are not available"
     subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
     return None
+
+
+def unavailable() -> str | None:
+    """Why a TUN link cannot be set up here (one line), or None."""
+    if os.geteuid() == 0 and not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun on this machine: TUN devices are not available"
+    return namespaces_unavailable("the TUN link (network namespaces and TUN devices)")
 
 
 # --------------------------------------------------------------------------- sans-IO core
