@@ -96,8 +96,8 @@ class LossEstimate:
     twice ``window``, so the rate covers the last ``window`` .. ``2 × window`` datagrams.
     :attr:`redundant` turns on at a rate of ``REDUNDANCY_ON`` or more (with at least
     ``REDUNDANCY_MIN_LOSSES`` losses in at least ``REDUNDANCY_MIN_SAMPLES`` samples) and
-    off under ``REDUNDANCY_OFF``: the gap
-    between the two keeps it from flapping around one threshold.
+    off under ``REDUNDANCY_OFF``: the gap between the two keeps it from flapping around
+    one threshold.
     """
 
     __slots__ = ("losses", "redundant", "samples", "switches", "window")
@@ -631,12 +631,11 @@ class ShareDelivery:
     def _flight_answered(self, key: tuple[int, int]) -> None:
         """Share datagram ``key`` is acknowledged (first time): a sample of the loss rate (§9.1)."""
         if key in self._declared_lost:
-            self._declared_lost.discard(key)
             self.loss.found()  # late, not lost
-        elif key in self._copied:
-            self._copied.discard(key)  # one of two copies arrived: tells nothing of the loss rate
-        else:
+        elif key not in self._copied:  # (one of two copies arriving tells nothing of the loss rate)
             self.loss.delivered()
+        self._declared_lost.discard(key)
+        self._copied.discard(key)
 
     def _on_ack(self, epoch: int, ack: Ack, now: float) -> None:
         self.acks_received += 1

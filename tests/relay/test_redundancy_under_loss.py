@@ -167,6 +167,8 @@ def test_lone_shares_at_two_percent_loss_wait_for_a_retransmission_only_when_bot
     # The sidecar dropped the second copies as replays, before the budget and the AEAD.
     drops = world.sidecar.statistics().datagram_drops
     assert drops.get("replayed", 0) >= 250 and "bad tag" not in drops and "rate limited" not in drops
+    # Every share settled: no datagram is remembered as copied or lost any more.
+    assert not world.proxy.delivery._copied and not world.proxy.delivery._declared_lost
 
 
 def test_without_redundancy_the_same_link_makes_shares_late(monkeypatch: pytest.MonkeyPatch) -> None:
