@@ -10,6 +10,8 @@
   connection that has not finished its TLS handshake (:mod:`bridge.bench.pending`);
 - ``stratumrm bench scale``: 1,000 to 10,000 rigs behind one proxy and one sidecar:
   memory per rig, reconnect storm, shares/s, CPU per share (:mod:`bridge.bench.scale`);
+- ``stratumrm bench loss``: lone shares through a real lossy link (a TUN link between two
+  network namespaces, :mod:`bridge.bench.loss`), SV1 over TLS against StratumRM; needs root;
 - ``stratumrm bench`` or ``stratumrm bench all``: all three, tables at the end.
 
 ``--quick`` makes one short run with small loads (a check that everything works, not a
@@ -225,6 +227,32 @@ def _register_flood() -> None:
 
 
 _register_flood()
+
+
+@bench.command("loss")
+@click.option("--quick", is_flag=True, help="One short run (40 shares per path): checks that it all works.")
+@click.option("--runs", type=click.IntRange(1), default=None, help="Runs to take medians over [default: 3; 1 with --quick].")
+@click.option("--loss", type=click.FloatRange(0, 100), default=None, help="Percent of packets dropped each way [default: 2].")
+@click.option("--delay-ms", type=click.FloatRange(min=0), default=None, help="One-way delay [default: 10].")
+@click.option("--jitter-ms", type=click.FloatRange(min=0), default=None, help="Delay varies by up to this [default: 0].")
+@click.option("--shares", type=click.IntRange(1), default=None, help="Measured lone shares per path and run [default: 400].")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Unmeasured shares first [default: 50].")
+@click.option("--seed", type=int, default=None, help="Seed of the link's random streams [default: random].")
+@click.option(
+    "--keep-logs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the logs of the benchmark's processes in this directory.",
+)
+def loss_command(quick: bool, runs: int | None, keep_logs: Path | None, **overrides: Any) -> None:
+    """Lone shares through a real lossy link (TUN, two namespaces): SV1 over TLS against StratumRM (needs root)."""
+    from bridge.bench import loss
+
+    base = loss.LossSettings.quick() if quick else loss.LossSettings()
+    settings = loss.with_overrides(base, runs=runs, **overrides)
+    progress = _progress_printer()
+
+    click.echo(loss.report(settings, _run(lambda: loss.run(settings, progress, keep_logs))))
 
 
 def _register_scale() -> None:

@@ -98,8 +98,12 @@ class RoleProcess:
         verbose: bool = False,
         profile: bool = False,
         trace_memory: int = 0,
+        prefix: list[str] | None = None,
     ) -> RoleProcess:
         """Start ``role`` with ``options``; return once it reported ready (raises :class:`RoleError`).
+
+        ``prefix`` goes before the command (``ip netns exec NS``: the role runs in that
+        network namespace; the program execs, so the pid is still the role's).
 
         Its log goes to ``log_dir/NAME.log`` (info level with ``verbose``); with ``profile``
         it runs under cProfile and leaves ``log_dir/NAME.pstats`` when stopped; with
@@ -110,7 +114,7 @@ class RoleProcess:
         flags = ["--verbose"] if verbose else []
         if profile:
             flags += ["--profile", str(log_dir / f"{name}.pstats")]
-        command = [sys.executable, "-m", "bridge.bench.roles", *flags, role, *options]
+        command = [*(prefix or []), sys.executable, "-m", "bridge.bench.roles", *flags, role, *options]
         with _open_log(log_path) as log_file:
             process = await trio.lowlevel.open_process(
                 command,
@@ -192,12 +196,13 @@ class RoleLauncher:
     profile: bool = False
     trace_memory: int = 0
 
-    async def start(self, name: str, role: str, options: list[str]) -> RoleProcess:
+    async def start(self, name: str, role: str, options: list[str], *, prefix: list[str] | None = None) -> RoleProcess:
         return await RoleProcess.start(
             name,
             role,
             options,
             self.log_dir,
+            prefix=prefix,
             timeout=120.0 if self.trace_memory else 30.0,  # imports alone are several times slower traced
             verbose=self.verbose,
             profile=self.profile,
@@ -514,6 +519,7 @@ def proxy(upstream: str, bundle: str | None, upstream_ca: str | None, share_batc
 @click.option("--cert", type=click.Path(dir_okay=False), required=True)
 @click.option("--key", type=click.Path(dir_okay=False), required=True)
 @click.option("--ca", type=click.Path(dir_okay=False), required=True)
+@click.option("--host", default=HOST, show_default=True, help="Address to listen on (TCP and UDP).")
 @click.option("--udp-port", type=int, default=None, help="UDP port (default: the TCP port's number).")
 @click.option("--advertise-port", type=int, default=None, help="UDP port to tell proxies (a lossy link in front).")
 @click.option("--batch-window", type=float, default=None, help="Verdict and notify batching window, seconds.")
@@ -525,6 +531,7 @@ def sidecar(
     cert: str,
     key: str,
     ca: str,
+    host: str,
     udp_port: int | None,
     advertise_port: int | None,
     batch_window: float | None,
@@ -572,7 +579,7 @@ def sidecar(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(server.serve, HOST, 0)
+            port = await nursery.start(server.serve, host, 0)
             await _serve_commands({"stats": stats}, {"port": port, "udp_port": server.udp_port})
             nursery.cancel_scope.cancel()
 
@@ -601,6 +608,50 @@ def lossy_link(port: int, target_port: int, loss: float, delay_ms: float, seed: 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@roles.command("tun-link")
+@click.option("--namespace-a", required=True, help="Namespace of side a (the miners').")
+@click.option("--device-a", required=True, help="TUN device name for side a.")
+@click.option("--namespace-b", required=True, help="Namespace of side b (the pool's).")
+@click.option("--device-b", required=True, help="TUN device name for side b.")
+@click.option("--loss", type=float, default=0.0, show_default=True, help="Percent of packets dropped, each direction.")
+@click.option("--delay-ms", type=float, default=0.0, show_default=True, help="Delay of every packet, each direction.")
+@click.option("--jitter-ms", type=float, default=0.0, show_default=True, help="Delay varies by up to this much.")
+@click.option("--duplicate", type=float, default=0.0, show_default=True, help="Percent of packets sent twice.")
+@click.option("--seed", type=int, default=None)
+def tun_link(
+    namespace_a: str,
+    device_a: str,
+    namespace_b: str,
+    device_b: str,
+    loss: float,
+    delay_ms: float,
+    jitter_ms: float,
+    duplicate: float,
+    seed: int | None,
+) -> None:
+    """The impaired TUN link between two namespaces (the lab's; it owns the TUN devices)."""
+    from bridge.testing.lossy_link import Impairment
+    from bridge.testing.tun_link import TunLinkCore, forward, open_link
+
+    core = TunLinkCore(Impairment(loss=loss, delay_ms=delay_ms, jitter_ms=jitter_ms, duplicate=duplicate), seed=seed)
+    fd_a, fd_b = open_link(namespace_a, device_a, namespace_b, device_b)
+
+    def stats(_message: dict[str, Any]) -> Any:
+        return _to_builtins(core.statistics())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward, core, fd_a, fd_b)
+            await _serve_commands({"stats": stats}, {"a": namespace_a, "b": namespace_b})
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(fd_a)
+        os.close(fd_b)
 
 
 if __name__ == "__main__":

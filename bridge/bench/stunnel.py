@@ -45,13 +45,29 @@ def _config(service: list[str], log: Path) -> str:
 class StunnelPair:
     """Two stunnel processes: miners connect to :attr:`entry_port`; TLS crosses :attr:`link_port`."""
 
-    def __init__(self, workdir: Path, host: str, pool_port: int, cert: Path, key: Path, ca: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        host: str,
+        pool_port: int,
+        cert: Path,
+        key: Path,
+        ca: Path,
+        *,
+        link_host: str | None = None,
+        client_prefix: list[str] | None = None,
+        server_prefix: list[str] | None = None,
+    ) -> None:
+        """``link_host``: where the server-side wrapper listens for the TLS link (default ``host``);
+        ``client_prefix``/``server_prefix`` go before each wrapper's command (``ip netns exec NS``)."""
         self.workdir = workdir
         self.host = host
+        self.link_host = link_host or host
         self.pool_port = pool_port
         self.cert, self.key, self.ca = cert, key, ca
         self.entry_port = free_port(host=host)
         self.link_port = free_port(host=host)
+        self._prefixes = {"client": client_prefix or [], "server": server_prefix or []}
         self._processes: list[trio.Process] = []
 
     @property
@@ -68,7 +84,7 @@ class StunnelPair:
         host = self.host
         server = _config(
             [
-                f"accept = {host}:{self.link_port}",
+                f"accept = {self.link_host}:{self.link_port}",
                 f"connect = {host}:{self.pool_port}",
                 f"cert = {self.cert}",
                 f"key = {self.key}",
@@ -79,7 +95,7 @@ class StunnelPair:
             [
                 "client = yes",
                 f"accept = {host}:{self.entry_port}",
-                f"connect = {host}:{self.link_port}",
+                f"connect = {self.link_host}:{self.link_port}",
                 "verifyChain = yes",
                 f"CAfile = {self.ca}",
             ],
@@ -89,19 +105,22 @@ class StunnelPair:
             path = self.workdir / f"{name}.conf"
             path.write_text(text)
             process = await trio.lowlevel.open_process(
-                [binary, str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                [*self._prefixes[name], binary, str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             if name == "client":
                 self._processes.insert(0, process)
             else:
                 self._processes.append(process)
-            await self._wait_listening(port, process, name)
+            await self._wait_listening(self.host if name == "client" else self.link_host, port, process, name)
 
-    async def _wait_listening(self, port: int, process: trio.Process, name: str) -> None:
+    async def _wait_listening(self, host: str, port: int, process: trio.Process, name: str) -> None:
         with trio.move_on_after(READY_TIMEOUT):
             while process.poll() is None:
                 try:
-                    stream = await trio.open_tcp_stream(self.host, port)
+                    stream = await self.connect(name, host, port)
                 except OSError:
                     await trio.sleep(0.05)
                     continue
@@ -109,7 +128,11 @@ class StunnelPair:
                 return
         log = self.workdir / f"{name}.log"
         detail = log.read_text()[-500:] if log.exists() else "no log"
-        raise RuntimeError(f"stunnel ({name}) did not listen on {self.host}:{port}: {detail}")
+        raise RuntimeError(f"stunnel ({name}) did not listen on {host}:{port}: {detail}")
+
+    async def connect(self, name: str, host: str, port: int) -> trio.SocketStream:
+        """A connection to wrapper ``name``'s listening port (overridden to connect from another namespace)."""
+        return await trio.open_tcp_stream(host, port)
 
     async def stop(self) -> None:
         for process in self._processes:

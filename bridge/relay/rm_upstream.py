@@ -116,6 +116,10 @@ class ConnectionStatistics(Struct, frozen=True):
     """The sidecar's datagrams this side dropped, by reason (PROTOCOL.md §6); zeros left out."""
     datagrams_received: int = 0
     """Datagrams that came from the sidecar (dropped ones included)."""
+    redundant_copies: int = 0
+    """Share datagrams sent a second time, identical, because the path loses 1 % or more (§9.1)."""
+    loss_percent: float = 0.0
+    """The path's estimated datagram loss rate (§9.1), percent."""
 
 
 class RMChannel:
@@ -665,4 +669,6 @@ class StratumRMConnection:
             probe_waits=delivery.probe_waits,
             datagram_drops={reason: count for reason, count in received.dropped.items() if count},
             datagrams_received=received.datagrams,
+            redundant_copies=delivery.redundant_copies,
+            loss_percent=delivery.loss.rate * 100,
         )

@@ -48,6 +48,7 @@ __all__ = [
     "Impairment",
     "LossyLink",
     "LossyLinkStatistics",
+    "direction_impairer",
 ]
 
 Address = tuple[Any, ...]
@@ -65,6 +66,11 @@ class Impairment(msgspec.Struct, frozen=True, kw_only=True):
     duplicate: float = 0.0
     reorder: float = 0.0
     delay_ms: float = 0.0
+    #: Each datagram's delay varies uniformly within ``delay_ms ± jitter_ms`` (never below
+    #: 0), drawn from a stream of its own (so jitter changes no loss decision). The UDP
+    #: relay keeps its datagrams in order; the TUN link (:mod:`bridge.testing.tun_link`)
+    #: lets jitter reorder them, as netem does.
+    jitter_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder"):
@@ -73,6 +79,8 @@ class Impairment(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} is a percentage, 0..100, not {value}")
         if self.delay_ms < 0:
             raise ValueError(f"delay_ms must not be negative, not {self.delay_ms}")
+        if self.jitter_ms < 0:
+            raise ValueError(f"jitter_ms must not be negative, not {self.jitter_ms}")
 
 
 class DirectionStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,6 +131,8 @@ class Impairer:
     impairment: Impairment
     rng: random.Random
     counters: _Counters = field(default_factory=_Counters)
+    #: Draws the jitter (a stream of its own: switching jitter on changes no other decision).
+    jitter_rng: random.Random = field(default_factory=random.Random)
     _held: list[bytes] | None = field(default=None, init=False)
     _held_token: int = field(default=0, init=False)
 
@@ -149,6 +159,14 @@ class Impairer:
             self._held = None
         return out
 
+    def delay(self) -> float:
+        """Seconds the next datagram spends on the link: ``delay_ms``, ± ``jitter_ms`` if set."""
+        impairment = self.impairment
+        delay = impairment.delay_ms
+        if impairment.jitter_ms:
+            delay += self.jitter_rng.uniform(-impairment.jitter_ms, impairment.jitter_ms)
+        return max(0.0, delay) / 1000.0
+
     @property
     def holding(self) -> int | None:
         """A token naming the datagram held for reordering, or None."""
@@ -168,6 +186,11 @@ def _direction_rng(seed: int | str | None, direction: str) -> random.Random:
     if seed is None:
         return random.Random()
     return random.Random(f"{seed}/{direction}")
+
+
+def direction_impairer(impairment: Impairment, seed: int | str | None, direction: str) -> Impairer:
+    """The :class:`Impairer` of one direction, its decisions and its jitter seeded from ``seed``."""
+    return Impairer(impairment, _direction_rng(seed, direction), jitter_rng=_direction_rng(seed, f"{direction}/jitter"))
 
 
 class LossyLink:
@@ -204,8 +227,8 @@ class LossyLink:
         self._target_name = target
         self._reorder_hold = reorder_hold_ms / 1000.0
         self._queue_size = queue_size
-        self._up = Impairer(to_target or both, _direction_rng(seed, "to_target"))
-        self._down = Impairer(to_client or both, _direction_rng(seed, "to_client"))
+        self._up = direction_impairer(to_target or both, seed, "to_target")
+        self._down = direction_impairer(to_client or both, seed, "to_client")
         self._client: Address | None = None
         self._clients_learned = 0
         self._no_client = 0
@@ -272,10 +295,10 @@ class LossyLink:
         datagrams: list[bytes],
         destination: Address,
     ) -> None:
-        due = trio.current_time() + impairer.impairment.delay_ms / 1000.0
+        now = trio.current_time()
         for data in datagrams:
             try:
-                queue.send_nowait((due, data, destination))
+                queue.send_nowait((now + impairer.delay(), data, destination))
             except trio.WouldBlock:
                 impairer.counters.overflow += 1
 

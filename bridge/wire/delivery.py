@@ -28,6 +28,14 @@ verdict:
   retransmission, with no UDP verdict in between, mark it down; it is probed again
   every ``probe_interval`` and comes back on the next PROBE_ACK.
 
+- **Redundancy under loss** (PROTOCOL.md §9.1). A :class:`LossEstimate` follows the
+  path's datagram loss rate (share datagrams the timer found lost against those
+  acknowledged, and gaps in the sidecar's packet numbers); at 1 % or more, each share
+  datagram goes out twice, the second copy identical (the sidecar's replay window
+  drops whichever arrives second before any cryptography), until the rate falls
+  under 0.25 %. A share then waits for a retransmission only when both copies are
+  lost; at 0 % loss nothing changes.
+
 TLS copies go through the :class:`DeliveryOwner` (the connection writes them as
 channel ``mining.submit`` requests), and so do verdicts, to the rig's channel.
 """
@@ -66,6 +74,73 @@ VERDICT_TIMEOUT_MIN = 0.25
 VERDICT_TIMEOUT_INITIAL = 1.0
 VERDICT_TIMEOUT_MAX = 10.0
 _PLAIN_ACCEPT = Response(None, TRUE, NULL)
+#: Redundancy (PROTOCOL.md §9.1): each share datagram goes twice while the estimated
+#: datagram loss rate is at least ``REDUNDANCY_ON`` (and at least
+#: ``REDUNDANCY_MIN_LOSSES`` losses were counted), until it falls under ``REDUNDANCY_OFF``.
+REDUNDANCY_ON = 0.01
+REDUNDANCY_OFF = 0.0025
+REDUNDANCY_MIN_LOSSES = 2.0
+#: ... and only once the estimate holds this many samples (a session's first datagrams
+#: say little of a rate of 1 %).
+REDUNDANCY_MIN_SAMPLES = 32.0
+#: The estimate covers the last ``LOSS_WINDOW`` to ``2 × LOSS_WINDOW`` datagrams.
+LOSS_WINDOW = 256
+#: A gap in the sidecar's packet numbers counts at most this many datagrams lost.
+MAX_GAP_COUNTED = 64
+
+
+class LossEstimate:
+    """The path's datagram loss rate over a window, and whether share datagrams go twice.
+
+    Samples are datagrams: delivered or lost. Both counts halve when the samples reach
+    twice ``window``, so the rate covers the last ``window`` .. ``2 × window`` datagrams.
+    :attr:`redundant` turns on at a rate of ``REDUNDANCY_ON`` or more (with at least
+    ``REDUNDANCY_MIN_LOSSES`` losses in at least ``REDUNDANCY_MIN_SAMPLES`` samples) and
+    off under ``REDUNDANCY_OFF``: the gap between the two keeps it from flapping around
+    one threshold.
+    """
+
+    __slots__ = ("losses", "redundant", "samples", "switches", "window")
+
+    def __init__(self, window: int = LOSS_WINDOW) -> None:
+        self.window = window
+        self.samples = 0.0
+        self.losses = 0.0
+        self.redundant = False
+        self.switches = 0
+
+    @property
+    def rate(self) -> float:
+        return self.losses / self.samples if self.samples else 0.0
+
+    def delivered(self, count: int = 1) -> None:
+        self._add(count, 0)
+
+    def lost(self, count: int = 1) -> None:
+        self._add(count, count)
+
+    def found(self) -> None:
+        """A datagram counted lost arrived after all (late, reordered): it was delivered."""
+        self.losses = max(0.0, self.losses - 1)
+        self._decide()
+
+    def _add(self, samples: int, losses: int) -> None:
+        self.samples += samples
+        self.losses += losses
+        if self.samples >= 2 * self.window:
+            self.samples /= 2
+            self.losses /= 2
+        self._decide()
+
+    def _decide(self) -> None:
+        rate = self.rate
+        if self.redundant:
+            if rate < REDUNDANCY_OFF:
+                self.redundant = False
+                self.switches += 1
+        elif rate >= REDUNDANCY_ON and self.losses >= REDUNDANCY_MIN_LOSSES and self.samples >= REDUNDANCY_MIN_SAMPLES:
+            self.redundant = True
+            self.switches += 1
 
 
 class PendingShare:
@@ -159,6 +234,10 @@ class ShareDelivery:
         self._timeline: list[tuple[float, PendingShare]] = []  # heap; an entry is stale unless share.deadline matches
         self._refs: dict[tuple[int, int, int], PendingShare] = {}
         self._flights: dict[tuple[int, int], tuple[float, list[PendingShare]]] = {}  # unacknowledged datagrams
+        self.loss = LossEstimate()
+        """The path's datagram loss rate; share datagrams go twice while ``loss.redundant`` (§9.1)."""
+        self._copied: set[tuple[int, int]] = set()  # flights sent twice (their acknowledgement tells no loss rate)
+        self._declared_lost: set[tuple[int, int]] = set()  # flights the timer counted lost
         self.rtt = RttEstimator(min_rto=min_rto, initial_rto=initial_rto, max_rto=max_rto)
         self.verdict_rtt = RttEstimator(
             min_rto=VERDICT_TIMEOUT_MIN, initial_rto=VERDICT_TIMEOUT_INITIAL, max_rto=VERDICT_TIMEOUT_MAX
@@ -197,6 +276,7 @@ class ShareDelivery:
         self.spurious = 0
         self.verdict_waits = 0
         self.probe_waits = 0
+        self.redundant_copies = 0
 
     def announced_ack_delay(self, max_ack_delay: float) -> None:
         """The sidecar's ``max_ack_delay`` from its hello result (capped at ``ACK_DELAY_LIMIT``)."""
@@ -247,6 +327,8 @@ class ShareDelivery:
         self._refs.clear()
         self._flights.clear()
         self._timeline.clear()
+        self._copied.clear()
+        self._declared_lost.clear()
 
     # ------------------------------------------------------------------ datagrams
 
@@ -268,9 +350,13 @@ class ShareDelivery:
         if pn >= expected:
             if pn > expected:
                 self._gap_at = now  # a sidecar datagram is missing (lost, or late)
+                self.loss.lost(min(pn - expected, MAX_GAP_COUNTED))
+            self.loss.delivered()
             self._sidecar_next[epoch] = pn + 1
             if len(self._sidecar_next) > 2:
                 del self._sidecar_next[min(self._sidecar_next)]
+        else:
+            self.loss.found()  # counted missing when a later one came first
         self._heard_at = now
         body = result.body
         match body:
@@ -357,6 +443,11 @@ class ShareDelivery:
                         continue
                     probed = True
                 lost = True
+                if share.refs:
+                    flight = share.refs[-1][:2]
+                    if flight in self._flights and flight not in self._declared_lost:
+                        self._declared_lost.add(flight)
+                        self.loss.lost()
             if share.tries == 1 and self.udp_up and share.record is not None:
                 self.retx_udp += 1
                 self._queued_records.append(share)  # new pn; armed again when sealed
@@ -410,6 +501,7 @@ class ShareDelivery:
         sealer = keys
         epoch = sealer.epoch
         refs = self._refs
+        twice = self.loss.redundant
         for start in range(0, len(live), BATCH_MAX_SHARES):
             group = live[start : start + BATCH_MAX_SHARES]
             # only shares with a record are queued for UDP (see _submit)
@@ -430,6 +522,10 @@ class ShareDelivery:
                 share.deadline = deadline
                 heapq.heappush(timeline, (deadline, share))
             self._datagrams.append(sealed.data)
+            if twice:  # §9.1: an identical second copy; the sidecar's replay window drops the later one
+                self._datagrams.append(sealed.data)
+                self.redundant_copies += 1
+                self._copied.add((epoch, pn))
 
     def retransmission_timeout(self, now: float) -> float:
         """How long a share datagram may go unacknowledged before its shares are sent again.
@@ -489,6 +585,8 @@ class ShareDelivery:
             flight = flights.get((ref[0], ref[1]))
             if flight is not None and all(s.settled for s in flight[1]):
                 del flights[(ref[0], ref[1])]
+                self._copied.discard((ref[0], ref[1]))
+                self._declared_lost.discard((ref[0], ref[1]))
         self._owner.release(share)
 
     def forget(self, serial: int) -> None:
@@ -514,7 +612,8 @@ class ShareDelivery:
         flight = self._flights.pop((epoch, pn), None)
         if flight is None:
             return None
-        if not checked:
+        if not checked:  # (a VERDICT's datagram was sampled and checked when the VERDICT came)
+            self._flight_answered((epoch, pn))
             self._late_copy(epoch, pn, flight, now)
         sent_at, shares = flight
         if sent_at > self._acked_sent_at:
@@ -528,6 +627,15 @@ class ShareDelivery:
             share.deadline = deadline
             heapq.heappush(self._timeline, (deadline, share))
         return sent_at
+
+    def _flight_answered(self, key: tuple[int, int]) -> None:
+        """Share datagram ``key`` is acknowledged (first time): a sample of the loss rate (§9.1)."""
+        if key in self._declared_lost:
+            self.loss.found()  # late, not lost
+        elif key not in self._copied:  # (one of two copies arriving tells nothing of the loss rate)
+            self.loss.delivered()
+        self._declared_lost.discard(key)
+        self._copied.discard(key)
 
     def _on_ack(self, epoch: int, ack: Ack, now: float) -> None:
         self.acks_received += 1
@@ -565,6 +673,7 @@ class ShareDelivery:
             flight = flights.get((epoch, pn))
             if flight is not None:
                 if not acknowledged or pn != acknowledged[-1]:  # entries of one datagram are adjacent
+                    self._flight_answered((epoch, pn))
                     self._late_copy(epoch, pn, flight, now)
                     acknowledged.append(pn)
                 if pn > largest:

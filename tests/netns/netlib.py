@@ -18,21 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bridge.testing.tun_link import namespaces_unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def unavailable() -> str | None:
     """Why these tests cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "network namespace tests need root (run the suite as root, as CI does)"
-    if shutil.which("ip") is None:
-        return "`ip` (iproute2) is not installed; run tests/setup-system.sh or apt-get install -y iproute2"
-    name = f"srmprobe{os.getpid()}"
-    probe = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`ip netns add` fails here ({probe.stderr.strip()}); network namespaces are not available"
-    subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
-    return None
+    return namespaces_unavailable("network namespace tests")
 
 
 def missing(*programs: str) -> str | None:
