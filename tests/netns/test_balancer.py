@@ -26,6 +26,7 @@ import pytest
 
 from tests.netns.conftest import copy_pki, make_pki, require
 from tests.netns.netlib import Lab, read_state, wait_until
+from tests.netns.roles import DIFFICULTY
 
 POOL_IP, FARM_IP = "10.213.0.1", "10.213.0.2"
 BALANCER_PORT = 3334
@@ -90,7 +91,7 @@ class PoolFarm:
 
     def start(self) -> None:
         lab = self.lab
-        lab.python(self.pool_ns, "pool", "-m", "tests.netns.roles", "pool", "127.0.0.1", "3333", "0.00001", str(self.pool_state))
+        lab.python(self.pool_ns, "pool", "-m", "tests.netns.roles", "pool", "127.0.0.1", "3333", DIFFICULTY, str(self.pool_state))
         for name in SIDECAR_PORTS:
             self.start_sidecar(name)
         servers = "\n".join(
