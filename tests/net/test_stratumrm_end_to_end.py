@@ -63,7 +63,7 @@ async def test_every_profile_over_stratumrm_gets_true_verdicts(tmp_path) -> None
     ],
 )
 async def test_thousands_of_shares_through_a_lossy_duplicating_reordering_link(
-    tmp_path, shares_per_miner: int, udp_shares_over: int
+    tmp_path, autojump_clock, shares_per_miner: int, udp_shares_over: int
 ) -> None:
     async with trio.open_nursery() as nursery:
         chain = await start_chain(
@@ -94,13 +94,13 @@ async def test_thousands_of_shares_through_a_lossy_duplicating_reordering_link(
         nursery.cancel_scope.cancel()
 
 
-async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path) -> None:
+async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path, autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
         chain = await start_chain(
             nursery, tmp_path, accounts=("rig",), loss=0.001, seed=3, pool_config=PoolConfig(difficulty=DIFFICULTY)
         )
         blocked = Impairment(loss=100)
-        miner = Miner(chain.miner_url, "rig.one", profile="cgminer")
+        miner = Miner(chain.miner_url, "rig.one", profile="cgminer", hashrate=50_000)
         nursery.start_soon(miner.run)
         connection = None
         with trio.fail_after(60):
