@@ -559,7 +559,10 @@ async def test_tls_clients_without_a_certificate_of_our_ca_never_get_past_the_ha
 async def test_a_revoked_certificate_is_refused_and_its_live_session_closed(tmp_path: Path) -> None:
     own = make_test_pki(tmp_path / "revoking")
     async with trio.open_nursery() as nursery:
-        _pool, server = await start(nursery, own, revocations=RevocationList(own.revocations, own.ca_certificate))
+        # The list is looked at every 0.1 s (the default, 2 s, is for production).
+        _pool, server = await start(
+            nursery, own, revocations=RevocationList(own.revocations, own.ca_certificate), reload_interval=0.1
+        )
         proxy = await TestProxy.connect(nursery, server, own.client_context())
         await proxy.hello()
         await proxy.open(3)
