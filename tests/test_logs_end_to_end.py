@@ -22,7 +22,9 @@ def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(
     def miner(port: int, user: str) -> None:
         miners.append(
             subprocess.Popen(
-                [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{port}", "--user", user, "--duration", "60"],
+                # capped: nothing here needs a share, and flat out each would take a core from the roles
+                [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{port}", "--user", user, "--duration", "60"]
+                + ["--hashrate", "20000"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
