@@ -50,7 +50,7 @@ def test_bench_prints_microseconds_per_message() -> None:
 def test_proxy_testpool_and_testminer_as_separate_processes() -> None:
     pool_port, proxy_port = free_port(), free_port()
     pool = subprocess.Popen(
-        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.00002"],
+        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.000002"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

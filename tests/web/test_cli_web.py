@@ -27,7 +27,7 @@ def test_proxy_config_http_listen_serves_metrics_status_and_ping_times_the_pool(
         f'[[upstream]]\nurl = "stratum+tcp://127.0.0.1:{pool_port}"\n'
     )
     pool = subprocess.Popen(
-        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.00002"],
+        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.000002"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
