@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import make_pki, require
+from tests.netns.conftest import SIDECAR_IPS, copy_pki, require
 from tests.netns.netlib import Lab, read_state, run, wait_until
 from tests.netns.roles import DIFFICULTY
 
@@ -43,8 +43,9 @@ def lab(netns_reason, tmp_path):
         lab.close()
 
 
-def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, tmp_path: Path) -> None:
-    pki = make_pki(tmp_path / "pki", POOL_IP)
+def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, netns_pki: Path, tmp_path: Path) -> None:
+    assert POOL_IP in SIDECAR_IPS
+    pki = copy_pki(netns_pki, tmp_path / "pki")
     farm, gateway, pool = lab.namespace("farm"), lab.namespace("gw"), lab.namespace("pool")
     lab.link(farm, f"{FARM_IP}/24", gateway, f"{GATEWAY_FARM_IP}/24")
     lab.link(gateway, f"{GATEWAY_POOL_IP}/24", pool, f"{POOL_IP}/24")
