@@ -12,19 +12,28 @@ the oldest entries first.
   there (least recently *written* goes first), and returns what it dropped.
 - :meth:`~BoundedMap.refresh` makes an existing key the newest (least recently *used*).
 
-Iteration is oldest first. Every operation is O(1).
+Iteration is oldest first. Up to ``SMALL_CAPACITY`` entries live in a plain dict, which
+keeps insertion order at about a third of an OrderedDict's size (maps like these are
+kept per rig and per job); finding its oldest entry walks past the slots of entries
+deleted since the dict last resized, at most about a thousand. Larger maps use an
+OrderedDict, whose every operation is O(1).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
-from typing import TypeVar
+from typing import TypeVar, overload
 
-__all__ = ["BoundedMap"]
+__all__ = ["SMALL_CAPACITY", "BoundedMap"]
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
+
+
+#: Capacities up to this keep their entries in a plain dict (see the module docs).
+SMALL_CAPACITY = 1024
 
 
 class BoundedMap(MutableMapping[K, V]):
@@ -36,7 +45,7 @@ class BoundedMap(MutableMapping[K, V]):
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self._capacity = capacity
-        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._entries: dict[K, V] = {} if capacity <= SMALL_CAPACITY else OrderedDict()
 
     @property
     def capacity(self) -> int:
@@ -45,9 +54,18 @@ class BoundedMap(MutableMapping[K, V]):
     def __getitem__(self, key: K) -> V:
         return self._entries[key]
 
+    @overload
+    def get(self, key: K, /) -> V | None: ...
+    @overload
+    def get(self, key: K, default: V | T, /) -> V | T: ...
+    def get(self, key: K, default: object = None, /) -> object:
+        return self._entries.get(key, default)
+
     def __setitem__(self, key: K, value: V) -> None:
-        self._entries[key] = value
-        self._drop_excess()
+        entries = self._entries
+        entries[key] = value
+        if len(entries) > self._capacity:
+            self._drop_excess()
 
     def __delitem__(self, key: K) -> None:
         del self._entries[key]
@@ -70,13 +88,14 @@ class BoundedMap(MutableMapping[K, V]):
     def put(self, key: K, value: V) -> list[tuple[K, V]]:
         """Store ``key`` as the newest entry (moving it if present); return the dropped entries, oldest first."""
         entries = self._entries
+        entries.pop(key, None)
         entries[key] = value
-        entries.move_to_end(key)
-        return self._drop_excess()
+        return self._drop_excess() if len(entries) > self._capacity else []
 
     def refresh(self, key: K) -> None:
         """Make ``key`` the newest entry; ``KeyError`` if it is not there."""
-        self._entries.move_to_end(key)
+        entries = self._entries
+        entries[key] = entries.pop(key)
 
     def oldest(self) -> tuple[K, V]:
         """The entry that would be dropped next; ``KeyError`` when empty."""
@@ -89,11 +108,13 @@ class BoundedMap(MutableMapping[K, V]):
         """Remove and return the oldest entry; ``KeyError`` when empty."""
         if not self._entries:
             raise KeyError("pop_oldest(): the map is empty")
-        return self._entries.popitem(last=False)
+        key = next(iter(self._entries))
+        return key, self._entries.pop(key)
 
     def _drop_excess(self) -> list[tuple[K, V]]:
         entries = self._entries
         dropped: list[tuple[K, V]] = []
         while len(entries) > self._capacity:
-            dropped.append(entries.popitem(last=False))
+            key = next(iter(entries))
+            dropped.append((key, entries.pop(key)))
         return dropped

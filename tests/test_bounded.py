@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.bounded import BoundedMap
+from bridge.bounded import SMALL_CAPACITY, BoundedMap
 
 
 def test_inserting_past_the_capacity_drops_the_oldest() -> None:
@@ -48,26 +48,47 @@ def test_a_capacity_below_one_is_refused() -> None:
         BoundedMap(0)
 
 
-@given(st.integers(1, 8), st.lists(st.tuples(st.sampled_from(["set", "put", "del", "refresh"]), st.integers(0, 12))))
+def _apply(m: BoundedMap[int, int], reference: dict[int, int], operation: str, key: int, step: int) -> None:
+    """One operation on ``m`` and by hand on ``reference``, a plain dict kept oldest first."""
+    if operation == "set":
+        m[key] = step
+        reference[key] = step
+    elif operation == "put":
+        m.put(key, step)
+        reference.pop(key, None)
+        reference[key] = step
+    elif operation == "del" and key in reference:
+        del m[key]
+        del reference[key]
+    elif operation == "refresh" and key in reference:
+        m.refresh(key)
+        reference[key] = reference.pop(key)
+    elif operation == "pop" and reference:
+        oldest = next(iter(reference))
+        assert m.pop_oldest() == (oldest, reference.pop(oldest))
+    while len(reference) > m.capacity:
+        del reference[next(iter(reference))]
+
+
+@given(st.integers(1, 8), st.lists(st.tuples(st.sampled_from(["set", "put", "del", "refresh", "pop"]), st.integers(0, 12))))
 def test_it_is_the_last_written_keys_of_a_reference_dict(capacity: int, operations: list[tuple[str, int]]) -> None:
     """Against a plain dict kept in the same order by hand: same contents, never over capacity."""
     m: BoundedMap[int, int] = BoundedMap(capacity)
     reference: dict[int, int] = {}
     for step, (operation, key) in enumerate(operations):
-        if operation == "set":
-            m[key] = step
-            reference[key] = step
-        elif operation == "put":
-            m.put(key, step)
-            reference.pop(key, None)
-            reference[key] = step
-        elif operation == "del" and key in reference:
-            del m[key]
-            del reference[key]
-        elif operation == "refresh" and key in reference:
-            m.refresh(key)
-            reference[key] = reference.pop(key)
-        while len(reference) > capacity:
-            del reference[next(iter(reference))]
+        _apply(m, reference, operation, key, step)
         assert list(m.items()) == list(reference.items())
         assert len(m) <= capacity
+
+
+@given(st.lists(st.tuples(st.sampled_from(["set", "put", "del", "refresh", "pop"]), st.integers(0, 40)), max_size=200))
+def test_a_large_map_keeps_the_same_order_as_a_small_one(operations: list[tuple[str, int]]) -> None:
+    """Past SMALL_CAPACITY the entries live in an OrderedDict: the behaviour is the same."""
+    large: BoundedMap[int, int] = BoundedMap(SMALL_CAPACITY + 1)
+    reference: dict[int, int] = {}
+    for key in range(SMALL_CAPACITY + 1):  # full from the start: every new key drops the oldest
+        _apply(large, reference, "set", -key - 2, key)
+    for step, (operation, key) in enumerate(operations):
+        _apply(large, reference, operation, key, step)
+    assert list(large.items()) == list(reference.items())
+    assert large.get(-1) is None and large.get(-1, 5) == 5

@@ -52,14 +52,14 @@ async def check_subscribe(
                 while check.verdict is None:
                     data = await stream.receive_some(RECEIVE_SIZE)
                     if not data:
-                        check.closed("closed the connection", trio.current_time())
+                        check.connection_lost("closed the connection", trio.current_time())
                         break
                     check.receive_data(bytes(data), trio.current_time())
         except _ERRORS as exc:
             if is_resource_shortage(exc):
                 check.cannot_tell(f"check of {host}:{port} failed locally: {describe_error(exc)}", trio.current_time())
             else:
-                check.closed(f"connection error ({describe_error(exc)})", trio.current_time())
+                check.connection_lost(f"connection error ({describe_error(exc)})", trio.current_time())
     if check.verdict is None:
         check.handle_timer(max(trio.current_time(), check.deadline))
     await close_quietly(stream)

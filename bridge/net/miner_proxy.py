@@ -68,7 +68,7 @@ from bridge.net.upstreams import (
     Upstream,
 )
 from bridge.relay.failover import FailoverConfig, FailoverPolicy, FailoverStatistics
-from bridge.relay.miner_channel import MinerChannel, MinerChannelStatistics
+from bridge.relay.miner_channel import MinerChannel, MinerChannelCounters, MinerChannelStatistics
 from bridge.relay.proxy import (
     MAX_LINE_FROM_MINER,
     CheckUpstream,
@@ -115,31 +115,19 @@ _CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
-class ProxyStatistics(Struct, frozen=True):
+class ProxyStatistics(MinerChannelCounters, frozen=True, kw_only=True):
+    """Every rig channel's counters summed (open ones included), and the proxy's own."""
+
     connections_accepted: int
     connections_active: int
     closed_by_reason: dict[str, int]
-    submitted: int
-    accepted: int
-    rejected: int
     unconfirmed: int
-    switches: int = 0
-    """Rigs moved to another upstream session without reconnecting (handshake replayed)."""
-    extranonce_changes: int = 0
-    """``mining.set_extranonce`` sent to rigs that subscribed to it."""
-    reconnects_sent: int = 0
-    """``client.reconnect`` sent to move rigs that did not."""
-    stale_local: int = 0
-    """Shares answered by the proxy because the upstream that sent their job is gone."""
+    """Shares and requests answered with an error because no verdict came (timed out, upstream lost)."""
     failover: FailoverStatistics | None = None
     admission: AdmissionStatistics | None = None
     """The rig port's admission control (connections before their first Stratum request)."""
     contained_errors: int = 0
     """Internal errors while handling one rig, upstream session or datagram: that one was ended, the proxy went on."""
-    rejected_by_reason: dict[str, int] = {}
-    """Rejected shares by reason (stale, duplicate, low-difficulty ...)."""
-    accepted_difficulty: float = 0.0
-    """Sum of the difficulty of accepted shares."""
 
 
 #: Failover events kept for the dashboard and the API.
@@ -263,9 +251,8 @@ class MinerProxy:
         self._accepted_connections = 0
         self._active = 0
         self._closed: Counter[str] = Counter()
-        self._totals: Counter[str] = Counter()
-        self._rejected_by_reason: Counter[str] = Counter()
-        self._accepted_difficulty = 0.0
+        self._finished = MinerChannelCounters()
+        """The counters of every rig channel that has closed, summed."""
         self.failover_history: deque[FailoverEvent] = deque(maxlen=FAILOVER_HISTORY)
         self._timer = CoreTimer(self.core)
         self._flushing: _RigConnection | None = None
@@ -492,12 +479,8 @@ class MinerProxy:
             if self.core.channel(rig_id) is not None:
                 with self.containment.guard(peer, "rig connection"):
                     self.feed(RigClosed(rig_id, reason))
-            stats = channel.statistics()
-            for name in ("submitted", "accepted", "rejected", "switches", "extranonce_changes", "reconnects_sent", "stale_local"):
-                self._totals[name] += getattr(stats, name)
-            self._totals["unconfirmed"] += stats.timed_out + stats.lost_upstream
-            self._rejected_by_reason.update(stats.rejected_by_reason)
-            self._accepted_difficulty += stats.accepted_difficulty
+            stats = channel.counters
+            self._finished.add(stats)
             self._closed[reason.split(":", 1)[0]] += 1
             await close_quietly(stream)
         log.info(
@@ -511,33 +494,19 @@ class MinerProxy:
 
     def statistics(self) -> ProxyStatistics:
         """Counters over every rig connection so far, open ones included."""
-        totals = Counter(self._totals)
-        rejected_by_reason = Counter(self._rejected_by_reason)
-        accepted_difficulty = self._accepted_difficulty
+        totals = MinerChannelCounters()
+        totals.add(self._finished)
         for rig in self._rigs.values():
-            stats = rig.channel.statistics()
-            for name in ("submitted", "accepted", "rejected", "switches", "extranonce_changes", "reconnects_sent", "stale_local"):
-                totals[name] += getattr(stats, name)
-            totals["unconfirmed"] += stats.timed_out + stats.lost_upstream
-            rejected_by_reason.update(stats.rejected_by_reason)
-            accepted_difficulty += stats.accepted_difficulty
+            totals.add(rig.channel.counters)
         return ProxyStatistics(
+            **totals.values(),
+            unconfirmed=totals.timed_out + totals.lost_upstream,
             connections_accepted=self._accepted_connections,
             connections_active=self._active,
             closed_by_reason=dict(self._closed),
-            submitted=totals["submitted"],
-            accepted=totals["accepted"],
-            rejected=totals["rejected"],
-            unconfirmed=totals["unconfirmed"],
-            switches=totals["switches"],
-            extranonce_changes=totals["extranonce_changes"],
-            reconnects_sent=totals["reconnects_sent"],
-            stale_local=totals["stale_local"],
             failover=self.policy.statistics(trio.current_time()) if _in_trio() else None,
             admission=self.admission.statistics(),
             contained_errors=self.containment.errors,
-            rejected_by_reason=dict(rejected_by_reason),
-            accepted_difficulty=accepted_difficulty,
         )
 
     def rigs(self) -> list[RigStatus]:

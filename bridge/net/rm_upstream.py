@@ -358,6 +358,13 @@ class StratumRMLink:
                 connection.close("internal error; the next rig opens a new session", trio.current_time())
             reason = connection.close_reason or "closed"
             self.failure = reason
+            farewell = connection.data_to_send()  # the rm.error of a deliberate close (C9)
+            if farewell:
+                with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT):
+                    try:
+                        await stream.send_all(farewell)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
             quiet = reason == "closed" or self._goaway_reported
             (log.info if quiet else log.warning)("StratumRM session with %s ended: %s", url, reason)
             connection.connection_lost(reason, trio.current_time())

@@ -88,7 +88,7 @@ from typing import Any
 
 import msgspec
 import trio
-from msgspec import Struct
+from msgspec import Struct, field
 
 from bridge.config import UpstreamURL
 from bridge.errors import PKIError
@@ -134,6 +134,7 @@ from bridge.pki.rotation import (
 )
 from bridge.pki.tls import check_miner_peer, explain_handshake_failure
 from bridge.relay.sidecar.channels import ChannelStatus, ClosePool, OpenPool, Refusal, RequestRefused, WritePool
+from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.relay.sidecar.intake import DEFAULT_REKEY_INTERVAL, SidecarIntake
 from bridge.relay.sidecar.session import (
     DEFAULT_BATCH_WINDOW,
@@ -167,28 +168,6 @@ DEFAULT_MAX_CONNECTIONS_PER_CERT = 4
 #: How long a refused proxy has to take its ``rm.error`` before the close.
 REFUSAL_FLUSH_TIMEOUT = 1.0
 _UDP_BIND_ATTEMPTS = 8
-_SUMMED = (
-    "channels_opened",
-    "shares_udp",
-    "shares_tls",
-    "shares_forwarded",
-    "duplicates_from_cache",
-    "duplicates_joined",
-    "shares_refused",
-    "authorizations_refused",
-    "accepted",
-    "rejected",
-    "verdicts_udp",
-    "verdicts_tls",
-    "notify_lines_saved",
-    "probe_acks_sent",
-    "control_bytes_received",
-    "control_bytes_sent",
-    "pool_bytes_received",
-    "pool_bytes_sent",
-    "udp_datagrams_sent",
-    "block_candidates",
-)
 
 
 class ConnectedCertificate(CertificateStatus, frozen=True, kw_only=True):
@@ -198,8 +177,12 @@ class ConnectedCertificate(CertificateStatus, frozen=True, kw_only=True):
     connections: int
 
 
-class SidecarStatistics(Struct, frozen=True, kw_only=True):
-    """Counters over every control connection so far, open ones included, and certificates."""
+class SidecarStatistics(SidecarSessionCounters, frozen=True, kw_only=True):
+    """Every control connection's counters summed (open ones included), and the sidecar's own.
+
+    ``datagrams_accepted`` is summed over the sessions; ``datagram_drops`` is the shared UDP
+    pipeline's, which also drops what belongs to no session.
+    """
 
     sessions_active: int
     sessions_total: int
@@ -213,33 +196,10 @@ class SidecarStatistics(Struct, frozen=True, kw_only=True):
     """Every refused connection by kind, both of the above."""
     closed_by_reason: dict[str, int]
     channels_open: int
-    channels_opened: int
     pool_connect_failures: int
-    shares_udp: int
-    shares_tls: int
-    shares_forwarded: int
-    duplicates_from_cache: int
-    duplicates_joined: int
-    shares_refused: int
-    authorizations_refused: int
-    accepted: int
-    rejected: int
-    verdicts_udp: int
-    verdicts_tls: int
-    notify_lines_saved: int
-    probe_acks_sent: int
-    control_bytes_received: int
-    control_bytes_sent: int
-    pool_bytes_received: int
-    pool_bytes_sent: int
     datagrams_received: int
-    datagrams_accepted: int
-    datagram_drops: dict[str, int]
+    datagram_drops: dict[str, int] = field(default_factory=dict)
     """Every drop reason of the shared UDP pipeline, zeros included."""
-    udp_datagrams_sent: int
-    """VERDICT, ACK and probe-acknowledgement datagrams sent to proxies."""
-    block_candidates: int
-    """Distinct shares forwarded that a proxy flagged as block candidates."""
     certificate: CertificateStatus | None
     """This sidecar's certificate (None when it was given a bare SSL context)."""
     ca_certificates: list[CertificateStatus]
@@ -250,8 +210,6 @@ class SidecarStatistics(Struct, frozen=True, kw_only=True):
     """The control port's admission control (connections before their TLS handshake)."""
     contained_errors: int = 0
     """Internal errors while handling one connection, channel or datagram: that one was ended, the sidecar went on."""
-    rejected_by_reason: dict[str, int] = {}
-    """Rejected shares by reason (stale, duplicate, low-difficulty ...)."""
     pool_up: bool = True
     """The pool answers (the sidecar's own watch connection)."""
     pool_reason: str = ""
@@ -364,8 +322,8 @@ class SidecarServer:
         self._per_certificate: Counter[bytes] = Counter()
         self._pool_connect_failures = 0
         self._closed: Counter[str] = Counter()
-        self._finished: Counter[str] = Counter()
-        self._finished_rejects: Counter[str] = Counter()
+        self._finished = SidecarSessionCounters()
+        """The counters of every control connection that has ended, summed."""
         self._revocation_error: str | None = None
         self.watcher = CredentialWatcher(
             CredentialWatch(
@@ -854,27 +812,22 @@ class SidecarServer:
                 pass
 
     def _account_finished(self, session: SidecarSession) -> None:
-        stats = session.statistics()
-        finished = self._finished
-        for name in _SUMMED:
-            finished[name] += getattr(stats, name)
-        self._finished_rejects.update(stats.rejected_by_reason)
+        self._finished.add(session.counters)
 
     # ------------------------------------------------------------------ statistics
 
     def statistics(self) -> SidecarStatistics:
         """Counters over every control connection so far, open ones included."""
-        totals: Counter[str] = Counter(self._finished)
-        live: list[SidecarSessionStatistics] = [c.session.statistics() for c in self._connections.values()]
-        rejects: Counter[str] = Counter(self._finished_rejects)
-        for stats in live:
-            for name in _SUMMED:
-                totals[name] += getattr(stats, name)
-            rejects.update(stats.rejected_by_reason)
+        totals = SidecarSessionCounters()
+        totals.add(self._finished)
+        sessions = [c.session for c in self._connections.values()]
+        for session in sessions:
+            totals.add(session.counters)
         udp = self.intake.statistics()
         now = datetime.now(UTC)
         credentials = self.credentials
         return SidecarStatistics(
+            **{**totals.values(), "datagram_drops": dict(udp.dropped)},
             sessions_active=len(self._connections),
             sessions_total=self._sessions_total,
             handshakes_full=self._handshakes_full,
@@ -883,11 +836,9 @@ class SidecarServer:
             certificate_refusals=self._certificate_refusals,
             refusals=dict(self._refusals),
             closed_by_reason=dict(self._closed),
-            channels_open=sum(s.channels_open for s in live),
+            channels_open=sum(session.channels_open for session in sessions),
             pool_connect_failures=self._pool_connect_failures,
             datagrams_received=udp.datagrams,
-            datagrams_accepted=udp.accepted,
-            datagram_drops=dict(udp.dropped),
             certificate=credentials.status(now, self.expiry_warning) if credentials is not None else None,
             ca_certificates=credentials.ca_statuses(now, self.expiry_warning) if credentials is not None else [],
             certificate_reloads=credentials.reloads if credentials is not None else 0,
@@ -895,10 +846,8 @@ class SidecarServer:
             connected_certificates=self._connected_certificates(now),
             admission=self.admission.statistics(),
             contained_errors=self.containment.errors,
-            rejected_by_reason=dict(rejects),
             pool_up=self.pool_watch.up,
             pool_reason=self.pool_watch.reason or "",
-            **{name: totals[name] for name in _SUMMED},
         )
 
     def session_statuses(self) -> list[SessionStatus]:

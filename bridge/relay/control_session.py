@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from bridge.counters import Counters
 from bridge.errors import LineTooLong
 from bridge.relay.liveness import PeerSilence
 from bridge.sv1.framing import LineBuffer
@@ -33,12 +34,20 @@ from bridge.wire.control import MAX_CONTROL_LINE, ErrorNotice, Ping, Pong, encod
 MAX_CONTROL_BACKLOG: Final = 16 * 1024 * 1024
 
 
+class ControlCounters(Counters, kw_only=True):
+    """The control connection's bytes (the sidecar session's counters extend these)."""
+
+    control_bytes_received: int = 0
+    control_bytes_sent: int = 0
+
+
 class ControlSession:
     """Framing, backlog, heartbeat and liveness of one control connection.
 
     ``peer`` names the other side in close reasons (``"sidecar"``, ``"proxy"``);
     ``heartbeat`` None: no heartbeat until :meth:`agree` sets one (the proxy learns it
     from the hello result). ``silence_note`` is added to the silence close reason.
+    ``counters`` is where it counts its bytes (the owner's, so they are declared once).
     """
 
     def __init__(
@@ -50,6 +59,7 @@ class ControlSession:
         heartbeat: float | None = None,
         silence_note: str = "",
         max_backlog: int = MAX_CONTROL_BACKLOG,
+        counters: ControlCounters | None = None,
     ) -> None:
         self.peer = peer
         self.heartbeat = heartbeat
@@ -60,8 +70,7 @@ class ControlSession:
         self._out: list[bytes] = []
         self._out_size = 0
         self._last_sent = now
-        self.bytes_received = 0
-        self.bytes_sent = 0
+        self.counters = ControlCounters() if counters is None else counters
 
     # ------------------------------------------------------------------ start
 
@@ -83,7 +92,7 @@ class ControlSession:
         Raises :class:`~bridge.errors.LineTooLong` for a line over ``MAX_CONTROL_LINE``.
         """
         self.silence.heard(now)
-        self.bytes_received += len(data)
+        self.counters.control_bytes_received += len(data)
         return self._lines.feed(data)
 
     @staticmethod
@@ -120,8 +129,15 @@ class ControlSession:
             return f"{self.peer} did not read {self.max_backlog} bytes of control data"
         return None
 
-    def goodbye(self, reason: str) -> None:
-        """Queue ``rm.error`` with ``reason``: a deliberate close follows (C9)."""
+    def goodbye(self, reason: str, *, drop_queued: bool = False) -> None:
+        """Queue ``rm.error`` with ``reason``: a deliberate close follows (C9).
+
+        ``drop_queued``: the lines queued before it are not sent (the proxy's unsent
+        requests, which its rigs are told failed); the sidecar flushes its verdicts first.
+        """
+        if drop_queued:
+            self._out.clear()
+            self._out_size = 0
         self._out.append(encode_rm(ErrorNotice(reason=reason)))
 
     def data_to_send(self, now: float) -> bytes:
@@ -131,7 +147,7 @@ class ControlSession:
         data = b"".join(self._out)
         self._out.clear()
         self._out_size = 0
-        self.bytes_sent += len(data)
+        self.counters.control_bytes_sent += len(data)
         self._last_sent = now
         return data
 

@@ -136,7 +136,7 @@ class SubscribeCheck:
     def connect_failed(self, reason: str, now: float) -> None:
         self._decide(False, f"cannot connect to pool {self.pool}: {reason}")
 
-    def closed(self, reason: str, now: float) -> None:
+    def connection_lost(self, reason: str, now: float) -> None:
         """The connection ended (EOF or error) before a verdict."""
         self._decide(False, f"pool {self.pool} {reason} before answering mining.subscribe")
 

@@ -78,8 +78,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import msgspec
-from msgspec import UNSET, Raw, Struct
+from msgspec import UNSET, Raw, Struct, field
 
+from bridge.bounded import BoundedMap
+from bridge.counters import Counters
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
 from bridge.sv1.framing import DEFAULT_MAX_LINE, decode_json
 from bridge.sv1.messages import (
@@ -130,17 +132,6 @@ class UpstreamSession(Protocol):
     def cancel(self, request_id: int) -> None: ...
 
 
-def _remember(kept: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
-    """Put ``key`` last in ``kept`` (oldest first) and forget the oldest beyond ``limit``.
-
-    A plain dict keeps insertion order: 272 B for 8 keys where an OrderedDict takes 720 B.
-    """
-    kept.pop(key, None)
-    kept[key] = value
-    if len(kept) > limit:
-        del kept[next(iter(kept))]
-
-
 class Leg:
     """One upstream session of the channel: current, joining, draining or gone."""
 
@@ -165,7 +156,7 @@ class Leg:
         self.session = session
         self.key = key
         self.state = state  # "current", "joining", "draining", "gone"
-        self.jobs: dict[str, None] = {}  # oldest first
+        self.jobs: BoundedMap[str, None] = BoundedMap(JOBS_PER_LEG)
         self.pending = 0  # unanswered submits
         self.held: list[Any] = []
         self.extranonce1: str | None = None
@@ -178,7 +169,7 @@ class Leg:
         self.forward_handshake = False
 
     def remember_job(self, job_id: str) -> None:
-        _remember(self.jobs, job_id, None, JOBS_PER_LEG)
+        self.jobs.put(job_id, None)
 
     def __repr__(self) -> str:
         return f"<Leg {self.key!r} {self.state}>"
@@ -217,25 +208,39 @@ class SwitchResult(Struct, frozen=True):
     reason: str = ""
 
 
-class MinerChannelStatistics(Struct, frozen=True):
-    submitted: int
-    accepted: int
-    rejected: int
-    timed_out: int
-    lost_upstream: int
-    pending: int
-    notifies: int
-    violations: int
-    switches: int = 0
-    extranonce_changes: int = 0
-    reconnects_sent: int = 0
-    stale_local: int = 0
-    difficulty: float | None = None
-    """The share difficulty the pool set last (``mining.set_difficulty``)."""
+class MinerChannelCounters(Counters, kw_only=True):
+    """What happened on one rig's channel (or, summed, on all of a proxy's; see :mod:`bridge.counters`)."""
+
+    submitted: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    """Rejected shares by reason (stale, duplicate, low-difficulty ...), the pool's answers classified."""
     accepted_difficulty: float = 0.0
     """Sum of the difficulty of accepted shares (hashrate = its growth * 2**32 / seconds)."""
-    rejected_by_reason: dict[str, int] = {}
-    """Rejected shares by reason (stale, duplicate, low-difficulty ...), the pool's answers classified."""
+    timed_out: int = 0
+    """Requests the upstream did not answer within their timeout (the rig got an error)."""
+    lost_upstream: int = 0
+    """Requests whose upstream session ended before it answered (the rig got an error)."""
+    notifies: int = 0
+    violations: int = 0
+    switches: int = 0
+    """Moves to another upstream session without reconnecting (handshake replayed)."""
+    extranonce_changes: int = 0
+    """``mining.set_extranonce`` sent to the rig."""
+    reconnects_sent: int = 0
+    """``client.reconnect`` sent to move the rig."""
+    stale_local: int = 0
+    """Shares answered by the proxy because the upstream that sent their job is gone."""
+
+
+# msgspec allows a frozen Struct to extend a mutable one (mypy applies the dataclass rule).
+class MinerChannelStatistics(MinerChannelCounters, frozen=True, kw_only=True):  # type: ignore[misc]
+    """A snapshot of one rig's channel: its counters, and what is open now."""
+
+    pending: int = 0
+    difficulty: float | None = None
+    """The share difficulty the pool set last (``mining.set_difficulty``)."""
 
 
 # What a connection that is not Stratum looks like in its first bytes.
@@ -290,32 +295,20 @@ class MinerChannel:
     """One rig connection relayed to its upstream session(s)."""
 
     __slots__ = (
-        "_accepted",
-        "_accepted_difficulty",
         "_authorize_refusals",
         "_authorized",
         "_difficulty",
         "_early",
-        "_extranonce_changes",
         "_first_bytes",
         "_handshake",
-        "_lost",
-        "_notifies",
         "_old_jobs",
         "_pending",
         "_pool_requests",
         "_reconnect",
         "_reconnect_sent",
-        "_reconnects",
-        "_rejected",
-        "_rejected_by_reason",
-        "_stale_local",
-        "_submitted",
         "_switch_results",
-        "_switches",
-        "_timed_out",
-        "_violations",
         "close_reason",
+        "counters",
         "drain_timeout",
         "leg",
         "legs",
@@ -353,27 +346,16 @@ class MinerChannel:
         self._authorize_refusals: list[tuple[str, str]] = []
         self.rig_extranonce: tuple[str, int] | None = None
         self.rig_version_mask: str | None = None
-        self._old_jobs: dict[str, None] = {}  # oldest first
-        self._pool_requests: dict[Any, Leg] = {}  # oldest first
+        self._old_jobs: BoundedMap[str, None] = BoundedMap(OLD_JOBS_KEPT)
+        self._pool_requests: BoundedMap[Any, Leg] = BoundedMap(POOL_REQUESTS_KEPT)
         self._switch_results: list[SwitchResult] = []
         self._reconnect: tuple[list[Any], float, str] | None = None
         self._reconnect_sent: float | None = None
         self.reconnect_reason: str | None = None
         """Set once ``client.reconnect`` went out: why (the close reason, whoever closes)."""
-        self._submitted = 0
-        self._accepted = 0
-        self._rejected = 0
-        self._timed_out = 0
-        self._lost = 0
-        self._notifies = 0
-        self._violations = 0
-        self._switches = 0
-        self._extranonce_changes = 0
-        self._reconnects = 0
-        self._stale_local = 0
+        self.counters = MinerChannelCounters()
+        """What happened on this channel (:meth:`statistics` snapshots it)."""
         self._difficulty: float | None = None
-        self._accepted_difficulty = 0.0
-        self._rejected_by_reason: dict[str, int] = {}
 
     @property
     def closed(self) -> bool:
@@ -429,7 +411,7 @@ class MinerChannel:
                 return
         for event in self.miner.receive_data(data):
             if isinstance(event, ProtocolViolation):
-                self._violations += 1
+                self.counters.violations += 1
                 if event.fatal:
                     self._close(f"protocol violation from the rig: {event.reason}")
                     return
@@ -502,11 +484,11 @@ class MinerChannel:
             pending.upstream_id = leg.session.request(event.__struct_config__.tag, _params(event.params), context=pending)
 
     def _submit(self, event: Submit, now: float) -> None:
-        self._submitted += 1
+        self.counters.submitted += 1
         job_id = event.params.job_id
         leg = self._leg_for_job(job_id)
         if leg is None:
-            self._stale_local += 1
+            self.counters.stale_local += 1
             if job_id in self._old_jobs:
                 message = "Stale: job from a previous upstream pool, which is gone; share not submitted"
                 code = 21
@@ -545,7 +527,7 @@ class MinerChannel:
             if kind is Reply:
                 self._reply(event, now)
             elif kind is ProtocolViolation:
-                self._violations += 1
+                self.counters.violations += 1
                 if event.fatal:
                     # The driver sees the leg gone and closes its connection.
                     self.upstream_lost(f"pool protocol violation: {event.reason}", now, leg=leg, release=False)
@@ -563,7 +545,7 @@ class MinerChannel:
         miner = self.miner
         kind = type(event)
         if kind is Notify:
-            self._notifies += 1
+            self.counters.notifies += 1
             params = event.params
             leg.remember_job(params.job_id)
             if leg.force_clean:
@@ -605,7 +587,7 @@ class MinerChannel:
     def _remember_pool_request(self, request_id: Any, leg: Leg) -> None:
         if request_id is None:
             return
-        _remember(self._pool_requests, request_id, leg, POOL_REQUESTS_KEPT)
+        self._pool_requests.put(request_id, leg)
 
     def _reply(self, reply: Reply, now: float) -> None:
         context = reply.context
@@ -621,12 +603,12 @@ class MinerChannel:
             if pending.leg is not None:
                 pending.leg.pending -= 1
             if reply.accepted:
-                self._accepted += 1
-                self._accepted_difficulty += self._difficulty or 1.0
+                self.counters.accepted += 1
+                self.counters.accepted_difficulty += self._difficulty or 1.0
             else:
-                self._rejected += 1
+                self.counters.rejected += 1
                 reason = reject_reason_name(read_verdict(reply.response).code)
-                self._rejected_by_reason[reason] = self._rejected_by_reason.get(reason, 0) + 1
+                self.counters.rejected_by_reason[reason] = self.counters.rejected_by_reason.get(reason, 0) + 1
         elif method == "mining.subscribe":
             values = _subscribe_values(reply.response)
             if values is not None:
@@ -702,7 +684,7 @@ class MinerChannel:
     def _error(self, pending: PendingRequest, reason: str) -> None:
         pending.answered = True
         if pending.method == "mining.submit":
-            self._lost += 1
+            self.counters.lost_upstream += 1
             if pending.leg is not None:
                 pending.leg.pending -= 1
             self.miner.respond_error(
@@ -725,7 +707,7 @@ class MinerChannel:
         self._early.clear()
 
     def _remember_old_job(self, job_id: str) -> None:
-        _remember(self._old_jobs, job_id, None, OLD_JOBS_KEPT)
+        self._old_jobs.put(job_id, None)
 
     # ------------------------------------------------------------- switching
 
@@ -753,7 +735,7 @@ class MinerChannel:
             early, self._early = self._early, []
             for event in early:
                 self._forward(event, now)
-            self._switches += 1
+            self.counters.switches += 1
             self._switch_results.append(SwitchResult(leg, True))
             return leg
         subscribed_again = False
@@ -832,12 +814,12 @@ class MinerChannel:
             old.switched_at = now
         leg.state = "current"
         self.leg = leg
-        self._switches += 1
+        self.counters.switches += 1
         miner = self.miner
         assert leg.extranonce1 is not None and leg.extranonce2_size is not None
         values = (leg.extranonce1, leg.extranonce2_size)
         if values != self.rig_extranonce:
-            self._extranonce_changes += 1
+            self.counters.extranonce_changes += 1
             miner.set_extranonce(*values)
             self.rig_extranonce = values
         if leg.version_mask is not None and self.rig_version_mask is not None and leg.version_mask != self.rig_version_mask:
@@ -897,7 +879,7 @@ class MinerChannel:
             return
         for pending in waiting:
             self._error(pending, f"{reason}; no verdict within {self.drain_timeout:g} s")
-        self._reconnects += 1
+        self.counters.reconnects_sent += 1
         self.miner.reconnect(params)
         # Linger: a share the rig sent before it read the reconnect is still
         # relayed (the pool credits it), and answered if the rig still listens.
@@ -940,7 +922,7 @@ class MinerChannel:
             if request.method == "mining.submit":
                 if leg is not None:
                     leg.pending -= 1
-                self._timed_out += 1
+                self.counters.timed_out += 1
                 self.miner.respond_error(
                     request.miner_id,
                     20,
@@ -954,21 +936,9 @@ class MinerChannel:
 
     def statistics(self) -> MinerChannelStatistics:
         return MinerChannelStatistics(
-            submitted=self._submitted,
-            accepted=self._accepted,
-            rejected=self._rejected,
-            timed_out=self._timed_out,
-            lost_upstream=self._lost,
+            **self.counters.values(),
             pending=sum(1 for p in self._pending if not p.answered),
-            notifies=self._notifies,
-            violations=self._violations,
-            switches=self._switches,
-            extranonce_changes=self._extranonce_changes,
-            reconnects_sent=self._reconnects,
-            stale_local=self._stale_local,
             difficulty=self._difficulty,
-            accepted_difficulty=self._accepted_difficulty,
-            rejected_by_reason=dict(self._rejected_by_reason),
         )
 
 

@@ -29,13 +29,13 @@ channel"). The parts that are this module's job:
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, assert_never
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
+from bridge.bounded import BoundedMap
 from bridge.errors import LineTooLong
 from bridge.mining.share import Job as MiningJob
 from bridge.mining.share import roll_version
@@ -69,6 +69,8 @@ _encode = msgspec.json.Encoder().encode
 JOBS_PER_CHANNEL = 256
 MAX_WORKERS_PER_CHANNEL = 256
 JOBS_KEPT = 4096
+#: Jobs kept in mining form (header parts) for the block-candidate check of shares.
+MINING_JOBS_KEPT = 64
 DEFAULT_VERSION_MASK = 0x1FFFE000
 
 
@@ -140,7 +142,7 @@ class RMChannel:
         self._next_id = 1
         self._pending: dict[int, tuple[str, Any]] = {}
         self.workers: list[str] = []
-        self.job_handles: dict[str, int] = {}  # oldest first: a dict keeps order at a third of an OrderedDict's size
+        self.job_handles: BoundedMap[str, int] = BoundedMap(JOBS_PER_CHANNEL)
         self.extranonce1: bytes | None = None
         self.version_mask = DEFAULT_VERSION_MASK
 
@@ -242,11 +244,7 @@ class RMChannel:
             self.events.append(UnknownPoolRequest(request_id, method, line.params))
 
     def _deliver_job(self, handle: int, notify: NotifyParams) -> None:
-        handles = self.job_handles
-        handles.pop(notify.job_id, None)  # a repeated job id moves to the end, as the newest
-        handles[notify.job_id] = handle
-        while len(handles) > JOBS_PER_CHANNEL:
-            del handles[next(iter(handles))]
+        self.job_handles.put(notify.job_id, handle)  # a repeated job id moves to the end, as the newest
         self.events.append(Notify(params=notify))
 
     def _fail_pending(self, reason: str) -> None:
@@ -286,8 +284,8 @@ class StratumRMConnection:
         """The shares on their way: batching, retransmission, UDP/TLS escalation, probing."""
         self.channels: dict[int, RMChannel] = {}
         self._next_ch = 1
-        self._jobs: OrderedDict[int, NotifyParams] = OrderedDict()
-        self._mining_jobs: OrderedDict[int, MiningJob] = OrderedDict()
+        self._jobs: BoundedMap[int, NotifyParams] = BoundedMap(JOBS_KEPT)
+        self._mining_jobs: BoundedMap[int, MiningJob] = BoundedMap(MINING_JOBS_KEPT)
         self._next_serial = 1
         self.ready = False
         self.hello: control.HelloResult | None = None
@@ -420,8 +418,6 @@ class StratumRMConnection:
             except ValueError:
                 return None
             self._mining_jobs[handle] = job
-            while len(self._mining_jobs) > 64:
-                self._mining_jobs.popitem(last=False)
         return job
 
     # ------------------------------------------------- the delivery's owner
@@ -451,13 +447,13 @@ class StratumRMConnection:
         try:
             lines = self.control.receive(data, now)
         except LineTooLong as exc:
-            self._fail(ControlSession.too_long(exc))
+            self._fail(ControlSession.too_long(exc), tell_sidecar=True)
             return
         for raw in lines:
             try:
                 self._line(raw, now)
             except ControlDecodeError as exc:
-                self._fail(str(exc))
+                self._fail(str(exc), tell_sidecar=True)
                 return
             if self.close_reason is not None:
                 return
@@ -489,8 +485,6 @@ class StratumRMConnection:
                 except ValueError as exc:
                     raise ControlDecodeError(f"rm.job with a bad notify: {exc}") from None
                 self._jobs[job.job] = job.notify
-                while len(self._jobs) > JOBS_KEPT:
-                    self._jobs.popitem(last=False)
             case control.NotifyChannels() as notify_channels:
                 self._notify_lines += 1
                 notify = self._jobs.get(notify_channels.job)
@@ -534,7 +528,9 @@ class StratumRMConnection:
         except msgspec.DecodeError as exc:
             raise ControlDecodeError(f"bad rm.hello result: {exc}") from None
         if self.hello.version != control.PROTOCOL_VERSION:
-            self._fail(f"sidecar speaks StratumRM {self.hello.version}, this proxy speaks {control.PROTOCOL_VERSION}")
+            self._fail(
+                f"sidecar speaks StratumRM {self.hello.version}, this proxy speaks {control.PROTOCOL_VERSION}", tell_sidecar=True
+            )
             return
         if self.hello.udp_port and "udp-v2" not in self.hello.features:
             # A sidecar that only speaks data channel version 1: shares go over TLS.
@@ -572,14 +568,20 @@ class StratumRMConnection:
         """Send a PROBE now; unanswered, it is repeated after 0.1, 0.2, 0.4 … s up to ``probe_interval``."""
         self.delivery.probe(now)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, *, tell_sidecar: bool = False) -> None:
+        """The connection is over for ``reason`` (the first one stays); ``tell_sidecar``: a
+        deliberate close, said with ``rm.error`` (C9) in place of anything still queued."""
         if self.close_reason is None:
             self.close_reason = reason
+            if tell_sidecar:
+                self.control.goodbye(reason, drop_queued=True)
 
     def close(self, reason: str, now: float) -> None:
-        """Close deliberately for ``reason`` (the proxy stops, or moved its rigs away); the first reason stays."""
+        """Close deliberately for ``reason`` (the proxy stops, or moved its rigs away); the first reason stays.
+
+        The sidecar is told why with ``rm.error``; the driver sends it before the close."""
         self.delivery.now = max(self.delivery.now, now)
-        self._fail(reason)
+        self._fail(reason, tell_sidecar=True)
 
     def connection_lost(self, reason: str, now: float) -> None:
         """The control connection is gone: every channel ends."""
@@ -652,8 +654,8 @@ class StratumRMConnection:
             udp_fallbacks=delivery.fallbacks,
             datagrams_sent=delivery.datagrams_sent,
             datagram_bytes_sent=delivery.datagram_bytes,
-            control_bytes_sent=self.control.bytes_sent,
-            control_bytes_received=self.control.bytes_received,
+            control_bytes_sent=self.control.counters.control_bytes_sent,
+            control_bytes_received=self.control.counters.control_bytes_received,
             notify_lines=self._notify_lines,
             srtt_ms=None if rtt.srtt is None else rtt.srtt * 1000,
             rto_ms=rtt.rto * 1000,

@@ -53,6 +53,8 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
+from bridge.bounded import BoundedMap
+
 __all__ = ["Address", "AddressBudget", "SourceBudgets", "TokenBucket"]
 
 #: A socket address as the UDP driver reports it: ``(host, port)`` or, for IPv6,
@@ -118,7 +120,7 @@ class TokenBucket:
 class SourceBudgets:
     """A session's decryption budgets: one bucket per trusted address, one shared by strangers."""
 
-    __slots__ = ("_burst", "_max_trusted", "_rate", "_strangers", "_trusted")
+    __slots__ = ("_burst", "_rate", "_strangers", "_trusted")
 
     def __init__(self, rate: float, burst: float, stranger_rate: float, stranger_burst: float, max_trusted: int = 4) -> None:
         if max_trusted < 1:
@@ -126,9 +128,8 @@ class SourceBudgets:
         TokenBucket(rate, burst)  # validate early
         self._rate = rate
         self._burst = burst
-        self._max_trusted = max_trusted
         self._strangers = TokenBucket(stranger_rate, stranger_burst)
-        self._trusted: dict[Address, TokenBucket] = {}
+        self._trusted: BoundedMap[Address, TokenBucket] = BoundedMap(max_trusted)
 
     @property
     def trusted(self) -> tuple[Address, ...]:
@@ -147,14 +148,12 @@ class SourceBudgets:
     def authenticated(self, address: Address, *, newest: bool) -> None:
         """``address`` delivered an authenticated datagram (``newest``: the highest pn so far)."""
         trusted = self._trusted
-        bucket = trusted.pop(address, None)
+        bucket = trusted.get(address)
         if bucket is None:
             if not newest:
                 return  # a late or copied datagram earns no trust
-            if len(trusted) >= self._max_trusted:
-                del trusted[next(iter(trusted))]
             bucket = TokenBucket(self._rate, self._burst)
-        trusted[address] = bucket  # most recent last
+        trusted.put(address, bucket)  # most recent last; the least recent goes beyond max_trusted
 
 
 class AddressBudget:

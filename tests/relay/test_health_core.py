@@ -66,7 +66,7 @@ def test_refused_and_closed_connections_are_down_and_the_first_verdict_stands() 
     probe.receive_data(CKPOOL_SUBSCRIBE, 100.1)
     assert probe.verdict == Verdict(False, "cannot connect to pool pool:3333: Connection refused")
     closed = check()
-    closed.closed("closed the connection", 100.0)
+    closed.connection_lost("closed the connection", 100.0)
     assert closed.verdict is not None and "closed the connection before answering" in closed.verdict.reason
 
 

@@ -607,6 +607,26 @@ def test_malformed_control_lines_close_the_connection_with_a_reason(line) -> Non
     FakeSidecar(conn).start()
     conn.receive_data(line, 0.0)
     assert conn.close_reason
+    [goodbye] = [json.loads(sent) for sent in conn.data_to_send().splitlines()]
+    assert goodbye == {"id": None, "method": "rm.error", "params": {"reason": conn.close_reason}}
+
+
+def test_a_deliberate_close_tells_the_sidecar_why_instead_of_sending_what_was_queued() -> None:
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(udp=False)
+    channel = channel_ready(conn, sidecar)
+    channel.submit(SUBMIT, context="queued")  # over TLS, not yet taken by the driver
+    conn.close("rigs moved to another sidecar", 1.0)
+    lines = [json.loads(sent) for sent in conn.data_to_send().splitlines()]
+    assert lines == [{"id": None, "method": "rm.error", "params": {"reason": "rigs moved to another sidecar"}}]
+
+
+def test_a_sidecars_own_error_or_silence_is_not_answered_with_rm_error() -> None:
+    conn = StratumRMConnection()
+    FakeSidecar(conn).start()
+    conn.receive_data(b'{"id":null,"method":"rm.error","params":{"reason":"shutting down"}}\n', 0.0)
+    assert conn.close_reason == "sidecar error: shutting down" and conn.data_to_send() == b""
 
 
 def test_refused_hello_closes_with_the_sidecars_words() -> None:

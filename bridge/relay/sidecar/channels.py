@@ -13,6 +13,7 @@ from typing import Any, Final
 import msgspec
 from msgspec import Raw, Struct
 
+from bridge.bounded import BoundedMap
 from bridge.sv1.client import ClientSession
 from bridge.sv1.framing import BoundedDecoder
 from bridge.sv1.messages import (
@@ -165,8 +166,8 @@ class Channel:
         # Created on the first refusal: a set costs 216 bytes empty, and most rigs have none.
         self.refused_accounts: set[str] | None = None
         self.refused_methods: set[str] | None = None
-        # job_id -> handle, oldest first (a dict keeps insertion order at a third of an OrderedDict's size).
-        self.jobs: dict[str, int] = {}
+        self.jobs: BoundedMap[str, int] = BoundedMap(MAX_JOBS_PER_CHANNEL)
+        """job_id -> handle, oldest first."""
         self.accepted = 0
         self.rejected = 0
         self.stale = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final, NamedTuple, Protocol
 
+from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.wire.control import Keys, encode_rm
 from bridge.wire.datagram import OVERHEAD, DropReason, Probe, ProbeAck
 from bridge.wire.keys import KeyExhausted, KeyMaterial, KeySet, Role, Sealer
@@ -121,6 +122,7 @@ class SessionUdp:
 
     def __init__(
         self,
+        counters: SidecarSessionCounters,
         intake: SidecarIntake | None,
         owner: IntakeSession,
         write: Callable[[bytes], None],
@@ -143,16 +145,8 @@ class SessionUdp:
         self._registered = False
         self._closed = False
         self._datagrams: list[OutgoingDatagram] = []
-        # counters
-        self.datagrams_accepted = 0
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self.datagrams_sent = 0
-        self.probe_acks = 0
-        self.probe_acks_over_budget = 0
-        self.drops: dict[str, int] = {}
+        self.counters = counters
         self._bad_tags = 0
-        self.bad_tag_rekeys = 0
 
     # ------------------------------------------------------------------ keys
 
@@ -212,8 +206,9 @@ class SessionUdp:
 
     def accepted(self, accepted: Accepted) -> None:
         """An authenticated datagram of this session."""
-        self.datagrams_accepted += 1
-        self.bytes_received += accepted.size
+        counters = self.counters
+        counters.datagrams_accepted += 1
+        counters.udp_bytes_received += accepted.size
         if accepted.epoch > self._send_epoch and accepted.epoch in self._sealers:
             # The proxy uses newer keys: seal under them from now on (§8).
             self._send_epoch = accepted.epoch
@@ -222,7 +217,8 @@ class SessionUdp:
     def dropped(self, reason: DropReason, now: float) -> bool:
         """Count a drop under this session's conn_id; True if it rekeyed (output to send)."""
         name = reason.value
-        self.drops[name] = self.drops.get(name, 0) + 1
+        drops = self.counters.datagram_drops
+        drops[name] = drops.get(name, 0) + 1
         if reason is DropReason.BAD_TAG:
             self._bad_tags += 1
             if self._bad_tags >= self.rekey_after_bad_tags:
@@ -230,7 +226,7 @@ class SessionUdp:
                 # (rm.keys, PROTOCOL.md §6.1). The old conn_id keeps working for the grace
                 # period, then is refused; the session itself is never closed for it.
                 self._bad_tags = 0
-                self.bad_tag_rekeys += 1
+                self.counters.bad_tag_rekeys += 1
                 self.rekey(now)
                 return True
         return False
@@ -241,14 +237,14 @@ class SessionUdp:
             return
         address = self.address_for(OVERHEAD + 4 + probe.padding)
         if address is None:
-            self.probe_acks_over_budget += 1
+            self.counters.probe_acks_over_budget += 1
             return
         try:
             sealed = sealer.seal(ProbeAck(probe_id=probe.probe_id, padding=probe.padding))
         except KeyExhausted:
             self.rekey(now)
             return
-        self.probe_acks += 1
+        self.counters.probe_acks_sent += 1
         self.send(sealed.data, address)
 
     # ------------------------------------------------------------------ output
@@ -260,8 +256,9 @@ class SessionUdp:
         return self.intake.receiver.send_to(self._owner, size)
 
     def send(self, data: bytes, address: Address) -> None:
-        self.bytes_sent += len(data)
-        self.datagrams_sent += 1
+        counters = self.counters
+        counters.udp_bytes_sent += len(data)
+        counters.udp_datagrams_sent += 1
         self._datagrams.append(OutgoingDatagram(data, address))
 
     def take(self) -> list[OutgoingDatagram]:

@@ -18,7 +18,8 @@ from typing import Final
 import msgspec
 from msgspec import Raw
 
-from bridge.relay.sidecar.channels import MAX_JOBS_PER_CHANNEL
+from bridge.bounded import BoundedMap
+from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.sv1.messages import NotifyParams
 from bridge.wire.control import MAX_CHANNELS_PER_NOTIFY, Job, NotifyChannels, encode_channel_request, encode_rm
 
@@ -46,7 +47,8 @@ class JobTable:
     was negotiated.
     """
 
-    def __init__(self, write: Callable[[bytes], None], batch_window: float) -> None:
+    def __init__(self, counters: SidecarSessionCounters, write: Callable[[bytes], None], batch_window: float) -> None:
+        self.counters = counters
         self._write = write
         self.batch_window = batch_window
         self.dedup = False
@@ -57,13 +59,6 @@ class JobTable:
         self._pending_channels: set[int] = set()
         self.due: float | None = None
         """When the collected ``rm.notify`` lines go out (None: none is collected)."""
-        # counters
-        self.announced = 0
-        """``rm.job`` lines."""
-        self.notify_lines = 0
-        """``rm.notify`` lines."""
-        self.deliveries = 0
-        """Channels that received a ``mining.notify`` (one line each without de-duplication)."""
 
     def __len__(self) -> int:
         """Live handles (each held by some channel's table)."""
@@ -74,11 +69,6 @@ class JobTable:
         """Notifies remembered by content (one per live handle)."""
         return len(self._by_key)
 
-    @property
-    def lines_saved(self) -> int:
-        used = self.announced + self.notify_lines if self.dedup else self.deliveries
-        return max(0, self.deliveries - used)
-
     def get(self, handle: int) -> JobEntry | None:
         return self._entries.get(handle)
 
@@ -86,21 +76,24 @@ class JobTable:
         """Channel ``ch`` is listed in a collected ``rm.notify``: flush before its next line."""
         return ch in self._pending_channels
 
-    def deliver(self, ch: int, channel_jobs: dict[str, int], params: NotifyParams, now: float) -> None:
+    def deliver(self, ch: int, channel_jobs: BoundedMap[str, int], params: NotifyParams, now: float) -> None:
         """The pool sent ``mining.notify`` on channel ``ch`` (whose job table is ``channel_jobs``)."""
-        self.deliveries += 1
+        counters = self.counters
+        counters.notify_deliveries += 1
         if not self.dedup:
             self._write(encode_channel_request(ch, None, "mining.notify", Raw(_encode(params))))
             return
         if ch in self._pending_channels:
             self.flush()  # an earlier job for this channel must go first
+        counters.notify_lines_saved += 1  # the rm.job and rm.notify lines below take theirs back
         key = _encode(params)
         job = self._by_key.get(key)
         if job is None:
             job = JobEntry(self._allocate_handle(), params.job_id, key)
             self._entries[job.handle] = job
             self._by_key[key] = job
-            self.announced += 1
+            counters.jobs_announced += 1
+            counters.notify_lines_saved -= 1
             self._write(encode_rm(Job(job=job.handle, notify=params)))
         self._remember(channel_jobs, job)
         pending = self._pending.get(job.handle)
@@ -113,16 +106,15 @@ class JobTable:
         elif self.due is None:
             self.due = now + self.batch_window
 
-    def _remember(self, jobs: dict[str, int], job: JobEntry) -> None:
-        previous = jobs.pop(job.job_id, None)
-        jobs[job.job_id] = job.handle
+    def _remember(self, jobs: BoundedMap[str, int], job: JobEntry) -> None:
+        previous = jobs.get(job.job_id)
         job.refs += 1
+        for _, dropped in jobs.put(job.job_id, job.handle):
+            self._release(dropped)
         if previous is not None:
             self._release(previous)
-        if len(jobs) > MAX_JOBS_PER_CHANNEL:
-            self._release(jobs.pop(next(iter(jobs))))
 
-    def release_all(self, jobs: dict[str, int]) -> None:
+    def release_all(self, jobs: BoundedMap[str, int]) -> None:
         """A channel is gone: the handles its table held lose a reference."""
         for handle in jobs.values():
             self._release(handle)
@@ -151,8 +143,10 @@ class JobTable:
             return
         pending, self._pending = self._pending, {}
         self._pending_channels.clear()
+        counters = self.counters
         for handle, channels in pending.items():
-            self.notify_lines += 1
+            counters.notify_lines += 1
+            counters.notify_lines_saved -= 1
             self._write(encode_rm(NotifyChannels(job=handle, ch=channels)))
 
     def discard_pending(self) -> None:

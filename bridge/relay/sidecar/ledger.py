@@ -11,12 +11,13 @@ verdicts go back is :mod:`bridge.relay.sidecar.verdicts`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from enum import Enum
 from typing import Any, Final
 
 from msgspec import UNSET, Raw, Struct, UnsetType, field
 
+from bridge.bounded import BoundedMap
+from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.sv1.messages import NULL, RequestId, Response
 from bridge.sv1.rejects import read_verdict, reject_reason_name
 
@@ -79,17 +80,10 @@ class Copy(Enum):
 class ShareLedger:
     """One session's duplicate table (an LRU of ``size`` distinct shares) and its verdict counts."""
 
-    def __init__(self, size: int = DEFAULT_SHARE_CACHE) -> None:
+    def __init__(self, counters: SidecarSessionCounters, size: int = DEFAULT_SHARE_CACHE) -> None:
         self.size = size
-        self._shares: OrderedDict[ShareKey, ShareEntry] = OrderedDict()
-        # counters
-        self.forwarded = 0
-        """Shares submitted to the pool (each distinct share once)."""
-        self.from_cache = 0
-        self.joined = 0
-        self.accepted = 0
-        self.rejected = 0
-        self.rejected_by_reason: dict[str, int] = {}
+        self._shares: BoundedMap[ShareKey, ShareEntry] = BoundedMap(size)
+        self.counters = counters
 
     def __len__(self) -> int:
         return len(self._shares)
@@ -99,20 +93,17 @@ class ShareLedger:
 
     def forwarded_share(self, key: ShareKey | None, entry: ShareEntry) -> None:
         """``entry`` went to the pool; remember it under ``key`` (None: not comparable, not kept)."""
-        self.forwarded += 1
+        self.counters.shares_forwarded += 1
         if key is not None:
-            shares = self._shares
-            shares[key] = entry
-            if len(shares) > self.size:
-                shares.popitem(last=False)
+            self._shares[key] = entry
 
     def copy(self, entry: ShareEntry, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool) -> Copy:
         """Another copy of the share ``entry`` (a retransmission, the TLS copy of a block candidate)."""
-        self._shares.move_to_end(key)
+        self._shares.refresh(key)
         if entry.verdict is not None:
-            self.from_cache += 1
+            self.counters.duplicates_from_cache += 1
             return Copy.CACHED
-        self.joined += 1
+        self.counters.duplicates_joined += 1
         if entry.waiters >= MAX_WAITERS_PER_SHARE:
             return Copy.REFUSED
         entry.urgent = entry.urgent or urgent
@@ -122,12 +113,13 @@ class ShareLedger:
     def judge(self, entry: ShareEntry, response: Response) -> str | None:
         """The pool's verdict for ``entry``: cache it; the reject reason's name (None: accepted)."""
         reason: str | None = None
+        counters = self.counters
         if response.accepted:
-            self.accepted += 1
+            counters.accepted += 1
         else:
-            self.rejected += 1
+            counters.rejected += 1
             reason = reject_reason_name(read_verdict(response).code)
-            self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+            counters.rejected_by_reason[reason] = counters.rejected_by_reason.get(reason, 0) + 1
         plain = response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
         entry.response = response
         entry.verdict = PLAIN_ACCEPT if plain else Verdict(response.result, response.error, response.reject_reason)

@@ -113,7 +113,7 @@ from collections.abc import Callable, Collection
 from typing import Any, Final, assert_never
 
 import msgspec
-from msgspec import UNSET, Raw, Struct
+from msgspec import UNSET, Raw
 
 from bridge import __version__
 from bridge.errors import LineTooLong
@@ -136,6 +136,7 @@ from bridge.relay.sidecar.channels import (
     encode_params,
     u32,
 )
+from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.relay.sidecar.intake import (
     DEFAULT_REKEY_AFTER_BAD_TAGS,
     DEFAULT_REKEY_INTERVAL,
@@ -217,67 +218,12 @@ _encode = msgspec.json.Encoder().encode
 # ----------------------------------------------------------------- statistics
 
 
-class SidecarSessionStatistics(Struct, frozen=True):
-    """A snapshot of one control connection's counters."""
+# msgspec allows a frozen Struct to extend a mutable one (mypy applies the dataclass rule).
+class SidecarSessionStatistics(SidecarSessionCounters, frozen=True, kw_only=True):  # type: ignore[misc]
+    """A snapshot of one control connection: its counters, and what is open now."""
 
-    channels_open: int
-    channels_opened: int
-    channels_closed: int
-    shares_udp: int
-    """Share records received in authenticated datagrams."""
-    shares_tls: int
-    """``mining.submit`` channel requests."""
-    shares_forwarded: int
-    """Shares submitted to the pool (each distinct share once)."""
-    duplicates_from_cache: int
-    """Copies answered with the cached verdict of a share already judged."""
-    duplicates_joined: int
-    """Copies that arrived while the first was still with the pool, answered with its verdict."""
-    shares_refused: int
-    """Shares answered with an error without reaching the pool (unknown channel, job or worker ...)."""
-    authorizations_refused: int
-    """``mining.authorize`` requests for an account the certificate does not name (error 24)."""
-    requests_refused: int
-    """Channel requests not relayed: a method outside the allowlist or malformed params (error 20)."""
-    accepted: int
-    rejected: int
-    verdicts_udp: int
-    """``rm.results`` entries written."""
-    verdicts_tls: int
-    """Channel responses to ``mining.submit`` written."""
-    results_lines: int
-    jobs_announced: int
-    """``rm.job`` lines."""
-    notify_lines: int
-    """``rm.notify`` lines."""
-    notify_deliveries: int
-    """Channels that received a ``mining.notify`` (one line each without de-duplication)."""
-    notify_lines_saved: int
-    datagrams_accepted: int
-    datagram_drops: dict[str, int]
-    """Drops of datagrams under this session's conn_ids, by reason (non-zero reasons only)."""
-    probe_acks_sent: int
-    probe_acks_over_budget: int
-    bad_tag_rekeys: int
-    """Rekeys (new conn_id) because forged datagrams reached the threshold (§6.1)."""
-    verdict_datagrams_sent: int
-    """VERDICT datagrams (data channel v2)."""
-    ack_datagrams_sent: int
-    """ACK datagrams: share datagrams no VERDICT acknowledged within max_ack_delay."""
-    verdicts_over_budget: int
-    """Verdicts sent over TLS because the anti-amplification budget refused their datagram."""
-    udp_datagrams_sent: int
-    block_candidates: int
-    """Distinct shares forwarded that the proxy flagged as block candidates (sent urgently)."""
-    key_epoch: int
-    control_bytes_received: int
-    control_bytes_sent: int
-    pool_bytes_received: int
-    pool_bytes_sent: int
-    udp_bytes_received: int
-    udp_bytes_sent: int
-    rejected_by_reason: dict[str, int] = {}
-    """Rejected shares by reason (stale, duplicate, low-difficulty ...)."""
+    channels_open: int = 0
+    key_epoch: int = -1
 
 
 def _hello_error(request_id: RequestId, message: str) -> bytes:
@@ -345,7 +291,11 @@ class SidecarSession:
         self._pool_sent: bool | None = None  # pool-status: the last state sent (None: nothing yet)
         self._udp = False
 
-        self.control = ControlSession(peer="proxy", dead_after=dead_after, now=now, silence_note=" (no line, no rm.pong)")
+        self.counters = SidecarSessionCounters()
+        """What happened on this connection; the parts below add to it (:meth:`statistics` snapshots it)."""
+        self.control = ControlSession(
+            peer="proxy", dead_after=dead_after, now=now, silence_note=" (no line, no rm.pong)", counters=self.counters
+        )
         """Framing, backlog, heartbeat and liveness of the control connection (shared with the proxy side)."""
         self._commands: list[PoolCommand] = []
         self._refusals: list[Refusal] = []
@@ -354,6 +304,7 @@ class SidecarSession:
 
         self._channels: dict[int, Channel] = {}
         self.udp_path = SessionUdp(
+            self.counters,
             self.intake,
             self,
             self._write,
@@ -362,31 +313,24 @@ class SidecarSession:
             rekey_after_bad_tags=rekey_after_bad_tags,
         )
         """This session's key epochs on the intake and the datagrams it sends."""
-        self.jobs = JobTable(self._write, batch_window)
+        self.jobs = JobTable(self.counters, self._write, batch_window)
         """Job handles, the channels' job tables and the ``rm.notify`` lines being collected (C5)."""
-        self.ledger = ShareLedger(share_cache_size)
+        self.ledger = ShareLedger(self.counters, share_cache_size)
         """The duplicate table: no share reaches the pool twice (C6)."""
-        self.verdicts = VerdictSender(self.udp_path, self._write, batch_window=batch_window, max_ack_delay=max_ack_delay)
+        self.verdicts = VerdictSender(
+            self.counters, self.udp_path, self._write, batch_window=batch_window, max_ack_delay=max_ack_delay
+        )
         """Verdicts of UDP shares on their way back, and the acknowledgements of share datagrams."""
-
-        # counters
-        self._channels_opened = 0
-        self._channels_closed = 0
-        self._shares_udp = 0
-        self._shares_tls = 0
-        self._refused = 0
-        self._authorizations_refused = 0
-        self._requests_refused = 0
-        self._verdicts_tls = 0
-        self._block_candidates = 0
-        self._pool_in = 0
-        self._pool_out = 0
 
     # ------------------------------------------------------------------ state
 
     @property
     def closed(self) -> bool:
         return self.close_reason is not None
+
+    @property
+    def channels_open(self) -> int:
+        return len(self._channels)
 
     @property
     def udp(self) -> bool:
@@ -427,7 +371,7 @@ class SidecarSession:
             if channel is not None and channel.connected:
                 data = channel.pool.data_to_send()
                 if data:
-                    self._pool_out += len(data)
+                    self.counters.pool_bytes_sent += len(data)
                     self._commands.append(WritePool(ch, data))
         self._dirty.clear()
         if not self._commands:
@@ -648,7 +592,7 @@ class SidecarSession:
             self._write(encode_rm(Close(ch=ch, reason=f"too many channels on one connection (limit {self.max_channels})")))
             return
         self._channels[ch] = Channel(ch, params.peer)
-        self._channels_opened += 1
+        self.counters.channels_opened += 1
         self._commands.append(OpenPool(ch, params.peer))
 
     # ------------------------------------------------------------------ channel lines
@@ -698,7 +642,7 @@ class SidecarSession:
 
     def _refuse_request(self, channel: Channel, request_id: Any, method: str, reason: str) -> None:
         """Answer a request the sidecar will not relay with error 20; note it once per method and channel."""
-        self._requests_refused += 1
+        self.counters.requests_refused += 1
         shown = method[:64]
         refused = channel.refused_methods
         if refused is None:
@@ -719,7 +663,7 @@ class SidecarSession:
             channel.workers.append(worker)
         if self.accounts is None or account(worker) in self.accounts:
             return True
-        self._authorizations_refused += 1
+        self.counters.authorizations_refused += 1
         self._account_refused(channel, "mining.authorize", worker)
         if request_id is not None:
             self._write_channel(
@@ -763,7 +707,7 @@ class SidecarSession:
     # ------------------------------------------------------------------ shares
 
     def _tls_submit(self, channel: Channel, request_id: Any, params: SubmitParams) -> None:
-        self._shares_tls += 1
+        self.counters.shares_tls += 1
         if self.accounts is not None and account(params.worker) not in self.accounts:
             self._account_refused(channel, "mining.submit", params.worker)
             self._refuse_tls(channel.ch, request_id, UNAUTHORIZED, "Unauthorized worker")
@@ -790,7 +734,7 @@ class SidecarSession:
         return (channel.ch, job_key, extranonce2, ntime, nonce, version_bits)
 
     def _udp_share(self, share: Share, ref: UdpRef, urgent: bool) -> None:
-        self._shares_udp += 1
+        self.counters.shares_udp += 1
         ch = share.channel_id
         channel = self._channels.get(ch)
         if channel is None:
@@ -838,7 +782,7 @@ class SidecarSession:
         entry = ShareEntry(channel.ch)
         entry.urgent = urgent
         if urgent:
-            self._block_candidates += 1
+            self.counters.block_candidates += 1
         entry.wait(ref, request_id)
         try:
             channel.pool.request("mining.submit", params, context=entry)
@@ -887,20 +831,20 @@ class SidecarSession:
             return
         response = entry.response
         assert response is not None
-        self._verdicts_tls += 1
+        self.counters.verdicts_tls += 1
         self._write_channel(
             entry.ch,
             encode_channel_response(entry.ch, request_id, response.result, response.error, response.reject_reason),
         )
 
     def _refuse_udp(self, ref: UdpRef, code: int, message: str) -> None:
-        self._refused += 1
+        self.counters.shares_refused += 1
         self.verdicts.add(ref, Verdict(FALSE, error_value(code, message)))
 
     def _refuse_tls(self, ch: int, request_id: RequestId, code: int, message: str) -> None:
-        self._refused += 1
+        self.counters.shares_refused += 1
         if request_id is not None:
-            self._verdicts_tls += 1
+            self.counters.verdicts_tls += 1
             self._write_channel(ch, encode_channel_response(ch, request_id, FALSE, error_value(code, message)))
 
     # ------------------------------------------------------------------ datagrams
@@ -958,7 +902,7 @@ class SidecarSession:
         if channel is None or self.closed:
             return
         self._now = now
-        self._pool_in += len(data)
+        self.counters.pool_bytes_received += len(data)
         self._dirty[ch] = None  # an answer may release held requests, a pool request needs none
         for event in channel.pool.receive_data(data):
             self._pool_event(channel, event)
@@ -1019,7 +963,7 @@ class SidecarSession:
         ch = channel.ch
         del self._channels[ch]
         self._dirty.pop(ch, None)
-        self._channels_closed += 1
+        self.counters.channels_closed += 1
         self.jobs.release_all(channel.jobs)
         self._commands.append(ClosePool(ch, reason))
 
@@ -1064,47 +1008,7 @@ class SidecarSession:
     # ------------------------------------------------------------------ statistics
 
     def statistics(self) -> SidecarSessionStatistics:
-        jobs, ledger, verdicts, udp = self.jobs, self.ledger, self.verdicts, self.udp_path
-        return SidecarSessionStatistics(
-            channels_open=len(self._channels),
-            channels_opened=self._channels_opened,
-            channels_closed=self._channels_closed,
-            shares_udp=self._shares_udp,
-            shares_tls=self._shares_tls,
-            shares_forwarded=ledger.forwarded,
-            duplicates_from_cache=ledger.from_cache,
-            duplicates_joined=ledger.joined,
-            shares_refused=self._refused,
-            authorizations_refused=self._authorizations_refused,
-            requests_refused=self._requests_refused,
-            accepted=ledger.accepted,
-            rejected=ledger.rejected,
-            verdicts_udp=verdicts.verdicts_udp,
-            verdicts_tls=self._verdicts_tls,
-            results_lines=verdicts.results_lines,
-            jobs_announced=jobs.announced,
-            notify_lines=jobs.notify_lines,
-            notify_deliveries=jobs.deliveries,
-            notify_lines_saved=jobs.lines_saved,
-            datagrams_accepted=udp.datagrams_accepted,
-            datagram_drops=dict(udp.drops),
-            probe_acks_sent=udp.probe_acks,
-            probe_acks_over_budget=udp.probe_acks_over_budget,
-            bad_tag_rekeys=udp.bad_tag_rekeys,
-            verdict_datagrams_sent=verdicts.verdict_datagrams,
-            ack_datagrams_sent=verdicts.ack_datagrams,
-            verdicts_over_budget=verdicts.over_budget,
-            udp_datagrams_sent=udp.datagrams_sent,
-            block_candidates=self._block_candidates,
-            key_epoch=udp.epoch,
-            control_bytes_received=self.control.bytes_received,
-            control_bytes_sent=self.control.bytes_sent,
-            pool_bytes_received=self._pool_in,
-            pool_bytes_sent=self._pool_out,
-            udp_bytes_received=udp.bytes_received,
-            udp_bytes_sent=udp.bytes_sent,
-            rejected_by_reason=dict(ledger.rejected_by_reason),
-        )
+        return SidecarSessionStatistics(**self.counters.values(), channels_open=self.channels_open, key_epoch=self.udp_path.epoch)
 
     def channel_statuses(self) -> list[ChannelStatus]:
         """The open channels (one per rig at the proxy)."""

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import msgspec
 
+from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.relay.sidecar.intake import SessionUdp
 from bridge.relay.sidecar.ledger import UdpRef
 from bridge.wire.control import MAX_RESULTS_PER_LINE, Results, encode_rm
@@ -49,7 +50,16 @@ class VerdictSender:
     ``udp`` seals and sends the datagrams; ``write`` queues a control line (``rm.results``).
     """
 
-    def __init__(self, udp: SessionUdp, write: Callable[[bytes], None], *, batch_window: float, max_ack_delay: float) -> None:
+    def __init__(
+        self,
+        counters: SidecarSessionCounters,
+        udp: SessionUdp,
+        write: Callable[[bytes], None],
+        *,
+        batch_window: float,
+        max_ack_delay: float,
+    ) -> None:
+        self.counters = counters
         self._udp = udp
         self._write = write
         self.batch_window = batch_window
@@ -62,17 +72,10 @@ class VerdictSender:
         self.ack_due: float | None = None
         self._results: list[tuple[int, int, int, Any]] = []
         self.results_due: float | None = None
-        # counters
-        self.verdicts_udp = 0
-        """Verdicts of UDP shares (datagram entries and ``rm.results`` entries)."""
-        self.verdict_datagrams = 0
-        self.ack_datagrams = 0
-        self.over_budget = 0
-        self.results_lines = 0
 
     def add(self, ref: UdpRef, verdict: Any) -> None:
         """The verdict of the UDP share ``ref``; it goes at the end of this input."""
-        self.verdicts_udp += 1
+        self.counters.verdicts_udp += 1
         out = self._out.get(ref[0])
         if out is None:
             self._out[ref[0]] = [(ref[1], ref[2], verdict)]
@@ -137,7 +140,7 @@ class VerdictSender:
                     plaintext = b"".join(pieces)
                     address = udp.address_for(OVERHEAD + len(plaintext))
                     if address is None:
-                        self.over_budget += len(chunk)
+                        self.counters.verdicts_over_budget += len(chunk)
                     else:
                         try:
                             sealed = sealer.seal_plaintext(DatagramType.VERDICT, plaintext)
@@ -145,7 +148,7 @@ class VerdictSender:
                             udp.rekey(now)
                         else:
                             sent = True
-                            self.verdict_datagrams += 1
+                            self.counters.verdict_datagrams_sent += 1
                             udp.send(sealed.data, address)
                             if unacked:
                                 for pn, _, _ in chunk:
@@ -191,7 +194,7 @@ class VerdictSender:
                 except KeyExhausted:
                     udp.rekey(now)
                     return
-                self.ack_datagrams += 1
+                self.counters.ack_datagrams_sent += 1
                 udp.send(sealed.data, address)
 
     def _add_result_line(self, epoch: int, pn: int, index: int, verdict: Any, urgent: bool, now: float) -> None:
@@ -208,7 +211,7 @@ class VerdictSender:
         if not self._results:
             return
         results, self._results = self._results, []
-        self.results_lines += 1
+        self.counters.results_lines += 1
         self._write(encode_rm(Results(v=results)))
 
     def clear(self) -> None:
