@@ -144,12 +144,14 @@ async def test_block_candidates_travel_both_ways_and_reach_the_pool_once(tmp_pat
         nursery.cancel_scope.cancel()
 
 
-async def test_a_stalled_pool_behind_the_sidecar_gets_rigs_an_explicit_error(tmp_path) -> None:
+async def test_a_stalled_pool_behind_the_sidecar_gets_rigs_an_explicit_error(tmp_path, autojump_clock) -> None:
+    # Virtual time (autojump): the 1.5 s submit timeout costs no real time; the capped
+    # rig lets that clock run while it hashes.
     async with trio.open_nursery() as nursery:
         chain = await start_chain(
             nursery, tmp_path, accounts=("wait",), submit_timeout=1.5, pool_config=PoolConfig(difficulty=DIFFICULTY)
         )
-        miner = Miner(chain.miner_url, "wait.rig", profile="cpuminer")
+        miner = Miner(chain.miner_url, "wait.rig", profile="cpuminer", hashrate=50_000)
         nursery.start_soon(miner.run)
         with trio.fail_after(30):
             while miner.statistics().jobs == 0:
@@ -163,10 +165,11 @@ async def test_a_stalled_pool_behind_the_sidecar_gets_rigs_an_explicit_error(tmp
         nursery.cancel_scope.cancel()
 
 
-async def test_pool_loss_behind_the_sidecar_releases_the_rig_which_comes_back(tmp_path) -> None:
+async def test_pool_loss_behind_the_sidecar_releases_the_rig_which_comes_back(tmp_path, autojump_clock) -> None:
+    # Virtual time (autojump): reconnection delays cost no real time; the rig is capped.
     async with trio.open_nursery() as nursery:
         chain = await start_chain(nursery, tmp_path, accounts=("back",), pool_config=PoolConfig(difficulty=DIFFICULTY))
-        miner = Miner(chain.miner_url, "back.rig", profile="cgminer", reconnect_delay=0.2)
+        miner = Miner(chain.miner_url, "back.rig", profile="cgminer", reconnect_delay=0.2, hashrate=50_000)
         nursery.start_soon(miner.run)
         with trio.fail_after(40):
             while miner.statistics().jobs == 0:
