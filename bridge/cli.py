@@ -22,7 +22,6 @@ from bridge.net.admission import (
     RIG_MAX_PENDING_PER_SOURCE,
     AdmissionLimits,
 )
-from bridge.runtime import OptionProblem, check_names, run_role
 
 
 def setup_logging(verbose: int, quiet: bool = False, log_format: str = "text") -> None:
@@ -302,11 +301,8 @@ def proxy(
 
     from bridge import settings as settings_module
     from bridge.config import parse_upstream_entry
-    from bridge.net.miner_proxy import MinerProxy
-    from bridge.net.proxy_service import ProxyService
-    from bridge.pki.rotation import ClientCredentials
-    from bridge.pki.tls import public_client_context
     from bridge.relay.failover import FailoverConfig, NoUpstreamPolicy, Strategy
+    from bridge.runtime import OptionProblem, check_names, run_role
 
     try:
         chosen = settings_module.merge("proxy", config_file, settings_module.given_on_command_line(context))
@@ -359,6 +355,13 @@ def proxy(
     except (BridgeError, ValueError) as exc:
         raise OptionProblem(str(exc)) from None
     check_names({f"--upstream {entry.url}": entry.url.host for entry in entries})
+    # The role's modules (trio drivers, TLS, certificates) only once the options are
+    # known good: a mistyped option is answered without importing them.
+    from bridge.net.miner_proxy import MinerProxy
+    from bridge.net.proxy_service import ProxyService
+    from bridge.pki.rotation import ClientCredentials
+    from bridge.pki.tls import public_client_context
+
     credentials = None
     pool_context = None
     try:

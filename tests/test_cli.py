@@ -22,7 +22,14 @@ def test_python_m_bridge_cli_runs_the_command_line_too() -> None:
 
 
 def test_demo_runs_the_chain_and_reports_a_clean_tally() -> None:
-    done = subprocess.run([*STRATUMRM, "demo", "--duration", "3"], capture_output=True, text=True, timeout=90, check=False)
+    # A tenth of the default difficulty: shares from every profile within the 1.5 s
+    done = subprocess.run(
+        [*STRATUMRM, "demo", "--duration", "1.5", "--difficulty", "0.00001"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "tally OK" in done.stdout and "shares submitted" in done.stdout
     for profile in ("cgminer", "cpuminer", "bfgminer", "bmminer", "bitaxe"):
@@ -43,7 +50,7 @@ def test_bench_prints_microseconds_per_message() -> None:
 def test_proxy_testpool_and_testminer_as_separate_processes() -> None:
     pool_port, proxy_port = free_port(), free_port()
     pool = subprocess.Popen(
-        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.00002"],
+        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.000002"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

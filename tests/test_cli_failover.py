@@ -12,7 +12,7 @@ def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> 
     primary_port, backup_port, proxy_port = free_port(), free_port(), free_port()
     pools = [
         subprocess.Popen(
-            [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{port}", "--difficulty", "0.00002"],
+            [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{port}", "--difficulty", "0.000004"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -61,8 +61,9 @@ def test_the_proxy_moves_a_rig_to_the_backup_when_the_primary_process_dies() -> 
                 "bmminer",
                 "--max-shares",
                 "8",
+                # ~4.6 shares/s (17k hashes a share), as 400 kH/s at 0.00002, for a fifth of the hashing
                 "--hashrate",
-                "400000",
+                "80000",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -11,6 +11,9 @@ from processes import STRATUMRM, LoggedProcess, free_port, wait_for_port
 
 from bridge.testing.pki import make_test_pki
 
+#: The testminers' run: nothing here needs a share, and flat out each would take a core from the roles.
+CAPPED = ["--duration", "60", "--hashrate", "20000"]
+
 
 def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(tmp_path: Path) -> None:
     pki = make_test_pki(tmp_path / "pki", accounts=("alice",))
@@ -22,7 +25,7 @@ def test_refusals_are_explained_at_the_proxy_and_a_stop_is_clean_at_the_sidecar(
     def miner(port: int, user: str) -> None:
         miners.append(
             subprocess.Popen(
-                [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{port}", "--user", user, "--duration", "60"],
+                [*STRATUMRM, "testminer", "--url", f"stratum+tcp://127.0.0.1:{port}", "--user", user, *CAPPED],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

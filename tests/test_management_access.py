@@ -44,7 +44,7 @@ def test_rigs_enroll_and_only_operators_get_in(tmp_path: Path) -> None:
     try:
         processes.append(
             subprocess.Popen(
-                [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.00002"],
+                [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.000002"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

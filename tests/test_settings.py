@@ -156,21 +156,33 @@ def test_the_sidecar_runs_from_a_config_file_and_flags_win(tmp_path: Path) -> No
     text = text.replace('ca = "ca.crt"', f'ca = "{pki.ca_certificate}"')
     text = text.replace("udp = true", "udp = false")
     path.write_text(text)
-    check = subprocess.run(
-        [sys.executable, "-m", "bridge", "config", "check", str(path)], check=False, capture_output=True, text=True, timeout=60
+    # The check and both sidecars (one from the file alone, one with --listen) start side
+    # by side: three Python start-ups at once rather than one after another.
+    check = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "config", "check", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert check.returncode == 0, check.stderr
-    for extra, port in (([], file_port), (["--listen", f"127.0.0.1:{flag_port}"], flag_port)):
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "sidecar", "--config", str(path), *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+    runs = [
+        (
+            subprocess.Popen(
+                [sys.executable, "-m", "bridge", "sidecar", "--config", str(path), *extra],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            port,
         )
-        try:
+        for extra, port in (([], file_port), (["--listen", f"127.0.0.1:{flag_port}"], flag_port))
+    ]
+    try:
+        for _process, port in runs:
             wait_for_port(port, timeout=30)
-        finally:
+    finally:
+        errors = []
+        for process, _port in runs:
             process.terminate()
-            _out, err = process.communicate(timeout=30)
+            errors.append(process.communicate(timeout=30)[1])
+        check_err = check.communicate(timeout=60)[1]
+    assert check.returncode == 0, check_err
+    for (process, _port), err in zip(runs, errors, strict=True):
         assert process.returncode == 0, err
         assert "shutting down (SIGTERM)" in err and "Traceback" not in err

@@ -27,8 +27,12 @@ from bridge.testing.faults import (
     until,
 )
 from bridge.testing.miner import Miner
+from bridge.testing.pool import PoolConfig
 
-HASHRATE = 5_000.0  # per rig, virtual; ~1 share per virtual second at the bench's difficulty
+# Per rig, virtual: ~1 share per virtual second (1,074 hashes a share at DIFFICULTY), the
+# rate of the bench's own 1.25e-6 at 5 kH/s for a fifth of the hashing.
+HASHRATE = 1_000.0
+DIFFICULTY = 2.5e-7
 
 
 async def sidecar_killed(bench: FaultBench, rng: random.Random) -> None:
@@ -78,7 +82,13 @@ async def run_scenario(
 ):
     rng = random.Random(seed)
     async with trio.open_nursery() as nursery:
-        bench = await start_fault_bench(nursery, tmp_path, clock=clock, seed=seed)
+        bench = await start_fault_bench(
+            nursery,
+            tmp_path,
+            clock=clock,
+            seed=seed,
+            pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0, seed=seed),
+        )
         miners = [
             Miner(
                 bench.miner_url_xnsub() if profile in ("bmminer", "bfgminer") else bench.miner_url,

@@ -210,8 +210,10 @@ async def test_an_unreadable_request_target_is_a_400_not_an_error() -> None:
 
 
 async def test_a_bug_on_the_proxys_stratumrm_session_ends_that_session_and_the_next_one_serves(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
+    tmp_path, monkeypatch: pytest.MonkeyPatch, autojump_clock
 ) -> None:
+    # Virtual time (autojump): the link's reconnection delay costs no real time; the
+    # capped rig lets that clock run while it hashes.
     from bridge.relay.rm_upstream import StratumRMConnection
     from bridge.testing.chain import start_chain
     from bridge.testing.miner import Miner

@@ -43,7 +43,7 @@ def test_a_line_nested_a_thousand_deep_ends_that_rig_only_and_the_proxy_serves_t
     assert len(DEEP_LINE) < 4096, "fits the proxy's line limit, as in the report"
     pool_port, proxy_port = free_port(), free_port()
     pool = subprocess.Popen(
-        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.00002"],
+        [*STRATUMRM, "testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.000002"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -241,8 +241,9 @@ def closed_port() -> int:
 
 
 async def test_a_pool_check_that_fails_for_lack_of_local_resources_is_not_an_outage(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, autojump_clock
 ) -> None:
+    # Virtual time (autojump): the checks' retry intervals cost no real time.
     pool = parse_upstream_url(f"stratum+tcp://127.0.0.1:{closed_port()}")
     changes: list[bool] = []
     shortage: list[str] = ["only 3 file descriptors free, below the reserve of 128"]

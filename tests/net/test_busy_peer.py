@@ -21,7 +21,7 @@ def test_a_sidecar_or_proxy_with_no_cpu_for_two_dead_afters_keeps_the_session(tm
     roles: list[LoggedProcess] = []
     miner = None
     try:
-        roles.append(LoggedProcess(["testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.0001"]))
+        roles.append(LoggedProcess(["testpool", "--listen", f"127.0.0.1:{pool_port}", "--difficulty", "0.000002"]))
         sidecar = LoggedProcess(
             [
                 "sidecar",
@@ -64,6 +64,10 @@ def test_a_sidecar_or_proxy_with_no_cpu_for_two_dead_afters_keeps_the_session(tm
                 "alice.rig1",
                 "--duration",
                 "60",
+                # shares every ~0.2 s (8,600 hashes each) from a small part of a core: flat out,
+                # the miner would take one of the machine's two cores from the roles under test
+                "--hashrate",
+                "50000",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -22,6 +22,14 @@ from bridge.testing.failover import start_failover_bench
 from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig
 
+# Rigs hash at HASHRATE on a pool at DIFFICULTY: a share every ~0.86 s of trio's
+# clock per rig (8,600 hashes a share at 10 kH/s; the rate these tests were written
+# for, at a fifth of the hashing that 0.00001 and 50 kH/s cost).
+DIFFICULTY = 0.000002
+HASHRATE = 10_000
+# Tests that wait for shares within a short virtual bound: a share every ~0.17 s.
+FAST_HASHRATE = 50_000
+
 FAST = dict(silence_timeout=1.0, lag_delay=0.5, hold_down=1.5, no_upstream_grace=0.5)
 
 
@@ -71,11 +79,11 @@ async def test_primary_killed_cgminer_rigs_reconnect_to_the_backup_then_fail_bac
     # Virtual time (autojump): the bounds asserted below are trio's clock, not the machine's.
     async with trio.open_nursery() as nursery:
         bench = await start_failover_bench(
-            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0)
+            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0)
         )
         primary, backup = bench.pools
         miners = [
-            Miner(bench.miner_url(), f"alice.cg{i}", profile="cgminer", reconnect_delay=0.2, hashrate=50_000) for i in range(3)
+            Miner(bench.miner_url(), f"alice.cg{i}", profile="cgminer", reconnect_delay=0.2, hashrate=HASHRATE) for i in range(3)
         ]
         workers = [m.config.user for m in miners]
         for miner in miners:
@@ -117,12 +125,12 @@ async def test_primary_blackholed_xnsub_rigs_get_set_extranonce_from_a_stratumrm
         )
         primary, backup = bench.pools
         xnsub = [
-            Miner(bench.miner_url(xnsub=True), f"alice.{profile}", profile=profile, reconnect_delay=0.2, hashrate=50_000)
+            Miner(bench.miner_url(xnsub=True), f"alice.{profile}", profile=profile, reconnect_delay=0.2, hashrate=FAST_HASHRATE)
             for profile in ("bmminer", "bfgminer")
         ]
         miners = [
             *xnsub,
-            Miner(bench.miner_url(), "alice.cgminer", profile="cgminer", reconnect_delay=0.2, hashrate=50_000),
+            Miner(bench.miner_url(), "alice.cgminer", profile="cgminer", reconnect_delay=0.2, hashrate=FAST_HASHRATE),
         ]
         workers = [m.config.user for m in miners]
         for miner in miners:
@@ -152,12 +160,12 @@ async def test_a_lagging_primary_loses_its_rigs_and_gets_them_back_once_it_catch
     # Virtual time (autojump), hash rates capped so that clock can run while rigs hash.
     async with trio.open_nursery() as nursery:
         bench = await start_failover_bench(
-            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0)
+            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0)
         )
         primary, backup = bench.pools
         miners = [
-            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2, hashrate=50_000),
-            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2, hashrate=50_000),
+            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2, hashrate=HASHRATE),
+            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2, hashrate=HASHRATE),
         ]
         workers = [m.config.user for m in miners]
         for miner in miners:
@@ -183,10 +191,12 @@ async def test_a_lagging_primary_loses_its_rigs_and_gets_them_back_once_it_catch
         nursery.cancel_scope.cancel()
 
 
-async def test_no_upstream_releases_rigs_after_the_grace() -> None:
+async def test_no_upstream_releases_rigs_after_the_grace(autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, failover=FailoverConfig(**FAST))
-        miner = Miner(bench.miner_url(), "alice.lonely", profile="cgminer", reconnect_delay=30)
+        bench = await start_failover_bench(
+            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0)
+        )
+        miner = Miner(bench.miner_url(), "alice.lonely", profile="cgminer", reconnect_delay=30, hashrate=FAST_HASHRATE)
         nursery.start_soon(miner.run)
         with trio.fail_after(20):
             await until(lambda: len(miner.accepted) >= 1)
@@ -200,13 +210,13 @@ async def test_no_upstream_releases_rigs_after_the_grace() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_keep_policy_holds_rigs_until_a_pool_is_back() -> None:
+async def test_keep_policy_holds_rigs_until_a_pool_is_back(autojump_clock) -> None:
     config = FailoverConfig(**{**FAST, "no_upstream": NoUpstreamPolicy.KEEP})
     async with trio.open_nursery() as nursery:
         bench = await start_failover_bench(
-            nursery, failover=config, pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0)
+            nursery, failover=config, pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0)
         )
-        miner = Miner(bench.miner_url(xnsub=True), "alice.patient", profile="bmminer", reconnect_delay=30)
+        miner = Miner(bench.miner_url(xnsub=True), "alice.patient", profile="bmminer", reconnect_delay=30, hashrate=FAST_HASHRATE)
         nursery.start_soon(miner.run)
         with trio.fail_after(30):
             await until(lambda: len(miner.accepted) >= 1)
@@ -232,9 +242,9 @@ async def test_weighted_strategy_splits_rigs_across_pools(autojump_clock) -> Non
             failover=config,
             weights=[3.0, 1.0],
             priorities=[0, 0],
-            pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0),
+            pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0),
         )
-        miners = [Miner(bench.miner_url(), f"alice.w{i}", profile="cpuminer", hashrate=50_000) for i in range(8)]
+        miners = [Miner(bench.miner_url(), f"alice.w{i}", profile="cpuminer", hashrate=HASHRATE) for i in range(8)]
         for miner in miners:
             nursery.start_soon(miner.run)
         with trio.fail_after(40):
@@ -253,12 +263,12 @@ async def test_a_sidecar_tells_the_proxy_its_pool_is_down_and_back(tmp_path, aut
             stratumrm=(0,),
             pki_dir=tmp_path,
             failover=FailoverConfig(**FAST),
-            pool_config=PoolConfig(difficulty=0.00001, notify_interval=5.0),
+            pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0),
         )
         primary, backup = bench.pools
         miners = [
-            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2, hashrate=50_000),
-            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2, hashrate=50_000),
+            Miner(bench.miner_url(), "alice.cg", profile="cgminer", reconnect_delay=0.2, hashrate=HASHRATE),
+            Miner(bench.miner_url(xnsub=True), "alice.bm", profile="bmminer", reconnect_delay=0.2, hashrate=HASHRATE),
         ]
         workers = [m.config.user for m in miners]
         for miner in miners:
@@ -285,11 +295,13 @@ async def test_a_sidecar_tells_the_proxy_its_pool_is_down_and_back(tmp_path, aut
         nursery.cancel_scope.cancel()
 
 
-async def test_a_primary_down_at_start_is_skipped_without_the_rig_noticing() -> None:
+async def test_a_primary_down_at_start_is_skipped_without_the_rig_noticing(autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, failover=FailoverConfig(**FAST))
+        bench = await start_failover_bench(
+            nursery, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=5.0)
+        )
         bench.pools[0].kill()
-        miner = Miner(bench.miner_url(), "alice.early", profile="cgminer", reconnect_delay=30)
+        miner = Miner(bench.miner_url(), "alice.early", profile="cgminer", reconnect_delay=30, hashrate=FAST_HASHRATE)
         nursery.start_soon(miner.run)
         with trio.fail_after(5):
             await until(lambda: accepted_at(bench.pools[1], "alice.early") >= 2)

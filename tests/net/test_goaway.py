@@ -71,7 +71,7 @@ async def test_a_draining_sidecar_moves_its_rigs_to_another_without_dropping_one
         # No session resumption: a rig that reconnects (client.reconnect) gets a fresh
         # extranonce1, so the pool's duplicate count measures the bridge alone (a resumed
         # cgminer-profile rig re-submits its last shares, which the pool rightly rejects).
-        pool = ReferencePool(PoolConfig(difficulty=0.00001, session_resume_seconds=0))
+        pool = ReferencePool(PoolConfig(difficulty=0.000002, session_resume_seconds=0))
         pool_port = await nursery.start(pool.serve, LOCALHOST, 0)
         url = parse_upstream_url(f"stratum+tcp://{LOCALHOST}:{pool_port}")
         sidecars = [SidecarServer(url, pki.server_context(), advertise_host=LOCALHOST) for _ in range(2)]
@@ -87,8 +87,9 @@ async def test_a_draining_sidecar_moves_its_rigs_to_another_without_dropping_one
         proxy_port = await nursery.start(proxy.serve, LOCALHOST, 0)
         miner_url = f"stratum+tcp://{LOCALHOST}:{proxy_port}"
         miners = [
-            Miner(miner_url + "#xnsub", "alice.xnsub", profile="bmminer", reconnect_delay=0.2),
-            Miner(miner_url, "alice.cgminer", profile="cgminer", reconnect_delay=0.2),
+            # ~12 shares/s each (8,600 hashes a share at 100 kH/s)
+            Miner(miner_url + "#xnsub", "alice.xnsub", profile="bmminer", reconnect_delay=0.2, hashrate=100_000),
+            Miner(miner_url, "alice.cgminer", profile="cgminer", reconnect_delay=0.2, hashrate=100_000),
         ]
         for miner in miners:
             nursery.start_soon(miner.run)

@@ -16,7 +16,8 @@ async def until(condition: Callable[[], bool], step: float = 0.02) -> None:
         await trio.sleep(step)
 
 
-async def test_a_stalled_pool_is_found_down_by_quiet_and_up_again_when_it_answers() -> None:
+async def test_a_stalled_pool_is_found_down_by_quiet_and_up_again_when_it_answers(autojump_clock) -> None:
+    # Virtual time (autojump): the check intervals and timeouts cost no real time.
     async with trio.open_nursery() as nursery:
         pool = ReferencePool(PoolConfig())
         port = await nursery.start(pool.serve, "127.0.0.1", 0)

@@ -19,7 +19,7 @@ from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig, ReferencePool
 
 PROFILES = ["cgminer", "cpuminer", "bfgminer", "bmminer", "bitaxe"]
-DIFFICULTY = 0.00005  # ~215k hashes per share: a few shares a second per miner
+DIFFICULTY = 0.000005  # ~21k hashes per share: dozens of shares a second per miner
 
 
 def share_keys(records) -> set:
@@ -184,10 +184,11 @@ async def test_a_stalled_pool_gets_rigs_an_explicit_error_not_silence(autojump_c
         nursery.cancel_scope.cancel()
 
 
-async def test_pool_connection_loss_answers_pending_shares_and_releases_the_rig() -> None:
+async def test_pool_connection_loss_answers_pending_shares_and_releases_the_rig(autojump_clock) -> None:
+    # Virtual time (autojump): the reconnection delay costs no real time; the rig is capped.
     async with trio.open_nursery() as nursery:
         pool, proxy, port = await start_chain(nursery)
-        miner = Miner(f"stratum+tcp://127.0.0.1:{port}", "orphan.rig", profile="cgminer", reconnect_delay=0.1)
+        miner = Miner(f"stratum+tcp://127.0.0.1:{port}", "orphan.rig", profile="cgminer", reconnect_delay=0.1, hashrate=200_000)
         nursery.start_soon(miner.run)
         with trio.fail_after(20):
             while miner.statistics().jobs == 0:

@@ -36,7 +36,7 @@ from bridge.wire.control import FEATURES, MAX_CONTROL_LINE
 from bridge.wire.datagram import DatagramType, Probe, ProbeAck, Share, decode_body
 from bridge.wire.keys import KeyMaterial, KeySet, Role
 
-DIFFICULTY = 0.00002  # ~215k hashes per share: a fraction of a second of scan_nonces
+DIFFICULTY = 0.000002  # ~8,600 hashes per share: a few milliseconds of scan_nonces
 LOCALHOST = "127.0.0.1"
 
 
@@ -210,7 +210,7 @@ def find_share(channel: Channel, extranonce2: int = 1) -> Share:
     target = difficulty_to_target(DIFFICULTY)
     start = 0
     while True:
-        found = scan_nonces(header76, start, 1 << 16, target)
+        found = scan_nonces(header76, start, 1 << 12, target)
         if found:
             return Share(
                 channel_id=channel.ch,
@@ -220,7 +220,7 @@ def find_share(channel: Channel, extranonce2: int = 1) -> Share:
                 nonce=found[0][0],
                 version_bits=bits,
             )
-        start += 1 << 16
+        start += 1 << 12
 
 
 def submit_params(share: Share, channel: Channel, worker: str = "alice.rig1") -> list[str]:
@@ -559,7 +559,10 @@ async def test_tls_clients_without_a_certificate_of_our_ca_never_get_past_the_ha
 async def test_a_revoked_certificate_is_refused_and_its_live_session_closed(tmp_path: Path) -> None:
     own = make_test_pki(tmp_path / "revoking")
     async with trio.open_nursery() as nursery:
-        _pool, server = await start(nursery, own, revocations=RevocationList(own.revocations, own.ca_certificate))
+        # The list is looked at every 0.1 s (the default, 2 s, is for production).
+        _pool, server = await start(
+            nursery, own, revocations=RevocationList(own.revocations, own.ca_certificate), reload_interval=0.1
+        )
         proxy = await TestProxy.connect(nursery, server, own.client_context())
         await proxy.hello()
         await proxy.open(3)

@@ -16,6 +16,8 @@ from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig
 
 PROFILES = ["cgminer", "cpuminer", "bfgminer", "bmminer", "bitaxe"]
+#: ~8,600 hashes per share: the shares a test waits for come within milliseconds.
+DIFFICULTY = 0.000002
 
 
 def share_keys(records) -> set:
@@ -39,7 +41,7 @@ async def run_miners(miners: list[Miner], timeout: float) -> None:
 
 async def test_every_profile_over_stratumrm_gets_true_verdicts(tmp_path) -> None:
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=tuple(PROFILES), pool_config=PoolConfig(difficulty=0.00001))
+        chain = await start_chain(nursery, tmp_path, accounts=tuple(PROFILES), pool_config=PoolConfig(difficulty=DIFFICULTY))
         chain.pool.reject_next(2, 23)
         miners = [Miner(chain.miner_url, f"{p}.rig1", profile=p, max_shares=4) for p in PROFILES]
         await run_miners(miners, 60)
@@ -61,7 +63,7 @@ async def test_every_profile_over_stratumrm_gets_true_verdicts(tmp_path) -> None
     ],
 )
 async def test_thousands_of_shares_through_a_lossy_duplicating_reordering_link(
-    tmp_path, shares_per_miner: int, udp_shares_over: int
+    tmp_path, autojump_clock, shares_per_miner: int, udp_shares_over: int
 ) -> None:
     async with trio.open_nursery() as nursery:
         chain = await start_chain(
@@ -92,13 +94,13 @@ async def test_thousands_of_shares_through_a_lossy_duplicating_reordering_link(
         nursery.cancel_scope.cancel()
 
 
-async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path) -> None:
+async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path, autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
         chain = await start_chain(
-            nursery, tmp_path, accounts=("rig",), loss=0.001, seed=3, pool_config=PoolConfig(difficulty=0.000005)
+            nursery, tmp_path, accounts=("rig",), loss=0.001, seed=3, pool_config=PoolConfig(difficulty=DIFFICULTY)
         )
         blocked = Impairment(loss=100)
-        miner = Miner(chain.miner_url, "rig.one", profile="cgminer")
+        miner = Miner(chain.miner_url, "rig.one", profile="cgminer", hashrate=50_000)
         nursery.start_soon(miner.run)
         connection = None
         with trio.fail_after(60):
@@ -131,7 +133,7 @@ async def test_blocked_udp_falls_back_to_tls_and_comes_back(tmp_path) -> None:
 
 async def test_block_candidates_travel_both_ways_and_reach_the_pool_once(tmp_path) -> None:
     async with trio.open_nursery() as nursery:
-        config = PoolConfig(difficulty=0.00005, nbits="207fffff", new_block_on_solve=False)
+        config = PoolConfig(difficulty=DIFFICULTY, nbits="207fffff", new_block_on_solve=False)
         chain = await start_chain(nursery, tmp_path, accounts=("solo",), pool_config=config)
         miner = Miner(chain.miner_url, "solo.rig", profile="bmminer", max_shares=6)
         await run_miners([miner], 60)
@@ -142,10 +144,14 @@ async def test_block_candidates_travel_both_ways_and_reach_the_pool_once(tmp_pat
         nursery.cancel_scope.cancel()
 
 
-async def test_a_stalled_pool_behind_the_sidecar_gets_rigs_an_explicit_error(tmp_path) -> None:
+async def test_a_stalled_pool_behind_the_sidecar_gets_rigs_an_explicit_error(tmp_path, autojump_clock) -> None:
+    # Virtual time (autojump): the 1.5 s submit timeout costs no real time; the capped
+    # rig lets that clock run while it hashes.
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("wait",), submit_timeout=1.5)
-        miner = Miner(chain.miner_url, "wait.rig", profile="cpuminer")
+        chain = await start_chain(
+            nursery, tmp_path, accounts=("wait",), submit_timeout=1.5, pool_config=PoolConfig(difficulty=DIFFICULTY)
+        )
+        miner = Miner(chain.miner_url, "wait.rig", profile="cpuminer", hashrate=50_000)
         nursery.start_soon(miner.run)
         with trio.fail_after(30):
             while miner.statistics().jobs == 0:
@@ -159,10 +165,11 @@ async def test_a_stalled_pool_behind_the_sidecar_gets_rigs_an_explicit_error(tmp
         nursery.cancel_scope.cancel()
 
 
-async def test_pool_loss_behind_the_sidecar_releases_the_rig_which_comes_back(tmp_path) -> None:
+async def test_pool_loss_behind_the_sidecar_releases_the_rig_which_comes_back(tmp_path, autojump_clock) -> None:
+    # Virtual time (autojump): reconnection delays cost no real time; the rig is capped.
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("back",))
-        miner = Miner(chain.miner_url, "back.rig", profile="cgminer", reconnect_delay=0.2)
+        chain = await start_chain(nursery, tmp_path, accounts=("back",), pool_config=PoolConfig(difficulty=DIFFICULTY))
+        miner = Miner(chain.miner_url, "back.rig", profile="cgminer", reconnect_delay=0.2, hashrate=50_000)
         nursery.start_soon(miner.run)
         with trio.fail_after(40):
             while miner.statistics().jobs == 0:
@@ -198,7 +205,7 @@ async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
     """Issue 9.6 (memory per rig): the rig's connection task reads, writes and flushes; a
     StratumRM session needs no task of its own (the link's reader hands its events over)."""
     async with trio.open_nursery() as nursery:
-        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=0.00001))
+        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=DIFFICULTY))
         miners = [Miner(chain.miner_url, f"one.rig{n}", profile="cgminer") for n in range(4)]
         for miner in miners:
             nursery.start_soon(miner.run)

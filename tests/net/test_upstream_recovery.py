@@ -3,7 +3,10 @@
 The reference pool never answers a second ``mining.authorize`` on a connection
 (ckpool's "trying to authorise twice"), so a health probe that re-authorizes as a
 keepalive would hear nothing and flap. Every wait here is event-driven with a
-generous bound; nothing asserts a duration.
+generous bound; nothing asserts a duration. The in-process tests run on trio's
+autojump clock with capped hash rates (:data:`HASHRATE` at :data:`DIFFICULTY`, a share
+about every 0.17 s of that clock per rig): quiet periods, probe intervals and
+reconnect delays cost no real time.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from bridge.testing.failover import start_failover_bench
 from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig
 
+#: A share every ~8,600 hashes, so ~0.17 virtual seconds apart at :data:`HASHRATE`.
+DIFFICULTY = 0.000002
+HASHRATE = 50_000
+
 FAST = {"silence_timeout": 1.0, "lag_delay": 0.5, "hold_down": 1.5, "no_upstream_grace": 0.5}
 
 
@@ -26,15 +33,15 @@ async def until(condition: Callable[[], bool], step: float = 0.05) -> None:
         await trio.sleep(step)
 
 
-async def test_rigs_mine_again_soon_after_the_pool_behind_the_sidecar_restarts(tmp_path) -> None:
+async def test_rigs_mine_again_soon_after_the_pool_behind_the_sidecar_restarts(tmp_path, autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
         # Jobs every 2 s leave the probe's sessions quiet between them, the case that flapped.
         chain = await start_chain(
-            nursery, tmp_path, accounts=("back",), pool_config=PoolConfig(difficulty=0.00002, notify_interval=2.0)
+            nursery, tmp_path, accounts=("back",), pool_config=PoolConfig(difficulty=DIFFICULTY, notify_interval=2.0)
         )
         pool = chain.pool
         pool_port = chain.sidecar.pool.port
-        miner = Miner(chain.miner_url, "back.rig", profile="cgminer", reconnect_delay=0.2)
+        miner = Miner(chain.miner_url, "back.rig", profile="cgminer", reconnect_delay=0.2, hashrate=HASHRATE)
         nursery.start_soon(miner.run)
         with trio.fail_after(60):
             await until(lambda: len(miner.accepted) >= 2)
@@ -55,12 +62,14 @@ async def test_rigs_mine_again_soon_after_the_pool_behind_the_sidecar_restarts(t
         nursery.cancel_scope.cancel()
 
 
-async def test_a_proxy_whose_only_upstream_is_down_when_the_first_rig_comes_recovers_by_itself() -> None:
+async def test_a_proxy_whose_only_upstream_is_down_when_the_first_rig_comes_recovers_by_itself(autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
-        bench = await start_failover_bench(nursery, pools=1, failover=FailoverConfig(**FAST))
+        bench = await start_failover_bench(
+            nursery, pools=1, failover=FailoverConfig(**FAST), pool_config=PoolConfig(difficulty=DIFFICULTY)
+        )
         [pool] = bench.pools
         pool.kill()  # no probe user, no rig has ever authorized: the probe has no worker name
-        miner = Miner(bench.miner_url(), "alice.early", profile="cgminer", reconnect_delay=0.2)
+        miner = Miner(bench.miner_url(), "alice.early", profile="cgminer", reconnect_delay=0.2, hashrate=HASHRATE)
         nursery.start_soon(miner.run)
         with trio.fail_after(60):
             await until(lambda: miner.statistics().disconnects >= 1)  # released: nothing usable

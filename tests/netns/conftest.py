@@ -17,7 +17,21 @@ def netns_reason() -> str | None:
     return unavailable()
 
 
-def make_pki(directory: Path, sidecar_ip: str) -> dict[str, Path]:
+#: The sidecars' addresses in the namespace tests (test_balancer's pool namespace, test_gateway's).
+SIDECAR_IPS = ("10.213.0.1", "10.214.2.2")
+
+
+@pytest.fixture(scope="session")
+def netns_pki(netns_reason, tmp_path_factory) -> Path:
+    """Made once by ``stratumrm pki`` for every namespace test (each copies it): one sidecar
+    certificate naming every sidecar address in :data:`SIDECAR_IPS`."""
+    require(netns_reason)
+    directory = tmp_path_factory.mktemp("netns-pki") / "pki"
+    make_pki(directory, *SIDECAR_IPS)
+    return directory
+
+
+def make_pki(directory: Path, *sidecar_ips: str) -> dict[str, Path]:
     """The operator's CA, one sidecar certificate (shared by every sidecar) and a farm bundle."""
 
     def pki(*args: str) -> None:
@@ -29,7 +43,7 @@ def make_pki(directory: Path, sidecar_ip: str) -> dict[str, Path]:
         )
 
     pki("init")
-    pki("issue-pool", "sidecar", "--ip", sidecar_ip)
+    pki("issue-pool", "sidecar", *(option for ip in sidecar_ips for option in ("--ip", ip)))
     pki("issue-miner", "farm1", "--account", "alice")
     return pki_files(directory)
 

@@ -22,6 +22,15 @@ import trio
 from bridge.testing.miner import Miner
 from bridge.testing.pool import PoolConfig, ReferencePool
 
+#: Hashes per second per miner. At the tests' difficulty (:data:`DIFFICULTY`, about
+#: 8,600 hashes a share) that is a share every ~0.2 s per rig, while the miners'
+#: process uses a small part of one core: uncapped, it would hash flat out on one of
+#: the machine's two cores and starve the sidecars, HAProxy and the proxy under test.
+HASHRATE = 40_000
+
+#: The pool difficulty the namespace tests pass to the ``pool`` role.
+DIFFICULTY = "0.000002"
+
 
 def keys(records) -> list[list]:
     return [[r.job_id, r.extranonce1, r.extranonce2, r.ntime, r.nonce, r.version_bits] for r in records]
@@ -50,7 +59,15 @@ async def miners(url: str, user: str, profiles: str, state: str) -> None:
     for index, spec in enumerate(profiles.split(",")):
         xnsub = spec.endswith("+xnsub")
         profile = spec.removesuffix("+xnsub")
-        group.append(Miner(url + ("#xnsub" if xnsub else ""), f"{user}.{profile}{index}", profile=profile, reconnect_delay=0.5))
+        group.append(
+            Miner(
+                url + ("#xnsub" if xnsub else ""),
+                f"{user}.{profile}{index}",
+                profile=profile,
+                reconnect_delay=0.5,
+                hashrate=HASHRATE,
+            )
+        )
 
     # Connection counters frozen when the stop was asked: finishing closes connections itself.
     frozen: dict[str, tuple[int, int]] = {}

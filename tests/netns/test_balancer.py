@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import copy_pki, make_pki, require
+from tests.netns.conftest import SIDECAR_IPS, copy_pki, require
 from tests.netns.netlib import Lab, read_state, wait_until
+from tests.netns.roles import DIFFICULTY
 
 POOL_IP, FARM_IP = "10.213.0.1", "10.213.0.2"
 BALANCER_PORT = 3334
@@ -90,7 +91,7 @@ class PoolFarm:
 
     def start(self) -> None:
         lab = self.lab
-        lab.python(self.pool_ns, "pool", "-m", "tests.netns.roles", "pool", "127.0.0.1", "3333", "0.00001", str(self.pool_state))
+        lab.python(self.pool_ns, "pool", "-m", "tests.netns.roles", "pool", "127.0.0.1", "3333", DIFFICULTY, str(self.pool_state))
         for name in SIDECAR_PORTS:
             self.start_sidecar(name)
         servers = "\n".join(
@@ -217,21 +218,13 @@ class PoolFarm:
         return final["miners"]
 
 
-@pytest.fixture(scope="module")
-def farm_pki(netns_reason, tmp_path_factory) -> Path:
-    """Made once by ``stratumrm pki`` for both tests (each copies it)."""
-    require(netns_reason, "haproxy")
-    directory = tmp_path_factory.mktemp("farm-pki") / "pki"
-    make_pki(directory, POOL_IP)
-    return directory
-
-
 @pytest.fixture
-def pool_farm(netns_reason, farm_pki, tmp_path):
+def pool_farm(netns_reason, netns_pki, tmp_path):
     require(netns_reason, "haproxy")
+    assert POOL_IP in SIDECAR_IPS
     lab = Lab(tmp_path)
     try:
-        farm = PoolFarm(lab, tmp_path, farm_pki)
+        farm = PoolFarm(lab, tmp_path, netns_pki)
         farm.start()
         yield farm
     finally:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import make_pki, require
+from tests.netns.conftest import SIDECAR_IPS, copy_pki, require
 from tests.netns.netlib import Lab, read_state, run, wait_until
+from tests.netns.roles import DIFFICULTY
 
 FARM_IP, GATEWAY_FARM_IP = "10.214.1.2", "10.214.1.1"
 GATEWAY_POOL_IP, POOL_IP = "10.214.2.1", "10.214.2.2"
@@ -42,8 +43,9 @@ def lab(netns_reason, tmp_path):
         lab.close()
 
 
-def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, tmp_path: Path) -> None:
-    pki = make_pki(tmp_path / "pki", POOL_IP)
+def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, netns_pki: Path, tmp_path: Path) -> None:
+    assert POOL_IP in SIDECAR_IPS
+    pki = copy_pki(netns_pki, tmp_path / "pki")
     farm, gateway, pool = lab.namespace("farm"), lab.namespace("gw"), lab.namespace("pool")
     lab.link(farm, f"{FARM_IP}/24", gateway, f"{GATEWAY_FARM_IP}/24")
     lab.link(gateway, f"{GATEWAY_POOL_IP}/24", pool, f"{POOL_IP}/24")
@@ -55,8 +57,8 @@ def test_a_gateway_redirect_sends_an_unmodified_rig_through_stratumrm(lab: Lab, 
     run("ip", "netns", "exec", gateway, "nft", "-f", str(rules))
 
     states = {name: tmp_path / f"{name}.json" for name in ("pool", "pool2", "intercepted", "passed")}
-    lab.python(pool, "pool", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3333", "0.00001", str(states["pool"]))
-    lab.python(pool, "pool2", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3336", "0.00001", str(states["pool2"]))
+    lab.python(pool, "pool", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3333", DIFFICULTY, str(states["pool"]))
+    lab.python(pool, "pool2", "-m", "tests.netns.roles", "pool", "0.0.0.0", "3336", DIFFICULTY, str(states["pool2"]))
     lab.python(
         pool,
         "sidecar",

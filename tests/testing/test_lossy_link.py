@@ -91,6 +91,9 @@ async def send_numbered(sock: trio.socket.SocketType, port: int, count: int = CO
 
 
 async def run_through_link(link_options: dict[str, object], *, echo_back: bool) -> tuple[list[int], LossyLink]:
+    """Numbered datagrams through a link. The tests run it on the autojump clock: the
+    pacing and the quiet period that ends :func:`collect` cost no real time, and a
+    datagram on loopback is readable as soon as it was sent."""
     target = await bound_udp_socket()
     client = await bound_udp_socket()
     with target, client:
@@ -109,7 +112,7 @@ async def run_through_link(link_options: dict[str, object], *, echo_back: bool) 
     return seen, link
 
 
-async def test_without_loss_everything_arrives_in_order_both_ways() -> None:
+async def test_without_loss_everything_arrives_in_order_both_ways(autojump_clock) -> None:
     seen, link = await run_through_link({}, echo_back=True)
     assert seen == list(range(COUNT))
     stats = link.statistics()
@@ -118,7 +121,7 @@ async def test_without_loss_everything_arrives_in_order_both_ways() -> None:
     assert stats.clients_learned == 1 and stats.client is not None
 
 
-async def test_half_loss_with_a_seed_drops_about_half_reproducibly() -> None:
+async def test_half_loss_with_a_seed_drops_about_half_reproducibly(autojump_clock) -> None:
     seen, link = await run_through_link({"loss": 50, "seed": 42}, echo_back=False)
     stats = link.statistics()
     assert 0.35 * COUNT < len(seen) < 0.65 * COUNT
@@ -127,7 +130,7 @@ async def test_half_loss_with_a_seed_drops_about_half_reproducibly() -> None:
     assert again == seen
 
 
-async def test_duplicates_appear() -> None:
+async def test_duplicates_appear(autojump_clock) -> None:
     seen, link = await run_through_link({"duplicate": 30, "seed": 1}, echo_back=False)
     stats = link.statistics()
     assert stats.to_target.duplicated > 0
@@ -135,14 +138,14 @@ async def test_duplicates_appear() -> None:
     assert set(seen) == set(range(COUNT))
 
 
-async def test_reordering_happens_and_loses_nothing() -> None:
+async def test_reordering_happens_and_loses_nothing(autojump_clock) -> None:
     seen, link = await run_through_link({"reorder": 20, "seed": 3}, echo_back=False)
     assert sorted(seen) == list(range(COUNT))
     assert seen != sorted(seen)
     assert link.statistics().to_target.reordered > 0
 
 
-async def test_per_direction_impairment() -> None:
+async def test_per_direction_impairment(autojump_clock) -> None:
     seen, link = await run_through_link({"seed": 5, "to_target": Impairment(), "to_client": Impairment(loss=100)}, echo_back=True)
     stats = link.statistics()
     assert seen == []

@@ -67,6 +67,10 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+#: ~8,600 hashes per share.
+DIFFICULTY = 0.000002
+
+
 async def until(check: Callable[[], Any], what: str) -> None:
     """Wait (event-driven polling, generous deadline) until ``await check()`` is true."""
     with trio.fail_after(WAIT):
@@ -78,7 +82,7 @@ async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> N
     async with trio.open_nursery() as nursery:
         # nbits 207fffff (regtest): every share is a block candidate, sent urgently and counted on both roles
         chain = await start_chain(
-            nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=0.00001, nbits="207fffff")
+            nursery, tmp_path, accounts=("web",), pool_config=PoolConfig(difficulty=DIFFICULTY, nbits="207fffff")
         )
         service = ProxyService(chain.proxy, metrics_per_worker=True)
         proxy_port = await nursery.start(service.web.serve, "127.0.0.1", 0)
@@ -92,7 +96,8 @@ async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> N
         assert value(before, "stratumrm_ready") == 1 and value(before, "stratumrm_process_open_fds") > 0
 
         chain.pool.reject_next(1, 23)
-        miner = Miner(chain.miner_url, "web.rig1", profile="cgminer", hashrate=400_000)
+        # ~9 shares/s, as 400 kH/s at difficulty 0.00001 gave, for a fifth of the hashing
+        miner = Miner(chain.miner_url, "web.rig1", profile="cgminer", hashrate=80_000)
         nursery.start_soon(miner.run)
 
         seen: dict[str, dict] = {}
@@ -137,7 +142,7 @@ async def test_metrics_api_and_health_follow_shares_on_both_roles(tmp_path) -> N
 
         [rig] = await api(proxy_base, "/api/v1/rigs")
         assert rig["workers"] == ["web.rig1"] and rig["accepted"] >= accepted + 2 and rig["hashrate"] > 0
-        assert rig["difficulty"] == 0.00001 and rig["upstream"]
+        assert rig["difficulty"] == DIFFICULTY and rig["upstream"]
         [sidecar_rig] = await api(sidecar_base, "/api/v1/rigs")
         assert sidecar_rig["workers"] == ["web.rig1"] and sidecar_rig["accepted"] >= 3
         [upstream] = await api(proxy_base, "/api/v1/upstreams")
