@@ -10,6 +10,9 @@ sv1 relay       miners → proxy ``stratum+tcp://`` → pool     proxy ↔ pool
 sv1 in tls      miners → proxy ``stratum+ssl://`` → pool     proxy ↔ pool (TLS 1.3)
 stunnel pair    miners → stunnel client → stunnel server     stunnel ↔ stunnel (TLS 1.3)
                 → pool (when stunnel is installed)
+bare python     miners → near relay → far relay → pool       not metered: the floor for
+pair            (TCP in, UDP across, TCP out; bytes copied,  latency and CPU of any
+                nothing else: :mod:`bridge.bench.bare_relay`) Python pair
 stratumrm       miners → proxy ``stratumrm://`` → sidecar    proxy ↔ sidecar: TLS control
                 → pool                                       connection + UDP datagrams
 ==============  ===========================================  =============================
@@ -106,6 +109,7 @@ from typing import Any
 
 import trio
 
+from bridge.bench.bare_relay import BarePair
 from bridge.bench.load import LoadConnection, LoadGenerator, OfferResult
 from bridge.bench.measure import (
     CpuMeter,
@@ -127,13 +131,15 @@ DIRECT = "direct"
 SV1_RELAY = "sv1 relay"
 SV1_TLS = "sv1 in tls"
 STUNNEL = "stunnel pair"
+BARE = "bare python pair"
 STRATUMRM = "stratumrm"
-PATHS = (DIRECT, SV1_RELAY, SV1_TLS, STUNNEL, STRATUMRM)
+PATHS = (DIRECT, SV1_RELAY, SV1_TLS, STUNNEL, BARE, STRATUMRM)
 LINKS = {
     DIRECT: "miner<->pool TCP",
     SV1_RELAY: "proxy<->pool TCP",
     SV1_TLS: "proxy<->pool TLS",
     STUNNEL: "stunnel<->stunnel TLS",
+    BARE: "relay<->relay UDP, not metered",
     STRATUMRM: "proxy<->sidecar TLS+UDP",
 }
 ACCOUNT = "bench"
@@ -911,6 +917,7 @@ async def run_once(
     """One run: start every process, measure every path and the lossy case, stop everything."""
     started: list[RoleProcess] = []
     stunnel: StunnelPair | None = None
+    bare: BarePair | None = None
     try:
         pool = await launcher.start(
             "pool",
@@ -926,6 +933,8 @@ async def run_once(
                 "lossy",
                 "--listener",
                 "stunnel",
+                "--listener",
+                "bare",
                 "--tls-listener",
                 "tls",
                 "--cert",
@@ -955,6 +964,8 @@ async def run_once(
                 launcher.log_dir / "stunnel", HOST, ports["stunnel"], pki.pool_certificate, pki.pool_key, pki.ca_certificate
             )
             await stunnel.start()
+        bare = BarePair(HOST, ports["bare"])
+        await bare.start()
 
         common_pids = {"pool": pool.pid, "load": os.getpid()}
         plan: list[tuple[str, int, LinkMeter, dict[str, int], RoleProcess | None]] = [
@@ -964,6 +975,7 @@ async def run_once(
         ]
         if stunnel is not None:
             plan.append((STUNNEL, stunnel.entry_port, LinkMeter([stunnel.link_port]), {**stunnel.pids, **common_pids}, None))
+        plan.append((BARE, bare.entry_port, LinkMeter([]), {**bare.pids, **common_pids}, None))
         plan += [
             (
                 STRATUMRM,
@@ -986,6 +998,8 @@ async def run_once(
     finally:
         if stunnel is not None:
             await stunnel.stop()
+        if bare is not None:
+            await bare.stop()
         for process in reversed(started):
             await process.stop()
 
@@ -1221,15 +1235,16 @@ def report(summary: TransportSummary) -> str:
     for path, result in paths.items():
         added = result.latency_p50 - direct.latency_p50 if direct and path != DIRECT else math.nan
         versus_tls = result.bytes_total / tls.bytes_total if tls and tls.bytes_total else math.nan
+        metered = path != BARE
         rows.append(
             [
                 path,
                 LINKS[path],
-                _number(result.bytes_up),
-                _number(result.bytes_down),
-                _number(result.bytes_total),
-                _number(versus_tls, 2),
-                _number(result.packets, 2),
+                _number(result.bytes_up) if metered else "-",
+                _number(result.bytes_down) if metered else "-",
+                _number(result.bytes_total) if metered else "-",
+                _number(versus_tls, 2) if metered else "-",
+                _number(result.packets, 2) if metered else "-",
                 _number(result.latency_p50, 3),
                 _number(result.latency_p99, 3),
                 _number(added, 3),
@@ -1273,7 +1288,7 @@ def report(summary: TransportSummary) -> str:
                 _number(low.get("load", math.nan), 1),
                 _number(high.get("proxy", math.nan), 1),
                 _number(high.get("sidecar", math.nan), 1),
-                _number(result.bytes_at_max),
+                _number(result.bytes_at_max) if path != BARE else "-",
             ]
         )
     lines.append(format_table(header, rows))
@@ -1331,8 +1346,8 @@ def closed_report(summary: TransportSummary) -> list[str]:
         rows.append(
             [
                 path,
-                _number(c.lone_bytes),
-                _number(c.lone_bytes / tls_closed.lone_bytes, 2),
+                _number(c.lone_bytes) if path != BARE else "-",
+                _number(c.lone_bytes / tls_closed.lone_bytes, 2) if path != BARE else "-",
                 _number(c.lone_p50_ms * 1e3),
                 _number(c.lone_p99_ms * 1e3),
                 _number(added * 1e3),
@@ -1342,7 +1357,7 @@ def closed_report(summary: TransportSummary) -> list[str]:
                 _number(c.lone_round_trip_p50_ms * 1e3),
                 _number(c.closed_rate),
                 _number(c.closed_rate / tls_closed.closed_rate if tls_closed.closed_rate else math.nan, 2),
-                _number(c.closed_cpu_us, 1) if path in (SV1_RELAY, SV1_TLS, STUNNEL, STRATUMRM) else "-",
+                _number(c.closed_cpu_us, 1) if path in (SV1_RELAY, SV1_TLS, STUNNEL, BARE, STRATUMRM) else "-",
                 _number(c.lone_sent_again + c.closed_sent_again),
             ]
         )
@@ -1424,6 +1439,13 @@ def closed_targets(summary: TransportSummary) -> list[str]:
             f"  3. added p50 submit -> pool <= the TLS pair's: {added_rm * 1e3:.0f} us vs {added_tls * 1e3:.0f} us "
             f"({_ratio(added_rm, added_tls)}) -> {verdict(added_rm <= added_tls)}"
         )
+        bare = paths.get(BARE)
+        if bare is not None and bare.closed is not None:
+            added_bare = bare.closed.lone_p50_ms - direct.closed.lone_p50_ms
+            out.append(
+                f"     (the floor: two Python processes that only copy bytes, TCP -> UDP -> TCP, add {added_bare * 1e3:.0f} us, "
+                f"{_ratio(added_bare, added_tls)} the TLS pair's)"
+            )
     answer_leg = f"{c.answer_leg_p50_ms * 1e3:.0f} us (SV1 over TLS {t.answer_leg_p50_ms * 1e3:.0f} us"
     if direct is not None and direct.closed is not None:
         answer_leg += f", direct {direct.closed.answer_leg_p50_ms * 1e3:.0f} us"
