@@ -324,7 +324,7 @@ class ClientSession:
         return self._answered(response)
 
     def _answered(self, response: Response) -> ClientEvent | None:
-        request_id = response.id
+        request_id: Any = response.id
         pending = self._pending.pop(request_id, None) if type(request_id) is int else None
         if pending is None:
             self._unmatched += 1
