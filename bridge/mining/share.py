@@ -97,6 +97,13 @@ _WORDS_BE = struct.Struct(">8I")
 _WORDS_LE = struct.Struct("<8I")
 _U32_LE = struct.Struct("<I")
 _sha256 = hashlib.sha256
+try:  # CPython's own SHA-256: less call overhead than OpenSSL's for inputs of a block or two
+    from _sha256 import sha256 as _small_sha256  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - other interpreters, Python 3.12+ (_sha2)
+    try:
+        from _sha2 import sha256 as _small_sha256  # type: ignore[import-not-found]
+    except ImportError:
+        _small_sha256 = hashlib.sha256
 
 
 # --------------------------------------------------------------------------- hashing
@@ -460,8 +467,10 @@ class Job:
         The same bytes as :meth:`header`, built in one pass: the miner-side proxy
         hashes every share it relays (block candidates, PROTOCOL.md C6).
         """
-        sha256 = _sha256
-        root = sha256(sha256(b"".join((self.coinb1, extranonce1, extranonce2, self.coinb2))).digest()).digest()
+        # OpenSSL for the coinbase (hundreds of bytes on a real pool); CPython's own
+        # SHA-256 for the 32- to 80-byte inputs, where calling OpenSSL costs more than hashing.
+        sha256 = _small_sha256
+        root = sha256(_sha256(b"".join((self.coinb1, extranonce1, extranonce2, self.coinb2))).digest()).digest()
         for i, b in enumerate(self.merkle_branch):
             if len(b) != 32:
                 raise ValueError(f"merkle branch entry {i} must be 32 bytes, got {len(b)}")
