@@ -16,11 +16,9 @@ verdict:
   pn→acknowledgement samples, minus the ACK's ack delay, plus the announced
   ``max_ack_delay`` as QUIC's PTO), never below the floor that late acknowledgements
   of copies already sent again measured. An unacknowledged share is sent again over
-  UDP with a new packet number, then over TLS, on evidence of loss (a later datagram
-  acknowledged). Without it (a late acknowledgement looks like a lost datagram) a
-  PROBE goes first: the sidecar acknowledges what it holds before it answers, so the
-  PROBE_ACK tells which shares were lost and those go at once; a PROBE unanswered for
-  a timeout (a stalled sidecar) lets one share go per expiry, as QUIC's PTO probe. An acknowledged share whose verdict does
+  UDP with a new packet number, then over TLS; without evidence of loss (nothing
+  sent after it was acknowledged, no control line since: a stalled sidecar), only
+  one share goes per expiry, as a probe. An acknowledged share whose verdict does
   not follow within the verdict timeout (its own estimator over ack→verdict delays)
   is sent again only when a sidecar datagram is missing since. The first verdict
   for any copy settles the share.
@@ -38,7 +36,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
 from typing import Any, Protocol
 
 import msgspec
@@ -69,7 +66,6 @@ VERDICT_TIMEOUT_MIN = 0.25
 VERDICT_TIMEOUT_INITIAL = 1.0
 VERDICT_TIMEOUT_MAX = 10.0
 _PLAIN_ACCEPT = Response(None, TRUE, NULL)
-_GRANULARITY = 0.001
 
 
 class PendingShare:
@@ -178,16 +174,7 @@ class ShareDelivery:
         self._largest_sent: dict[int, int] = {}  # per key epoch: the pn of the newest share datagram
         self._gap_at = -math.inf
         self._heard_at = -math.inf
-        self._acked_sent_at = -math.inf  # when the newest share datagram an ACK (or a loss probe) covered was sent
-        # VERDICTs name only the datagrams whose shares the pool answered, so one for a
-        # later datagram proves an earlier one lost only once the sidecar's ack delay has
-        # passed since (the earlier one's ACK would have come by then): (when, sent_at).
-        self._verdict_acked: deque[tuple[float, float]] = deque()
-        self._verdict_acked_sent_at = -math.inf
-        # The loss probe (a PROBE sent instead of a share when a deadline passes without
-        # evidence of loss; the sidecar acknowledges every datagram it holds before it
-        # answers a probe): its id and when it went, None when none is out.
-        self._loss_probe: tuple[int, float] | None = None
+        self._acked_sent_at = -math.inf  # when the newest acknowledged share datagram was sent
         self._late_floor = 0.0
         self._late_floor_at = 0.0
         self._next_probe: float | None = None
@@ -210,7 +197,6 @@ class ShareDelivery:
         self.spurious = 0
         self.verdict_waits = 0
         self.probe_waits = 0
-        self.loss_probes = 0
 
     def announced_ack_delay(self, max_ack_delay: float) -> None:
         """The sidecar's ``max_ack_delay`` from its hello result (capped at ``ACK_DELAY_LIMIT``)."""
@@ -257,8 +243,6 @@ class ShareDelivery:
 
     def clear(self) -> None:
         """The connection is gone: every share with it."""
-        self._loss_probe = None
-        self._verdict_acked.clear()
         self.shares.clear()
         self._refs.clear()
         self._flights.clear()
@@ -295,9 +279,6 @@ class ShareDelivery:
             case Ack():
                 self._on_ack(result.epoch, body, now)
             case ProbeAck():
-                loss_probe = self._loss_probe
-                if loss_probe is not None and body.probe_id == loss_probe[0]:
-                    self._loss_probe_answered(loss_probe[1], now)
                 if not self.udp_up:
                     self.udp_up = True
                     self._udp_failures = 0
@@ -339,12 +320,10 @@ class ShareDelivery:
         escalated = False
         probed = False
         waiting: list[PendingShare] = []
-        probe_waiting: list[PendingShare] = []
         verdict_waiting: list[PendingShare] = []
         # Loss evidence, as QUIC's (RFC 9002 §6.1): the sidecar acknowledged a datagram
-        # sent after the share's (an ACK, or the answer to a loss probe, at once; a
-        # VERDICT once the ack delay has passed since).
-        acked_after = max(self._acked_sent_at, self._mature_verdict_evidence(now))
+        # sent after the share's, or spoke on the control channel since it was sent.
+        acked_after = self._acked_sent_at
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -373,33 +352,13 @@ class ShareDelivery:
                 self.verdict_queries += 1
                 overdue = True
             else:
-                if acked_after < share.sent_at and share.tries == 1:
-                    # A first copy without evidence of loss: nothing sent later was acknowledged (the
-                    # sidecar reads its datagrams in order). A late acknowledgement (a
-                    # sidecar busy, descheduled, in a garbage collection, its ack timer
-                    # late) or a lost datagram: ask with a PROBE first, as QUIC's PTO
-                    # sends a probe. The sidecar acknowledges every datagram it holds
-                    # before it answers a probe, so its PROBE_ACK settles which shares
-                    # were lost, and those go at once (_loss_probe_answered).
-                    loss_probe = self._loss_probe
-                    if loss_probe is None and not probed and self._send_loss_probe(now):
-                        loss_probe = self._loss_probe
-                    if loss_probe is not None and now < loss_probe[1] + self.retransmission_timeout(now):
-                        self.probe_waits += 1
-                        probe_waiting.append(share)
-                        continue
-                    # No sealer, or the probe went unanswered for a whole timeout (lost,
-                    # or the sidecar is stalled or gone): one share goes again per expiry
-                    # (QUIC's PTO probe), the others wait for what it draws.
-                    self._loss_probe = None
-                    if probed:
-                        self.probe_waits += 1
-                        waiting.append(share)
-                        continue
-                    probed = True
-                elif acked_after < share.sent_at and spoke_at < share.sent_at:
-                    # A copy sent again (its first went unanswered) and still no evidence:
-                    # one share goes on per expiry, toward TLS; the others wait.
+                if acked_after < share.sent_at and spoke_at < share.sent_at:
+                    # No evidence of loss: nothing sent later was acknowledged (the
+                    # sidecar reads its datagrams in order) and no control line came
+                    # since. A stalled peer (a garbage collection, a descheduled process,
+                    # a backlog) or a dead path, not one lost datagram: one share goes
+                    # again per expiry, as QUIC's PTO sends one probe; the others wait
+                    # for the acknowledgements the probe draws.
                     if probed:
                         self.probe_waits += 1
                         waiting.append(share)
@@ -433,52 +392,6 @@ class ShareDelivery:
             for share in shares:
                 share.deadline = now + timeout
                 heapq.heappush(timeline, (share.deadline, share))
-        if probe_waiting:
-            loss_probe = self._loss_probe
-            assert loss_probe is not None
-            # Until the probe's answer (which pulls them in), or a whole timeout after it went.
-            due = max(loss_probe[1] + self.retransmission_timeout(now), now + _GRANULARITY)
-            for share in probe_waiting:
-                share.deadline = due
-                heapq.heappush(timeline, (due, share))
-
-    def _send_loss_probe(self, now: float) -> bool:
-        """Send a PROBE to learn which unacknowledged share datagrams the sidecar holds."""
-        sealer = self.sealer
-        if sealer is None or not self.udp_up:
-            return False
-        self._probe_id = (self._probe_id + 1) & 0xFFFFFFFF
-        self._datagrams.append(sealer.seal(Probe(self._probe_id)).data)
-        self._loss_probe = (self._probe_id, now)
-        self.loss_probes += 1
-        self.rtt.on_timeout(now)  # a probe timeout backs off, as QUIC's PTO does
-        return True
-
-    def _loss_probe_answered(self, sent_at: float, now: float) -> None:
-        """The sidecar answered the loss probe sent at ``sent_at``, after acknowledging every
-        share datagram it held: a datagram sent before the probe still unacknowledged is lost."""
-        self._loss_probe = None
-        if sent_at > self._acked_sent_at:
-            self._acked_sent_at = sent_at
-        timeline = self._timeline
-        for share in self.shares.values():
-            if share.acked or share.sent_at >= sent_at or share.deadline <= now or not share.refs:
-                continue
-            epoch, pn, _ = share.refs[-1]
-            if (epoch, pn) in self._flights:  # its newest datagram is still unacknowledged
-                share.deadline = now
-                heapq.heappush(timeline, (now, share))
-
-    def _mature_verdict_evidence(self, now: float) -> float:
-        """When the newest datagram was sent that a VERDICT acknowledged at least the
-        sidecar's ack delay ago (from then on, its earlier datagrams' ACKs are overdue)."""
-        acked = self._verdict_acked
-        horizon = now - self._ack_delay
-        while acked and acked[0][0] <= horizon:
-            sent_at = acked.popleft()[1]
-            if sent_at > self._verdict_acked_sent_at:
-                self._verdict_acked_sent_at = sent_at
-        return self._verdict_acked_sent_at
 
     def _batch_due(self) -> float | None:
         """When the queued records go out: at once (None) unless a share datagram went out
@@ -601,7 +514,7 @@ class ShareDelivery:
                 continue
             self._settle(share, _verdict_response(verdict), now, via_udp=True)
 
-    def _acknowledged(self, epoch: int, pn: int, now: float, *, checked: bool = False, by_verdict: bool = False) -> float | None:
+    def _acknowledged(self, epoch: int, pn: int, now: float, *, checked: bool = False) -> float | None:
         """The sidecar received datagram ``pn``: its shares now wait for verdicts only.
 
         Returns when it was sent, if this is its first acknowledgement.
@@ -612,9 +525,7 @@ class ShareDelivery:
         if not checked:
             self._late_copy(epoch, pn, flight, now)
         sent_at, shares = flight
-        if by_verdict:
-            self._verdict_acked.append((now, sent_at))
-        elif sent_at > self._acked_sent_at:
+        if sent_at > self._acked_sent_at:
             self._acked_sent_at = sent_at
         deadline = now + self.verdict_rtt.rto
         for share in shares:
@@ -673,7 +584,7 @@ class ShareDelivery:
                 detail = entry.detail
                 self._settle(share, _PLAIN_ACCEPT if detail is None else _detail_response(detail), now, via_udp=True)
         for pn in acknowledged:  # the other shares of these datagrams now wait for their verdicts only
-            self._acknowledged(epoch, pn, now, checked=True, by_verdict=True)
+            self._acknowledged(epoch, pn, now, checked=True)
         if sample is not None:
             # A verdict acknowledges its datagram; the sidecar sends it within its ack
             # delay or sends an ACK first, so the sample is at most RTT + 5 ms.

@@ -29,7 +29,6 @@ from bridge.wire.datagram import (
     Share,
     ShareBatch,
     decode_body,
-    parse_header,
 )
 from bridge.wire.keys import KeyMaterial, KeySet, Role, Sealer, derive_keys
 
@@ -701,24 +700,6 @@ def test_a_probe_is_answered_to_the_learned_address_with_an_ack_no_larger() -> N
     plaintext = harness.keys.opener.open(data)
     assert plaintext is not None and decode_body(DatagramType.PROBE_ACK, plaintext) == ProbeAck(probe_id=0xABCD, padding=20)
     assert harness.session.statistics().probe_acks_sent == 1
-
-
-def test_a_probe_is_answered_after_an_ack_of_every_share_datagram_held() -> None:
-    # The proxy's loss probe (PROTOCOL.md §9) asks which of its datagrams arrived: the
-    # share waiting for the pool is acknowledged first, then the probe answered.
-    harness = ready()
-    harness.datagram(harness.seal(harness.share()))
-    assert harness.submits() and harness.datagrams == []
-    harness.datagram(harness.seal(Probe(probe_id=7)))
-    assert harness.keys is not None
-    bodies = []
-    for data, _address in harness.datagrams:
-        header = parse_header(data)
-        plaintext = harness.keys.opener.open(data)
-        assert plaintext is not None
-        bodies.append(decode_body(header.type, plaintext))
-    assert [type(body) for body in bodies] == [Ack, ProbeAck]
-    assert [(r.high, r.low) for r in bodies[0].ranges] == [(0, 0)]
 
 
 def test_probe_acks_never_exceed_what_the_address_sent() -> None:

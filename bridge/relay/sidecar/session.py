@@ -936,9 +936,6 @@ class SidecarSession:
                 for index, share in enumerate(body.shares):
                     self._udp_share(share, (accepted.epoch, pn, index), urgent)
             case Probe():
-                # Acknowledge every share datagram held first: the proxy's loss probe asks
-                # which of its unacknowledged datagrams arrived (PROTOCOL.md §2.5, §9).
-                self.verdicts.acknowledge_now(now)
                 self.udp_path.answer_probe(body, now)
             case _:
                 pass  # PROBE_ACK: the sidecar sends no probes; accepted (it taught the address), nothing to do.

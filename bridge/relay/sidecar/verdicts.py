@@ -112,11 +112,6 @@ class VerdictSender:
             if not self.batch and self._results:
                 self.flush_results()
 
-    def acknowledge_now(self, now: float) -> None:
-        """ACK every share datagram not acknowledged yet, now (before answering a PROBE)."""
-        if self._unacked_count:
-            self._send_acks(now)
-
     def handle_timer(self, now: float) -> None:
         if self.results_due is not None and now >= self.results_due:
             self.flush_results()
