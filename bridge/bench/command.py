@@ -174,6 +174,12 @@ def codec_command(iterations: int, repeats: int) -> None:
     help="Measured seconds of the rigs x 4 in flight closed loop [default: 3].",
 )
 @click.option("--search/--no-search", default=None, help="Also search the highest open-loop rate with zero loss [default: on].")
+@click.option(
+    "--pair-only",
+    is_flag=True,
+    default=None,
+    help="Measure only the stunnel pair and StratumRM (throughput and CPU per share side by side).",
+)
 def transport_command(
     quick: bool, runs: int | None, keep_logs: Path | None, verbose_logs: bool, profile: bool, **overrides: Any
 ) -> None:

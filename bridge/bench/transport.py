@@ -186,6 +186,8 @@ class TransportSettings:
     slow_pool_delay: float = 0.050
     slow_seconds: float = 3.0
     search: bool = True
+    pair_only: bool = False
+    """Measure only the two pairs (the stunnel pair and StratumRM): the throughput and CPU comparison."""
 
     @classmethod
     def quick(cls) -> TransportSettings:
@@ -645,6 +647,8 @@ async def _measure_closed_loops(
     progress(
         f"{label}: {len(connections)} rigs x {settings.closed_in_flight} in flight for {settings.closed_seconds:g} s: "
         f"{closed.rate:,.0f} shares/s, {sum(closed.bytes_per_share()):.0f} B/share"
+        + _describe_cpu(closed)
+        + _describe_datagrams(closed)
         + _describe_resends(closed)
         + (f"; LOSS: {problem}" if problem else "")
     )
@@ -690,6 +694,22 @@ def _describe_window(window: Window) -> str:
             f"control TCP {split['tcp up']:.0f} up + {split['tcp down']:.0f} down)"
         )
     return text + _describe_resends(window)
+
+
+def _describe_cpu(window: Window) -> str:
+    """CPU microseconds per share of the relaying processes (proxy, sidecar, stunnel) in a window."""
+    per_share = {name: value for name, value in window.cpu_us_per_share().items() if name not in ("pool", "load")}
+    if not per_share:
+        return ""
+    return ", CPU " + " + ".join(f"{name} {value:.1f}" for name, value in sorted(per_share.items())) + " us/share"
+
+
+def _describe_datagrams(window: Window) -> str:
+    """Shares per UDP datagram each way (how well concurrent shares and verdicts were coalesced)."""
+    udp = window.udp_traffic
+    if not (udp.packets_up and udp.packets_down and window.shares):
+        return ""
+    return f", {window.shares / udp.packets_up:.1f} shares per datagram up, {window.shares / udp.packets_down:.1f} down"
 
 
 def _describe_resends(window: Window) -> str:
@@ -985,6 +1005,8 @@ async def run_once(
                 proxy_rm,
             ),
         ]
+        if settings.pair_only:
+            plan = [entry for entry in plan if entry[0] in (STUNNEL, STRATUMRM)]
         results: dict[str, PathRun] = {}
         async with trio.open_nursery() as nursery:
             load = LoadGenerator(iter(range(serial_start, 1 << 62)))

@@ -97,6 +97,13 @@ _WORDS_BE = struct.Struct(">8I")
 _WORDS_LE = struct.Struct("<8I")
 _U32_LE = struct.Struct("<I")
 _sha256 = hashlib.sha256
+try:  # CPython's own SHA-256: less call overhead than OpenSSL's for inputs of a block or two
+    from _sha256 import sha256 as _small_sha256  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - other interpreters, Python 3.12+ (_sha2)
+    try:
+        from _sha2 import sha256 as _small_sha256  # type: ignore[import-not-found]
+    except ImportError:
+        _small_sha256 = hashlib.sha256
 
 
 # --------------------------------------------------------------------------- hashing
@@ -346,11 +353,13 @@ class Job:
     nbits_int: int
     ntime_int: int
     _nbits_packed: bytes = field(init=False, repr=False, compare=False)
+    _network_target: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.nbits_int <= U32_MASK:
             raise ValueError(f"nbits must be a uint32, got {self.nbits_int!r}")
         object.__setattr__(self, "_nbits_packed", _U32_LE.pack(self.nbits_int))
+        object.__setattr__(self, "_network_target", nbits_to_target(self.nbits_int))
 
     @classmethod
     def from_notify_fields(
@@ -401,8 +410,8 @@ class Job:
 
     @property
     def network_target(self) -> int:
-        """The block target encoded by the job's ``nbits``."""
-        return nbits_to_target(self.nbits_int)
+        """The block target encoded by the job's ``nbits`` (computed once)."""
+        return self._network_target
 
     def rolled_version(self, version_bits: int, mask: int) -> int:
         """The job version rolled with the submitted BIP310 ``version_bits``."""
@@ -453,9 +462,28 @@ class Job:
         nonce: int,
         version: int | None = None,
     ) -> int:
-        """The share's header hash as the integer compared with targets."""
-        header = self.header(extranonce1, extranonce2, ntime, nonce, version)
-        return int.from_bytes(sha256d(header), "little")
+        """The share's header hash as the integer compared with targets.
+
+        The same bytes as :meth:`header`, built in one pass: the miner-side proxy
+        hashes every share it relays (block candidates, PROTOCOL.md C6).
+        """
+        # OpenSSL for the coinbase (hundreds of bytes on a real pool); CPython's own
+        # SHA-256 for the 32- to 80-byte inputs, where calling OpenSSL costs more than hashing.
+        sha256 = _small_sha256
+        root = sha256(_sha256(b"".join((self.coinb1, extranonce1, extranonce2, self.coinb2))).digest()).digest()
+        for i, b in enumerate(self.merkle_branch):
+            if len(b) != 32:
+                raise ValueError(f"merkle branch entry {i} must be 32 bytes, got {len(b)}")
+            root = sha256(sha256(root + b).digest()).digest()
+        try:
+            header = _HEADER.pack(
+                self.version_int if version is None else version, self.prevhash_header, root, ntime, self.nbits_int, nonce
+            )
+        except struct.error as exc:
+            raise ValueError(
+                f"version, ntime and nonce must be uint32 (version={version!r}, ntime={ntime!r}, nonce={nonce!r}): {exc}"
+            ) from None
+        return int.from_bytes(sha256(sha256(header).digest()).digest(), "little")
 
 
 # --------------------------------------------------------------------------- CPU nonce scanner

@@ -968,6 +968,7 @@ class _ProxyConnection:
         self.timer = CoreTimer(self.session)
         self.sends = StalledSends(stream, server.dead_after)
         self._control = bytearray()  # control bytes taken from the session for the pump
+        self._sent_at_once = False  # step() sent datagrams itself since the pump last ran
         self._nursery: trio.Nursery | None = None
         if not server.pool_watch.up:
             self.session.pool_status(False, server.pool_watch.reason, trio.current_time())
@@ -1013,29 +1014,40 @@ class _ProxyConnection:
         if drain is not None and not self.goaway_sent and session.hello is not None and not session.closed:
             now = trio.current_time()
             self.goaway_sent = session.go_away(round(drain[0] - now, 3), drain[1], now)
+        wake = False
         if not session.closed:
-            self._send_datagrams()
+            # The first input of a wake-up sends its verdicts at once (a lone share's verdict
+            # waits for nothing); inputs after it in the same scheduler round (other pool
+            # connections' answers, a batch of datagrams) leave theirs to the pump, which
+            # runs once they all ran and sends them together, in as few datagrams as fit.
+            if not self._sent_at_once:
+                self._sent_at_once = wake = self._send_datagrams()
+            elif session.datagrams_pending():
+                wake = True
         data = session.data_to_send()
-        if data or session.closed:
+        if data or session.closed or wake:
             self._control += data
             self.timer.wake()  # the pump writes the control stream (and ends a closed session)
         else:
             self.timer.wake_if_sooner()
 
-    def _send_datagrams(self) -> None:
-        """Send the session's datagrams now (never waits: a full buffer drops, as a network would).
+    def _send_datagrams(self) -> bool:
+        """Send the session's datagrams now (never waits: a full buffer drops, as a network would); True if any.
 
-        Called after every input, so a verdict leaves in the input that produced it
-        (the pool's bytes), not one trip through trio's scheduler later in the pump.
+        Called after the first input of a wake-up, so a lone verdict leaves in the input
+        that produced it (the pool's bytes), not one trip through trio's scheduler later
+        in the pump; the pump sends what the inputs after it queued.
         """
         datagrams = self.session.datagrams_to_send(trio.current_time())
         sender = self.server._udp_sender
-        if datagrams and sender is not None:
-            for datagram in datagrams:
-                try:
-                    sender.send(datagram.data, datagram.address)
-                except OSError as exc:
-                    log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
+        if not datagrams or sender is None:
+            return False
+        for datagram in datagrams:
+            try:
+                sender.send(datagram.data, datagram.address)
+            except OSError as exc:
+                log.debug("proxy %s: datagram to %s not sent: %s", self.peer, datagram.address, exc)
+        return True
 
     def _log_refusal(self, refusal: Refusal) -> None:
         if isinstance(refusal, RequestRefused):
@@ -1095,6 +1107,7 @@ class _ProxyConnection:
                     if self._control:
                         await self._send_control(bytes(self._control))
                 return
+            self._sent_at_once = False  # a new wake-up: the next input sends at once again
             self._send_datagrams()  # verdicts first: they are what the rigs wait for
             self._control += session.data_to_send()
             data = bytes(self._control)

@@ -600,10 +600,12 @@ class StratumRMConnection:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is next due; None: nothing is."""
-        candidates = [t for t in (self.delivery.get_timer(),) if t is not None]
+        due = self.delivery.get_timer()
         if self.hello is not None:
-            candidates.append(self.control.get_timer())  # the heartbeat and the sidecar's silence
-        return min(candidates) if candidates else None
+            control = self.control.get_timer()  # the heartbeat and the sidecar's silence
+            if due is None or control < due:
+                due = control
+        return due
 
     def silent_deadline(self) -> float:
         """When the sidecar counts as silent unless something is heard from it

@@ -260,6 +260,15 @@ class ClientSession:
         return events
 
     def _parse(self, line: bytes) -> ClientEvent | None:
+        if b'"method"' not in line and b"\\u" not in line:
+            # Nearly every line is a response (a share's verdict): decode it once. A line
+            # that is not one, or not valid, takes the full parse below, which says why.
+            try:
+                response = _decode_response(line)
+            except msgspec.DecodeError:
+                pass
+            else:
+                return self._answered(response)
         try:
             head = _decode_line(line)
         except msgspec.ValidationError:
@@ -312,6 +321,10 @@ class ClientSession:
             response = _decode_response(line)
         except msgspec.ValidationError as exc:
             return ProtocolViolation(f"malformed response: {exc}", line=line)
+        return self._answered(response)
+
+    def _answered(self, response: Response) -> ClientEvent | None:
+        request_id: Any = response.id
         pending = self._pending.pop(request_id, None) if type(request_id) is int else None
         if pending is None:
             self._unmatched += 1

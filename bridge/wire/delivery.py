@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from typing import Any, Protocol
 
 import msgspec
@@ -253,7 +254,12 @@ class ShareDelivery:
         self._largest_sent: dict[int, int] = {}  # per key epoch: the pn of the newest share datagram
         self._gap_at = -math.inf
         self._heard_at = -math.inf
-        self._acked_sent_at = -math.inf  # when the newest acknowledged share datagram was sent
+        self._acked_sent_at = -math.inf  # when the newest share datagram an ACK covered was sent
+        # VERDICTs name only the datagrams whose shares the pool answered, so one for a
+        # later datagram shows an earlier one lost only once the sidecar's ack delay has
+        # passed since (the earlier one's own acknowledgement was due by then): (when, sent_at).
+        self._verdict_acked: deque[tuple[float, float]] = deque()
+        self._verdict_acked_sent_at = -math.inf
         self._late_floor = 0.0
         self._late_floor_at = 0.0
         self._next_probe: float | None = None
@@ -323,6 +329,7 @@ class ShareDelivery:
 
     def clear(self) -> None:
         """The connection is gone: every share with it."""
+        self._verdict_acked.clear()
         self.shares.clear()
         self._refs.clear()
         self._flights.clear()
@@ -377,16 +384,24 @@ class ShareDelivery:
 
     def get_timer(self) -> float | None:
         """The next retransmission, probe or batch deadline; None: nothing is due."""
+        # Called after every input (the driver re-arms its timer): no list, no min() here.
         timeline = self._timeline
-        while timeline and (timeline[0][1].settled or timeline[0][1].deadline != timeline[0][0]):
-            heapq.heappop(timeline)
-        candidates = [t for t in (self._next_probe,) if t is not None]
-        batch_due = self._batch_due() if self._queued_records else None
-        if batch_due is not None:
-            candidates.append(batch_due)
-        if timeline:
-            candidates.append(timeline[0][0])
-        return min(candidates) if candidates else None
+        due: float | None = None
+        while timeline:
+            deadline, share = timeline[0]
+            if share.settled or share.deadline != deadline:
+                heapq.heappop(timeline)
+                continue
+            due = deadline
+            break
+        probe = self._next_probe
+        if probe is not None and (due is None or probe < due):
+            due = probe
+        if self._queued_records:
+            batch_due = self._batch_due()
+            if batch_due is not None and (due is None or batch_due < due):
+                due = batch_due
+        return due
 
     def handle_timer(self, now: float, spoke_at: float) -> None:
         """Probes and retransmissions due at ``now``; the sidecar's last control line came at ``spoke_at``."""
@@ -400,8 +415,9 @@ class ShareDelivery:
         waiting: list[PendingShare] = []
         verdict_waiting: list[PendingShare] = []
         # Loss evidence, as QUIC's (RFC 9002 §6.1): the sidecar acknowledged a datagram
-        # sent after the share's, or spoke on the control channel since it was sent.
-        acked_after = self._acked_sent_at
+        # sent after the share's (an ACK at once, a VERDICT once the ack delay passed
+        # since), or spoke on the control channel since it was sent.
+        acked_after = max(self._acked_sent_at, self._mature_verdict_evidence(now))
         while timeline and timeline[0][0] <= now:
             deadline, share = heapq.heappop(timeline)
             if share.settled or share.deadline != deadline:
@@ -475,6 +491,17 @@ class ShareDelivery:
             for share in shares:
                 share.deadline = now + timeout
                 heapq.heappush(timeline, (share.deadline, share))
+
+    def _mature_verdict_evidence(self, now: float) -> float:
+        """When the newest datagram was sent that a VERDICT acknowledged at least the
+        sidecar's ack delay ago (from then on, its earlier datagrams' ACKs are overdue)."""
+        acked = self._verdict_acked
+        horizon = now - self._ack_delay
+        while acked and acked[0][0] <= horizon:
+            sent_at = acked.popleft()[1]
+            if sent_at > self._verdict_acked_sent_at:
+                self._verdict_acked_sent_at = sent_at
+        return self._verdict_acked_sent_at
 
     def _batch_due(self) -> float | None:
         """When the queued records go out: at once (None) unless a share datagram went out
@@ -604,7 +631,7 @@ class ShareDelivery:
                 continue
             self._settle(share, _verdict_response(verdict), now, via_udp=True)
 
-    def _acknowledged(self, epoch: int, pn: int, now: float, *, checked: bool = False) -> float | None:
+    def _acknowledged(self, epoch: int, pn: int, now: float, *, checked: bool = False, by_verdict: bool = False) -> float | None:
         """The sidecar received datagram ``pn``: its shares now wait for verdicts only.
 
         Returns when it was sent, if this is its first acknowledgement.
@@ -616,7 +643,10 @@ class ShareDelivery:
             self._flight_answered((epoch, pn))
             self._late_copy(epoch, pn, flight, now)
         sent_at, shares = flight
-        if sent_at > self._acked_sent_at:
+        if by_verdict:
+            self._mature_verdict_evidence(now)  # keeps the queue to the last ack delay's datagrams
+            self._verdict_acked.append((now, sent_at))
+        elif sent_at > self._acked_sent_at:
             self._acked_sent_at = sent_at
         deadline = now + self.verdict_rtt.rto
         for share in shares:
@@ -653,7 +683,9 @@ class ShareDelivery:
                 if sent_at is not None and pn == largest:
                     sample = sent_at
         if sample is not None:
-            self.rtt.observe(now - sample, ack.ack_delay_us / 1e6)
+            # RFC 9002 §5.3: the peer's ack delay, at most its announced max_ack_delay (a
+            # sidecar whose ack timer ran late does not make the path look faster).
+            self.rtt.observe(now - sample, min(ack.ack_delay_us / 1e6, self._ack_delay))
 
     def _on_verdicts(self, epoch: int, verdicts: Verdicts, now: float) -> None:
         self.verdicts_received += 1
@@ -683,7 +715,7 @@ class ShareDelivery:
                 detail = entry.detail
                 self._settle(share, _PLAIN_ACCEPT if detail is None else _detail_response(detail), now, via_udp=True)
         for pn in acknowledged:  # the other shares of these datagrams now wait for their verdicts only
-            self._acknowledged(epoch, pn, now, checked=True)
+            self._acknowledged(epoch, pn, now, checked=True, by_verdict=True)
         if sample is not None:
             # A verdict acknowledges its datagram; the sidecar sends it within its ack
             # delay or sends an ACK first, so the sample is at most RTT + 5 ms.

@@ -153,6 +153,9 @@ class _SidecarSideCore(_Outputs):
     def get_timer(self) -> float | None:
         return trio.current_time() + 60
 
+    def datagrams_pending(self) -> bool:
+        return bool(self.datagrams)
+
 
 class _Server:
     _drain_by = None
@@ -170,6 +173,7 @@ def _proxy_connection(session: _SidecarSideCore) -> tuple[_ProxyConnection, _Ser
     connection.goaway_sent = False
     connection._links = {}
     connection._control = bytearray()
+    connection._sent_at_once = False
     connection.timer = CoreTimer(session)
     return connection, server
 
@@ -179,6 +183,20 @@ async def test_the_sidecar_sends_a_verdict_datagram_in_the_input_that_produced_i
     connection, server = _proxy_connection(_SidecarSideCore([verdict], b""))
     connection.step()
     assert server._udp_sender.sent == [(b"verdict datagram", ("127.0.0.1", 40000))]  # no pump ran
+
+
+async def test_verdicts_of_later_inputs_in_the_same_wake_up_wait_for_the_pump_and_go_together() -> None:
+    first = OutgoingDatagram(b"first verdict", ("127.0.0.1", 40000))
+    session = _SidecarSideCore([first], b"")
+    connection, server = _proxy_connection(session)
+    connection.step()  # the first input of the wake-up: at once
+    session.datagrams = [OutgoingDatagram(b"second verdict", ("127.0.0.1", 40000))]
+    connection.step()  # another pool connection's answer in the same scheduler round: held
+    assert server._udp_sender.sent == [(b"first verdict", ("127.0.0.1", 40000))]
+    assert connection.timer._wake.is_set()  # the pump runs next and sends it
+    connection._sent_at_once = False  # what the pump does before it sends (its own wake-up)
+    connection.step()
+    assert [data for data, _ in server._udp_sender.sent] == [b"first verdict", b"second verdict"]
 
 
 async def test_the_sidecar_hands_control_lines_to_its_pump() -> None:

@@ -740,3 +740,50 @@ def test_a_silent_sidecar_whose_tcp_still_acknowledges_is_busy_until_the_busy_li
         now = conn.get_timer()
     assert conn.close_reason == "sidecar silent for 5 s"
     assert conn.silent_deadline() == pytest.approx(30.0)  # a hung sidecar is still found
+
+
+def test_an_ack_delay_beyond_the_announced_max_ack_delay_is_not_subtracted_from_the_sample() -> None:
+    # RFC 9002 5.3: a sidecar whose ack timer ran late (it reports 80 ms held against an
+    # announced 25 ms) does not make the path look faster than it is.
+    conn = StratumRMConnection(detect_blocks=False)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(max_ack_delay=0.025)
+    channel = channel_ready(conn, sidecar)
+    # A first sample of 10 ms sets the smallest RTT seen.
+    [first] = _shares_in_own_datagrams(conn, sidecar, channel, ("0a029ed1",), lambda _: 1.0)
+    conn.receive_datagram(sidecar.keys.sealer.seal(Ack(ranges=(AckRange(first, first),))).data, ("127.0.0.1", 3334), 1.01)
+    [second] = _shares_in_own_datagrams(conn, sidecar, channel, ("0a029ed2",), lambda _: 2.0)
+    held = Ack(ranges=(AckRange(second, second),), ack_delay_us=80_000)
+    conn.receive_datagram(sidecar.keys.sealer.seal(held).data, ("127.0.0.1", 3334), 2.1)
+    # 100 ms measured, 25 ms of it the sidecar's at most: a 75 ms sample, not 20 ms.
+    assert conn.delivery.rtt.statistics().latest_rtt == pytest.approx(0.1)
+    assert conn.delivery.rtt.srtt == pytest.approx(7 / 8 * 0.01 + 1 / 8 * 0.075)
+
+
+def test_a_verdict_for_a_later_datagram_is_evidence_of_loss_only_after_the_ack_delay() -> None:
+    # Datagrams 1 and 2 wait for a slow pool; a verdict from datagram 3 comes at once. The
+    # sidecar acknowledges 1 and 2 within its ack delay (50 ms here), so until then that
+    # verdict says nothing about them: their deadline is a probe timeout, and only the
+    # oldest goes again (one late ACK costs one copy, not a copy of every share waiting).
+    conn = StratumRMConnection(detect_blocks=False, initial_rto=0.02)
+    sidecar = FakeSidecar(conn)
+    sidecar.start(max_ack_delay=0.05)
+    channel = channel_ready(conn, sidecar)
+    _shares_in_own_datagrams(conn, sidecar, channel, ("0a029ed1", "0a029ed2"), lambda index: 0.001 * (index + 1))
+    for nonce in ("0a029ed3", "0a029ed4"):  # datagram 3: a batch of two, one answered
+        channel.submit(SubmitParams("alice.rig1", NOTIFY[0], "0100000000000000", "6b05d915", nonce), context=nonce)
+    [batch] = conn.datagrams_to_send(0.003)
+    third = sidecar.open(batch)[0].pn
+    conn.receive_datagram(sidecar.keys.sealer.seal(Verdicts((VerdictEntry(third, 0),))).data, ("127.0.0.1", 3334), 0.05)
+    due = conn.get_timer()
+    assert due == pytest.approx(0.001 + 0.02 + 0.05)  # datagram 1's deadline, 21 ms after the verdict
+    conn.handle_timer(0.073)  # both deadlines passed
+    copies = conn.datagrams_to_send(0.073)
+    assert sorted(record.nonce for datagram in copies for record in _records(sidecar.open(datagram)[1])) == [0x0A029ED1]
+    assert conn.statistics().probe_waits == 1
+    # Once the ack delay has passed since that verdict, it is evidence: datagram 2 is lost.
+    again = conn.get_timer()  # datagram 2's re-armed deadline, well past 0.05 + 0.05
+    assert again is not None and again > 0.1
+    conn.handle_timer(again)
+    copies = conn.datagrams_to_send(again)
+    assert sorted(record.nonce for datagram in copies for record in _records(sidecar.open(datagram)[1])) == [0x0A029ED2]

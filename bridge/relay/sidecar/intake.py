@@ -261,6 +261,11 @@ class SessionUdp:
         counters.udp_datagrams_sent += 1
         self._datagrams.append(OutgoingDatagram(data, address))
 
+    @property
+    def pending(self) -> bool:
+        """Datagrams wait for :meth:`take`."""
+        return bool(self._datagrams)
+
     def take(self) -> list[OutgoingDatagram]:
         """The datagrams queued since the last call."""
         if not self._datagrams:

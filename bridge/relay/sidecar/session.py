@@ -360,9 +360,16 @@ class SidecarSession:
     def datagrams_to_send(self, now: float | None = None) -> list[OutgoingDatagram]:
         """Datagrams to send, each already charged to the session's budget.
 
-        ``now`` (the contract's) changes nothing here: they were sealed when queued.
+        The verdicts collected since the last call are sealed now, as few VERDICT
+        datagrams as fit (a verdict that cannot go as a datagram becomes an
+        ``rm.results`` entry: take :meth:`data_to_send` after this).
         """
+        self.verdicts.take(self._now if now is None else now)
         return self.udp_path.take()
+
+    def datagrams_pending(self) -> bool:
+        """Datagrams (or verdicts to seal into them) wait for :meth:`datagrams_to_send`."""
+        return self.verdicts.pending or self.udp_path.pending
 
     def commands(self) -> list[PoolCommand]:
         """Pool-connection commands, in the order they must be carried out."""
@@ -980,7 +987,8 @@ class SidecarSession:
         self._write(line)
 
     def _after_input(self) -> None:
-        """Verdicts go out at the end of each input; so do lines without negotiated batching."""
+        """Lines go out at the end of each input without negotiated batching (verdict
+        datagrams when the driver takes them: see :meth:`datagrams_to_send`)."""
         self.verdicts.end_of_input(self._now)
         if self.batch_window == 0:
             self.jobs.flush()

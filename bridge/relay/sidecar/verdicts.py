@@ -1,8 +1,9 @@
 """How the sidecar's verdicts of UDP shares go back (PROTOCOL.md C6, §2.6, §2.7), sans-IO.
 
 Verdicts of UDP shares go back as VERDICT datagrams (which also acknowledge their
-datagrams), sealed under the key epoch the share came in, at the end of the input
-that produced them. A share datagram that no VERDICT named within ``max_ack_delay``
+datagrams), sealed under the key epoch the share came in, when the driver takes the
+session's datagrams (:meth:`VerdictSender.take`): after the input that produced them,
+or together with the verdicts of the other inputs of the same wake-up. A share datagram that no VERDICT named within ``max_ack_delay``
 is acknowledged by an ACK datagram. A verdict whose datagram the anti-amplification
 budget refuses, or whose epoch can no longer seal, goes in ``rm.results`` over TLS
 instead, collected for ``batch_window`` seconds (at once when a line is full or the
@@ -96,11 +97,23 @@ class VerdictSender:
             self.ack_due = now
 
     def end_of_input(self, now: float) -> None:
-        """Verdicts go out at the end of each input; so do ``rm.results`` without negotiated batching."""
-        if self._out:
-            self._flush_datagrams(now)
+        """``rm.results`` go out at the end of each input without negotiated batching (the
+        datagrams wait for :meth:`take`)."""
         if not self.batch and self._results:
             self.flush_results()
+
+    @property
+    def pending(self) -> bool:
+        """Verdicts wait to be sealed (by :meth:`take`)."""
+        return bool(self._out)
+
+    def take(self, now: float) -> None:
+        """Seal the verdicts collected so far into VERDICT datagrams (queued on the session's
+        UDP path), as few as fit: those of several inputs share a datagram."""
+        if self._out:
+            self._flush_datagrams(now)
+            if not self.batch and self._results:
+                self.flush_results()
 
     def handle_timer(self, now: float) -> None:
         if self.results_due is not None and now >= self.results_due:
@@ -109,7 +122,7 @@ class VerdictSender:
             self._send_acks(now)
 
     def _flush_datagrams(self, now: float) -> None:
-        """Send the verdicts collected during this input as VERDICT datagrams (per key epoch).
+        """Send the verdicts collected so far as VERDICT datagrams (per key epoch).
 
         A verdict goes over TLS (``rm.results``) instead when its epoch can no longer
         seal or the anti-amplification budget (§7) does not allow the datagram.
