@@ -1242,14 +1242,14 @@ class _ProxyConnection:
                         session.pool_data(ch, data, trio.current_time())
                         server.pool_watch.alive()
                         self.step()
-                        if ch not in session.channels:
+                        if not session.has_channel(ch):
                             reason = "channel ended"
                             break
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     reason = f"pool connection error: {describe_error(exc)}"
             if guard.error is not None:
                 reason = "internal error on the pool connection"
-            if not link.closed and ch in session.channels:
+            if not link.closed and session.has_channel(ch):
                 log.warning("proxy %s channel %d: %s", self.peer, ch, reason)
                 session.pool_closed(ch, reason, trio.current_time())
                 self.step()

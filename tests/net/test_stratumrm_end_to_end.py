@@ -214,3 +214,33 @@ async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
         for miner in miners:
             miner.stop()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_sidecar_does_not_copy_its_channel_table_for_each_read_from_a_pool(tmp_path, monkeypatch) -> None:
+    """Issue 9.6 (reconnect storm): after every read from a channel's pool connection the
+    sidecar asked whether the channel was still open by copying the set of every open
+    channel, O(channels) per job and verdict: at 10,000 rigs, seconds of CPU per round of
+    jobs. It now asks about the one channel."""
+    from bridge.relay.sidecar.session import SidecarSession
+
+    copies = 0
+    channels = SidecarSession.channels
+
+    def counted(self: SidecarSession) -> frozenset[int]:
+        nonlocal copies
+        copies += 1
+        return channels.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(SidecarSession, "channels", property(counted))
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=0.00001))
+        miners = [Miner(chain.miner_url, f"one.rig{n}", profile="cgminer") for n in range(2)]
+        for miner in miners:
+            nursery.start_soon(miner.run)
+        with trio.fail_after(60):
+            while any(len(miner.accepted) < 2 for miner in miners):
+                await trio.sleep(0.05)
+        for miner in miners:
+            miner.stop()
+        nursery.cancel_scope.cancel()
+    assert copies == 0
