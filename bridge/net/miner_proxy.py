@@ -689,6 +689,12 @@ class _RigConnection:
                         try:
                             data = os.read(sock.fileno(), RECEIVE_SIZE)
                         except BlockingIOError:
+                            data = None  # waited for below, not in this handler: it would keep the exception
+                        except OSError as exc:
+                            if exc.errno in _CLOSED_ERRNOS:
+                                raise trio.ClosedResourceError("this socket was already closed") from None
+                            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                        if data is None:
                             self._scope = None
                             self._reading = True
                             try:
@@ -699,10 +705,6 @@ class _RigConnection:
                             self._woken = False
                             waited = True
                             continue  # readable, or woken: there may be something else to do first
-                        except OSError as exc:
-                            if exc.errno in _CLOSED_ERRNOS:
-                                raise trio.ClosedResourceError("this socket was already closed") from None
-                            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
                         if not waited:
                             await trio.lowlevel.cancel_shielded_checkpoint()  # a checkpoint, as receive_some is
                         waited = False

@@ -1016,6 +1016,12 @@ async def _receive_from_pool(link: _PoolLink, sock: trio.socket.SocketType) -> b
     try:
         data = os.read(sock.fileno(), POOL_RECEIVE_SIZE)
     except BlockingIOError:
+        data = None  # waited for below, not in this handler: it would keep the exception
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+    if data is None:
         link.reading = True
         try:
             await trio.lowlevel.wait_readable(sock)
@@ -1027,10 +1033,6 @@ async def _receive_from_pool(link: _PoolLink, sock: trio.socket.SocketType) -> b
         link.woken = False
         link.waited = True
         return None  # readable or woken: the task looks at what is queued first, then reads
-    except OSError as exc:
-        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-            raise trio.ClosedResourceError("this socket was already closed") from None
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
     if not link.waited:
         await trio.lowlevel.cancel_shielded_checkpoint()  # a checkpoint, as receive_some is
     link.waited = False
