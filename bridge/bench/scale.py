@@ -85,6 +85,9 @@ class Farm:
         self.storm = trio.Event()
         self.storm_spread = 0.0
         self.changed = trio.Event()
+        #: During the storm: seconds from each rig's connect() call to each step of its
+        #: handshake (where a slow storm spends its time).
+        self.phases: dict[str, list[float]] | None = None
 
     def note(self) -> None:
         self.changed.set()
@@ -122,8 +125,10 @@ class Rig:
         farm = self.farm
         while True:
             storm = farm.storm
+            started = trio.current_time()
             try:
                 stream = await _connect(self.index, farm.port)
+                self._phase("connected", started)
             except OSError:
                 farm.connect_failures += 1
                 await trio.sleep(0.2 + farm.random.random())
@@ -131,7 +136,7 @@ class Rig:
             ended_by_storm = False
             try:
                 with trio.CancelScope() as self.scope:
-                    ended_by_storm = await self._session(stream, storm)
+                    ended_by_storm = await self._session(stream, storm, started)
                 ended_by_storm = ended_by_storm or storm.is_set()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError, KeyError, IndexError):
                 pass
@@ -144,13 +149,18 @@ class Rig:
                 farm.disconnects += 1
                 await trio.sleep(0.5 + farm.random.random())
 
+    def _phase(self, name: str, started: float) -> None:
+        phases = self.farm.phases
+        if phases is not None:
+            phases.setdefault(name, []).append(trio.current_time() - started)
+
     def _set_working(self, working: bool) -> None:
         if working != self.working:
             self.working = working
             self.farm.working += 1 if working else -1
             self.farm.note()
 
-    async def _session(self, stream: trio.SocketStream, storm: trio.Event) -> bool:
+    async def _session(self, stream: trio.SocketStream, storm: trio.Event, started: float) -> bool:
         """Serve one connection; True when the storm ended it."""
         farm = self.farm
         user = f"{ACCOUNT}.r{self.index}"
@@ -185,12 +195,16 @@ class Rig:
                     message = _decode(raw)
                     method = message.get("method")
                     if method == "mining.notify":
+                        if not self._job:
+                            self._phase("job", started)
                         self._job = message["params"]
                     elif method is None:
                         ident = message.get("id")
                         if ident == 1 and message.get("result"):
+                            self._phase("subscribed", started)
                             extranonce2_size = int(message["result"][2])
                         elif ident == 2:
+                            self._phase("authorized", started)
                             authorized = message.get("result") is True
                         elif isinstance(ident, int) and ident >= 10:
                             farm.answered += 1
@@ -226,6 +240,15 @@ class SizeResult:
     answered_fraction: float
     memory: dict[str, list[str]] = field(default_factory=dict)
     """With ``--memory-profile``: per role, what its growth per rig is made of."""
+    storm_phases: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    """During the storm, seconds from a rig's connect() to each step: (median, p90, max)."""
+    storm_cpu_per_rig: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each role (and the pool) spent from the storm until it settled, per rig."""
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))], ordered[-1]
 
 
 async def _wait_working(farm: Farm, target: int, timeout: float, progress: Callable[[str], None], label: str) -> float | None:
@@ -285,6 +308,7 @@ async def run_size(
         )
         started.append(proxy)
         roles = {"proxy": proxy.pid, "sidecar": sidecar.pid}
+        storm_roles = {**roles, "pool": pool.pid}
         await trio.sleep(1.0)
         baseline = {name: rss_bytes(pid) for name, pid in roles.items()}
         census0 = {"proxy": await proxy.request("memory"), "sidecar": await sidecar.request("memory")} if memory_profile else {}
@@ -326,6 +350,8 @@ async def run_size(
                 )
                 progress(f"[scale] {rigs} rigs: reconnect storm (all disconnect, back within {storm_spread:g} s)")
                 farm.storm_spread = storm_spread
+                farm.phases = {}
+                storm_cpu0 = {name: process_cpu_seconds(pid) for name, pid in storm_roles.items()}
                 storm_at = trio.current_time()
                 storm, farm.storm = farm.storm, trio.Event()
                 storm.set()
@@ -338,8 +364,17 @@ async def run_size(
                 await trio.sleep(0)
                 settle_wait = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs storm")
                 settle = None if settle_wait is None else trio.current_time() - storm_at
+                storm_cpu = {name: process_cpu_seconds(pid) - storm_cpu0[name] for name, pid in storm_roles.items()}
                 disconnects = farm.disconnects - disconnects0
-                progress(f"[scale] {rigs} rigs: storm settled in {settle if settle is not None else float('nan'):.1f} s")
+                phases = {name: _spread(values) for name, values in farm.phases.items()}
+                farm.phases = None
+                progress(
+                    f"[scale] {rigs} rigs: storm settled in {settle if settle is not None else float('nan'):.1f} s; "
+                    "from connect() to (median/p90/max s): "
+                    + ", ".join(f"{name} {a:.2f}/{b:.2f}/{c:.2f}" for name, (a, b, c) in phases.items())
+                    + "; CPU per rig back: "
+                    + ", ".join(f"{name} {seconds / rigs * 1e3:.2f} ms" for name, seconds in storm_cpu.items())
+                )
                 nursery.cancel_scope.cancel()
         if failure is not None:
             raise RuntimeError(failure)
@@ -353,6 +388,8 @@ async def run_size(
             disconnects=disconnects,
             answered_fraction=answered / max(submitted, 1),
             memory=memory,
+            storm_phases=phases,
+            storm_cpu_per_rig={name: seconds / rigs for name, seconds in storm_cpu.items()},
         )
     finally:
         for role in reversed(started):

@@ -284,7 +284,7 @@ class MinerProxy:
         async with trio.open_nursery() as nursery:
             await self._start(nursery)
             task_status.started(self.port)
-            await serve_admitted(self.containment.connections(self._handle, "rig connection"), listeners, self.admission)
+            await serve_admitted(self._handle, listeners, self.admission)
 
     async def serve_streams(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Everything :meth:`serve` runs but the listener: rigs arrive through :meth:`handle_rig`.
@@ -456,41 +456,46 @@ class MinerProxy:
     # ------------------------------------------------------------ rigs
 
     async def _handle(self, stream: trio.SocketStream, pending: Pending) -> None:
-        tune_stream(stream)
+        """Serve one rig connection; an exception ends this connection only (contained here, not
+        by ``Containment.connections``, whose wrapper is one coroutine more per rig)."""
         peer = peer_name(stream)
-        self._accepted_connections += 1
-        self._active += 1
-        rig_id = next(self._rig_ids)
-        bind_connection(f"rig-{rig_id}", fresh=False)
-        self.feed(RigConnected(rig_id, peer, _local_address(stream)))
-        channel = self.core.channel(rig_id)
-        assert channel is not None
-        connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
-        self._rigs[rig_id] = connection
-        reason = "proxy shutting down"
-        try:
-            with self.containment.guard(peer, "rig connection") as guard:
-                reason = await connection.run()
-            if guard.error is not None:
-                reason = "internal error"
-        finally:
-            self._active -= 1
-            self._rigs.pop(rig_id, None)
-            if self.core.channel(rig_id) is not None:
-                with self.containment.guard(peer, "rig connection"):
-                    self.feed(RigClosed(rig_id, reason))
-            stats = channel.counters
-            self._finished.add(stats)
-            self._closed[reason.split(":", 1)[0]] += 1
+        with self.containment.guard(peer, "rig connection") as outer:
+            tune_stream(stream)
+            self._accepted_connections += 1
+            self._active += 1
+            rig_id = next(self._rig_ids)
+            bind_connection(f"rig-{rig_id}", fresh=False)
+            self.feed(RigConnected(rig_id, peer, _local_address(stream)))
+            channel = self.core.channel(rig_id)
+            assert channel is not None
+            connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
+            self._rigs[rig_id] = connection
+            reason = "proxy shutting down"
+            try:
+                with self.containment.guard(peer, "rig connection") as guard:
+                    reason = await connection.run()
+                if guard.error is not None:
+                    reason = "internal error"
+            finally:
+                self._active -= 1
+                self._rigs.pop(rig_id, None)
+                if self.core.channel(rig_id) is not None:
+                    with self.containment.guard(peer, "rig connection"):
+                        self.feed(RigClosed(rig_id, reason))
+                stats = channel.counters
+                self._finished.add(stats)
+                self._closed[reason.split(":", 1)[0]] += 1
+                await close_quietly(stream)
+            log.info(
+                "rig %s disconnected (%s); %d submitted, %d accepted, %d rejected",
+                peer,
+                reason,
+                stats.submitted,
+                stats.accepted,
+                stats.rejected,
+            )
+        if outer.error is not None:
             await close_quietly(stream)
-        log.info(
-            "rig %s disconnected (%s); %d submitted, %d accepted, %d rejected",
-            peer,
-            reason,
-            stats.submitted,
-            stats.accepted,
-            stats.rejected,
-        )
 
     def statistics(self) -> ProxyStatistics:
         """Counters over every rig connection so far, open ones included."""
@@ -564,6 +569,7 @@ class _RigConnection:
         "_scope",
         "_sending",
         "_sock",
+        "_woken",
         "channel",
         "close_reason",
         "connected_at",
@@ -600,6 +606,7 @@ class _RigConnection:
         self._sending = False  # the rig's task is in a send: nobody else writes to the socket
         self._scope: trio.CancelScope | None = None  # around the task's wait or send in progress
         self._reading = False
+        self._woken = False  # its wait to read was ended by _wake(), not by a closed socket
         self.connected_at = datetime.now(UTC)
 
     def status(self) -> RigStatus:
@@ -637,20 +644,28 @@ class _RigConnection:
                             continue  # woken: there is something else to do first
                     else:
                         # What receive_some does, with a short await chain while the rig
-                        # is idle (nearly always): about 1.5 KiB less per rig.
+                        # is idle (nearly always): about 1.5 KiB less per rig. The wait has
+                        # no cancel scope either (one with its cancel status is about 1 KiB
+                        # more): _wake() ends it with trio's notify_closing.
                         try:
                             data = os.read(sock.fileno(), RECEIVE_SIZE)
                         except BlockingIOError:
-                            scope = self._scope = trio.CancelScope()
-                            self._reading = True
-                            with scope:
-                                await trio.lowlevel.wait_readable(sock)
-                            waited = True
-                            continue  # readable, or woken: there may be something else to do first
+                            data = None  # waited for below, not in this handler: it would keep the exception
                         except OSError as exc:
                             if exc.errno in _CLOSED_ERRNOS:
                                 raise trio.ClosedResourceError("this socket was already closed") from None
                             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                        if data is None:
+                            self._scope = None
+                            self._reading = True
+                            try:
+                                await trio.lowlevel.wait_readable(sock)
+                            except trio.ClosedResourceError:
+                                if not self._woken:
+                                    raise
+                            self._woken = False
+                            waited = True
+                            continue  # readable, or woken: there may be something else to do first
                         if not waited:
                             await trio.lowlevel.cancel_shielded_checkpoint()  # a checkpoint, as receive_some is
                         waited = False
@@ -679,10 +694,20 @@ class _RigConnection:
         return self.close_reason or "closed"
 
     def _wake(self) -> None:
-        """Something for the rig's task to do: stop its wait to read (it reads again after)."""
+        """Something for the rig's task to do: stop its wait to read (it reads again after).
+
+        A wait on the socket itself (no cancel scope) is ended with ``notify_closing``,
+        which wakes it with ClosedResourceError; ``_woken`` tells the task it was only woken
+        (the socket stays open and is registered again at its next wait).
+        """
+        if not self._reading:
+            return
         scope = self._scope
-        if self._reading and scope is not None:
+        if scope is not None:
             scope.cancel()
+        elif not self._woken and self._sock is not None:
+            self._woken = True
+            trio.lowlevel.notify_closing(self._sock)
 
     # ------------------------------------------------------------ commands from the core
 
@@ -736,9 +761,11 @@ class _RigConnection:
         """The core closed the rig (``CloseRig``): flush what is queued, then close."""
         if self.close_reason is None:
             self.close_reason = reason
-        scope = self._scope
-        if scope is not None:
-            scope.cancel()  # out of a wait or a stuck send; run() flushes what is left
+        # Out of a wait or a stuck send; run() flushes what is left.
+        if self._reading:
+            self._wake()
+        elif self._scope is not None:
+            self._scope.cancel()
 
     def established(self) -> None:
         if self.pending is not None:

@@ -78,6 +78,7 @@ protocol errors (with what to do) at warning.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -897,15 +898,20 @@ class _PoolLink:
     the link, would cost a task, a nursery or a cancel status (two sets) per rig.
     """
 
-    __slots__ = ("buffer", "ch", "closed", "reading", "rig", "scope", "stream")
+    __slots__ = ("buffer", "ch", "closed", "reading", "rig", "scope", "sock", "stream", "waited", "woken")
 
     def __init__(self, ch: int, rig: str) -> None:
         self.ch = ch
         self.rig = rig or "?"
         self.stream: trio.abc.Stream | None = None
+        #: A plain TCP pool connection's socket: read with os.read and waited on with no
+        #: cancel scope (:meth:`_wake`), about 2.5 KiB less per rig than receive_some.
+        self.sock: trio.socket.SocketType | None = None
         self.buffer = bytearray()
         self.scope: trio.CancelScope | None = None
         self.reading = False
+        self.woken = False
+        self.waited = False
         self.closed = False
 
     def write(self, data: bytes) -> bool:
@@ -931,15 +937,55 @@ class _PoolLink:
                     return True
                 data = data[sent:]
         buffer += data
-        if self.reading and self.scope is not None:
-            self.scope.cancel()
+        if self.reading:
+            self._wake()
         return True
 
     def close(self) -> None:
         """End the link: its task stops whatever it is doing and closes the connection."""
         self.closed = True
+        if self.reading:
+            self._wake()
+        elif self.scope is not None:
+            self.scope.cancel()
+
+    def _wake(self) -> None:
+        """End the task's wait to read: its scope's, or a wait on the socket itself, with
+        trio's ``notify_closing`` (``woken`` tells the task the socket is still open)."""
         if self.scope is not None:
             self.scope.cancel()
+        elif self.sock is not None and not self.woken:
+            self.woken = True
+            trio.lowlevel.notify_closing(self.sock)
+
+
+async def _receive_from_pool(link: _PoolLink, sock: trio.socket.SocketType) -> bytes | None:
+    """What ``stream.receive_some`` does on a plain TCP pool connection, with a shorter await
+    chain and no cancel scope while waiting; None when woken (bytes to send, or closed)."""
+    try:
+        data = os.read(sock.fileno(), POOL_RECEIVE_SIZE)
+    except BlockingIOError:
+        data = None  # waited for below, not in this handler: it would keep the exception
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+    if data is None:
+        link.reading = True
+        try:
+            await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:
+            if not link.woken:
+                raise
+        finally:
+            link.reading = False
+        link.woken = False
+        link.waited = True
+        return None  # readable or woken: the task looks at what is queued first, then reads
+    if not link.waited:
+        await trio.lowlevel.cancel_shielded_checkpoint()  # a checkpoint, as receive_some is
+    link.waited = False
+    return data
 
 
 class _ProxyConnection:
@@ -1169,6 +1215,7 @@ class _ProxyConnection:
             link.scope = None
             if link.closed:
                 return
+            sock = link.sock = stream.socket if type(stream) is trio.SocketStream else None
             log.info("proxy %s channel %d opened for rig %s, pool connection to %s", self.peer, ch, link.rig, server.pool)
             session.pool_connected(ch, trio.current_time())
             self.step()
@@ -1190,28 +1237,33 @@ class _ProxyConnection:
                                 reason = f"pool did not take {len(data)} bytes in {stalled_after:g} s; it is stalled"
                                 break
                             continue
-                        with trio.CancelScope() as link.scope:
-                            link.reading = True
-                            data = await stream.receive_some(POOL_RECEIVE_SIZE)
-                        link.reading = False
-                        if link.scope.cancelled_caught:
+                        if sock is not None:
+                            data = await _receive_from_pool(link, sock)
+                            if data is None:
+                                continue  # bytes for the pool were queued, or the link was closed
+                        else:
+                            with trio.CancelScope() as link.scope:
+                                link.reading = True
+                                data = await stream.receive_some(POOL_RECEIVE_SIZE)
+                            link.reading = False
+                            if link.scope.cancelled_caught:
+                                link.scope = None
+                                continue  # bytes for the pool were queued, or the link was closed
                             link.scope = None
-                            continue  # bytes for the pool were queued, or the link was closed
-                        link.scope = None
                         if not data:
                             reason = "pool closed the connection"
                             break
                         session.pool_data(ch, data, trio.current_time())
                         server.pool_watch.alive()
                         self.step()
-                        if ch not in session.channels:
+                        if not session.has_channel(ch):
                             reason = "channel ended"
                             break
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     reason = f"pool connection error: {describe_error(exc)}"
             if guard.error is not None:
                 reason = "internal error on the pool connection"
-            if not link.closed and ch in session.channels:
+            if not link.closed and session.has_channel(ch):
                 log.warning("proxy %s channel %d: %s", self.peer, ch, reason)
                 session.pool_closed(ch, reason, trio.current_time())
                 self.step()

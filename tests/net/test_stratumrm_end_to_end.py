@@ -218,6 +218,75 @@ async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
         assert len(rig_tasks) == 4
         assert all(not task.child_nurseries for task in rig_tasks)
         assert [task.name for task in tasks if "_RigConnection" in task.name] == []
+        # A rig waiting to read (nearly always) waits on its socket with no cancel scope of
+        # its own (with its cancel status, about 1 KiB) under a short await chain.
+        by_rig = {id(task.coro): task for task in rig_tasks}
+        seen = 0
+        while seen < 20:
+            await trio.sleep(0.01)
+            for rig in chain.proxy._rigs.values():
+                if rig._reading:
+                    seen += 1
+                    assert rig._scope is None
+        for task in by_rig.values():
+            names = [frame.f_code.co_name for frame, _ in task.iter_await_frames()]
+            assert names[:3] == ["run", "_handle", "run"], names  # no wrapper coroutine between
         for miner in miners:
             miner.stop()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_rig_s_pool_connection_waits_without_a_cancel_scope_at_the_sidecar(tmp_path) -> None:
+    """Issue 9.6 (memory per rig): the sidecar's task per channel waits on its pool socket
+    itself (os.read, wait_readable), with no cancel scope and no receive_some chain; a write
+    to the pool or a close wakes it. Shares and verdicts still flow both ways."""
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=0.00001))
+        miners = [Miner(chain.miner_url, f"one.rig{n}", profile="cgminer") for n in range(3)]
+        for miner in miners:
+            nursery.start_soon(miner.run)
+        with trio.fail_after(60):
+            while any(len(miner.accepted) < 3 for miner in miners):
+                await trio.sleep(0.05)
+        links = [link for c in chain.sidecar._connections.values() for link in c._links.values()]
+        assert len(links) >= 3 and all(link.sock is not None for link in links)  # and the probe's
+        seen = 0
+        while seen < 20:
+            await trio.sleep(0.01)
+            for link in links:
+                if link.reading:
+                    seen += 1
+                    assert link.scope is None
+        for miner in miners:
+            miner.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_sidecar_does_not_copy_its_channel_table_for_each_read_from_a_pool(tmp_path, monkeypatch) -> None:
+    """Issue 9.6 (reconnect storm): after every read from a channel's pool connection the
+    sidecar asked whether the channel was still open by copying the set of every open
+    channel, O(channels) per job and verdict: at 10,000 rigs, seconds of CPU per round of
+    jobs. It now asks about the one channel."""
+    from bridge.relay.sidecar.session import SidecarSession
+
+    copies = 0
+    channels = SidecarSession.channels
+
+    def counted(self: SidecarSession) -> frozenset[int]:
+        nonlocal copies
+        copies += 1
+        return channels.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(SidecarSession, "channels", property(counted))
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=0.00001))
+        miners = [Miner(chain.miner_url, f"one.rig{n}", profile="cgminer") for n in range(2)]
+        for miner in miners:
+            nursery.start_soon(miner.run)
+        with trio.fail_after(60):
+            while any(len(miner.accepted) < 2 for miner in miners):
+                await trio.sleep(0.05)
+        for miner in miners:
+            miner.stop()
+        nursery.cancel_scope.cancel()
+    assert copies == 0

@@ -344,7 +344,12 @@ class SidecarSession:
 
     @property
     def channels(self) -> frozenset[int]:
+        """A copy of the open channels' numbers (O(channels): :meth:`has_channel` for one)."""
         return frozenset(self._channels)
+
+    def has_channel(self, ch: int) -> bool:
+        """Channel ``ch`` is open (what the driver asks after every read from its pool connection)."""
+        return ch in self._channels
 
     def channel_pool(self, ch: int) -> ClientSession | None:
         """The pool-facing session of channel ``ch`` (for the driver's logs and tests)."""
