@@ -171,6 +171,22 @@ REFUSAL_FLUSH_TIMEOUT = 1.0
 _UDP_BIND_ATTEMPTS = 8
 
 
+_UNEXPECTED_ENDS = (
+    "proxy silent",
+    "proxy did not read",
+    "proxy took no control data",
+    "control connection error",
+    "internal error",
+)
+
+
+def disconnect_level(reason: str) -> int:
+    """How loud a proxy's disconnection is logged: a warning when a farm's rigs were cut off
+    (this side gave up on the proxy, or the link broke), info when the proxy said goodbye or
+    closed, or the sidecar stopped."""
+    return logging.WARNING if reason.startswith(_UNEXPECTED_ENDS) else logging.INFO
+
+
 class ConnectedCertificate(CertificateStatus, frozen=True, kw_only=True):
     """A miner certificate with live control connections."""
 
@@ -750,7 +766,8 @@ class SidecarServer:
                 identity.name,
                 connection.session.protocol_error,
             )
-        log.info(
+        log.log(
+            disconnect_level(reason),
             "proxy %s (%s) disconnected: %s; %d channels, %d shares forwarded (%d UDP, %d TLS), "
             "%d duplicates answered from cache",
             peer,

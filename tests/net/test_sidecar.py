@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from bridge.config import parse_upstream_url
 from bridge.mining.share import Job, difficulty_to_target, scan_nonces
-from bridge.net.sidecar import SidecarServer
+from bridge.net.sidecar import SidecarServer, disconnect_level
 from bridge.net.sidecar_command import parse_advertise, sidecar
 from bridge.pki.revocation import RevocationList
 from bridge.sv1.framing import LineBuffer
@@ -810,3 +810,20 @@ async def test_a_connection_flood_leaves_room_for_an_honest_proxy_the_status_por
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         gauge.sample_interval = interval
+
+
+@pytest.mark.parametrize(
+    ("reason", "level"),
+    [
+        ("proxy silent for 5 s (no line, no rm.pong)", logging.WARNING),
+        ("proxy did not read 16777216 bytes of control data", logging.WARNING),
+        ("proxy took no control data for 30 s", logging.WARNING),
+        ("control connection error: connection reset by the peer", logging.WARNING),
+        ("internal error", logging.WARNING),
+        ("proxy closed the control connection", logging.INFO),
+        ("proxy closed the connection: rigs moved to another sidecar", logging.INFO),
+        ("sidecar shutting down", logging.INFO),
+    ],
+)
+def test_a_proxy_cut_off_is_logged_as_a_warning_and_a_goodbye_as_info(reason: str, level: int) -> None:
+    assert disconnect_level(reason) == level
