@@ -20,7 +20,7 @@ def test_both_paths_cross_the_lossy_link() -> None:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    settings = loss.LossSettings(shares=12, warmup=4, runs=1, seed=3, loss=10.0, delay_ms=2.0)
+    settings = loss.LossSettings(shares=12, warmup=4, runs=1, seed=3, loss=2.0, delay_ms=1.0)
     lines: list[str] = []
     [run] = trio.run(loss.run, settings, lines.append)
     for path in loss.PATHS:
