@@ -63,11 +63,12 @@ async def _pending(sidecar: RoleProcess) -> int:
     return int((await sidecar.request("stats"))["sidecar"]["admission"]["pending"])
 
 
-async def measure(shape: str, count: int, sidecar: RoleProcess) -> float:
-    """Bytes of sidecar RSS per pending connection of ``shape``."""
+async def measure(shape: str, count: int, sidecar: RoleProcess, settle: float = 0.5) -> float:
+    """Bytes of sidecar RSS per pending connection of ``shape`` (``settle``: seconds for the
+    sidecar's memory to settle before each reading)."""
     port = sidecar.ready["port"]
     hello = client_hello() if shape == "ClientHello" else b""
-    await trio.sleep(0.5)
+    await trio.sleep(settle)
     before = rss_bytes(sidecar.pid)
     sockets: list[trio.socket.SocketType] = []
     try:
@@ -84,7 +85,7 @@ async def measure(shape: str, count: int, sidecar: RoleProcess) -> float:
             if hello:  # the sidecar has answered every ClientHello: its TLS state exists
                 for sock in sockets:
                     await sock.recv(1)
-        await trio.sleep(0.5)
+        await trio.sleep(settle)
         return (rss_bytes(sidecar.pid) - before) / count
     finally:
         for sock in sockets:
@@ -95,6 +96,8 @@ async def measure(shape: str, count: int, sidecar: RoleProcess) -> float:
 class PendingSettings:
     count: int = 500
     runs: int = 3
+    settle: float = 0.5
+    """Seconds the sidecar's memory is given to settle before each reading."""
 
 
 async def run(settings: PendingSettings, progress: Callable[[str], None]) -> dict[str, list[float]]:
@@ -130,7 +133,7 @@ async def run(settings: PendingSettings, progress: Callable[[str], None]) -> dic
                         ],
                     )
                     try:
-                        results[shape].append(await measure(shape, settings.count, sidecar))
+                        results[shape].append(await measure(shape, settings.count, sidecar, settings.settle))
                     finally:
                         await sidecar.stop()
         finally:
@@ -155,9 +158,16 @@ def report(settings: PendingSettings, results: dict[str, list[float]]) -> str:
 @click.command("pending")
 @click.option("--count", type=click.IntRange(10, 20_000), default=500, show_default=True, help="Pending connections to open.")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Runs to take medians over.")
-def command(count: int, runs: int) -> None:
+@click.option(
+    "--settle",
+    type=click.FloatRange(0.0, 10.0),
+    default=0.5,
+    show_default=True,
+    help="Seconds for the sidecar's memory to settle before each reading.",
+)
+def command(count: int, runs: int, settle: float) -> None:
     """Memory a sidecar spends per connection that has not finished its TLS handshake."""
     from bridge.bench.command import _progress_printer, _run
 
-    settings = PendingSettings(count, runs)
+    settings = PendingSettings(count, runs, settle)
     click.echo(report(settings, _run(lambda: run(settings, _progress_printer()))))

@@ -21,6 +21,6 @@ def test_flood_benchmark_floods_a_real_sidecar_and_times_honest_shares() -> None
 
 
 def test_pending_benchmark_prints_memory_per_pending_connection() -> None:
-    result = CliRunner().invoke(bench, ["pending", "--count", "20", "--runs", "1"])
+    result = CliRunner().invoke(bench, ["pending", "--count", "20", "--runs", "1", "--settle", "0.1"])
     assert result.exit_code == 0, result.output
     assert "silent TCP " in result.stdout and "ClientHello " in result.stdout and "KiB" in result.stdout

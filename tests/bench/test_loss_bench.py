@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-import trio
+import re
+
 from click.testing import CliRunner
 
-from bridge.bench import loss
 from bridge.bench.command import bench
 from bridge.bench.stunnel import stunnel_binary
 from bridge.testing.tun_link import unavailable
@@ -16,29 +15,23 @@ def _skip_reason() -> str | None:
     return unavailable() or (None if stunnel_binary() else "stunnel is not installed; run tests/setup-system.sh")
 
 
-def test_both_paths_cross_the_lossy_link() -> None:
+def test_both_paths_cross_the_lossy_link_or_the_command_says_why_it_cannot_run() -> None:
     reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    settings = loss.LossSettings(shares=12, warmup=4, runs=1, seed=3, loss=2.0, delay_ms=1.0)
-    lines: list[str] = []
-    [run] = trio.run(loss.run, settings, lines.append)
-    for path in loss.PATHS:
-        measured = run.paths[path]
-        assert measured.shares >= 12 and len(measured.latencies) == measured.shares
-        # the link carried the path's traffic (share, verdict, ACKs) and nothing was lost on the way
-        assert measured.link_packets >= 2 * measured.shares and measured.link_bytes > 100 * measured.shares
-    assert run.paths[loss.STRATUMRM].stratumrm["datagrams_sent"] >= 12
-    assert any("p99 ratio" in line for line in lines)
-    table = loss.report(settings, [run])
-    assert "| stratumrm pair |" in table and "p99 ratio stratumrm / sv1 over tls" in table
-
-
-def test_the_command_says_why_it_cannot_run() -> None:
-    reason = _skip_reason()
-    result = CliRunner().invoke(bench, ["loss", "--quick", "--shares", "6", "--warmup", "2"])
+    options = ["--runs", "1", "--shares", "12", "--warmup", "4", "--seed", "3", "--loss", "2", "--delay-ms", "1"]
+    result = CliRunner().invoke(bench, ["loss", *options])
     if reason:
         assert result.exit_code != 0 and reason in result.output
-    else:
-        assert result.exit_code == 0, result.output
-        assert "| sv1 over tls (stunnel pair) |" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    rows = {
+        match["path"]: (float(match["bytes"]), float(match["packets"]))
+        for match in re.finditer(
+            r"^\| (?P<path>[^|]+?) \| [\d.]+ ms \| [\d.]+ ms \| (?P<bytes>\d+) B \| (?P<packets>[\d.]+) \|", result.output, re.M
+        )
+    }
+    assert set(rows) == {"sv1 over tls (stunnel pair)", "stratumrm pair"}, result.output
+    for link_bytes, packets in rows.values():
+        # the link carried each path's traffic (share, verdict, ACKs): counted by the link itself
+        assert packets >= 2 and link_bytes > 100
+    assert "p99 ratio stratumrm / sv1 over tls" in result.output
+    assert "[loss run 1/1] stratumrm pair: 4 + 12 lone shares ..." in result.stderr  # progress while it runs
