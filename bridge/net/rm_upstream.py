@@ -358,7 +358,8 @@ class StratumRMLink:
                 connection.close("internal error; the next rig opens a new session", trio.current_time())
             reason = connection.close_reason or "closed"
             self.failure = reason
-            farewell = connection.data_to_send()  # the rm.error of a deliberate close (C9)
+            # The rm.error of a deliberate close (C9); nothing else is queued once it is over.
+            farewell = connection.data_to_send() if connection.close_reason is not None else b""
             if farewell:
                 with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT):
                     try:

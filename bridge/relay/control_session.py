@@ -136,9 +136,13 @@ class ControlSession:
         requests, which its rigs are told failed); the sidecar flushes its verdicts first.
         """
         if drop_queued:
-            self._out.clear()
-            self._out_size = 0
+            self.drop_queued()
         self._out.append(encode_rm(ErrorNotice(reason=reason)))
+
+    def drop_queued(self) -> None:
+        """Forget the lines not taken by the driver yet (the connection is over)."""
+        self._out.clear()
+        self._out_size = 0
 
     def data_to_send(self, now: float) -> bytes:
         """The queued lines, taken by the driver at ``now`` (they count as sent from then)."""

@@ -579,6 +579,8 @@ class StratumRMConnection:
             self.close_reason = reason
             if tell_sidecar:
                 self.control.goodbye(reason, drop_queued=True)
+            else:  # the sidecar is gone, silent or stuck: nothing more goes to it
+                self.control.drop_queued()
 
     def close(self, reason: str, now: float) -> None:
         """Close deliberately for ``reason`` (the proxy stops, or moved its rigs away); the first reason stays.

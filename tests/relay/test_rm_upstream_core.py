@@ -622,9 +622,12 @@ def test_a_deliberate_close_tells_the_sidecar_why_instead_of_sending_what_was_qu
     assert lines == [{"id": None, "method": "rm.error", "params": {"reason": "rigs moved to another sidecar"}}]
 
 
-def test_a_sidecars_own_error_or_silence_is_not_answered_with_rm_error() -> None:
+def test_a_sidecars_own_error_is_not_answered_and_nothing_queued_goes_to_it() -> None:
     conn = StratumRMConnection()
-    FakeSidecar(conn).start()
+    sidecar = FakeSidecar(conn)
+    sidecar.start()
+    channel = channel_ready(conn, sidecar)
+    channel.request("mining.extranonce.subscribe", [], context="queued")  # not yet taken by the driver
     conn.receive_data(b'{"id":null,"method":"rm.error","params":{"reason":"shutting down"}}\n', 0.0)
     assert conn.close_reason == "sidecar error: shutting down" and conn.data_to_send() == b""
 
