@@ -169,7 +169,9 @@ async def test_a_stalled_pool_gets_rigs_an_explicit_error_not_silence(autojump_c
     # loaded the machine is; the capped hash rate lets that clock run while the rig hashes.
     async with trio.open_nursery() as nursery:
         pool, proxy, port = await start_chain(nursery, submit_timeout=1.0)
-        miner = Miner(f"stratum+tcp://127.0.0.1:{port}", "patient.rig", profile="cpuminer", max_shares=2, hashrate=200_000)
+        # No share limit: a rig that had found its few shares before the stall would submit
+        # nothing more for the proxy to answer (about 10 shares a second at this difficulty).
+        miner = Miner(f"stratum+tcp://127.0.0.1:{port}", "patient.rig", profile="cpuminer", hashrate=200_000)
         nursery.start_soon(miner.run)
         with trio.fail_after(20):
             while miner.statistics().jobs == 0:
