@@ -25,6 +25,8 @@ import sys
 
 import trio
 
+from bridge.bench.roles import ProcessPair, free_port
+
 __all__ = ["BarePair", "run_far", "run_near"]
 
 #: Larger than anything the bench sends at once; a longer read is cut into datagrams of this size.
@@ -103,23 +105,15 @@ def run_far(host: str, listen_port: int, pool_port: int) -> None:
             udp.sendto(data, key.data)
 
 
-class BarePair:
+class BarePair(ProcessPair):
     """The two relay processes: miners connect to :attr:`entry_port`; UDP crosses :attr:`link_port`."""
 
     def __init__(self, host: str, pool_port: int) -> None:
-        from bridge.bench.roles import free_port  # not at the top: the relay processes need none of the bench
-
+        super().__init__()
         self.host = host
         self.pool_port = pool_port
         self.entry_port = free_port(host=host)
         self.link_port = free_port(socket.SOCK_DGRAM, host=host)
-        self._processes: list[trio.Process] = []
-
-    @property
-    def pids(self) -> dict[str, int]:
-        """CPU meter names: the near relay stands where the proxy does, the far one where the sidecar does."""
-        near, far = self._processes
-        return {"proxy": near.pid, "sidecar": far.pid}
 
     async def start(self) -> None:
         for side, port, target in (("far", self.link_port, self.pool_port), ("near", self.entry_port, self.link_port)):
@@ -129,20 +123,12 @@ class BarePair:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
             )
-            self._processes.insert(0 if side == "near" else len(self._processes), process)
+            self.processes.insert(0 if side == "near" else len(self.processes), process)
             assert process.stdout is not None
             with trio.move_on_after(READY_TIMEOUT):
                 if (await process.stdout.receive_some(64)).startswith(b"ready"):
                     continue
             raise RuntimeError(f"the bare {side} relay did not start on {self.host}:{port}")
-
-    async def stop(self) -> None:
-        for process in self._processes:
-            if process.poll() is None:
-                process.terminate()
-        with trio.move_on_after(5):
-            for process in self._processes:
-                await process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

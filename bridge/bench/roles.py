@@ -64,6 +64,33 @@ _encode = msgspec.json.Encoder().encode
 _decode = decode_json
 
 
+class ProcessPair:
+    """Two processes a path's shares cross, as StratumRM's proxy and sidecar (the stunnel and
+    the bare Python pairs): the miner-side one first in :attr:`processes`."""
+
+    def __init__(self) -> None:
+        self.processes: list[trio.Process] = []
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """CPU meter names: the miner-side process stands where the proxy does, the pool-side one where the sidecar does."""
+        miner_side, pool_side = self.processes
+        return {"proxy": miner_side.pid, "sidecar": pool_side.pid}
+
+    async def stop(self) -> None:
+        """Terminate both, and kill what has not exited 5 s later."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        with trio.move_on_after(5):
+            for process in self.processes:
+                await process.wait()
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                await process.wait()
+
+
 class RoleError(Exception):
     """A child process did not start, answered with an error, or died."""
 

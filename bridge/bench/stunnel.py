@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from bridge.bench.roles import free_port
+from bridge.bench.roles import ProcessPair, free_port
 
 __all__ = ["StunnelPair", "stunnel_binary"]
 
@@ -42,7 +42,7 @@ def _config(service: list[str], log: Path) -> str:
     return "\n".join([*common, *service, ""])
 
 
-class StunnelPair:
+class StunnelPair(ProcessPair):
     """Two stunnel processes: miners connect to :attr:`entry_port`; TLS crosses :attr:`link_port`."""
 
     def __init__(
@@ -68,13 +68,7 @@ class StunnelPair:
         self.entry_port = free_port(host=host)
         self.link_port = free_port(host=host)
         self._prefixes = {"client": client_prefix or [], "server": server_prefix or []}
-        self._processes: list[trio.Process] = []
-
-    @property
-    def pids(self) -> dict[str, int]:
-        """CPU meter names: the miner-side wrapper stands where the proxy does, the pool-side one where the sidecar does."""
-        client, server = self._processes
-        return {"proxy": client.pid, "sidecar": server.pid}
+        super().__init__()
 
     async def start(self) -> None:
         binary = stunnel_binary()
@@ -111,9 +105,9 @@ class StunnelPair:
                 stderr=subprocess.DEVNULL,
             )
             if name == "client":
-                self._processes.insert(0, process)
+                self.processes.insert(0, process)
             else:
-                self._processes.append(process)
+                self.processes.append(process)
             await self._wait_listening(self.host if name == "client" else self.link_host, port, process, name)
 
     async def _wait_listening(self, host: str, port: int, process: trio.Process, name: str) -> None:
@@ -133,15 +127,3 @@ class StunnelPair:
     async def connect(self, name: str, host: str, port: int) -> trio.SocketStream:
         """A connection to wrapper ``name``'s listening port (overridden to connect from another namespace)."""
         return await trio.open_tcp_stream(host, port)
-
-    async def stop(self) -> None:
-        for process in self._processes:
-            if process.poll() is None:
-                process.terminate()
-        with trio.move_on_after(5):
-            for process in self._processes:
-                await process.wait()
-        for process in self._processes:
-            if process.poll() is None:
-                process.kill()
-                await process.wait()
