@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 _PACKAGE = str(Path(__file__).resolve().parent.parent)
+_TRIO = str(Path(trio.__file__).resolve().parent)
 TOP = 25
 
 
@@ -36,6 +37,53 @@ def _count_tasks(task: trio.lowlevel.Task) -> int:
         for child in nursery.child_tasks:
             count += _count_tasks(child)
     return count
+
+
+def _all_tasks(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
+    found = [task]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            found += _all_tasks(child)
+    return found
+
+
+def _await_chain(task: trio.lowlevel.Task) -> list[tuple[str, str]]:
+    """(file, ``function (file:line)``) of each frame a task is suspended in, outermost first."""
+    chain = []
+    awaitable: Any = task.coro
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            break
+        path = frame.f_code.co_filename
+        chain.append((path, f"{frame.f_code.co_name} ({path.rsplit('/', 1)[-1]}:{frame.f_lineno})"))
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+    return chain
+
+
+def waits(depth: int = 4) -> dict[str, int]:
+    """Where this process's trio tasks are parked, with how many tasks wait there: the
+    trio call each task's await chain ends in (``wait_readable``, ``sleep`` ...) and the
+    ``depth`` innermost frames of other code above it, innermost first.
+
+    A storm that does not settle leaves tasks waiting somewhere they should not: this
+    says where, by count (``stratumrm bench scale`` prints it when rigs do not get to work).
+    """
+    places: Counter[str] = Counter()
+    me = trio.lowlevel.current_task()
+    for task in _all_tasks(trio.lowlevel.current_root_task()):
+        if task is me:
+            continue
+        chain = _await_chain(task)
+        is_trio = [path.startswith(_TRIO) for path, _name in chain]
+        ours = [name for (_path, name), trio_frame in zip(chain, is_trio, strict=True) if not trio_frame]
+        entry = next((i for i in range(len(chain) - 1, -1, -1) if not is_trio[i]), -1) + 1
+        called = [chain[entry][1].split(" ", 1)[0]] if entry < len(chain) else []  # the trio call it waits in
+        if not ours:  # trio's own task (a listener's accept loop, say): its innermost frames
+            called, ours = [], [name for _path, name in chain if not name.startswith("_real_async_yield")]
+        place = " <- ".join([*called, *reversed(ours[-depth:])])
+        places[place or task.name] += 1
+    return dict(places.most_common(TOP))
 
 
 def _sites(sizes: Counter[tuple[str, int]]) -> dict[str, int]:

@@ -43,7 +43,7 @@ import msgspec
 import trio
 
 import bridge
-from bridge.bench.memory import census
+from bridge.bench.memory import census, waits
 from bridge.config import parse_upstream_url
 from bridge.sv1.framing import decode_json
 from bridge.sv1.messages import Submit
@@ -357,9 +357,10 @@ Handler = Callable[[dict[str, Any]], Any]
 async def _serve_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -> None:
     """Write the ready line, then answer command lines until end of input.
 
-    Every role also answers ``memory`` (:func:`bridge.bench.memory.census`).
+    Every role also answers ``memory`` (:func:`bridge.bench.memory.census`) and
+    ``waits`` (:func:`bridge.bench.memory.waits`).
     """
-    handlers = {"memory": lambda _message: census(), **handlers}
+    handlers = {"memory": lambda _message: census(), "waits": lambda _message: waits(), **handlers}
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
     await stdout.send_all(_encode({"ready": ready}) + b"\n")

@@ -118,6 +118,8 @@ class Rig:
     index: int
     working: bool = False
     scope: trio.CancelScope | None = None
+    stage: str = "not started"
+    """The last step of its handshake (what a rig that does not get to work waits after)."""
     _request: int = 10
     _job: list[str] = field(default_factory=list)
 
@@ -126,6 +128,7 @@ class Rig:
         while True:
             storm = farm.storm
             started = trio.current_time()
+            self.stage = "connecting"
             try:
                 stream = await _connect(self.index, farm.port)
                 self._phase("connected", started)
@@ -150,6 +153,7 @@ class Rig:
                 await trio.sleep(0.5 + farm.random.random())
 
     def _phase(self, name: str, started: float) -> None:
+        self.stage = name
         phases = self.farm.phases
         if phases is not None:
             phases.setdefault(name, []).append(trio.current_time() - started)
@@ -269,6 +273,21 @@ async def _wait_working(farm: Farm, target: int, timeout: float, progress: Calla
     return None
 
 
+async def _report_stuck(all_rigs: list[Rig], roles: dict[str, RoleProcess], progress: Callable[[str], None], label: str) -> None:
+    """Rigs not working, by the last step they reached, and where each role's tasks wait."""
+    stages: dict[str, int] = {}
+    for rig in all_rigs:
+        if not rig.working:
+            stages[rig.stage] = stages.get(rig.stage, 0) + 1
+    progress(f"[scale] {label}: rigs not working, by their last step: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    for name, role in roles.items():
+        with trio.move_on_after(30):
+            places = await role.request("waits")
+            progress(
+                f"[scale] {label}: where the {name}'s tasks wait:\n" + "\n".join(f"  {n:>6}  {p}" for p, n in places.items())
+            )
+
+
 async def run_size(
     rigs: int,
     directory: Path,
@@ -325,6 +344,7 @@ async def run_size(
             patience = (120 + rigs / 50) * (5 if memory_profile else 1)  # tracemalloc slows the roles down
             connect = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs connecting")
             if connect is None:
+                await _report_stuck(all_rigs, {"pool": pool, "sidecar": sidecar, "proxy": proxy}, progress, f"{rigs} rigs")
                 failure = f"only {farm.working} of {rigs} rigs got to work; logs: {directory} (--keep-logs DIR keeps them)"
                 nursery.cancel_scope.cancel()
             else:
@@ -364,6 +384,10 @@ async def run_size(
                 await trio.sleep(0)
                 settle_wait = await _wait_working(farm, rigs, patience, progress, f"{rigs} rigs storm")
                 settle = None if settle_wait is None else trio.current_time() - storm_at
+                if settle_wait is None:
+                    await _report_stuck(
+                        all_rigs, {"pool": pool, "sidecar": sidecar, "proxy": proxy}, progress, f"{rigs} rigs storm"
+                    )
                 storm_cpu = {name: process_cpu_seconds(pid) - storm_cpu0[name] for name, pid in storm_roles.items()}
                 disconnects = farm.disconnects - disconnects0
                 phases = {name: _spread(values) for name, values in farm.phases.items()}
