@@ -46,6 +46,10 @@ from bridge.testing.pki import make_test_pki
 ACCOUNT = "scale"
 DEFAULT_SIZES = (1000, 3000, 10000)
 READ_SIZE = 4096
+#: A rig gives up on a handshake (subscribe, authorize, first job) after this long, or at
+#: once when the proxy answers its subscribe or authorize with an error, and connects
+#: again after a pause: cgminer's DEFAULT_SOCKWAIT, and what a real rig does.
+HANDSHAKE_TIMEOUT = 60.0
 _decode = BoundedDecoder().decode
 _encode = msgspec.json.Encoder().encode
 
@@ -82,6 +86,7 @@ class Farm:
         self.accepted = 0
         self.disconnects = 0
         self.connect_failures = 0
+        self.handshake_failures = 0
         self.storm = trio.Event()
         self.storm_spread = 0.0
         self.changed = trio.Event()
@@ -110,6 +115,10 @@ async def _connect(index: int, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+class HandshakeFailed(Exception):
+    """A rig's subscribe or authorize was refused, or not done within HANDSHAKE_TIMEOUT."""
+
+
 @dataclass
 class Rig:
     """One lightweight SV1 rig: subscribe, authorize, a share every few seconds."""
@@ -136,17 +145,22 @@ class Rig:
                 farm.connect_failures += 1
                 await trio.sleep(0.2 + farm.random.random())
                 continue
-            ended_by_storm = False
+            ended_by_storm: bool | None = False
             try:
                 with trio.CancelScope() as self.scope:
                     ended_by_storm = await self._session(stream, storm, started)
                 ended_by_storm = ended_by_storm or storm.is_set()
+            except HandshakeFailed:
+                farm.handshake_failures += 1
+                ended_by_storm = None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError, KeyError, IndexError):
                 pass
             finally:
                 self._set_working(False)
                 await trio.aclose_forcefully(stream)
-            if ended_by_storm:
+            if ended_by_storm is None:
+                await trio.sleep(1.0 + farm.random.random())  # and again, as cgminer does
+            elif ended_by_storm:
                 await trio.sleep(farm.random.random() * farm.storm_spread)
             else:
                 farm.disconnects += 1
@@ -179,10 +193,13 @@ class Rig:
         authorized = False
         self._job = []
         next_share = trio.current_time() + farm.random.random() * farm.share_interval
+        give_up = trio.current_time() + HANDSHAKE_TIMEOUT
         while True:
             if storm.is_set():
                 return True
-            deadline = next_share if self.working else trio.current_time() + 3600
+            if not self.working and trio.current_time() >= give_up:
+                raise HandshakeFailed(f"not working after {HANDSHAKE_TIMEOUT:g} s")
+            deadline = next_share if self.working else give_up
             data = None
             with trio.move_on_at(deadline):
                 data = await stream.receive_some(READ_SIZE)
@@ -204,12 +221,16 @@ class Rig:
                         self._job = message["params"]
                     elif method is None:
                         ident = message.get("id")
-                        if ident == 1 and message.get("result"):
+                        if ident == 1:
+                            if not message.get("result"):
+                                raise HandshakeFailed(f"subscribe refused: {message.get('error')}")
                             self._phase("subscribed", started)
                             extranonce2_size = int(message["result"][2])
                         elif ident == 2:
+                            if message.get("result") is not True:
+                                raise HandshakeFailed(f"authorize refused: {message.get('error')}")
                             self._phase("authorized", started)
-                            authorized = message.get("result") is True
+                            authorized = True
                         elif isinstance(ident, int) and ident >= 10:
                             farm.answered += 1
                             if message.get("result") is True:
@@ -242,6 +263,8 @@ class SizeResult:
     storm_settle: float | None
     disconnects: int
     answered_fraction: float
+    handshake_failures: int = 0
+    """Handshakes a rig gave up on (refused, or not done in HANDSHAKE_TIMEOUT) and retried, over the run."""
     memory: dict[str, list[str]] = field(default_factory=dict)
     """With ``--memory-profile``: per role, what its growth per rig is made of."""
     storm_phases: dict[str, tuple[float, float, float]] = field(default_factory=dict)
@@ -267,7 +290,8 @@ async def _wait_working(farm: Farm, target: int, timeout: float, progress: Calla
                 last_report = now
                 progress(
                     f"[scale] {label}: {farm.working}/{target} rigs working, {now - started:.0f} s "
-                    f"({farm.disconnects} disconnects, {farm.connect_failures} failed connects so far)"
+                    f"({farm.disconnects} disconnects, {farm.connect_failures} failed connects, "
+                    f"{farm.handshake_failures} failed handshakes so far)"
                 )
         return trio.current_time() - started
     return None
@@ -410,6 +434,7 @@ async def run_size(
             cpu_per_share={name: seconds / max(answered, 1) for name, seconds in cpu.items()},
             storm_settle=settle,
             disconnects=disconnects,
+            handshake_failures=farm.handshake_failures,
             answered_fraction=answered / max(submitted, 1),
             memory=memory,
             storm_phases=phases,
@@ -470,7 +495,7 @@ def report(results: list[list[SizeResult]], share_interval: float, storm_spread:
         f"a share every {share_interval:g} s per rig; storm: every rig disconnects at once, back within {storm_spread:g} s",
         "",
         f"{'rigs':>6} {'proxy KiB/rig':>13} {'sidecar KiB/rig':>15} {'shares/s':>9} {'proxy us/share':>14} "
-        f"{'sidecar us/share':>16} {'storm settle s':>14} {'disconnects':>11}",
+        f"{'sidecar us/share':>16} {'storm settle s':>14} {'disconnects':>11} {'retried handshakes':>18}",
     ]
     for samples in results:
 
@@ -483,14 +508,15 @@ def report(results: list[list[SizeResult]], share_interval: float, storm_spread:
             f"{samples[0].rigs:>6} {m(lambda s: s.rss_per_rig['proxy']) / 1024:>13.1f} "
             f"{m(lambda s: s.rss_per_rig['sidecar']) / 1024:>15.1f} {m(lambda s: s.shares_per_second):>9.0f} "
             f"{m(lambda s: s.cpu_per_share['proxy']) * 1e6:>14.0f} {m(lambda s: s.cpu_per_share['sidecar']) * 1e6:>16.0f} "
-            f"{settle:>14} {max(s.disconnects for s in samples):>11}"
+            f"{settle:>14} {max(s.disconnects for s in samples):>11} {max(s.handshake_failures for s in samples):>18}"
         )
     lines += [
         "",
         "KiB/rig: VmRSS with every rig working minus VmRSS before the first connected, per rig;",
         "shares/s: answered shares in the steady window; us/share: CPU of the role in that window per share;",
         "storm settle: from the mass disconnect until every rig works again; disconnects: connections closed",
-        "under a rig, outside the storm (the most over the runs).",
+        "under a rig, outside the storm (the most over the runs); retried handshakes: a rig's subscribe or",
+        f"authorize refused, or no job within {HANDSHAKE_TIMEOUT:g} s, so it connected again as cgminer does (the most).",
     ]
     for samples in results:
         for role, role_lines in samples[-1].memory.items():
