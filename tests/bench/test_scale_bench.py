@@ -103,7 +103,7 @@ async def test_waits_says_where_the_tasks_of_a_process_are_parked() -> None:
     async with trio.open_nursery() as nursery:
         for _ in range(3):
             nursery.start_soon(parked_here)
-        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
         places = waits()
         nursery.cancel_scope.cancel()
     place = next(place for place in places if "parked_here" in place)
