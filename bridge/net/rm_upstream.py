@@ -167,6 +167,12 @@ class StratumRMLink:
         self._udp_twin: socket.socket | None = None
         self._ready = trio.Event()
         self._connecting = False
+        self._attempts = 0  # connection attempts started; the latest one owns _connecting and _ready
+        # One session at a time: a closed session's wind-down (its writer's last record, its
+        # farewell, closing its stream and UDP socket) uses the link's state, so the next
+        # attempt starts only after it. Two at once wrote each other's control bytes (a
+        # sidecar saw rm.open before rm.hello, and rm.hello twice) and closed each other's UDP.
+        self._one_session = trio.Lock()
         self._kick = trio.Event()
         self._control = bytearray()  # control bytes taken from the connection for the writer
         self._sent_at_once = False  # kick sent datagrams itself since the writer last ran
@@ -282,14 +288,25 @@ class StratumRMLink:
         if not self._connecting:
             self._connecting = True
             self._ready = trio.Event()
+            self._attempts += 1
             assert self._nursery is not None
-            self._nursery.start_soon(self._connect_and_serve)
+            self._nursery.start_soon(self._connect_and_serve, self._attempts)
         await self._ready.wait()
         if self.connection is None or self.connection.close_reason is not None:
             raise ConnectionError(self.failure or "StratumRM connection failed")
         return self.connection
 
-    async def _connect_and_serve(self) -> None:
+    def _attempt_over(self, attempt: int) -> None:
+        """Attempt ``attempt`` is ready or over: wake its waiters, unless a newer attempt began."""
+        if attempt == self._attempts:
+            self._connecting = False
+            self._ready.set()
+
+    async def _connect_and_serve(self, attempt: int) -> None:
+        async with self._one_session:
+            await self._session(attempt)
+
+    async def _session(self, attempt: int) -> None:
         bind_connection("sidecar")
         url = self.url
         connection = StratumRMConnection(
@@ -311,8 +328,7 @@ class StratumRMLink:
                 self.failure,
                 "" if repeated else " (retrying quietly)",
             )
-            self._connecting = False
-            self._ready.set()
+            self._attempt_over(attempt)
             return
         self._stream = stream
         self._control.clear()  # the previous connection's, never to be sent
@@ -348,8 +364,7 @@ class StratumRMLink:
                         url,
                         f"UDP on port {connection.hello.udp_port}" if connection.hello.udp_port else "TLS only",
                     )
-                self._connecting = False
-                self._ready.set()
+                self._attempt_over(attempt)
                 while connection.close_reason is None:
                     await self._step_wait()
                 nursery.cancel_scope.cancel()
@@ -371,8 +386,7 @@ class StratumRMLink:
             connection.connection_lost(reason, trio.current_time())
             self._deliver()
             self._handles.clear()
-            self._connecting = False
-            self._ready.set()
+            self._attempt_over(attempt)
             if reason == "closed":
                 # A normal stop (the proxy shutting down): say goodbye (TLS close_notify) so the
                 # sidecar logs a clean close, not a broken connection; never wait long for it.

@@ -106,6 +106,48 @@ async def test_reconnects_resume_the_tls_session_and_the_sidecar_still_checks_re
         nursery.cancel_scope.cancel()
 
 
+async def test_a_reconnect_waits_for_the_ended_session_to_wind_down(
+    pki: TestPKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rig that asks while the ended session still closes its stream gets a session of its own.
+
+    At 10,000 rigs the old session's wind-down took long enough for the next attempt to
+    start beside it: the two shared the link's control buffer and UDP socket, the sidecar
+    read ``rm.open`` before ``rm.hello`` and the old session closed the new one's UDP.
+    """
+    import bridge.net.rm_upstream as rm_upstream
+
+    real_close = rm_upstream.close_quietly
+
+    async def slow_close(stream: Any) -> None:
+        await trio.sleep(0.3)  # a busy proxy: the wind-down yields for a while
+        await real_close(stream)
+
+    monkeypatch.setattr(rm_upstream, "close_quietly", slow_close)
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        server = await start_sidecar(nursery, pki)
+        link = await start_link(nursery, server, ClientCredentials.from_bundle(pki.miner_bundle))
+        await link.open_handle(RIG)
+        first_udp = link._udp
+        assert first_udp is not None
+        await end_sessions(server, link)
+        with trio.fail_after(5):
+            while True:
+                try:
+                    await link.open_handle(RIG)
+                    break
+                except ConnectionError:
+                    await trio.sleep(0.01)  # the ended session's waiters hear it ended
+        await trio.sleep(0.5)  # past the old session's wind-down
+        assert link.connections_made == 2
+        assert link._udp is not None and link._udp is not first_udp, "the ended session closed the new one's UDP socket"
+        assert link.connection is not None and link.connection.close_reason is None
+        sidecar_lines = [r.getMessage() for r in caplog.records if r.name.startswith("bridge.sidecar")]
+        assert not any("first line must be rm.hello" in m or "sent twice" in m for m in sidecar_lines), sidecar_lines
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_renewed_bundle_is_used_from_the_next_connection_while_the_live_one_carries_on(
     pki: TestPKI, caplog: pytest.LogCaptureFixture
 ) -> None:
