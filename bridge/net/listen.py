@@ -8,6 +8,14 @@ scope whose deadline is the handshake deadline. The handler gets a :class:`Pendi
 and calls :meth:`Pending.established` when its handshake is done (the deadline is then
 lifted), or :meth:`Pending.rebind` when a front end told it the real client address.
 
+With ``handler_owns_connection`` the handler is the connection's task itself, with no
+wrapper coroutine or cancel scope kept for the connection's whole life (a few hundred
+bytes each, which count at thousands of connections): it runs its handshake inside
+``with pending.handshake():`` (the cancel scope of the deadline and of eviction, held
+only that long; :attr:`Pending.cut_short` tells afterwards whether admission ended it)
+and ends, whatever happens, with ``await pending.release(stream)``, which counts the
+connection out of admission and closes it.
+
 File descriptors: :class:`FdGauge` tells how many the process has left, counting
 ``/proc/self/fd`` at most every ``sample_interval`` seconds and tracking the accepts
 and closes in between; :func:`raise_fd_limit` raises the soft RLIMIT_NOFILE to the
@@ -150,15 +158,34 @@ def source_of(stream: trio.SocketStream) -> str:
     return str(address) or "local"
 
 
+class _Port:
+    """What every connection of one :func:`serve_admitted` shares."""
+
+    __slots__ = ("admission", "gauge", "scopes")
+
+    def __init__(self, admission: Admission, gauge: FdGauge) -> None:
+        self.admission = admission
+        self.gauge = gauge
+        #: The cancel scope of each connection in its handshake (for eviction).
+        self.scopes: dict[Ticket, trio.CancelScope] = {}
+
+
 class Pending:
     """What a handler holds of its connection's admission."""
 
-    __slots__ = ("_admission", "_scope", "ticket")
+    __slots__ = ("_owned", "_port", "_released", "_scope", "cut_short", "ticket")
 
-    def __init__(self, admission: Admission, ticket: Ticket, scope: trio.CancelScope) -> None:
-        self._admission = admission
+    def __init__(self, port: _Port, ticket: Ticket, scope: trio.CancelScope | None = None) -> None:
+        self._port = port
         self.ticket = ticket
+        #: The scope the handshake runs in: the driver's (for the whole handler), or, when
+        #: the handler owns its connection, its own while inside :meth:`handshake`.
         self._scope = scope
+        self._owned = scope is None
+        self._released = False
+        #: Admission ended the handshake (its deadline passed, or it was evicted for a
+        #: newcomer): set when :meth:`handshake` caught that cancellation.
+        self.cut_short = False
 
     @property
     def source(self) -> str:
@@ -166,20 +193,77 @@ class Pending:
 
     def established(self) -> None:
         """The handshake is done: lift the deadline, stop counting this connection as pending."""
-        self._admission.established(self.ticket)
-        self._scope.deadline = math.inf
+        self._port.admission.established(self.ticket)
+        if self._scope is not None:
+            self._scope.deadline = math.inf
 
     def rebind(self, source: str) -> bool:
         """Count this connection under ``source`` (the real client, from PROXY protocol).
 
         False when that source is over its cap: the handler should close the connection.
         """
-        refused = self._admission.rebind(self.ticket, source, trio.current_time())
+        refused = self._port.admission.rebind(self.ticket, source, trio.current_time())
         if refused is None:
             return True
         if refused.log:
             log.warning("%s", refused.log)
         return False
+
+    def handshake(self) -> Pending:
+        """``with pending.handshake():`` around the handshake of a handler that owns its
+        connection: the cancel scope of the handshake deadline (and of eviction) is held
+        only there. Admission's cancellation ends the ``with`` block, not the handler, and
+        sets :attr:`cut_short`. Under the driver's own scope (the default) it does nothing.
+        """
+        return self
+
+    def __enter__(self) -> Pending:
+        if not self._owned:
+            return self
+        if self._scope is not None:
+            raise RuntimeError("Pending.handshake() is not reentrant")
+        ticket = self.ticket
+        scope = trio.CancelScope(deadline=ticket.deadline)
+        if ticket.state == "done":
+            scope.cancel()  # evicted (or refused by a rebind) before its handshake began
+        self._scope = scope
+        self._port.scopes[ticket] = scope
+        scope.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        scope = self._scope
+        if not self._owned or scope is None:
+            return False
+        self._scope = None
+        port = self._port
+        ticket = self.ticket
+        port.scopes.pop(ticket, None)
+        try:
+            return bool(scope.__exit__(*exc_info))
+        finally:
+            if scope.cancelled_caught:
+                self.cut_short = True
+                _timed_out(port.admission, ticket)
+
+    async def release(self, stream: trio.abc.AsyncResource) -> None:
+        """The connection is over: count it out of admission (once) and close it.
+
+        A handler that owns its connection must end with this, whatever happened.
+        """
+        if not self._released:
+            self._released = True
+            self._port.gauge.closed()
+            self._port.admission.release(self.ticket)
+        await close_quietly(stream)
+
+
+def _timed_out(admission: Admission, ticket: Ticket) -> None:
+    """The connection was cancelled by its handshake scope: count a timeout if it was still pending."""
+    if ticket.pending:
+        line = admission.timed_out(ticket, trio.current_time())
+        if line:
+            log.warning("%s", line)
 
 
 Handler = Callable[[trio.SocketStream, Pending], Awaitable[Any]]
@@ -191,28 +275,31 @@ async def serve_admitted(
     admission: Admission,
     *,
     gauge: FdGauge | None = None,
+    handler_owns_connection: bool = False,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept on every listener until cancelled, admitting each connection (module docs)."""
+    """Accept on every listener until cancelled, admitting each connection (module docs).
+
+    ``handler_owns_connection``: the handler runs as the connection's task itself, holds
+    the handshake's cancel scope with :meth:`Pending.handshake` and ends with
+    :meth:`Pending.release`; by default it runs inside a wrapper that does both.
+    """
     raise_fd_limit()
-    gauge = gauge or fd_gauge()
-    scopes: dict[Ticket, trio.CancelScope] = {}
+    port = _Port(admission, gauge or fd_gauge())
+    scopes = port.scopes
 
     async def run(stream: trio.SocketStream, ticket: Ticket) -> None:
         scope = trio.CancelScope(deadline=ticket.deadline)
         scopes[ticket] = scope
+        pending = Pending(port, ticket, scope)
         try:
             with scope:
-                await handler(stream, Pending(admission, ticket, scope))
+                await handler(stream, pending)
         finally:
             del scopes[ticket]
-            gauge.closed()
-            if scope.cancelled_caught and ticket.pending:
-                line = admission.timed_out(ticket, trio.current_time())
-                if line:
-                    log.warning("%s", line)
-            admission.release(ticket)
-            await close_quietly(stream)
+            if scope.cancelled_caught:
+                _timed_out(admission, ticket)
+            await pending.release(stream)
 
     async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         shortage_logged = -math.inf
@@ -234,15 +321,15 @@ async def serve_admitted(
                     )
                 await trio.sleep(ACCEPT_BACKOFF)
                 continue
-            gauge.opened()
+            port.gauge.opened()
             now = trio.current_time()
-            decision = admission.offer(source_of(stream), now, gauge.free(now))
+            decision = admission.offer(source_of(stream), now, port.gauge.free(now))
             if not isinstance(decision, Admitted):
                 if decision.log:
                     log.warning("%s", decision.log)
                 reset(stream)
                 await close_quietly(stream)
-                gauge.closed()
+                port.gauge.closed()
                 continue
             if decision.evict is not None:
                 if decision.log:
@@ -250,7 +337,10 @@ async def serve_admitted(
                 victim = scopes.get(decision.evict)
                 if victim is not None:
                     victim.cancel()
-            nursery.start_soon(run, stream, decision.ticket)
+            if handler_owns_connection:
+                nursery.start_soon(handler, stream, Pending(port, decision.ticket))
+            else:
+                nursery.start_soon(run, stream, decision.ticket)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:

@@ -5,10 +5,11 @@ Every decision is the sans-IO core's, :class:`~bridge.relay.proxy.ProxyCore`
 pool events as health, the opening timeout); see its module docs. This module
 feeds it events with the current time and executes its commands:
 
-- one nursery per rig connection runs the rig reader and one task per upstream
-  session of the rig (*leg*): it opens the session (``OpenLeg``), then reads it;
-  what the core writes is sent by whichever task fed it (so a slow rig slows its
-  own reader) or by a flush task for writes caused elsewhere;
+- one task per rig connection (the accepted connection's own: ``serve_admitted``'s
+  ``handler_owns_connection``) reads the rig and sends what the core wrote to it
+  (see :class:`_RigConnection`); each upstream session of the rig (*leg*) is opened
+  by a task in the proxy's nursery (``OpenLeg``), which goes on reading a plain SV1
+  pool connection, while a StratumRM leg's events are handed over by its link;
 - one task per upstream runs its :class:`~bridge.net.upstreams.Probe` (the
   proxy's own session there, reconnected with backoff, and the keepalive checks
   the core asks for);
@@ -17,7 +18,8 @@ feeds it events with the current time and executes its commands:
 Until its first Stratum request a connection is *pending* for admission control
 (bridge/net/admission.py): pending connections are capped globally and per source
 address, and nothing new is accepted when file descriptors run short
-(``admission``).
+(``admission``). A rig that admission ends then (its handshake deadline, or evicted
+for a newcomer) is closed with the reason ``HANDSHAKE_CUT_SHORT``.
 
 Every detection and switch is logged by ``bridge.proxy.failover`` with its reason
 and counted in :meth:`MinerProxy.statistics`.
@@ -31,6 +33,7 @@ import itertools
 import logging
 import os
 import ssl
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -53,7 +56,6 @@ from bridge.net.containment import Containment
 from bridge.net.listen import Pending, serve_admitted
 from bridge.net.rm_upstream import RMUpstreamHandle, StratumRMLink
 from bridge.net.tcp import (
-    close_quietly,
     describe_error,
     peer_name,
     socket_of,
@@ -112,6 +114,8 @@ RECEIVE_SIZE = 4096
 #: own traffic is a few hundred bytes a second; its reader waits while its writes do).
 MAX_RIG_BACKLOG = 1 << 20
 _CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
+#: The close reason of a rig whose handshake admission control ended (bridge/net/admission.py).
+HANDSHAKE_CUT_SHORT = "handshake cut short by admission control (deadline or eviction)"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -284,7 +288,7 @@ class MinerProxy:
         async with trio.open_nursery() as nursery:
             await self._start(nursery)
             task_status.started(self.port)
-            await serve_admitted(self._handle, listeners, self.admission)
+            await serve_admitted(self._handle, listeners, self.admission, handler_owns_connection=True)
 
     async def serve_streams(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Everything :meth:`serve` runs but the listener: rigs arrive through :meth:`handle_rig`.
@@ -456,46 +460,61 @@ class MinerProxy:
     # ------------------------------------------------------------ rigs
 
     async def _handle(self, stream: trio.SocketStream, pending: Pending) -> None:
-        """Serve one rig connection; an exception ends this connection only (contained here, not
-        by ``Containment.connections``, whose wrapper is one coroutine more per rig)."""
+        """Serve one rig connection as its task: serve_admitted's ``handler_owns_connection``, so
+        no wrapper coroutine or cancel scope is kept for the connection's life; the handshake's
+        cancel scope (admission's deadline and eviction) is held only until the rig's first
+        Stratum request. An exception ends this connection only (contained here, not by
+        ``Containment.connections``, whose wrapper is one coroutine more per rig)."""
         peer = peer_name(stream)
-        with self.containment.guard(peer, "rig connection") as outer:
-            tune_stream(stream)
-            self._accepted_connections += 1
-            self._active += 1
-            rig_id = next(self._rig_ids)
-            bind_connection(f"rig-{rig_id}", fresh=False)
-            self.feed(RigConnected(rig_id, peer, _local_address(stream)))
-            channel = self.core.channel(rig_id)
-            assert channel is not None
-            connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
-            self._rigs[rig_id] = connection
-            reason = "proxy shutting down"
-            try:
-                with self.containment.guard(peer, "rig connection") as guard:
-                    reason = await connection.run()
-                if guard.error is not None:
-                    reason = "internal error"
-            finally:
-                self._active -= 1
-                self._rigs.pop(rig_id, None)
-                if self.core.channel(rig_id) is not None:
-                    with self.containment.guard(peer, "rig connection"):
-                        self.feed(RigClosed(rig_id, reason))
-                stats = channel.counters
-                self._finished.add(stats)
-                self._closed[reason.split(":", 1)[0]] += 1
-                await close_quietly(stream)
-            log.info(
-                "rig %s disconnected (%s); %d submitted, %d accepted, %d rejected",
-                peer,
-                reason,
-                stats.submitted,
-                stats.accepted,
-                stats.rejected,
-            )
-        if outer.error is not None:
-            await close_quietly(stream)
+        try:
+            with self.containment.guard(peer, "rig connection"):
+                tune_stream(stream)
+                self._accepted_connections += 1
+                self._active += 1
+                rig_id = next(self._rig_ids)
+                bind_connection(f"rig-{rig_id}", fresh=False)
+                self.feed(RigConnected(rig_id, peer, _local_address(stream)))
+                channel = self.core.channel(rig_id)
+                assert channel is not None
+                connection = _RigConnection(self, rig_id, channel, stream, peer, pending)
+                self._rigs[rig_id] = connection
+                reason = "proxy shutting down"
+                try:
+                    with self.containment.guard(peer, "rig connection") as guard:
+                        try:
+                            with pending.handshake():
+                                await connection.relay(handshake=True)
+                            if pending.cut_short and connection.close_reason is None:
+                                connection._end(HANDSHAKE_CUT_SHORT)
+                            await connection.relay()
+                            # Deliver the last answers (errors for unconfirmed shares) before closing.
+                            with trio.move_on_after(2):
+                                await connection.flush()
+                        finally:
+                            await connection.drop_legs()
+                        reason = connection.close_reason or "closed"
+                    if guard.error is not None:
+                        reason = "internal error"
+                finally:
+                    self._active -= 1
+                    self._rigs.pop(rig_id, None)
+                    if self.core.channel(rig_id) is not None:
+                        with self.containment.guard(peer, "rig connection"):
+                            self.feed(RigClosed(rig_id, reason))
+                    stats = channel.counters
+                    self._finished.add(stats)
+                    self._closed[reason.split(":", 1)[0]] += 1
+                    await pending.release(stream)
+                log.info(
+                    "rig %s disconnected (%s); %d submitted, %d accepted, %d rejected",
+                    peer,
+                    reason,
+                    stats.submitted,
+                    stats.accepted,
+                    stats.rejected,
+                )
+        finally:
+            await pending.release(stream)  # counted once; closes the stream if the above did not
 
     def statistics(self) -> ProxyStatistics:
         """Counters over every rig connection so far, open ones included."""
@@ -538,23 +557,38 @@ class MinerProxy:
 
 
 class _LegTask:
-    """One upstream session of a rig: opening (``session`` None), then open."""
+    """One upstream session of a rig: opening (``session`` None), then open.
 
-    __slots__ = ("closed", "leg", "scope", "session", "upstream")
+    It is the StratumRM session's listener itself (called when the channel has events),
+    rather than a closure per leg; ``scope`` cancels the leg's task while it has one.
+    """
 
-    def __init__(self, leg: int, upstream: Upstream) -> None:
+    __slots__ = ("closed", "leg", "rig", "scope", "session", "upstream")
+
+    def __init__(self, rig: _RigConnection, leg: int, upstream: Upstream) -> None:
+        self.rig = rig
         self.leg = leg
         self.upstream = upstream
         self.session: Session | None = None
         self.closed = False
-        self.scope = trio.CancelScope()
+        self.scope: trio.CancelScope | None = trio.CancelScope()
+
+    def __call__(self) -> None:
+        """The StratumRM channel has events (its link's reader calls this)."""
+        self.rig._leg_ready(self.leg)
+
+    def cancel(self) -> None:
+        self.closed = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class _RigConnection:
     """One rig connection: the core decides, this moves bytes.
 
-    One task per rig (the connection's own, in :meth:`run`) reads the rig, feeds the
-    core, sends what the core wrote to the rig and flushes the rig's upstream sessions.
+    One task per rig (the connection's own, :meth:`MinerProxy._handle`, in :meth:`relay`)
+    reads the rig, feeds the core, sends what the core wrote to the rig and flushes the
+    rig's upstream sessions.
     What the core writes is sent at once as far as the kernel takes it (a rig's socket
     buffer nearly always has room), whoever fed the core; only what does not fit, or a
     plain SV1 pool connection to flush, wakes the rig's task (it is cancelled out of its
@@ -607,7 +641,7 @@ class _RigConnection:
         self._scope: trio.CancelScope | None = None  # around the task's wait or send in progress
         self._reading = False
         self._woken = False  # its wait to read was ended by _wake(), not by a closed socket
-        self.connected_at = datetime.now(UTC)
+        self.connected_at = time.time()  # a float: a datetime is twice its size
 
     def status(self) -> RigStatus:
         upstream = self.proxy.core.upstream_of(self.id)
@@ -616,18 +650,22 @@ class _RigConnection:
             peer=self.peer,
             workers=list(self.channel.authorized_workers),
             upstream=None if upstream is None else self.proxy.upstreams[upstream].name,
-            connected_at=self.connected_at,
+            connected_at=datetime.fromtimestamp(self.connected_at, UTC),
             shares=self.channel.statistics(),
         )
 
-    async def run(self) -> str:
-        """Read the rig and do whatever else is to be done for it, until it closes."""
+    async def relay(self, *, handshake: bool = False) -> None:
+        """Read the rig and do whatever else is to be done for it, until it closes; with
+        ``handshake``, only until its first Stratum request (the caller then leaves the
+        handshake's cancel scope, and calls this again)."""
         proxy = self.proxy
         stream = self.stream
         sock = self._sock
         waited = False
         try:
             while self.close_reason is None:
+                if handshake and self.pending is None:
+                    return  # established
                 if not self._flush_now():
                     scope = self._scope = trio.CancelScope()
                     with scope:
@@ -678,20 +716,18 @@ class _RigConnection:
                     self._end("rig closed the connection")
                     break
                 proxy.feed(RigData(self.id, bytes(data)), self)
-            # Deliver the last answers (errors for unconfirmed shares) before closing.
-            with trio.move_on_after(2):
-                await self.flush()
         finally:
             self._scope = None
-            legs = list(self.legs.values())
-            self.legs.clear()
-            for task in legs:
-                task.closed = True
-                task.scope.cancel()
-            for task in legs:
-                if task.session is not None:
-                    await task.session.aclose()
-        return self.close_reason or "closed"
+
+    async def drop_legs(self) -> None:
+        """The connection is over: end every upstream session of the rig."""
+        legs = list(self.legs.values())
+        self.legs.clear()
+        for task in legs:
+            task.cancel()
+        for task in legs:
+            if task.session is not None:
+                await task.session.aclose()
 
     def _wake(self) -> None:
         """Something for the rig's task to do: stop its wait to read (it reads again after).
@@ -737,7 +773,7 @@ class _RigConnection:
     def open_leg(self, leg: int, upstream: Upstream) -> None:
         nursery = self.proxy._nursery
         if nursery is not None and self.close_reason is None:
-            task = _LegTask(leg, upstream)
+            task = _LegTask(self, leg, upstream)
             self.legs[leg] = task
             nursery.start_soon(self._run_leg, task)
 
@@ -747,8 +783,7 @@ class _RigConnection:
             self.dirty_legs.discard(leg)
         if task is None:
             return
-        task.closed = True
-        task.scope.cancel()
+        task.cancel()
         session = task.session
         if session is not None:
             if isinstance(session, RMUpstreamHandle):
@@ -761,7 +796,7 @@ class _RigConnection:
         """The core closed the rig (``CloseRig``): flush what is queued, then close."""
         if self.close_reason is None:
             self.close_reason = reason
-        # Out of a wait or a stuck send; run() flushes what is left.
+        # Out of a wait or a stuck send; the rig's task flushes what is left.
         if self._reading:
             self._wake()
         elif self._scope is not None:
@@ -861,8 +896,11 @@ class _RigConnection:
     async def _run_leg(self, task: _LegTask) -> None:
         """Open one upstream session (and read it, for a plain SV1 pool), in the proxy's nursery."""
         bind_connection(f"rig-{self.id}", fresh=False)
-        with self.proxy.containment.guard(self.peer, "rig connection") as guard, task.scope:
+        scope = task.scope
+        assert scope is not None
+        with self.proxy.containment.guard(self.peer, "rig connection") as guard, scope:
             await self._leg(task)
+        task.scope = None  # no task of its own any more (a StratumRM leg's listener is the task object)
         if guard.error is not None:
             self._end("internal error")
 
@@ -884,7 +922,7 @@ class _RigConnection:
         proxy.feed(LegOpened(self.id, leg, session.session))
         if isinstance(session, RMUpstreamHandle):
             if not task.closed:
-                session.listener = functools.partial(self._leg_ready, leg)
+                session.listener = task
                 if session.session.events or session.lost is not None:
                     self._leg_ready(leg)
             return  # no task: the link's reader calls the listener

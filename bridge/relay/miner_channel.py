@@ -158,7 +158,7 @@ class Leg:
         self.state = state  # "current", "joining", "draining", "gone"
         self.jobs: BoundedMap[str, None] = BoundedMap(JOBS_PER_LEG)
         self.pending = 0  # unanswered submits
-        self.held: list[Any] = []
+        self.held: list[Any] | None = None  # notifications held while joining; made when needed
         self.extranonce1: str | None = None
         self.extranonce2_size: int | None = None
         self.version_mask: str | None = None
@@ -338,17 +338,19 @@ class MinerChannel:
         self.leg: Leg | None = None
         self.legs: list[Leg] = []
         self._first_bytes = True
-        self._early: list[Any] = []
+        # Per-rig containers that are nearly always empty are None until first used
+        # (an empty list is 56 B, a BoundedMap with its dict about 130 B).
+        self._early: list[Any] | None = None
         self._pending: list[PendingRequest] = []  # oldest first (a deque is 760 B even empty)
         # What the rig did in its handshake, to replay on a new upstream.
         self._handshake: list[tuple[Any, PendingRequest | None]] = []
         self._authorized: dict[str, str | None] = {}
-        self._authorize_refusals: list[tuple[str, str]] = []
+        self._authorize_refusals: list[tuple[str, str]] | None = None
         self.rig_extranonce: tuple[str, int] | None = None
         self.rig_version_mask: str | None = None
-        self._old_jobs: BoundedMap[str, None] = BoundedMap(OLD_JOBS_KEPT)
-        self._pool_requests: BoundedMap[Any, Leg] = BoundedMap(POOL_REQUESTS_KEPT)
-        self._switch_results: list[SwitchResult] = []
+        self._old_jobs: BoundedMap[str, None] | None = None
+        self._pool_requests: BoundedMap[Any, Leg] | None = None
+        self._switch_results: list[SwitchResult] | None = None
         self._reconnect: tuple[list[Any], float, str] | None = None
         self._reconnect_sent: float | None = None
         self.reconnect_reason: str | None = None
@@ -377,8 +379,8 @@ class MinerChannel:
 
     def take_authorize_refusals(self) -> list[tuple[str, str]]:
         """Workers whose mining.authorize the upstream refused since the last call, with its error (for the log)."""
-        refusals, self._authorize_refusals = self._authorize_refusals, []
-        return refusals
+        refusals, self._authorize_refusals = self._authorize_refusals, None
+        return [] if refusals is None else refusals
 
     @property
     def authorized_workers(self) -> dict[str, str | None]:
@@ -418,6 +420,8 @@ class MinerChannel:
                 continue
             self.wants_upstream = True
             if self.leg is None and not self.miner.subscribed:
+                if self._early is None:
+                    self._early = []
                 self._early.append(event)  # waits for the (next) upstream
             else:
                 self._forward(event, now)
@@ -428,15 +432,16 @@ class MinerChannel:
         leg = Leg(upstream, key, "current")
         self.leg = leg
         self.legs.append(leg)
-        early, self._early = self._early, []
-        for event in early:
+        early, self._early = self._early, None
+        for event in early or ():
             self._forward(event, now)
         return leg
 
     def _forward(self, event: Any, now: float) -> None:
         kind = type(event)
         if kind is MinerResponse:
-            leg = self._pool_requests.pop(event.id, None) if event.id is not None else None
+            requests = self._pool_requests
+            leg = requests.pop(event.id, None) if event.id is not None and requests is not None else None
             if leg is None or leg.state == "gone":
                 leg = self.leg
             if leg is not None and leg.state != "gone":
@@ -489,7 +494,7 @@ class MinerChannel:
         leg = self._leg_for_job(job_id)
         if leg is None:
             self.counters.stale_local += 1
-            if job_id in self._old_jobs:
+            if self._old_jobs is not None and job_id in self._old_jobs:
                 message = "Stale: job from a previous upstream pool, which is gone; share not submitted"
                 code = 21
             else:
@@ -511,7 +516,7 @@ class MinerChannel:
         for leg in reversed(self.legs):
             if leg.state == "draining" and job_id in leg.jobs:
                 return leg
-        if job_id in self._old_jobs:
+        if self._old_jobs is not None and job_id in self._old_jobs:
             return None
         return current
 
@@ -535,6 +540,8 @@ class MinerChannel:
             elif leg.state == "current":
                 self._notification(leg, event, now)
             elif leg.state == "joining":
+                if leg.held is None:
+                    leg.held = []
                 leg.held.append(event)
             # a draining leg's notifications are dropped: the rig works for the new upstream
             if leg.state == "gone":
@@ -587,6 +594,8 @@ class MinerChannel:
     def _remember_pool_request(self, request_id: Any, leg: Leg) -> None:
         if request_id is None:
             return
+        if self._pool_requests is None:
+            self._pool_requests = BoundedMap(POOL_REQUESTS_KEPT)
         self._pool_requests.put(request_id, leg)
 
     def _reply(self, reply: Reply, now: float) -> None:
@@ -624,6 +633,8 @@ class MinerChannel:
         elif method == "mining.authorize" and reply.accepted and isinstance(pending.event, Authorize):
             self._remember_worker(pending.event.params.user, pending.event.params.password)
         elif method == "mining.authorize" and isinstance(pending.event, Authorize):
+            if self._authorize_refusals is None:
+                self._authorize_refusals = []
             if len(self._authorize_refusals) < MAX_HANDSHAKE_RECORDS:
                 self._authorize_refusals.append((pending.event.params.user, bytes(reply.response.error).decode(errors="replace")))
         if pending.miner_id is not None:
@@ -643,11 +654,11 @@ class MinerChannel:
         if leg is None:
             if not release:
                 return  # never attached: what the rig sent waits for the next upstream
-            for event in self._early:
+            for event in self._early or ():
                 request_id = getattr(event, "id", None)
                 if type(event) is not MinerResponse and request_id is not None:
                     self._error(PendingRequest(request_id, event.__struct_config__.tag, now), reason)
-            self._early.clear()
+            self._early = None
             self._close(f"upstream lost: {reason}")
             return
         if leg.state == "gone":
@@ -670,9 +681,9 @@ class MinerChannel:
         if retried:
             again = {id(p) for p in retried}
             self._handshake = [(e, p) for e, p in self._handshake if p is None or id(p) not in again]
-            self._early[:0] = [p.event for p in retried]
+            self._early = [p.event for p in retried] + (self._early or [])
         if was == "joining":
-            self._switch_results.append(SwitchResult(leg, False, reason))
+            self._switch_result(SwitchResult(leg, False, reason))
         self.legs.remove(leg)
         if leg is self.leg:
             self.leg = None
@@ -700,13 +711,15 @@ class MinerChannel:
         for pending in self._pending:
             if not pending.answered:
                 self._error(pending, reason)
-        for event in self._early:
+        for event in self._early or ():
             request_id = getattr(event, "id", None)
             if type(event) is not MinerResponse and request_id is not None:
                 self._error(PendingRequest(request_id, event.__struct_config__.tag, 0.0), reason)
-        self._early.clear()
+        self._early = None
 
     def _remember_old_job(self, job_id: str) -> None:
+        if self._old_jobs is None:
+            self._old_jobs = BoundedMap(OLD_JOBS_KEPT)
         self._old_jobs.put(job_id, None)
 
     # ------------------------------------------------------------- switching
@@ -732,11 +745,11 @@ class MinerChannel:
                 # id-null requests, and a configure answered already (it goes out at once)
                 if pending is None or (pending.answered and type(event) is Configure):
                     self._replay(leg, event)
-            early, self._early = self._early, []
-            for event in early:
+            early, self._early = self._early, None
+            for event in early or ():
                 self._forward(event, now)
             self.counters.switches += 1
-            self._switch_results.append(SwitchResult(leg, True))
+            self._switch_result(SwitchResult(leg, True))
             return leg
         subscribed_again = False
         for event, pending in self._handshake:
@@ -805,7 +818,7 @@ class MinerChannel:
         leg.state = "gone"
         leg.failure = reason
         self.legs.remove(leg)
-        self._switch_results.append(SwitchResult(leg, False, reason))
+        self._switch_result(SwitchResult(leg, False, reason))
 
     def _complete_switch(self, leg: Leg, now: float) -> None:
         old = self.leg
@@ -826,16 +839,21 @@ class MinerChannel:
             miner.set_version_mask(leg.version_mask)
             self.rig_version_mask = leg.version_mask
         leg.force_clean = True
-        held, leg.held = leg.held, []
-        for event in held:
+        held, leg.held = leg.held, None
+        for event in held or ():
             self._notification(leg, event, now)
             if self.closed:
                 break
-        self._switch_results.append(SwitchResult(leg, True))
+        self._switch_result(SwitchResult(leg, True))
+
+    def _switch_result(self, result: SwitchResult) -> None:
+        if self._switch_results is None:
+            self._switch_results = []
+        self._switch_results.append(result)
 
     def take_switch_results(self) -> list[SwitchResult]:
-        results, self._switch_results = self._switch_results, []
-        return results
+        results, self._switch_results = self._switch_results, None
+        return [] if results is None else results
 
     def fail_leg(self, leg: Leg, reason: str, now: float) -> None:
         """Give up on a leg whose upstream is declared down: its pending requests get explicit errors."""

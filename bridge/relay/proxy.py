@@ -391,12 +391,22 @@ class _Rig:
         self.peer = peer
         self.local_address = local
         self.legs: dict[int, _LegRecord] = {}
-        self.opening: dict[int, tuple[int, bool]] = {}  # leg id -> (upstream, is a move)
+        # leg id -> (upstream, is a move); None unless a leg is opening (an emptied dict keeps its table)
+        self.opening: dict[int, tuple[int, bool]] | None = None
         self.placed = False
         self.established = False
         self.learned = False
         self.opening_deadline: float | None = deadline
         self.scheduled: float | None = None
+
+    def take_opening(self, leg_id: int) -> tuple[int, bool] | None:
+        opening = self.opening
+        if opening is None:
+            return None
+        found = opening.pop(leg_id, None)
+        if not opening:
+            self.opening = None
+        return found
 
     def record_of(self, leg: Leg | None) -> tuple[int, _LegRecord] | None:
         if leg is None:
@@ -594,12 +604,14 @@ class ProxyCore:
 
     def _open_leg(self, entry: _Rig, upstream: int, *, move: bool) -> None:
         leg = next(self._leg_ids)
+        if entry.opening is None:
+            entry.opening = {}
         entry.opening[leg] = (upstream, move)
         self._out.append(OpenLeg(entry.id, leg, upstream))
 
     def _leg_opened(self, rig_id: int, leg_id: int, session: UpstreamSession, now: float) -> None:
         entry = self._rigs.get(rig_id)
-        opening = None if entry is None else entry.opening.pop(leg_id, None)
+        opening = None if entry is None else entry.take_opening(leg_id)
         if entry is None or opening is None:
             self._out.append(CloseLeg(rig_id, leg_id))
             return
@@ -616,7 +628,7 @@ class ProxyCore:
 
     def _leg_failed(self, rig_id: int, leg_id: int, detail: str, now: float) -> None:
         entry = self._rigs.get(rig_id)
-        opening = None if entry is None else entry.opening.pop(leg_id, None)
+        opening = None if entry is None else entry.take_opening(leg_id)
         if entry is None or opening is None:
             return
         upstream, _ = opening
@@ -693,6 +705,8 @@ class ProxyCore:
         for key, record in list(entry.legs.items()):
             if record.leg.state == "gone":
                 del entry.legs[key]
+                if not entry.legs:
+                    entry.legs = {}  # a fresh one: an emptied dict keeps its table
                 self._out.append(CloseLeg(entry.id, key))
         if not entry.learned and channel.authorized_workers:
             entry.learned = True
@@ -718,8 +732,8 @@ class ProxyCore:
     def _forget(self, entry: _Rig) -> None:
         for key in entry.legs:
             self._out.append(CloseLeg(entry.id, key))
-        entry.legs.clear()
-        entry.opening.clear()
+        entry.legs = {}
+        entry.opening = None
         self._out.append(CloseRig(entry.id, entry.channel.close_reason or "closed"))
         del self._rigs[entry.id]
         self._touch()

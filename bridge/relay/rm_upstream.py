@@ -185,13 +185,22 @@ class RMChannel:
 
     def cancel(self, request_id: int) -> None:
         """Forget a request (its verdict is no longer wanted)."""
-        if self._pending.pop(request_id, None) is None:
+        if self._forget(request_id) is None:
             self.connection.delivery.forget(request_id)
+
+    def _forget(self, request_id: int) -> tuple[str, Any] | None:
+        """Take a request out of :attr:`_pending`; an emptied dict is replaced by a fresh one
+        (a dict keeps its grown table, and a channel's requests are nearly all answered)."""
+        pending = self._pending
+        found = pending.pop(request_id, None) if pending else None
+        if found is not None and not pending:
+            self._pending = {}
+        return found
 
     # -------------------------------------------------------------- from wire
 
     def _response(self, line: ControlLine) -> None:
-        pending = self._pending.pop(line.id, None) if type(line.id) is int else None
+        pending = self._forget(line.id) if type(line.id) is int else None
         if pending is None:
             return
         method, context = pending
@@ -253,7 +262,7 @@ class RMChannel:
 
     def _fail_pending(self, reason: str) -> None:
         self.closed = True
-        self._pending.clear()
+        self._pending = {}
         self.events.append(ChannelClosed(reason))
 
 
@@ -441,7 +450,7 @@ class StratumRMConnection:
         """The delivery dropped ``share``: its TLS requests are forgotten."""
         channel: RMChannel = share.channel
         for request_id in share.tls_ids:
-            channel._pending.pop(request_id, None)
+            channel._forget(request_id)
 
     # ------------------------------------------------------------------- input
 

@@ -92,6 +92,23 @@ ServerEvent = MinerRequest | MinerResponse | ProtocolViolation
 class ServerSession:
     """One miner connection, seen from the pool (or from a proxy acting as one)."""
 
+    # One per rig at the proxy: slots save its instance dict (about 300 B at this many attributes).
+    __slots__ = (
+        "_held",
+        "_lines",
+        "_lines_received",
+        "_lines_sent",
+        "_out",
+        "_pending",
+        "_submits",
+        "_violations",
+        "authorized_workers",
+        "closed",
+        "extranonce_subscribed",
+        "subscribed",
+        "user_agent",
+    )
+
     def __init__(self, *, max_line: int = DEFAULT_MAX_LINE) -> None:
         self._lines = LineBuffer(max_line)
         self._out: list[bytes] = []
@@ -240,7 +257,10 @@ class ServerSession:
         request_id = response.id
         if request_id is None:
             return
-        request = self._pending.pop(request_id, None)
+        pending = self._pending
+        request = pending.pop(request_id, None) if pending else None
+        if request is not None and not pending:
+            self._pending = {}  # a fresh empty dict: an emptied one keeps its table
         is_subscribe_result = False
         if request is not None:
             ok = response.result is not UNSET and bytes(response.result) not in (b"null", b"false")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 
@@ -19,6 +20,7 @@ from bridge.net.listen import (
     raise_fd_limit,
     serve_admitted,
 )
+from bridge.net.miner_proxy import HANDSHAKE_CUT_SHORT, MinerProxy
 from bridge.net.pool_watch import PoolWatch
 
 LIMITS = AdmissionLimits(max_pending=4, max_pending_per_source=2, handshake_timeout=5.0, fd_reserve=10, log_interval=10.0)
@@ -228,6 +230,149 @@ async def test_the_driver_ends_connections_at_their_handshake_deadline() -> None
         assert admission.statistics().refused == {"handshake timeout": 5}
         for sock in silent:
             sock.close()
+        nursery.cancel_scope.cancel()
+
+
+class CountingGauge(FdGauge):
+    """Counts the driver's opened() and closed() exactly (no /proc sampling)."""
+
+    def __init__(self) -> None:
+        super().__init__(count=lambda: None)
+        self.open = 0
+
+    def opened(self) -> None:
+        self.open += 1
+
+    def closed(self) -> None:
+        self.open -= 1
+
+
+def owning_handler(outcomes: list[str], tasks: list[trio.lowlevel.Task]):
+    """A handler that owns its connection: one message is its handshake, then it echoes
+    until the client closes; it releases twice (the second is a no-op)."""
+
+    async def handler(stream: trio.SocketStream, pending: Pending) -> None:
+        line = b""
+        try:
+            with pending.handshake():
+                line = await stream.receive_some(100)
+                if line:
+                    pending.established()
+            if pending.cut_short:
+                outcomes.append("cut short")
+                return
+            if not line:
+                outcomes.append("closed in its handshake")
+                return
+            tasks.append(trio.lowlevel.current_task())
+            await stream.send_all(b"hello " + line)
+            while await stream.receive_some(100):
+                pass
+            outcomes.append("closed")
+            await pending.release(stream)
+        finally:
+            await pending.release(stream)
+
+    return handler
+
+
+async def test_a_handler_that_owns_its_connection_keeps_no_scope_and_admission_stays_exact() -> None:
+    """``handler_owns_connection``: the handler is the connection's task (no wrapper), holds the
+    handshake's cancel scope only in ``pending.handshake()``, an eviction ends that block (not
+    the handler), and every connection is counted out of admission exactly once."""
+    admission = Admission("test port", AdmissionLimits(max_pending=2, max_pending_per_source=2, handshake_timeout=60.0))
+    gauge = CountingGauge()
+    outcomes: list[str] = []
+    tasks: list[trio.lowlevel.Task] = []
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(
+            functools.partial(serve_admitted, gauge=gauge, handler_owns_connection=True),
+            owning_handler(outcomes, tasks),
+            listeners,
+            admission,
+        )
+        port = listeners[0].socket.getsockname()[1]
+        flood = [await connect_from("127.0.0.2", port) for _ in range(2)]
+        with trio.fail_after(30):
+            while admission.pending < 2:
+                await trio.sleep(0.01)
+        honest = await connect_from("127.0.0.1", port)  # the cap is reached: the oldest flood connection is evicted
+        assert await closed_by_peer(flood[0])
+        await honest.send(b"rig")
+        with trio.fail_after(30):
+            assert await honest.recv(100) == b"hello rig"
+        assert outcomes == ["cut short"]
+        [task] = tasks
+        assert task.name.endswith("owning_handler.<locals>.handler")  # no wrapper task or coroutine
+        assert task._cancel_status is task.parent_nursery._cancel_status  # no scope of its own past its handshake
+        stats = admission.statistics()
+        assert (stats.pending, stats.established, stats.refused) == (1, 1, {"evicted for a newcomer": 1})
+        for sock in (*flood, honest):
+            sock.close()
+        with trio.fail_after(30):
+            while admission.pending or admission.statistics().established or gauge.open:
+                await trio.sleep(0.01)
+        assert sorted(outcomes) == ["closed", "closed in its handshake", "cut short"]
+        stats = admission.statistics()
+        assert (stats.admitted, stats.completed, stats.abandoned) == (3, 1, 2)
+        assert gauge.open == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_handler_that_owns_its_connection_is_cut_short_at_its_handshake_deadline() -> None:
+    admission = Admission("test port", AdmissionLimits(handshake_timeout=0.2, log_interval=3600.0))
+    gauge = CountingGauge()
+    outcomes: list[str] = []
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        await nursery.start(
+            functools.partial(serve_admitted, gauge=gauge, handler_owns_connection=True),
+            owning_handler(outcomes, []),
+            listeners,
+            admission,
+        )
+        port = listeners[0].socket.getsockname()[1]
+        silent = [await connect_from("127.0.0.3", port) for _ in range(3)]
+        for sock in silent:
+            assert await closed_by_peer(sock)
+        with trio.fail_after(30):
+            while gauge.open:
+                await trio.sleep(0.01)
+        assert outcomes == ["cut short"] * 3
+        stats = admission.statistics()
+        assert (stats.pending, stats.established, stats.refused) == (0, 0, {"handshake timeout": 3})
+        for sock in silent:
+            sock.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_rig_evicted_before_its_first_request_is_closed_with_that_reason() -> None:
+    """The proxy's rig task owns its connection: an eviction ends its handshake, not the
+    task, which closes the rig with the reason and counts it out of admission."""
+    upstream = parse_upstream_url(f"stratum+tcp://127.0.0.1:{closed_port()}")  # never reached: no rig asks
+    proxy = MinerProxy(upstream, admission=AdmissionLimits(max_pending=2, max_pending_per_source=2))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve, "127.0.0.1", 0)
+        flood = [await connect_from("127.0.0.2", port) for _ in range(2)]
+        with trio.fail_after(30):
+            while proxy.admission.pending < 2:
+                await trio.sleep(0.01)
+        honest = await connect_from("127.0.0.1", port)
+        assert await closed_by_peer(flood[0])
+        with trio.fail_after(30):
+            while proxy.statistics().connections_active > 2:
+                await trio.sleep(0.01)
+        assert proxy.statistics().closed_by_reason == {HANDSHAKE_CUT_SHORT: 1}
+        for sock in (*flood, honest):
+            sock.close()
+        with trio.fail_after(30):
+            while proxy.statistics().connections_active:
+                await trio.sleep(0.01)
+        stats = proxy.statistics()
+        assert stats.closed_by_reason == {HANDSHAKE_CUT_SHORT: 1, "rig closed the connection": 2}
+        assert stats.admission is not None
+        assert (stats.admission.pending, stats.admission.established, stats.admission.abandoned) == (0, 0, 3)
         nursery.cancel_scope.cancel()
 
 

@@ -214,9 +214,13 @@ async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
                 await trio.sleep(0.05)
         assert chain.proxy._nursery is not None
         tasks = _tasks_under(chain.proxy._nursery.parent_task)
-        rig_tasks = [task for task in tasks if task.name.endswith("serve_admitted.<locals>.run")]
+        # serve_admitted's handler_owns_connection: the rig's task is the proxy's handler itself.
+        rig_tasks = [task for task in tasks if task.name.endswith("MinerProxy._handle")]
         assert len(rig_tasks) == 4
         assert all(not task.child_nurseries for task in rig_tasks)
+        # Past its handshake, a rig's task holds no cancel scope of its own (admission's was
+        # left with the handshake): it runs under its nursery's cancel status.
+        assert all(task._cancel_status is task.parent_nursery._cancel_status for task in rig_tasks)
         assert [task.name for task in tasks if "_RigConnection" in task.name] == []
         # A rig waiting to read (nearly always) waits on its socket with no cancel scope of
         # its own (with its cancel status, about 1 KiB) under a short await chain.
@@ -230,7 +234,7 @@ async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
                     assert rig._scope is None
         for task in by_rig.values():
             names = [frame.f_code.co_name for frame, _ in task.iter_await_frames()]
-            assert names[:3] == ["run", "_handle", "run"], names  # no wrapper coroutine between
+            assert names[:2] == ["_handle", "relay"], names  # no wrapper coroutine around or between
         for miner in miners:
             miner.stop()
         nursery.cancel_scope.cancel()
