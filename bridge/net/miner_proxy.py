@@ -504,7 +504,6 @@ class MinerProxy:
                     stats = channel.counters
                     self._finished.add(stats)
                     self._closed[reason.split(":", 1)[0]] += 1
-                    await pending.release(stream)
                 log.info(
                     "rig %s disconnected (%s); %d submitted, %d accepted, %d rejected",
                     peer,
@@ -514,7 +513,7 @@ class MinerProxy:
                     stats.rejected,
                 )
         finally:
-            await pending.release(stream)  # counted once; closes the stream if the above did not
+            await pending.release(stream)  # counts the connection out of admission and closes it, on every path
 
     def statistics(self) -> ProxyStatistics:
         """Counters over every rig connection so far, open ones included."""
