@@ -242,11 +242,22 @@ class StalledSends:
 
 
 async def close_quietly(stream: trio.abc.Stream | None) -> None:
-    if stream is not None:
-        try:
-            await trio.aclose_forcefully(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+    """Close ``stream`` at once, without a goodbye and without raising.
+
+    A plain TCP stream's socket is closed directly: what ``trio.aclose_forcefully``
+    comes to for it, without the cancelled scope and the Cancelled exception raised and
+    caught on the way (about a tenth of each role's CPU in a reconnect storm of
+    thousands of rigs). A task still waiting on the socket gets ClosedResourceError.
+    """
+    if stream is None:
+        return
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+        return
+    try:
+        await trio.aclose_forcefully(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
 
 
 _ERRNO_WORDS = {

@@ -75,6 +75,8 @@ _encode = msgspec.json.Encoder().encode
 MAX_PENDING_HANDSHAKE = 32
 # Lines held back until the subscribe result has been sent.
 MAX_HELD_LINES = 64
+# Worker names one connection keeps as authorized; a rig has one or a few.
+MAX_AUTHORIZED_WORKERS = 300
 
 
 class ServerSessionStatistics(Struct, frozen=True):
@@ -117,7 +119,9 @@ class ServerSession:
         self.subscribed = False
         self.closed = False
         self.user_agent: str | None = None
-        self.authorized_workers: set[str] = set()
+        #: Worker names authorized on this connection, at most MAX_AUTHORIZED_WORKERS (a
+        #: tuple: nearly always one name, and a set is 216 B per rig at the proxy).
+        self.authorized_workers: tuple[str, ...] = ()
         self.extranonce_subscribed = False
         self._lines_received = 0
         self._lines_sent = 0
@@ -269,7 +273,7 @@ class ServerSession:
                 is_subscribe_result = ok
             elif isinstance(request, Authorize):
                 if ok:
-                    self.authorized_workers.add(request.params.user)
+                    self.record_worker(request.params.user)
             else:  # Configure
                 self._emit(_encode(response), hold=False)
                 return
@@ -313,6 +317,11 @@ class ServerSession:
     def send_request(self, request_id: RequestId, method: str, params: list[Any] | Raw) -> None:
         """Send (or relay) any request or notification to the miner."""
         self._emit(_encode(OutgoingRequest(request_id, method, params)), hold=True)
+
+    def record_worker(self, user: str) -> None:
+        """Count ``user`` as authorized on this connection (up to MAX_AUTHORIZED_WORKERS)."""
+        if user not in self.authorized_workers and len(self.authorized_workers) < MAX_AUTHORIZED_WORKERS:
+            self.authorized_workers += (user,)
 
     def statistics(self) -> ServerSessionStatistics:
         return ServerSessionStatistics(

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import trio
 
 from bridge.net.containment import Containment
+from bridge.net.tcp import close_quietly
 from bridge.sv1.rejects import LOW_DIFFICULTY
 from bridge.sv1.server import ServerSession
 from bridge.testing.pool_core import (
@@ -381,7 +382,7 @@ class ReferencePool:
         finally:
             self._connections.pop(connection.state, None)
             self.core.connection_lost(connection.state, self.clock())
-            await trio.aclose_forcefully(stream)
+            await close_quietly(stream)
             log.info("connection from %s closed", peer)
 
     async def _read_loop(self, connection: PoolConnection, stream: trio.abc.Stream) -> None:

@@ -482,7 +482,7 @@ class ConnectionState:
         return None if self.extranonce1 is None else self.extranonce1[::-1].hex()
 
     @property
-    def workers(self) -> set[str]:
+    def workers(self) -> tuple[str, ...]:
         return self.session.authorized_workers
 
     def clamp(self, difficulty: float) -> float:
@@ -929,7 +929,7 @@ class PoolCore:
             return
         connection.session.respond(request.id, True)
         # a null id gets no answer, so record the worker ourselves
-        connection.session.authorized_workers.add(worker)
+        connection.session.record_worker(worker)
         log.info("%s: authorized %s", connection.peer, worker)
         if self.config.send_show_message:
             connection.session.show_message(f"Authorised, welcome to the reference pool {worker}!")

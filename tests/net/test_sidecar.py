@@ -251,11 +251,11 @@ async def test_hello_keys_and_the_channel_handshake_reach_the_pool(pki: TestPKI)
         channel = await proxy.open(5, worker="alice.rig7", agent="bmminer/2.0.0")
         assert channel.extranonce2_size == 4 and channel.version_mask == 0x1FFFE000
         [connection] = pool.connections
-        assert connection.session.user_agent == "bmminer/2.0.0" and connection.workers == {"alice.rig7"}
+        assert connection.session.user_agent == "bmminer/2.0.0" and connection.workers == ("alice.rig7",)
         # Accounts the certificate does not name are refused before the pool.
         await proxy.send({"ch": 5, "id": 9, "method": "mining.authorize", "params": ["mallory.rig", "x"]})
         refused = await proxy.wait_for(lambda m: m.get("ch") == 5 and m.get("id") == 9)
-        assert refused["error"][0] == 24 and connection.workers == {"alice.rig7"}
+        assert refused["error"][0] == 24 and connection.workers == ("alice.rig7",)
         stats = server.statistics()
         assert stats.sessions_active == 1 and stats.channels_open == 1
         await proxy.aclose()

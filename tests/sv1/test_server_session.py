@@ -22,7 +22,7 @@ from bridge.sv1.messages import (
     SuggestDifficulty,
     SuggestTarget,
 )
-from bridge.sv1.server import ServerSession
+from bridge.sv1.server import MAX_AUTHORIZED_WORKERS, ServerSession
 
 NOTIFY = NotifyParams("j1", "00" * 32, "aa", "bb", [], "20000000", "1705ae3a", "647025b5", True)
 
@@ -216,3 +216,13 @@ def test_statistics_count_what_happened() -> None:
     feed(s, {"id": 9, "method": "mining.nope", "params": []})
     stats = s.statistics()
     assert stats.subscribed and stats.authorized_workers == 1 and stats.violations == 1 and stats.lines_received == 3
+
+
+def test_a_connection_keeps_a_bounded_set_of_authorized_workers() -> None:
+    session = ServerSession()
+    for n in range(MAX_AUTHORIZED_WORKERS + 50):
+        session.record_worker(f"alice.w{n}")
+        session.record_worker("alice.w0")  # again: counted once
+    assert len(session.authorized_workers) == MAX_AUTHORIZED_WORKERS
+    assert session.authorized_workers[0] == "alice.w0"
+    assert session.statistics().authorized_workers == MAX_AUTHORIZED_WORKERS

@@ -102,7 +102,7 @@ def test_like_ckpool_methods_match_by_prefix_and_a_second_authorize_is_never_ans
     send(core, connection, 4, "mining.subscribe", [])
     send(core, connection, 5, "mining.foo", [])
     assert received(core, connection) == []
-    assert connection.workers == {"w1"} and connection.silenced == 3
+    assert connection.workers == ("w1",) and connection.silenced == 3
     assert core.statistics().unanswered == {"authorise twice": 1, "subscribe twice": 1, "unknown method": 1}
 
 
