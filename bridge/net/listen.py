@@ -98,6 +98,14 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 def _count_open_fds() -> int | None:
+    try:
+        # Linux 6.2 and later give the count as the directory's size: about 1 us, where
+        # listing 20,000 descriptors takes milliseconds. Older kernels say 0.
+        counted = os.stat("/proc/self/fd").st_size
+    except OSError:
+        counted = 0
+    if counted > 0:
+        return counted
     for directory in ("/proc/self/fd", "/dev/fd"):
         try:
             return len(os.listdir(directory)) - 1  # the listing's own descriptor

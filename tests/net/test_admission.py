@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import socket
 
 import pytest
@@ -16,6 +17,7 @@ from bridge.net.admission import Admission, AdmissionLimits, Admitted, Refusal, 
 from bridge.net.listen import (
     FdGauge,
     Pending,
+    _count_open_fds,
     is_resource_shortage,
     raise_fd_limit,
     serve_admitted,
@@ -147,6 +149,18 @@ def test_the_fd_gauge_counts_between_samples() -> None:
     gauge.closed()
     assert gauge.free(0.5) == soft - 101
     assert gauge.free(1.0) == soft - 50  # a new sample forgets the deltas
+
+
+def test_the_open_descriptor_count_follows_the_descriptors_opened() -> None:
+    before = _count_open_fds()
+    assert before is not None
+    files = [open(os.devnull, "rb") for _ in range(50)]
+    try:
+        assert _count_open_fds() == before + 50
+    finally:
+        for file in files:
+            file.close()
+    assert _count_open_fds() == before
 
 
 # ------------------------------------------------------------------ the trio driver
