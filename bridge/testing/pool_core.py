@@ -462,6 +462,7 @@ class ConnectionState:
         self.extranonce1: bytes | None = None
         self.subscribed = False
         self.subscribe_seen = False  # ckpool: one subscribe per connection
+        self.requested_session: str | None = None  # the session id the miner's subscribe asked to resume
         self.authorize_seen = False  # ckpool: one authorize per connection, whatever its fate
         self.silenced = 0  # requests left unanswered as ckpool leaves them
         self.lines = LineBuffer(config.max_line) if config.ckpool_methods else None
@@ -874,6 +875,7 @@ class PoolCore:
     def _subscribe(self, connection: ConnectionState, request: Subscribe, now: float) -> None:
         if connection.extranonce1 is None:
             session_id = request.params.session_id
+            connection.requested_session = None if session_id is None else str(session_id)
             connection.extranonce1 = self._allocate_extranonce1(None if session_id is None else str(session_id), now)
             self._extranonce1_in_use.add(connection.extranonce1)
         sid = connection.session_id
