@@ -309,6 +309,10 @@ async def serve_admitted(
                 _timed_out(admission, ticket)
             await pending.release(stream)
 
+    # One name for every connection's task: trio makes a string per task otherwise (about
+    # 100 B per connection, held as long as the connection).
+    task_name = f"{handler.__module__}.{handler.__qualname__}"
+
     async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         shortage_logged = -math.inf
         while True:
@@ -346,9 +350,9 @@ async def serve_admitted(
                 if victim is not None:
                     victim.cancel()
             if handler_owns_connection:
-                nursery.start_soon(handler, stream, Pending(port, decision.ticket))
+                nursery.start_soon(handler, stream, Pending(port, decision.ticket), name=task_name)
             else:
-                nursery.start_soon(run, stream, decision.ticket)
+                nursery.start_soon(run, stream, decision.ticket, name=task_name)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:

@@ -27,6 +27,8 @@ and counted in :meth:`MinerProxy.statistics`.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import functools
 import itertools
@@ -116,6 +118,19 @@ MAX_RIG_BACKLOG = 1 << 20
 _CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
 #: The close reason of a rig whose handshake admission control ended (bridge/net/admission.py).
 HANDSHAKE_CUT_SHORT = "handshake cut short by admission control (deadline or eviction)"
+
+
+class _Next(enum.Enum):
+    """What a rig's task awaits next (:meth:`_RigConnection.step`)."""
+
+    FLUSH = "send what is queued for the rig (the kernel did not take it all)"
+    RECEIVE = "receive from a stream that is not a plain socket"
+    READABLE = "wait for the rig's socket to be readable"
+    CHECKPOINT = "a checkpoint after a read that did not wait"
+
+
+# The steady state's stand-in for the handshake's cancel scope (reusable: it does nothing).
+_NO_SCOPE = contextlib.nullcontext()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -482,11 +497,35 @@ class MinerProxy:
                 try:
                     with self.containment.guard(peer, "rig connection") as guard:
                         try:
-                            with pending.handshake():
-                                await connection.relay(handshake=True)
-                            if pending.cut_short and connection.close_reason is None:
-                                connection._end(HANDSHAKE_CUT_SHORT)
-                            await connection.relay()
+                            # Read the rig and do whatever else is to be done for it, until it
+                            # closes: its handshake under the handshake's cancel scope (until its
+                            # first Stratum request), then the rest of its life. step() does each
+                            # turn's work; this loop only awaits what it asks for, in this frame:
+                            # a helper coroutine between the handler and the rig's idle wait
+                            # would be about 300 B more per rig for as long as it is connected.
+                            sock = connection._sock
+                            for handshake in (True, False):
+                                with pending.handshake() if handshake else _NO_SCOPE:
+                                    waited = False
+                                    while (wait := connection.step(handshake=handshake, waited=waited)) is not None:
+                                        waited = True
+                                        if wait is _Next.READABLE:
+                                            assert sock is not None
+                                            connection.wait_begins()  # no cancel scope: _wake() uses notify_closing
+                                            try:
+                                                await trio.lowlevel.wait_readable(sock)
+                                            except trio.ClosedResourceError as exc:
+                                                connection.wait_closed(exc)
+                                            finally:
+                                                connection.wait_ends()
+                                        elif wait is _Next.FLUSH:
+                                            await connection.flush_scoped()
+                                        elif wait is _Next.RECEIVE:
+                                            await connection.receive()
+                                        else:
+                                            await trio.lowlevel.cancel_shielded_checkpoint()  # one per read
+                                if handshake and pending.cut_short and connection.close_reason is None:
+                                    connection._end(HANDSHAKE_CUT_SHORT)
                             # Deliver the last answers (errors for unconfirmed shares) before closing.
                             with trio.move_on_after(2):
                                 await connection.flush()
@@ -653,70 +692,84 @@ class _RigConnection:
             shares=self.channel.statistics(),
         )
 
-    async def relay(self, *, handshake: bool = False) -> None:
-        """Read the rig and do whatever else is to be done for it, until it closes; with
-        ``handshake``, only until its first Stratum request (the caller then leaves the
-        handshake's cancel scope, and calls this again)."""
-        proxy = self.proxy
-        stream = self.stream
+    def step(self, *, handshake: bool, waited: bool) -> _Next | None:
+        """One turn of the rig's task up to what it awaits next; None: nothing more (the
+        connection is closing, or with ``handshake``, the rig's first Stratum request came).
+
+        Sends what is queued when the kernel takes it at once and reads what the rig sent
+        (a plain socket: ``os.read``, what receive_some does without its await chain).
+        ``waited``: the task awaited since the last call, so a read needs no checkpoint of
+        its own; otherwise each read is followed by one (:attr:`_Next.CHECKPOINT`).
+        """
         sock = self._sock
-        waited = False
+        while self.close_reason is None and not (handshake and self.pending is None):
+            if not self._flush_now():
+                return _Next.FLUSH
+            if sock is None:
+                return _Next.RECEIVE
+            try:
+                data = os.read(sock.fileno(), RECEIVE_SIZE)
+            except BlockingIOError:
+                return _Next.READABLE  # waited for by the task, not in this handler: it would keep the exception
+            except OSError as exc:
+                closed = exc.errno in _CLOSED_ERRNOS
+                self._end(
+                    "rig connection error: "
+                    + ("this socket was already closed" if closed else f"socket connection broken: {exc}")
+                )
+                return None
+            if not data:
+                self._end("rig closed the connection")
+                return None
+            self.proxy.feed(RigData(self.id, data), self)
+            if not waited:
+                return _Next.CHECKPOINT
+            waited = False
+        return None
+
+    def wait_begins(self) -> None:
+        """The task waits for the socket to be readable (no cancel scope: see :meth:`_wake`)."""
+        self._scope = None
+        self._reading = True
+
+    def wait_closed(self, exc: trio.ClosedResourceError) -> None:
+        """The wait ended with ClosedResourceError: a wake-up (:meth:`_wake`), or the socket closed."""
+        if not self._woken:
+            self._end(f"rig connection error: {exc}")
+
+    def wait_ends(self) -> None:
+        self._reading = False
+        self._woken = False
+
+    async def flush_scoped(self) -> None:
+        """:meth:`flush` under a cancel scope that :meth:`finish` can cancel (a send stuck on a rig)."""
+        scope = self._scope = trio.CancelScope()
         try:
-            while self.close_reason is None:
-                if handshake and self.pending is None:
-                    return  # established
-                if not self._flush_now():
-                    scope = self._scope = trio.CancelScope()
-                    with scope:
-                        await self.flush()
-                    continue
-                data = None
-                try:
-                    if sock is None:
-                        scope = self._scope = trio.CancelScope()
-                        self._reading = True
-                        with scope:
-                            data = await stream.receive_some(RECEIVE_SIZE)
-                        if scope.cancelled_caught:
-                            continue  # woken: there is something else to do first
-                    else:
-                        # What receive_some does, with a short await chain while the rig
-                        # is idle (nearly always): about 1.5 KiB less per rig. The wait has
-                        # no cancel scope either (one with its cancel status is about 1 KiB
-                        # more): _wake() ends it with trio's notify_closing.
-                        try:
-                            data = os.read(sock.fileno(), RECEIVE_SIZE)
-                        except BlockingIOError:
-                            data = None  # waited for below, not in this handler: it would keep the exception
-                        except OSError as exc:
-                            if exc.errno in _CLOSED_ERRNOS:
-                                raise trio.ClosedResourceError("this socket was already closed") from None
-                            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-                        if data is None:
-                            self._scope = None
-                            self._reading = True
-                            try:
-                                await trio.lowlevel.wait_readable(sock)
-                            except trio.ClosedResourceError:
-                                if not self._woken:
-                                    raise
-                            self._woken = False
-                            waited = True
-                            continue  # readable, or woken: there may be something else to do first
-                        if not waited:
-                            await trio.lowlevel.cancel_shielded_checkpoint()  # a checkpoint, as receive_some is
-                        waited = False
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._end(f"rig connection error: {exc}")
-                    break
-                finally:
-                    self._reading = False
-                if not data:
-                    self._end("rig closed the connection")
-                    break
-                proxy.feed(RigData(self.id, bytes(data)), self)
+            with scope:
+                await self.flush()
         finally:
             self._scope = None
+
+    async def receive(self) -> None:
+        """Read a stream that is not a plain socket (receive_some); :meth:`_wake` cancels the wait."""
+        scope = self._scope = trio.CancelScope()
+        self._reading = True
+        data = b""
+        try:
+            with scope:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._end(f"rig connection error: {exc}")
+            return
+        finally:
+            self._reading = False
+            self._scope = None
+        if scope.cancelled_caught:
+            return  # woken: there is something else to do first
+        if not data:
+            self._end("rig closed the connection")
+            return
+        self.proxy.feed(RigData(self.id, data), self)
 
     async def drop_legs(self) -> None:
         """The connection is over: end every upstream session of the rig."""

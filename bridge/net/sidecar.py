@@ -169,6 +169,8 @@ DEFAULT_MAX_CONNECTIONS_PER_CERT = 4
 #: How long a refused proxy has to take its ``rm.error`` before the close.
 REFUSAL_FLUSH_TIMEOUT = 1.0
 _UDP_BIND_ATTEMPTS = 8
+# The name of every pool connection's task: trio makes a string per task otherwise.
+_POOL_TASK_NAME = "bridge.net.sidecar pool connection"
 
 
 _UNEXPECTED_ENDS = (
@@ -1065,7 +1067,7 @@ class _ProxyConnection:
                     link = _PoolLink(command.ch, command.peer)
                     self._links[command.ch] = link
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._run_pool, link)
+                    self._nursery.start_soon(self._run_pool, link, name=_POOL_TASK_NAME)
                 elif isinstance(command, ClosePool):
                     link = self._links.pop(command.ch, None)
                     if link is not None:
