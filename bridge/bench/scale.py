@@ -25,6 +25,7 @@ sidecar and one at the pool.
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import statistics
@@ -351,7 +352,9 @@ async def run_size(
         )
         started.append(proxy)
         roles = {"proxy": proxy.pid, "sidecar": sidecar.pid}
-        storm_roles = {**roles, "pool": pool.pid}
+        # The pool and this process (the farm of rigs) share the machine's cores with the
+        # roles: their CPU in the storm says how much of the settle time the roles' is.
+        storm_roles = {**roles, "pool": pool.pid, "farm": os.getpid()}
         await trio.sleep(1.0)
         baseline = {name: rss_bytes(pid) for name, pid in roles.items()}
         census0 = {"proxy": await proxy.request("memory"), "sidecar": await sidecar.request("memory")} if memory_profile else {}
@@ -518,6 +521,16 @@ def report(results: list[list[SizeResult]], share_interval: float, storm_spread:
         "under a rig, outside the storm (the most over the runs); retried handshakes: a rig's subscribe or",
         f"authorize refused, or no job within {HANDSHAKE_TIMEOUT:g} s, so it connected again as cgminer does (the most).",
     ]
+    lines.append("")
+    for samples in results:
+        names = list(samples[0].storm_cpu_per_rig)
+        if names:
+            per_rig = ", ".join(
+                f"{name} {statistics.median(s.storm_cpu_per_rig.get(name, 0.0) for s in samples) * 1e3:.2f}" for name in names
+            )
+            lines.append(
+                f"{samples[0].rigs} rigs, CPU per returning rig in the storm (ms, median): {per_rig}; on {os.cpu_count()} cores"
+            )
     for samples in results:
         for role, role_lines in samples[-1].memory.items():
             lines += ["", f"{role}, {samples[-1].rigs} rigs (last run; tracemalloc inflates the RSS figures above):"]

@@ -30,6 +30,9 @@ def test_scale_benchmark_drives_rigs_through_a_real_proxy_and_sidecar_and_a_stor
     assert settle != "never" and float(settle) >= 0  # every rig came back after the storm
     assert int(retried) == 0  # no rig had to give up on a handshake at this size
     assert "[scale] 50 rigs: reconnect storm" in result.stderr  # progress lines while it runs
+    # The storm's CPU per rig of every process on the machine, the farm of rigs included.
+    storm_cpu = next(line for line in table.splitlines() if "CPU per returning rig in the storm" in line)
+    assert all(f"{name} " in storm_cpu for name in ("proxy", "sidecar", "pool", "farm")), storm_cpu
 
 
 def test_scale_benchmark_raises_its_own_file_limit() -> None:
