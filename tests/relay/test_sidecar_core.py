@@ -627,6 +627,30 @@ def test_records_that_fail_the_sidecars_checks_get_an_explicit_error_verdict(
     assert harness.submits() == [] and harness.session.statistics().shares_refused == 1
 
 
+def test_a_copy_of_a_rejected_share_gets_the_pools_rejection_from_the_cache() -> None:
+    harness = ready()
+    share = harness.share()
+    harness.datagram(harness.seal(share))
+    [submit] = harness.submits()
+    harness.pool(3, {"id": submit["id"], "result": False, "error": [23, "Low difficulty share", None]})
+    harness.advance(0.01)
+    tls_copy = {
+        "ch": 3,
+        "id": 40,
+        "method": "mining.submit",
+        "params": ["alice.rig1", "j1", "0000002a", "6554a2c1", "b2957c02", "00c00000"],
+    }
+    harness.send(tls_copy)
+    harness.datagram(harness.seal(share))
+    harness.advance(0.01)
+    assert len(harness.submits()) == 1
+    [answer] = [m for m in harness.lines if m.get("ch") == 3 and m.get("id") == 40]
+    assert answer["result"] is False and answer["error"] == [23, "Low difficulty share", None]
+    verdicts = [entry[3] for entry in harness.results()]
+    assert len(verdicts) == 2 and all(v["result"] is False and v["error"][0] == 23 for v in verdicts)
+    assert harness.session.statistics().duplicates_from_cache == 2
+
+
 def test_the_duplicate_table_is_a_bounded_lru() -> None:
     harness = ready(share_cache_size=4)
     for nonce in range(10):

@@ -7,10 +7,18 @@ instead of the handle): a share seen before is answered from its cached verdict,
 or waits for the pending one (at most :data:`MAX_WAITERS_PER_SHARE` copies), and
 never reaches the pool twice. The table is an LRU of ``size`` entries. How the
 verdicts go back is :mod:`bridge.relay.sidecar.verdicts`.
+
+The table is the one thing in a sidecar that grows with the share rate rather than the
+rig count, so it is kept small: a key is one bytes object (:func:`share_key`), a share
+with the pool is a :class:`ShareEntry`, and a judged one is its verdict alone (a plain
+accept is the constant :data:`PLAIN_ACCEPT`). About 160 B a share, 10 MB when full
+at the default size (760 B and 50 MB with a tuple key, an entry kept with the pool's
+response and two lists).
 """
 
 from __future__ import annotations
 
+import struct
 from enum import Enum
 from typing import Any, Final
 
@@ -18,7 +26,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType, field
 
 from bridge.bounded import BoundedMap
 from bridge.relay.sidecar.counters import SidecarSessionCounters
-from bridge.sv1.messages import NULL, RequestId, Response
+from bridge.sv1.messages import NULL, TRUE, RequestId, Response
 from bridge.sv1.rejects import read_verdict, reject_reason_name
 
 #: Shares remembered per session for duplicate detection (LRU).
@@ -30,7 +38,20 @@ PLAIN_ACCEPT: Final = 1
 
 UdpRef = tuple[int, int, int]
 """A share record on the data channel: (key epoch, packet number, index in the datagram)."""
-ShareKey = tuple[Any, ...]
+ShareKey = bytes
+"""A share's place in the duplicate table (:func:`share_key`)."""
+
+_KEY_HEAD = struct.Struct("<IIIqI")
+
+
+def share_key(ch: int, job: int | str, extranonce2: bytes, ntime: int, nonce: int, version_bits: int | None) -> ShareKey:
+    """The duplicate-table key of a share: channel, job (its handle, or a job id string
+    that has none), extranonce2, ntime, nonce and version bits, in one bytes object (a
+    tuple of them is about 230 B). The same share gives the same key by UDP and by TLS."""
+    head = _KEY_HEAD.pack(ch, ntime, nonce, -1 if version_bits is None else version_bits, len(extranonce2))
+    if isinstance(job, int):
+        return head + extranonce2 + b"h" + job.to_bytes(8, "little")
+    return head + extranonce2 + b"j" + job.encode()
 
 
 class Verdict(Struct, frozen=True):
@@ -42,28 +63,40 @@ class Verdict(Struct, frozen=True):
 
 
 class ShareEntry:
-    """One distinct share: pending with the pool, or judged (then its verdict is cached)."""
+    """One distinct share with the pool: the copies that wait for its verdict (once
+    judged, the table keeps the verdict alone)."""
 
-    __slots__ = ("ch", "response", "tls_ids", "udp_refs", "urgent", "verdict")
+    __slots__ = ("ch", "key", "tls_ids", "udp_refs", "urgent")
 
-    def __init__(self, ch: int) -> None:
+    def __init__(self, ch: int, key: ShareKey | None) -> None:
         self.ch = ch
-        self.response: Response | None = None
-        self.verdict: Any = None  # PLAIN_ACCEPT or a Verdict once judged
-        self.udp_refs: list[UdpRef] = []
-        self.tls_ids: list[RequestId] = []
+        self.key = key
+        self.udp_refs: list[UdpRef] | None = None
+        self.tls_ids: list[RequestId] | None = None
         self.urgent = False
 
     @property
     def waiters(self) -> int:
-        return len(self.udp_refs) + len(self.tls_ids)
+        return len(self.udp_refs or ()) + len(self.tls_ids or ())
 
     def wait(self, ref: UdpRef | None, request_id: RequestId) -> None:
         """One more copy waits for the verdict: a UDP record (``ref``) or a TLS request."""
         if ref is not None:
-            self.udp_refs.append(ref)
+            if self.udp_refs is None:
+                self.udp_refs = [ref]
+            else:
+                self.udp_refs.append(ref)
+        elif self.tls_ids is None:
+            self.tls_ids = [request_id]
         else:
             self.tls_ids.append(request_id)
+
+
+def verdict_fields(verdict: Any) -> tuple[Raw | UnsetType, Raw, str | UnsetType]:
+    """A cached verdict's result, error and reject reason, for a TLS answer."""
+    if verdict is PLAIN_ACCEPT:
+        return TRUE, NULL, UNSET
+    return verdict.result, verdict.error, verdict.reject_reason
 
 
 class Copy(Enum):
@@ -82,27 +115,31 @@ class ShareLedger:
 
     def __init__(self, counters: SidecarSessionCounters, size: int = DEFAULT_SHARE_CACHE) -> None:
         self.size = size
-        self._shares: BoundedMap[ShareKey, ShareEntry] = BoundedMap(size)
+        #: A share with the pool (its ShareEntry) or judged (its verdict).
+        self._shares: BoundedMap[ShareKey, Any] = BoundedMap(size)
         self.counters = counters
 
     def __len__(self) -> int:
         return len(self._shares)
 
-    def find(self, key: ShareKey | None) -> ShareEntry | None:
+    def find(self, key: ShareKey | None) -> Any:
+        """What the table holds for ``key``: a :class:`ShareEntry` (with the pool), a verdict, or None."""
         return None if key is None else self._shares.get(key)
 
-    def forwarded_share(self, key: ShareKey | None, entry: ShareEntry) -> None:
-        """``entry`` went to the pool; remember it under ``key`` (None: not comparable, not kept)."""
+    def forwarded_share(self, entry: ShareEntry) -> None:
+        """``entry`` went to the pool; remember it under its key (None: not comparable, not kept)."""
         self.counters.shares_forwarded += 1
-        if key is not None:
-            self._shares[key] = entry
+        if entry.key is not None:
+            self._shares[entry.key] = entry
 
-    def copy(self, entry: ShareEntry, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool) -> Copy:
-        """Another copy of the share ``entry`` (a retransmission, the TLS copy of a block candidate)."""
+    def copy(self, found: Any, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool) -> Copy:
+        """Another copy of a share the table holds (``found``: its entry or its verdict): a
+        retransmission, the TLS copy of a block candidate."""
         self._shares.refresh(key)
-        if entry.verdict is not None:
+        if type(found) is not ShareEntry:
             self.counters.duplicates_from_cache += 1
             return Copy.CACHED
+        entry = found
         self.counters.duplicates_joined += 1
         if entry.waiters >= MAX_WAITERS_PER_SHARE:
             return Copy.REFUSED
@@ -110,8 +147,9 @@ class ShareLedger:
         entry.wait(ref, request_id)
         return Copy.JOINED
 
-    def judge(self, entry: ShareEntry, response: Response) -> str | None:
-        """The pool's verdict for ``entry``: cache it; the reject reason's name (None: accepted)."""
+    def judge(self, entry: ShareEntry, response: Response) -> tuple[Any, str | None]:
+        """The pool's verdict for ``entry``, cached in its place; the verdict and the reject
+        reason's name (None: accepted)."""
         reason: str | None = None
         counters = self.counters
         if response.accepted:
@@ -121,9 +159,11 @@ class ShareLedger:
             reason = reject_reason_name(read_verdict(response).code)
             counters.rejected_by_reason[reason] = counters.rejected_by_reason.get(reason, 0) + 1
         plain = response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
-        entry.response = response
-        entry.verdict = PLAIN_ACCEPT if plain else Verdict(response.result, response.error, response.reject_reason)
-        return reason
+        verdict = PLAIN_ACCEPT if plain else Verdict(response.result, response.error, response.reject_reason)
+        key = entry.key
+        if key is not None and self._shares.get(key) is entry:  # not evicted meanwhile
+            self._shares[key] = verdict
+        return verdict, reason
 
     def clear(self) -> None:
         self._shares.clear()

@@ -146,7 +146,17 @@ from bridge.relay.sidecar.intake import (
     SidecarIntake,
 )
 from bridge.relay.sidecar.jobs import JobTable
-from bridge.relay.sidecar.ledger import DEFAULT_SHARE_CACHE, Copy, ShareEntry, ShareKey, ShareLedger, UdpRef, Verdict
+from bridge.relay.sidecar.ledger import (
+    DEFAULT_SHARE_CACHE,
+    Copy,
+    ShareEntry,
+    ShareKey,
+    ShareLedger,
+    UdpRef,
+    Verdict,
+    share_key,
+    verdict_fields,
+)
 from bridge.relay.sidecar.verdicts import DEFAULT_MAX_ACK_DELAY, VerdictSender
 from bridge.sv1.client import ClientSession
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
@@ -725,9 +735,9 @@ class SidecarSession:
             self._refuse_tls(channel.ch, request_id, UNAUTHORIZED, "Unauthorized worker")
             return
         key = self._tls_share_key(channel, params)
-        entry = self.ledger.find(key)
-        if entry is not None and key is not None:
-            self._copy(entry, key, None, request_id, False)
+        found = self.ledger.find(key)
+        if found is not None and key is not None:
+            self._copy(channel.ch, found, key, None, request_id, False)
             return
         self._forward(channel, key, encode_params(params), None, request_id, False)
 
@@ -743,7 +753,7 @@ class SidecarSession:
             return None
         handle = channel.jobs.get(params.job_id)
         job_key: int | str = params.job_id if handle is None else handle
-        return (channel.ch, job_key, extranonce2, ntime, nonce, version_bits)
+        return share_key(channel.ch, job_key, extranonce2, ntime, nonce, version_bits)
 
     def _udp_share(self, share: Share, ref: UdpRef, urgent: bool) -> None:
         self.counters.shares_udp += 1
@@ -772,10 +782,10 @@ class SidecarSession:
         if size is not None and len(share.extranonce2) != size:
             self._refuse_udp(ref, OTHER, "Incorrect size of extranonce2")
             return
-        key = (ch, handle, share.extranonce2, share.ntime, share.nonce, share.version_bits)
-        entry = self.ledger.find(key)
-        if entry is not None:
-            self._copy(entry, key, ref, None, urgent)
+        key = share_key(ch, handle, share.extranonce2, share.ntime, share.nonce, share.version_bits)
+        found = self.ledger.find(key)
+        if found is not None:
+            self._copy(ch, found, key, ref, None, urgent)
             return
         params: list[Any] = [worker, job.job_id, share.extranonce2.hex(), f"{share.ntime:08x}", f"{share.nonce:08x}"]
         if share.version_bits is not None:
@@ -791,7 +801,7 @@ class SidecarSession:
         request_id: RequestId,
         urgent: bool,
     ) -> None:
-        entry = ShareEntry(channel.ch)
+        entry = ShareEntry(channel.ch, key)
         entry.urgent = urgent
         if urgent:
             self.counters.block_candidates += 1
@@ -806,23 +816,24 @@ class SidecarSession:
                 self._refuse_tls(channel.ch, request_id, OTHER, message)
             return
         self._dirty[channel.ch] = None
-        self.ledger.forwarded_share(key, entry)
+        self.ledger.forwarded_share(entry)
 
-    def _copy(self, entry: ShareEntry, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool) -> None:
-        """Another copy of a share in the ledger: from the cached verdict, or it waits for the pending one."""
-        outcome = self.ledger.copy(entry, key, ref, request_id, urgent)
+    def _copy(self, ch: int, found: Any, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool) -> None:
+        """Another copy of a share in the ledger (``found``: its entry with the pool, or its
+        verdict): answered from the cached verdict, or it waits for the pending one."""
+        outcome = self.ledger.copy(found, key, ref, request_id, urgent)
         if outcome is Copy.CACHED:
             if ref is not None:
-                self.verdicts.add(ref, entry.verdict)
+                self.verdicts.add(ref, found)
             else:
-                self._answer_tls(entry, request_id)
+                self._answer_tls(ch, found, request_id)
         elif outcome is Copy.REFUSED and ref is None:
-            self._refuse_tls(entry.ch, request_id, OTHER, "too many copies of this share in flight")
+            self._refuse_tls(ch, request_id, OTHER, "too many copies of this share in flight")
         # a refused UDP copy gets no answer; one of the waiting copies will
 
     def _judged(self, entry: ShareEntry, response: Response) -> None:
         """The pool's verdict for a forwarded share: answer every copy, cache it."""
-        reason = self.ledger.judge(entry, response)
+        verdict, reason = self.ledger.judge(entry, response)
         channel = self._channels.get(entry.ch)
         if channel is not None:
             if reason is None:
@@ -831,23 +842,19 @@ class SidecarSession:
             else:
                 channel.rejected += 1
                 channel.stale += reason == "stale"
-        for ref in entry.udp_refs:
-            self.verdicts.add(ref, entry.verdict)
-        for request_id in entry.tls_ids:
-            self._answer_tls(entry, request_id)
-        entry.udp_refs = []
-        entry.tls_ids = []
+        for ref in entry.udp_refs or ():
+            self.verdicts.add(ref, verdict)
+        for request_id in entry.tls_ids or ():
+            self._answer_tls(entry.ch, verdict, request_id)
+        entry.udp_refs = None
+        entry.tls_ids = None
 
-    def _answer_tls(self, entry: ShareEntry, request_id: RequestId) -> None:
+    def _answer_tls(self, ch: int, verdict: Any, request_id: RequestId) -> None:
         if request_id is None:
             return
-        response = entry.response
-        assert response is not None
         self.counters.verdicts_tls += 1
-        self._write_channel(
-            entry.ch,
-            encode_channel_response(entry.ch, request_id, response.result, response.error, response.reject_reason),
-        )
+        result, error, reject_reason = verdict_fields(verdict)
+        self._write_channel(ch, encode_channel_response(ch, request_id, result, error, reject_reason))
 
     def _refuse_udp(self, ref: UdpRef, code: int, message: str) -> None:
         self.counters.shares_refused += 1
