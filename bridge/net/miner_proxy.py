@@ -624,7 +624,7 @@ class _LegTask:
 class _RigConnection:
     """One rig connection: the core decides, this moves bytes.
 
-    One task per rig (the connection's own, :meth:`MinerProxy._handle`, in :meth:`relay`)
+    One task per rig (the connection's own, :meth:`MinerProxy._handle`, one :meth:`step` at a time)
     reads the rig, feeds the core, sends what the core wrote to the rig and flushes the
     rig's upstream sessions.
     What the core writes is sent at once as far as the kernel takes it (a rig's socket
