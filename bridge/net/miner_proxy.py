@@ -523,7 +523,7 @@ class MinerProxy:
                                         elif wait is _Next.RECEIVE:
                                             await connection.receive()
                                         else:
-                                            await trio.lowlevel.cancel_shielded_checkpoint()  # one per read
+                                            await trio.lowlevel.cancel_shielded_checkpoint()  # a read no wait came before
                                 if handshake and pending.cut_short and connection.close_reason is None:
                                     connection._end(HANDSHAKE_CUT_SHORT)
                             # Deliver the last answers (errors for unconfirmed shares) before closing.
