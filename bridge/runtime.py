@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,14 @@ import trio
 GC_THRESHOLDS = (10_000, 20, 100)
 
 
+#: Seconds between the full collections a role runs itself. The thresholds above make
+#: the collector's own full collections rare, and what a closed connection leaves in
+#: reference cycles (about ten objects a rig at the proxy: 30,912 after a storm of 3,000)
+#: is freed by nothing else; this bounds how long it lives. A full collection takes
+#: about 70 ms at 3,000 rigs.
+FULL_COLLECTION_INTERVAL = 60.0
+
+
 def tune_garbage_collector() -> None:
     """Collect less often in a long-running role: what is loaded at start is frozen (no
     collection walks it again) and the thresholds are :data:`GC_THRESHOLDS`."""
@@ -23,6 +32,17 @@ def tune_garbage_collector() -> None:
 
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+async def collect_garbage_periodically(interval: float = FULL_COLLECTION_INTERVAL) -> None:
+    """A role's background task: a full collection every ``interval`` seconds."""
+    import gc
+
+    while True:
+        await trio.sleep(interval)
+        started = time.perf_counter()
+        unreachable = gc.collect()
+        _log.debug("garbage collection: %d unreachable objects in %.0f ms", unreachable, (time.perf_counter() - started) * 1e3)
 
 
 def run_until_interrupted(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -85,6 +105,7 @@ async def _until_signalled(watched: tuple[int, ...], async_fn: Callable[..., Awa
                         return
 
             await nursery.start(watch)
+        nursery.start_soon(collect_garbage_periodically)
         await async_fn(*args)
         nursery.cancel_scope.cancel()
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +78,22 @@ async def role():
 def test_a_role_collects_garbage_with_the_serving_thresholds(runner: str) -> None:
     result, output = _run_python(GC_ROLE.format(runner=runner))
     assert result.returncode == 0 and "summary: thresholds (10000, 20, 100)" in output, output
+
+
+async def test_a_role_runs_a_full_collection_every_interval(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    import gc
+
+    from bridge.runtime import FULL_COLLECTION_INTERVAL, collect_garbage_periodically
+
+    collected: list[float] = []
+
+    def collect(*_generation: int) -> int:
+        collected.append(trio.current_time())
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect)
+    with trio.move_on_after(FULL_COLLECTION_INTERVAL * 3.5):
+        await collect_garbage_periodically()
+    assert collected == [FULL_COLLECTION_INTERVAL * n for n in (1, 2, 3)]

@@ -45,6 +45,7 @@ import trio
 import bridge
 from bridge.bench.memory import census, waits
 from bridge.config import parse_upstream_url
+from bridge.runtime import collect_garbage_periodically, tune_garbage_collector
 from bridge.sv1.framing import decode_json
 from bridge.sv1.messages import Submit
 from bridge.testing.pool import PoolConfig, ReferencePool
@@ -361,6 +362,13 @@ async def _serve_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -
     ``waits`` (:func:`bridge.bench.memory.waits`).
     """
     handlers = {"memory": lambda _message: census(), "waits": lambda _message: waits(), **handlers}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect_garbage_periodically)  # as the roles' own commands do (run_role)
+        await _answer_commands(handlers, ready)
+        nursery.cancel_scope.cancel()
+
+
+async def _answer_commands(handlers: dict[str, Handler], ready: dict[str, Any]) -> None:
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
     await stdout.send_all(_encode({"ready": ready}) + b"\n")
@@ -398,7 +406,6 @@ def _to_builtins(value: Any) -> Any:
 def roles(context: click.Context, verbose: bool, profile_path: str | None) -> None:
     """Roles of the benchmark chain, one per process (started by `stratumrm bench`)."""
     from bridge import logs
-    from bridge.runtime import tune_garbage_collector
 
     logs.setup(0, quiet=not verbose)
     tune_garbage_collector()  # as the roles' own commands do (run_role)

@@ -57,17 +57,25 @@ DATAGRAM_SIZE = 2048
 
 class _Events(list):  # type: ignore[type-arg]
     """A channel's event list that tells its link when it stops being empty, so the link
-    wakes the rigs with events without looking at every channel (O(rigs) per read)."""
+    wakes the rigs with events without looking at every channel (O(rigs) per read).
 
-    __slots__ = ("handle",)
+    It names the channel's handle by the link and the channel number rather than holding
+    it: the handle holds the channel, which holds this list, and a reference back would
+    make every closed rig's handle a cycle that only a full garbage collection frees.
+    """
 
-    def __init__(self, handle: RMUpstreamHandle) -> None:
+    __slots__ = ("ch", "link")
+
+    def __init__(self, link: StratumRMLink, ch: int) -> None:
         super().__init__()
-        self.handle = handle
+        self.link = link
+        self.ch = ch
 
     def append(self, event: Any) -> None:
         if not self:
-            self.handle.link._with_events.append(self.handle)
+            handle = self.link._handles.get(self.ch)
+            if handle is not None:
+                self.link._with_events.append(handle)
         super().append(event)
 
 
@@ -88,14 +96,14 @@ class RMUpstreamHandle:
         self._wake = Wakeup()
         self._lost: str | None = None
         self.listener: Callable[[], None] | None = None
-        events = _Events(self)
+        events = _Events(link, channel.ch)
         if channel.events:
             list.extend(events, channel.events)
             link._with_events.append(self)
         channel.events = events
 
     def _new_events(self) -> None:
-        self.session.events = _Events(self)
+        self.session.events = _Events(self.link, self.session.ch)
 
     @property
     def lost(self) -> str | None:

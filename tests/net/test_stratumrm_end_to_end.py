@@ -245,6 +245,42 @@ async def test_a_working_rig_costs_the_proxy_one_task(tmp_path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_closed_rig_leaves_no_reference_cycle_at_the_proxy(tmp_path) -> None:
+    """Issue 9.6: what a rig's StratumRM channel leaves when it closes is freed by reference
+    counting, not left for a full garbage collection (which a serving role runs rarely)."""
+    import gc
+
+    from bridge.net.rm_upstream import RMUpstreamHandle
+
+    def handles() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is RMUpstreamHandle)
+
+    async with trio.open_nursery() as nursery:
+        chain = await start_chain(nursery, tmp_path, accounts=("one",), pool_config=PoolConfig(difficulty=DIFFICULTY))
+        gc.collect()
+        gc.disable()  # what is left in a cycle stays in gc.get_objects() until collected
+        try:
+            miners = [Miner(chain.miner_url, f"one.rig{n}", profile="cgminer") for n in range(4)]
+            async with trio.open_nursery() as rigs:
+                for miner in miners:
+                    rigs.start_soon(miner.run)
+                with trio.fail_after(60):
+                    while any(not miner.accepted for miner in miners):
+                        await trio.sleep(0.05)
+                working = handles()  # the rigs' and the proxy's probe's
+                assert working >= 4
+                for miner in miners:
+                    miner.stop()
+            with trio.fail_after(30):
+                while chain.proxy._rigs:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.2)  # the links' closes of the channels
+            assert handles() == working - 4
+        finally:
+            gc.enable()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_rig_s_pool_connection_waits_without_a_cancel_scope_at_the_sidecar(tmp_path) -> None:
     """Issue 9.6 (memory per rig): the sidecar's task per channel waits on its pool socket
     itself (os.read, wait_readable), with no cancel scope and no receive_some chain; a write
