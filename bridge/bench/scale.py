@@ -41,6 +41,7 @@ import trio
 from bridge.bench.measure import process_cpu_seconds
 from bridge.bench.memory import per_rig
 from bridge.bench.roles import HOST, RoleLauncher, RoleProcess
+from bridge.net.tcp import close_quietly
 from bridge.sv1.framing import BoundedDecoder
 from bridge.testing.pki import make_test_pki
 
@@ -158,7 +159,7 @@ class Rig:
                 pass
             finally:
                 self._set_working(False)
-                await trio.aclose_forcefully(stream)
+                await close_quietly(stream)
             if ended_by_storm is None:
                 await trio.sleep(1.0 + farm.random.random())  # and again, as cgminer does
             elif ended_by_storm:
