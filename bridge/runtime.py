@@ -18,10 +18,10 @@ GC_THRESHOLDS = (10_000, 20, 100)
 
 
 #: Seconds between the full collections a role runs itself. The thresholds above make
-#: the collector's own full collections rare, and what a closed connection leaves in
-#: reference cycles (about ten objects a rig at the proxy: 30,912 after a storm of 3,000)
-#: is freed by nothing else; this bounds how long it lives. A full collection takes
-#: about 70 ms at 3,000 rigs.
+#: the collector's own full collections rare, and garbage in reference cycles that has
+#: grown old (an exception kept with its traceback, say; a closed rig's channel handle
+#: was one, six objects a rig, until it stopped referring back) is freed by nothing
+#: else: this bounds how long it lives. A full collection takes about 70 ms at 3,000 rigs.
 FULL_COLLECTION_INTERVAL = 60.0
 
 
