@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import tracemalloc
+from typing import Any
 
 from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.relay.sidecar.ledger import PLAIN_ACCEPT, Copy, ShareEntry, ShareLedger, share_key
 from bridge.sv1.messages import NULL, TRUE, Response
 
-BASE = {
+BASE: dict[str, Any] = {
     "ch": 3,
     "job": 7,
     "extranonce2": bytes.fromhex("0000002a"),
@@ -19,20 +20,20 @@ BASE = {
 
 
 def test_a_share_key_tells_every_field_apart() -> None:
-    key = share_key(**BASE)  # type: ignore[arg-type]
-    assert key == share_key(**BASE) and isinstance(key, bytes)  # type: ignore[arg-type]
-    variants = [
+    key = share_key(**BASE)
+    assert key == share_key(**BASE) and isinstance(key, bytes)
+    variants: list[dict[str, Any]] = [
         {"ch": 4},
         {"job": 8},
         {"job": "7"},  # a job id with no handle is not the handle of the same digits
         {"extranonce2": bytes.fromhex("0000002b")},
         {"extranonce2": bytes.fromhex("0000002a00")},
-        {"ntime": BASE["ntime"] + 1},  # type: ignore[operator]
+        {"ntime": BASE["ntime"] + 1},
         {"nonce": 0},
         {"version_bits": None},
         {"version_bits": 0},
     ]
-    keys = {share_key(**{**BASE, **change}) for change in variants}  # type: ignore[arg-type]
+    keys = {share_key(**{**BASE, **change}) for change in variants}
     assert len(keys) == len(variants) and key not in keys
 
 
@@ -43,25 +44,57 @@ def test_a_judged_share_is_its_verdict_alone_and_small() -> None:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for nonce in range(10_000):
-            entry = ShareEntry(3, share_key(**{**BASE, "nonce": nonce}))  # type: ignore[arg-type]
+            entry = ShareEntry(3, share_key(**{**BASE, "nonce": nonce}))
             entry.wait((0, nonce, 0), None)
-            ledger.forwarded_share(entry)
+            ledger.forwarded_share(entry, now=1.0)
             verdict, reason = ledger.judge(entry, accepted)
             assert verdict is PLAIN_ACCEPT and reason is None
         per_share = (tracemalloc.get_traced_memory()[0] - before) / 10_000
     finally:
         tracemalloc.stop()
     assert per_share < 200, per_share  # about 160 B; a tuple key, the entry, its response and lists: about 760 B
-    key = share_key(**{**BASE, "nonce": 5})  # type: ignore[arg-type]
+    key = share_key(**{**BASE, "nonce": 5})
     assert ledger.find(key) is PLAIN_ACCEPT
-    assert ledger.copy(PLAIN_ACCEPT, key, (1, 1, 0), None, urgent=False) is Copy.CACHED
+    assert ledger.copy(PLAIN_ACCEPT, key, (1, 1, 0), None, urgent=False, now=2.0) is Copy.CACHED
 
 
 def test_a_share_evicted_while_with_the_pool_is_not_put_back_by_its_verdict() -> None:
     ledger = ShareLedger(SidecarSessionCounters(), size=1)
-    first = ShareEntry(3, share_key(**BASE))  # type: ignore[arg-type]
-    ledger.forwarded_share(first)
-    second = ShareEntry(3, share_key(**{**BASE, "nonce": 1}))  # type: ignore[arg-type]
-    ledger.forwarded_share(second)  # the table holds one: the first is gone
+    first = ShareEntry(3, share_key(**BASE))
+    ledger.forwarded_share(first, now=1.0)
+    second = ShareEntry(3, share_key(**{**BASE, "nonce": 1}))
+    ledger.forwarded_share(second, now=1.0)  # the table holds one: the first is gone
     ledger.judge(first, Response(1, TRUE, NULL))
     assert len(ledger) == 1 and ledger.find(first.key) is None and ledger.find(second.key) is second
+
+
+def _forward(ledger: ShareLedger, nonce: int, now: float) -> bytes:
+    entry = ShareEntry(3, share_key(**{**BASE, "nonce": nonce}))
+    ledger.forwarded_share(entry, now)
+    ledger.judge(entry, Response(1, TRUE, NULL))
+    assert entry.key is not None
+    return entry.key
+
+
+def test_a_share_is_forgotten_once_not_seen_for_the_horizon() -> None:
+    ledger = ShareLedger(SidecarSessionCounters(), size=1000, horizon=120.0)
+    old = [_forward(ledger, nonce, now=10.0) for nonce in range(5)]
+    again = old[0]
+    recent = [_forward(ledger, 100 + nonce, now=100.0) for nonce in range(3)]
+    assert ledger.copy(PLAIN_ACCEPT, again, (0, 1, 0), None, urgent=False, now=100.5) is Copy.CACHED  # seen again
+    ledger.expire(129.0)  # 10 s + the horizon not yet over for the shares of second 10
+    assert len(ledger) == 8
+    ledger.expire(131.0)
+    assert [ledger.find(key) for key in old] == [PLAIN_ACCEPT, None, None, None, None]
+    assert all(ledger.find(key) is PLAIN_ACCEPT for key in recent)
+    ledger.expire(220.5)  # seen in second 100: kept until 100 s + 1 s + the horizon
+    assert len(ledger) == 4
+    ledger.expire(221.0)
+    assert len(ledger) == 0
+
+
+def test_a_busy_table_is_bounded_by_its_size_whatever_the_horizon() -> None:
+    ledger = ShareLedger(SidecarSessionCounters(), size=100, horizon=120.0)
+    for nonce in range(1000):
+        _forward(ledger, nonce, now=5.0)
+    assert len(ledger) == 100

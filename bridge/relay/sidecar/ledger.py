@@ -5,8 +5,9 @@ table per session, keyed by ``(channel, job handle, extranonce2, ntime, nonce,
 version bits)`` (a TLS share whose job id has no handle uses the job id string
 instead of the handle): a share seen before is answered from its cached verdict,
 or waits for the pending one (at most :data:`MAX_WAITERS_PER_SHARE` copies), and
-never reaches the pool twice. The table is an LRU of ``size`` entries. How the
-verdicts go back is :mod:`bridge.relay.sidecar.verdicts`.
+never reaches the pool twice. The table is an LRU of at most ``size`` entries, each
+forgotten once not seen for ``horizon`` seconds. How the verdicts go back is
+:mod:`bridge.relay.sidecar.verdicts`.
 
 The table is the one thing in a sidecar that grows with the share rate rather than the
 rig count, so it is kept small: a key is one bytes object (:func:`share_key`), a share
@@ -18,7 +19,9 @@ response and two lists).
 
 from __future__ import annotations
 
+import math
 import struct
+from collections import deque
 from enum import Enum
 from typing import Any, Final
 
@@ -31,6 +34,11 @@ from bridge.sv1.rejects import read_verdict, reject_reason_name
 
 #: Shares remembered per session for duplicate detection (LRU).
 DEFAULT_SHARE_CACHE: Final = 65536
+#: Seconds a share stays in the table after it was last seen. Its copies come while the
+#: proxy still waits for its verdict, at most the proxy's submit timeout (60 s): twice
+#: that. A small farm's table holds its last two minutes of shares, not
+#: :data:`DEFAULT_SHARE_CACHE` of them.
+DEFAULT_SHARE_HORIZON: Final = 120.0
 #: Copies of one in-flight share that may wait for its verdict.
 MAX_WAITERS_PER_SHARE: Final = 64
 #: The verdict of a plain accept (``{"result":true,"error":null}``) in ``rm.results``.
@@ -113,29 +121,60 @@ class Copy(Enum):
 class ShareLedger:
     """One session's duplicate table (an LRU of ``size`` distinct shares) and its verdict counts."""
 
-    def __init__(self, counters: SidecarSessionCounters, size: int = DEFAULT_SHARE_CACHE) -> None:
+    def __init__(
+        self, counters: SidecarSessionCounters, size: int = DEFAULT_SHARE_CACHE, horizon: float = DEFAULT_SHARE_HORIZON
+    ) -> None:
         self.size = size
-        #: A share with the pool (its ShareEntry) or judged (its verdict).
+        self.horizon = horizon
+        #: A share with the pool (its ShareEntry) or judged (its verdict), least recently seen first.
         self._shares: BoundedMap[ShareKey, Any] = BoundedMap(size)
         self.counters = counters
+        #: Shares seen (forwarded, or a copy) per second of the last ``horizon`` seconds:
+        #: [second, count], oldest first, and their sum. The table keeps no more shares than
+        #: that sum, the least recently seen going first: a share seen within the horizon
+        #: is among them, without a time kept per share.
+        self._seen: deque[list[int]] = deque()
+        self._seen_within = 0
 
     def __len__(self) -> int:
         return len(self._shares)
+
+    def _saw(self, now: float) -> None:
+        second = math.floor(now)
+        seen = self._seen
+        if seen and seen[-1][0] == second:
+            seen[-1][1] += 1
+        else:
+            seen.append([second, 1])
+        self._seen_within += 1
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Forget the shares not seen within the horizon."""
+        seen = self._seen
+        start = now - self.horizon
+        while seen and seen[0][0] + 1 <= start:
+            self._seen_within -= seen.popleft()[1]
+        shares = self._shares
+        while len(shares) > self._seen_within:
+            shares.pop_oldest()
 
     def find(self, key: ShareKey | None) -> Any:
         """What the table holds for ``key``: a :class:`ShareEntry` (with the pool), a verdict, or None."""
         return None if key is None else self._shares.get(key)
 
-    def forwarded_share(self, entry: ShareEntry) -> None:
+    def forwarded_share(self, entry: ShareEntry, now: float) -> None:
         """``entry`` went to the pool; remember it under its key (None: not comparable, not kept)."""
         self.counters.shares_forwarded += 1
         if entry.key is not None:
             self._shares[entry.key] = entry
+            self._saw(now)
 
-    def copy(self, found: Any, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool) -> Copy:
+    def copy(self, found: Any, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool, now: float) -> Copy:
         """Another copy of a share the table holds (``found``: its entry or its verdict): a
         retransmission, the TLS copy of a block candidate."""
         self._shares.refresh(key)
+        self._saw(now)
         if type(found) is not ShareEntry:
             self.counters.duplicates_from_cache += 1
             return Copy.CACHED

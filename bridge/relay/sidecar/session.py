@@ -447,6 +447,7 @@ class SidecarSession:
         if self.jobs.due is not None and now >= self.jobs.due:
             self.jobs.flush()
         self.verdicts.handle_timer(now)
+        self.ledger.expire(now)
         rekey_due = self.udp_path.rekey_due
         if rekey_due is not None and now >= rekey_due:
             self.rekey(now)
@@ -816,12 +817,12 @@ class SidecarSession:
                 self._refuse_tls(channel.ch, request_id, OTHER, message)
             return
         self._dirty[channel.ch] = None
-        self.ledger.forwarded_share(entry)
+        self.ledger.forwarded_share(entry, self._now)
 
     def _copy(self, ch: int, found: Any, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool) -> None:
         """Another copy of a share in the ledger (``found``: its entry with the pool, or its
         verdict): answered from the cached verdict, or it waits for the pending one."""
-        outcome = self.ledger.copy(found, key, ref, request_id, urgent)
+        outcome = self.ledger.copy(found, key, ref, request_id, urgent, self._now)
         if outcome is Copy.CACHED:
             if ref is not None:
                 self.verdicts.add(ref, found)
