@@ -52,20 +52,20 @@ def test_a_judged_share_is_its_verdict_alone_and_small() -> None:
         per_share = (tracemalloc.get_traced_memory()[0] - before) / 10_000
     finally:
         tracemalloc.stop()
-    assert per_share < 200, per_share  # about 160 B; a tuple key, the entry, its response and lists: about 760 B
+    assert per_share < 200, per_share  # about 110 B; a tuple key, the entry, its response and lists: about 760 B
     key = share_key(**{**BASE, "nonce": 5})
     assert ledger.find(key) is PLAIN_ACCEPT
     assert ledger.copy(PLAIN_ACCEPT, key, (1, 1, 0), None, urgent=False, now=2.0) is Copy.CACHED
 
 
-def test_a_share_evicted_while_with_the_pool_is_not_put_back_by_its_verdict() -> None:
-    ledger = ShareLedger(SidecarSessionCounters(), size=1)
+def test_a_share_forgotten_while_with_the_pool_is_not_put_back_by_its_verdict() -> None:
+    ledger = ShareLedger(SidecarSessionCounters(), size=2)  # generations of one share
     first = ShareEntry(3, share_key(**BASE))
     ledger.forwarded_share(first, now=1.0)
-    second = ShareEntry(3, share_key(**{**BASE, "nonce": 1}))
-    ledger.forwarded_share(second, now=1.0)  # the table holds one: the first is gone
+    for nonce in (1, 2):  # each fills the young generation: the first is forgotten
+        ledger.forwarded_share(ShareEntry(3, share_key(**{**BASE, "nonce": nonce})), now=1.0)
     ledger.judge(first, Response(1, TRUE, NULL))
-    assert len(ledger) == 1 and ledger.find(first.key) is None and ledger.find(second.key) is second
+    assert len(ledger) == 2 and ledger.find(first.key) is None
 
 
 def _forward(ledger: ShareLedger, nonce: int, now: float) -> bytes:
@@ -76,25 +76,25 @@ def _forward(ledger: ShareLedger, nonce: int, now: float) -> bytes:
     return entry.key
 
 
-def test_a_share_is_forgotten_once_not_seen_for_the_horizon() -> None:
+def test_a_share_is_kept_half_the_horizon_after_it_was_last_seen_and_then_forgotten() -> None:
     ledger = ShareLedger(SidecarSessionCounters(), size=1000, horizon=120.0)
     old = [_forward(ledger, nonce, now=10.0) for nonce in range(5)]
-    again = old[0]
-    recent = [_forward(ledger, 100 + nonce, now=100.0) for nonce in range(3)]
-    assert ledger.copy(PLAIN_ACCEPT, again, (0, 1, 0), None, urgent=False, now=100.5) is Copy.CACHED  # seen again
-    ledger.expire(129.0)  # 10 s + the horizon not yet over for the shares of second 10
+    recent = [_forward(ledger, 100 + nonce, now=100.0) for nonce in range(3)]  # a new generation began at 100
+    assert len(ledger) == 8 and ledger.find(old[4]) is PLAIN_ACCEPT
+    assert ledger.copy(PLAIN_ACCEPT, old[0], (0, 1, 0), None, urgent=False, now=100.5) is Copy.CACHED  # seen again
+    ledger.expire(159.0)
     assert len(ledger) == 8
-    ledger.expire(131.0)
+    ledger.expire(160.0)  # 60 s after the last generation began: the shares of second 10 go
     assert [ledger.find(key) for key in old] == [PLAIN_ACCEPT, None, None, None, None]
     assert all(ledger.find(key) is PLAIN_ACCEPT for key in recent)
-    ledger.expire(220.5)  # seen in second 100: kept until 100 s + 1 s + the horizon
+    ledger.expire(219.0)
     assert len(ledger) == 4
-    ledger.expire(221.0)
+    ledger.expire(220.0)
     assert len(ledger) == 0
 
 
 def test_a_busy_table_is_bounded_by_its_size_whatever_the_horizon() -> None:
     ledger = ShareLedger(SidecarSessionCounters(), size=100, horizon=120.0)
-    for nonce in range(1000):
-        _forward(ledger, nonce, now=5.0)
+    keys = [_forward(ledger, nonce, now=5.0) for nonce in range(1000)]
     assert len(ledger) == 100
+    assert all(ledger.find(key) is PLAIN_ACCEPT for key in keys[-50:])  # at least the newer half

@@ -5,38 +5,40 @@ table per session, keyed by ``(channel, job handle, extranonce2, ntime, nonce,
 version bits)`` (a TLS share whose job id has no handle uses the job id string
 instead of the handle): a share seen before is answered from its cached verdict,
 or waits for the pending one (at most :data:`MAX_WAITERS_PER_SHARE` copies), and
-never reaches the pool twice. The table is an LRU of at most ``size`` entries, each
-forgotten once not seen for ``horizon`` seconds. How the verdicts go back is
+never reaches the pool twice. How the verdicts go back is
 :mod:`bridge.relay.sidecar.verdicts`.
+
+The table is two generations of plain dicts: shares seen (forwarded, or a copy) go in
+the young one; every ``horizon / 2`` seconds, or when the young one holds ``size / 2``
+shares, the young one becomes the old one and the old one is forgotten. A share is kept
+at least ``horizon / 2`` seconds after it was last seen, and at least until ``size / 2``
+newer shares came, with no time or order kept per share.
 
 The table is the one thing in a sidecar that grows with the share rate rather than the
 rig count, so it is kept small: a key is one bytes object (:func:`share_key`), a share
 with the pool is a :class:`ShareEntry`, and a judged one is its verdict alone (a plain
-accept is the constant :data:`PLAIN_ACCEPT`). About 160 B a share, 10 MB when full
-at the default size (760 B and 50 MB with a tuple key, an entry kept with the pool's
-response and two lists).
+accept is the constant :data:`PLAIN_ACCEPT`). About 110 B a share, 14 MB when full at
+the default size (with a tuple key, an entry kept with the pool's response and two
+lists in an LRU, 760 B: 50 MB for half as many).
 """
 
 from __future__ import annotations
 
-import math
 import struct
-from collections import deque
 from enum import Enum
 from typing import Any, Final
 
 from msgspec import UNSET, Raw, Struct, UnsetType, field
 
-from bridge.bounded import BoundedMap
 from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.sv1.messages import NULL, TRUE, RequestId, Response
 from bridge.sv1.rejects import read_verdict, reject_reason_name
 
-#: Shares remembered per session for duplicate detection (LRU).
-DEFAULT_SHARE_CACHE: Final = 65536
-#: Seconds a share stays in the table after it was last seen. Its copies come while the
-#: proxy still waits for its verdict, at most the proxy's submit timeout (60 s): twice
-#: that. A small farm's table holds its last two minutes of shares, not
+#: Shares remembered per session at most, in two generations of half this each.
+DEFAULT_SHARE_CACHE: Final = 131072
+#: Twice the seconds a share surely stays in the table after it was last seen. Its copies
+#: come while the proxy still waits for its verdict, at most the proxy's submit timeout
+#: (60 s). A small farm's table holds its last one to two minutes of shares, not
 #: :data:`DEFAULT_SHARE_CACHE` of them.
 DEFAULT_SHARE_HORIZON: Final = 120.0
 #: Copies of one in-flight share that may wait for its verdict.
@@ -119,62 +121,59 @@ class Copy(Enum):
 
 
 class ShareLedger:
-    """One session's duplicate table (an LRU of ``size`` distinct shares) and its verdict counts."""
+    """One session's duplicate table (see the module docs) and its verdict counts."""
 
     def __init__(
         self, counters: SidecarSessionCounters, size: int = DEFAULT_SHARE_CACHE, horizon: float = DEFAULT_SHARE_HORIZON
     ) -> None:
         self.size = size
         self.horizon = horizon
-        #: A share with the pool (its ShareEntry) or judged (its verdict), least recently seen first.
-        self._shares: BoundedMap[ShareKey, Any] = BoundedMap(size)
         self.counters = counters
-        #: Shares seen (forwarded, or a copy) per second of the last ``horizon`` seconds:
-        #: [second, count], oldest first, and their sum. The table keeps no more shares than
-        #: that sum, the least recently seen going first: a share seen within the horizon
-        #: is among them, without a time kept per share.
-        self._seen: deque[list[int]] = deque()
-        self._seen_within = 0
+        #: Each: a share with the pool (its ShareEntry) or judged (its verdict), by key.
+        self._young: dict[ShareKey, Any] = {}
+        self._old: dict[ShareKey, Any] = {}
+        self._generation = max(1, size // 2)
+        self._rotated_at: float | None = None
 
     def __len__(self) -> int:
-        return len(self._shares)
+        return len(self._young) + len(self._old)
 
-    def _saw(self, now: float) -> None:
-        second = math.floor(now)
-        seen = self._seen
-        if seen and seen[-1][0] == second:
-            seen[-1][1] += 1
-        else:
-            seen.append([second, 1])
-        self._seen_within += 1
-        self.expire(now)
+    def _rotate(self, now: float) -> None:
+        self._old = self._young
+        self._young = {}
+        self._rotated_at = now
 
     def expire(self, now: float) -> None:
-        """Forget the shares not seen within the horizon."""
-        seen = self._seen
-        start = now - self.horizon
-        while seen and seen[0][0] + 1 <= start:
-            self._seen_within -= seen.popleft()[1]
-        shares = self._shares
-        while len(shares) > self._seen_within:
-            shares.pop_oldest()
+        """Forget the old generation when the young one is ``horizon / 2`` seconds old."""
+        if self._rotated_at is None:
+            self._rotated_at = now
+        elif now - self._rotated_at >= self.horizon / 2:
+            self._rotate(now)
+
+    def _seen(self, key: ShareKey, value: Any, now: float) -> None:
+        self.expire(now)
+        if len(self._young) >= self._generation and key not in self._young:
+            self._rotate(now)
+        self._young[key] = value
 
     def find(self, key: ShareKey | None) -> Any:
         """What the table holds for ``key``: a :class:`ShareEntry` (with the pool), a verdict, or None."""
-        return None if key is None else self._shares.get(key)
+        if key is None:
+            return None
+        found = self._young.get(key)
+        return self._old.get(key) if found is None else found
 
     def forwarded_share(self, entry: ShareEntry, now: float) -> None:
         """``entry`` went to the pool; remember it under its key (None: not comparable, not kept)."""
         self.counters.shares_forwarded += 1
         if entry.key is not None:
-            self._shares[entry.key] = entry
-            self._saw(now)
+            self._seen(entry.key, entry, now)
 
     def copy(self, found: Any, key: ShareKey, ref: UdpRef | None, request_id: RequestId, urgent: bool, now: float) -> Copy:
         """Another copy of a share the table holds (``found``: its entry or its verdict): a
-        retransmission, the TLS copy of a block candidate."""
-        self._shares.refresh(key)
-        self._saw(now)
+        retransmission, the TLS copy of a block candidate. It counts as seen again."""
+        self._old.pop(key, None)
+        self._seen(key, found, now)
         if type(found) is not ShareEntry:
             self.counters.duplicates_from_cache += 1
             return Copy.CACHED
@@ -200,9 +199,13 @@ class ShareLedger:
         plain = response.accepted and bytes(response.error) == b"null" and response.reject_reason is UNSET
         verdict = PLAIN_ACCEPT if plain else Verdict(response.result, response.error, response.reject_reason)
         key = entry.key
-        if key is not None and self._shares.get(key) is entry:  # not evicted meanwhile
-            self._shares[key] = verdict
+        if key is not None:
+            for generation in (self._young, self._old):
+                if generation.get(key) is entry:  # not forgotten meanwhile
+                    generation[key] = verdict
+                    break
         return verdict, reason
 
     def clear(self) -> None:
-        self._shares.clear()
+        self._young = {}
+        self._old = {}
