@@ -325,12 +325,13 @@ async def run_size(
     seed: int,
     verbose_logs: bool = False,
     memory_profile: int = 0,
+    notify_interval: float = 30.0,
 ) -> SizeResult:
     pki = make_test_pki(directory / "pki", accounts=(ACCOUNT,))
     launcher = RoleLauncher(directory, verbose=verbose_logs, trace_memory=memory_profile)
     started: list[RoleProcess] = []
     try:
-        pool = await launcher.start("pool", "pool", ["--listener", "sv1", "--notify-interval", "30"])
+        pool = await launcher.start("pool", "pool", ["--listener", "sv1", "--notify-interval", f"{notify_interval:g}"])
         started.append(pool)
         sidecar = await launcher.start(
             "sidecar",
@@ -460,6 +461,7 @@ async def run(
     keep_logs: Path | None = None,
     verbose_logs: bool = False,
     memory_profile: int = 0,
+    notify_interval: float = 30.0,
 ) -> list[list[SizeResult]]:
     limit = raise_file_limit()
     needed = max(sizes) + 200
@@ -486,6 +488,7 @@ async def run(
                         seed=number,
                         verbose_logs=verbose_logs,
                         memory_profile=memory_profile,
+                        notify_interval=notify_interval,
                     )
                 )
             results.append(samples)
@@ -556,6 +559,7 @@ def _sizes(text: str) -> tuple[int, ...]:
     "--share-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between a rig's shares."
 )
 @click.option("--window", type=click.FloatRange(min=0.5), default=10.0, show_default=True, help="Measured steady seconds.")
+@click.option("--notify-interval", type=click.FloatRange(min=0.1), default=30.0, help="Seconds between the pool's jobs.")
 @click.option(
     "--storm-spread",
     type=click.FloatRange(min=0.0),
@@ -580,6 +584,7 @@ def command(
     runs: int,
     share_interval: float,
     window: float,
+    notify_interval: float,
     storm_spread: float,
     keep_logs: Path | None,
     verbose_logs: bool,
@@ -601,6 +606,7 @@ def command(
             keep_logs=keep_logs,
             verbose_logs=verbose_logs,
             memory_profile=memory_profile,
+            notify_interval=notify_interval,
         )
     )
     click.echo(report(results, share_interval, storm_spread))

@@ -66,7 +66,10 @@ from bridge.wire.receiver import Accepted, DatagramReceiver
 _decode_pool_request = BoundedDecoder[PoolRequest](PoolRequest).decode
 _encode = msgspec.json.Encoder().encode
 
-JOBS_PER_CHANNEL = 256
+#: The job handles the proxy remembers per channel (PROTOCOL.md C5): the last 8. A share
+#: for an older job goes over TLS by its job id; the sidecar remembers more (64), so a
+#: handle the proxy sends is one it still knows.
+JOBS_PER_CHANNEL = 8
 MAX_WORKERS_PER_CHANNEL = 256
 JOBS_KEPT = 4096
 #: Jobs kept in mining form (header parts) for the block-candidate check of shares.

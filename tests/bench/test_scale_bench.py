@@ -19,7 +19,20 @@ from bridge.bench.scale import HANDSHAKE_TIMEOUT, Farm, Rig, raise_file_limit
 
 def test_scale_benchmark_drives_rigs_through_a_real_proxy_and_sidecar_and_a_storm() -> None:
     result = CliRunner().invoke(
-        bench, ["scale", "--rigs", "50", "--window", "0.5", "--share-interval", "0.5", "--storm-spread", "0.5"]
+        bench,
+        [
+            "scale",
+            "--rigs",
+            "50",
+            "--window",
+            "0.5",
+            "--share-interval",
+            "0.5",
+            "--storm-spread",
+            "0.5",
+            "--notify-interval",
+            "0.5",
+        ],
     )
     assert result.exit_code == 0, result.output
     table = result.stdout

@@ -26,8 +26,10 @@ from bridge.sv1.messages import (
 )
 from bridge.sv1.validate import is_hex
 
-#: Job ids remembered per channel (C5) and worker names per channel (worker_index is a u8).
-MAX_JOBS_PER_CHANNEL: Final = 256
+#: Job ids remembered per channel (C5): more than the proxy's 8, so a handle it sends is
+#: known here; 64 also keys a TLS copy of a UDP share by the same handle unless more than
+#: 64 jobs came between them. Worker names per channel (worker_index is a u8).
+MAX_JOBS_PER_CHANNEL: Final = 64
 MAX_WORKERS_PER_CHANNEL: Final = 256
 #: Lines from a pool may be long (a notify with a full merkle branch is ~1.5 KB).
 MAX_LINE_FROM_POOL: Final = 64 * 1024
