@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
 from typing import TypeVar, overload
 
-__all__ = ["SMALL_CAPACITY", "BoundedMap"]
+__all__ = ["SMALL_CAPACITY", "BoundedMap", "RecentKeys"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -118,3 +118,72 @@ class BoundedMap(MutableMapping[K, V]):
             key = next(iter(entries))
             dropped.append((key, entries.pop(key)))
         return dropped
+
+
+class RecentKeys(MutableMapping[K, V]):
+    """The last ``capacity`` keys put (a few, kept per rig: a channel's jobs), with their
+    values, in a list of keys and a list of values (none while every value is None):
+    under half a dict's size once it has churned (a dict's table does not shrink).
+    Lookups walk the list, so keep ``capacity`` small.
+
+    :meth:`put` stores ``key`` as the newest (moving it if it was there), dropping the
+    oldest past ``capacity``; ``m[key] = value`` does the same. Iteration is oldest first.
+    """
+
+    __slots__ = ("_capacity", "_keys", "_values")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("RecentKeys capacity must be at least 1")
+        self._capacity = capacity
+        self._keys: list[K] = []
+        self._values: list[V] | None = None
+
+    def put(self, key: K, value: V) -> None:
+        keys = self._keys
+        values = self._values
+        if values is None and value is not None:
+            values = self._values = [None] * len(keys)  # type: ignore[list-item]
+        if key in keys:
+            index = keys.index(key)
+            del keys[index]
+            if values is not None:
+                del values[index]
+        elif len(keys) >= self._capacity:  # drop before adding: the lists never outgrow capacity
+            del keys[0]
+            if values is not None:
+                del values[0]
+        keys.append(key)
+        if values is not None:
+            values.append(value)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self.put(key, value)
+
+    def __getitem__(self, key: K) -> V:
+        try:
+            index = self._keys.index(key)
+        except ValueError:
+            raise KeyError(key) from None
+        return None if self._values is None else self._values[index]  # type: ignore[return-value]
+
+    def __delitem__(self, key: K) -> None:
+        try:
+            index = self._keys.index(key)
+        except ValueError:
+            raise KeyError(key) from None
+        del self._keys[index]
+        if self._values is not None:
+            del self._values[index]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"RecentKeys(capacity={self._capacity}, {dict(self.items())!r})"

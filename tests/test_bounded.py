@@ -92,3 +92,44 @@ def test_a_large_map_keeps_the_same_order_as_a_small_one(operations: list[tuple[
         _apply(large, reference, operation, key, step)
     assert list(large.items()) == list(reference.items())
     assert large.get(-1) is None and large.get(-1, 5) == 5
+
+
+def test_recent_keys_keeps_the_last_keys_put_newest_last() -> None:
+    from bridge.bounded import RecentKeys
+
+    recent: RecentKeys[str, int] = RecentKeys(3)
+    for n, key in enumerate("abcd"):
+        recent.put(key, n)
+    assert list(recent) == ["b", "c", "d"] and "a" not in recent and recent.get("a") is None
+    recent.put("b", 9)  # put again: the newest, with its new value
+    recent["e"] = 4
+    assert list(recent) == ["d", "b", "e"] and recent["b"] == 9 and len(recent) == 3
+    del recent["d"]
+    assert list(recent) == ["b", "e"]
+    with pytest.raises(KeyError):
+        recent["d"]
+    with pytest.raises(ValueError):
+        RecentKeys(0)
+
+
+def test_recent_keys_is_smaller_than_a_churned_dict() -> None:
+    import tracemalloc
+
+    from bridge.bounded import BoundedMap, RecentKeys
+
+    jobs = [f"{n:x}" for n in range(400)]
+    sizes = {}
+    for kind in (BoundedMap, RecentKeys):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            kept = []
+            for _ in range(200):
+                table: BoundedMap[str, None] | RecentKeys[str, None] = kind(8)
+                for job in jobs:
+                    table.put(job, None)
+                kept.append(table)
+            sizes[kind.__name__] = (tracemalloc.get_traced_memory()[0] - before) / 200
+        finally:
+            tracemalloc.stop()
+    assert sizes["RecentKeys"] < sizes["BoundedMap"] / 2, sizes

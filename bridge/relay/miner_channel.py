@@ -80,7 +80,7 @@ from typing import Any, Protocol
 import msgspec
 from msgspec import UNSET, Raw, Struct, field
 
-from bridge.bounded import BoundedMap
+from bridge.bounded import BoundedMap, RecentKeys
 from bridge.counters import Counters
 from bridge.sv1.events import ProtocolViolation, Reply, UnknownPoolRequest
 from bridge.sv1.framing import DEFAULT_MAX_LINE, decode_json
@@ -159,7 +159,7 @@ class Leg:
         self.session = session
         self.key = key
         self.state = state  # "current", "joining", "draining", "gone"
-        self.jobs: BoundedMap[str, None] = BoundedMap(JOBS_PER_LEG)
+        self.jobs: RecentKeys[str, None] = RecentKeys(JOBS_PER_LEG)
         self.pending = 0  # unanswered submits
         self.held: list[Any] | None = None  # notifications held while joining; made when needed
         self.extranonce1: str | None = None

@@ -35,7 +35,7 @@ from typing import Any, assert_never
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
-from bridge.bounded import BoundedMap
+from bridge.bounded import BoundedMap, RecentKeys
 from bridge.errors import LineTooLong
 from bridge.mining.share import Job as MiningJob
 from bridge.mining.share import roll_version
@@ -149,7 +149,7 @@ class RMChannel:
         self._next_id = 1
         self._pending: dict[int, tuple[str, Any]] = {}
         self.workers: list[str] = []
-        self.job_handles: BoundedMap[str, int] = BoundedMap(JOBS_PER_CHANNEL)
+        self.job_handles: RecentKeys[str, int] = RecentKeys(JOBS_PER_CHANNEL)
         self.extranonce1: bytes | None = None
         self.version_mask = DEFAULT_VERSION_MASK
 
