@@ -139,23 +139,34 @@ class RecentKeys(MutableMapping[K, V]):
         self._keys: list[K] = []
         self._values: list[V] | None = None
 
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V) -> list[tuple[K, V]]:
+        """Store ``key`` as the newest; return the entry dropped past ``capacity`` (or none)."""
         keys = self._keys
         values = self._values
         if values is None and value is not None:
             values = self._values = [None] * len(keys)  # type: ignore[list-item]
+        dropped: list[tuple[K, V]] = []
         if key in keys:
             index = keys.index(key)
             del keys[index]
             if values is not None:
                 del values[index]
         elif len(keys) >= self._capacity:  # drop before adding: the lists never outgrow capacity
-            del keys[0]
-            if values is not None:
-                del values[0]
+            dropped.append((keys.pop(0), None if values is None else values.pop(0)))  # type: ignore[arg-type]
         keys.append(key)
         if values is not None:
             values.append(value)
+        return dropped
+
+    def entries(self) -> list[tuple[K, V]]:
+        """Every (key, value), oldest first."""
+        if self._values is None:
+            return [(key, None) for key in self._keys]  # type: ignore[misc]
+        return list(zip(self._keys, self._values, strict=True))
+
+    def clear(self) -> None:
+        self._keys = []
+        self._values = None
 
     def __setitem__(self, key: K, value: V) -> None:
         self.put(key, value)
@@ -186,4 +197,4 @@ class RecentKeys(MutableMapping[K, V]):
         return len(self._keys)
 
     def __repr__(self) -> str:
-        return f"RecentKeys(capacity={self._capacity}, {dict(self.items())!r})"
+        return f"RecentKeys(capacity={self._capacity}, {dict(self.entries())!r})"

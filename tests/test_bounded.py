@@ -98,9 +98,10 @@ def test_recent_keys_keeps_the_last_keys_put_newest_last() -> None:
     from bridge.bounded import RecentKeys
 
     recent: RecentKeys[str, int] = RecentKeys(3)
-    for n, key in enumerate("abcd"):
-        recent.put(key, n)
+    dropped = [recent.put(key, n) for n, key in enumerate("abcd")]
+    assert dropped == [[], [], [], [("a", 0)]]  # what went past the capacity, for a caller's bookkeeping
     assert list(recent) == ["b", "c", "d"] and "a" not in recent and recent.get("a") is None
+    assert recent.entries() == [("b", 1), ("c", 2), ("d", 3)]
     recent.put("b", 9)  # put again: the newest, with its new value
     recent["e"] = 4
     assert list(recent) == ["d", "b", "e"] and recent["b"] == 9 and len(recent) == 3
@@ -110,6 +111,11 @@ def test_recent_keys_keeps_the_last_keys_put_newest_last() -> None:
         recent["d"]
     with pytest.raises(ValueError):
         RecentKeys(0)
+    recent.clear()
+    assert len(recent) == 0 and recent.entries() == []
+    keys_only: RecentKeys[str, None] = RecentKeys(2)
+    keys_only.put("x", None)
+    assert keys_only.put("y", None) == [] and keys_only.put("z", None) == [("x", None)] and keys_only["z"] is None
 
 
 def test_recent_keys_is_smaller_than_a_churned_dict() -> None:

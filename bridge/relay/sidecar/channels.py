@@ -13,7 +13,7 @@ from typing import Any, Final
 import msgspec
 from msgspec import Raw, Struct
 
-from bridge.bounded import BoundedMap
+from bridge.bounded import RecentKeys
 from bridge.sv1.client import ClientSession
 from bridge.sv1.framing import BoundedDecoder
 from bridge.sv1.messages import (
@@ -168,7 +168,7 @@ class Channel:
         # Created on the first refusal: a set costs 216 bytes empty, and most rigs have none.
         self.refused_accounts: set[str] | None = None
         self.refused_methods: set[str] | None = None
-        self.jobs: BoundedMap[str, int] = BoundedMap(MAX_JOBS_PER_CHANNEL)
+        self.jobs: RecentKeys[str, int] = RecentKeys(MAX_JOBS_PER_CHANNEL)
         """job_id -> handle, oldest first."""
         self.accepted = 0
         self.rejected = 0

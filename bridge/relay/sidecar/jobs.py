@@ -18,7 +18,7 @@ from typing import Final
 import msgspec
 from msgspec import Raw
 
-from bridge.bounded import BoundedMap
+from bridge.bounded import RecentKeys
 from bridge.relay.sidecar.counters import SidecarSessionCounters
 from bridge.sv1.messages import NotifyParams
 from bridge.wire.control import MAX_CHANNELS_PER_NOTIFY, Job, NotifyChannels, encode_channel_request, encode_rm
@@ -76,7 +76,7 @@ class JobTable:
         """Channel ``ch`` is listed in a collected ``rm.notify``: flush before its next line."""
         return ch in self._pending_channels
 
-    def deliver(self, ch: int, channel_jobs: BoundedMap[str, int], params: NotifyParams, now: float) -> None:
+    def deliver(self, ch: int, channel_jobs: RecentKeys[str, int], params: NotifyParams, now: float) -> None:
         """The pool sent ``mining.notify`` on channel ``ch`` (whose job table is ``channel_jobs``)."""
         counters = self.counters
         counters.notify_deliveries += 1
@@ -106,7 +106,7 @@ class JobTable:
         elif self.due is None:
             self.due = now + self.batch_window
 
-    def _remember(self, jobs: BoundedMap[str, int], job: JobEntry) -> None:
+    def _remember(self, jobs: RecentKeys[str, int], job: JobEntry) -> None:
         previous = jobs.get(job.job_id)
         job.refs += 1
         for _, dropped in jobs.put(job.job_id, job.handle):
@@ -114,9 +114,9 @@ class JobTable:
         if previous is not None:
             self._release(previous)
 
-    def release_all(self, jobs: BoundedMap[str, int]) -> None:
+    def release_all(self, jobs: RecentKeys[str, int]) -> None:
         """A channel is gone: the handles its table held lose a reference."""
-        for handle in jobs.values():
+        for _job_id, handle in jobs.entries():
             self._release(handle)
         jobs.clear()
 
