@@ -229,3 +229,25 @@ def test_without_a_current_upstream_shares_get_an_explicit_answer() -> None:
     out = to_rig(channel)
     assert [(m["id"], m["error"][0]) for m in out] == [(30, 21), (31, 20)]
     assert all(m["result"] is False for m in out)
+
+
+def test_an_answered_handshake_keeps_its_requests_and_no_pending_records() -> None:
+    """Issue 9.6 (memory per rig): once the pool answered the handshake, the channel keeps
+    the requests to replay on a new upstream, not their pending records; the replay works."""
+    import gc
+
+    from bridge.relay.miner_channel import PendingRequest
+
+    channel, _first = connected(xnsub=True)
+    channel.get_timer()  # drops the answered records from the channel's queue of pending requests
+    gc.collect()
+    live = [o for o in gc.get_objects() if type(o) is PendingRequest and o.method != "answered"]
+    assert [p.method for p in live if any(p is q for _, q in channel._handshake)] == []
+    second = Pool(channel, "bbbb0002")
+    second.leg = channel.switch_upstream(second.session, 2.0, key="second")
+    second.answer_handshake(2.0, job="k1")
+    replayed = [m.get("method") for m in second.received]
+    assert "mining.subscribe" in replayed and "mining.authorize" in replayed, replayed
+    assert any(m.get("params") == ["w.1", "pw"] for m in second.received)  # the rig's own authorize, kept
+    [result] = channel.take_switch_results()
+    assert result.ok and channel.leg is second.leg
