@@ -114,9 +114,10 @@ from bridge.sv1.server import ServerSession
 
 RECONNECT_LINGER = 2.0
 """Seconds the rig's connection stays open after ``client.reconnect`` (rigs close it at once)."""
-JOBS_PER_LEG = 16
+JOBS_PER_LEG = 8
 """Job ids remembered per leg for routing submits during a switch (and for answering a
-retired leg's shares as stale): the last 16, minutes of a pool's jobs. A share for an
+retired leg's shares as stale): the last 8, minutes of a pool's jobs (a draining leg
+lives ``drain_timeout``, 10 s). A share for an
 older job goes to the current leg, whose pool judges it. Per rig: 256 were 13 KB at the
 proxy once full, with the link's job handles."""
 OLD_JOBS_KEPT = 1024
