@@ -17,6 +17,10 @@ keeps insertion order at about a third of an OrderedDict's size (maps like these
 kept per rig and per job); finding its oldest entry walks past the slots of entries
 deleted since the dict last resized, at most about a thousand. Larger maps use an
 OrderedDict, whose every operation is O(1).
+
+:class:`RecentKeys` is the same "last N" for a handful of keys kept per rig (a channel's
+recent jobs): two lists that never outgrow N, where a dict that has churned keeps its
+grown table. Its lookups walk the list.
 """
 
 from __future__ import annotations
@@ -146,13 +150,15 @@ class RecentKeys(MutableMapping[K, V]):
         if values is None and value is not None:
             values = self._values = [None] * len(keys)  # type: ignore[list-item]
         dropped: list[tuple[K, V]] = []
-        if key in keys:
+        try:
             index = keys.index(key)
+        except ValueError:
+            if len(keys) >= self._capacity:  # drop before adding: the lists never outgrow capacity
+                dropped.append((keys.pop(0), None if values is None else values.pop(0)))  # type: ignore[arg-type]
+        else:
             del keys[index]
             if values is not None:
                 del values[index]
-        elif len(keys) >= self._capacity:  # drop before adding: the lists never outgrow capacity
-            dropped.append((keys.pop(0), None if values is None else values.pop(0)))  # type: ignore[arg-type]
         keys.append(key)
         if values is not None:
             values.append(value)

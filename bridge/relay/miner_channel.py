@@ -117,9 +117,8 @@ RECONNECT_LINGER = 2.0
 JOBS_PER_LEG = 8
 """Job ids remembered per leg for routing submits during a switch (and for answering a
 retired leg's shares as stale): the last 8, minutes of a pool's jobs (a draining leg
-lives ``drain_timeout``, 10 s). A share for an
-older job goes to the current leg, whose pool judges it. Per rig: 256 were 13 KB at the
-proxy once full, with the link's job handles."""
+lives ``drain_timeout``, 10 s). A share for an older job goes to the current leg, whose
+pool judges it. Per rig: 256 were 13 KB at the proxy once full, with the link's job handles."""
 OLD_JOBS_KEPT = 1024
 """Job ids of retired legs remembered to answer their shares as stale."""
 POOL_REQUESTS_KEPT = 64
@@ -618,9 +617,9 @@ class MinerChannel:
         if pending is None or pending.answered:
             return  # answered already (timed out) or a request of our own
         pending.answered = True
-        method = pending.method
-        if method != "mining.submit":
+        if pending.event is not None:  # a handshake request (a submit's pending keeps no event)
             self._handshake_answered(pending)
+        method = pending.method
         if method == "mining.submit":
             if pending.leg is not None:
                 pending.leg.pending -= 1
